@@ -1,0 +1,1 @@
+"""roundhouse: distributed training across many machines."""

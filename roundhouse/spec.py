@@ -1,0 +1,309 @@
+"""The job file schema: `JobSpec` and its sections.
+
+A job file is YAML validated into these pydantic models. Every model forbids unknown keys, so a
+typo is an error that names the key. `JobSpec` is plain data: it imports nothing from the rest
+of roundhouse, so every part (launch, cluster, trainer) can depend on it.
+
+Batch arithmetic: `data.batch_size` is the *global* batch per optimizer step. Each step, every
+data-parallel rank runs `trainer.grad_accum_steps` micro-batches of
+`batch_size / (data_parallel * grad_accum_steps)` samples. The same job therefore trains the same
+way on one process or on many, which is what makes distributed runs comparable (and resumable at
+another world size).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Base of every job-file section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- model -------------------------------------------------------------------------------------
+
+
+class ModelConfig(Section):
+    """Which registered model to build. `roundhouse models list` shows the names and flavors."""
+
+    name: str = Field(
+        description="Registered model name, `torchvision:<name>` or `module:callable`."
+    )
+    flavor: str = Field("debug", description="Size preset; every model has `debug`.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Model-specific keyword arguments (e.g. dropout)."
+    )
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation (train split only). Zero or null turns a transform off."""
+
+    hflip: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description="Probability of a flip.")
+    rotation: Annotated[float, Field(ge=0)] = Field(0.0, description="Max rotation in degrees.")
+    translate: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0, description="Max shift as a fraction of width/height."
+    )
+    scale: tuple[PositiveFloat, PositiveFloat] | None = Field(
+        None, description="Random scaling range, e.g. [0.9, 1.1]."
+    )
+    random_crop_padding: NonNegInt = Field(0, description="Pad then randomly crop back (pixels).")
+    color_jitter: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Brightness/contrast/saturation jitter strength."
+    )
+    gaussian_noise: Annotated[float, Field(ge=0)] = Field(0.0, description="Noise std.")
+    random_erasing: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0, description="Probability of erasing a random rectangle (cutout)."
+    )
+    mixup_alpha: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Beta(alpha, alpha) mixup of batches; 0 is off."
+    )
+
+
+class DataConfig(Section):
+    """Where samples come from and how they are batched."""
+
+    source: str = Field("builtin:digits", description="`builtin:digits` or `builtin:synthetic`.")
+    split: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        (0.8, 0.1, 0.1), description="Train/val/test fractions of the source (seeded)."
+    )
+    batch_size: PositiveInt = Field(64, description="Global samples per optimizer step.")
+    eval_batch_size: PositiveInt = Field(256, description="Samples per evaluation batch.")
+    shuffle: bool = True
+    drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
+    num_workers: NonNegInt = Field(0, description="DataLoader worker processes per rank.")
+    image_size: PositiveInt | None = Field(
+        None, description="Resize images to this side length (e.g. 32 for digits on a VGG)."
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Source options, e.g. synthetic: {shape: [3, 32, 32], num_samples: 1024}.",
+    )
+
+    @model_validator(mode="after")
+    def _split_sums_to_one(self) -> DataConfig:
+        if abs(sum(self.split) - 1.0) > 1e-6:
+            raise ValueError(
+                f"data.split must sum to 1, got {list(self.split)} = {sum(self.split)}"
+            )
+        return self
+
+
+# --- trainer -----------------------------------------------------------------------------------
+
+
+class OptimizerConfig(Section):
+    """Optimizer; defaults follow the notes (Adam lr 1e-3, betas 0.9/0.999, momentum 0.9)."""
+
+    name: str = Field("adam", description="sgd | rmsprop | adagrad | adam | adamw")
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD and RMSprop.")
+    nesterov: bool = Field(False, description="SGD only.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam and AdamW.")
+    alpha: Annotated[float, Field(gt=0, lt=1)] = Field(0.99, description="RMSprop decay.")
+    eps: PositiveFloat = 1e-8
+
+
+class SchedulerConfig(Section):
+    """Learning-rate schedule, applied per optimizer step (epoch-based ones are converted)."""
+
+    name: str = Field("constant", description="constant | step | exponential | cosine")
+    warmup_steps: NonNegInt = Field(0, description="Linear warmup from 0 before the schedule.")
+    step_epochs: PositiveFloat = Field(10, description="step: decay every this many epochs.")
+    gamma: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.5, description="step: factor per decay; exponential: factor per epoch."
+    )
+    min_lr: Annotated[float, Field(ge=0)] = Field(0.0, description="cosine: final lr.")
+
+
+class LossConfig(Section):
+    """Training loss for classifiers (models with their own loss ignore it)."""
+
+    name: str = Field("cross_entropy", description="cross_entropy | focal | mse | l1")
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    focal_gamma: Annotated[float, Field(ge=0)] = 2.0
+    focal_alpha: Annotated[float, Field(ge=0, le=1)] | None = 0.25
+
+
+class EarlyStoppingConfig(Section):
+    """Stop when `metric` has not improved for `patience` evaluations."""
+
+    metric: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    patience: PositiveInt = 5
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+
+
+class CheckpointConfig(Section):
+    """When checkpoints are written (always at the end of training)."""
+
+    every_steps: PositiveInt | None = Field(None, description="Every N optimizer steps.")
+    every_epoch: bool = Field(True, description="At the end of each epoch.")
+    keep_last: PositiveInt = Field(3, description="How many step_<N> folders to keep.")
+
+
+class TrainerConfig(Section):
+    """The training loop."""
+
+    max_epochs: PositiveInt | None = 10
+    max_steps: PositiveInt | None = Field(None, description="Stops first if set.")
+    seed: int = 0
+    device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda | cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
+    )
+    deterministic: bool = Field(True, description="Deterministic kernels (bit-exact on CPU).")
+    grad_accum_steps: PositiveInt = 1
+    grad_clip_norm: PositiveFloat | None = None
+    skip_nonfinite_steps: bool = Field(
+        False, description="Skip a step whose loss is NaN/inf instead of stopping."
+    )
+    eval_every_steps: PositiveInt | None = Field(
+        None, description="Validate every N steps (and always at each epoch end)."
+    )
+    log_every_steps: PositiveInt = 10
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    early_stopping: EarlyStoppingConfig | None = None
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _needs_a_limit(self) -> TrainerConfig:
+        if self.max_epochs is None and self.max_steps is None:
+            raise ValueError("set trainer.max_epochs or trainer.max_steps")
+        return self
+
+
+# --- strategy (tagged union on `kind`) ---------------------------------------------------------
+
+
+class SingleStrategyConfig(Section):
+    """One device, no gradient exchange."""
+
+    kind: Literal["single"] = "single"
+
+
+class RingStrategyConfig(Section):
+    """roundhouse's bucketed ring all-reduce."""
+
+    kind: Literal["ring"]
+    bucket_mb: PositiveFloat = 25.0
+    algorithm: Literal["ring", "native"] = "ring"
+    hierarchical: bool = False
+    grad_dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+class PSStrategyConfig(Section):
+    """roundhouse's parameter server on Ray actors."""
+
+    kind: Literal["ps"]
+    num_servers: PositiveInt = 1
+    mode: Literal["sync", "async", "ssp"] = "sync"
+    staleness: NonNegInt = 2
+    node_aggregation: bool = True
+
+
+class DeepSpeedStrategyConfig(Section):
+    """DeepSpeed: ZeRO data parallel, pipeline, tensor and expert parallel."""
+
+    kind: Literal["deepspeed"]
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    pipeline_stages: PositiveInt = 1
+    tensor_parallel: PositiveInt = 1
+    expert_parallel: PositiveInt = 1
+    config: dict[str, Any] = Field(default_factory=dict, description="Raw ds_config, merged last.")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.pipeline_stages * self.tensor_parallel
+
+
+StrategyConfig = Annotated[
+    SingleStrategyConfig | RingStrategyConfig | PSStrategyConfig | DeepSpeedStrategyConfig,
+    Field(discriminator="kind"),
+]
+
+
+# --- cluster, tracking, storage -----------------------------------------------------------------
+
+
+class ClusterConfig(Section):
+    """Where workers run when not `--local`: an embedded Ray cluster or `address`."""
+
+    address: str | None = Field(None, description="Ray address; none starts an embedded cluster.")
+    num_workers: PositiveInt = 2
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    placement: Literal["pack", "spread", "strict_spread"] = "pack"
+    max_failures: NonNegInt = 0
+    min_workers: PositiveInt | None = Field(None, description="Elastic lower bound.")
+    collective_timeout_s: PositiveFloat = 600.0
+    schedule_timeout_s: PositiveFloat = 120.0
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    ps_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ClusterConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"cluster.min_workers ({self.min_workers}) exceeds "
+                f"cluster.num_workers ({self.num_workers})"
+            )
+        return self
+
+
+class WandbConfig(Section):
+    """Weights & Biases. `auto`: online when WANDB_API_KEY is set, else offline."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "roundhouse"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackingConfig(Section):
+    """Metrics: W&B, `metrics.jsonl` (always) and the console."""
+
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    console: Literal["auto", "rich", "plain", "off"] = Field(
+        "auto", description="auto: a progress bar on a terminal, plain lines otherwise."
+    )
+
+
+class StorageConfig(Section):
+    """Where run folders go: `<path>/<job name>/<run id>/` on any fsspec URL."""
+
+    path: str = "./runs"
+    run_id: str | None = Field(None, description="Default: a new timestamped id.")
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+class JobSpec(Section):
+    """A whole job file."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = Field(
+        description="Job name; also the run folder's parent."
+    )
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = Field(default_factory=SingleStrategyConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
