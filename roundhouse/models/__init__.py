@@ -1,0 +1,43 @@
+"""Model registry and zoo.
+
+`get(name)` returns a `ModelSpec`; `spec.build(BuildConfig(...))` returns an `nn.Module`.
+Importing this package registers every built-in family: mlp, lenet, alexnet, vgg, nin,
+googlenet, resnet, densenet. `torchvision:<name>` and `package.module:callable` resolve
+through `adapters.py`.
+"""
+
+from roundhouse.models import (  # noqa: F401  (imported to register their specs)
+    alexnet,
+    densenet,
+    googlenet,
+    lenet,
+    mlp,
+    nin,
+    resnet,
+    vgg,
+)
+from roundhouse.models.registry import (
+    MODELS,
+    BuildConfig,
+    ModelSpec,
+    build_model,
+    get,
+    list_models,
+    parse_model_ref,
+    register,
+)
+from roundhouse.models.summary import count_parameters, format_summary, summarize
+
+__all__ = [
+    "MODELS",
+    "BuildConfig",
+    "ModelSpec",
+    "build_model",
+    "count_parameters",
+    "format_summary",
+    "get",
+    "list_models",
+    "parse_model_ref",
+    "register",
+    "summarize",
+]
