@@ -1,0 +1,243 @@
+"""Per-rank loaders: `StepLoader` for training (one item per optimizer step) and the evaluation
+loader.
+
+See `roundhouse.data.sampler` for the batch arithmetic. The training loader is resumable to the
+step: its position is `{"epoch", "steps_done"}`, and the order of an epoch depends only on
+(seed, epoch), so a run can resume at another world size and see the same global batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from roundhouse.errors import DataError
+from roundhouse.spec import AugmentConfig
+
+from .sampler import BatchPlan, epoch_order, eval_share
+from .sources import ArrayDataset
+from .transforms import apply_mixup, build_augmentation, draw_mixup
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """This rank's share of one global step: dataset indices per micro-batch.
+
+    With mixup, each micro-batch's index list is its own samples followed by their partners.
+    """
+
+    step: int
+    step_size: int
+    micro_indices: list[list[int]]
+    lam: float | None
+
+
+def _identity(batch: Batch) -> Batch:
+    # Module level so DataLoader workers can pickle it; __getitems__ already built the batch.
+    return batch
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world size {world_size}")
+
+
+class StepLoader:
+    """Iterates one epoch of *optimizer steps* for one data-parallel rank.
+
+    Each item is a list of `grad_accum_steps` micro-batches, `{"input": (b, ...), "target":
+    (b,)}`: this rank's share of one global batch. Global step `i` of an epoch takes positions
+    `[i * B, (i + 1) * B)` of the epoch order (a permutation seeded by (seed, epoch), or the
+    identity without shuffle); the global batch is cut into `world_size * grad_accum_steps`
+    near-equal chunks in order and this rank gets chunks `rank * A .. rank * A + A - 1`.
+    `last_step_size` holds the global batch size of the step just yielded.
+
+    Remainder policy: a last, partial global batch is dropped with `drop_last=True`; with
+    `drop_last=False` it is kept if it has at least `world_size * grad_accum_steps` samples (so no
+    micro-batch is empty) and dropped otherwise. `len()` counts exactly the steps yielded.
+
+    Augmentation is seeded per sample by (seed, epoch, index) and mixup per global step by
+    (seed, epoch, step), pairing samples across the whole global batch, so batches do not depend
+    on world size, worker count or resume point. Mixed micro-batches also carry `"target_b"`
+    `(b,)` and `"mix_lam"` (a 0-dim float tensor).
+
+    Args:
+        dataset: The training split.
+        global_batch_size: Samples per optimizer step over all ranks.
+        rank: This rank.
+        world_size: Number of data-parallel ranks.
+        grad_accum_steps: Micro-batches per optimizer step on each rank.
+        seed: Run seed (shuffle, augmentation, mixup).
+        shuffle: Permute the samples each epoch.
+        drop_last: Drop the last partial global batch (see the remainder policy).
+        num_workers: DataLoader worker processes; 0 fetches in this process.
+        augment: Per-sample augmentation; None or all-off for none.
+        mixup_alpha: Beta(alpha, alpha) mixup; 0 falls back to `augment.mixup_alpha`.
+
+    Raises:
+        DataError: On bad sizes, including a global batch smaller than
+            `world_size * grad_accum_steps` or an epoch with no step at all.
+    """
+
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        *,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        grad_accum_steps: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        num_workers: int = 0,
+        augment: AugmentConfig | None = None,
+        mixup_alpha: float = 0.0,
+    ) -> None:
+        self.plan = BatchPlan(
+            len(dataset), global_batch_size, world_size, grad_accum_steps, drop_last
+        )
+        _check_rank(rank, world_size)
+        self._check_options(num_workers, mixup_alpha)
+        self.rank, self.seed, self.shuffle, self.num_workers = rank, seed, shuffle, num_workers
+        self.mixup_alpha = mixup_alpha or (augment.mixup_alpha if augment is not None else 0.0)
+        transform = (
+            build_augmentation(augment, dataset.input_shape) if augment is not None else None
+        )
+        self.dataset = dataset.with_transform(transform, seed)
+        self.last_step_size = 0
+        self._epoch, self._steps_done, self._resume_at = 0, 0, 0
+
+    def _check_options(self, num_workers: int, mixup_alpha: float) -> None:
+        if num_workers < 0:
+            raise DataError(f"num_workers must be >= 0, got {num_workers}")
+        if mixup_alpha < 0:
+            raise DataError(f"mixup alpha must be >= 0, got {mixup_alpha}")
+        if self.plan.num_steps == 0:
+            raise DataError(
+                f"{self.plan.num_samples} training samples make no step of global batch size "
+                f"{self.plan.global_batch_size} (drop_last={self.plan.drop_last})",
+                "lower data.batch_size or set data.drop_last to false",
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch to iterate; a new epoch starts at step 0.
+
+        Setting the epoch that `load_state_dict` restored keeps the restored position.
+        """
+        if epoch != self._epoch:
+            self._epoch, self._steps_done, self._resume_at = epoch, 0, 0
+
+    def __len__(self) -> int:
+        """Optimizer steps in one full epoch (the same on every rank)."""
+        return self.plan.num_steps
+
+    def state_dict(self) -> dict[str, int]:
+        """The position: `{"epoch", "steps_done"}` (steps yielded so far in this epoch)."""
+        return {"epoch": int(self._epoch), "steps_done": int(self._steps_done)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a position; the next iteration yields only the remaining steps."""
+        try:
+            epoch, steps_done = int(state["epoch"]), int(state["steps_done"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"bad data loader state {state!r}: {err}") from err
+        if steps_done < 0:
+            raise DataError(f"bad data loader state {state!r}: negative steps_done")
+        self._epoch, self._steps_done, self._resume_at = epoch, steps_done, steps_done
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        start, self._resume_at = self._resume_at, 0
+        epoch, self._steps_done = self._epoch, start
+        self.dataset.set_epoch(epoch)
+        fetched = self._fetch(epoch, start)
+        for plan in self._plans(epoch, start):
+            micro_batches = [self._finish(next(fetched), plan) for _ in plan.micro_indices]
+            self._steps_done, self.last_step_size = plan.step + 1, plan.step_size
+            yield micro_batches
+
+    def _plans(self, epoch: int, start: int) -> Iterator[_StepPlan]:
+        order = epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        for step in range(start, self.plan.num_steps):
+            yield self._plan_step(order, epoch, step)
+
+    def _plan_step(self, order: Tensor, epoch: int, step: int) -> _StepPlan:
+        first, end = self.plan.step_bounds(step)
+        bounds = self.plan.micro_bounds(step, self.rank)
+        micro = [order[lo:hi].tolist() for lo, hi in bounds]
+        if self.mixup_alpha == 0:
+            return _StepPlan(step, end - first, micro, None)
+        draw = draw_mixup(self.mixup_alpha, end - first, seed=self.seed, epoch=epoch, step=step)
+        partners = order[first + draw.partners]
+        for own, (lo, hi) in zip(micro, bounds, strict=True):
+            own.extend(partners[lo - first : hi - first].tolist())
+        return _StepPlan(step, end - first, micro, draw.lam)
+
+    def _fetch(self, epoch: int, start: int) -> Iterator[Batch]:
+        """Raw micro-batches in order, fetched here or by DataLoader workers."""
+        index_lists = (idx for plan in self._plans(epoch, start) for idx in plan.micro_indices)
+        if self.num_workers == 0:
+            return (self.dataset.__getitems__(indices) for indices in index_lists)
+        # Not persistent: workers copy the dataset when the iterator starts, so the epoch just
+        # set above is the one they augment with.
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=index_lists,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+        )
+        return iter(loader)
+
+    @staticmethod
+    def _finish(batch: Batch, plan: _StepPlan) -> Batch:
+        if plan.lam is None:
+            return batch
+        half = batch["target"].shape[0] // 2
+        own = {key: value[:half] for key, value in batch.items()}
+        partner = {key: value[half:] for key, value in batch.items()}
+        return apply_mixup(own, partner, plan.lam)
+
+
+class EvalLoader:
+    """Deterministic evaluation batches of one rank's contiguous share of a dataset.
+
+    Over all ranks every sample appears exactly once (no padding, no duplicates), so metrics
+    summed across ranks are exact. Ranks may differ by one batch, so do not run a collective
+    per batch. Never augmented.
+    """
+
+    def __init__(self, dataset: ArrayDataset, *, batch_size: int, rank: int, world_size: int):
+        if batch_size < 1:
+            raise DataError(f"evaluation batch size must be positive, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.share = eval_share(len(dataset), rank, world_size)
+
+    def __len__(self) -> int:
+        return -(-len(self.share) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for start in range(self.share.start, self.share.stop, self.batch_size):
+            end = min(start + self.batch_size, self.share.stop)
+            # Copies, so a caller that works in place cannot corrupt the stored split; read
+            # from the stored tensors, so the training augmentation never applies.
+            yield {
+                "input": self.dataset.inputs[start:end].clone(),
+                "target": self.dataset.targets[start:end].clone(),
+            }
+
+
+def build_eval_loader(
+    dataset: ArrayDataset, *, batch_size: int, rank: int, world_size: int
+) -> EvalLoader:
+    """Builds rank `rank`'s evaluation loader; see `EvalLoader`."""
+    return EvalLoader(dataset, batch_size=batch_size, rank=rank, world_size=world_size)

@@ -1,0 +1,251 @@
+"""In-memory data sources, the `ArrayDataset` that serves them, and the seeded train/val/test split.
+
+Sources are a plain dict from name to a loader function. Each returns all samples as float32
+`(N, C, H, W)` inputs in [0, 1] and int64 `(N,)` labels; `build_splits` then resizes once,
+permutes with the run seed and cuts the permutation by `data.split`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from roundhouse.errors import DataError
+from roundhouse.spec import DataConfig
+
+from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
+from .transforms import Transform, augment_batch
+
+logger = logging.getLogger(__name__)
+
+
+class ArrayDataset(Dataset):
+    """Samples held as tensors in memory: `inputs` `(N, ...)` float32, `targets` `(N,)` int64.
+
+    Without a transform, `__getitems__` is plain fancy indexing (no per-sample Python work).
+    With one (see `with_transform`), each sample is augmented with randomness seeded by
+    (seed, epoch, index), where the epoch is whatever `set_epoch` last set.
+    """
+
+    def __init__(
+        self, inputs: Tensor, targets: Tensor, *, transform: Transform | None = None, seed: int = 0
+    ) -> None:
+        if inputs.shape[0] != targets.shape[0]:
+            raise DataError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
+        self.inputs = inputs
+        self.targets = targets
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's input, e.g. `(C, H, W)`."""
+        return tuple(self.inputs.shape[1:])
+
+    def with_transform(self, transform: Transform | None, seed: int) -> ArrayDataset:
+        """Returns a view sharing this dataset's tensors that augments with `transform`.
+
+        A view instead of mutation, so the caller's dataset (also used for evaluation) stays
+        un-augmented.
+        """
+        return ArrayDataset(self.inputs, self.targets, transform=transform, seed=seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch that seeds the per-sample augmentation."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        """Returns `{"input": (C, H, W), "target": ()}` for one sample."""
+        batch = self.__getitems__([index])
+        return {key: value[0] for key, value in batch.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        """Returns the batch `{"input": (B, C, H, W), "target": (B,)}` of `indices`, in order."""
+        positions = torch.as_tensor(indices, dtype=torch.long)
+        inputs = self.inputs[positions]
+        if self.transform is not None:
+            inputs = augment_batch(
+                self.transform, inputs, positions.tolist(), seed=self.seed, epoch=self.epoch
+            )
+        return {"input": inputs, "target": self.targets[positions]}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about the data.
+
+    Attributes:
+        input_shape: Per-sample input shape after resizing, e.g. `(C, H, W)`.
+        num_classes: Number of target classes.
+        num_samples: Split sizes, `{"train": ..., "val": ..., "test": ...}`.
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_samples: dict[str, int]
+
+
+@dataclass
+class Splits:
+    """The three splits of a source plus their `DataInfo`."""
+
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    info: DataInfo
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    inputs: Tensor
+    targets: Tensor
+    num_classes: int
+
+
+def _no_options(source: str, options: dict[str, Any], allowed: Sequence[str]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise DataError(
+            f"unknown option {unknown[0]!r} for source {source}",
+            f"valid options: {', '.join(allowed) or 'none'}",
+        )
+
+
+def _load_digits(options: dict[str, Any]) -> _Loaded:
+    # Imported here: scikit-learn is slow to import and only this source needs it.
+    from sklearn.datasets import load_digits
+
+    _no_options("builtin:digits", options, ())
+    digits = load_digits()
+    # Pixel values are integers 0..16.
+    inputs = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    targets = torch.as_tensor(digits.target, dtype=torch.int64)
+    return _Loaded(inputs, targets, num_classes=10)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(
+            f"data.options.{name} must be a positive integer, got {value!r}",
+            f"set data.options.{name} to e.g. 8",
+        )
+    return value
+
+
+def _synthetic_shape(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 3:
+        raise DataError(
+            f"data.options.shape must be a list of 1 to 3 sizes, got {value!r}",
+            "use e.g. [3, 32, 32] (C, H, W)",
+        )
+    return tuple(_positive_int("shape", size) for size in value)
+
+
+_SYNTHETIC_OPTIONS = ("shape", "num_samples", "num_classes", "seed")
+
+
+def _load_synthetic(options: dict[str, Any]) -> _Loaded:
+    _no_options("builtin:synthetic", options, _SYNTHETIC_OPTIONS)
+    shape = _synthetic_shape(options.get("shape", [3, 32, 32]))
+    num_samples = _positive_int("num_samples", options.get("num_samples", 1024))
+    num_classes = _positive_int("num_classes", options.get("num_classes", 10))
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataError(f"data.options.seed must be an integer, got {seed!r}")
+    # The data depends on the options only (not on trainer.seed), so runs with different seeds
+    # see the same samples, split differently.
+    generator = seeded_generator(seed, SYNTHETIC_STREAM)
+    targets = torch.randint(num_classes, (num_samples,), generator=generator)
+    # Each class has a prototype image; samples are half prototype, half noise, so a model can
+    # learn something while the values stay in [0, 1].
+    prototypes = torch.rand((num_classes, *shape), generator=generator)
+    noise = torch.rand((num_samples, *shape), generator=generator)
+    inputs = 0.5 * prototypes[targets] + 0.5 * noise
+    return _Loaded(inputs, targets, num_classes=num_classes)
+
+
+SOURCES: dict[str, Callable[[dict[str, Any]], _Loaded]] = {
+    "builtin:digits": _load_digits,
+    "builtin:synthetic": _load_synthetic,
+}
+
+
+def _load(config: DataConfig) -> _Loaded:
+    loader = SOURCES.get(config.source)
+    if loader is None:
+        raise DataError(
+            f"unknown data source {config.source!r}",
+            f"valid sources: {', '.join(sorted(SOURCES))}",
+        )
+    return loader(dict(config.options))
+
+
+def _resize(inputs: Tensor, image_size: int | None) -> Tensor:
+    if image_size is None:
+        return inputs
+    if inputs.dim() != 4:
+        raise DataError(
+            f"data.image_size needs (C, H, W) samples, got shape {tuple(inputs.shape[1:])}",
+            "remove data.image_size",
+        )
+    if inputs.shape[-2:] == (image_size, image_size):
+        return inputs
+    size = (image_size, image_size)
+    # Once at build time, so training never pays for the resize again.
+    resized = F.interpolate(inputs, size=size, mode="bilinear", antialias=True)
+    return resized.clamp_(0.0, 1.0)
+
+
+def _split_sizes(num_samples: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+    train_end = round(num_samples * fractions[0])
+    val_end = round(num_samples * (fractions[0] + fractions[1]))
+    sizes = (train_end, val_end - train_end, num_samples - val_end)
+    if min(sizes) < 1:
+        raise DataError(
+            f"data.split {list(fractions)} of {num_samples} samples gives split sizes "
+            f"{list(sizes)} (train/val/test); every split needs at least one sample",
+            "use more samples or larger fractions",
+        )
+    return sizes
+
+
+def build_splits(config: DataConfig, seed: int) -> Splits:
+    """Loads `config.source`, resizes it and splits it into train/val/test.
+
+    The split is a permutation seeded by `seed` (the job's `trainer.seed`): the same seed gives
+    the same split on every rank and every run.
+
+    Args:
+        config: The job's `data` section.
+        seed: The run seed.
+
+    Returns:
+        The three splits (without augmentation) and their `DataInfo`.
+
+    Raises:
+        DataError: For an unknown source, a bad source option or a split with an empty part.
+    """
+    loaded = _load(config)
+    inputs = _resize(loaded.inputs, config.image_size)
+    sizes = _split_sizes(inputs.shape[0], config.split)
+    order = torch.randperm(inputs.shape[0], generator=seeded_generator(seed, SPLIT_STREAM))
+    parts = torch.split(order, sizes)
+    datasets = [ArrayDataset(inputs[part], loaded.targets[part]) for part in parts]
+    info = DataInfo(
+        input_shape=tuple(inputs.shape[1:]),
+        num_classes=loaded.num_classes,
+        num_samples=dict(zip(("train", "val", "test"), sizes, strict=True)),
+    )
+    logger.info("data %s: %s, input shape %s", config.source, info.num_samples, info.input_shape)
+    return Splits(*datasets, info=info)
