@@ -1,0 +1,56 @@
+"""`WorkerContext`: the only way the trainer learns where it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Topology of one worker process.
+
+    Built by `cluster` from Ray Train's context, or by `launch` for `--local` (rank 0 of 1).
+    `device` is this worker's torch device.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.rank < self.world_size, (self.rank, self.world_size)
+        assert 0 <= self.local_rank < self.local_world_size, (
+            self.local_rank,
+            self.local_world_size,
+        )
+        assert 0 <= self.node_rank < self.num_nodes, (self.node_rank, self.num_nodes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available, else CPU; anything else is a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from roundhouse.errors import JobFileError
+
+        raise JobFileError(
+            f"trainer.device={name!r} but CUDA is not available here",
+            "use trainer.device=auto or trainer.device=cpu",
+        )
+    return device
+
+
+def build_local_context(device: str = "auto") -> WorkerContext:
+    """Rank 0 of 1 on this machine: the `--local` debugging mode."""
+    return WorkerContext(device=resolve_device(device))

@@ -1,0 +1,298 @@
+"""The one training loop. It calls a `Strategy` and never asks which one it has.
+
+Per optimizer step: this rank's micro-batches go through `strategy.forward_backward` (the last
+with `sync=True`), then `strategy.optimizer_step`. Around that: logging every
+`trainer.log_every_steps`, validation every `trainer.eval_every_steps` and at each epoch end,
+checkpoints, early stopping, and a final test evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from roundhouse.data import Splits, StepLoader, build_eval_loader
+from roundhouse.errors import CheckpointError, TrainingError
+from roundhouse.spec import JobSpec
+from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
+from roundhouse.trainer.context import WorkerContext
+from roundhouse.trainer.strategies import StepStats, Strategy
+from roundhouse.trainer.task import Task
+from roundhouse.trainer.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class Window:
+    """Running train metrics between two log lines."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    samples: int = 0
+    started: float = 0.0
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.samples, self.started = 0.0, 0, 0, time.perf_counter()
+
+
+class Trainer:
+    """Runs `fit()` for one worker. Built by `run_worker`; everything is injected."""
+
+    def __init__(
+        self,
+        job: JobSpec,
+        ctx: WorkerContext,
+        *,
+        strategy: Strategy,
+        task: Task,
+        splits: Splits,
+        tracker: Tracker,
+        checkpointer: Checkpointer,
+        train_loader: StepLoader,
+    ) -> None:
+        self.job, self.ctx, self.strategy, self.task = job, ctx, strategy, task
+        self.splits, self.tracker, self.checkpointer = splits, tracker, checkpointer
+        self.cfg = job.trainer
+        self.state = TrainState()
+        self.train_loader = train_loader
+        self.total_steps = compute_total_steps(job, len(self.train_loader))
+        self.window = Window()
+        self.last_checkpoint_step: int | None = None
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "strategy": self.strategy.state_dict(),
+            "trainer": asdict(self.state),
+            "data": {
+                "epoch": self.state.epoch,
+                "steps_done": self.train_loader.state_dict()["steps_done"],
+            },
+            "rng": get_rng_state(),
+        }
+        if self.strategy.is_main_process:
+            self.checkpointer.save(self.state.step, state, {"epoch": self.state.epoch})
+            self.tracker.flush()
+        self.last_checkpoint_step = self.state.step
+
+    def restore(self, step: int | None) -> None:
+        """Resume from checkpoint `step` (None: latest) of this run."""
+        state = self.checkpointer.load(step)
+        try:
+            self.strategy.load_state_dict(state["strategy"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint does not fit this job's model: {str(exc).splitlines()[0]}",
+                "resume with the job file that wrote it, or start a new run without --resume",
+            ) from exc
+        self.state = TrainState(**state["trainer"])
+        self.train_loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.last_checkpoint_step = self.state.step
+        logger.info("resumed at step %d, epoch %d", self.state.step, self.state.epoch)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train until max_steps/max_epochs or early stopping; return the final metrics."""
+        self.window.reset()
+        stop = self.state.step >= self.total_steps
+        while not stop and self.state.epoch < self.max_epochs:
+            stop = self.run_epoch()
+        return self.finish()
+
+    @property
+    def max_epochs(self) -> int:
+        return self.cfg.max_epochs if self.cfg.max_epochs is not None else math.inf  # type: ignore[return-value]
+
+    def run_epoch(self) -> bool:
+        """One pass over this rank's share of the training data; True means stop training."""
+        self.strategy.train_mode(True)
+        for micro_batches in self.train_loader:
+            self.train_step(micro_batches)
+            if self.after_step():
+                return True
+        self.state.epoch += 1
+        self.train_loader.load_state_dict({"epoch": self.state.epoch, "steps_done": 0})
+        stop = self.validate_and_check_early_stop()
+        if self.cfg.checkpoint.every_epoch and not stop:
+            self.save_checkpoint()
+        return stop
+
+    def train_step(self, micro_batches: list[dict]) -> None:
+        step_size = self.train_loader.last_step_size
+        dp = self.strategy.data_parallel_size
+        loss_sum, samples = 0.0, 0
+        for i, batch in enumerate(micro_batches):
+            n = batch["target"].shape[0]
+            scale = n / step_size * dp
+            loss = self.strategy.forward_backward(
+                batch, loss_scale=scale, sync=i == len(micro_batches) - 1
+            )
+            loss_sum += float(loss) * n
+            samples += n
+        if not self.strategy.all_true(math.isfinite(loss_sum)):
+            self.on_nonfinite_loss(loss_sum)
+            return
+        need_norm = (self.state.step + 1) % self.cfg.log_every_steps == 0
+        stats = self.strategy.optimizer_step(need_grad_norm=need_norm)
+        self.state.step += 1
+        self.window.loss_sum += loss_sum / max(samples, 1)
+        self.window.steps += 1
+        self.window.samples += step_size
+        if need_norm:
+            self.log_train(stats)
+
+    def on_nonfinite_loss(self, loss_sum: float) -> None:
+        step = self.state.step + 1
+        if not self.cfg.skip_nonfinite_steps:
+            kept = self.last_checkpoint_step
+            where = (
+                f"step_{kept} is the last good checkpoint"
+                if kept is not None
+                else "no checkpoint yet"
+            )
+            raise TrainingError(
+                f"loss is {loss_sum} at step {step} ({where})",
+                "lower trainer.optimizer.lr, set trainer.grad_clip_norm, "
+                "or set trainer.skip_nonfinite_steps=true",
+            )
+        logger.warning("skipping step %d: loss is %s", step, loss_sum)
+        self.strategy.zero_grad()
+        self.state.skipped_steps += 1
+
+    def after_step(self) -> bool:
+        """Periodic work after an optimizer step; True means stop training."""
+        step = self.state.step
+        if self.cfg.eval_every_steps and step % self.cfg.eval_every_steps == 0:
+            if self.validate_and_check_early_stop():
+                return True
+            self.strategy.train_mode(True)
+        every = self.cfg.checkpoint.every_steps
+        if every and step % every == 0 and step != self.last_checkpoint_step:
+            self.save_checkpoint()
+        return step >= self.total_steps
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    def log_train(self, stats: StepStats) -> None:
+        elapsed = max(time.perf_counter() - self.window.started, 1e-9)
+        metrics = {
+            "train/loss": self.window.loss_sum / max(self.window.steps, 1),
+            "train/lr": stats.lr,
+            "train/samples_per_s": self.window.samples / elapsed,
+        }
+        if stats.grad_norm is not None:
+            metrics["train/grad_norm"] = stats.grad_norm
+        self.tracker.log(metrics, step=self.state.step, epoch=self.state.epoch)
+        self.tracker.update_progress(
+            step=self.state.step,
+            epoch=self.state.epoch,
+            loss=metrics["train/loss"],
+            samples_per_s=metrics["train/samples_per_s"],
+        )
+        self.window.reset()
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Loss and accuracy on `split` (val or test), summed over all ranks."""
+        dataset = getattr(self.splits, split)
+        loader = build_eval_loader(
+            dataset,
+            batch_size=self.job.data.eval_batch_size,
+            rank=self.strategy.data_parallel_rank,
+            world_size=self.strategy.data_parallel_size,
+        )
+        self.strategy.train_mode(False)
+        sums: dict[str, Any] = {}
+        for batch in loader:
+            outputs = self.strategy.forward(batch)
+            for key, value in self.task.eval_sums(outputs, batch).items():
+                sums[key] = sums.get(key, 0) + value.detach().cpu()
+        totals = self.strategy.reduce_metrics(sums)
+        return {f"{split}/{k}": v for k, v in self.task.finalize(totals).items()}
+
+    def validate_and_check_early_stop(self) -> bool:
+        metrics = self.evaluate("val")
+        self.tracker.log(metrics, step=self.state.step, epoch=self.state.epoch)
+        return self.update_early_stopping(metrics)
+
+    def update_early_stopping(self, metrics: dict[str, float]) -> bool:
+        rule = self.cfg.early_stopping
+        if rule is None:
+            return False
+        if rule.metric not in metrics:
+            raise TrainingError(
+                f"trainer.early_stopping.metric={rule.metric!r} is not a validation metric",
+                f"valid: {', '.join(sorted(metrics))}",
+            )
+        value, best = metrics[rule.metric], self.state.best_metric
+        sign = 1.0 if rule.mode == "min" else -1.0
+        if best is None or sign * (best - value) > rule.min_delta:
+            self.state.best_metric, self.state.evals_without_improvement = value, 0
+            return False
+        self.state.evals_without_improvement += 1
+        if self.state.evals_without_improvement >= rule.patience:
+            logger.info(
+                "early stopping at step %d: %s did not improve", self.state.step, rule.metric
+            )
+            return True
+        return False
+
+    def finish(self) -> dict[str, float]:
+        """Final validation, test, checkpoint and summary."""
+        final = self.evaluate("val")
+        final.update(self.evaluate("test"))
+        self.tracker.log(final, step=self.state.step, epoch=self.state.epoch)
+        if self.last_checkpoint_step != self.state.step:
+            self.save_checkpoint()
+        summary = {
+            **final,
+            "train/steps": float(self.state.step),
+            "train/skipped_steps": float(self.state.skipped_steps),
+        }
+        self.tracker.summary(summary)
+        return summary
+
+
+def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> StepLoader:
+    """This rank's training loader over the global batch arithmetic of the job."""
+    data = job.data
+    return StepLoader(
+        splits.train,
+        global_batch_size=data.batch_size,
+        rank=strategy.data_parallel_rank,
+        world_size=strategy.data_parallel_size,
+        grad_accum_steps=job.trainer.grad_accum_steps,
+        seed=job.trainer.seed,
+        shuffle=data.shuffle,
+        drop_last=data.drop_last,
+        num_workers=data.num_workers,
+        augment=data.augment,
+        mixup_alpha=data.augment.mixup_alpha,
+    )
+
+
+def compute_total_steps(job: JobSpec, steps_per_epoch: int) -> int:
+    """Optimizer steps the run will take: the smaller of max_steps and max_epochs' worth."""
+    limits = []
+    if job.trainer.max_steps is not None:
+        limits.append(job.trainer.max_steps)
+    if job.trainer.max_epochs is not None:
+        limits.append(job.trainer.max_epochs * steps_per_epoch)
+    return min(limits)

@@ -1,0 +1,77 @@
+"""Classification losses: cross-entropy (with label smoothing), focal, MSE and L1.
+
+Every loss maps (logits (B, K), integer targets (B,)) to a scalar mean over the batch, so the
+trainer can weight micro-batches by their size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from roundhouse.errors import JobFileError
+from roundhouse.spec import LossConfig
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def focal_loss(
+    logits: Tensor, target: Tensor, gamma: float = 2.0, alpha: float | None = 0.25
+) -> Tensor:
+    """Focal loss (Lin et al. 2017), multi-class form: -alpha (1 - p_t)^gamma log p_t.
+
+    Easy examples (p_t -> 1) are down-weighted by (1 - p_t)^gamma; gamma = 0 and alpha = None
+    is plain cross-entropy (SEEDS B2, S2:271-282).
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)  # (B, K)
+    log_pt = log_p.gather(1, target.unsqueeze(1)).squeeze(1)  # (B,)
+    loss = -((1.0 - log_pt.exp()) ** gamma) * log_pt
+    if alpha is not None:
+        loss = alpha * loss
+    return loss.mean()
+
+
+def _one_hot(logits: Tensor, target: Tensor) -> Tensor:
+    return F.one_hot(target, num_classes=logits.shape[-1]).to(logits.dtype)
+
+
+LOSSES: dict[str, Callable[[LossConfig], LossFn]] = {
+    "cross_entropy": lambda c: (
+        lambda x, y: F.cross_entropy(x, y, label_smoothing=c.label_smoothing)
+    ),
+    "focal": lambda c: lambda x, y: focal_loss(x, y, c.focal_gamma, c.focal_alpha),
+    "mse": lambda c: lambda x, y: F.mse_loss(x, _one_hot(x, y)),
+    "l1": lambda c: lambda x, y: F.l1_loss(x, _one_hot(x, y)),
+}
+
+
+def build_loss(config: LossConfig) -> LossFn:
+    """The loss named by `trainer.loss.name`; unknown names list the valid ones."""
+    if config.name not in LOSSES:
+        raise JobFileError(
+            f"unknown loss trainer.loss.name={config.name!r}",
+            f"valid: {', '.join(sorted(LOSSES))}",
+        )
+    return LOSSES[config.name](config)
+
+
+def mixed_loss(loss_fn: LossFn, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """The loss of a batch, mixup-aware: lam * L(y_a) + (1 - lam) * L(y_b)."""
+    loss = loss_fn(outputs, batch["target"])
+    if "mix_lam" not in batch:
+        return loss
+    lam = batch["mix_lam"].to(loss.dtype)
+    return lam * loss + (1.0 - lam) * loss_fn(outputs, batch["target_b"])
+
+
+def topk_correct(logits: Tensor, target: Tensor, k: int) -> Tensor:
+    """How many rows have `target` among their `k` largest logits (k capped at K)."""
+    k = min(k, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices  # (B, k)
+    return (top == target.unsqueeze(1)).any(dim=1).sum()
+
+
+__all__ = ["LOSSES", "LossFn", "build_loss", "focal_loss", "mixed_loss", "topk_correct", "torch"]

@@ -1,0 +1,150 @@
+"""Optimizers and learning-rate schedules from the job file.
+
+Defaults follow the notes (SEEDS F23-F24): Adam lr 1e-3 with betas 0.9/0.999, SGD momentum 0.9,
+RMSprop decay 0.99, and a step schedule that halves the lr every 10 epochs. Every schedule is a
+pure function of the optimizer step, so resuming restores it exactly from the step count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from roundhouse.errors import JobFileError
+from roundhouse.spec import OptimizerConfig, SchedulerConfig
+
+Params = Iterable[nn.Parameter] | Iterable[dict]
+
+
+def _sgd(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay
+    )
+
+
+def _rmsprop(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(
+        params, lr=c.lr, alpha=c.alpha, eps=c.eps, weight_decay=c.weight_decay, momentum=0.0
+    )
+
+
+def _adagrad(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(params, lr=c.lr, eps=c.eps, weight_decay=c.weight_decay)
+
+
+def _adam(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+
+
+def _adamw(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[Params, OptimizerConfig], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "rmsprop": _rmsprop,
+    "adagrad": _adagrad,
+    "adam": _adam,
+    "adamw": _adamw,
+}
+
+
+def check_optimizer(config: OptimizerConfig) -> None:
+    """Raise `JobFileError` for an unknown optimizer name, listing the valid ones."""
+    if config.name not in OPTIMIZERS:
+        raise JobFileError(
+            f"unknown optimizer trainer.optimizer.name={config.name!r}",
+            f"valid: {', '.join(OPTIMIZERS)}",
+        )
+    if config.nesterov and config.name != "sgd":
+        raise JobFileError(
+            f"trainer.optimizer.nesterov=true needs name=sgd, got {config.name!r}",
+            "set trainer.optimizer.name=sgd or nesterov=false",
+        )
+
+
+def build_optimizer(params: Params, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer named by `trainer.optimizer.name` over `params`."""
+    check_optimizer(config)
+    return OPTIMIZERS[config.name](params, config)
+
+
+# --- schedules: lr factor as a function of the optimizer step --------------------------------
+
+
+def _constant(c: SchedulerConfig, steps_per_epoch: int, total: int) -> Callable[[int], float]:
+    return lambda step: 1.0
+
+
+def _step(c: SchedulerConfig, steps_per_epoch: int, total: int) -> Callable[[int], float]:
+    period = max(1, round(c.step_epochs * steps_per_epoch))
+    return lambda step: c.gamma ** (step // period)
+
+
+def _exponential(c: SchedulerConfig, steps_per_epoch: int, total: int) -> Callable[[int], float]:
+    return lambda step: c.gamma ** (step / steps_per_epoch)
+
+
+def _cosine(c: SchedulerConfig, steps_per_epoch: int, total: int, base_lr: float = 1.0):
+    span = max(1, total - c.warmup_steps)
+    floor = c.min_lr / base_lr
+
+    def factor(step: int) -> float:
+        t = min(1.0, step / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
+
+
+SCHEDULES = {
+    "constant": _constant,
+    "step": _step,
+    "exponential": _exponential,
+    "cosine": _cosine,
+}
+
+
+def check_scheduler(config: SchedulerConfig) -> None:
+    """Raise `JobFileError` for an unknown schedule name, listing the valid ones."""
+    if config.name not in SCHEDULES:
+        raise JobFileError(
+            f"unknown scheduler trainer.scheduler.name={config.name!r}",
+            f"valid: {', '.join(SCHEDULES)}",
+        )
+
+
+def lr_factor_fn(
+    config: SchedulerConfig, *, steps_per_epoch: int, total_steps: int, base_lr: float
+) -> Callable[[int], float]:
+    """lr multiplier at optimizer step `s`: linear warmup, then the named schedule."""
+    check_scheduler(config)
+    if config.name == "cosine":
+        after = _cosine(config, steps_per_epoch, total_steps, base_lr)
+    else:
+        after = SCHEDULES[config.name](config, max(1, steps_per_epoch), total_steps)
+    warmup = config.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return after(step - warmup)
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    config: SchedulerConfig,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A `LambdaLR` stepped once per optimizer step."""
+    base_lr = optimizer.param_groups[0]["lr"]
+    fn = lr_factor_fn(
+        config, steps_per_epoch=steps_per_epoch, total_steps=total_steps, base_lr=base_lr
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

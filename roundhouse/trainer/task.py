@@ -1,0 +1,67 @@
+"""Tasks: how a model's outputs become a loss and evaluation metrics.
+
+A `ModelSpec.loss` names its task. The CNN zoo is `classification`; sequence and diffusion models
+bring their own tasks. Strategies call `forward` and `loss`; the evaluation loop sums
+`eval_sums` over batches and ranks, then `finalize` turns sums into metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from roundhouse.errors import ModelError
+from roundhouse.spec import LossConfig
+from roundhouse.trainer.losses import LossFn, build_loss, mixed_loss, topk_correct
+
+
+class Task(Protocol):
+    """What the trainer needs to know about a family of models."""
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor: ...
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor: ...
+
+    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def finalize(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+
+class ClassificationTask:
+    """Logits (B, K) against integer targets (B,); metrics: loss, top-1 and top-5 accuracy."""
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        self.loss_fn = loss_fn
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return model(batch["input"])
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return mixed_loss(self.loss_fn, outputs.float(), batch)
+
+    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        target = batch["target"]
+        count = torch.tensor(float(target.shape[0]), device=outputs.device)
+        return {
+            "loss": self.loss(outputs, batch).detach() * count,
+            "correct": topk_correct(outputs, target, 1).float(),
+            "correct_top5": topk_correct(outputs, target, 5).float(),
+            "count": count,
+        }
+
+    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["count"], 1.0)
+        return {
+            "loss": sums["loss"] / n,
+            "accuracy": sums["correct"] / n,
+            "top5_accuracy": sums["correct_top5"] / n,
+        }
+
+
+def build_task(kind: str, loss: LossConfig) -> Task:
+    """The task a model's `ModelSpec.loss` names."""
+    if kind == "classification":
+        return ClassificationTask(build_loss(loss))
+    raise ModelError(f"model task {kind!r} is not supported", "valid: classification")
