@@ -1,0 +1,1 @@
+"""The command line, job files -> `JobSpec`, and the local entry point."""

@@ -1,0 +1,175 @@
+"""The `roundhouse` command line.
+
+    roundhouse train JOB.yaml [key.sub=value ...] [--local] [--dry-run] [--resume latest|PATH]
+    roundhouse models list
+    roundhouse models summary NAME[:FLAVOR] --input CxHxW
+    roundhouse schema
+
+User mistakes print one line, `error: <what> (<how to fix>)`, and exit 2; `--debug` adds the
+traceback. Heavy imports (torch, the trainer) happen inside the commands so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from roundhouse.errors import JobFileError, RoundhouseError
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser = argparse.ArgumentParser(
+        prog="roundhouse",
+        description="Distributed training: one job file, everywhere.",
+        parents=[common],
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(commands, common)
+    add_models_parser(commands, common)
+    commands.add_parser("schema", parents=[common], help="print the JSON schema of job files")
+    return parser
+
+
+def add_train_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    train = commands.add_parser("train", parents=[common], help="train a job")
+    train.add_argument("job", help="job file (YAML)")
+    train.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="override job-file values"
+    )
+    train.add_argument(
+        "--local", action="store_true", help="run in this process on one device, no Ray"
+    )
+    train.add_argument("--dry-run", action="store_true", help="validate and report; train nothing")
+    train.add_argument(
+        "--resume", metavar="latest|PATH", help="resume the latest run, or a run/checkpoint folder"
+    )
+
+
+def add_models_parser(
+    commands: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> None:
+    models = commands.add_parser("models", parents=[common], help="the model zoo")
+    sub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    sub.add_parser("list", parents=[common], help="list registered models and flavors")
+    summary = sub.add_parser("summary", parents=[common], help="layer shapes and parameter counts")
+    summary.add_argument("model", metavar="NAME[:FLAVOR]")
+    summary.add_argument("--input", default="1x8x8", help="per-sample input shape, e.g. 3x32x32")
+    summary.add_argument("--num-classes", type=int, default=10)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from roundhouse.launch.checks import check_runnable
+    from roundhouse.launch.jobfile import load_job
+
+    job = load_job(args.job, args.overrides)
+    if args.dry_run:
+        from roundhouse.launch.dryrun import dry_run
+
+        for line in dry_run(job, local=args.local):
+            print(line)
+        return 0
+    check_runnable(job, local=args.local)
+    if not args.local:
+        raise JobFileError(
+            "training on a Ray cluster is not available in this version of roundhouse",
+            "pass --local to train in this process",
+        )
+    from roundhouse.launch.local import train_local
+
+    metrics = train_local(job, resume=args.resume)
+    print(
+        " ".join(
+            f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))
+        )
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from roundhouse import models
+
+    if args.models_command == "list":
+        for spec in models.list_models():
+            print(f"{spec.name:<12} {', '.join(spec.flavors):<40} {spec.description}")
+        return 0
+    name, flavor = models.parse_model_ref(args.model)
+    shape = parse_shape(args.input)
+    model = models.build_model(
+        name, models.BuildConfig(flavor=flavor, input_shape=shape, num_classes=args.num_classes)
+    )
+    rows = models.summarize(model, shape)
+    print(models.format_summary(rows, models.count_parameters(model)))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from roundhouse.spec import JobSpec
+
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """`3x32x32` -> (3, 32, 32); every dimension a positive integer."""
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise JobFileError(f"--input {text!r} is not a shape", "write it like 1x8x8 or 3x224x224")
+    return shape
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train,
+    "models": cmd_models,
+    "schema": cmd_schema,
+}
+
+
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "fsspec", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `roundhouse` console script; returns the exit code."""
+    parser = build_parser()
+    # Overrides may come after options (`train job.yaml --local a.b=c`): argparse leaves those
+    # trailing positionals unparsed, so pick them up here.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    configure_logging(args.debug)
+    try:
+        return COMMANDS[args.command](args)
+    except RoundhouseError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted (the last complete checkpoint is kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

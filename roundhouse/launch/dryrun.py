@@ -1,0 +1,62 @@
+"""`--dry-run`: validate a job without training, Ray or a GPU.
+
+Builds the model on the meta device (no memory, no compute), pushes a meta batch through it to
+check shapes, and reports the parameter count and the per-rank batch arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from roundhouse.data import build_splits
+from roundhouse.errors import ModelError
+from roundhouse.launch.checks import check_runnable
+from roundhouse.spec import JobSpec
+from roundhouse.trainer.loop import compute_total_steps
+from roundhouse.trainer.run import build_model_for
+
+
+def dry_run(job: JobSpec, *, local: bool) -> list[str]:
+    """The report lines for `job`; raises a `RoundhouseError` for anything that would fail."""
+    topo = check_runnable(job, local=local)
+    splits = build_splits(job.data, seed=job.trainer.seed)
+    info = splits.info
+    with torch.device("meta"):
+        model = build_model_for(job, info.input_shape, info.num_classes)
+        out_shape = _output_shape(job, model, info.input_shape)
+    num_params = sum(p.numel() for p in model.parameters())
+    steps_per_epoch = _steps_per_epoch(info.num_samples["train"], job, topo.data_parallel)
+    total = compute_total_steps(job, steps_per_epoch)
+    micro = topo.micro_batch
+    micro_text = f"{micro:g}" if micro.is_integer() else f"{math.floor(micro)}-{math.ceil(micro)}"
+    return [
+        f"job {job.name!r} is valid",
+        f"model {job.model.name}:{job.model.flavor}: {num_params:,} parameters, "
+        f"input {tuple(info.input_shape)} -> output {tuple(out_shape[1:])}",
+        f"data {job.data.source}: train {info.num_samples['train']}, "
+        f"val {info.num_samples['val']}, test {info.num_samples['test']}",
+        f"world {topo.world_size} = {topo.data_parallel} data-parallel x "
+        f"{topo.model_parallel} model-parallel ({job.strategy.kind})",
+        f"batch: global {topo.global_batch} = {topo.data_parallel} rank(s) x "
+        f"{topo.grad_accum_steps} micro-step(s) x {micro_text} samples per micro-batch",
+        f"steps: {steps_per_epoch} per epoch, {total} in total",
+    ]
+
+
+def _output_shape(job: JobSpec, model: torch.nn.Module, input_shape: tuple[int, ...]) -> torch.Size:
+    try:
+        return model(torch.empty(2, *input_shape)).shape
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(
+            f"model {job.model.name}:{job.model.flavor} cannot take input {tuple(input_shape)}: "
+            f"{str(exc).splitlines()[0]}",
+            "set data.image_size larger or pick another model/flavor",
+        ) from None
+
+
+def _steps_per_epoch(num_train: int, job: JobSpec, data_parallel: int) -> int:
+    full, rest = divmod(num_train, job.data.batch_size)
+    keeps_rest = not job.data.drop_last and rest >= data_parallel * job.trainer.grad_accum_steps
+    return full + int(keeps_rest)

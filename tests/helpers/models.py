@@ -1,0 +1,38 @@
+"""User models for tests, loaded through the `module.path:callable` adapter."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+
+class SlowMLP(nn.Module):
+    """A small MLP that sleeps in forward, so a test can kill a run mid-training reliably.
+
+    Sleeping changes no numbers: runs with and without the delay train identically.
+    """
+
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, delay_s: float = 0.01
+    ) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(math.prod(input_shape), 32),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(32, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.delay_s)
+        return self.net(x)
+
+
+def slow_mlp(input_shape: tuple[int, ...], num_classes: int, delay_s: float = 0.01) -> nn.Module:
+    return SlowMLP(input_shape, num_classes, delay_s)
