@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 NonNegInt = Annotated[int, Field(ge=0)]
 
@@ -282,6 +290,12 @@ class TrackingConfig(Section):
     console: Literal["auto", "rich", "plain", "off"] = Field(
         "auto", description="auto: a progress bar on a terminal, plain lines otherwise."
     )
+
+    @field_validator("console", mode="before")
+    @classmethod
+    def _yaml_off_is_false(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False; that is what the user meant.
+        return "off" if value is False else value
 
 
 class StorageConfig(Section):

@@ -114,3 +114,10 @@ def test_schema_covers_every_section() -> None:
         "tracking",
         "storage",
     }
+
+
+def test_yaml_off_means_console_off(tmp_path: Path) -> None:
+    """YAML 1.1 parses a bare `off` as False."""
+    job = load_job(write(tmp_path, "name: t\nmodel: {name: mlp}\ntracking: {console: off}\n"))
+    assert job.tracking.console == "off"
+    assert load_job(write(tmp_path, MINIMAL), ["tracking.console=off"]).tracking.console == "off"

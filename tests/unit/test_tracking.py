@@ -16,8 +16,8 @@ import torch
 
 from roundhouse.spec import JobSpec
 from roundhouse.trainer.console import PlainProgress
-from roundhouse.trainer.rundir import RunDir
 from roundhouse.trainer.metrics_file import METRICS_FILE
+from roundhouse.trainer.rundir import RunDir
 from roundhouse.trainer.tracking import (
     WANDB_ID_FILE,
     Tracker,
