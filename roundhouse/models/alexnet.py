@@ -20,6 +20,7 @@ from collections import OrderedDict
 from torch import nn
 
 from roundhouse.models.common import (
+    build_fc_classifier,
     check_dropout,
     check_fits,
     conv_act,
@@ -54,22 +55,6 @@ def build_alexnet_features(
         *conv_act(c3, c4, 3, padding=1),
         *conv_act(c4, c5, 3, padding=1),
         nn.MaxPool2d(3, stride=2, padding=pool_padding),  # (B, c5, h, w)
-    )
-
-
-def build_alexnet_classifier(
-    num_features: int, hidden: int, num_classes: int, dropout: float
-) -> nn.Sequential:
-    """Flatten, two hidden FCs with ReLU and dropout (S3:1070-1078), then the output FC."""
-    return nn.Sequential(
-        nn.Flatten(),  # (B, num_features)
-        nn.Linear(num_features, hidden),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, num_classes),  # (B, num_classes)
     )
 
 
@@ -116,7 +101,7 @@ def build_alexnet(
     def make() -> AlexNet:
         features = build_alexnet_features(c, channels, stem, pool_padding)
         num_features = channels[-1] * pool_size * pool_size
-        classifier = build_alexnet_classifier(num_features, hidden, num_classes, dropout)
+        classifier = build_fc_classifier(num_features, hidden, num_classes, dropout)
         return init_weights(AlexNet(features, pool_size, classifier))
 
     check_fits("alexnet", make, input_shape)

@@ -190,3 +190,19 @@ def meta_flops(model_name: str) -> Callable[[BuildConfig], int]:
         return estimate_flops(model, config.input_shape)
 
     return flops_per_sample
+
+
+def build_fc_classifier(
+    num_features: int, hidden: int, num_classes: int, dropout: float
+) -> nn.Sequential:
+    """AlexNet/VGG head: flatten, two hidden FCs with ReLU and dropout (S3:1070-1078), output FC."""
+    return nn.Sequential(
+        nn.Flatten(),  # (B, num_features)
+        nn.Linear(num_features, hidden),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),  # (B, num_classes)
+    )

@@ -193,7 +193,7 @@ SPEC = register(
     ModelSpec(
         name="resnet",
         flavors={
-            "debug": {"widths": (16, 32), "depths": (1, 1), "stem": "small"},
+            "debug": {"widths": (32, 64), "depths": (1, 1), "stem": "small"},
             **{
                 name: {"block": block, "depths": depths}
                 for name, (block, depths) in RESNET_DEPTHS.items()

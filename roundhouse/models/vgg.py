@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from roundhouse.models.common import (
+    build_fc_classifier,
     check_dropout,
     check_fits,
     image_shape,
@@ -51,22 +52,6 @@ def build_vgg_block(num_convs: int, c_in: int, c_out: int, batch_norm: bool) -> 
         layers.append(nn.ReLU())  # (B, c_out, H, W)
     layers.append(nn.MaxPool2d(kernel_size=2, stride=2))  # (B, c_out, H/2, W/2)
     return nn.Sequential(*layers)
-
-
-def build_vgg_classifier(
-    num_features: int, hidden: int, num_classes: int, dropout: float
-) -> nn.Sequential:
-    """Flatten, FC-ReLU-Dropout twice, then the output FC."""
-    return nn.Sequential(
-        nn.Flatten(),  # (B, num_features)
-        nn.Linear(num_features, hidden),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, num_classes),  # (B, num_classes)
-    )
 
 
 class VGG(nn.Sequential):
@@ -121,7 +106,7 @@ def build_vgg(
 
     def make() -> VGG:
         num_features = blocks[-1][1] * pool_size * pool_size
-        classifier = build_vgg_classifier(num_features, hidden, num_classes, dropout)
+        classifier = build_fc_classifier(num_features, hidden, num_classes, dropout)
         return init_weights(VGG(c, blocks, pool_size, classifier, batch_norm))
 
     check_fits("vgg", make, input_shape)

@@ -31,7 +31,9 @@ class TrainState:
     """Loop counters saved in every checkpoint."""
 
     step: int = 0
-    epoch: int = 0
+    epoch: int = 0  # the epoch the data loader is in (the next one, after an epoch ends)
+    step_epoch: int = 0  # the epoch the last optimizer step belonged to: the `epoch` logged
+    last_eval_step: int = -1
     best_metric: float | None = None
     evals_without_improvement: int = 0
     skipped_steps: int = 0
@@ -73,6 +75,7 @@ class Trainer:
         self.total_steps = compute_total_steps(job, len(self.train_loader))
         self.window = Window()
         self.last_checkpoint_step: int | None = None
+        self.last_val_metrics: dict[str, float] = {}
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -124,14 +127,22 @@ class Trainer:
     def run_epoch(self) -> bool:
         """One pass over this rank's share of the training data; True means stop training."""
         self.strategy.train_mode(True)
+        stop = False
         for micro_batches in self.train_loader:
             self.train_step(micro_batches)
             if self.after_step():
-                return True
+                stop = True
+                break
+        if self.train_loader.state_dict()["steps_done"] < len(self.train_loader):
+            return stop  # stopped mid-epoch
+        return self.end_epoch() or stop
+
+    def end_epoch(self) -> bool:
+        """Validate, move the data position to the next epoch, checkpoint; True means stop."""
+        stop = self.validate_and_check_early_stop()
         self.state.epoch += 1
         self.train_loader.load_state_dict({"epoch": self.state.epoch, "steps_done": 0})
-        stop = self.validate_and_check_early_stop()
-        if self.cfg.checkpoint.every_epoch and not stop:
+        if self.cfg.checkpoint.every_epoch:
             self.save_checkpoint()
         return stop
 
@@ -153,6 +164,7 @@ class Trainer:
         need_norm = (self.state.step + 1) % self.cfg.log_every_steps == 0
         stats = self.strategy.optimizer_step(need_grad_norm=need_norm)
         self.state.step += 1
+        self.state.step_epoch = self.state.epoch
         self.window.loss_sum += loss_sum / max(samples, 1)
         self.window.steps += 1
         self.window.samples += step_size
@@ -200,10 +212,10 @@ class Trainer:
         }
         if stats.grad_norm is not None:
             metrics["train/grad_norm"] = stats.grad_norm
-        self.tracker.log(metrics, step=self.state.step, epoch=self.state.epoch)
+        self.tracker.log(metrics, step=self.state.step, epoch=self.state.step_epoch)
         self.tracker.update_progress(
             step=self.state.step,
-            epoch=self.state.epoch,
+            epoch=self.state.step_epoch,
             loss=metrics["train/loss"],
             samples_per_s=metrics["train/samples_per_s"],
         )
@@ -228,8 +240,9 @@ class Trainer:
         return {f"{split}/{k}": v for k, v in self.task.finalize(totals).items()}
 
     def validate_and_check_early_stop(self) -> bool:
-        metrics = self.evaluate("val")
-        self.tracker.log(metrics, step=self.state.step, epoch=self.state.epoch)
+        metrics = self.last_val_metrics = self.evaluate("val")
+        self.state.last_eval_step = self.state.step
+        self.tracker.log(metrics, step=self.state.step, epoch=self.state.step_epoch)
         return self.update_early_stopping(metrics)
 
     def update_early_stopping(self, metrics: dict[str, float]) -> bool:
@@ -255,14 +268,17 @@ class Trainer:
         return False
 
     def finish(self) -> dict[str, float]:
-        """Final validation, test, checkpoint and summary."""
-        final = self.evaluate("val")
-        final.update(self.evaluate("test"))
-        self.tracker.log(final, step=self.state.step, epoch=self.state.epoch)
+        """Final validation (unless this step was just validated), test, checkpoint, summary."""
+        logged: dict[str, float] = {}
+        if self.state.last_eval_step != self.state.step or not self.last_val_metrics:
+            logged = self.last_val_metrics = self.evaluate("val")
+        test = self.evaluate("test")
+        self.tracker.log({**logged, **test}, step=self.state.step, epoch=self.state.step_epoch)
         if self.last_checkpoint_step != self.state.step:
             self.save_checkpoint()
         summary = {
-            **final,
+            **self.last_val_metrics,
+            **test,
             "train/steps": float(self.state.step),
             "train/skipped_steps": float(self.state.skipped_steps),
         }

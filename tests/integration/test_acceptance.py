@@ -58,3 +58,16 @@ def test_quickstart_reaches_97_percent_on_digits(tmp_path: Path) -> None:
     assert (run / "job.yaml").exists() and (run / "checkpoints" / "latest").exists()
     summary = read_summary(find_wandb_file(run))
     assert summary["test/accuracy"] == pytest.approx(final["test/accuracy"])
+
+
+def test_the_readme_commands_work(tmp_path: Path) -> None:
+    """The issue's tour: a model swap by override, resume of the latest run, a dry run."""
+    base = ["train", str(ROOT / "configs" / "quickstart.yaml"), "--local"]
+    quiet = ["tracking.wandb.mode=disabled", "tracking.console=off", f"storage.path={tmp_path}"]
+    assert main([*base, "trainer.max_epochs=3", "model.name=vgg", *quiet]) == 0
+    assert (
+        main([*base, "--resume", "latest", "trainer.max_epochs=4", "model.name=vgg", *quiet]) == 0
+    )
+    rows = read_metrics(only_run(tmp_path, "quickstart"))
+    assert rows[-1]["epoch"] == 3 and "test/accuracy" in rows[-1]
+    assert main([*base, "--dry-run", *quiet]) == 0
