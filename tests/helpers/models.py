@@ -36,3 +36,32 @@ class SlowMLP(nn.Module):
 
 def slow_mlp(input_shape: tuple[int, ...], num_classes: int, delay_s: float = 0.01) -> nn.Module:
     return SlowMLP(input_shape, num_classes, delay_s)
+
+
+class BranchyMLP(nn.Module):
+    """An MLP whose extra branch runs only for some batches, plus a layer that never runs.
+
+    The branch runs when the first sample's pixel sum has an even first decimal: a property of
+    the batch, so data-parallel ranks disagree on it from step to step. `unused` never gets a
+    gradient on any rank.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 32), nn.ReLU())
+        self.branch = nn.Linear(32, 32)
+        self.unused = nn.Linear(4, 4)
+        self.head = nn.Linear(32, num_classes)
+
+    def uses_branch(self, x: torch.Tensor) -> bool:
+        return int(float(x[0].abs().sum()) * 10) % 2 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)  # (B, 32)
+        if self.uses_branch(x):
+            h = h + torch.relu(self.branch(h))
+        return self.head(h)
+
+
+def branchy_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return BranchyMLP(input_shape, num_classes)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from roundhouse.errors import JobFileError
 from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.strategies.base import StepStats, Strategy, TrainPlan
+from roundhouse.trainer.strategies.ring import RingStrategy
 from roundhouse.trainer.strategies.single import SingleDeviceStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "single": SingleDeviceStrategy,
+    "ring": RingStrategy,
 }
 
 

@@ -1,0 +1,173 @@
+"""Gradient buckets whose all-reduce overlaps the backward pass.
+
+Parameters are grouped, in reverse registration order (roughly the order backward produces
+their gradients), into buckets of about `bucket_mb`. A post-accumulate-grad hook counts the
+gradients of each bucket; when a bucket is complete it is *launched*: handed to one background
+thread that copies its gradients into a flat buffer, averages the buffer over the ranks and
+writes the result back, while autograd goes on with earlier layers.
+
+Launch order is the same on every rank, or the ranks' rings would pair different buckets and
+hang: buckets are launched strictly in index order (bucket i+1 waits for bucket i even when it
+is complete first), and the single thread runs them in that order.
+
+Parameters without a gradient: when backward has returned, `flush()` launches every bucket not
+launched yet, reading a missing gradient as zeros. Each bucket also carries one "has a
+gradient" flag per parameter; a parameter that had no gradient on *any* rank keeps
+`grad=None` (so the optimizer skips it, as on a single device), otherwise it gets the average
+with the missing contributions counted as zero, which is the gradient of the global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Bucket:
+    """Parameters reduced together in one flat buffer: gradients then one flag per parameter."""
+
+    params: list[nn.Parameter]
+    pending: int = 0  # gradients still to arrive in the current synchronising backward
+    future: Future | None = field(default=None, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def pack(self, dtype: torch.dtype) -> Tensor:
+        """The flat buffer: every gradient (zeros where missing), then the has-grad flags."""
+        parts = [p.grad.detach().reshape(-1) if p.grad is not None else None for p in self.params]
+        flags = [1.0 if part is not None else 0.0 for part in parts]
+        device = self.params[0].device
+        buffer = torch.empty(self.numel + len(self.params), dtype=dtype, device=device)
+        offset = 0
+        for p, part in zip(self.params, parts, strict=True):
+            view = buffer[offset : offset + p.numel()]
+            view.copy_(part) if part is not None else view.zero_()
+            offset += p.numel()
+        buffer[offset:].copy_(torch.tensor(flags, dtype=dtype))
+        return buffer
+
+    def unpack(self, buffer: Tensor) -> None:
+        """Write the averaged gradients back (None where no rank had one)."""
+        offset, flags = 0, buffer[self.numel :].tolist()
+        for p, flag in zip(self.params, flags, strict=True):
+            if flag > 0:
+                grad = buffer[offset : offset + p.numel()].view_as(p).to(p.dtype)
+                p.grad = grad if p.grad is None else p.grad.copy_(grad)
+            else:
+                p.grad = None
+            offset += p.numel()
+
+
+def build_buckets(params: Sequence[nn.Parameter], bucket_mb: float) -> list[Bucket]:
+    """Group `params` in reverse order into buckets of ~`bucket_mb` MiB of one dtype each."""
+    limit = bucket_mb * 2**20
+    buckets: list[Bucket] = []
+    current: list[nn.Parameter] = []
+    size = 0
+    for p in reversed(list(params)):
+        if current and (size >= limit or p.dtype != current[0].dtype):
+            buckets.append(Bucket(current))
+            current, size = [], 0
+        current.append(p)
+        size += p.numel() * p.element_size()
+    if current:
+        buckets.append(Bucket(current))
+    return buckets
+
+
+class OverlappedAllReduce:
+    """Averages the gradients of `params` over the ranks, bucket by bucket, during backward.
+
+    Usage per optimizer step: `begin()` before the synchronising backward, `flush()` after it,
+    `wait()` before reading the gradients. Backwards outside `begin()`..`flush()` (gradient
+    accumulation micro-steps) only accumulate locally.
+
+    Args:
+        params: the parameters whose gradients are averaged (all ranks: same list, same order).
+        reduce: averages a flat buffer over all ranks, in place (runs on the background thread).
+        bucket_mb: target bucket size in MiB.
+        accumulate_dtype: the flat buffers' dtype (fp32: gradients are summed in fp32).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        reduce: Reduce,
+        *,
+        bucket_mb: float,
+        accumulate_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.reduce = reduce
+        self.dtype = accumulate_dtype
+        self.buckets = build_buckets(params, bucket_mb)
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b.params}
+        self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roundhouse-comm")
+        self.next_launch = len(self.buckets)  # nothing to launch outside begin()..flush()
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        logger.info(
+            "%d gradient buckets: %s elements",
+            len(self.buckets),
+            [b.numel for b in self.buckets],
+        )
+
+    def begin(self) -> None:
+        """The next backward is the synchronising one: count its gradients."""
+        self.wait()
+        with self.lock:
+            for bucket in self.buckets:
+                bucket.pending, bucket.future = len(bucket.params), None
+            self.next_launch = 0
+
+    def _on_grad(self, param: Tensor) -> None:
+        with self.lock:
+            if self.next_launch >= len(self.buckets):
+                return  # an accumulation micro-step, or already flushed
+            self.buckets[self.bucket_of[param]].pending -= 1
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Launch complete buckets in index order (the lock is held)."""
+        while self.next_launch < len(self.buckets):
+            bucket = self.buckets[self.next_launch]
+            if bucket.pending > 0:
+                return
+            bucket.future = self.executor.submit(self._reduce_bucket, bucket)
+            self.next_launch += 1
+
+    def flush(self) -> None:
+        """Backward has returned: launch every bucket still waiting for a gradient."""
+        with self.lock:
+            for bucket in self.buckets[self.next_launch :]:
+                bucket.pending = 0
+            self._launch_ready()
+
+    def _reduce_bucket(self, bucket: Bucket) -> None:
+        buffer = bucket.pack(self.dtype)
+        bucket.unpack(self.reduce(buffer))
+
+    def wait(self) -> None:
+        """Block until every launched bucket is reduced; re-raise a communication error."""
+        for bucket in self.buckets:
+            future, bucket.future = bucket.future, None
+            if future is not None:
+                future.result()
+
+    def close(self) -> None:
+        """Remove the hooks and stop the background thread."""
+        for handle in self.handles:
+            handle.remove()
+        self.executor.shutdown(wait=True)

@@ -1,0 +1,143 @@
+"""`ring`: data parallel with roundhouse's bucketed ring all-reduce, overlapped with backward.
+
+Every rank holds the whole model and trains on its share of each global batch; gradients are
+averaged over the ranks bucket by bucket while backward runs (see `roundhouse.trainer.comm`),
+so with the loop's loss scaling every replica takes the step a single device would take on the
+whole global batch. Model, optimizer and scheduler state are replicated: checkpoints hold rank
+0's copy and load at any world size.
+
+The default process group is created by whoever starts the workers (Ray Train, or the test
+helper). With one worker no process group is needed and nothing is communicated.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from roundhouse.errors import TrainingError
+from roundhouse.spec import RingStrategyConfig
+from roundhouse.trainer.comm import GradientReducer, OverlappedAllReduce, build_node_groups
+from roundhouse.trainer.context import WorkerContext
+from roundhouse.trainer.strategies.base import StepStats, TrainPlan
+from roundhouse.trainer.strategies.single import SingleDeviceStrategy
+
+logger = logging.getLogger(__name__)
+
+WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class RingStrategy(SingleDeviceStrategy):
+    """Data parallel over all ranks; the single-device strategy plus gradient averaging."""
+
+    config: RingStrategyConfig
+
+    def __init__(self, config: RingStrategyConfig, ctx: WorkerContext) -> None:
+        super().__init__(config, ctx)
+        self.comm: OverlappedAllReduce | None = None
+        self.distributed = ctx.world_size > 1
+        if self.distributed:
+            check_process_group(ctx)
+
+    def setup(self, model: nn.Module, plan: TrainPlan) -> None:
+        super().setup(model, plan)
+        if not self.distributed:
+            return
+        broadcast_module(self.model)
+        self.comm = OverlappedAllReduce(
+            self.params, build_reducer(self.config, self.ctx), bucket_mb=self.config.bucket_mb
+        )
+
+    def forward_backward(
+        self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
+    ) -> Tensor:
+        if self.comm is None or not sync:
+            return super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
+        self.comm.begin()
+        try:
+            return super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
+        finally:
+            # Even if backward failed, launch what is left: the other ranks' rings need it.
+            self.comm.flush()
+
+    def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
+        self._wait()
+        return super().optimizer_step(need_grad_norm=need_grad_norm)
+
+    def zero_grad(self) -> None:
+        self._wait()  # a bucket still in flight would write its gradients back afterwards
+        super().zero_grad()
+
+    def _wait(self) -> None:
+        if self.comm is not None:
+            self.comm.wait()
+
+    def all_true(self, flag: bool) -> bool:
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self.ctx.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
+        if not self.distributed:
+            return super().reduce_metrics(sums)
+        # A rank with an empty evaluation share has no keys at all; agree on the union first.
+        keys: list[list[str] | None] = [None] * self.ctx.world_size
+        dist.all_gather_object(keys, sorted(sums))
+        names = sorted({k for ks in keys for k in ks or []})
+        zero = torch.zeros((), dtype=torch.float64)
+        values = torch.stack([sums.get(k, zero).double().cpu() for k in names])
+        values = values.to(self.ctx.device)
+        dist.all_reduce(values)
+        return dict(zip(names, values.cpu().tolist(), strict=True))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._wait()
+        super().load_state_dict(state)
+
+    def close(self) -> None:
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
+
+
+def check_process_group(ctx: WorkerContext) -> None:
+    """More than one worker needs the launcher's default process group, of the right size."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise TrainingError(
+            f"strategy.kind=ring with {ctx.world_size} workers, but no torch.distributed "
+            "process group is initialized in this worker",
+            "start workers through roundhouse (Ray) or call dist.init_process_group first",
+        )
+    if dist.get_world_size() != ctx.world_size or dist.get_rank() != ctx.rank:
+        raise TrainingError(
+            f"process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
+            f"but the worker context says rank {ctx.rank} of {ctx.world_size}",
+            "build the WorkerContext from the same launcher that created the process group",
+        )
+
+
+@torch.no_grad()
+def broadcast_module(model: nn.Module) -> None:
+    """Make every replica start from rank 0's parameters and buffers."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def build_reducer(config: RingStrategyConfig, ctx: WorkerContext) -> GradientReducer:
+    """The reducer for the job: ring or native, flat or hierarchical, fp32 or bf16 wire.
+
+    Gradients travel on their own process group, so the background thread's messages never
+    interleave with the main thread's collectives (metrics, flags) on the default group.
+    """
+    wire = WIRE_DTYPES[config.grad_dtype]
+    if config.hierarchical:
+        groups = build_node_groups(ctx.node_rank, ctx.local_rank)
+        return GradientReducer(config.algorithm, wire_dtype=wire, node_groups=groups)
+    group = dist.new_group(list(range(ctx.world_size)))
+    return GradientReducer(config.algorithm, wire_dtype=wire, group=group)
