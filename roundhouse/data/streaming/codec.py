@@ -1,0 +1,133 @@
+"""Encoding of the `input` column (raw tensor bytes or PNG) and batch decoding to tensors.
+
+Decoded inputs follow the in-memory sources' convention: float32 in [0, 1] for images stored as
+uint8 (divided by 255), float32 as stored otherwise; targets are int64.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from roundhouse.errors import DataError
+
+from .index import InputSchema
+
+logger = logging.getLogger(__name__)
+
+ENCODINGS = ("raw", "png")
+
+
+def check_schema(schema: InputSchema) -> None:
+    """Checks that an input schema can be written and read back.
+
+    Raises:
+        DataError: For an unknown encoding, a dtype other than uint8/float32, or PNG on arrays
+            that are not (C, H, W) uint8 images with 1 or 3 channels.
+    """
+    if schema.encoding not in ENCODINGS:
+        raise DataError(
+            f"unknown image format {schema.encoding!r}", f"valid: {', '.join(ENCODINGS)}"
+        )
+    if schema.dtype not in ("uint8", "float32"):
+        raise DataError(f"field 'input' has dtype {schema.dtype}, expected uint8 or float32")
+    if schema.encoding == "png" and (
+        schema.dtype != "uint8" or len(schema.shape) != 3 or schema.shape[0] not in (1, 3)
+    ):
+        raise DataError(
+            f"field 'input' ({schema.dtype} {list(schema.shape)}) cannot be stored as PNG",
+            "PNG needs uint8 (C, H, W) images with 1 or 3 channels; use --image-format raw",
+        )
+
+
+def encode_inputs(arrays: np.ndarray, schema: InputSchema) -> pa.Array:
+    """Encodes a batch `(N, *shape)` of arrays into a binary column, one value per sample."""
+    if tuple(arrays.shape[1:]) != tuple(schema.shape):
+        raise DataError(
+            f"field 'input' has per-sample shape {list(arrays.shape[1:])}, "
+            f"expected {list(schema.shape)}",
+            "every sample must have the same shape; resize images with --image-size",
+        )
+    arrays = np.ascontiguousarray(arrays, dtype=schema.dtype)
+    if schema.encoding == "png":
+        return pa.array([encode_png(image) for image in arrays], type=pa.binary())
+    width = int(np.prod(schema.shape)) * arrays.itemsize
+    offsets = np.arange(arrays.shape[0] + 1, dtype=np.int32) * width
+    # Built from buffers: no per-sample Python object, which matters at millions of rows.
+    return pa.Array.from_buffers(
+        pa.binary(), arrays.shape[0], [None, pa.py_buffer(offsets), pa.py_buffer(arrays)]
+    )
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of one uint8 `(C, H, W)` image."""
+    from PIL import Image
+
+    pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """One PNG back to a uint8 `(C, H, W)` array of `shape`."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(data)))
+    image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+    if image.shape != tuple(shape):
+        raise DataError(f"a PNG in field 'input' has shape {list(image.shape)}, not {shape}")
+    return image
+
+
+def _raw_values(column: pa.Array, schema: InputSchema) -> np.ndarray:
+    """The raw bytes of a binary column as one `(N, *shape)` array, without copying per row."""
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)
+    offsets = offsets[column.offset : column.offset + len(column) + 1]
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    item = int(np.prod(schema.shape)) * np.dtype(schema.dtype).itemsize
+    if data.size != item * len(column):
+        raise DataError(
+            f"field 'input' holds {data.size} bytes for {len(column)} samples, expected "
+            f"{item} per sample ({schema.dtype} {list(schema.shape)})",
+            "the shard does not match its index; re-run roundhouse data prepare",
+        )
+    return data.view(schema.dtype).reshape(len(column), *schema.shape)
+
+
+def decode_arrays(table: pa.Table, schema: InputSchema) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows read from a shard as stored arrays: `(inputs (N, *shape), targets (N,) or None)`."""
+    column = table.column("input").combine_chunks()
+    if len(column) == 0:
+        values = np.zeros((0, *schema.shape), dtype=schema.dtype)
+    elif schema.encoding == "raw":
+        values = _raw_values(column, schema)
+    else:
+        values = np.stack([decode_png(v.as_py(), schema.shape) for v in column])
+    targets = None
+    if "target" in table.column_names:
+        targets = table.column("target").to_numpy().astype(np.int64)
+    return values, targets
+
+
+def to_batch(inputs: np.ndarray, targets: np.ndarray | None, schema: InputSchema) -> dict:
+    """Stored arrays to `{"input": float32, "target": int64}` tensors (uint8 scaled to [0, 1])."""
+    tensor = torch.from_numpy(np.ascontiguousarray(inputs))
+    tensor = tensor.float().div_(255.0) if schema.dtype == "uint8" else tensor.clone()
+    batch = {"input": tensor}
+    if targets is not None:
+        batch["target"] = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
+    return batch
+
+
+def decode_table(table: pa.Table, schema: InputSchema) -> dict[str, Tensor]:
+    """Decodes rows read from shards into `{"input": (N, *shape) float32, "target": (N,)}`.
+
+    `target` is absent when the dataset has no labels.
+    """
+    return to_batch(*decode_arrays(table, schema), schema)
