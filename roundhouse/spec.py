@@ -79,7 +79,10 @@ class AugmentConfig(Section):
 class DataConfig(Section):
     """Where samples come from and how they are batched."""
 
-    source: str = Field("builtin:digits", description="`builtin:digits` or `builtin:synthetic`.")
+    source: str = Field(
+        "builtin:digits",
+        description="`builtin:digits`, `builtin:synthetic` or `builtin:pytext` (stdlib text).",
+    )
     split: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
         (0.8, 0.1, 0.1), description="Train/val/test fractions of the source (seeded)."
     )

@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 class ArrayDataset(Dataset):
-    """Samples held as tensors in memory: `inputs` `(N, ...)` float32, `targets` `(N,)` int64.
+    """Samples held as tensors in memory: `inputs` `(N, ...)`, `targets` `(N, ...)`.
+
+    Images are float32 `(N, C, H, W)` with int64 `(N,)` labels; text is int64 `(N, T)` both.
 
     Without a transform, `__getitems__` is plain fancy indexing (no per-sample Python work).
     With one (see `with_transform`), each sample is augmented with randomness seeded by
@@ -108,9 +110,14 @@ class Splits:
 
 @dataclass(frozen=True)
 class _Loaded:
+    """A source's samples. `split_sizes` is set when the source split them itself (text splits
+    by file, so chunks of one file never land in two splits): the samples are then in train,
+    val, test order and `build_splits` keeps that order."""
+
     inputs: Tensor
     targets: Tensor
     num_classes: int
+    split_sizes: tuple[int, int, int] | None = None
 
 
 def _no_options(source: str, options: dict[str, Any], allowed: Sequence[str]) -> None:
@@ -175,19 +182,35 @@ def _load_synthetic(options: dict[str, Any]) -> _Loaded:
     return _Loaded(inputs, targets, num_classes=num_classes)
 
 
-SOURCES: dict[str, Callable[[dict[str, Any]], _Loaded]] = {
+def _load_pytext(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
+    from .text import load_pytext_splits
+
+    parts, vocab_size = load_pytext_splits(options, split, seed)
+    sizes = tuple(inputs.shape[0] for inputs, _ in parts)
+    inputs = torch.cat([inputs for inputs, _ in parts])
+    targets = torch.cat([targets for _, targets in parts])
+    return _Loaded(inputs, targets, vocab_size, split_sizes=sizes)  # type: ignore[arg-type]
+
+
+# Sources that split themselves get the split fractions and the run seed too.
+_load_pytext.splits_itself = True  # type: ignore[attr-defined]
+
+SOURCES: dict[str, Callable[..., _Loaded]] = {
     "builtin:digits": _load_digits,
     "builtin:synthetic": _load_synthetic,
+    "builtin:pytext": _load_pytext,
 }
 
 
-def _load(config: DataConfig) -> _Loaded:
+def _load(config: DataConfig, seed: int) -> _Loaded:
     loader = SOURCES.get(config.source)
     if loader is None:
         raise DataError(
             f"unknown data source {config.source!r}",
             f"valid sources: {', '.join(sorted(SOURCES))}",
         )
+    if getattr(loader, "splits_itself", False):
+        return loader(dict(config.options), config.split, seed)
     return loader(dict(config.options))
 
 
@@ -236,10 +259,13 @@ def build_splits(config: DataConfig, seed: int) -> Splits:
     Raises:
         DataError: For an unknown source, a bad source option or a split with an empty part.
     """
-    loaded = _load(config)
+    loaded = _load(config, seed)
     inputs = _resize(loaded.inputs, config.image_size)
-    sizes = _split_sizes(inputs.shape[0], config.split)
-    order = torch.randperm(inputs.shape[0], generator=seeded_generator(seed, SPLIT_STREAM))
+    if loaded.split_sizes is not None:
+        sizes, order = loaded.split_sizes, torch.arange(inputs.shape[0])
+    else:
+        sizes = _split_sizes(inputs.shape[0], config.split)
+        order = torch.randperm(inputs.shape[0], generator=seeded_generator(seed, SPLIT_STREAM))
     parts = torch.split(order, sizes)
     datasets = [ArrayDataset(inputs[part], loaded.targets[part]) for part in parts]
     info = DataInfo(

@@ -25,7 +25,7 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
     info = splits.info
     with torch.device("meta"):
         model = build_model_for(job, info.input_shape, info.num_classes)
-        out_shape = _output_shape(job, model, info.input_shape)
+        out_shape = _output_shape(job, model, info.input_shape, splits.train.inputs.dtype)
     num_params = sum(p.numel() for p in model.parameters())
     steps_per_epoch = _steps_per_epoch(info.num_samples["train"], job, topo.data_parallel)
     total = compute_total_steps(job, steps_per_epoch)
@@ -45,9 +45,11 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
     ]
 
 
-def _output_shape(job: JobSpec, model: torch.nn.Module, input_shape: tuple[int, ...]) -> torch.Size:
+def _output_shape(
+    job: JobSpec, model: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Size:
     try:
-        return model(torch.empty(2, *input_shape)).shape
+        return model(torch.empty(2, *input_shape, dtype=dtype)).shape
     except (RuntimeError, ValueError) as exc:
         raise ModelError(
             f"model {job.model.name}:{job.model.flavor} cannot take input {tuple(input_shape)}: "

@@ -2,18 +2,22 @@
 
 `get(name)` returns a `ModelSpec`; `spec.build(BuildConfig(...))` returns an `nn.Module`.
 Importing this package registers every built-in family: mlp, lenet, alexnet, vgg, nin,
-googlenet, resnet, densenet. `torchvision:<name>` and `package.module:callable` resolve
-through `adapters.py`.
+googlenet, resnet, densenet; rnn_lm, gru_lm, lstm_lm, rnn_classifier, gpt, bert, moe.
+`torchvision:<name>` and `package.module:callable` resolve through `adapters.py`.
 """
 
 from roundhouse.models import (  # noqa: F401  (imported to register their specs)
     alexnet,
+    bert,
     densenet,
     googlenet,
+    gpt,
     lenet,
     mlp,
+    moe,
     nin,
     resnet,
+    rnn,
     vgg,
 )
 from roundhouse.models.registry import (

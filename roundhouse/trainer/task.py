@@ -64,4 +64,13 @@ def build_task(kind: str, loss: LossConfig) -> Task:
     """The task a model's `ModelSpec.loss` names."""
     if kind == "classification":
         return ClassificationTask(build_loss(loss))
-    raise ModelError(f"model task {kind!r} is not supported", "valid: classification")
+    # Imported here: the text tasks pull in the tokenizer, which classification never needs.
+    from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
+
+    if kind == "language_model":
+        return LanguageModelTask(label_smoothing=loss.label_smoothing)
+    if kind == "masked_lm":
+        return MaskedLMTask(label_smoothing=loss.label_smoothing)
+    raise ModelError(
+        f"model task {kind!r} is not supported", "valid: classification, language_model, masked_lm"
+    )

@@ -1,0 +1,209 @@
+"""Language-model tasks: next-token prediction (`language_model`) and BERT's `masked_lm`.
+
+Batches are `{"input": (B, T) int64, "target": (B, T) int64}` token ids (see
+`roundhouse.data.text`); models map `(B, T)` ids to `(B, T, V)` logits.
+
+Extra training losses (MoE). A module that wants a term added to the training loss stores it
+as `self.aux_loss` (a scalar tensor) during its forward; it may also store `self.expert_counts`
+(`(E,)` tokens routed to each expert) and `self.dropped_tokens`. The task's `forward` collects
+these from `model.modules()` right after the model ran (so wrappers such as DDP need nothing),
+and `loss` returns the cross-entropy plus the summed auxiliary losses. The evaluation metrics
+then include `aux_loss`, `dropped_frac` and `expert<i>_frac` (share of routed tokens), which
+the trainer logs as `val/...` like any other metric.
+
+Masking for `masked_lm` is a pure function of the sample's tokens and a seed (a counter-based
+hash, no global RNG), so `loss` recomputes exactly the mask `forward` used, evaluation masks are
+identical on every run, and a resumed run masks like an uninterrupted one. A sample keeps its
+mask across epochs (static masking, as the original BERT's pre-generated data).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from roundhouse.data.text import MASK_ID, NUM_BYTES, PAD_ID
+
+logger = logging.getLogger(__name__)
+
+LN2 = math.log(2.0)
+
+
+def collect_aux(model: nn.Module) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Sums the `aux_loss`, `expert_counts` and `dropped_tokens` modules set in their forward."""
+    aux = counts = dropped = None
+    for module in model.modules():
+        value = getattr(module, "aux_loss", None)
+        if isinstance(value, Tensor):
+            aux = value if aux is None else aux + value
+            counts = _add(counts, getattr(module, "expert_counts", None))
+            dropped = _add(dropped, getattr(module, "dropped_tokens", None))
+    return aux, counts, dropped
+
+
+def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
+    if value is None:
+        return total
+    value = value.detach().float()
+    return value if total is None else total + value
+
+
+@dataclass
+class _Aux:
+    loss: Tensor | None = None
+    counts: Tensor | None = None
+    dropped: Tensor | None = None
+
+
+class LanguageModelTask:
+    """Next-token cross-entropy over all positions; `PAD` targets are ignored.
+
+    Metrics: `loss` (nats per token), `perplexity` (`exp(loss)`, S3:1841), `bits_per_byte`
+    (`loss / ln 2`; a token is a byte, plus one `EOS` per document), `accuracy` (top-1 next
+    token), and for MoE models `aux_loss`, `dropped_frac`, `expert<i>_frac`.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+        self.aux = _Aux()
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        logits = model(batch["input"])  # (B, T, V)
+        # Read right after the model ran: loss() and eval_sums() are called with these outputs.
+        self.aux = _Aux(*collect_aux(model))
+        return logits
+
+    def targets(self, batch: dict[str, Tensor]) -> Tensor:
+        """`(B, T)` ids to predict; `PAD_ID` marks positions without a loss."""
+        return batch["target"]
+
+    def token_losses(self, outputs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Summed CE over the positions that count, and their number."""
+        target = self.targets(batch)
+        loss = F.cross_entropy(
+            outputs.float().flatten(0, 1),  # (B*T, V)
+            target.flatten(),
+            ignore_index=PAD_ID,
+            reduction="sum",
+            label_smoothing=self.label_smoothing,
+        )
+        return loss, (target != PAD_ID).sum()
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        total, count = self.token_losses(outputs, batch)
+        loss = total / count.clamp(min=1)
+        return loss if self.aux.loss is None else loss + self.aux.loss
+
+    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        target = self.targets(batch)
+        total, count = self.token_losses(outputs, batch)
+        valid = target != PAD_ID
+        correct = ((outputs.argmax(dim=-1) == target) & valid).sum()
+        sums = {"loss": total.detach(), "correct": correct.float(), "count": count.float()}
+        return sums | self.aux_sums(outputs.device)
+
+    def aux_sums(self, device: torch.device) -> dict[str, Tensor]:
+        """MoE statistics of the last forward, as sums (weighted by batches)."""
+        if self.aux.loss is None:
+            return {}
+        sums = {
+            "aux_loss": self.aux.loss.detach().float(),
+            "batches": torch.ones((), device=device),
+        }
+        if self.aux.counts is not None:
+            sums |= {f"expert{i}_tokens": c for i, c in enumerate(self.aux.counts)}
+            sums["routed_tokens"] = self.aux.counts.sum()
+        if self.aux.dropped is not None:
+            sums["dropped_tokens"] = self.aux.dropped
+        return sums
+
+    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(float(sums["count"]), 1.0)
+        loss = float(sums["loss"]) / n
+        metrics = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": loss / LN2,
+            "accuracy": float(sums["correct"]) / n,
+        }
+        return metrics | finalize_aux(sums)
+
+
+def finalize_aux(sums: dict[str, float]) -> dict[str, float]:
+    """`aux_loss` (mean per batch), `dropped_frac` and `expert<i>_frac` from `aux_sums`."""
+    if "aux_loss" not in sums:
+        return {}
+    metrics = {"aux_loss": float(sums["aux_loss"]) / max(float(sums["batches"]), 1.0)}
+    routed = max(float(sums.get("routed_tokens", 0.0)), 1.0)
+    for key, value in sums.items():
+        if key.startswith("expert") and key.endswith("_tokens"):
+            metrics[key.replace("_tokens", "_frac")] = float(value) / routed
+    if "dropped_tokens" in sums:
+        metrics["dropped_frac"] = float(sums["dropped_tokens"]) / routed
+    return metrics
+
+
+def _mix(x: Tensor) -> Tensor:
+    """A splitmix-style int64 hash (wrapping arithmetic), elementwise."""
+    x = (x ^ (x >> 31)) * 0x5DEECE66D + 0xB
+    x = (x ^ (x >> 29)) * 0x9E3779B1
+    return x ^ (x >> 32)
+
+
+def hashed_uniform(tokens: Tensor, seed: int, stream: int) -> Tensor:
+    """Deterministic uniforms in [0, 1), `(B, T)`, from each sample's tokens and position."""
+    weights = torch.arange(1, tokens.shape[1] + 1, device=tokens.device) * 0x9E3779B1
+    sample_key = _mix((tokens * weights).sum(dim=1, keepdim=True) + seed * 1_000_003)  # (B, 1)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+    bits = _mix(_mix(sample_key + positions * 0x2545F491 + stream * 0x632BE5AB))  # (B, T)
+    return (bits & 0xFFFFFF).double() / float(1 << 24)
+
+
+@dataclass(frozen=True)
+class Masking:
+    """BERT's corruption (SEEDS A16): of the selected tokens, `mask_frac` become `[MASK]`,
+    `random_frac` a random byte, the rest stay (the original paper's 80/10/10)."""
+
+    select_frac: float = 0.15
+    mask_frac: float = 0.8
+    random_frac: float = 0.1
+    seed: int = 0
+
+    def apply(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns the corrupted input and the bool `(B, T)` selection (where the loss is)."""
+        selected = (hashed_uniform(tokens, self.seed, 0) < self.select_frac) & (tokens != PAD_ID)
+        choice = hashed_uniform(tokens, self.seed, 1)
+        to_mask = selected & (choice < self.mask_frac)
+        to_random = selected & (choice >= self.mask_frac)
+        to_random &= choice < self.mask_frac + self.random_frac
+        random_bytes = (hashed_uniform(tokens, self.seed, 2) * NUM_BYTES).long()
+        corrupted = torch.where(to_mask, torch.full_like(tokens, MASK_ID), tokens)
+        corrupted = torch.where(to_random, random_bytes, corrupted)
+        return corrupted, selected
+
+
+class MaskedLMTask(LanguageModelTask):
+    """Masked-token prediction: the loss is CE against the original token at selected positions.
+
+    The model sees `batch["input"]` corrupted by `Masking`; `batch["target"]` is not used.
+    """
+
+    def __init__(self, masking: Masking | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__(label_smoothing)
+        self.masking = masking or Masking()
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        corrupted, _ = self.masking.apply(batch["input"])
+        logits = model(corrupted)  # (B, T, V)
+        self.aux = _Aux(*collect_aux(model))
+        return logits
+
+    def targets(self, batch: dict[str, Tensor]) -> Tensor:
+        tokens = batch["input"]
+        _, selected = self.masking.apply(tokens)
+        return torch.where(selected, tokens, torch.full_like(tokens, PAD_ID))
