@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from roundhouse.errors import JobFileError, RoundhouseError
+from roundhouse.launch.data_cmd import add_data_parser, cmd_data
 
 EXIT_USER_ERROR = 2
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(commands, common)
     add_models_parser(commands, common)
+    add_data_parser(commands, common)
     commands.add_parser("schema", parents=[common], help="print the JSON schema of job files")
     return parser
 
@@ -50,6 +52,9 @@ def add_train_parser(commands: argparse._SubParsersAction, common: argparse.Argu
     train.add_argument("--dry-run", action="store_true", help="validate and report; train nothing")
     train.add_argument(
         "--resume", metavar="latest|PATH", help="resume the latest run, or a run/checkpoint folder"
+    )
+    train.add_argument(
+        "--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded cluster)"
     )
 
 
@@ -80,14 +85,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(line)
         return 0
     check_runnable(job, local=args.local)
-    if not args.local:
-        raise JobFileError(
-            "training on a Ray cluster is not available in this version of roundhouse",
-            "pass --local to train in this process",
-        )
-    from roundhouse.launch.local import train_local
+    if args.local:
+        from roundhouse.launch.local import train_local
 
-    metrics = train_local(job, resume=args.resume)
+        metrics = train_local(job, resume=args.resume)
+    else:
+        from roundhouse.launch.ray_train import train_with_ray
+
+        metrics = train_with_ray(job, resume=args.resume, address=args.address)
     print(
         " ".join(
             f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))
@@ -135,6 +140,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "models": cmd_models,
     "schema": cmd_schema,
+    "data": cmd_data,
 }
 
 

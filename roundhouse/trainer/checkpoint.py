@@ -137,6 +137,10 @@ class Checkpointer:
         name = self.run_dir.read_text(CHECKPOINTS, LATEST).strip()
         return int(name.removeprefix("step_"))
 
+    def manifest(self, step: int) -> dict[str, Any]:
+        """The manifest of checkpoint `step` (step, created time, identity, files)."""
+        return json.loads(self.run_dir.read_text(CHECKPOINTS, step_folder(step), MANIFEST))
+
     def load(self, step: int | None = None) -> dict[str, Any]:
         """Read and verify checkpoint `step` (default: latest)."""
         step = self.latest_step() if step is None else step
@@ -146,7 +150,7 @@ class Checkpointer:
                 "train without --resume first, or pass --resume PATH to another run",
             )
         folder = f"{CHECKPOINTS}/{step_folder(step)}"
-        manifest = json.loads(self.run_dir.read_text(folder, MANIFEST))
+        manifest = self.manifest(step)
         self._check_identity(manifest, folder)
         data = self.run_dir.read_bytes(folder, STATE_FILE)
         expected = manifest["files"][STATE_FILE]["sha256"]

@@ -59,6 +59,7 @@ def prepare_run(job: JobSpec, resume: str | None = None) -> PreparedRun:
         resume: None for a new run; "latest" for the newest checkpointed run of this job; or
             a path/URL of a run folder or of one `checkpoints/step_<N>` folder.
     """
+    job = with_absolute_storage(job)
     if resume is None:
         run_id = job.storage.run_id or new_run_id()
         prepared = PreparedRun(job.model_copy(deep=True), RunDir(""), None)
@@ -69,6 +70,15 @@ def prepare_run(job: JobSpec, resume: str | None = None) -> PreparedRun:
     prepared.run_dir.ensure_writable()
     write_job_yaml(prepared.run_dir, prepared.job)
     return prepared
+
+
+def with_absolute_storage(job: JobSpec) -> JobSpec:
+    """A relative local storage path made absolute, so workers with another cwd agree."""
+    if "://" in job.storage.path or os.path.isabs(job.storage.path):
+        return job
+    bound = job.model_copy(deep=True)
+    bound.storage.path = os.path.abspath(job.storage.path)
+    return bound
 
 
 def find_resume_point(job: JobSpec, resume: str) -> PreparedRun:

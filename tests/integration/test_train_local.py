@@ -138,7 +138,7 @@ BAD_INPUT = [
     (["trainer.optimizer.name=lion"], "adamw"),
     (["trainer.scheduler.name=onecycle"], "cosine"),
     (["trainer.loss.name=hinge"], "focal"),
-    (["strategy.kind=ring"], "not available"),
+    (["strategy.kind=ps"], "not available"),
 ]
 
 

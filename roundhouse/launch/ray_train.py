@@ -1,0 +1,23 @@
+"""`roundhouse train JOB` without `--local`: the job on Ray workers (embedded or connected)."""
+
+from __future__ import annotations
+
+import logging
+
+from roundhouse.spec import JobSpec
+from roundhouse.trainer import prepare_run
+
+logger = logging.getLogger(__name__)
+
+
+def train_with_ray(
+    job: JobSpec, resume: str | None = None, address: str | None = None
+) -> dict[str, float]:
+    """Prepare the run folder here, then train on `cluster.num_workers` Ray workers."""
+    from roundhouse.cluster.runtime import ray_runtime
+    from roundhouse.cluster.workers import train_on_ray
+
+    prepared = prepare_run(job, resume)
+    logger.info("run folder: %s", prepared.run_dir.url)
+    with ray_runtime(job.cluster, address):
+        return train_on_ray(prepared, resume=resume is not None)
