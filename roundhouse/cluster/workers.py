@@ -16,6 +16,7 @@ from typing import Any
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.spec import ClusterConfig, JobSpec
 from roundhouse.trainer import PreparedRun
+from roundhouse.trainer.metrics_file import read_final_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,11 @@ def train_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float]:
         ),
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface the worker's own message
         raise unwrap_worker_error(exc) from exc
-    return dict(result.metrics or {})
+    # Rank 0 wrote them to the run folder; no ray.train.report needed (it costs ~1.3 s).
+    return read_final_metrics(prepared.run_dir)
 
 
 def ray_storage_path(prepared: PreparedRun) -> str:
@@ -120,8 +122,7 @@ def worker_main(config: dict[str, Any]) -> None:
     ctx = build_worker_context(ray.train.get_context(), job)
     torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
     resume, step = choose_resume_point(job, config)
-    metrics = run_worker(job, ctx, resume_step=step, resume=resume)
-    ray.train.report(metrics)
+    run_worker(job, ctx, resume_step=step, resume=resume)
 
 
 def choose_resume_point(job: JobSpec, config: dict[str, Any]) -> tuple[bool, int | None]:

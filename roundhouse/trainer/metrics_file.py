@@ -82,3 +82,23 @@ class MetricsFile:
         """Flush (and upload) for the last time."""
         self.flush()
         self._file.close()
+
+
+def read_final_metrics(run_dir: RunDir) -> dict[str, float]:
+    """The metrics of the last logged step (its val/test rows merged), from metrics.jsonl."""
+    if not run_dir.exists(METRICS_FILE):
+        return {}
+    rows = []
+    for line in run_dir.read_text(METRICS_FILE).splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    if not rows:
+        return {}
+    last = max(row.get("step", 0) for row in rows)
+    merged: dict[str, float] = {}
+    for row in rows:
+        if row.get("step") == last:
+            merged.update({k: v for k, v in row.items() if "/" in k})
+    return merged

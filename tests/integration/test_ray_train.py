@@ -23,11 +23,12 @@ JOB = {
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_ray_workers_with_ring_equal_one_local_process(tmp_path: Path) -> None:
+def test_two_ray_workers_with_ring_equal_one_local_process(tmp_path: Path, capsys) -> None:
     job_file = tmp_path / "ray.yaml"
     job_file.write_text(yaml.safe_dump(JOB))
     ray_runs, local_runs = tmp_path / "ray-runs", tmp_path / "local-runs"
     assert main(["train", str(job_file), "strategy.kind=ring", f"storage.path={ray_runs}"]) == 0
+    assert "test/accuracy=" in capsys.readouterr().out  # the driver reports the final metrics
     assert main(["train", str(job_file), "--local", f"storage.path={local_runs}"]) == 0
     ray_run, local_run = only_run(ray_runs, "ray"), only_run(local_runs, "ray")
     ours, reference = final_weights(ray_run), final_weights(local_run)
