@@ -24,9 +24,9 @@ from roundhouse.models.gpt import (
     TokenEmbedding,
     TransformerBlock,
     check_choices,
+    flavor_flops,
     init_transformer,
     sequence_length,
-    transformer_flops,
 )
 from roundhouse.models.registry import BuildConfig, ModelSpec, register
 
@@ -114,14 +114,7 @@ def build_bert(
 
 def bert_flops(config: BuildConfig) -> int:
     """Forward FLOPs per sequence (the MLM head's `C x C` transform is ignored)."""
-    kwargs = {**SPEC.flavors[config.flavor], **config.options}
-    return transformer_flops(
-        sequence_length("bert", config.input_shape),
-        config.num_classes,
-        kwargs.get("dim", 64),
-        kwargs.get("num_layers", 2),
-        kwargs.get("mlp_ratio", 4),
-    )
+    return flavor_flops(SPEC, config)
 
 
 def bert_layers(model: nn.Module) -> list[nn.Module]:

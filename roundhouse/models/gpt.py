@@ -274,16 +274,25 @@ def transformer_flops(
     return 2 * seq_len * (num_layers * per_layer + dim * vocab)
 
 
-def gpt_flops(config: BuildConfig) -> int:
-    """`flops_per_sample` for the registry: the flavor's layout at `config`'s sequence length."""
-    kwargs = {**SPEC.flavors[config.flavor], **config.options}
+def flavor_flops(spec: ModelSpec, config: BuildConfig, active_ffn_key: str | None = None) -> int:
+    """`transformer_flops` for a registered transformer's flavor (plus options) at `config`.
+
+    `active_ffn_key` names the option that counts the FFNs a token visits (MoE's `top_k`).
+    """
+    kwargs = {**spec.flavors[config.flavor], **config.options}
     return transformer_flops(
-        sequence_length("gpt", config.input_shape),
+        sequence_length(spec.name, config.input_shape),
         config.num_classes,
         kwargs.get("dim", 64),
         kwargs.get("num_layers", 2),
         kwargs.get("mlp_ratio", 4),
+        active_ffn=kwargs.get(active_ffn_key, 1) if active_ffn_key else 1,
     )
+
+
+def gpt_flops(config: BuildConfig) -> int:
+    """`flops_per_sample` for the registry: the flavor's layout at `config`'s sequence length."""
+    return flavor_flops(SPEC, config)
 
 
 def gpt_layers(model: nn.Module) -> list[nn.Module]:

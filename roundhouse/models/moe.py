@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from roundhouse.errors import ModelError
-from roundhouse.models.gpt import MLP, build_gpt, gpt_layers, sequence_length, transformer_flops
+from roundhouse.models.gpt import MLP, build_gpt, flavor_flops, gpt_layers, sequence_length
 from roundhouse.models.registry import BuildConfig, ModelSpec, register
 
 logger = logging.getLogger(__name__)
@@ -200,15 +200,7 @@ def build_moe_gpt(
 
 def moe_flops(config: BuildConfig) -> int:
     """Forward FLOPs per sequence, counting the k experts a token visits (router ignored)."""
-    kwargs = {**SPEC.flavors[config.flavor], **config.options}
-    return transformer_flops(
-        sequence_length("moe", config.input_shape),
-        config.num_classes,
-        kwargs.get("dim", 64),
-        kwargs.get("num_layers", 2),
-        kwargs.get("mlp_ratio", 4),
-        active_ffn=kwargs.get("top_k", 1),
-    )
+    return flavor_flops(SPEC, config, active_ffn_key="top_k")
 
 
 SPEC = register(
