@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from roundhouse.errors import JobFileError, RoundhouseError
-from roundhouse.launch.data_cmd import add_data_parser, cmd_data
+from roundhouse.launch.cli_data import add_data_parser, cmd_data
 
 EXIT_USER_ERROR = 2
 
