@@ -11,6 +11,7 @@ import math
 import torch
 
 from roundhouse.data import build_splits
+from roundhouse.data.sampler import BatchPlan
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.spec import JobSpec
@@ -59,6 +60,12 @@ def _output_shape(
 
 
 def _steps_per_epoch(num_train: int, job: JobSpec, data_parallel: int) -> int:
-    full, rest = divmod(num_train, job.data.batch_size)
-    keeps_rest = not job.data.drop_last and rest >= data_parallel * job.trainer.grad_accum_steps
-    return full + int(keeps_rest)
+    """Optimizer steps per epoch, by the loader's own arithmetic and remainder policy."""
+    plan = BatchPlan(
+        num_samples=num_train,
+        global_batch_size=job.data.batch_size,
+        world_size=data_parallel,
+        grad_accum_steps=job.trainer.grad_accum_steps,
+        drop_last=job.data.drop_last,
+    )
+    return plan.num_steps
