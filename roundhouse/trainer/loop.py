@@ -139,7 +139,10 @@ class Trainer:
 
     def end_epoch(self) -> bool:
         """Validate, move the data position to the next epoch, checkpoint; True means stop."""
-        stop = self.validate_and_check_early_stop()
+        # A step already validated by eval_every_steps was already counted for early stopping.
+        stop = False
+        if self.state.last_eval_step != self.state.step:
+            stop = self.validate_and_check_early_stop()
         self.state.epoch += 1
         self.train_loader.load_state_dict({"epoch": self.state.epoch, "steps_done": 0})
         if self.cfg.checkpoint.every_epoch:

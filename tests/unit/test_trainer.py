@@ -112,3 +112,12 @@ def test_evaluation_uses_eval_mode(tmp_path: Path) -> None:
     assert first == second
     assert not trainer.strategy.model.training
     trainer.tracker.close()
+
+
+def test_a_step_is_validated_once_when_eval_steps_meet_the_epoch_end(tmp_path: Path) -> None:
+    """digits' 1438 training samples at batch 719 are 2 steps per epoch; eval every 2 steps."""
+    job = make_job(tmp_path, max_steps=6, eval_every_steps=2)
+    job["data"]["batch_size"] = 719
+    rows = read_metrics(train(job))
+    val_steps = [r["step"] for r in rows if "val/loss" in r]
+    assert val_steps == [2, 4, 6]
