@@ -59,7 +59,9 @@ def all_cases(rank: int, world_size: int) -> list[torch.Tensor]:
     outputs.append(bf16_wire_case(rank, world_size))
     ring_module.SEGMENT_BYTES = 16  # many segments per chunk: the pipelined path
     for dtype in DTYPES:
-        outputs.append(check_case(rank, world_size, 1001, dtype, integer=False))
+        # 13 and 21 give neighbouring chunks different segment counts (e.g. 5 | 4 | 4).
+        for length in (13, 21, 1001):
+            outputs.append(check_case(rank, world_size, length, dtype, integer=False))
     return outputs
 
 
