@@ -8,9 +8,11 @@ images, timing three step kinds, alternated per round so they share the machine'
 - `overlapped`: the real `ring` strategy, buckets reduced while backward runs.
 
 Hidden share = (compute + comm - overlapped) / comm, clipped to [0, 1]: 1 means the step costs
-no more than its computation. Medians over rounds. GPT-small joins when the zoo has it.
+no more than its computation. Medians over rounds. Language models (e.g. `--model gpt --flavor
+small`) train on random byte sequences of `--seq-len`.
 
     python benchmarks/overlap.py [--model resnet] [--flavor debug] [--steps 10] [--rounds 3]
+    python benchmarks/overlap.py --model gpt --flavor small --batch 4 --seq-len 128
 
 Ends with `RESULT overlap_<model>_hidden ours=<share> baseline=0.7 ratio=... unit=fraction`
 (baseline: the issue's target) and `RESULT overlap_<model>_step ours=<overlapped s>
@@ -31,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from roundhouse import models
+from roundhouse.data.text import VOCAB_SIZE
 from roundhouse.spec import LossConfig, OptimizerConfig, RingStrategyConfig, SchedulerConfig
 from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
@@ -41,11 +44,36 @@ from roundhouse.trainer.task import build_task
 
 logger = logging.getLogger("overlap")
 TARGET = 0.7
+VOCAB = VOCAB_SIZE  # byte-level tokens
+
+
+def is_language_model(args: argparse.Namespace) -> bool:
+    return models.get(args.model).loss == "language_model"
+
+
+def input_spec(args: argparse.Namespace) -> tuple[tuple[int, ...], int]:
+    """(per-sample input shape, classes): 3x32x32 images, or byte sequences for an LM."""
+    if is_language_model(args):
+        return (args.seq_len,), VOCAB
+    return (3, 32, 32), 10
+
+
+def build_batch(args: argparse.Namespace, rank: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(rank)
+    shape, classes = input_spec(args)
+    if is_language_model(args):
+        tokens = torch.randint(0, classes, (args.batch, args.seq_len + 1), generator=gen)
+        return {"input": tokens[:, :-1], "target": tokens[:, 1:]}
+    return {
+        "input": torch.randn(args.batch, *shape, generator=gen),
+        "target": torch.randint(0, classes, (args.batch,), generator=gen),
+    }
 
 
 def build_strategy_for(kind: str, args: argparse.Namespace, ctx: WorkerContext) -> Strategy:
     torch.manual_seed(0)
-    config = models.BuildConfig(flavor=args.flavor, input_shape=(3, 32, 32), num_classes=10)
+    shape, classes = input_spec(args)
+    config = models.BuildConfig(flavor=args.flavor, input_shape=shape, num_classes=classes)
     model = models.build_model(args.model, config)
     plan = TrainPlan(
         task=build_task(models.get(args.model).loss, LossConfig()),
@@ -105,11 +133,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
         "ring": build_strategy_for("ring", args, ctx),
         "single": build_strategy_for("single", args, single_ctx),
     }
-    gen = torch.Generator().manual_seed(rank)
-    batch = {
-        "input": torch.randn(args.batch, 3, 32, 32, generator=gen),
-        "target": torch.randint(0, 10, (args.batch,), generator=gen),
-    }
+    batch = build_batch(args, rank)
     rounds = [one_round(strategies, batch, args.steps) for _ in range(args.rounds)]
     if rank == 0:
         results.put({k: statistics.median(r[k] for r in rounds) for k in rounds[0]})
@@ -128,6 +152,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet")
     parser.add_argument("--flavor", default="debug")
     parser.add_argument("--batch", type=int, default=32, help="per rank")
+    parser.add_argument("--seq-len", type=int, default=128, help="language models")
     parser.add_argument("--bucket-mb", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
