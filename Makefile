@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/roundhouse train configs/quickstart.yaml --local
+	$(BIN)/roundhouse train configs/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" -q

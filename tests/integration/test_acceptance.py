@@ -42,15 +42,11 @@ def test_every_cnn_debug_flavor_learns_digits_in_20_steps(name: str, tmp_path: P
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_quickstart_reaches_97_percent_on_digits(tmp_path: Path) -> None:
-    """`make demo`'s job: >= 97% test accuracy; the run folder holds everything promised."""
-    args = [
-        "train",
-        str(ROOT / "configs" / "quickstart.yaml"),
-        "--local",
-        f"storage.path={tmp_path}",
-    ]
+    """`make demo`'s job: 2 Ray workers with the ring reach >= 97% test accuracy; the run
+    folder holds everything promised."""
+    args = ["train", str(ROOT / "configs" / "quickstart.yaml"), f"storage.path={tmp_path}"]
     assert main(args) == 0
     run = only_run(tmp_path, "quickstart")
     final = read_metrics(run)[-1]
