@@ -100,12 +100,35 @@ class DataInfo:
 
 @dataclass
 class Splits:
-    """The three splits of a source plus their `DataInfo`."""
+    """The three splits of a source plus their `DataInfo`.
+
+    The trainer also uses `eval_loader`, `metrics`, `input_dtype` and `check_task`, which
+    `roundhouse.data.streaming.StreamingSplits` (data streamed from storage) has too.
+    """
 
     train: ArrayDataset
     val: ArrayDataset
     test: ArrayDataset
     info: DataInfo
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of `batch["input"]`."""
+        return self.train.inputs.dtype
+
+    def eval_loader(self, split: str, *, batch_size: int, rank: int, world_size: int) -> Any:
+        """Rank `rank`'s evaluation batches of `split` (`val` or `test`); see `EvalLoader`."""
+        from .loader import build_eval_loader
+
+        dataset = getattr(self, split)
+        return build_eval_loader(dataset, batch_size=batch_size, rank=rank, world_size=world_size)
+
+    def metrics(self) -> dict[str, float]:
+        """Data metrics to log with the training metrics (none for in-memory data)."""
+        return {}
+
+    def check_task(self, kind: str, model: str) -> None:
+        """In-memory sources fit their models by construction; nothing to check."""
 
 
 @dataclass(frozen=True)
@@ -254,11 +277,16 @@ def build_splits(config: DataConfig, seed: int) -> Splits:
         seed: The run seed.
 
     Returns:
-        The three splits (without augmentation) and their `DataInfo`.
+        The three splits (without augmentation) and their `DataInfo`; with `config.train` set,
+        a `StreamingSplits` over the prepared datasets instead (same interface to the trainer).
 
     Raises:
         DataError: For an unknown source, a bad source option or a split with an empty part.
     """
+    if config.train is not None:  # a prepared dataset on storage, streamed
+        from .streaming.jobdata import build_streaming_splits
+
+        return build_streaming_splits(config, seed)  # type: ignore[return-value]
     loaded = _load(config, seed)
     inputs = _resize(loaded.inputs, config.image_size)
     if loaded.split_sizes is not None:

@@ -54,6 +54,10 @@ def check_topology(job: JobSpec, world_size: int) -> Topology:
             f"world size {world_size}",
             "make cluster.num_workers a multiple of pipeline_stages * tensor_parallel",
         )
+    if job.strategy.kind == "deepspeed":
+        from roundhouse.trainer.strategies.deepspeed_config import check_job
+
+        check_job(job, world_size)  # raw-vs-typed ds_config, expert and pipeline arithmetic
     data_parallel = world_size // model_parallel
     accum = job.trainer.grad_accum_steps
     if job.data.batch_size < data_parallel * accum:

@@ -1,6 +1,7 @@
 """`roundhouse data prepare` and `roundhouse data inspect`.
 
 roundhouse data prepare SOURCE URL [--shard-size 64MB] [--image-format raw|png] ...
+roundhouse data prepare corpus.jsonl URL --tokenizer bytes --text-field text [--seq-len 128]
 roundhouse data inspect URL [--samples 3]
 """
 
@@ -39,6 +40,11 @@ def add_data_parser(commands: argparse._SubParsersAction, common: argparse.Argum
         metavar="KEY=VALUE",
         help="built-in source option, e.g. -o num_samples=4096 -o shape=[3,64,64]",
     )
+    prep.add_argument(
+        "--tokenizer", help="text: tokenize and pack (bytes, or a Hugging Face tokenizer)"
+    )
+    prep.add_argument("--text-field", default="text", help="text: column holding documents")
+    prep.add_argument("--seq-len", type=int, default=128, help="text: tokens per packed row")
     prep.add_argument("--overwrite", action="store_true", help="replace a dataset at URL")
     inspect = sub.add_parser("inspect", parents=[common], help="describe a prepared dataset")
     inspect.add_argument("url")
@@ -79,6 +85,9 @@ def _prepare(args: argparse.Namespace) -> int:
         input_field=args.input_field,
         target_field=args.target_field,
         source_options=_options(args.option),
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        seq_len=args.seq_len,
     )
     config = WriteConfig(
         shard_bytes=parse_size(args.shard_size),
@@ -143,6 +152,8 @@ def _samples(url: str, index: Any, count: int) -> list[str]:
     with storage_errors(f"shard {first.name}", join(url, first.name), "re-run data prepare"):
         table = pq.ParquetFile(io.BytesIO(fs.cat_file(join(root, first.name)))).read_row_group(0)
     batch = decode_table(table.slice(0, count), index.input)
+    if index.input.dtype == "int32":
+        return _text_samples(first.name, batch["input"], index)
     lines = []
     for k in range(batch["input"].shape[0]):
         x = batch["input"][k]
@@ -151,6 +162,23 @@ def _samples(url: str, index: Any, count: int) -> list[str]:
             f"sample    {first.name}[{k}]: {target}input {list(x.shape)} min {x.min():.3f} "
             f"max {x.max():.3f} mean {x.mean():.3f}"
         )
+    return lines
+
+
+def _text_samples(name: str, tokens: Any, index: Any) -> list[str]:
+    extra = index.extra
+    lines = [
+        f"text      tokenizer {extra.get('tokenizer')}, vocabulary {extra.get('vocab_size')}, "
+        f"seq_len {extra.get('seq_len')}, eos id {extra.get('eos_id')}"
+    ]
+    for k in range(tokens.shape[0]):
+        row = tokens[k]
+        shown = f"ids {row[:12].tolist()} ..."
+        if extra.get("tokenizer") == "bytes":
+            from roundhouse.data.text import decode
+
+            shown = repr(decode(row[:60]))
+        lines.append(f"sample    {name}[{k}]: {shown}")
     return lines
 
 

@@ -26,7 +26,7 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
     info = splits.info
     with torch.device("meta"):
         model = build_model_for(job, info.input_shape, info.num_classes)
-        out_shape = _output_shape(job, model, info.input_shape, splits.train.inputs.dtype)
+        out_shape = _output_shape(job, model, info.input_shape, splits.input_dtype)
     num_params = sum(p.numel() for p in model.parameters())
     steps_per_epoch = _steps_per_epoch(info.num_samples["train"], job, topo.data_parallel)
     total = compute_total_steps(job, steps_per_epoch)
@@ -36,7 +36,7 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
         f"job {job.name!r} is valid",
         f"model {job.model.name}:{job.model.flavor}: {num_params:,} parameters, "
         f"input {tuple(info.input_shape)} -> output {tuple(out_shape[1:])}",
-        f"data {job.data.source}: train {info.num_samples['train']}, "
+        f"data {job.data.source or job.data.train.url}: train {info.num_samples['train']}, "
         f"val {info.num_samples['val']}, test {info.num_samples['test']}",
         f"world {topo.world_size} = {topo.data_parallel} data-parallel x "
         f"{topo.model_parallel} model-parallel ({job.strategy.kind})",
@@ -61,11 +61,14 @@ def _output_shape(
 
 def _steps_per_epoch(num_train: int, job: JobSpec, data_parallel: int) -> int:
     """Optimizer steps per epoch, by the loader's own arithmetic and remainder policy."""
+    policy = job.data.remainder_policy
+    if policy == "pad":  # streamed data only: the last batch is filled up
+        return -(-num_train // job.data.batch_size)
     plan = BatchPlan(
         num_samples=num_train,
         global_batch_size=job.data.batch_size,
         world_size=data_parallel,
         grad_accum_steps=job.trainer.grad_accum_steps,
-        drop_last=job.data.drop_last,
+        drop_last=policy == "drop",
     )
     return plan.num_steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -12,7 +13,8 @@ class WorkerContext:
     """Topology of one worker process.
 
     Built by `cluster` from Ray Train's context, or by `launch` for `--local` (rank 0 of 1).
-    `device` is this worker's torch device.
+    `device` is this worker's torch device. `parameter_store` is set by `cluster` for the `ps`
+    strategy (its Ray server actors); None elsewhere.
     """
 
     rank: int = 0
@@ -22,6 +24,8 @@ class WorkerContext:
     node_rank: int = 0
     num_nodes: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The `ps` strategy's servers (a `roundhouse.trainer.ps.ParameterStore`); None: in-process.
+    parameter_store: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.world_size, (self.rank, self.world_size)

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from roundhouse.data import Splits, StepLoader, build_eval_loader
+from roundhouse.data import Splits, StepLoader
 from roundhouse.errors import CheckpointError, TrainingError
 from roundhouse.spec import JobSpec
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
@@ -83,10 +83,9 @@ class Trainer:
         state = {
             "strategy": self.strategy.state_dict(),
             "trainer": asdict(self.state),
-            "data": {
-                "epoch": self.state.epoch,
-                "steps_done": self.train_loader.state_dict()["steps_done"],
-            },
+            # The loader's whole position (a streamed dataset adds samples_done, which lets a
+            # run resume at another world size or batch size).
+            "data": {**self.train_loader.state_dict(), "epoch": self.state.epoch},
             "rng": get_rng_state(),
         }
         if self.strategy.is_main_process:
@@ -215,6 +214,8 @@ class Trainer:
         }
         if stats.grad_norm is not None:
             metrics["train/grad_norm"] = stats.grad_norm
+        metrics.update(stats.extra)  # strategy metrics, e.g. train/ps_staleness_max
+        metrics.update(self.splits.metrics())  # e.g. data/corrupt_shards_skipped
         self.tracker.log(metrics, step=self.state.step, epoch=self.state.step_epoch)
         self.tracker.update_progress(
             step=self.state.step,
@@ -226,9 +227,8 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Loss and accuracy on `split` (val or test), summed over all ranks."""
-        dataset = getattr(self.splits, split)
-        loader = build_eval_loader(
-            dataset,
+        loader = self.splits.eval_loader(
+            split,
             batch_size=self.job.data.eval_batch_size,
             rank=self.strategy.data_parallel_rank,
             world_size=self.strategy.data_parallel_size,
@@ -292,6 +292,15 @@ class Trainer:
 def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> StepLoader:
     """This rank's training loader over the global batch arithmetic of the job."""
     data = job.data
+    if data.train is not None:  # streamed: the rank reads its own partition from storage
+        return splits.train_loader(
+            global_batch_size=data.batch_size,
+            rank=strategy.data_parallel_rank,
+            world_size=strategy.data_parallel_size,
+            grad_accum_steps=job.trainer.grad_accum_steps,
+            num_workers=data.num_workers,
+            augment=data.augment,
+        )
     return StepLoader(
         splits.train,
         global_batch_size=data.batch_size,

@@ -161,6 +161,8 @@ def build_plan(
         ),
         grad_clip_norm=cfg.grad_clip_norm,
         autocast_dtype=autocast_dtype(cfg.precision, device),
+        global_batch_size=job.data.batch_size,
+        grad_accum_steps=cfg.grad_accum_steps,
     )
 
 
@@ -212,8 +214,10 @@ def build_trainer(
 ) -> Trainer:
     """Data, model, task, strategy, loader and tracker for this worker, wired into a `Trainer`."""
     splits = build_splits(job.data, seed=job.trainer.seed)
+    task_kind = models.get(job.model.name).loss
+    splits.check_task(task_kind, job.model.name)  # e.g. an image dataset for a language model
     model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
-    task = build_task(models.get(job.model.name).loss, job.trainer.loss)
+    task = build_task(task_kind, job.trainer.loss)
     strategy = build_strategy(job.strategy, ctx)
     loader = build_train_loader(job, splits, strategy)
     total = compute_total_steps(job, len(loader))

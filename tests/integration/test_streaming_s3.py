@@ -136,7 +136,8 @@ def test_s3_missing_and_corrupt_shard(s3, tmp_path):
         list(StreamingLoader(StreamingDataset(url, config, s3)))
     skip = StreamConfig(global_batch_size=64, cache_dir=str(tmp_path / "b"), on_corrupt="skip")
     loader = StreamingLoader(StreamingDataset(url, skip, s3))
-    assert sum(m["input"].shape[0] for step in loader for m in step) < 1438
+    # The skipped shard's rows are replaced by the next shard's: every step keeps its size.
+    assert sum(m["input"].shape[0] for step in loader for m in step) == 1438
     assert loader.dataset.corrupt_skipped == 1
     fs.rm_file(shard)
     with pytest.raises(DataError, match=r"shard train-00001.parquet not found"):
@@ -145,3 +146,41 @@ def test_s3_missing_and_corrupt_shard(s3, tmp_path):
         )
     with pytest.raises(DataError, match=r"index not found"):
         StreamingDataset(f"s3://{BUCKET}/nothing", StreamConfig(cache_dir=str(tmp_path)), s3)
+
+
+def test_training_job_streams_from_s3(s3, tmp_path):
+    """A job file with data.train.url on S3: credentials from the environment, the endpoint in
+    data.storage_options, shards cached locally; the same weights as the local copy."""
+    import yaml
+
+    from roundhouse.launch.cli import main
+    from tests.helpers.runs import assert_same_weights, final_weights, only_run, read_metrics
+
+    local = str(tmp_path / "digits")
+    prepare(
+        "builtin:digits", local, PrepareOptions(), WriteConfig(shard_bytes=60_000, block_rows=64)
+    )
+    job = {
+        "name": "s3job",
+        "model": {"name": "mlp", "flavor": "debug"},
+        "data": {
+            "train": {"url": f"s3://{BUCKET}/digits/"},
+            "batch_size": 32,
+            "storage_options": {"endpoint_url": s3["endpoint_url"]},
+            "cache": {"dir": str(tmp_path / "cache"), "max_bytes": "1GB"},
+        },
+        "trainer": {"max_steps": 8, "log_every_steps": 4},
+        "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    remote, copy = tmp_path / "remote", tmp_path / "copy"
+    assert main(["train", str(path), "--local", f"storage.path={remote}"]) == 0
+    overrides = ["data.storage_options={}", f"data.train.url={local}", f"storage.path={copy}"]
+    assert main(["train", str(path), "--local", *overrides]) == 0
+    run = only_run(remote, "s3job")
+    assert read_metrics(run)[-1]["step"] == 8 and "test/accuracy" in read_metrics(run)[-1]
+    assert_same_weights(final_weights(run), final_weights(only_run(copy, "s3job")))
+    cached = list((tmp_path / "cache").glob("*.parquet"))
+    assert len(cached) >= 3  # train shards plus val and test
+    assert "testing" not in (run / "job.yaml").read_text()

@@ -159,10 +159,16 @@ def test_missing_and_corrupt_shards(tmp_path, ids_url):
         list(_loader(url))
     loader = _loader(url, on_corrupt="skip", remainder="partial")
     ids = [i for s in loader for i in _ids(s)]
-    assert loader.dataset.corrupt_skipped == 1
-    # Rows are stored in id order (prepared without shuffle): shard 1 holds ids 120..239.
+    assert loader.metrics() == {"data/corrupt_shards_skipped": 1.0}
+    # Rows are stored in id order (prepared without shuffle): shard 1 holds ids 120..239; its
+    # rows are replaced by shard 2's (ids 240..359), so every step keeps its planned size.
+    assert len(ids) == NUM_ROWS
     assert set(range(NUM_ROWS)) - set(ids) == set(range(120, 240))
-    assert len(set(ids)) == len(ids)
+    seen_twice = {i for i in ids if ids.count(i) == 2}
+    assert seen_twice == set(range(240, 360))
+    workers = _loader(url, on_corrupt="skip", remainder="partial", workers=2)
+    assert sorted(i for s in workers for i in _ids(s)) == sorted(ids)
+    assert workers.metrics() == {"data/corrupt_shards_skipped": 1.0}  # counted in the workers
 
 
 def test_remote_cache_downloads_once_and_evicts(tmp_path, ids_url):

@@ -6,8 +6,11 @@ shard share its copy. Processes on one node can share a cache folder: downloads 
 temporary names, renames are atomic, and an evicted file that another process still has open
 stays readable until it closes it (POSIX semantics).
 
-Local datasets (`file://` or a path) are read in place; each shard is still hashed once per
-process before its first use.
+Local datasets (`file://` or a path) are read in place; each shard is hashed before its first
+use, once per file version: a verified file leaves a marker named by its sha256 and its
+identity (device, inode, size, mtime) under `<cache_dir>/verified/`, so later processes (the
+next run, DataLoader workers, resumed jobs) skip re-hashing an unchanged file. A rewritten or
+modified file has a new identity and is hashed again.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _check_writable(folder: str) -> None:
     except OSError as err:
         raise DataError(
             f"cache directory {folder} is not writable: {err.strerror or err}",
-            "set data.cache_dir (or $ROUNDHOUSE_CACHE) to a writable folder",
+            "set data.cache.dir (or $ROUNDHOUSE_CACHE) to a writable folder",
         ) from err
 
 
@@ -56,7 +59,7 @@ class ShardCache:
         fs: The dataset's filesystem.
         root: The dataset's root path on `fs`.
         url: The dataset URL (for messages).
-        cache_dir: Local folder for downloaded shards (unused for local datasets).
+        cache_dir: Local folder for downloaded shards (local datasets: verification markers).
         limit_bytes: Evict least recently used shards above this total.
         on_corrupt: `error` raises on a checksum mismatch; `skip` counts it and returns None.
         prefetch_threads: Background download threads.
@@ -140,13 +143,7 @@ class ShardCache:
         remote = join(self.root, shard.name)
         if self.local:
             if shard.sha256 not in self._verified:
-                where = f"{self.url}/{shard.name}"
-                with (
-                    storage_errors(f"shard {shard.name}", where, "re-run roundhouse data prepare"),
-                    open(remote, "rb") as handle,
-                ):
-                    digest = self._hash_stream(handle, None)
-                self._verify(shard, digest)
+                self._verify_local(shard, remote)
                 self._verified.add(shard.sha256)
             return remote
         target = os.path.join(self.cache_dir, f"{shard.sha256}.parquet")
@@ -173,6 +170,27 @@ class ShardCache:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+    def _verify_local(self, shard: ShardInfo, path: str) -> None:
+        where = f"{self.url}/{shard.name}"
+        with storage_errors(f"shard {shard.name}", where, "re-run roundhouse data prepare"):
+            stat = os.stat(path)
+            marker = os.path.join(
+                self.cache_dir,
+                "verified",
+                f"{shard.sha256}.{stat.st_dev}.{stat.st_ino}.{stat.st_size}.{stat.st_mtime_ns}",
+            )
+            if os.path.exists(marker):
+                return
+            with open(path, "rb") as handle:
+                digest = self._hash_stream(handle, None)
+        self._verify(shard, digest)
+        try:  # best effort: without a writable cache the file is hashed again next time
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            with open(marker, "wb"):
+                pass
+        except OSError:
+            pass
 
     @staticmethod
     def _hash_stream(source: Any, sink: Any) -> str:

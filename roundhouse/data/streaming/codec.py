@@ -21,6 +21,8 @@ from .index import InputSchema
 logger = logging.getLogger(__name__)
 
 ENCODINGS = ("raw", "png")
+# uint8/float32: images and features; int32: token ids of packed text.
+DTYPES = ("uint8", "float32", "int32")
 
 
 def check_schema(schema: InputSchema) -> None:
@@ -34,8 +36,10 @@ def check_schema(schema: InputSchema) -> None:
         raise DataError(
             f"unknown image format {schema.encoding!r}", f"valid: {', '.join(ENCODINGS)}"
         )
-    if schema.dtype not in ("uint8", "float32"):
-        raise DataError(f"field 'input' has dtype {schema.dtype}, expected uint8 or float32")
+    if schema.dtype not in DTYPES:
+        raise DataError(
+            f"field 'input' has dtype {schema.dtype}, expected one of {', '.join(DTYPES)}"
+        )
     if schema.encoding == "png" and (
         schema.dtype != "uint8" or len(schema.shape) != 3 or schema.shape[0] not in (1, 3)
     ):
@@ -116,7 +120,12 @@ def decode_arrays(table: pa.Table, schema: InputSchema) -> tuple[np.ndarray, np.
 
 
 def to_batch(inputs: np.ndarray, targets: np.ndarray | None, schema: InputSchema) -> dict:
-    """Stored arrays to `{"input": float32, "target": int64}` tensors (uint8 scaled to [0, 1])."""
+    """Stored arrays to tensors: images/features `{"input": float32, "target": int64}` (uint8
+    scaled to [0, 1]); token rows (int32, `seq_len + 1` ids) to next-token pairs
+    `{"input": (N, seq_len) int64, "target": (N, seq_len) int64}`."""
+    if schema.dtype == "int32":
+        tokens = torch.from_numpy(inputs.astype(np.int64))  # (N, T + 1), one copy
+        return {"input": tokens[:, :-1].contiguous(), "target": tokens[:, 1:].contiguous()}
     tensor = torch.from_numpy(np.ascontiguousarray(inputs))
     tensor = tensor.float().div_(255.0) if schema.dtype == "uint8" else tensor.clone()
     batch = {"input": tensor}

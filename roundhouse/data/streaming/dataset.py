@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from roundhouse.errors import DataError
 
 from ..sources import DataInfo
+from ..transforms import Transform, augment_batch
 from .cache import ShardCache
 from .index import Index, read_index
 from .order import EpochPlan, Layout, epoch_order, plan_epoch
@@ -91,9 +92,16 @@ class StreamingDataset(IterableDataset):
             raise DataError(f"rank {config.rank} is outside world size {config.world_size}")
         self.url, self.config, self.storage_options = url, config, storage_options
         self.index: Index = read_index(url, storage_options)
+        if config.split not in self.index.splits:
+            raise DataError(
+                f"dataset {url} has no split {config.split!r}",
+                f"valid splits: {', '.join(self.index.splits)}",
+            )
         self.shards = self.index.split_shards(config.split)
         self.layout = Layout(tuple(s.blocks for s in self.shards))
         self.epoch, self.samples_done = 0, 0
+        # Per-sample augmentation (`roundhouse.data.transforms`), seeded by (seed, epoch, row).
+        self.transform: Transform | None = None
         self._reader: BlockReader | None = None
         self.build_cache()  # fails early (here, not in a worker) on an unwritable cache
         if self.plan().num_steps == 0:
@@ -191,7 +199,12 @@ class StreamingDataset(IterableDataset):
     @property
     def corrupt_skipped(self) -> int:
         """Shards this process skipped as corrupt (with `on_corrupt: skip`)."""
-        return self._reader.cache.corrupt_skipped if self._reader is not None else 0
+        return len(self.corrupt_names)
+
+    @property
+    def corrupt_names(self) -> frozenset[str]:
+        """Names of the shards this process skipped as corrupt."""
+        return frozenset(self._reader.cache.corrupt) if self._reader is not None else frozenset()
 
     def __getstate__(self) -> dict[str, Any]:
         # The reader holds threads and open files; each worker process builds its own.
@@ -206,7 +219,16 @@ class StreamingDataset(IterableDataset):
         reader.plan_shards(self._shard_sequence(plan, steps))
         for step in steps:
             micro = plan.micro_rows(step, self.config.rank)
-            yield [reader.read(rows) for rows in micro]
+            yield [self._read(reader, rows) for rows in micro]
+
+    def _read(self, reader: BlockReader, rows: np.ndarray) -> Batch:
+        if self.transform is None:
+            return reader.read(rows)
+        batch, kept = reader.read_with_rows(rows)
+        batch["input"] = augment_batch(
+            self.transform, batch["input"], kept.tolist(), seed=self.config.seed, epoch=self.epoch
+        )
+        return batch
 
     def _shard_sequence(self, plan: EpochPlan, steps: range) -> list[int]:
         """Shards in the order these steps first need them (sampled every few steps)."""
@@ -236,6 +258,7 @@ class StreamingLoader:
             raise DataError(f"num_workers must be >= 0, got {num_workers}")
         self.dataset, self.num_workers = dataset, num_workers
         self.last_step_size = 0
+        self.corrupt_shards: set[str] = set()  # skipped by this rank's reading processes
         self._epoch, self._steps_done, self._samples_done = 0, 0, 0
         # Where the next iteration starts: a restored position once, then the epoch's start
         # (iterating again without `set_epoch` replays the epoch, as `StepLoader` does).
@@ -274,12 +297,44 @@ class StreamingLoader:
         (self._steps_done, self._samples_done), self._resume_at = self._resume_at, (0, 0)
         self.dataset.set_position(self._epoch, self._samples_done)
         plan = self.dataset.plan()
-        source: Any = iter(self.dataset)
+        source: Any = iter(_Reported(self.dataset))
         if self.num_workers > 0:
-            source = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers))
-        for step, item in enumerate(source):
+            source = iter(
+                DataLoader(
+                    _Reported(self.dataset),
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    collate_fn=_identity,
+                )
+            )
+        for step, (item, skipped) in enumerate(source):
             start, end = plan.batch.step_bounds(step)
             self._samples_done += end - start
             self._steps_done += 1
             self.last_step_size = end - start
+            self.corrupt_shards.update(skipped)
             yield item
+
+    def metrics(self) -> dict[str, float]:
+        """`data/corrupt_shards_skipped`: shards this rank skipped (with `on_corrupt: skip`)."""
+        return {"data/corrupt_shards_skipped": float(len(self.corrupt_shards))}
+
+
+def _identity(item: Any) -> Any:
+    # Module level so DataLoader workers can pickle it; items are already batches.
+    return item
+
+
+class _Reported(IterableDataset):
+    """The dataset's steps, each paired with the shards skipped so far in the reading process.
+
+    The reading process may be a DataLoader worker, whose counters the loader cannot see; the
+    names travel back with the steps instead.
+    """
+
+    def __init__(self, dataset: StreamingDataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[tuple[list[Batch], tuple[str, ...]]]:
+        for item in self.dataset:
+            yield item, tuple(sorted(self.dataset.corrupt_names))

@@ -2,7 +2,9 @@
 
 A source becomes a `Prepared`: the input schema, the class count and an iterator of `Chunk`s.
 Sources: `builtin:digits`, `builtin:synthetic`, an image folder (one subfolder per class),
-`.npy`/`.npz` arrays, CSV/JSONL, Parquet/Arrow files, and a Hugging Face `save_to_disk` folder.
+`.npy`/`.npz` arrays, CSV/JSONL, Parquet/Arrow files, and a Hugging Face `save_to_disk` folder;
+text (`builtin:pytext`, or any source with `--tokenizer`) is tokenized and packed into rows of
+`seq_len + 1` token ids (see `textprep`).
 
 Rows of in-memory sources are shuffled once with the seed before writing, so a shard never
 holds one class only (the streaming reader hands each rank a storage-ordered slice of every
@@ -44,6 +46,9 @@ class PrepareOptions:
     input_field: str | None = None
     target_field: str | None = None
     source_options: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # text sources: `bytes` or a Hugging Face tokenizer
+    text_field: str = "text"
+    seq_len: int = 128
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Prepared:
     num_classes: int | None
     chunks: Iterator[Chunk]
     total: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def assign_splits(num_rows: int, first_row: int, options: PrepareOptions) -> np.ndarray:
@@ -207,9 +213,41 @@ def _file_source(path: Path, options: PrepareOptions) -> Prepared:
     return from_arrays(*tabular.table_arrays(tabular.read_table(path), options), options)
 
 
+def _text(prepared: Any) -> Prepared:
+    return Prepared(prepared.schema, None, prepared.chunks, prepared.total, prepared.extra)
+
+
+def _pytext(name: str, options: PrepareOptions) -> Prepared:
+    """`builtin:pytext`: the rows the in-memory source trains on, byte tokens."""
+    from .textprep import pytext_source
+
+    if options.tokenizer not in (None, "bytes"):
+        raise DataError(f"{name} is byte-tokenized", "drop --tokenizer or use --tokenizer bytes")
+    source_options = {"seq_len": options.seq_len, **options.source_options}
+    fractions = options.split or (0.8, 0.1, 0.1)
+    return _text(pytext_source(source_options, fractions, options.seed))
+
+
+def _text_file(path: Path, options: PrepareOptions) -> Prepared:
+    from .textprep import file_text_source
+
+    return _text(
+        file_text_source(
+            path,
+            tokenizer_name=options.tokenizer or "bytes",
+            text_field=options.text_field,
+            seq_len=options.seq_len,
+            fractions=options.split,
+            seed=options.seed,
+            shuffle=options.shuffle,
+        )
+    )
+
+
 _BUILTINS: dict[str, Callable[[str, PrepareOptions], Prepared]] = {
     "builtin:digits": _builtin,
     "builtin:synthetic": _builtin,
+    "builtin:pytext": _pytext,
 }
 
 
@@ -228,6 +266,10 @@ def build_source(source: str, options: PrepareOptions) -> Prepared:
     path = Path(source)
     if not path.exists():
         raise DataError(f"source {source} does not exist", "check the path")
+    if options.seq_len < 1:
+        raise DataError(f"--seq-len must be positive, got {options.seq_len}")
+    if options.tokenizer is not None:
+        return _text_file(path, options)
     return _file_source(path, options)
 
 
@@ -249,4 +291,5 @@ def prepare(
         total=prepared.total,
         source=source,
         storage_options=storage_options,
+        extra=prepared.extra,
     )

@@ -13,6 +13,7 @@ from roundhouse.errors import DataError
 
 from .cache import ShardCache
 from .codec import decode_arrays, to_batch
+from .fastraw import map_file, plain_values
 from .index import Index, ShardInfo
 from .order import Layout
 
@@ -47,8 +48,9 @@ class BlockReader:
         self.block_shard = self.layout.shard_of_block()
         self.first_block = np.concatenate([[0], np.cumsum([len(s.blocks) for s in shards])])
         self.keep_blocks, self.prefetch_shards = keep_blocks, prefetch_shards
-        self._blocks: OrderedDict[int, _Decoded | None] = OrderedDict()
+        self._blocks: OrderedDict[int, _Decoded] = OrderedDict()
         self._files: OrderedDict[int, pq.ParquetFile | None] = OrderedDict()
+        self._maps: dict[int, np.ndarray] = {}  # memory maps of the open raw shards
         self._upcoming: list[int] = []
 
     def plan_shards(self, shard_sequence: list[int]) -> None:
@@ -60,50 +62,113 @@ class BlockReader:
 
         Rows of shards skipped as corrupt are left out.
         """
+        return self.read_with_rows(rows)[0]
+
+    def read_with_rows(self, rows: np.ndarray) -> tuple[dict[str, Tensor], np.ndarray]:
+        """`read(rows)` plus the row numbers it holds (see `substitute` for skipped shards)."""
+        rows = self.substitute(rows)
+        if not len(rows):
+            return self._empty(), rows
         blocks = np.searchsorted(self.starts, rows, side="right") - 1
-        cuts = np.flatnonzero(np.diff(blocks)) + 1
-        inputs, targets = [], []
-        # Sorted rows: each block's rows are one contiguous run.
-        for run in np.split(np.arange(len(rows)), cuts) if len(rows) else []:
-            block = int(blocks[run[0]])
-            decoded = self._block(block)
-            if decoded is not None:
-                offsets = rows[run] - self.starts[block]
-                inputs.append(decoded[0][offsets])
-                if decoded[1] is not None:
-                    targets.append(decoded[1][offsets])
-        if not inputs:
-            return self._empty()
-        stacked_targets = np.concatenate(targets) if targets else None
-        return to_batch(np.concatenate(inputs), stacked_targets, self.index.input)
+        # Sorted rows: each block's rows are one contiguous run, gathered straight into the
+        # output (one copy per sample, as a sequential read makes).
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(blocks)) + 1, [len(rows)]])
+        values, labels = self._block(int(blocks[0]))
+        inputs = np.empty((len(rows), *values.shape[1:]), dtype=values.dtype)
+        targets = np.empty(len(rows), dtype=np.int64) if labels is not None else None
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            block = int(blocks[lo])
+            values, labels = self._block(block)
+            offsets = rows[lo:hi] - self.starts[block]
+            if offsets[-1] - offsets[0] == hi - lo - 1:  # a contiguous run: a slice copy
+                inputs[lo:hi] = values[offsets[0] : offsets[-1] + 1]
+            else:  # not np.take: it copies a whole strided (memory-mapped) block first
+                inputs[lo:hi] = values[offsets]
+            if targets is not None:
+                targets[lo:hi] = labels[offsets]
+        return to_batch(inputs, targets, self.index.input), rows
+
+    def substitute(self, rows: np.ndarray) -> np.ndarray:
+        """`rows` (sorted) with each row of a shard skipped as corrupt replaced by the row at
+        the same offset (modulo its size) of the next readable shard, sorted again.
+
+        Batches keep their planned size, so every rank runs the steps the plan promised and the
+        loss scaling stays right; the skipped shard's samples are simply not seen.
+
+        Raises:
+            DataError: When every shard of the split is corrupt.
+        """
+        if not len(rows):
+            return rows
+        shard_first = self.starts[self.first_block[:-1]]
+        shards = np.searchsorted(shard_first, rows, side="right") - 1
+        bad = [int(k) for k in np.unique(shards) if self._file(int(k)) is None]
+        if not bad:
+            return rows
+        rows = rows.copy()
+        for shard in bad:
+            mask = shards == shard
+            target = self._readable_after(shard)
+            offsets = (rows[mask] - shard_first[shard]) % self.shards[target].rows
+            rows[mask] = shard_first[target] + offsets
+        return np.sort(rows)
+
+    def _readable_after(self, shard: int) -> int:
+        for step in range(1, len(self.shards)):
+            candidate = (shard + step) % len(self.shards)
+            if self._file(candidate) is not None:
+                return candidate
+        raise DataError(
+            f"every shard of split {self.shards[0].split!r} is corrupt",
+            "re-run roundhouse data prepare",
+        )
 
     def _empty(self) -> dict[str, Tensor]:
-        import torch
+        empty = np.zeros((0, *self.index.input.shape), dtype=self.index.input.dtype)
+        targets = np.zeros(0, dtype=np.int64) if self.index.num_classes is not None else None
+        return to_batch(empty, targets, self.index.input)
 
-        batch = {"input": torch.zeros((0, *self.index.input.shape))}
-        if self.index.num_classes is not None:
-            batch["target"] = torch.zeros(0, dtype=torch.int64)
-        return batch
-
-    def _block(self, block: int) -> _Decoded | None:
+    def _block(self, block: int) -> _Decoded:
         if block in self._blocks:
             self._blocks.move_to_end(block)
             return self._blocks[block]
         shard = int(self.block_shard[block])
         file = self._file(shard)
-        table = None
-        if file is not None:
-            table = file.read_row_group(block - int(self.first_block[shard]))
-            if table.num_rows != self.layout.block_rows[block]:
-                raise DataError(
-                    f"shard {self.shards[shard].name} block {block - self.first_block[shard]} "
-                    f"has {table.num_rows} rows, the index says {self.layout.block_rows[block]}",
-                    "re-run roundhouse data prepare",
-                )
-        self._blocks[block] = None if table is None else decode_arrays(table, self.index.input)
+        assert file is not None, "substitute() keeps rows of skipped shards away from here"
+        group, rows = block - int(self.first_block[shard]), int(self.layout.block_rows[block])
+        if file.metadata.row_group(group).num_rows != rows:
+            raise DataError(
+                f"shard {self.shards[shard].name} block {group} has "
+                f"{file.metadata.row_group(group).num_rows} rows, the index says {rows}",
+                "re-run roundhouse data prepare",
+            )
+        decoded = self._mapped_block(shard, file, group, rows)
+        if decoded is None:
+            decoded = decode_arrays(file.read_row_group(group), self.index.input)
+        self._blocks[block] = decoded
         while len(self._blocks) > self.keep_blocks:
             self._blocks.popitem(last=False)
-        return self._blocks[block]
+        return decoded
+
+    def _mapped_block(
+        self, shard: int, file: pq.ParquetFile, group: int, rows: int
+    ) -> _Decoded | None:
+        """The block's inputs as a view of the mapped file (see `fastraw`), or None."""
+        schema = self.index.input
+        if schema.encoding != "raw" or shard not in self._maps:
+            return None
+        names = file.schema_arrow.names
+        column = file.metadata.row_group(group).column(names.index("input"))
+        item = int(np.prod(schema.shape)) * np.dtype(schema.dtype).itemsize
+        view = plain_values(self._maps[shard], column, rows, item)
+        if view is None:
+            return None
+        values = view.view(schema.dtype).reshape(rows, *schema.shape)
+        targets = None
+        if "target" in names:
+            table = file.read_row_group(group, columns=["target"])
+            targets = table.column("target").to_numpy().astype(np.int64)
+        return values, targets
 
     def _file(self, shard: int) -> pq.ParquetFile | None:
         if shard in self._files:
@@ -113,8 +178,11 @@ class BlockReader:
         path = self.cache.path(self.shards[shard])
         # Kept open: an open file stays readable even if another process evicts it.
         self._files[shard] = pq.ParquetFile(path, memory_map=True) if path is not None else None
+        if path is not None and self.index.input.encoding == "raw" and self.index.codec == "none":
+            self._maps[shard] = map_file(path)
         while len(self._files) > self.prefetch_shards + 2:
-            self._files.popitem(last=False)
+            closed, _ = self._files.popitem(last=False)
+            self._maps.pop(closed, None)  # blocks still cached keep their own views alive
         return self._files[shard]
 
     def _prefetch_after(self, shard: int) -> None:

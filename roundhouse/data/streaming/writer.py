@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 CODECS = ("zstd", "snappy", "lz4", "gzip", "none")
 _BLOCK_BYTES = 2 << 20  # rows per row group aim at ~2 MB: fine-grained shuffle, cheap reads
+_PAGE_BYTES = 1 << 30  # never split a block into several pages
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,16 @@ class _SplitWriter:
     def add(self, table: pa.Table) -> None:
         if self.writer is None:
             self.buffer = io.BytesIO()
-            self.writer = pq.ParquetWriter(self.buffer, table.schema, compression=self.owner.codec)
+            self.writer = pq.ParquetWriter(
+                self.buffer,
+                table.schema,
+                compression=self.owner.codec,
+                # One plain page per block, no dictionary, no min/max of sample bytes: what the
+                # reader's zero-copy path (`fastraw`) reads for uncompressed raw inputs.
+                use_dictionary=["target"],
+                write_statistics=["target"],
+                data_page_size=_PAGE_BYTES,
+            )
         self.writer.write_table(table, row_group_size=table.num_rows)
         self.blocks.append(table.num_rows)
         if self.buffer.tell() >= self.owner.config.shard_bytes:
@@ -120,6 +130,7 @@ class DatasetWriter:
         config: Shard size, codec, block rows, overwrite.
         source: The source's name, recorded in the index.
         storage_options: Passed to fsspec.
+        extra: Stored in the index as is (e.g. a text dataset's tokenizer).
 
     Raises:
         DataError: When the destination already holds a dataset (without `overwrite`), or
@@ -135,12 +146,13 @@ class DatasetWriter:
         config: WriteConfig,
         source: str = "",
         storage_options: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         check_schema(schema)
         if config.codec not in CODECS:
             raise DataError(f"unknown codec {config.codec!r}", f"valid: {', '.join(CODECS)}")
         self.url, self.schema, self.num_classes = url, schema, num_classes
-        self.config, self.source = config, source
+        self.config, self.source, self.extra = config, source, dict(extra or {})
         self.codec = "none" if config.codec == "none" else config.codec
         self.fs, self.root = open_url(url, storage_options)
         self.block_rows = config.block_rows or self._auto_block_rows()
@@ -211,6 +223,7 @@ class DatasetWriter:
             codec=self.codec,
             shards=tuple(self.shards),
             source=self.source,
+            extra=self.extra,
         )
         with storage_errors("dataset index", join(self.url, INDEX_NAME), "check the destination"):
             write_index(self.fs, self.root, index)
@@ -227,8 +240,12 @@ def write_dataset(
     total: int | None = None,
     source: str = "",
     storage_options: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Index:
-    """Writes all `chunks` to `url` with a progress bar (on a terminal) and returns the index."""
+    """Writes all `chunks` to `url` with a progress bar (on a terminal) and returns the index.
+
+    `extra` is stored in the index as is (text datasets record their tokenizer there).
+    """
     writer = DatasetWriter(
         url,
         schema,
@@ -236,6 +253,7 @@ def write_dataset(
         config=config,
         source=source,
         storage_options=storage_options,
+        extra=extra,
     )
     with _Progress(total) as advance:
         for chunk in chunks:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,14 +35,22 @@ class TrainPlan:
     build_scheduler: SchedulerFactory
     grad_clip_norm: float | None = None
     autocast_dtype: torch.dtype | None = None
+    # The job's batch arithmetic, for strategies that configure an engine with it (DeepSpeed).
+    global_batch_size: int | None = None
+    grad_accum_steps: int = 1
 
 
 @dataclass
 class StepStats:
-    """What one optimizer step reports. `grad_norm` is the global norm before clipping."""
+    """What one optimizer step reports. `grad_norm` is the global norm before clipping.
+
+    `extra` holds strategy-specific metrics (e.g. `train/ps_staleness_max`), logged with the
+    step's train metrics when the loop logs.
+    """
 
     grad_norm: float | None
     lr: float
+    extra: dict[str, float] = field(default_factory=dict)  # more `train/*` metrics to log
 
 
 class Strategy(ABC):
