@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 from collections.abc import Iterator
 
 from roundhouse.errors import RoundhouseError
@@ -20,6 +21,7 @@ from roundhouse.spec import ClusterConfig
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+PROBE_TIMEOUT_S = 5.0
 
 
 class ClusterError(RoundhouseError):
@@ -31,24 +33,29 @@ def resolve_address(cluster: ClusterConfig, address: str | None = None) -> str |
     return address or cluster.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def embedded_resources(cluster: ClusterConfig) -> dict[str, float]:
-    """CPUs/GPUs for an embedded cluster: what the workers ask for, at least this machine's."""
-    wanted_cpus = cluster.num_workers * cluster.cpus_per_worker
+def embedded_resources(cluster: ClusterConfig, extra_cpus: float = 0.0) -> dict[str, float]:
+    """CPUs for an embedded cluster: what the workers (and `extra_cpus`, e.g. parameter
+    servers) ask for, at least this machine's."""
+    wanted_cpus = cluster.num_workers * cluster.cpus_per_worker + extra_cpus
     num_cpus = max(os.cpu_count() or 1, math.ceil(wanted_cpus))
-    return {
-        "num_cpus": num_cpus,
-        "num_gpus": math.ceil(cluster.num_workers * cluster.gpus_per_worker),
-    }
+    # GPUs are left to Ray's detection: declaring GPUs the machine lacks would schedule
+    # workers that then fail; a request for more than it has fails in `wait_for_capacity`.
+    return {"num_cpus": num_cpus}
 
 
 @contextlib.contextmanager
-def ray_runtime(cluster: ClusterConfig, address: str | None = None) -> Iterator[str | None]:
-    """Connect to (or start) Ray for the duration of the block; yields the address used."""
+def ray_runtime(
+    cluster: ClusterConfig, address: str | None = None, *, extra_cpus: float = 0.0
+) -> Iterator[str | None]:
+    """Connect to (or start) Ray for the duration of the block; yields the address used.
+
+    `extra_cpus`: CPUs an embedded cluster needs beyond the workers' (parameter servers).
+    """
     import ray
 
     target = resolve_address(cluster, address)
     if target is None:
-        resources = embedded_resources(cluster)
+        resources = embedded_resources(cluster, extra_cpus)
         logger.info("starting an embedded Ray cluster on %s (%s)", LOOPBACK, resources)
         ray.init(
             _node_ip_address=LOOPBACK,
@@ -66,13 +73,79 @@ def ray_runtime(cluster: ClusterConfig, address: str | None = None) -> Iterator[
 
 
 def connect(address: str) -> None:
-    """Connect to an existing cluster, turning an unreachable address into a one-line error."""
+    """Connect to an existing cluster, turning an unreachable address into a one-line error.
+
+    The address is probed with a plain TCP connection first: Ray itself keeps retrying an
+    unreachable GCS for minutes.
+    """
     import ray
 
+    probe(address)
     try:
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+        with loopback_addresses_kept(address):
+            ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        raise ClusterError(
-            f"cannot connect to the Ray cluster at {address!r}: {str(exc).splitlines()[0]}",
-            "check --address / RAY_ADDRESS / cluster.address and that the head node is running",
-        ) from None
+        raise unreachable(address, str(exc).splitlines()[0]) from None
+
+
+def unreachable(address: str, reason: str) -> ClusterError:
+    return ClusterError(
+        f"cannot connect to the Ray cluster at {address!r}: {reason}",
+        "check --address / RAY_ADDRESS / cluster.address and that the head node is running",
+    )
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """`(host, port)` of `host:port` or `ray://host:port`; None for `auto` and the like."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast (one line) when nothing listens at the address's host and port."""
+    target = split_address(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise unreachable(address, exc.strerror or type(exc).__name__) from None
+
+
+@contextlib.contextmanager
+def loopback_addresses_kept(address: str) -> Iterator[None]:
+    """Let `ray.init` connect to a cluster bound to 127.0.0.1.
+
+    Ray rewrites a loopback bootstrap address to this machine's outward-facing IP (so that
+    other machines could use it), where a cluster started with `--node-ip-address 127.0.0.1`
+    does not listen. Ray skips that rewrite when multi-machine clusters are disabled, which is
+    exactly the case of a loopback address, so it is disabled while connecting to one.
+    """
+    from ray._private import ray_constants
+
+    target = split_address(bootstrap_address(address))
+    if target is None or target[0] not in ("127.0.0.1", "localhost", "::1"):
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def bootstrap_address(address: str) -> str:
+    """`auto` resolved as Ray resolves it (RAY_ADDRESS, else the local cluster's address file)."""
+    if address != "auto":
+        return address
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        return get_ray_address_from_environment("auto", None) or address
+    except Exception:  # let ray.init report it
+        return address

@@ -1,19 +1,28 @@
 """The worker group: Ray Train's `TorchTrainer` running `trainer.run_worker` on every worker.
 
 Ray Train creates the process group (gloo on CPU, nccl on GPU). Each worker builds its
-`WorkerContext` from Ray Train's context and trains; rank 0 writes metrics and checkpoints to
-the run folder directly, so there is no per-step Ray call. A restarted worker group (after a
-failure, under `cluster.max_failures`) resumes from the run's latest checkpoint.
+`WorkerContext` (ranks grouped by Ray node id), records where it runs (`ranks/rank_<r>.json`)
+and trains; rank 0 writes metrics and checkpoints to the run folder directly, so there is no
+per-step Ray call, and the driver follows the run from that folder (`progress.RunMonitor`).
+A restarted worker group (after a failure, under `cluster.max_failures`; smaller when
+`cluster.min_workers` makes it elastic) resumes from the run's latest checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from roundhouse.cluster.capacity import wait_for_capacity, worker_resources
+from roundhouse.cluster.progress import RunMonitor
+from roundhouse.cluster.ps import CONFIG_KEY as PS_CONFIG_KEY
+from roundhouse.cluster.ps import attach_parameter_store, servers_stopped_at_exit, start_servers
 from roundhouse.cluster.runtime import ClusterError
+from roundhouse.cluster.topology import describe_rank, write_rank_record
 from roundhouse.spec import ClusterConfig, JobSpec
 from roundhouse.trainer import PreparedRun
 from roundhouse.trainer.metrics_file import read_final_metrics
@@ -21,6 +30,7 @@ from roundhouse.trainer.metrics_file import read_final_metrics
 logger = logging.getLogger(__name__)
 
 PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def worker_env(job: JobSpec) -> dict[str, str]:
@@ -35,34 +45,65 @@ def worker_env(job: JobSpec) -> dict[str, str]:
     return env
 
 
+def is_elastic(cluster: ClusterConfig) -> bool:
+    """`cluster.min_workers` below `num_workers`: the group may shrink instead of waiting."""
+    return cluster.min_workers is not None and cluster.min_workers < cluster.num_workers
+
+
 def build_scaling_config(cluster: ClusterConfig) -> Any:
+    """Ray Train's `ScalingConfig`; elastic `(min, max)` workers when `min_workers` is set."""
     from ray.train import ScalingConfig
 
-    resources = {"CPU": cluster.cpus_per_worker}
-    if cluster.gpus_per_worker:
-        resources["GPU"] = cluster.gpus_per_worker
+    num_workers: int | tuple[int, int] = cluster.num_workers
+    if is_elastic(cluster):
+        num_workers = (cluster.min_workers, cluster.num_workers)  # type: ignore[assignment]
     return ScalingConfig(
-        num_workers=cluster.num_workers,
+        num_workers=num_workers,
         use_gpu=cluster.gpus_per_worker > 0,
-        resources_per_worker=resources,
+        resources_per_worker=worker_resources(cluster),
         placement_strategy=PLACEMENT[cluster.placement],
     )
 
 
+def build_failure_config(cluster: ClusterConfig) -> Any:
+    """Restart budget: `max_failures` worker-group failures.
+
+    A worker group that cannot be scheduled within `schedule_timeout_s` is a controller
+    failure. A fixed-size group fails then (Ray's default would retry forever). An elastic
+    group retries: after losing a node, Ray's view of the cluster is refreshed only every
+    ~20 s, so its first restart may ask for the old size and time out before it shrinks.
+    """
+    from ray.train import FailureConfig
+
+    return FailureConfig(
+        max_failures=cluster.max_failures,
+        controller_failure_limit=-1 if is_elastic(cluster) else 0,
+    )
+
+
 def train_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float]:
-    """Run the job on `cluster.num_workers` Ray workers; return rank 0's final metrics."""
-    from ray.train import FailureConfig, RunConfig
+    """Run the job on `cluster.num_workers` Ray workers; return rank 0's final metrics.
+
+    Waits (at most `cluster.schedule_timeout_s`) for the cluster to be able to host the group,
+    then runs `TorchTrainer.fit()` while a `RunMonitor` shows progress and restarts from the
+    run folder.
+    """
+    from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     job = prepared.job
     cluster = job.cluster
+    wait_for_capacity(cluster)
+    servers = start_servers(job)  # parameter-server actors; none unless strategy.kind=ps
+    started = time.time()  # checkpoints newer than this come from a failed attempt
     trainer = TorchTrainer(
         train_loop_per_worker=worker_main,
         train_loop_config={
             "job": job.model_dump(mode="json"),
             "resume": resume,
             "resume_step": prepared.resume_step,
-            "started": time.time(),  # checkpoints newer than this come from a failed attempt
+            "started": started,
+            PS_CONFIG_KEY: servers,
         },
         scaling_config=build_scaling_config(cluster),
         torch_config=TorchConfig(
@@ -72,16 +113,39 @@ def train_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float]:
         run_config=RunConfig(
             name=f"{job.name}-{job.storage.run_id}",
             storage_path=ray_storage_path(prepared),
-            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            failure_config=build_failure_config(cluster),
             worker_runtime_env={"env_vars": worker_env(job)},
         ),
     )
-    try:
-        trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors; surface the worker's own message
-        raise unwrap_worker_error(exc) from exc
+    with (
+        controller_env(cluster),
+        RunMonitor(job, prepared.run_dir, started),
+        servers_stopped_at_exit(servers),
+    ):
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; surface the worker's own message
+            raise unwrap_worker_error(exc, cluster) from exc
     # Rank 0 wrote them to the run folder; no ray.train.report needed (it costs ~1.3 s).
     return read_final_metrics(prepared.run_dir)
+
+
+@contextlib.contextmanager
+def controller_env(cluster: ClusterConfig) -> Iterator[None]:
+    """Settings Ray Train's controller reads from the driver's environment, for one fit().
+
+    `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` bounds how long a worker group may wait for its
+    placement group (`cluster.schedule_timeout_s`); Ray propagates it to the controller.
+    """
+    saved = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = str(cluster.schedule_timeout_s)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = saved
 
 
 def ray_storage_path(prepared: PreparedRun) -> str:
@@ -90,39 +154,78 @@ def ray_storage_path(prepared: PreparedRun) -> str:
     return os.path.join(local, "ray") if local else os.path.join(os.getcwd(), ".ray_results")
 
 
-def unwrap_worker_error(exc: Exception) -> Exception:
-    """A `RoundhouseError` raised on a worker, if that is what failed; else the Ray error."""
+def unwrap_worker_error(exc: Exception, cluster: ClusterConfig | None = None) -> Exception:
+    """A `RoundhouseError` raised on a worker, if that is what failed; else one line for Ray's.
+
+    A worker group that could not be scheduled in time becomes a `ClusterError` naming the
+    request and `cluster.schedule_timeout_s`.
+    """
     from roundhouse.errors import RoundhouseError
 
+    for current in _causes(exc):
+        if isinstance(current, RoundhouseError):
+            return current
+        if type(current).__name__ == "WorkerGroupStartupTimeoutError" and cluster is not None:
+            return ClusterError(
+                f"the worker group ({cluster.num_workers} x {worker_resources(cluster)}, "
+                f"placement {cluster.placement}) could not be scheduled within "
+                f"cluster.schedule_timeout_s={cluster.schedule_timeout_s:g} s",
+                "free or add resources, lower the request, or raise cluster.schedule_timeout_s",
+            )
+    text = str(exc).strip().splitlines()
+    return ClusterError(f"training on Ray failed: {text[-1] if text else type(exc).__name__}")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it wraps: worker failures, controller failures, causes."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, RoundhouseError):
-            return current
+        yield current
         for attr in ("worker_failures", "errors"):
             nested = getattr(current, attr, None)
             if isinstance(nested, dict) and nested:
                 current = next(iter(nested.values()))
                 break
         else:
-            current = current.__cause__ or getattr(current, "cause", None)
-    text = str(exc).strip().splitlines()
-    return ClusterError(f"training on Ray failed: {text[-1] if text else type(exc).__name__}")
+            current = (
+                getattr(current, "controller_failure", None)
+                or current.__cause__
+                or getattr(current, "cause", None)
+            )
 
 
 def worker_main(config: dict[str, Any]) -> None:
-    """Entry point on every Ray worker."""
+    """Entry point on every Ray worker (run again by Ray on every restart of the group)."""
+    import ray
     import ray.train
     import torch
 
     from roundhouse.trainer import run_worker
+    from roundhouse.trainer.run import run_dir_of
 
     job = JobSpec.model_validate(config["job"])
     ctx = build_worker_context(ray.train.get_context(), job)
+    ctx = attach_parameter_store(ctx, config)  # the ps strategy's servers, if any
     torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
     resume, step = choose_resume_point(job, config)
-    run_worker(job, ctx, resume_step=step, resume=resume)
+    runtime = ray.get_runtime_context()
+    record = describe_rank(
+        ctx,
+        node_id=runtime.get_node_id(),
+        node_ip=ray.util.get_node_ip_address(),
+        resume_step=step if resume else None,
+    )
+    write_rank_record(run_dir_of(job), record)
+    run_worker(worker_job(job), ctx, resume_step=step, resume=resume)
+
+
+def worker_job(job: JobSpec) -> JobSpec:
+    """The job as workers run it: the driver owns the console (see `RunMonitor`)."""
+    quiet = job.model_copy(deep=True)
+    quiet.tracking.console = "off"
+    return quiet
 
 
 def choose_resume_point(job: JobSpec, config: dict[str, Any]) -> tuple[bool, int | None]:
@@ -139,24 +242,48 @@ def choose_resume_point(job: JobSpec, config: dict[str, Any]) -> tuple[bool, int
 
 
 def build_worker_context(train_ctx: Any, job: JobSpec) -> Any:
-    """`WorkerContext` from Ray Train's context (node count agreed with one all-reduce)."""
+    """`WorkerContext` from Ray Train's context and the Ray node ids of all ranks.
+
+    Ray Train numbers nodes by IP address, so several Ray nodes on one address (containers
+    with host networking, `ray.cluster_utils.Cluster`) would count as one node. Ranks are
+    grouped by Ray node id instead (one all-gather when the worker starts).
+    """
+    import ray
     import torch
-    import torch.distributed as dist
     from ray.train.torch import get_device
 
     from roundhouse.trainer import WorkerContext
 
-    node_rank = train_ctx.get_node_rank()
-    num_nodes = torch.tensor([node_rank + 1])
-    if dist.is_initialized():
-        dist.all_reduce(num_nodes, op=dist.ReduceOp.MAX)
+    rank, world_size = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    node_ids = gather_node_ids(ray.get_runtime_context().get_node_id(), world_size)
     device = get_device() if job.cluster.gpus_per_worker else torch.device("cpu")
-    return WorkerContext(
-        rank=train_ctx.get_world_rank(),
-        world_size=train_ctx.get_world_size(),
-        local_rank=train_ctx.get_local_rank(),
-        local_world_size=train_ctx.get_local_world_size(),
-        node_rank=node_rank,
-        num_nodes=int(num_nodes.item()),
-        device=device,
-    )
+    layout = node_layout(node_ids, rank)
+    return WorkerContext(rank=rank, world_size=world_size, device=device, **layout)
+
+
+def gather_node_ids(node_id: str, world_size: int) -> list[str]:
+    """Every rank's Ray node id, by rank (an all-gather on the default process group)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return [node_id]
+    node_ids: list[Any] = [None] * world_size
+    dist.all_gather_object(node_ids, node_id)
+    return [str(n) for n in node_ids]
+
+
+def node_layout(node_ids: list[str], rank: int) -> dict[str, int]:
+    """`node_rank`, `num_nodes`, `local_rank`, `local_world_size` of `rank`.
+
+    Nodes are numbered in the order of their lowest rank; within a node, local ranks follow
+    world ranks.
+    """
+    nodes = list(dict.fromkeys(node_ids))
+    mine = node_ids[rank]
+    local = [r for r, n in enumerate(node_ids) if n == mine]
+    return {
+        "node_rank": nodes.index(mine),
+        "num_nodes": len(nodes),
+        "local_rank": local.index(rank),
+        "local_world_size": len(local),
+    }

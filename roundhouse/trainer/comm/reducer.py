@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from roundhouse.trainer.comm.ring import native_all_reduce_, ring_all_reduce_
+from roundhouse.trainer.comm.timeouts import group_timeout, named_collective
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,11 @@ def build_node_groups(node_rank: int, local_rank: int) -> NodeGroups:
         nodes.setdefault(node, []).append(rank)
     mine = None
     for node in sorted(nodes):
-        group = dist.new_group(nodes[node])
+        group = dist.new_group(nodes[node], timeout=group_timeout())
         if node == node_rank:
             mine = group
     leader_ranks = [nodes[node][0] for node in sorted(nodes)]
-    leaders = dist.new_group(leader_ranks)
+    leaders = dist.new_group(leader_ranks, timeout=group_timeout())
     me = dist.get_rank()
     logger.debug("node groups %s, leaders %s", nodes, leader_ranks)
     assert mine is not None
@@ -84,6 +85,10 @@ class GradientReducer:
 
     def __call__(self, buffer: Tensor) -> Tensor:
         """Replace `buffer` (flat, contiguous) with its average over all ranks."""
+        with named_collective("gradient all-reduce", self.group):
+            return self._average(buffer)
+
+    def _average(self, buffer: Tensor) -> Tensor:
         if self.node_groups is None:
             return self.all_reduce(buffer, group=self.group, wire_dtype=self.wire_dtype)
         groups = self.node_groups

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from roundhouse.trainer.comm.timeouts import group_timeout, wait_work
+
 ProcessGroup = dist.ProcessGroup | None
 
 # Messages are cut into segments so the reduction of one overlaps the transfer of the next;
@@ -79,6 +81,7 @@ class _Ring:
         self.left = _global_rank(group, (self.rank - 1) % self.size)
         self.chunks = list(torch.tensor_split(acc, self.size))
         self.sends: list[tuple[dist.Work, Tensor]] = []
+        self.timeout = group_timeout(group)  # gloo's p2p waits do not apply it by themselves
 
     def chunk_received(self, step: int) -> int:
         """Index of the chunk that arrives from the left in `step` (sent on in `step + 1`)."""
@@ -97,7 +100,7 @@ class _Ring:
             upcoming = 0 if last else self.num_segments(step + 1)
             nxt: list = []
             for target, incoming, work in recvs:
-                work.wait()
+                wait_work(work, op="ring all-reduce (recv)", peer=self.left, timeout=self.timeout)
                 wire = self.combine(step, target, incoming)
                 if not last:
                     self.send(wire)
@@ -107,7 +110,7 @@ class _Ring:
             nxt += [self.post_recv(step + 1, k) for k in range(len(nxt), upcoming)]
             recvs = nxt
         for work, _segment in self.sends:
-            work.wait()
+            wait_work(work, op="ring all-reduce (send)", peer=self.right, timeout=self.timeout)
 
     def combine(self, step: int, target: Tensor, incoming: Tensor) -> Tensor:
         """Merge one received segment into the buffer; return what to send on (wire dtype)."""

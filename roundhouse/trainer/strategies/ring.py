@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from roundhouse.errors import TrainingError
 from roundhouse.spec import RingStrategyConfig
 from roundhouse.trainer.comm import GradientReducer, OverlappedAllReduce, build_node_groups
+from roundhouse.trainer.comm.timeouts import group_timeout, named_collective
 from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.strategies.base import StepStats, TrainPlan
 from roundhouse.trainer.strategies.single import SingleDeviceStrategy
@@ -79,8 +80,11 @@ class RingStrategy(SingleDeviceStrategy):
     def all_true(self, flag: bool) -> bool:
         if not self.distributed:
             return flag
+        # Gradients first: a stalled peer then surfaces as the ring's error naming that peer.
+        self._wait()
         value = torch.tensor([int(flag)], dtype=torch.int32, device=self.ctx.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        with named_collective("all_reduce (finite-loss check)"):
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
@@ -88,12 +92,14 @@ class RingStrategy(SingleDeviceStrategy):
             return super().reduce_metrics(sums)
         # A rank with an empty evaluation share has no keys at all; agree on the union first.
         keys: list[list[str] | None] = [None] * self.ctx.world_size
-        dist.all_gather_object(keys, sorted(sums))
+        with named_collective("all_gather_object (evaluation metrics)"):
+            dist.all_gather_object(keys, sorted(sums))
         names = sorted({k for ks in keys for k in ks or []})
         zero = torch.zeros((), dtype=torch.float64)
         values = torch.stack([sums.get(k, zero).double().cpu() for k in names])
         values = values.to(self.ctx.device)
-        dist.all_reduce(values)
+        with named_collective("all_reduce (evaluation metrics)"):
+            dist.all_reduce(values)
         return dict(zip(names, values.cpu().tolist(), strict=True))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -139,5 +145,5 @@ def build_reducer(config: RingStrategyConfig, ctx: WorkerContext) -> GradientRed
     if config.hierarchical:
         groups = build_node_groups(ctx.node_rank, ctx.local_rank)
         return GradientReducer(config.algorithm, wire_dtype=wire, node_groups=groups)
-    group = dist.new_group(list(range(ctx.world_size)))
+    group = dist.new_group(list(range(ctx.world_size)), timeout=group_timeout())
     return GradientReducer(config.algorithm, wire_dtype=wire, group=group)

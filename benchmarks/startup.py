@@ -1,0 +1,160 @@
+"""Startup and per-step cost of `roundhouse train` on Ray, against bare Ray Train and `--local`.
+
+(a) startup: the time from launching `roundhouse train JOB` (a subprocess, embedded cluster,
+    2 workers, `max_steps=1`) to the end of the first optimizer step, against a bare
+    `TorchTrainer` script (also a subprocess starting its own embedded Ray on 127.0.0.1 with
+    the same CPUs) that builds the same MLP on the same digits data and takes one step. The
+    end of the first step is a timestamp written by the worker (roundhouse: the `time` of the
+    step-1 row of `metrics.jsonl`, logged right after the step; baseline: a file written right
+    after `optimizer.step()`), relative to the wall-clock time just before the subprocess
+    started.
+(b) step rate: steps/s of the same job on 1 Ray worker (1 CPU) against `--local` in a process
+    limited to 1 thread: the median of the `train/samples_per_s` windows each run logs (the
+    first window, with warm-up, excluded). The ratio shows what running under Ray (the worker
+    environment, the driver's progress channel) costs per step.
+
+Rounds alternate ours/baseline to share the machine's noise; medians are reported.
+
+    python benchmarks/startup.py [--rounds 3] [--steps 300]
+
+Prints `RESULT startup ours=<s> baseline=<s> ratio=... unit=s` and
+`RESULT ray_step_rate ours=<samples/s> baseline=<samples/s> ratio=... unit=samples/s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 20
+
+BASELINE = r"""
+import sys, time
+import ray, torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, prepare_model
+from sklearn.datasets import load_digits
+
+OUT = sys.argv[1]
+
+def train(config):
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(digits.target)
+    model = prepare_model(torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rank = ray.train.get_context().get_world_rank()
+    xb, yb = x[rank * 16:(rank + 1) * 16], y[rank * 16:(rank + 1) * 16]
+    loss = torch.nn.functional.cross_entropy(model(xb), yb)
+    loss.backward()
+    opt.step()
+    if rank == 0:
+        with open(config["out"], "w") as f:
+            f.write(str(time.time()))
+
+ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", num_cpus=2,
+         logging_level="WARNING")
+TorchTrainer(train, train_loop_config={"out": OUT},
+             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+             run_config=RunConfig(storage_path=sys.argv[2])).fit()
+ray.shutdown()
+"""
+
+
+def make_job(storage: str, *, steps: int, workers: int, log_every: int) -> dict:
+    return {
+        "name": "startup",
+        "model": {"name": "mlp", "flavor": "debug"},
+        "data": {"source": "builtin:digits", "batch_size": 32},
+        "trainer": {
+            "max_steps": steps,
+            "max_epochs": None,
+            "log_every_steps": log_every,
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "checkpoint": {"every_epoch": False, "keep_last": 1},
+        },
+        "strategy": {"kind": "ring" if workers > 1 else "single"},
+        "tracking": {"wandb": {"mode": "disabled"}, "console": "plain"},
+        "cluster": {"num_workers": workers, "cpus_per_worker": 1},
+        "storage": {"path": storage},
+    }
+
+
+def run_roundhouse(job: dict, folder: Path, *extra: str) -> tuple[float, list[dict]]:
+    """Launch `roundhouse train`; return (launch time, metrics rows)."""
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "roundhouse.launch.cli", "train", str(path), *extra]
+    launched = time.time()
+    subprocess.run(command, check=True, env=env, capture_output=True, cwd=folder)
+    metrics = next(Path(job["storage"]["path"]).glob("startup/*/metrics.jsonl"))
+    return launched, [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def startup_ours() -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        job = make_job(f"{tmp}/runs", steps=1, workers=2, log_every=1)
+        launched, rows = run_roundhouse(job, Path(tmp))
+        first = next(row for row in rows if row["step"] == 1 and "train/loss" in row)
+        return first["time"] - launched
+
+
+def startup_baseline() -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        script, out = Path(tmp) / "bare.py", Path(tmp) / "first_step"
+        script.write_text(BASELINE)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        launched = time.time()
+        command = [sys.executable, str(script), str(out), f"{tmp}/ray"]
+        subprocess.run(command, check=True, env=env, capture_output=True, cwd=tmp)
+        return float(out.read_text()) - launched
+
+
+def step_rate(steps: int, *extra: str) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        job = make_job(f"{tmp}/runs", steps=steps, workers=1, log_every=WINDOW)
+        _, rows = run_roundhouse(job, Path(tmp), *extra)
+        rates = [row["train/samples_per_s"] for row in rows if "train/samples_per_s" in row]
+        return statistics.median(rates[1:])
+
+
+def result(name: str, ours: list[float], baseline: list[float], unit: str) -> str:
+    a, b = statistics.median(ours), statistics.median(baseline)
+    return f"RESULT {name} ours={a:.4g} baseline={b:.4g} ratio={a / b:.3f} unit={unit}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    ours, base, ray_rate, local_rate = [], [], [], []
+    for i in range(args.rounds):
+        ours.append(startup_ours())
+        base.append(startup_baseline())
+        ray_rate.append(step_rate(args.steps))
+        local_rate.append(step_rate(args.steps, "--local"))
+        print(
+            f"round {i}: startup {ours[-1]:.2f}s vs {base[-1]:.2f}s, "
+            f"step rate {ray_rate[-1]:.0f} vs {local_rate[-1]:.0f} samples/s",
+            flush=True,
+        )
+    print(result("startup", ours, base, "s"))
+    print(result("ray_step_rate", ray_rate, local_rate, "samples/s"))
+
+
+if __name__ == "__main__":
+    main()
