@@ -14,10 +14,11 @@ def train_with_ray(
     job: JobSpec, resume: str | None = None, address: str | None = None
 ) -> dict[str, float]:
     """Prepare the run folder here, then train on `cluster.num_workers` Ray workers."""
+    from roundhouse.cluster.ps import server_cpus
     from roundhouse.cluster.runtime import ray_runtime
     from roundhouse.cluster.workers import train_on_ray
 
     prepared = prepare_run(job, resume)
     logger.info("run folder: %s", prepared.run_dir.url)
-    with ray_runtime(job.cluster, address):
+    with ray_runtime(job.cluster, address, extra_cpus=server_cpus(job)):
         return train_on_ray(prepared, resume=resume is not None)

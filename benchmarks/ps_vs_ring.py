@@ -1,0 +1,132 @@
+"""Parameter server vs ring all-reduce, and async/ssp vs sync with a straggler, on Ray.
+
+One embedded Ray runtime (127.0.0.1) runs the same job (LeNet `debug` on digits resized to
+32x32, Adam, 2 workers of 1 CPU, `--epochs` epochs) with these strategies:
+
+- `ring` and `ps` sync (1 server, no node aggregation: both workers share this one machine,
+  and aggregation would make them a single pusher);
+- with rank 1 slowed by `--factor` (straggler injection, `strategy.slow_worker`): `ps` sync,
+  async and ssp (staleness 2).
+
+Throughput is the job's: global samples between the end of the first epoch and the end of the
+last (both synchronised by the loop's evaluation, so a fast async worker cannot flatter it),
+over the wall time between those two validation rows of metrics.jsonl. Every rank trains on
+a fixed share of each epoch, so with a *persistent* straggler every mode's epoch takes the slow
+worker's time; the `_rank0` lines show the fast worker's own pace (its log windows'
+samples/s), which async/ssp free from the straggler between epoch ends. Accuracy is the final
+test accuracy. Medians over `--repeats`.
+
+    python benchmarks/ps_vs_ring.py [--epochs 5] [--factor 2] [--repeats 1]
+
+RESULT lines: `ps_sync_vs_ring` (target >= 0.8), `ps_async_vs_sync_slowed` and
+`ps_ssp_vs_sync_slowed` (target >= 1.5), and the accuracy of each slowed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from roundhouse.cluster.ps import server_cpus
+from roundhouse.cluster.runtime import ray_runtime
+from roundhouse.cluster.workers import train_on_ray
+from roundhouse.launch.jobfile import validate_job
+from roundhouse.trainer import prepare_run
+
+logger = logging.getLogger("ps_vs_ring")
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ring": {"kind": "ring"},
+    "ps_sync": {"kind": "ps", "mode": "sync"},
+    "ps_sync_slowed": {"kind": "ps", "mode": "sync", "slow": True},
+    "ps_async_slowed": {"kind": "ps", "mode": "async", "slow": True},
+    "ps_ssp_slowed": {"kind": "ps", "mode": "ssp", "staleness": 2, "slow": True},
+}
+
+
+def build_job(name: str, variant: dict[str, Any], args: argparse.Namespace, storage: str) -> Any:
+    strategy = {k: v for k, v in variant.items() if k != "slow"}
+    if strategy["kind"] == "ps":
+        strategy.update(num_servers=1, node_aggregation=False)
+        if variant.get("slow"):
+            strategy["slow_worker"] = {"rank": 1, "factor": args.factor}
+    job = {
+        "name": name,
+        "model": {"name": "lenet", "flavor": "debug"},
+        "data": {"source": "builtin:digits", "batch_size": 64, "image_size": 32},
+        "trainer": {
+            "max_epochs": args.epochs,
+            "log_every_steps": 5,
+            "device": "cpu",
+            "optimizer": {"name": "adam", "lr": 0.002},
+            "checkpoint": {"every_epoch": False},
+        },
+        "strategy": strategy,
+        "cluster": {"num_workers": 2, "cpus_per_worker": 1, "ps_resources": {"CPU": 1}},
+        "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
+        "storage": {"path": storage},
+    }
+    return validate_job(job)
+
+
+def measure(job: Any) -> tuple[float, float, float]:
+    """(job samples/s between the first and last epoch ends, rank 0's median samples/s over
+    its log windows, final test accuracy)."""
+    prepared = prepare_run(job)
+    train_on_ray(prepared, resume=False)
+    path = Path(prepared.run_dir.url) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    ends = [r for r in rows if "val/loss" in r]
+    first, last = ends[0], ends[-1]
+    samples = (last["step"] - first["step"]) * job.data.batch_size
+    windows = [r["train/samples_per_s"] for r in rows if "train/samples_per_s" in r][1:]
+    job_speed = samples / (last["time"] - first["time"])
+    return job_speed, statistics.median(windows), rows[-1]["test/accuracy"]
+
+
+def result(name: str, ours: float, baseline: float, unit: str) -> None:
+    ratio = ours / baseline if baseline else float("nan")
+    print(f"RESULT {name} ours={ours:.4g} baseline={baseline:.4g} ratio={ratio:.3f} unit={unit}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--factor", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    storage = tempfile.mkdtemp(prefix="ps_vs_ring-")
+    jobs = {name: build_job(name, v, args, storage) for name, v in VARIANTS.items()}
+    any_ps = next(j for j in jobs.values() if j.strategy.kind == "ps")
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in jobs}
+    with ray_runtime(any_ps.cluster, extra_cpus=server_cpus(any_ps)):
+        for _ in range(args.repeats):
+            for name, job in jobs.items():  # alternated, so every variant sees the same noise
+                runs[name].append(measure(job))
+                logger.info(
+                    "%s: job %.1f samples/s, rank 0 %.1f samples/s, test accuracy %.3f",
+                    name,
+                    *runs[name][-1],
+                )
+    speed = {n: statistics.median(r[0] for r in rs) for n, rs in runs.items()}
+    fast = {n: statistics.median(r[1] for r in rs) for n, rs in runs.items()}
+    accuracy = {n: statistics.median(r[2] for r in rs) for n, rs in runs.items()}
+    result("ps_sync_vs_ring", speed["ps_sync"], speed["ring"], "samples/s")
+    for mode in ("async", "ssp"):
+        name, sync = f"ps_{mode}_slowed", "ps_sync_slowed"
+        result(f"ps_{mode}_vs_sync_slowed", speed[name], speed[sync], "samples/s")
+        result(f"ps_{mode}_vs_sync_slowed_rank0", fast[name], fast[sync], "samples/s")
+    for mode in ("sync", "async", "ssp"):
+        name = f"ps_{mode}_slowed"
+        result(f"{name}_accuracy", accuracy[name], accuracy["ps_sync_slowed"], "accuracy")
+
+
+if __name__ == "__main__":
+    main()

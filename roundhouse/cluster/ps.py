@@ -1,0 +1,172 @@
+"""Parameter-server actors on Ray, and the `ParameterStore` the `ps` strategy uses to reach them.
+
+The driver starts `strategy.num_servers` actors (each a threaded actor running
+`roundhouse.trainer.ps.ShardServer`, reserving `cluster.ps_resources`) before the worker group,
+and passes their handles to the workers through `train_loop_config`. Each worker wraps them
+into a `RayParameterStore` and puts it in its `WorkerContext`. Gradients and parameters travel
+through Ray's object store as numpy arrays (zero-copy reads on the receiving side).
+
+Failures: a server actor is created with `max_restarts`, so when its process dies Ray starts
+a fresh (empty) one behind the same handle. The workers' calls to the dead actor raise, so
+the worker group fails and Ray Train restarts it (under `cluster.max_failures`); the restarted
+group resumes from the run's latest checkpoint, and its rank 0 re-initializes every shard from
+that checkpoint (parameters, optimizer state, schedule) before anyone pulls. A call reaching a
+restarted, not yet initialized shard fails too (`ServerNotReadyError`), never trains on
+garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from roundhouse.cluster.runtime import ClusterError
+from roundhouse.spec import JobSpec
+from roundhouse.trainer.ps import PullReply, ServerSetup, ShardServer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "ps_servers"
+MAX_CONCURRENCY = 64  # waiting pulls hold a thread each; pushes must still get through
+
+
+def server_cpus(job: JobSpec) -> float:
+    """CPUs the job's parameter servers reserve (0 for other strategies)."""
+    if job.strategy.kind != "ps":
+        return 0.0
+    return job.strategy.num_servers * float(job.cluster.ps_resources.get("CPU", 0.0))
+
+
+def server_name(job: JobSpec, shard: int) -> str:
+    """The actor name of one shard (lets tools and tests find it with `ray.get_actor`)."""
+    return f"roundhouse-ps-{job.name}-{job.storage.run_id}-{shard}"
+
+
+def actor_options(job: JobSpec, shard: int) -> dict[str, Any]:
+    """`num_cpus`/`num_gpus`/`resources` from `cluster.ps_resources`, plus restart policy."""
+    resources = dict(job.cluster.ps_resources)
+    options: dict[str, Any] = {
+        "num_cpus": resources.pop("CPU", 0.0),
+        "num_gpus": resources.pop("GPU", 0.0),
+        "max_concurrency": MAX_CONCURRENCY,
+        "max_restarts": -1,  # a dead server comes back empty; the job's restart refills it
+        "name": server_name(job, shard),
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}},
+    }
+    if resources:
+        options["resources"] = resources
+    return options
+
+
+def start_servers(job: JobSpec) -> list[Any]:
+    """Start the job's server actors and wait until they run (`cluster.schedule_timeout_s`).
+
+    Returns no handles for a job whose strategy is not `ps`.
+    """
+    import ray
+
+    if job.strategy.kind != "ps":
+        return []
+
+    actor_class = ray.remote(ShardServer)
+    threads = max(1, int(job.cluster.ps_resources.get("CPU", 1.0)))
+    handles = [
+        actor_class.options(**actor_options(job, shard)).remote(shard, threads)
+        for shard in range(job.strategy.num_servers)
+    ]
+    try:
+        ray.get([h.ping.remote() for h in handles], timeout=job.cluster.schedule_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        stop_servers(handles)
+        raise ClusterError(
+            f"{len(handles)} parameter servers x {dict(job.cluster.ps_resources)} could not be "
+            f"scheduled within cluster.schedule_timeout_s={job.cluster.schedule_timeout_s:g} s",
+            "lower strategy.num_servers or cluster.ps_resources, or add resources",
+        ) from None
+    logger.info("started %d parameter servers (%s each)", len(handles), job.cluster.ps_resources)
+    return handles
+
+
+def stop_servers(handles: list[Any]) -> None:
+    """Kill the server actors (no restart)."""
+    import ray
+
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+
+
+@contextlib.contextmanager
+def servers_stopped_at_exit(handles: list[Any]) -> Iterator[None]:
+    """Stop the server actors when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        stop_servers(handles)
+
+
+def attach_parameter_store(ctx: Any, config: dict[str, Any]) -> Any:
+    """`ctx` with a `RayParameterStore` over the servers in `config` (unchanged if none)."""
+    import dataclasses
+
+    handles = config.get(CONFIG_KEY)
+    if not handles:
+        return ctx
+    return dataclasses.replace(ctx, parameter_store=RayParameterStore(handles))
+
+
+class RayParameterStore:
+    """`ParameterStore` over Ray actor handles; pushes are fire-and-forget until `wait_pushes`."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = list(handles)
+        self.in_flight: list[Any] = []
+
+    @property
+    def num_servers(self) -> int:
+        return len(self.handles)
+
+    def initialize(
+        self,
+        shard: int,
+        setup: ServerSetup,
+        indices: list[int],
+        arrays: list[np.ndarray],
+        state: dict[str, Any] | None,
+        step: int,
+    ) -> None:
+        import ray
+
+        ray.get(self.handles[shard].initialize.remote(setup, indices, arrays, state, step))
+
+    def push(
+        self,
+        shard: int,
+        pusher: int,
+        step: int,
+        indices: list[int],
+        flat: np.ndarray,
+        present: list[bool],
+        weight: int,
+    ) -> None:
+        ref = self.handles[shard].push.remote(pusher, step, indices, flat, present, weight)
+        self.in_flight.append(ref)
+
+    def wait_pushes(self) -> None:
+        import ray
+
+        refs, self.in_flight = self.in_flight, []
+        ray.get(refs)
+
+    def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
+        import ray
+
+        return ray.get([self.handles[s].pull.remote(pusher, step) for s in shards])
+
+    def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([self.handles[s].state_dict.remote() for s in shards])

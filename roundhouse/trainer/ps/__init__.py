@@ -1,0 +1,31 @@
+"""The parameter server: shards, the store protocol, and the in-process store.
+
+Only the `ps` strategy uses this package; `roundhouse.cluster.ps` runs `ShardServer` as Ray
+actors behind the same `ParameterStore` protocol.
+"""
+
+from roundhouse.trainer.ps.local import LocalParameterStore
+from roundhouse.trainer.ps.protocol import ParameterStore
+from roundhouse.trainer.ps.server import (
+    PullReply,
+    ServerNotReadyError,
+    ServerResetError,
+    ServerSetup,
+    ShardServer,
+    consolidate_states,
+)
+from roundhouse.trainer.ps.sharding import build_layout, shard_of, used_shards
+
+__all__ = [
+    "LocalParameterStore",
+    "ParameterStore",
+    "PullReply",
+    "ServerNotReadyError",
+    "ServerResetError",
+    "ServerSetup",
+    "ShardServer",
+    "build_layout",
+    "consolidate_states",
+    "shard_of",
+    "used_shards",
+]

@@ -1,0 +1,219 @@
+"""`PSClient`: a worker's side of the parameter server.
+
+Pushes: parameters are grouped into buckets (reverse order, as backward produces them; the same
+buckets as the ring strategy). A post-accumulate-grad hook counts each bucket's gradients; a
+complete bucket is handed to one background thread, which packs it, (with node aggregation)
+sums it over the node onto the node leader, and sends each shard its part. So gradients travel
+while autograd goes on with earlier layers.
+
+Pulls: after the step's pushes, the same thread asks every shard for the parameters of the next
+step (the leader only; it then broadcasts them inside its node), while the main thread returns
+to the loop (data loading, logging). The main thread copies the parameters into the model
+just before the next forward.
+
+One thread runs every push and pull of this worker in order, so node-group collectives happen
+in the same order on every rank of a node.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from roundhouse.trainer.comm.buckets import Bucket, build_buckets
+from roundhouse.trainer.ps.protocol import ParameterStore
+from roundhouse.trainer.ps.sharding import shard_of, used_shards
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PusherRole:
+    """Who this rank pushes for.
+
+    Without node aggregation every rank is its own pusher (`pusher = rank`, `weight = 1`).
+    With it, a node's ranks form one pusher (`pusher = node_rank`, `weight` = ranks on the
+    node), led by the node's lowest rank, which alone talks to the servers.
+    """
+
+    pusher: int
+    is_leader: bool
+    weight: int
+    node_group: dist.ProcessGroup | None = None
+    leader_rank: int = 0
+
+
+@dataclass
+class Pulled:
+    """The parameters of one step, flat in model order, and what the servers reported."""
+
+    flat: Tensor
+    lr: float | None = None
+    grad_norm: float | None = None
+    ahead: int | None = None
+
+
+class PSClient:
+    """Overlapped gradient pushes and parameter prefetch for one worker.
+
+    Usage per optimizer step: `begin(step)` before the synchronising backward, `flush()` after
+    it, then `start_pull(step + 1)`; `wait_pull()` before the parameters are needed.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        store: ParameterStore | None,
+        layout: list[list[int]],
+        role: PusherRole,
+        *,
+        bucket_mb: float,
+    ) -> None:
+        self.params = list(params)
+        self.store, self.layout, self.role = store, layout, role
+        self.buckets = build_buckets(self.params, bucket_mb)
+        index_of = {p: i for i, p in enumerate(self.params)}
+        self.bucket_indices = [[index_of[p] for p in b.params] for b in self.buckets]
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b.params}
+        self.shard_of = shard_of(layout)
+        self.used = used_shards(layout)
+        self.offsets = _offsets(self.params)
+        self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roundhouse-ps")
+        self.push_futures: list[Future] = []
+        self.pull_future: Future | None = None
+        self.next_launch = len(self.buckets)
+        self.step = 0
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    # --- pushes -------------------------------------------------------------------------------
+
+    def begin(self, step: int) -> None:
+        """The next backward is the synchronising one of `step`: push its buckets."""
+        with self.lock:
+            self.step = step
+            for bucket in self.buckets:
+                bucket.pending = len(bucket.params)
+            self.next_launch = 0
+
+    def _on_grad(self, param: Tensor) -> None:
+        with self.lock:
+            if self.next_launch >= len(self.buckets):
+                return  # a gradient-accumulation micro-step
+            self.buckets[self.bucket_of[param]].pending -= 1
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self.next_launch < len(self.buckets):
+            i = self.next_launch
+            if self.buckets[i].pending > 0:
+                return
+            self.push_futures.append(self.executor.submit(self._push_bucket, i, self.step))
+            self.next_launch += 1
+
+    def flush(self) -> None:
+        """Backward returned: push every bucket not pushed yet (missing gradients as absent)."""
+        with self.lock:
+            for bucket in self.buckets[self.next_launch :]:
+                bucket.pending = 0
+            self._launch_ready()
+
+    def _push_bucket(self, i: int, step: int) -> None:
+        bucket: Bucket = self.buckets[i]
+        buffer = bucket.pack(torch.float32)
+        role = self.role
+        if role.node_group is not None:
+            dist.reduce(buffer, role.leader_rank, group=role.node_group)
+        if not role.is_leader:
+            return
+        buffer = buffer.cpu()
+        numel = bucket.numel
+        flags = buffer[numel:].tolist()
+        per_shard: dict[int, tuple[list[int], list[bool], list[Tensor]]] = {}
+        offset = 0
+        for p, g, flag in zip(bucket.params, self.bucket_indices[i], flags, strict=True):
+            indices, present, parts = per_shard.setdefault(self.shard_of[g], ([], [], []))
+            indices.append(g)
+            present.append(flag > 0)
+            if flag > 0:
+                parts.append(buffer[offset : offset + p.numel()])
+            offset += p.numel()
+        for shard, (indices, present, parts) in per_shard.items():
+            flat = torch.cat(parts) if parts else torch.zeros(0)
+            self.store.push(shard, role.pusher, step, indices, flat.numpy(), present, role.weight)
+
+    # --- pulls --------------------------------------------------------------------------------
+
+    def start_pull(self, step: int) -> None:
+        """Fetch (in the background) the parameters to compute `step` with."""
+        assert self.pull_future is None, "a pull is already in flight"
+        self.pull_future = self.executor.submit(self._pull, step)
+
+    def _pull(self, step: int) -> Pulled:
+        role = self.role
+        device = self.params[0].device
+        flat = np.empty(self.offsets[-1], dtype=np.float32)
+        pulled = Pulled(torch.from_numpy(flat))
+        if role.is_leader:
+            self.store.wait_pushes()
+            replies = self.store.pull(self.used, role.pusher, step)
+            for shard, reply in zip(self.used, replies, strict=True):
+                self._scatter(flat, shard, reply.flat)
+            pulled.lr = replies[0].lr if replies else None
+            norms = [r.grad_sq_norm for r in replies]
+            if all(n is not None for n in norms):
+                pulled.grad_norm = math.sqrt(sum(norms))
+            pulled.ahead = max((r.ahead for r in replies), default=0)
+        if role.node_group is not None:
+            pulled.flat = pulled.flat.to(device)
+            dist.broadcast(pulled.flat, role.leader_rank, group=role.node_group)
+        return pulled
+
+    def _scatter(self, flat: np.ndarray, shard: int, values: np.ndarray) -> None:
+        offset = 0
+        for g in self.layout[shard]:
+            n = self.params[g].numel()
+            flat[self.offsets[g] : self.offsets[g] + n] = values[offset : offset + n]
+            offset += n
+
+    def wait_pull(self) -> Pulled | None:
+        """Wait for the pull in flight (None if there is none); re-raise any failure."""
+        self.wait_pushes()
+        future, self.pull_future = self.pull_future, None
+        return future.result() if future is not None else None
+
+    def wait_pushes(self) -> None:
+        futures, self.push_futures = self.push_futures, []
+        for future in futures:
+            future.result()
+
+    @torch.no_grad()
+    def load(self, flat: Tensor) -> None:
+        """Copy pulled parameters into the model; drop the (already pushed) gradients."""
+        flat = flat.to(self.params[0].device)
+        for p, start in zip(self.params, self.offsets, strict=False):
+            p.copy_(flat[start : start + p.numel()].view_as(p))
+            p.grad = None
+
+    def close(self) -> None:
+        """Remove the hooks and stop the background thread."""
+        for handle in self.handles:
+            handle.remove()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _offsets(params: Sequence[nn.Parameter]) -> list[int]:
+    """Start of each parameter in the flat model vector, plus the total at the end."""
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    return offsets

@@ -1,0 +1,62 @@
+"""`LocalParameterStore`: the parameter servers as objects in this process (`--local`).
+
+The same `ShardServer` code as on Ray, called directly, so the `ps` code path can be debugged
+(breakpoints, profilers) without Ray. Only for one worker: other processes cannot reach it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from roundhouse.trainer.ps.server import PullReply, ServerSetup, ShardServer
+
+
+class LocalParameterStore:
+    """`num_servers` in-process shards; every call runs synchronously in the caller's thread.
+
+    `servers` may instead be given: anything with `ShardServer`'s methods called synchronously
+    (the tests pass `multiprocessing` proxies of shards living in another process).
+    """
+
+    def __init__(self, num_servers: int = 1, servers: list[Any] | None = None) -> None:
+        self.servers = (
+            servers if servers is not None else [ShardServer(i) for i in range(num_servers)]
+        )
+
+    @property
+    def num_servers(self) -> int:
+        return len(self.servers)
+
+    def initialize(
+        self,
+        shard: int,
+        setup: ServerSetup,
+        indices: list[int],
+        arrays: list[np.ndarray],
+        state: dict[str, Any] | None,
+        step: int,
+    ) -> None:
+        self.servers[shard].initialize(setup, indices, arrays, state, step)
+
+    def push(
+        self,
+        shard: int,
+        pusher: int,
+        step: int,
+        indices: list[int],
+        flat: np.ndarray,
+        present: list[bool],
+        weight: int,
+    ) -> None:
+        self.servers[shard].push(pusher, step, indices, flat, present, weight)
+
+    def wait_pushes(self) -> None:
+        """Pushes are applied synchronously: nothing is in flight."""
+
+    def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
+        return [self.servers[s].pull(pusher, step) for s in shards]
+
+    def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
+        return [self.servers[s].state_dict() for s in shards]

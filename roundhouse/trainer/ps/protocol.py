@@ -1,0 +1,61 @@
+"""`ParameterStore`: how the `ps` strategy talks to its parameter servers.
+
+`roundhouse.cluster.ps.RayParameterStore` implements it with Ray actors; `LocalParameterStore`
+(in `roundhouse.trainer.ps.local`) with `ShardServer` objects in this process. The strategy
+never knows which one it has.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from roundhouse.trainer.ps.server import PullReply, ServerSetup
+
+
+@runtime_checkable
+class ParameterStore(Protocol):
+    """A set of parameter-server shards, addressed by shard number."""
+
+    @property
+    def num_servers(self) -> int:
+        """How many shards (servers) there are."""
+        ...
+
+    def initialize(
+        self,
+        shard: int,
+        setup: ServerSetup,
+        indices: list[int],
+        arrays: list[np.ndarray],
+        state: dict[str, Any] | None,
+        step: int,
+    ) -> None:
+        """(Re)start one shard with its parameters (and optimizer state); blocks until done."""
+        ...
+
+    def push(
+        self,
+        shard: int,
+        pusher: int,
+        step: int,
+        indices: list[int],
+        flat: np.ndarray,
+        present: list[bool],
+        weight: int,
+    ) -> None:
+        """Send gradient sums to one shard; may return before the shard received them."""
+        ...
+
+    def wait_pushes(self) -> None:
+        """Block until every push sent so far was received; re-raise a failure."""
+        ...
+
+    def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
+        """The parameters of `shards` (in parallel), per the mode's waiting rule."""
+        ...
+
+    def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
+        """Each shard's `ShardServer.state_dict()`."""
+        ...

@@ -1,0 +1,319 @@
+"""`ShardServer`: one parameter-server shard, its optimizer state and the job's lr schedule.
+
+The same class runs in this process (the in-process store of `--local`) and as a Ray actor
+(`roundhouse.cluster.ps` wraps it with `ray.remote`, as a threaded actor). Every method is
+thread-safe: a pull that must wait (sync, ssp) blocks on a condition variable while pushes from
+other workers go on in other threads.
+
+Pushers are the parties that send gradients: every worker, or with node aggregation one leader
+per node. A push carries the *sum* of `weight` workers' loss-scaled gradients for some of the
+shard's parameters at one step; a pusher's gradient for a step is complete once every parameter
+of the shard arrived (in any number of pushes, in any order).
+
+Modes:
+- `sync` (BSP): the update for step t is applied once every pusher's gradient for t arrived:
+  the sum over pushers divided by the world size (the loop's loss scaling makes that the
+  gradient of the global batch). A pull for step t waits until t updates were applied.
+- `async` (ASP): each pusher's complete gradient is applied on arrival, as its own optimizer step
+  on the *average over that pusher's workers* (so each update is a regular step on that
+  pusher's share of the batch). The lr schedule advances once per `num_pushers` updates, i.e.
+  per global step. Pulls never wait.
+- `ssp`: applied as in async; a pull for step t waits until the slowest pusher has completed
+  at least `t - staleness` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class ServerResetError(RuntimeError):
+    """The shard was re-initialized (a restarted job) while this call waited."""
+
+
+class ServerNotReadyError(RuntimeError):
+    """The shard was called before `initialize` (for example after the actor restarted)."""
+
+
+@dataclass
+class ServerSetup:
+    """How a shard trains: mode, who pushes, and the job's optimizer and schedule factories."""
+
+    mode: str  # sync | async | ssp
+    staleness: int
+    num_pushers: int
+    world_size: int  # sync: the summed gradients are divided by this
+    build_optimizer: Callable[..., torch.optim.Optimizer]
+    build_scheduler: Callable[..., Any]
+    timeout_s: float = 600.0
+
+
+@dataclass
+class PullReply:
+    """A shard's parameters (flat, in the shard's index order) and what the last update did."""
+
+    flat: np.ndarray
+    version: int  # updates applied so far
+    lr: float  # lr of the last update (the current lr before any)
+    grad_sq_norm: float | None  # squared norm of the last applied gradient on this shard
+    ahead: int  # steps the pulling pusher is ahead of the slowest pusher
+
+
+class _Pending:
+    """Gradients received for one update: per pusher, per parameter index, plus weights."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, dict[int, np.ndarray | None]] = {}
+        self.weights: dict[int, int] = {}
+
+    def add(self, pusher: int, grads: dict[int, np.ndarray | None], weight: int) -> None:
+        mine = self.grads.setdefault(pusher, {})
+        overlap = mine.keys() & grads.keys()
+        assert not overlap, f"pusher {pusher} sent parameters {sorted(overlap)} twice"
+        mine.update(grads)
+        self.weights[pusher] = weight
+
+    def complete(self, pusher: int, size: int) -> bool:
+        return len(self.grads.get(pusher, ())) == size
+
+
+class ShardServer:
+    """One shard of the parameters with its optimizer and scheduler.
+
+    Args:
+        shard_id: this shard's number (for logs).
+        num_threads: torch threads for the update arithmetic.
+    """
+
+    def __init__(self, shard_id: int = 0, num_threads: int | None = None) -> None:
+        self.shard_id = shard_id
+        if num_threads is not None:
+            torch.set_num_threads(max(1, num_threads))
+        self.cond = threading.Condition()
+        self.generation = 0
+        self.setup: ServerSetup | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def ping(self) -> int:
+        """Liveness check; returns the shard id."""
+        return self.shard_id
+
+    def initialize(
+        self,
+        setup: ServerSetup,
+        indices: list[int],
+        arrays: list[np.ndarray],
+        state: dict[str, Any] | None = None,
+        step: int = 0,
+    ) -> None:
+        """(Re)start the shard with parameters `arrays` (global indices `indices`).
+
+        `state` is the consolidated optimizer/scheduler state (`consolidate_states` format) or
+        None for a fresh optimizer. `step` is every pusher's clock (the step to resume at).
+        Calls waiting on the previous generation fail with `ServerResetError`.
+        """
+        with self.cond:
+            self.generation += 1
+            self.setup = setup
+            self.indices = list(indices)
+            self.params = [torch.tensor(np.asarray(a, dtype=np.float32)) for a in arrays]
+            self.optimizer = setup.build_optimizer(self.params) if self.params else None
+            self.scheduler = setup.build_scheduler(self.optimizer) if self.params else None
+            if state is not None and self.params:
+                load_shard_state(self.optimizer, self.scheduler, self.indices, state)
+            self.clocks = [step] * setup.num_pushers
+            self.version = step if setup.mode == "sync" else 0
+            self.updates = 0 if state is None else int(state.get("updates", 0))
+            self.pending: dict[Any, _Pending] = {}
+            self.last_lr = self._current_lr()
+            self.last_sq_norm: float | None = None
+            self.cond.notify_all()
+        logger.info("ps shard %d: %d parameters, mode %s", self.shard_id, len(arrays), setup.mode)
+
+    def _current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0
+
+    def _ready(self) -> ServerSetup:
+        if self.setup is None:
+            raise ServerNotReadyError(f"parameter server shard {self.shard_id} not initialized")
+        return self.setup
+
+    # --- push ---------------------------------------------------------------------------------
+
+    def push(
+        self,
+        pusher: int,
+        step: int,
+        indices: list[int],
+        flat: np.ndarray,
+        present: list[bool],
+        weight: int = 1,
+    ) -> None:
+        """Receive gradient sums for `indices` (those `present` packed in order in `flat`)."""
+        grads = self._unflatten(indices, flat, present)
+        with self.cond:
+            setup = self._ready()
+            key = step if setup.mode == "sync" else (pusher, step)
+            pending = self.pending.setdefault(key, _Pending())
+            pending.add(pusher, grads, weight)
+            if not pending.complete(pusher, len(self.indices)):
+                return
+            self.clocks[pusher] = max(self.clocks[pusher], step + 1)
+            if setup.mode != "sync":
+                self._apply(self.pending.pop(key), divisor=weight)
+            elif all(pending.complete(p, len(self.indices)) for p in range(setup.num_pushers)):
+                self._apply(self.pending.pop(key), divisor=setup.world_size)
+                self.version += 1
+            self.cond.notify_all()
+
+    def _unflatten(
+        self, indices: list[int], flat: np.ndarray, present: list[bool]
+    ) -> dict[int, np.ndarray | None]:
+        position = {g: i for i, g in enumerate(self.indices)}
+        grads: dict[int, np.ndarray | None] = {}
+        offset = 0
+        for g, has in zip(indices, present, strict=True):
+            if g not in position:
+                raise ValueError(f"parameter {g} is not on shard {self.shard_id}")
+            if has:
+                n = self.params[position[g]].numel()
+                grads[g] = flat[offset : offset + n]
+                offset += n
+            else:
+                grads[g] = None
+        return grads
+
+    def _apply(self, pending: _Pending, divisor: int) -> None:
+        """One optimizer (and schedule) step on the summed gradients of `pending`."""
+        sq_norm = 0.0
+        finite = True
+        for param, g in zip(self.params, self.indices, strict=True):
+            parts = [pending.grads[p][g] for p in sorted(pending.grads)]
+            parts = [part for part in parts if part is not None]
+            if not parts:
+                param.grad = None
+                continue
+            total = np.array(parts[0], dtype=np.float32)  # a writable copy; pushes are read-only
+            for part in parts[1:]:
+                total += part
+            param.grad = torch.from_numpy(total).view_as(param).div_(divisor)
+            sq_norm += float(param.grad.double().pow(2).sum())
+            finite = finite and bool(torch.isfinite(param.grad).all())
+        self.last_lr = self._current_lr()
+        self.last_sq_norm = sq_norm
+        if not finite:  # the loop skips (or stops at) this step; skip the update too
+            logger.warning("ps shard %d: non-finite gradient, update skipped", self.shard_id)
+        else:
+            self.optimizer.step()
+            self.updates += 1
+            if self._schedule_due():
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _schedule_due(self) -> bool:
+        setup = self._ready()
+        return setup.mode == "sync" or self.updates % setup.num_pushers == 0
+
+    # --- pull ---------------------------------------------------------------------------------
+
+    def pull(self, pusher: int, step: int) -> PullReply:
+        """The parameters a pusher about to compute `step` may use (waits per the mode)."""
+        deadline = time.monotonic() + self._ready().timeout_s
+        with self.cond:
+            generation = self.generation
+            while not self._may_read(step):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"ps shard {self.shard_id}: pusher {pusher} waited for step {step} "
+                        f"longer than {self._ready().timeout_s} s (clocks {self.clocks})"
+                    )
+                self.cond.wait(timeout=min(left, 1.0))
+                if self.generation != generation:
+                    raise ServerResetError(f"ps shard {self.shard_id} was re-initialized")
+            flat = self._flat_params()
+            return PullReply(
+                flat=flat,
+                version=self.version if self.setup.mode == "sync" else self.updates,
+                lr=self.last_lr,
+                grad_sq_norm=self.last_sq_norm,
+                ahead=max(0, step - min(self.clocks)),
+            )
+
+    def _may_read(self, step: int) -> bool:
+        setup = self._ready()
+        if setup.mode == "sync":
+            return self.version >= step
+        if setup.mode == "ssp":
+            return min(self.clocks) >= step - setup.staleness
+        return True
+
+    def _flat_params(self) -> np.ndarray:
+        if not self.params:
+            return np.zeros(0, dtype=np.float32)
+        return torch.cat([p.detach().reshape(-1) for p in self.params]).numpy().copy()
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This shard's parameters and optimizer/scheduler state, keyed by global index."""
+        with self.cond:
+            self._ready()
+            params = {g: p.detach().clone() for g, p in zip(self.indices, self.params, strict=True)}
+            if self.optimizer is None:
+                return {"params": params, "optimizer": {}, "scheduler": None, "updates": 0}
+            opt = self.optimizer.state_dict()
+            per_param = {
+                g: opt["state"][i] for i, g in enumerate(self.indices) if i in opt["state"]
+            }
+            groups = [
+                {k: v for k, v in group.items() if k != "params"} for group in opt["param_groups"]
+            ]
+            return {
+                "params": params,
+                "optimizer": {"state": per_param, "param_groups": groups},
+                "scheduler": self.scheduler.state_dict(),
+                "updates": self.updates,
+                "num_pushers": self.setup.num_pushers,
+            }
+
+
+def load_shard_state(
+    optimizer: torch.optim.Optimizer, scheduler: Any, indices: list[int], state: dict[str, Any]
+) -> None:
+    """Load the consolidated optimizer/scheduler `state` for the parameters `indices`."""
+    opt = state["optimizer"]
+    per_param = {i: opt["state"][g] for i, g in enumerate(indices) if g in opt["state"]}
+    groups = [dict(group, params=list(range(len(indices)))) for group in opt["param_groups"]]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    if state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+
+
+def consolidate_states(shard_states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge shard `state_dict`s into one state keyed by global parameter index."""
+    used = [s for s in shard_states if s["params"]]
+    params: dict[int, torch.Tensor] = {}
+    per_param: dict[int, Any] = {}
+    for s in used:
+        params.update(s["params"])
+        per_param.update(s["optimizer"]["state"])
+    first = used[0] if used else {"optimizer": {"param_groups": []}, "scheduler": None}
+    return {
+        "params": params,
+        "optimizer": {"state": per_param, "param_groups": first["optimizer"]["param_groups"]},
+        "scheduler": first["scheduler"],
+        "updates": max((s["updates"] for s in used), default=0),
+        "num_pushers": max((s.get("num_pushers", 0) for s in used), default=0),
+    }

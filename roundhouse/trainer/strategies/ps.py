@@ -1,0 +1,280 @@
+"""`ps`: data parallel through parameter servers (sync, async or bounded-staleness).
+
+Every worker computes gradients on its share of each global batch and pushes them, bucket by
+bucket during backward, to the servers that own the parameters (size-balanced shards); the
+servers hold the optimizer state, apply the job's optimizer and lr schedule, and the workers
+pull the new parameters (prefetched in the background while the loop goes on). See
+`roundhouse.trainer.ps.server` for what each mode means.
+
+With `node_aggregation` the ranks of a node first sum their gradients onto the node's leader
+(a torch.distributed group per node), only the leader pushes and pulls, and it broadcasts the
+parameters to its node: one push and one pull per node instead of per worker.
+
+The servers come from `ctx.parameter_store` (Ray actors, started by `roundhouse.cluster`);
+with one worker and none given, an in-process store is built (`--local`).
+
+Checkpoints hold the consolidated state (parameters, optimizer state per parameter, the
+schedule), so they load at another number of workers or servers: the shards are re-cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from roundhouse.errors import JobFileError, TrainingError
+from roundhouse.spec import PSStrategyConfig
+from roundhouse.trainer.comm import build_node_groups
+from roundhouse.trainer.context import WorkerContext
+from roundhouse.trainer.ps import (
+    LocalParameterStore,
+    ParameterStore,
+    ServerSetup,
+    build_layout,
+    consolidate_states,
+    used_shards,
+)
+from roundhouse.trainer.ps.client import PSClient, Pulled, PusherRole
+from roundhouse.trainer.strategies.base import StepStats, TrainPlan
+from roundhouse.trainer.strategies.ring import broadcast_module, check_process_group
+from roundhouse.trainer.strategies.single import SingleDeviceStrategy
+
+logger = logging.getLogger(__name__)
+
+BUCKET_MB = 4.0
+SERVER_WAIT_S = 600.0  # a pull waiting longer than this for other workers fails
+
+
+class ParameterServerStrategy(SingleDeviceStrategy):
+    """Workers compute gradients; parameter-server shards own the parameters and update them."""
+
+    config: PSStrategyConfig
+
+    def __init__(self, config: PSStrategyConfig, ctx: WorkerContext) -> None:
+        super().__init__(config, ctx)
+        self.distributed = ctx.world_size > 1
+        if self.distributed:
+            check_process_group(ctx)
+        self.store = build_store(config, ctx)
+        self.client: PSClient | None = None
+        self.clock = 0  # steps pushed by this worker (the tag of its next push)
+        self.last: Pulled | None = None
+        self.ahead: list[int] = []
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def setup(self, model: nn.Module, plan: TrainPlan) -> None:
+        if plan.grad_clip_norm is not None:
+            raise JobFileError(
+                "trainer.grad_clip_norm is not supported with strategy.kind=ps "
+                "(each server sees only its shard of the gradient)",
+                "remove trainer.grad_clip_norm or use strategy.kind=ring",
+            )
+        self.plan = plan
+        self.model = model.to(self.ctx.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.distributed:
+            broadcast_module(self.model)  # buffers (and the servers' initial parameters)
+        self.layout = build_layout([p.numel() for p in self.params], self.store.num_servers)
+        self.role = build_role(self.config, self.ctx)
+        self.client = PSClient(self.params, self.store, self.layout, self.role, bucket_mb=BUCKET_MB)
+        self._initialize_servers(None)
+
+    def _server_setup(self) -> ServerSetup:
+        num_pushers = (
+            self.ctx.num_nodes if self.role.node_group is not None else self.ctx.world_size
+        )
+        return ServerSetup(
+            mode=self.config.mode,
+            staleness=self.config.staleness,
+            num_pushers=num_pushers,
+            world_size=self.ctx.world_size,
+            build_optimizer=self.plan.build_optimizer,
+            build_scheduler=self.plan.build_scheduler,
+            timeout_s=SERVER_WAIT_S,
+        )
+
+    def _initialize_servers(self, state: dict[str, Any] | None) -> None:
+        """Rank 0 (re)starts every shard from the model (and `state`); the others wait."""
+        self._barrier()
+        if self.ctx.rank == 0:
+            setup = self._server_setup()
+            arrays = [p.detach().cpu().numpy() for p in self.params]
+            for shard, indices in enumerate(self.layout):
+                self.store.initialize(
+                    shard, setup, indices, [arrays[g] for g in indices], state, self.clock
+                )
+        self._barrier()
+        self.last = None
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    # --- training -----------------------------------------------------------------------------
+
+    def _ensure_params(self) -> None:
+        """Load the parameters of the current step into the model (pull if none in flight)."""
+        assert self.client is not None
+        if self.last is not None and self.client.pull_future is None:
+            return
+        if self.client.pull_future is None:
+            self.client.start_pull(self.clock)
+        pulled = self.client.wait_pull()
+        assert pulled is not None
+        self.client.load(pulled.flat)
+        if pulled.ahead is not None:
+            self.ahead.append(pulled.ahead)
+        self.last = pulled
+
+    def forward_backward(
+        self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
+    ) -> Tensor:
+        self._ensure_params()
+        started = time.perf_counter()
+        if sync:
+            self.client.begin(self.clock)
+        try:
+            loss = super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
+        finally:
+            if sync:
+                self.client.flush()
+        self._maybe_straggle(time.perf_counter() - started)
+        return loss
+
+    def _maybe_straggle(self, elapsed: float) -> None:
+        """Straggler injection: the configured rank takes `factor` times as long to compute."""
+        slow = self.config.slow_worker
+        if slow is not None and slow.rank == self.ctx.rank and slow.factor > 1:
+            time.sleep(elapsed * (slow.factor - 1))
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        self._ensure_params()
+        return super().forward(batch)
+
+    def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
+        self._advance()
+        if not need_grad_norm:
+            lr = self.last.lr if self.last is not None else None
+            return StepStats(grad_norm=None, lr=lr if lr is not None else float("nan"))
+        self._ensure_params()  # wait for the servers' report of this step's update
+        pulled = self.last
+        stats = StepStats(grad_norm=pulled.grad_norm, lr=pulled.lr or 0.0)
+        stats.extra.update(self._staleness_metrics())
+        return stats
+
+    def _advance(self) -> None:
+        """This step's gradients were pushed; prefetch the next step's parameters."""
+        self.clock += 1
+        self.client.start_pull(self.clock)
+
+    def _staleness_metrics(self) -> dict[str, float]:
+        """Steps this worker was ahead of the slowest worker at its pulls, since the last log."""
+        values, self.ahead = self.ahead, []
+        if not values or self.config.mode == "sync":
+            return {}
+        return {
+            "train/ps_staleness_mean": float(np.mean(values)),
+            "train/ps_staleness_max": float(max(values)),
+        }
+
+    def zero_grad(self) -> None:
+        # The gradients already reached the servers, which skip a non-finite update; the step
+        # still counts (every pusher's clock moves on), so the next pull is for the next step.
+        self._advance()
+        self._ensure_params()
+
+    def all_true(self, flag: bool) -> bool:
+        if not self.distributed or self.config.mode != "sync":
+            return flag  # async/ssp workers never wait for each other here
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self.ctx.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
+        if not self.distributed:
+            return super().reduce_metrics(sums)
+        return all_reduce_metrics(sums, self.ctx)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Consolidated: every parameter, its optimizer state and the schedule (rank 0 asks)."""
+        self._ensure_params()  # sync: the servers finished this step
+        model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.ctx.rank != 0:
+            return {"model": model}
+        server = consolidate_states(self.store.state_dicts(used_shards(self.layout)))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for g, p in enumerate(self.params):
+            model[names[id(p)]] = server["params"][g].view_as(p).clone()
+        del server["params"]
+        return {"model": model, "ps": {**server, "clock": self.clock}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.client is not None:
+            self.client.wait_pull()
+        ps = state.get("ps")
+        if ps is None:
+            raise KeyError("checkpoint has no parameter-server state ('ps')")
+        self.clock = int(ps["clock"])
+        self._initialize_servers(ps)
+
+    def model_state_dict(self) -> dict[str, Tensor]:
+        self._ensure_params()
+        return self.model.state_dict()
+
+    def close(self) -> None:
+        # No waiting for a pull still in flight: after a failure it may wait for a worker or a
+        # server that is gone, and the error that matters was already raised.
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def build_store(config: PSStrategyConfig, ctx: WorkerContext) -> ParameterStore:
+    """The context's store (Ray actors), or an in-process one for a single worker."""
+    store = getattr(ctx, "parameter_store", None)
+    if store is not None:
+        return store
+    if ctx.world_size > 1:
+        raise TrainingError(
+            f"strategy.kind=ps with {ctx.world_size} workers needs parameter servers, "
+            "but the worker context has none",
+            "start the job through roundhouse (Ray), which starts the servers",
+        )
+    return LocalParameterStore(config.num_servers)
+
+
+def build_role(config: PSStrategyConfig, ctx: WorkerContext) -> PusherRole:
+    """This rank's pusher: itself, or (node aggregation with >1 rank per node) its node."""
+    if not config.node_aggregation or ctx.world_size == ctx.num_nodes:
+        return PusherRole(pusher=ctx.rank, is_leader=True, weight=1, leader_rank=ctx.rank)
+    groups = build_node_groups(ctx.node_rank, ctx.local_rank)  # collective on every rank
+    size = dist.get_world_size(groups.node)
+    return PusherRole(
+        pusher=ctx.node_rank,
+        is_leader=dist.get_rank() == groups.leader,
+        weight=size,
+        node_group=groups.node,
+        leader_rank=groups.leader,
+    )
+
+
+def all_reduce_metrics(sums: dict[str, Tensor], ctx: WorkerContext) -> dict[str, float]:
+    """Sum metric tensors over every rank (ranks with no evaluation share included)."""
+    keys: list[list[str] | None] = [None] * ctx.world_size
+    dist.all_gather_object(keys, sorted(sums))
+    names = sorted({k for ks in keys for k in ks or []})
+    zero = torch.zeros((), dtype=torch.float64)
+    values = torch.stack([sums.get(k, zero).double().cpu() for k in names]).to(ctx.device)
+    dist.all_reduce(values)
+    return dict(zip(names, values.cpu().tolist(), strict=True))

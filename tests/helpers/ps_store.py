@@ -1,0 +1,70 @@
+"""Parameter-server shards in a separate process, reachable from `run_distributed` ranks.
+
+A `multiprocessing` manager process hosts `ShardServer` objects (the same class Ray runs as
+actors); every rank connects and wraps proxies of them in a `LocalParameterStore`. Each proxy
+call runs in its own thread of the manager, so a pull that waits (sync, ssp) does not block
+other ranks' pushes. This is a test transport for the real server code without Ray's startup
+cost; tests/integration/test_ps_ray.py covers the Ray actors.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.managers import BaseManager
+
+from roundhouse.trainer.ps import LocalParameterStore, ShardServer
+
+_SERVERS: dict[int, ShardServer] = {}
+
+
+def _get_shard(index: int) -> ShardServer:
+    """In the manager process: shard `index` (created on first use)."""
+    if index not in _SERVERS:
+        _SERVERS[index] = ShardServer(index)
+    return _SERVERS[index]
+
+
+class ShardManager(BaseManager):
+    """Serves `get_shard(i)` proxies."""
+
+
+ShardManager.register(
+    "get_shard",
+    callable=_get_shard,
+    exposed=("ping", "initialize", "push", "pull", "state_dict"),
+)
+
+Address = tuple[str, bytes]
+
+
+@contextmanager
+def shard_manager() -> Iterator[Address]:
+    """Start a manager process on a unix socket; yields (address, authkey) for `connect_store`.
+
+    A unix socket, not TCP: multiprocessing sends a large message's header and body in two
+    writes, which Nagle's algorithm and delayed ACKs stall ~40 ms per push on loopback TCP,
+    enough to hide a straggler's slowness behind the transport.
+    """
+    authkey = b"roundhouse-ps-test"
+    folder = tempfile.mkdtemp(prefix="rhps", dir="/tmp")
+    address = os.path.join(folder, "shards.sock")
+    manager = ShardManager(address=address, authkey=authkey, ctx=mp.get_context("fork"))
+    manager.start()
+    try:
+        yield manager.address, authkey
+    finally:
+        manager.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def connect_store(address: Address, num_servers: int) -> LocalParameterStore:
+    """In a rank: a store whose shards are proxies of the manager's shards 0..num_servers-1."""
+    host, authkey = address
+    manager = ShardManager(address=host, authkey=authkey)
+    manager.connect()
+    return LocalParameterStore(servers=[manager.get_shard(i) for i in range(num_servers)])
