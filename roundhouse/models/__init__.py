@@ -2,7 +2,8 @@
 
 `get(name)` returns a `ModelSpec`; `spec.build(BuildConfig(...))` returns an `nn.Module`.
 Importing this package registers every built-in family: mlp, lenet, alexnet, vgg, nin,
-googlenet, resnet, densenet; rnn_lm, gru_lm, lstm_lm, rnn_classifier, gpt, bert, moe.
+googlenet, resnet, densenet; rnn_lm, gru_lm, lstm_lm, rnn_classifier, gpt, bert, moe;
+vae, ddpm, ldm, dit.
 `torchvision:<name>` and `package.module:callable` resolve through `adapters.py`.
 """
 
@@ -10,6 +11,7 @@ from roundhouse.models import (  # noqa: F401  (imported to register their specs
     alexnet,
     bert,
     densenet,
+    diffusion,
     googlenet,
     gpt,
     lenet,
@@ -18,6 +20,7 @@ from roundhouse.models import (  # noqa: F401  (imported to register their specs
     nin,
     resnet,
     rnn,
+    vae,
     vgg,
 )
 from roundhouse.models.registry import (

@@ -12,8 +12,9 @@ Choices, each an option:
 - `tie_weights`: the output map reuses the token embedding matrix (default on).
 
 The `TransformerBlock` here is shared with BERT (non-causal) and the MoE model (whose MLP is
-a mixture of experts). `generate` decodes greedily with a per-layer KV cache; `use_cache=False`
-re-runs the whole prefix each step, which tests compare against.
+a mixture of experts). `generate` decodes greedily (or samples with a temperature and top-k)
+with a per-layer KV cache; `use_cache=False` re-runs the whole prefix each step, which tests
+compare against.
 
 Flavor names follow GPT-2/GPT-3 sizes (`124m`, `350m`, `1.3b` are their layouts); with the
 byte vocabulary (260) the embedding is tiny, so the actual counts are lower than the names.
@@ -150,14 +151,27 @@ class GPT(nn.Module):
         return self.head(x)  # (B, T, V)
 
     @torch.no_grad()
-    def generate(self, prompt: Tensor, max_new_tokens: int, *, use_cache: bool = True) -> Tensor:
-        """Greedy decoding: appends the argmax token `max_new_tokens` times.
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        *,
+        use_cache: bool = True,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Appends `max_new_tokens` tokens: greedy (argmax) by default, or sampled.
 
         Args:
             prompt: `(B, T0)` token ids.
             max_new_tokens: Tokens to add.
             use_cache: Feed only the newest token and reuse cached keys/values; False re-runs
                 the whole sequence every step (same tokens, quadratic cost).
+            temperature: 0 decodes greedily; > 0 samples from `softmax(logits / temperature)`
+                (sampling instead of argmax, S3:5).
+            top_k: With sampling, keep only the k most likely tokens.
+            generator: Seeds the sampling.
 
         Returns:
             `(B, T0 + max_new_tokens)`.
@@ -167,10 +181,27 @@ class GPT(nn.Module):
         step_input = prompt
         for _ in range(max_new_tokens):
             logits = self(step_input if use_cache else tokens, caches)  # (B, t, V)
-            next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+            next_token = pick_next_token(logits[:, -1], temperature, top_k, generator)  # (B, 1)
             tokens = torch.cat([tokens, next_token], dim=1)
             step_input = next_token
         return tokens
+
+
+def pick_next_token(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """`(B, V)` last-position logits -> `(B, 1)` ids: argmax, or a temperature/top-k sample."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def sequence_length(model_name: str, input_shape: tuple[int, ...]) -> int:

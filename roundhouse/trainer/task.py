@@ -71,6 +71,13 @@ def build_task(kind: str, loss: LossConfig) -> Task:
         return LanguageModelTask(label_smoothing=loss.label_smoothing)
     if kind == "masked_lm":
         return MaskedLMTask(label_smoothing=loss.label_smoothing)
+    from roundhouse.trainer.tasks_diffusion import DiffusionTask, VAETask
+
+    if kind == "vae":
+        return VAETask()
+    if kind == "diffusion":
+        return DiffusionTask()
     raise ModelError(
-        f"model task {kind!r} is not supported", "valid: classification, language_model, masked_lm"
+        f"model task {kind!r} is not supported",
+        "valid: classification, language_model, masked_lm, vae, diffusion",
     )

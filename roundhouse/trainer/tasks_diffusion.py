@@ -1,0 +1,126 @@
+"""Tasks of the generative image models: `vae` (stage 1) and `diffusion` (DDPM, LDM, DiT).
+
+Batches are the image datasets' `{"input": (B, C, H, W) in [0, 1], "target": (B,) labels}`.
+
+`vae`: the model reconstructs the input and stores its per-image KL (`VAE.kl_loss`); the loss is
+the per-image sum of squared errors on the [-1, 1] scale plus `kl_weight * KL`, averaged over
+the batch. Metrics: `loss`, `mse` (per pixel, [0, 1] scale), `psnr` (dB), `kl` (per image).
+
+`diffusion` (SEEDS A24): draw `t ~ U{0..T-1}` and `eps ~ N(0, I)` per image, the model predicts
+the noise of `x_t`, the loss is `||eps - eps_theta(x_t, t, c)||^2` (mean over elements). For
+classifier-free guidance the condition (class label, or its caption for text conditioning) is
+replaced by the null condition with probability `p_uncond` in training. Training draws from
+the global torch RNG (seeded, and saved in checkpoints, so resume is exact); evaluation draws
+from a generator seeded by the batch's pixels, so every evaluation of a split sees the same
+timesteps and noise, and `val/loss` is comparable across steps (always with the condition).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from roundhouse.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+def _find(model: nn.Module, attr: str) -> nn.Module:
+    for module in model.modules():
+        if hasattr(module, attr):
+            return module
+    raise ModelError(f"the model has no {attr!r}", "use a model whose task this is")
+
+
+class VAETask:
+    """Reconstruction + weighted KL; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.kl: Tensor | None = None
+        self.kl_weight = 0.0
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        recon = model(batch["input"])  # (B, C, H, W)
+        vae = _find(model, "kl_loss")
+        self.kl, self.kl_weight = vae.kl_loss, float(vae.kl_weight)
+        return recon
+
+    @staticmethod
+    def squared_error(outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Per-image sum of squared errors on the [-1, 1] scale: `(B,)`."""
+        return ((outputs.float() - batch["input"].float()) * 2).square().flatten(1).sum(1)
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        assert self.kl is not None
+        return (self.squared_error(outputs, batch) + self.kl_weight * self.kl.float()).mean()
+
+    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        assert self.kl is not None
+        sq = self.squared_error(outputs, batch).detach()
+        count = torch.tensor(float(sq.shape[0]), device=outputs.device)
+        return {
+            "loss": self.loss(outputs, batch).detach() * count,
+            "sq_err": sq.sum() / 4,  # back to the [0, 1] scale
+            "pixels": torch.tensor(float(outputs[0].numel()), device=outputs.device) * count,
+            "kl": self.kl.detach().float().sum(),
+            "count": count,
+        }
+
+    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(float(sums["count"]), 1.0)
+        mse = float(sums["sq_err"]) / max(float(sums["pixels"]), 1.0)
+        return {
+            "loss": float(sums["loss"]) / n,
+            "mse": mse,
+            "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+            "kl": float(sums["kl"]) / n,
+        }
+
+
+def eval_generator(images: Tensor) -> torch.Generator:
+    """A CPU generator seeded by the batch's pixels (the same batch, the same draws)."""
+    seed = int((images.double().sum() * 1000).round().item()) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class DiffusionTask:
+    """Noise-prediction MSE with condition dropout; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.noise: Tensor | None = None
+
+    def draw(
+        self, model: nn.Module, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Timesteps `(B,)`, noise `(B, *latent)` and the (possibly dropped) condition."""
+        dm = _find(model, "cond_encoder")
+        x = batch["input"]
+        gen = None if dm.training else eval_generator(x)
+        size, device = x.shape[0], x.device
+        t = torch.randint(0, dm.schedule.num_steps, (size,), generator=gen).to(device)
+        noise = torch.randn((size, *dm.latent_shape), generator=gen).to(device, x.dtype)
+        cond = dm.cond_encoder.from_labels(batch["target"])
+        if cond is not None and dm.training and dm.p_uncond > 0:
+            keep = torch.rand(size, generator=gen).to(device) >= dm.p_uncond
+            cond = dm.cond_encoder.drop(cond, keep)
+        return t, noise, cond
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        t, noise, cond = self.draw(model, batch)
+        self.noise = noise
+        return model(batch["input"], t, cond, noise)  # (B, *latent) predicted noise
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        assert self.noise is not None
+        return F.mse_loss(outputs.float(), self.noise.float())
+
+    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        count = torch.tensor(float(outputs.shape[0]), device=outputs.device)
+        return {"loss": self.loss(outputs, batch).detach() * count, "count": count}
+
+    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"loss": float(sums["loss"]) / max(float(sums["count"]), 1.0)}
