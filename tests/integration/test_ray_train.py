@@ -1,4 +1,5 @@
-"""`roundhouse train` on an embedded Ray cluster: 2 workers equal one process on the whole batch."""
+"""`roundhouse train` on an embedded Ray cluster: 2 workers equal one process on the whole batch
+(in-memory data, and a prepared dataset each worker streams its own partition of)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from roundhouse.data.streaming import PrepareOptions, WriteConfig, prepare
 from roundhouse.launch.cli import main
 from tests.helpers.runs import final_weights, only_run, read_metrics
 
@@ -35,3 +37,23 @@ def test_two_ray_workers_with_ring_equal_one_local_process(tmp_path: Path, capsy
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-5)
     assert read_metrics(ray_run)[-1]["step"] == 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_workers_stream_their_partitions_of_a_prepared_dataset(tmp_path: Path) -> None:
+    """Each Ray worker streams its own partition from storage: 2 workers == 1 local process."""
+    url = str(tmp_path / "digits")
+    prepare("builtin:digits", url, PrepareOptions(), WriteConfig(shard_bytes=120_000))
+    job = {**JOB, "data": {"train": {"url": url}, "batch_size": 32, "shuffle_buffer": 256}}
+    job_file = tmp_path / "stream.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    ray_runs, local_runs = tmp_path / "ray-runs", tmp_path / "local-runs"
+    assert main(["train", str(job_file), "strategy.kind=ring", f"storage.path={ray_runs}"]) == 0
+    assert main(["train", str(job_file), "--local", f"storage.path={local_runs}"]) == 0
+    ray_run, local_run = only_run(ray_runs, "ray"), only_run(local_runs, "ray")
+    ours, reference = final_weights(ray_run), final_weights(local_run)
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-5)
+    rows = read_metrics(ray_run)
+    assert rows[-1]["step"] == 20 and "test/accuracy" in rows[-1]  # test split streamed too

@@ -138,7 +138,7 @@ BAD_INPUT = [
     (["trainer.optimizer.name=lion"], "adamw"),
     (["trainer.scheduler.name=onecycle"], "cosine"),
     (["trainer.loss.name=hinge"], "focal"),
-    (["strategy.kind=ps"], "not available"),
+    (["strategy.kind=deepspeed", "strategy.tensor_parallel=2"], "does not divide the world size 1"),
 ]
 
 
