@@ -4,6 +4,11 @@
     roundhouse models list
     roundhouse models summary NAME[:FLAVOR] --input CxHxW
     roundhouse schema
+    roundhouse sample RUN [--sampler ddpm|ddim --steps N --guidance W --class K --num N --out F]
+    roundhouse sample RUN --prompt TEXT [--max-new-tokens N --temperature T --top-k K]
+    roundhouse submit JOB.yaml --address http://HEAD:8265 [key.sub=value ...] [--wait]
+    roundhouse jobs list|status ID|logs ID [--follow]|stop ID [--address URL]
+    roundhouse ckpt export RUN --to model.safetensors [--step N]
 
 User mistakes print one line, `error: <what> (<how to fix>)`, and exit 2; `--debug` adds the
 traceback. Heavy imports (torch, the trainer) happen inside the commands so `--help` is fast.
@@ -19,7 +24,10 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from roundhouse.errors import JobFileError, RoundhouseError
+from roundhouse.launch.cli_ckpt import add_ckpt_parser, cmd_ckpt
 from roundhouse.launch.cli_data import add_data_parser, cmd_data
+from roundhouse.launch.cli_jobs import add_jobs_parser, add_submit_parser, cmd_jobs, cmd_submit
+from roundhouse.launch.cli_sample import add_sample_parser, cmd_sample
 
 EXIT_USER_ERROR = 2
 
@@ -36,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands, common)
     add_models_parser(commands, common)
     add_data_parser(commands, common)
+    add_sample_parser(commands, common)
+    add_submit_parser(commands, common)
+    add_jobs_parser(commands, common)
+    add_ckpt_parser(commands, common)
     commands.add_parser("schema", parents=[common], help="print the JSON schema of job files")
     return parser
 
@@ -141,6 +153,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "schema": cmd_schema,
     "data": cmd_data,
+    "sample": cmd_sample,
+    "submit": cmd_submit,
+    "jobs": cmd_jobs,
+    "ckpt": cmd_ckpt,
 }
 
 
@@ -160,7 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Overrides may come after options (`train job.yaml --local a.b=c`): argparse leaves those
     # trailing positionals unparsed, so pick them up here.
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+    if (
+        extra
+        and args.command in ("train", "submit")
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

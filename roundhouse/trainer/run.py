@@ -163,6 +163,7 @@ def build_plan(
         autocast_dtype=autocast_dtype(cfg.precision, device),
         global_batch_size=job.data.batch_size,
         grad_accum_steps=cfg.grad_accum_steps,
+        pipeline_layers=models.get(job.model.name).pipeline_layers,
     )
 
 

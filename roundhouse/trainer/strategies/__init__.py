@@ -9,12 +9,16 @@ from __future__ import annotations
 from roundhouse.errors import JobFileError
 from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.strategies.base import StepStats, Strategy, TrainPlan
+from roundhouse.trainer.strategies.deepspeed import DeepSpeedStrategy  # imports deepspeed lazily
+from roundhouse.trainer.strategies.ps import ParameterServerStrategy
 from roundhouse.trainer.strategies.ring import RingStrategy
 from roundhouse.trainer.strategies.single import SingleDeviceStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "single": SingleDeviceStrategy,
     "ring": RingStrategy,
+    "ps": ParameterServerStrategy,
+    "deepspeed": DeepSpeedStrategy,
 }
 
 

@@ -38,6 +38,8 @@ class TrainPlan:
     # The job's batch arithmetic, for strategies that configure an engine with it (DeepSpeed).
     global_batch_size: int | None = None
     grad_accum_steps: int = 1
+    # The model's `ModelSpec.pipeline_layers` (pipeline parallel builds its stages from it).
+    pipeline_layers: Callable[[nn.Module], list[nn.Module]] | None = None
 
 
 @dataclass
