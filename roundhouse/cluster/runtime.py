@@ -54,22 +54,56 @@ def ray_runtime(
     import ray
 
     target = resolve_address(cluster, address)
-    if target is None:
-        resources = embedded_resources(cluster, extra_cpus)
-        logger.info("starting an embedded Ray cluster on %s (%s)", LOOPBACK, resources)
-        ray.init(
-            _node_ip_address=LOOPBACK,
-            dashboard_host=LOOPBACK,
-            logging_level=logging.WARNING,
-            configure_logging=False,
-            **resources,
-        )
-    else:
-        connect(target)
+    with contextlib.ExitStack() as stack:
+        if target is None:
+            stack.enter_context(single_machine_mode())
+            start_embedded(embedded_resources(cluster, extra_cpus))
+        else:
+            connect(target)
+        try:
+            yield target
+        finally:
+            ray.shutdown()  # stops an embedded cluster; only disconnects from an external one
+
+
+def start_embedded(resources: dict[str, float]) -> None:
+    """A one-machine Ray cluster whose every process binds and talks on 127.0.0.1."""
+    import ray
+
+    logger.info("starting an embedded Ray cluster on %s (%s)", LOOPBACK, resources)
+    ray.init(
+        _node_ip_address=LOOPBACK,
+        dashboard_host=LOOPBACK,
+        logging_level=logging.WARNING,
+        configure_logging=False,
+        **resources,
+    )
+
+
+@contextlib.contextmanager
+def single_machine_mode() -> Iterator[None]:
+    """Ray's single-machine mode while an embedded cluster runs: loopback only.
+
+    `_node_ip_address=127.0.0.1` alone is not enough: Ray still resolves this machine's
+    outward IP for its processes, which then listen on every interface. With multi-machine
+    clusters disabled (Ray's own switch, the `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` variable that
+    Ray's processes inherit, and its constant in this already-imported process), the GCS,
+    raylet, dashboard agents and workers bind to and advertise 127.0.0.1 only.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        yield target
+        yield
     finally:
-        ray.shutdown()  # stops an embedded cluster; only disconnects from an external one
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
 
 
 def connect(address: str) -> None:

@@ -27,6 +27,7 @@ import requests
 
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 90
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's multi-machine switch
 
 
 def free_port() -> int:
@@ -86,11 +87,19 @@ class RayCluster:
     def gcs_address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def ray_start(self, *options: str) -> None:
+    def ray_start(self, *options: str, single_machine: bool = False) -> None:
+        """`ray start` one node on 127.0.0.1.
+
+        `single_machine`: Ray's single-machine mode, in which the GCS, raylet, dashboard and
+        client server listen on 127.0.0.1 only (with `--node-ip-address` alone they listen on
+        every interface). Other nodes cannot join such a head, so a multi-node cluster runs
+        without it, on explicit 127.0.0.1 node addresses.
+        """
         before = set(self.our_pids())
         cmd = [RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *options]
+        env = {**self.env, SINGLE_MACHINE_ENV: "0" if single_machine else "1"}
         result = subprocess.run(
-            cmd, env=self.env, capture_output=True, text=True, timeout=START_TIMEOUT_S
+            cmd, env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S
         )
         self.pids |= set(self.our_pids()) - before
         if result.returncode != 0:
@@ -98,10 +107,12 @@ class RayCluster:
 
     def our_pids(self) -> list[int]:
         """Ray daemons whose command line names this cluster's temp dir or GCS port."""
-        marks = (self.temp_dir, f"127.0.0.1:{self.gcs_port}", f"--gcs-address={self.gcs_address}")
+        # The GCS port in any address form: Ray's client server names the GCS by the
+        # machine's IP, not 127.0.0.1.
+        marks = (self.temp_dir, f":{self.gcs_port} ", f"={self.gcs_address}")
         found = []
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or [])
+            cmdline = " ".join(proc.info["cmdline"] or []) + " "
             if any(mark in cmdline for mark in marks):
                 found.append(proc.info["pid"])
         return found
@@ -197,6 +208,7 @@ def start_cluster(head_cpus: int = 2, extra_nodes: tuple[int, ...] = (1,)) -> Ra
             "--num-gpus=0",
             f"--temp-dir={temp_dir}",
             *node_ports(),
+            single_machine=not extra_nodes,
         )
         for cpus in extra_nodes:
             cluster.ray_start(
