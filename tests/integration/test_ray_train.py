@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,9 @@ def test_two_ray_workers_with_ring_equal_one_local_process(tmp_path: Path, capsy
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-5)
     assert read_metrics(ray_run)[-1]["step"] == 20
+    for rank in (0, 1):  # the embedded cluster lives on loopback only
+        record = json.loads((ray_run / "ranks" / f"rank_{rank}.json").read_text())
+        assert record["node_ip"] == "127.0.0.1", record
 
 
 @pytest.mark.slow
