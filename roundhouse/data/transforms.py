@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.transforms import v2
 
 from roundhouse.errors import DataError
 from roundhouse.spec import AugmentConfig
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 Transform = Callable[[Tensor], Tensor]
 
 
-def _geometric(config: AugmentConfig, height: int, width: int) -> list[Transform]:
+def _geometric(v2: Any, config: AugmentConfig, height: int, width: int) -> list[Transform]:
     steps: list[Transform] = []
     if config.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(p=config.hflip))
@@ -46,7 +46,7 @@ def _geometric(config: AugmentConfig, height: int, width: int) -> list[Transform
     return steps
 
 
-def _photometric(config: AugmentConfig, num_channels: int) -> list[Transform]:
+def _photometric(v2: Any, config: AugmentConfig, num_channels: int) -> list[Transform]:
     steps: list[Transform] = []
     if config.color_jitter > 0:
         strength = config.color_jitter
@@ -98,8 +98,12 @@ def build_augmentation(config: AugmentConfig, input_shape: Sequence[int]) -> Tra
             f"image augmentation needs (C, H, W) samples, got shape {tuple(input_shape)}",
             "turn data.augment off for this source",
         )
+    # torchvision is imported here, not at module level: it costs ~1.2 s (it pulls in
+    # torch._dynamo), which every driver and worker would pay for jobs without augmentation.
+    from torchvision.transforms import v2
+
     channels, height, width = input_shape
-    steps = _geometric(config, height, width) + _photometric(config, channels)
+    steps = _geometric(v2, config, height, width) + _photometric(v2, config, channels)
     logger.debug("augmentation: %s", steps)
     return v2.Compose(steps)
 
