@@ -108,7 +108,8 @@ def runs(setup: Setup) -> dict[str, subprocess.CompletedProcess]:
     failing = setup.start("submit", "configs/job.yaml", "--wait", "storage.path=/proc/roundhouse")
     try:
         bad = setup.cli("submit", "configs/job.yaml", "--wait", "trainer.max_steps=-1")
-        long = setup.cli("submit", "configs/job.yaml", "trainer.max_steps=100000")
+        # Its own job name: it may create a run folder before it is stopped.
+        long = setup.cli("submit", "configs/job.yaml", "trainer.max_steps=100000", "name=long")
         stop = setup.cli("jobs", "stop", first_line(long.stdout))
         ok = setup.cli("submit", "configs/job.yaml", "--wait", secret=True)
     finally:
