@@ -22,8 +22,7 @@ import torch
 import yaml
 
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from tests.distributed.test_ps_training import assert_close, train_single
 from tests.helpers.ray_cluster import RayCluster, start_cluster
 from tests.helpers.runs import final_weights, only_run
 
@@ -71,20 +70,6 @@ def train_on_ray(job: dict, tmp_path: Path, *args: str) -> Path:
     path.write_text(yaml.safe_dump(job))
     assert main(["train", str(path), *args]) == 0
     return only_run(Path(job["storage"]["path"]), job["name"])
-
-
-def train_single(job: dict) -> Path:
-    """The reference: the same job, one process, `single` strategy, no Ray."""
-    job = {**job, "strategy": {"kind": "single"}, "storage": {**job["storage"], "run_id": "ref"}}
-    prepared = prepare_run(validate_job(job))
-    run_worker(prepared.job, build_local_context("cpu"))
-    return Path(prepared.run_dir.url)
-
-
-def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
 
 
 class ServerKiller(threading.Thread):
