@@ -45,7 +45,12 @@ def make_job(name: str, storage: str, model: dict, data: dict, trainer: dict) ->
         "name": name,
         "model": model,
         "data": data,
-        "trainer": {"seed": 0, "checkpoint": {"every_epoch": False, "keep_last": 1}, **trainer},
+        "trainer": {
+            "seed": 0,
+            "max_epochs": None,  # the budgets below are in steps
+            "checkpoint": {"every_epoch": False, "keep_last": 1},
+            **trainer,
+        },
         "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
         "storage": {"path": storage},
     }
