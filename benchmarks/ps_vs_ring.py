@@ -8,13 +8,14 @@ One embedded Ray runtime (127.0.0.1) runs the same job (LeNet `debug` on digits 
 - with rank 1 slowed by `--factor` (straggler injection, `strategy.slow_worker`): `ps` sync,
   async and ssp (staleness 2).
 
-Throughput is the job's: global samples between the end of the first epoch and the end of the
-last (both synchronised by the loop's evaluation, so a fast async worker cannot flatter it),
-over the wall time between those two validation rows of metrics.jsonl. Every rank trains on
-a fixed share of each epoch, so with a *persistent* straggler every mode's epoch takes the slow
-worker's time; the `_rank0` lines show the fast worker's own pace (its log windows'
-samples/s), which async/ssp free from the straggler between epoch ends. Accuracy is the final
-test accuracy. Medians over `--repeats`.
+Throughput is the job's: the training samples of the epochs between the end of the first epoch
+and the end of the last (both synchronised by the loop's validation), over the wall time
+between those two validation rows of metrics.jsonl. async and ssp use dynamic data assignment
+(their default): the workers claim each epoch's batches from the servers as they go, so the
+fast worker trains on more of each epoch instead of waiting for the straggler's share. With a
+persistent straggler, ssp still holds the fast worker within `staleness` steps of the slow one,
+so its throughput stays near sync's; async's ideal is (1 + 1/factor) / (2/factor) = 1.5 for
+factor 2. Accuracy is the final test accuracy. Medians over `--repeats`.
 
     python benchmarks/ps_vs_ring.py [--epochs 5] [--factor 2] [--repeats 1]
 
@@ -35,6 +36,8 @@ from typing import Any
 from roundhouse.cluster.ps import server_cpus
 from roundhouse.cluster.runtime import ray_runtime
 from roundhouse.cluster.workers import train_on_ray
+from roundhouse.data import build_splits
+from roundhouse.data.sampler import BatchPlan
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer import prepare_run
 
@@ -74,19 +77,23 @@ def build_job(name: str, variant: dict[str, Any], args: argparse.Namespace, stor
     return validate_job(job)
 
 
-def measure(job: Any) -> tuple[float, float, float]:
-    """(job samples/s between the first and last epoch ends, rank 0's median samples/s over
-    its log windows, final test accuracy)."""
+def samples_per_epoch(job: Any) -> int:
+    """Training samples in one epoch of `job` (every global step, the last one partial)."""
+    n = len(build_splits(job.data, seed=job.trainer.seed).train)
+    plan = BatchPlan(n, job.data.batch_size, job.cluster.num_workers, 1, job.data.drop_last)
+    return sum(end - start for start, end in map(plan.step_bounds, range(plan.num_steps)))
+
+
+def measure(job: Any) -> tuple[float, float]:
+    """(job samples/s between the first and last epoch ends, final test accuracy)."""
     prepared = prepare_run(job)
     train_on_ray(prepared, resume=False)
     path = Path(prepared.run_dir.url) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     ends = [r for r in rows if "val/loss" in r]
     first, last = ends[0], ends[-1]
-    samples = (last["step"] - first["step"]) * job.data.batch_size
-    windows = [r["train/samples_per_s"] for r in rows if "train/samples_per_s" in r][1:]
-    job_speed = samples / (last["time"] - first["time"])
-    return job_speed, statistics.median(windows), rows[-1]["test/accuracy"]
+    samples = (last["epoch"] - first["epoch"]) * samples_per_epoch(job)
+    return samples / (last["time"] - first["time"]), rows[-1]["test/accuracy"]
 
 
 def result(name: str, ours: float, baseline: float, unit: str) -> None:
@@ -105,24 +112,18 @@ def main() -> None:
     storage = tempfile.mkdtemp(prefix="ps_vs_ring-")
     jobs = {name: build_job(name, v, args, storage) for name, v in VARIANTS.items()}
     any_ps = next(j for j in jobs.values() if j.strategy.kind == "ps")
-    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in jobs}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
     with ray_runtime(any_ps.cluster, extra_cpus=server_cpus(any_ps)):
         for _ in range(args.repeats):
             for name, job in jobs.items():  # alternated, so every variant sees the same noise
                 runs[name].append(measure(job))
-                logger.info(
-                    "%s: job %.1f samples/s, rank 0 %.1f samples/s, test accuracy %.3f",
-                    name,
-                    *runs[name][-1],
-                )
+                logger.info("%s: %.1f samples/s, test accuracy %.3f", name, *runs[name][-1])
     speed = {n: statistics.median(r[0] for r in rs) for n, rs in runs.items()}
-    fast = {n: statistics.median(r[1] for r in rs) for n, rs in runs.items()}
-    accuracy = {n: statistics.median(r[2] for r in rs) for n, rs in runs.items()}
+    accuracy = {n: statistics.median(r[1] for r in rs) for n, rs in runs.items()}
     result("ps_sync_vs_ring", speed["ps_sync"], speed["ring"], "samples/s")
     for mode in ("async", "ssp"):
         name, sync = f"ps_{mode}_slowed", "ps_sync_slowed"
         result(f"ps_{mode}_vs_sync_slowed", speed[name], speed[sync], "samples/s")
-        result(f"ps_{mode}_vs_sync_slowed_rank0", fast[name], fast[sync], "samples/s")
     for mode in ("sync", "async", "ssp"):
         name = f"ps_{mode}_slowed"
         result(f"{name}_accuracy", accuracy[name], accuracy["ps_sync_slowed"], "accuracy")

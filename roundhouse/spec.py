@@ -373,6 +373,22 @@ class PSStrategyConfig(Section):
     slow_worker: SlowWorkerConfig | None = Field(
         None, description="Straggler injection, e.g. {rank: 1, factor: 2.0}."
     )
+    data_assignment: Literal["static", "dynamic"] | None = Field(
+        None,
+        description="Who trains on which batches: `static` shares (every worker the same "
+        "number of steps), or `dynamic` (async/ssp: workers claim each epoch's batches as "
+        "they go, so a fast worker takes more). Default: dynamic for async/ssp where the job "
+        "allows it (no trainer.max_steps or eval_every_steps, no streamed data).",
+    )
+
+    @model_validator(mode="after")
+    def _dynamic_needs_async(self) -> PSStrategyConfig:
+        if self.data_assignment == "dynamic" and self.mode == "sync":
+            raise ValueError(
+                "strategy.data_assignment=dynamic needs strategy.mode async or ssp "
+                "(sync trains every worker in step)"
+            )
+        return self
 
 
 class DeepSpeedStrategyConfig(Section):
@@ -474,3 +490,28 @@ class JobSpec(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _resolve_data_assignment(self) -> JobSpec:
+        strategy = self.strategy
+        if strategy.kind != "ps" or strategy.data_assignment == "static":
+            return self
+        conflicts = [
+            name
+            for name, present in (
+                ("trainer.max_steps", self.trainer.max_steps is not None),
+                ("trainer.eval_every_steps", self.trainer.eval_every_steps is not None),
+                ("data.train (streamed data)", self.data.train is not None),
+            )
+            if present
+        ]
+        if strategy.data_assignment == "dynamic" and conflicts:
+            raise ValueError(
+                f"strategy.data_assignment=dynamic does not work with {conflicts[0]}: each "
+                "worker takes its own number of steps, so bound the run by trainer.max_epochs "
+                "(or set strategy.data_assignment=static)"
+            )
+        if strategy.data_assignment is None:
+            dynamic = strategy.mode != "sync" and not conflicts
+            strategy.data_assignment = "dynamic" if dynamic else "static"
+        return self

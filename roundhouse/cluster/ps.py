@@ -166,6 +166,16 @@ class RayParameterStore:
 
         return ray.get([self.handles[s].pull.remote(pusher, step) for s in shards])
 
+    def claim(self, epoch: int, first: int, limit: int) -> int:
+        import ray
+
+        return ray.get(self.handles[0].claim.remote(epoch, first, limit))
+
+    def set_idle(self, pusher: int, idle: bool) -> None:
+        import ray
+
+        ray.get([h.set_idle.remote(pusher, idle) for h in self.handles])
+
     def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
         import ray
 

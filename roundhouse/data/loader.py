@@ -9,7 +9,8 @@ step: its position is `{"epoch", "steps_done"}`, and the order of an epoch depen
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, Tensor]
 
+# `claim(epoch, first, limit)`: the next unclaimed chunk number of `epoch` (chunks `first ..
+# limit - 1`, the first claim of an epoch starting at `first`), or -1 when none is left.
+ClaimFn = Callable[[int, int, int], int]
+
 
 @dataclass(frozen=True)
 class _StepPlan:
@@ -39,6 +44,7 @@ class _StepPlan:
     step_size: int
     micro_indices: list[list[int]]
     lam: float | None
+    chunk: int  # step * world_size + rank: which rank's share of the step this is
 
 
 def _identity(batch: Batch) -> Batch:
@@ -70,6 +76,14 @@ class StepLoader:
     on world size, worker count or resume point. Mixed micro-batches also carry `"target_b"`
     `(b,)` and `"mix_lam"` (a 0-dim float tensor).
 
+    Dynamic assignment (`claim` given; the `ps` strategy's async mode): the epoch's
+    `len() * world_size` chunks (chunk `c` is rank `c % world_size`'s share of global step
+    `c // world_size`) are handed out one at a time by `claim`, shared by every rank, so a fast
+    rank takes more of them than a slow one and the epoch ends when all are taken. The batches
+    are the same as in static assignment; only who trains on them changes. `steps_done` is
+    then the number of global steps whose chunks were all claimed (as far as this rank knows),
+    and an iteration that ends normally has done the whole epoch.
+
     Args:
         dataset: The training split.
         global_batch_size: Samples per optimizer step over all ranks.
@@ -82,6 +96,7 @@ class StepLoader:
         num_workers: DataLoader worker processes; 0 fetches in this process.
         augment: Per-sample augmentation; None or all-off for none.
         mixup_alpha: Beta(alpha, alpha) mixup; 0 falls back to `augment.mixup_alpha`.
+        claim: Dynamic assignment's shared chunk counter (see above); None for static.
 
     Raises:
         DataError: On bad sizes, including a global batch smaller than
@@ -102,6 +117,7 @@ class StepLoader:
         num_workers: int = 0,
         augment: AugmentConfig | None = None,
         mixup_alpha: float = 0.0,
+        claim: ClaimFn | None = None,
     ) -> None:
         self.plan = BatchPlan(
             len(dataset), global_batch_size, world_size, grad_accum_steps, drop_last
@@ -109,6 +125,7 @@ class StepLoader:
         _check_rank(rank, world_size)
         self._check_options(num_workers, mixup_alpha)
         self.rank, self.seed, self.shuffle, self.num_workers = rank, seed, shuffle, num_workers
+        self.world_size, self.claim = world_size, claim
         self.mixup_alpha = mixup_alpha or (augment.mixup_alpha if augment is not None else 0.0)
         transform = (
             build_augmentation(augment, dataset.input_shape) if augment is not None else None
@@ -159,32 +176,51 @@ class StepLoader:
         start, self._resume_at = self._resume_at, 0
         epoch, self._steps_done = self._epoch, start
         self.dataset.set_epoch(epoch)
-        fetched = self._fetch(epoch, start)
-        for plan in self._plans(epoch, start):
-            micro_batches = [self._finish(next(fetched), plan) for _ in plan.micro_indices]
+        # Each plan is made once (a claim must not be made twice) and remembered until its
+        # micro-batches come back from the fetcher, which may run ahead (DataLoader workers).
+        planned: deque[_StepPlan] = deque()
+
+        def index_lists() -> Iterator[list[int]]:
+            for plan in self._plans(epoch, start):
+                planned.append(plan)
+                yield from plan.micro_indices
+
+        fetched = self._fetch(index_lists())
+        for first in fetched:
+            plan = planned.popleft()
+            rest = [next(fetched) for _ in plan.micro_indices[1:]]
+            micro_batches = [self._finish(batch, plan) for batch in [first, *rest]]
             self._steps_done, self.last_step_size = plan.step + 1, plan.step_size
+            if self.claim is not None:
+                self._steps_done = plan.chunk // self.world_size
             yield micro_batches
+        self._steps_done = self.plan.num_steps
 
     def _plans(self, epoch: int, start: int) -> Iterator[_StepPlan]:
         order = epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
-        for step in range(start, self.plan.num_steps):
-            yield self._plan_step(order, epoch, step)
+        if self.claim is None:
+            for step in range(start, self.plan.num_steps):
+                yield self._plan_step(order, epoch, step, self.rank)
+            return
+        width = self.world_size
+        while (chunk := self.claim(epoch, start * width, self.plan.num_steps * width)) >= 0:
+            yield self._plan_step(order, epoch, *divmod(chunk, width))
 
-    def _plan_step(self, order: Tensor, epoch: int, step: int) -> _StepPlan:
+    def _plan_step(self, order: Tensor, epoch: int, step: int, rank: int) -> _StepPlan:
         first, end = self.plan.step_bounds(step)
-        bounds = self.plan.micro_bounds(step, self.rank)
+        bounds = self.plan.micro_bounds(step, rank)
         micro = [order[lo:hi].tolist() for lo, hi in bounds]
+        chunk = step * self.world_size + rank
         if self.mixup_alpha == 0:
-            return _StepPlan(step, end - first, micro, None)
+            return _StepPlan(step, end - first, micro, None, chunk)
         draw = draw_mixup(self.mixup_alpha, end - first, seed=self.seed, epoch=epoch, step=step)
         partners = order[first + draw.partners]
         for own, (lo, hi) in zip(micro, bounds, strict=True):
             own.extend(partners[lo - first : hi - first].tolist())
-        return _StepPlan(step, end - first, micro, draw.lam)
+        return _StepPlan(step, end - first, micro, draw.lam, chunk)
 
-    def _fetch(self, epoch: int, start: int) -> Iterator[Batch]:
+    def _fetch(self, index_lists: Iterator[list[int]]) -> Iterator[Batch]:
         """Raw micro-batches in order, fetched here or by DataLoader workers."""
-        index_lists = (idx for plan in self._plans(epoch, start) for idx in plan.micro_indices)
         if self.num_workers == 0:
             return (self.dataset.__getitems__(indices) for indices in index_lists)
         # Not persistent: workers copy the dataset when the iterator starts, so the epoch just

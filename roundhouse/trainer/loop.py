@@ -201,7 +201,9 @@ class Trainer:
         every = self.cfg.checkpoint.every_steps
         if every and step % every == 0 and step != self.last_checkpoint_step:
             self.save_checkpoint()
-        return step >= self.total_steps
+        # trainer.max_epochs ends the run at an epoch end (in `fit`): with dynamic data
+        # assignment a rank's own step count says nothing about the epoch.
+        return self.cfg.max_steps is not None and step >= self.cfg.max_steps
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -313,6 +315,7 @@ def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> Step
         num_workers=data.num_workers,
         augment=data.augment,
         mixup_alpha=data.augment.mixup_alpha,
+        claim=strategy.data_claimer(),
     )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import torch
 
+from roundhouse.data import build_splits
+from roundhouse.data.sampler import BatchPlan
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer import build_local_context, prepare_run, run_worker
 from tests.distributed.test_ring_training import make_job as ring_job
@@ -42,10 +44,17 @@ def train_rank(
 
 
 def train(job: dict, world_size: int, per_node: int = 1, resume: bool = False) -> Path:
+    return train_ranks(job, world_size, per_node, resume)[0]
+
+
+def train_ranks(
+    job: dict, world_size: int, per_node: int = 1, resume: bool = False
+) -> tuple[Path, list[dict]]:
+    """The run folder and every rank's final metrics."""
     prepared = prepare_run(validate_job(job))
     with shard_manager() as address:
-        run_distributed(train_rank, world_size, TIMEOUT_S, job, per_node, address, resume)
-    return Path(prepared.run_dir.url)
+        results = run_distributed(train_rank, world_size, TIMEOUT_S, job, per_node, address, resume)
+    return Path(prepared.run_dir.url), results
 
 
 def train_single(job: dict) -> Path:
@@ -108,14 +117,27 @@ def test_async_and_ssp_learn_and_ssp_bounds_staleness(tmp_path: Path, mode: str)
         trainer__optimizer={"name": "adam", "lr": 0.01},
     )
     job["strategy"]["slow_worker"] = {"rank": 1, "factor": 20.0}
-    run = train(job, 2)
+    run, results = train_ranks(job, 2)
     rows = read_metrics(run)
     assert rows[-1]["test/accuracy"] >= 0.95
     worst = max(r["train/ps_staleness_max"] for r in rows if "train/ps_staleness_max" in r)
+    # Dynamic data assignment (the default here): the ranks shared each epoch's chunks, every
+    # chunk trained once; under async the fast rank took most of them.
+    spec = validate_job(job)
+    assert spec.strategy.data_assignment == "dynamic"
+    steps = [int(r["train/steps"]) for r in results]
+    assert sum(steps) == 8 * 2 * global_steps_per_epoch(spec)
     if mode == "ssp":
         assert 0 < worst <= staleness
+        assert abs(steps[0] - steps[1]) <= 2 * staleness * 8  # held back once per epoch at most
     else:
         assert worst > staleness  # the fast worker did run ahead: the ssp bound is not vacuous
+        assert steps[0] > 3 * steps[1]
+
+
+def global_steps_per_epoch(spec: Any) -> int:
+    splits = build_splits(spec.data, seed=spec.trainer.seed)
+    return BatchPlan(len(splits.train), spec.data.batch_size, 2, 1, spec.data.drop_last).num_steps
 
 
 @pytest.mark.timeout(TIMEOUT_S * 2)

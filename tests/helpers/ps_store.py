@@ -36,7 +36,7 @@ class ShardManager(BaseManager):
 ShardManager.register(
     "get_shard",
     callable=_get_shard,
-    exposed=("ping", "initialize", "push", "pull", "state_dict"),
+    exposed=("ping", "initialize", "push", "pull", "claim", "set_idle", "state_dict"),
 )
 
 Address = tuple[str, bytes]

@@ -219,3 +219,54 @@ def test_eval_loader_covers_each_sample_once(num_samples):
             assert all(1 <= len(b["target"]) <= 4 for b in batches)
             seen += [t for b in batches for t in b["target"].tolist()]
         assert seen == list(range(num_samples))
+
+
+def shared_counter():
+    """A claim function over one `ShardServer` (the counter the `ps` strategy's loaders share)."""
+    from roundhouse.trainer.ps.server import ServerSetup, ShardServer
+
+    server = ShardServer()
+    setup = ServerSetup("async", 0, 2, 2, torch.optim.SGD, lambda opt: None)
+    server.initialize(setup, [], [])
+    return server.claim
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_dynamic_assignment_gives_every_chunk_to_exactly_one_rank(num_workers):
+    """Two ranks claim from one counter, rank 0 three times as often: together they train on
+    exactly the static assignment's micro-batches, and rank 0 on most of them."""
+    dataset = indexed_dataset(45)
+    claim = shared_counter()
+    loaders = [make_loader(dataset, 2, r, 2, batch=8, num_workers=num_workers) for r in (0, 1)]
+    dynamic = [
+        make_loader(dataset, 2, r, 2, batch=8, num_workers=num_workers, claim=claim) for r in (0, 1)
+    ]
+    static = sorted(
+        tuple(micro["target"].tolist()) for loader in loaders for step in loader for micro in step
+    )
+    iterators, taken = [iter(d) for d in dynamic], {0: [], 1: []}
+    live = {0, 1}
+    while live:
+        for rank, turns in ((0, 3), (1, 1)):
+            for _ in range(turns if rank in live else 0):
+                try:
+                    taken[rank].append(next(iterators[rank]))
+                except StopIteration:
+                    live.discard(rank)
+                    break
+    ours = sorted(tuple(m["target"].tolist()) for r in taken for step in taken[r] for m in step)
+    assert ours == static
+    # DataLoader workers claim ahead by their prefetch depth (about two chunks here).
+    assert len(taken[0]) > (2 if num_workers == 0 else 1) * len(taken[1])
+    assert all(d.state_dict() == {"epoch": 0, "steps_done": len(d)} for d in dynamic)
+    assert {d.last_step_size for d in dynamic} <= {8, 5}  # the global step size, as in static
+
+
+def test_dynamic_assignment_resumes_at_the_saved_step():
+    dataset = indexed_dataset(64)
+    claim = shared_counter()
+    loader = make_loader(dataset, 2, 0, 1, batch=8, claim=claim)
+    loader.load_state_dict({"epoch": 0, "steps_done": 6})
+    steps = list(loader)
+    order = epoch_order(64, seed=7, epoch=0, shuffle=True).tolist()
+    assert [t for step in steps for t in step[0]["target"].tolist()] == order[48:]

@@ -121,3 +121,20 @@ def test_yaml_off_means_console_off(tmp_path: Path) -> None:
     job = load_job(write(tmp_path, "name: t\nmodel: {name: mlp}\ntracking: {console: off}\n"))
     assert job.tracking.console == "off"
     assert load_job(write(tmp_path, MINIMAL), ["tracking.console=off"]).tracking.console == "off"
+
+
+def test_ps_data_assignment_defaults_and_conflicts() -> None:
+    def ps(mode: str, assignment: str | None = None, **trainer: object) -> JobSpec:
+        strategy = {"kind": "ps", "mode": mode, "data_assignment": assignment}
+        return validate_job({**MINIMAL, "strategy": strategy, "trainer": trainer})
+
+    assert ps("sync").strategy.data_assignment == "static"
+    assert ps("async").strategy.data_assignment == "dynamic"
+    assert ps("ssp").strategy.data_assignment == "dynamic"
+    assert ps("async", max_steps=10).strategy.data_assignment == "static"
+    assert ps("async", "static").strategy.data_assignment == "static"
+    with pytest.raises(JobFileError, match=r"needs strategy\.mode async or ssp"):
+        ps("sync", "dynamic")
+    with pytest.raises(JobFileError, match=r"trainer\.eval_every_steps") as info:
+        ps("async", "dynamic", eval_every_steps=5)
+    assert "\n" not in str(info.value)

@@ -58,5 +58,12 @@ class LocalParameterStore:
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
         return [self.servers[s].pull(pusher, step) for s in shards]
 
+    def claim(self, epoch: int, first: int, limit: int) -> int:
+        return self.servers[0].claim(epoch, first, limit)
+
+    def set_idle(self, pusher: int, idle: bool) -> None:
+        for server in self.servers:
+            server.set_idle(pusher, idle)
+
     def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
         return [self.servers[s].state_dict() for s in shards]

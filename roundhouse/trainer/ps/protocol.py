@@ -56,6 +56,14 @@ class ParameterStore(Protocol):
         """The parameters of `shards` (in parallel), per the mode's waiting rule."""
         ...
 
+    def claim(self, epoch: int, first: int, limit: int) -> int:
+        """Dynamic data assignment: shard 0's `ShardServer.claim`."""
+        ...
+
+    def set_idle(self, pusher: int, idle: bool) -> None:
+        """`ShardServer.set_idle` on every shard; blocks until done."""
+        ...
+
     def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
         """Each shard's `ShardServer.state_dict()`."""
         ...

@@ -20,6 +20,13 @@ Modes:
   per global step. Pulls never wait.
 - `ssp`: applied as in async; a pull for step t waits until the slowest pusher has completed
   at least `t - staleness` steps.
+
+Shard 0 also hands out the training data under dynamic assignment (`claim`): one counter per
+epoch, shared by every worker, so a fast worker trains on more of the epoch than a slow one.
+A pusher that found the epoch's data used up is *idle* (`set_idle`, on every shard) until it
+claims again: every gradient it computed has been pushed, so the ssp bound (and the reported
+staleness) counts only the pushers that still train; else a fast worker that ran ahead would
+wait forever for steps the slow one will never take.
 """
 
 from __future__ import annotations
@@ -138,6 +145,8 @@ class ShardServer:
             self.pending: dict[Any, _Pending] = {}
             self.last_lr = self._current_lr()
             self.last_sq_norm: float | None = None
+            self.claims: dict[int, int] = {}  # epoch -> next chunk to hand out
+            self.idle: set[int] = set()  # pushers with no data left in their epoch
             self.cond.notify_all()
         logger.info("ps shard %d: %d parameters, mode %s", self.shard_id, len(arrays), setup.mode)
 
@@ -225,6 +234,34 @@ class ShardServer:
         setup = self._ready()
         return setup.mode == "sync" or self.updates % setup.num_pushers == 0
 
+    # --- dynamic data assignment --------------------------------------------------------------
+
+    def claim(self, epoch: int, first: int, limit: int) -> int:
+        """The next unclaimed chunk of `epoch` (counting from `first`), or -1 if none is left.
+
+        The first claim of an epoch sets its counter to `first` (every worker passes the same
+        resume position); earlier epochs' counters are dropped.
+        """
+        with self.cond:
+            self._ready()
+            chunk = self.claims.setdefault(epoch, first)
+            for old in [e for e in self.claims if e < epoch]:
+                del self.claims[old]
+            if chunk >= limit:
+                return -1
+            self.claims[epoch] = chunk + 1
+            return chunk
+
+    def set_idle(self, pusher: int, idle: bool) -> None:
+        """Mark `pusher` as out of data for its epoch (ssp stops waiting for it) or back."""
+        with self.cond:
+            self._ready()
+            if idle:
+                self.idle.add(pusher)
+            else:
+                self.idle.discard(pusher)
+            self.cond.notify_all()
+
     # --- pull ---------------------------------------------------------------------------------
 
     def pull(self, pusher: int, step: int) -> PullReply:
@@ -248,7 +285,7 @@ class ShardServer:
                 version=self.version if self.setup.mode == "sync" else self.updates,
                 lr=self.last_lr,
                 grad_sq_norm=self.last_sq_norm,
-                ahead=max(0, step - min(self.clocks)),
+                ahead=max(0, step - self._slowest_clock(step)),
             )
 
     def _may_read(self, step: int) -> bool:
@@ -256,8 +293,12 @@ class ShardServer:
         if setup.mode == "sync":
             return self.version >= step
         if setup.mode == "ssp":
-            return min(self.clocks) >= step - setup.staleness
+            return self._slowest_clock(step) >= step - setup.staleness
         return True
+
+    def _slowest_clock(self, step: int) -> int:
+        """The lowest clock among pushers that still train (`step` if none does)."""
+        return min((c for p, c in enumerate(self.clocks) if p not in self.idle), default=step)
 
     def _flat_params(self) -> np.ndarray:
         if not self.params:

@@ -120,6 +120,11 @@ class Strategy(ABC):
     def model_state_dict(self) -> dict[str, Tensor]:
         """The plain model weights (consolidated), as `model.state_dict()` names them."""
 
+    def data_claimer(self) -> Callable[[int, int, int], int] | None:
+        """Dynamic data assignment's shared chunk counter (see `StepLoader`), or None: every
+        rank trains on its fixed share of each global step."""
+        return None
+
     def close(self) -> None:
         """Release resources (process groups, actors)."""
 

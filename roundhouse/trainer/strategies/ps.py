@@ -13,6 +13,13 @@ parameters to its node: one push and one pull per node instead of per worker.
 The servers come from `ctx.parameter_store` (Ray actors, started by `roundhouse.cluster`);
 with one worker and none given, an in-process store is built (`--local`).
 
+Dynamic data assignment (`strategy.data_assignment`, the default for async/ssp): the workers
+claim each epoch's batches from a counter on server shard 0 instead of training on fixed
+shares, so a fast worker is never held back by a straggler's share of the epoch. Each worker
+then takes its own number of steps (its `train/steps`); epochs still end together (validation).
+With node aggregation on nodes of several ranks, a node's ranks must step together: there the
+assignment stays static.
+
 Checkpoints hold the consolidated state (parameters, optimizer state per parameter, the
 schedule), so they load at another number of workers or servers: the shards are re-cut.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,6 +74,13 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.clock = 0  # steps pushed by this worker (the tag of its next push)
         self.last: Pulled | None = None
         self.ahead: list[int] = []
+        self.dynamic = config.data_assignment == "dynamic"
+        self.idle = False  # dynamic assignment: this worker found its epoch's data used up
+        if self.dynamic and config.node_aggregation and ctx.world_size > ctx.num_nodes:
+            logger.warning(
+                "ps: node aggregation steps a node's ranks together; static data assignment"
+            )
+            self.dynamic = False
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -231,6 +246,18 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     def model_state_dict(self) -> dict[str, Tensor]:
         self._ensure_params()
         return self.model.state_dict()
+
+    def data_claimer(self) -> Callable[[int, int, int], int] | None:
+        return self._claim if self.dynamic else None
+
+    def _claim(self, epoch: int, first: int, limit: int) -> int:
+        """The next chunk of the epoch's data; out of data, this worker is idle for the servers
+        (ssp no longer waits for it) until it claims again."""
+        chunk = self.store.claim(epoch, first, limit)
+        if (chunk < 0) != self.idle:
+            self.idle = chunk < 0
+            self.store.set_idle(self.ctx.rank, self.idle)
+        return chunk
 
     def close(self) -> None:
         # No waiting for a pull still in flight: after a failure it may wait for a worker or a
