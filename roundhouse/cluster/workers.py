@@ -33,16 +33,31 @@ PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
+SECRET_WORKER_ENV = ("WANDB_API_KEY",)
+
+
 def worker_env(job: JobSpec) -> dict[str, str]:
-    """Environment for every worker process: threads and the strategy's needs."""
+    """Environment for every worker process: threads and the strategy's needs.
+
+    `worker_main` sets it before anything reads it (torch threads, DeepSpeed's accelerator,
+    W&B), so no Ray runtime environment is needed for it: a worker group with one cannot use
+    the worker processes Ray started ahead of time, which costs seconds at every start.
+    Secrets are not in it (see `worker_runtime_env`).
+    """
     threads = str(max(1, int(job.cluster.cpus_per_worker)))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "WANDB_SILENT": "true"}
     if job.cluster.gpus_per_worker == 0:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed must not look for CUDA on CPU workers
-    for key in ("WANDB_API_KEY", "TORCH_EXTENSIONS_DIR"):
-        if key in os.environ:
-            env[key] = os.environ[key]
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     return env
+
+
+def worker_runtime_env() -> dict[str, Any] | None:
+    """The workers' Ray runtime environment: only the secrets set here (`WANDB_API_KEY`), which
+    must not travel in the train loop's config; None (Ray's prestarted workers) without any."""
+    secrets = {key: os.environ[key] for key in SECRET_WORKER_ENV if key in os.environ}
+    return {"env_vars": secrets} if secrets else None
 
 
 def is_elastic(cluster: ClusterConfig) -> bool:
@@ -103,6 +118,7 @@ def train_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float]:
             "resume": resume,
             "resume_step": prepared.resume_step,
             "started": started,
+            "env": worker_env(job),
             PS_CONFIG_KEY: servers,
         },
         scaling_config=build_scaling_config(cluster),
@@ -114,7 +130,7 @@ def train_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float]:
             name=f"{job.name}-{job.storage.run_id}",
             storage_path=ray_storage_path(prepared),
             failure_config=build_failure_config(cluster),
-            worker_runtime_env={"env_vars": worker_env(job)},
+            worker_runtime_env=worker_runtime_env(),
         ),
     )
     with (
@@ -198,6 +214,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 def worker_main(config: dict[str, Any]) -> None:
     """Entry point on every Ray worker (run again by Ray on every restart of the group)."""
+    os.environ.update(config["env"])
     import ray
     import ray.train
     import torch

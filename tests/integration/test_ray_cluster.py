@@ -307,3 +307,21 @@ def test_addresses_are_parsed_for_the_probe() -> None:
     assert split_address("ray://head:10001") == ("head", 10001)
     assert split_address("[::1]:6379") == ("::1", 6379)
     assert split_address("auto") is None
+
+
+def test_worker_environment_travels_without_a_runtime_env_but_secrets_do_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker env goes in the train loop's config (Ray's prestarted workers stay usable);
+    only a secret needs a runtime env, and it never enters that config."""
+    from roundhouse.cluster.workers import worker_env, worker_runtime_env
+    from roundhouse.launch.jobfile import validate_job
+
+    job = validate_job({"name": "env", "model": {"name": "mlp"}, "cluster": {"cpus_per_worker": 2}})
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert worker_runtime_env() is None
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key")
+    assert worker_runtime_env() == {"env_vars": {"WANDB_API_KEY": "secret-key"}}
+    env = worker_env(job)
+    assert env["OMP_NUM_THREADS"] == "2" and env["DS_ACCELERATOR"] == "cpu"
+    assert "secret-key" not in env.values()
