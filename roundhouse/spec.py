@@ -354,11 +354,13 @@ class RingStrategyConfig(Section):
 
 
 class SlowWorkerConfig(Section):
-    """Straggler injection (tests, benchmarks): one worker computes `factor` times slower."""
+    """Straggler injection (tests, benchmarks): one worker runs `factor` times slower."""
 
     rank: NonNegInt = Field(description="The worker (global rank) to slow down.")
     factor: Annotated[float, Field(ge=1)] = Field(
-        2.0, description="Its forward+backward takes this many times as long (it sleeps)."
+        2.0,
+        description="Each of its training steps (data, compute, exchange) takes this many "
+        "times as long: it sleeps (factor - 1) times the step's own time.",
     )
 
 

@@ -116,7 +116,8 @@ def test_async_and_ssp_learn_and_ssp_bounds_staleness(tmp_path: Path, mode: str)
         trainer__log_every_steps=5,
         trainer__optimizer={"name": "adam", "lr": 0.01},
     )
-    job["strategy"]["slow_worker"] = {"rank": 1, "factor": 20.0}
+    # ssp holds the fast worker to the slow one's pace: a milder straggler keeps it short.
+    job["strategy"]["slow_worker"] = {"rank": 1, "factor": 20.0 if mode == "async" else 6.0}
     run, results = train_ranks(job, 2)
     rows = read_metrics(run)
     assert rows[-1]["test/accuracy"] >= 0.95

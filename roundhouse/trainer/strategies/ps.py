@@ -76,6 +76,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.ahead: list[int] = []
         self.dynamic = config.data_assignment == "dynamic"
         self.idle = False  # dynamic assignment: this worker found its epoch's data used up
+        self.step_started: float | None = None  # straggler injection: when this step began
         if self.dynamic and config.node_aggregation and ctx.world_size > ctx.num_nodes:
             logger.warning(
                 "ps: node aggregation steps a node's ranks together; static data assignment"
@@ -152,29 +153,37 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
     ) -> Tensor:
         self._ensure_params()
-        started = time.perf_counter()
         if sync:
             self.client.begin(self.clock)
         try:
-            loss = super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
+            return super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
         finally:
             if sync:
                 self.client.flush()
-        self._maybe_straggle(time.perf_counter() - started)
-        return loss
 
-    def _maybe_straggle(self, elapsed: float) -> None:
-        """Straggler injection: the configured rank takes `factor` times as long to compute."""
+    def _maybe_straggle(self) -> None:
+        """Straggler injection: the configured rank's steps take `factor` times as long.
+
+        A step's own time runs from the end of the previous step (data loading, the wait for
+        its parameters, forward, backward and the pushes), so the worker is slowed as a whole,
+        not only its arithmetic. The first step after an evaluation is not slowed.
+        """
         slow = self.config.slow_worker
-        if slow is not None and slow.rank == self.ctx.rank and slow.factor > 1:
-            time.sleep(elapsed * (slow.factor - 1))
+        if slow is None or slow.rank != self.ctx.rank or slow.factor <= 1:
+            return
+        now = time.perf_counter()
+        if self.step_started is not None:
+            time.sleep((now - self.step_started) * (slow.factor - 1))
+        self.step_started = time.perf_counter()
 
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         self._ensure_params()
+        self.step_started = None  # evaluation time is not a step's
         return super().forward(batch)
 
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
+        self._maybe_straggle()
         self._advance()
         if not need_grad_norm:
             lr = self.last.lr if self.last is not None else None
