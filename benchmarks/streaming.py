@@ -10,6 +10,8 @@ compare like with like:
 (a) raw pyarrow: the shards read sequentially, row group by row group (the limit here);
 (b) roundhouse local: one shuffled epoch through `StreamingLoader`;
 (c) roundhouse through an S3 server on loopback (moto, in its own process), cold cache;
+    next to it, (c0) the server's own limit: the same shards fetched with plain s3fs GETs
+    (as many in parallel as roundhouse's prefetch threads), nothing decoded, in samples/s;
 (d) LitData and MosaicML Streaming on the same samples converted to their formats, run by
     `compare/streaming_others.py` inside `--compare-venv` (a separate venv with `litdata`,
     `mosaicml-streaming`, `torch`, `pyarrow`; they are not roundhouse dependencies).
@@ -88,6 +90,21 @@ def roundhouse(url: str, batch: int, workers: int, cache: str, options=None) -> 
     config = StreamConfig(global_batch_size=batch, cache_dir=cache)
     loader = StreamingLoader(StreamingDataset(url, config, options), num_workers=workers)
     return sum(m["input"].shape[0] + 0 * m["target"].shape[0] for step in loader for m in step)
+
+
+def raw_get(remote: str, options: dict, threads: int) -> int:
+    """(c0) Every training shard of `remote` fetched whole with s3fs, `threads` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options)
+    index = json.loads(fs.cat_file(f"{remote}/index.json"))
+    shards = [s for s in index["shards"] if s.get("split", "train") == "train"]
+    with ThreadPoolExecutor(threads) as pool:
+        sizes = list(pool.map(lambda s: len(fs.cat_file(f"{remote}/{s['name']}")), shards))
+    assert sum(sizes) == sum(s["bytes"] for s in shards)
+    return sum(s["rows"] for s in shards)
 
 
 def measure(fn: Callable[[], int]) -> tuple[float, float]:
@@ -183,28 +200,32 @@ def main() -> None:
         server, options = start_s3(url)
         try:
             remote = "s3://bench-data/ds"
-            cold = []
+            cold, gets = [], []
+            threads = StreamConfig(global_batch_size=1).prefetch_shards
             for k in range(args.repeats):  # a new cache folder each time: every shard is fetched
                 cache = str(folder / f"s3-cache-{k}")
                 read = functools.partial(
                     roundhouse, remote, args.batch, args.workers, cache, options
                 )
                 cold.append(measure(read))
+                gets.append(measure(lambda: raw_get(remote, options, threads)))
         finally:
             server.kill()
             server.wait()
-        c = medians(cold)
+        c, c0 = medians(cold), medians(gets)
     print(
         f"dataset {args.size_mb} MB of {SHAPE} uint8 images, batch {args.batch}, "
         f"workers {args.workers}, median of {args.repeats}; samples/s (samples per CPU-s)"
     )
     print(
         f"(a) raw pyarrow {a[0]:,.0f} ({a[1]:,.0f})  (b) roundhouse local {b[0]:,.0f} "
-        f"({b[1]:,.0f})  (c) roundhouse S3 cold cache {c[0]:,.0f}"
+        f"({b[1]:,.0f})  (c) roundhouse S3 cold cache {c[0]:,.0f}  (c0) plain S3 GETs "
+        f"{c0[0]:,.0f}"
     )
     print(result("streaming_local_vs_pyarrow", b[0], a[0], "samples/s"))
     print(result("streaming_local_vs_pyarrow_cpu", b[1], a[1], "samples/cpu_s"))
     print(result("streaming_s3_cold_vs_local", c[0], b[0], "samples/s"))
+    print(result("streaming_s3_cold_vs_plain_get", c[0], c0[0], "samples/s"))
     if others:
         best = max(others, key=others.get)
         print(f"(d) LitData {others['litdata']:,.0f}  MosaicML Streaming {others['mosaic']:,.0f}")
