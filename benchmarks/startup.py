@@ -15,7 +15,7 @@
 
 Rounds alternate ours/baseline to share the machine's noise; medians are reported.
 
-    python benchmarks/startup.py [--rounds 3] [--steps 300]
+    python benchmarks/startup.py [--rounds 3] [--steps 3000]
 
 Prints `RESULT startup ours=<s> baseline=<s> ratio=... unit=s` and
 `RESULT ray_step_rate ours=<samples/s> baseline=<samples/s> ratio=... unit=samples/s`.
@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-WINDOW = 20
+WINDOW = 200  # steps per samples/s window: an MLP step is ~0.2 ms, a 20-step window 4 ms
 
 BASELINE = r"""
 import sys, time
@@ -139,7 +139,7 @@ def result(name: str, ours: list[float], baseline: list[float], unit: str) -> st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=3000)
     args = parser.parse_args()
     ours, base, ray_rate, local_rate = [], [], [], []
     for i in range(args.rounds):
