@@ -119,7 +119,7 @@ def attach_parameter_store(ctx: Any, config: dict[str, Any]) -> Any:
 
 
 class RayParameterStore:
-    """`ParameterStore` over Ray actor handles; pushes are fire-and-forget until `wait_pushes`."""
+    """`ParameterStore` over Ray actor handles; pushes are fire-and-forget until the next pull."""
 
     def __init__(self, handles: list[Any]) -> None:
         self.handles = list(handles)
@@ -155,16 +155,10 @@ class RayParameterStore:
         ref = self.handles[shard].push.remote(pusher, step, indices, flat, present, weight)
         self.in_flight.append(ref)
 
-    def wait_pushes(self) -> None:
-        import ray
-
-        refs, self.in_flight = self.in_flight, []
-        ray.get(refs)
-
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
-        import ray
-
-        return ray.get([self.handles[s].pull.remote(pusher, step) for s in shards])
+        pulls = [self.handles[s].pull.remote(pusher, step) for s in shards]
+        pushes, self.in_flight = self.in_flight, []
+        return _get_all(pushes + pulls)[len(pushes) :]
 
     def claim(self, epoch: int, first: int, limit: int) -> int:
         import ray
@@ -180,3 +174,18 @@ class RayParameterStore:
         import ray
 
         return ray.get([self.handles[s].state_dict.remote() for s in shards])
+
+
+def _get_all(refs: list[Any]) -> list[Any]:
+    """`ray.get(refs)`, but raising as soon as any of them fails.
+
+    `ray.get` of a list waits for every result first; a pull waiting (on its shard) for a push
+    that failed would then hold the error back until the pull's own timeout.
+    """
+    import ray
+
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # raises the call's error
+    return ray.get(refs)

@@ -172,6 +172,27 @@ def test_ssp_blocks_a_worker_too_far_ahead() -> None:
     assert done.wait(5.0)
 
 
+def test_a_pull_sent_before_its_own_push_waits_for_it() -> None:
+    """Workers send a step's pull without waiting for its pushes: even async reads its writes."""
+    shard = server("async", 2)
+    replies: list = []
+    thread = threading.Thread(target=lambda: replies.append(shard.pull(0, 1)), daemon=True)
+    thread.start()
+    thread.join(0.3)
+    assert not replies  # pusher 0's gradient of step 0 has not arrived
+    push(shard, 0, 0, 1.0, 2.0)
+    thread.join(5.0)
+    np.testing.assert_allclose(replies[0].flat, [-0.5, -0.5, 0.0])
+
+
+def test_non_finite_gradients_skip_the_update_but_count_the_step() -> None:
+    shard = server("sync", 1)
+    push(shard, 0, 0, float("nan"), 1.0)
+    reply = shard.pull(0, 1)
+    np.testing.assert_allclose(reply.flat, [0.0, 0.0, 1.0])  # unchanged
+    assert reply.version == 1 and not np.isfinite(reply.grad_sq_norm)
+
+
 def test_server_state_consolidates_across_shards() -> None:
     shards = [ShardServer(i) for i in range(2)]
     setup = sgd_setup("sync", 1)

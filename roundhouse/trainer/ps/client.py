@@ -8,7 +8,9 @@ while autograd goes on with earlier layers.
 
 Pulls: after the step's pushes, the same thread asks every shard for the parameters of the next
 step (the leader only; it then broadcasts them inside its node), while the main thread returns
-to the loop (data loading, logging). The main thread copies the parameters into the model
+to the loop (data loading, logging). The pull is sent without waiting for the pushes to be
+acknowledged: each shard holds it until this pusher's gradients arrived, which saves a round
+trip per step. The main thread copies the parameters into the model
 just before the next forward.
 
 One thread runs every push and pull of this worker in order, so node-group collectives happen
@@ -164,8 +166,7 @@ class PSClient:
         flat = np.empty(self.offsets[-1], dtype=np.float32)
         pulled = Pulled(torch.from_numpy(flat))
         if role.is_leader:
-            self.store.wait_pushes()
-            replies = self.store.pull(self.used, role.pusher, step)
+            replies = self.store.pull(self.used, role.pusher, step)  # waits for the pushes
             for shard, reply in zip(self.used, replies, strict=True):
                 self._scatter(flat, shard, reply.flat)
             pulled.lr = replies[0].lr if replies else None

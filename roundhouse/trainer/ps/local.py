@@ -52,9 +52,6 @@ class LocalParameterStore:
     ) -> None:
         self.servers[shard].push(pusher, step, indices, flat, present, weight)
 
-    def wait_pushes(self) -> None:
-        """Pushes are applied synchronously: nothing is in flight."""
-
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
         return [self.servers[s].pull(pusher, step) for s in shards]
 

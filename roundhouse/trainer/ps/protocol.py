@@ -48,12 +48,12 @@ class ParameterStore(Protocol):
         """Send gradient sums to one shard; may return before the shard received them."""
         ...
 
-    def wait_pushes(self) -> None:
-        """Block until every push sent so far was received; re-raise a failure."""
-        ...
-
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
-        """The parameters of `shards` (in parallel), per the mode's waiting rule."""
+        """The parameters of `shards` (in parallel), per `ShardServer.pull`'s waiting rule.
+
+        Also waits for (and re-raises a failure of) every push sent so far; a pull need not
+        wait for the pushes before it is sent, the shards wait for them.
+        """
         ...
 
     def claim(self, epoch: int, first: int, limit: int) -> int:

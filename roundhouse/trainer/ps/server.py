@@ -32,6 +32,7 @@ wait forever for steps the slow one will never take.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -134,8 +135,17 @@ class ShardServer:
             self.generation += 1
             self.setup = setup
             self.indices = list(indices)
-            self.params = [torch.tensor(np.asarray(a, dtype=np.float32)) for a in arrays]
+            self.offsets = np.cumsum([0] + [np.size(a) for a in arrays]).tolist()
+            # One flat vector; the parameters are views into it, so a pull copies it in one go.
+            self.flat = torch.zeros(self.offsets[-1], dtype=torch.float32)
+            self.params = []
+            for i, a in enumerate(arrays):
+                view = self.flat[self.offsets[i] : self.offsets[i + 1]].view(np.shape(a))
+                view.copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
+                self.params.append(view)
             self.optimizer = setup.build_optimizer(self.params) if self.params else None
+            if self.optimizer is not None:
+                use_foreach(self.optimizer)
             self.scheduler = setup.build_scheduler(self.optimizer) if self.params else None
             if state is not None and self.params:
                 load_shard_state(self.optimizer, self.scheduler, self.indices, state)
@@ -204,24 +214,29 @@ class ShardServer:
         return grads
 
     def _apply(self, pending: _Pending, divisor: int) -> None:
-        """One optimizer (and schedule) step on the summed gradients of `pending`."""
-        sq_norm = 0.0
-        finite = True
-        for param, g in zip(self.params, self.indices, strict=True):
-            parts = [pending.grads[p][g] for p in sorted(pending.grads)]
-            parts = [part for part in parts if part is not None]
-            if not parts:
-                param.grad = None
-                continue
-            total = np.array(parts[0], dtype=np.float32)  # a writable copy; pushes are read-only
-            for part in parts[1:]:
-                total += part
-            param.grad = torch.from_numpy(total).view_as(param).div_(divisor)
-            sq_norm += float(param.grad.double().pow(2).sum())
-            finite = finite and bool(torch.isfinite(param.grad).all())
+        """One optimizer (and schedule) step on the summed gradients of `pending`.
+
+        The sum, scaling, norm and finiteness check run once over one flat buffer (the
+        parameters' gradients are views into it): per-parameter small operations would cost
+        as much as the optimizer step itself.
+        """
+        total = np.zeros(self.offsets[-1], dtype=np.float32)
+        has_grad = [False] * len(self.params)
+        for pusher in sorted(pending.grads):
+            grads = pending.grads[pusher]
+            for i, g in enumerate(self.indices):
+                part = grads[g]
+                if part is not None:
+                    total[self.offsets[i] : self.offsets[i + 1]] += part
+                    has_grad[i] = True
+        flat = torch.from_numpy(total).div_(divisor)
+        sq_norm = float(flat.double().square().sum())
+        for i, param in enumerate(self.params):
+            view = flat[self.offsets[i] : self.offsets[i + 1]].view_as(param)
+            param.grad = view if has_grad[i] else None
         self.last_lr = self._current_lr()
         self.last_sq_norm = sq_norm
-        if not finite:  # the loop skips (or stops at) this step; skip the update too
+        if not math.isfinite(sq_norm):  # the loop skips (or stops at) this step; so do we
             logger.warning("ps shard %d: non-finite gradient, update skipped", self.shard_id)
         else:
             self.optimizer.step()
@@ -265,11 +280,15 @@ class ShardServer:
     # --- pull ---------------------------------------------------------------------------------
 
     def pull(self, pusher: int, step: int) -> PullReply:
-        """The parameters a pusher about to compute `step` may use (waits per the mode)."""
+        """The parameters a pusher about to compute `step` may use.
+
+        Waits until the pusher's own gradients of every earlier step arrived (so a pull may be
+        sent while its pushes are still on the way), then per the mode.
+        """
         deadline = time.monotonic() + self._ready().timeout_s
         with self.cond:
             generation = self.generation
-            while not self._may_read(step):
+            while not self._may_read(pusher, step):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(
@@ -288,8 +307,10 @@ class ShardServer:
                 ahead=max(0, step - self._slowest_clock(step)),
             )
 
-    def _may_read(self, step: int) -> bool:
+    def _may_read(self, pusher: int, step: int) -> bool:
         setup = self._ready()
+        if self.clocks[pusher] < step:
+            return False  # this pusher's own gradients of earlier steps are still on the way
         if setup.mode == "sync":
             return self.version >= step
         if setup.mode == "ssp":
@@ -301,9 +322,7 @@ class ShardServer:
         return min((c for p, c in enumerate(self.clocks) if p not in self.idle), default=step)
 
     def _flat_params(self) -> np.ndarray:
-        if not self.params:
-            return np.zeros(0, dtype=np.float32)
-        return torch.cat([p.detach().reshape(-1) for p in self.params]).numpy().copy()
+        return self.flat.numpy().copy()
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -328,6 +347,17 @@ class ShardServer:
                 "updates": self.updates,
                 "num_pushers": self.setup.num_pushers,
             }
+
+
+def use_foreach(optimizer: torch.optim.Optimizer) -> None:
+    """The multi-tensor implementation, where the optimizer has one and the job left it open.
+
+    torch picks it by itself only for CUDA tensors; on CPU a shard's update otherwise costs one
+    round of Python-dispatched operations per parameter, on the step's critical path.
+    """
+    for group in optimizer.param_groups:
+        if "foreach" in group and group["foreach"] is None:
+            group["foreach"] = True
 
 
 def load_shard_state(
