@@ -16,7 +16,8 @@ fast worker trains on more of each epoch instead of waiting for the straggler's 
 persistent straggler, ssp still holds the fast worker within `staleness` steps of the slow one,
 so its throughput stays near sync's. The straggler's every step (data, compute, exchange) takes
 `--factor` times as long, so with 2 workers async's ideal is (1 + 1/factor) / (2/factor), 1.5
-for factor 2: the target sits exactly at the ideal. Accuracy is the final test accuracy. Medians over `--repeats`.
+for factor 2: the target sits exactly at the ideal. Accuracy is the final test accuracy.
+Medians over `--repeats`.
 
     python benchmarks/ps_vs_ring.py [--epochs 5] [--factor 2] [--repeats 1]
 
