@@ -19,7 +19,7 @@ so its throughput stays near sync's. The straggler's every step (data, compute, 
 for factor 2: the target sits exactly at the ideal. Accuracy is the final test accuracy.
 Medians over `--repeats`.
 
-    python benchmarks/ps_vs_ring.py [--epochs 5] [--factor 2] [--repeats 1]
+    python benchmarks/ps_vs_ring.py [--epochs 5] [--factor 2] [--repeats 1] [--batch-size 64]
 
 RESULT lines: `ps_sync_vs_ring` (target >= 0.8), `ps_async_vs_sync_slowed` and
 `ps_ssp_vs_sync_slowed` (target >= 1.5), and the accuracy of each slowed run.
@@ -63,7 +63,7 @@ def build_job(name: str, variant: dict[str, Any], args: argparse.Namespace, stor
     job = {
         "name": name,
         "model": {"name": "lenet", "flavor": "debug"},
-        "data": {"source": "builtin:digits", "batch_size": 64, "image_size": 32},
+        "data": {"source": "builtin:digits", "batch_size": args.batch_size, "image_size": 32},
         "trainer": {
             "max_epochs": args.epochs,
             "log_every_steps": 5,
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
