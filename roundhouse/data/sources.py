@@ -7,11 +7,15 @@ permutes with the run seed and cuts the permutation by `data.split`.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -153,15 +157,33 @@ def _no_options(source: str, options: dict[str, Any], allowed: Sequence[str]) ->
 
 
 def _load_digits(options: dict[str, Any]) -> _Loaded:
-    # Imported here: scikit-learn is slow to import and only this source needs it.
+    _no_options("builtin:digits", options, ())
+    images, target = _digits_arrays()
+    # Pixel values are integers 0..16.
+    inputs = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    targets = torch.as_tensor(target, dtype=torch.int64)
+    return _Loaded(inputs, targets, num_classes=10)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, (images (N, 8, 8), labels (N,)), read from its bundled file.
+
+    Importing scikit-learn costs more than a second per process (every Ray worker pays it at
+    start), so the CSV that `load_digits` parses is read directly; `load_digits` itself only if
+    this scikit-learn keeps the file elsewhere.
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
-    _no_options("builtin:digits", options, ())
     digits = load_digits()
-    # Pixel values are integers 0..16.
-    inputs = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    targets = torch.as_tensor(digits.target, dtype=torch.int64)
-    return _Loaded(inputs, targets, num_classes=10)
+    return digits.images, digits.target
 
 
 def _positive_int(name: str, value: Any) -> int:

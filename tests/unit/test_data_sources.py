@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,17 @@ def test_split_sizes_follow_fractions():
     splits = build_splits(DataConfig(split=(0.7, 0.15, 0.15)), seed=0)
     assert splits.info.num_samples == {"train": 1258, "val": 269, "test": 270}
     assert [len(splits.train), len(splits.val), len(splits.test)] == [1258, 269, 270]
+
+
+def test_digits_read_from_the_bundled_file_equal_scikit_learns():
+    from sklearn.datasets import load_digits
+
+    from roundhouse.data.sources import _digits_arrays
+
+    images, target = _digits_arrays()
+    reference = load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(target, reference.target)
 
 
 def test_split_is_a_partition_of_the_source(digits):
