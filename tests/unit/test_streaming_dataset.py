@@ -121,6 +121,12 @@ def test_remainder_policies(ids_url):
     assert len(set(ids)) == NUM_ROWS
 
 
+def test_batches_keep_their_values_while_later_steps_are_read(ids_url):
+    """The reader reuses one gather buffer; the batches it hands out must not alias it."""
+    steps = list(_loader(ids_url, batch=50))  # every batch held until the epoch ends
+    assert sorted(i for step in steps for i in _ids(step)) == list(range(NUM_ROWS))
+
+
 def test_info_and_schema_checks(ids_url):
     dataset = StreamingDataset(ids_url, StreamConfig(global_batch_size=10))
     assert dataset.info.input_shape == (1,) and dataset.info.num_classes == 7

@@ -122,7 +122,10 @@ def decode_arrays(table: pa.Table, schema: InputSchema) -> tuple[np.ndarray, np.
 def to_batch(inputs: np.ndarray, targets: np.ndarray | None, schema: InputSchema) -> dict:
     """Stored arrays to tensors: images/features `{"input": float32, "target": int64}` (uint8
     scaled to [0, 1]); token rows (int32, `seq_len + 1` ids) to next-token pairs
-    `{"input": (N, seq_len) int64, "target": (N, seq_len) int64}`."""
+    `{"input": (N, seq_len) int64, "target": (N, seq_len) int64}`.
+
+    The tensors never share memory with `inputs` (the reader reuses its buffer).
+    """
     if schema.dtype == "int32":
         tokens = torch.from_numpy(inputs.astype(np.int64))  # (N, T + 1), one copy
         return {"input": tokens[:, :-1].contiguous(), "target": tokens[:, 1:].contiguous()}
