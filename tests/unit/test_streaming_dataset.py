@@ -127,6 +127,22 @@ def test_batches_keep_their_values_while_later_steps_are_read(ids_url):
     assert sorted(i for step in steps for i in _ids(step)) == list(range(NUM_ROWS))
 
 
+def test_a_shuffled_epoch_reads_every_block_once(ids_url):
+    """Steps crossing from one shuffle window into the next must not evict blocks still needed."""
+    loader = _loader(ids_url, batch=50)
+    reader = loader.dataset.reader
+    reads: list[int] = []
+    mapped = reader._mapped_block
+
+    def counting(shard, file, group, rows):
+        reads.append(int(reader.first_block[shard]) + group)
+        return mapped(shard, file, group, rows)
+
+    reader._mapped_block = counting
+    assert sum(len(_ids(step)) for step in loader) == NUM_ROWS
+    assert sorted(reads) == list(range(NUM_ROWS // 40))  # 40-row blocks, each read once
+
+
 def test_info_and_schema_checks(ids_url):
     dataset = StreamingDataset(ids_url, StreamConfig(global_batch_size=10))
     assert dataset.info.input_shape == (1,) and dataset.info.num_classes == 7
