@@ -184,8 +184,9 @@ def _get_all(refs: list[Any]) -> list[Any]:
     """
     import ray
 
+    results: dict[Any, Any] = {}
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)  # raises the call's error
-    return ray.get(refs)
+        results[ready[0]] = ray.get(ready[0])  # raises the call's error
+    return [results[ref] for ref in refs]

@@ -30,7 +30,9 @@ class BlockReader:
         index: The dataset index.
         shards: The split's shards, in storage order (the `Layout`'s order).
         cache: Where verified local copies come from.
-        keep_blocks: Decoded blocks kept in memory (the working set of one window slice).
+        keep_blocks: Decoded blocks kept between steps (`StreamingDataset` sizes it to one
+            shuffle window, two for memory-mapped raw blocks); also sets how many files stay
+            open.
         prefetch_shards: Shards downloaded ahead of the one being read.
     """
 
