@@ -17,6 +17,7 @@ from roundhouse.data.streaming import (
     WriteConfig,
     prepare,
 )
+from roundhouse.data.streaming.codec import unit_float
 from roundhouse.data.streaming.fastraw import map_file, plain_values
 
 
@@ -32,13 +33,16 @@ def test_mapped_blocks_equal_decoded_blocks(tmp_path: Path, dtype: str):
             str(tmp_path / "src.npz"),
             url,
             PrepareOptions(),
-            WriteConfig(codec=codec, block_rows=32),
+            WriteConfig(codec=codec, block_rows=32, shard_bytes=x[0].nbytes * 100),
         )
         dataset = StreamingDataset(url, StreamConfig(global_batch_size=1, cache_dir=str(tmp_path)))
+        assert len(dataset.shards) >= 2  # one step gathers from several shards' maps
         rows = np.sort(np.random.default_rng(2).choice(300, 120, replace=False))
         batches[codec] = dataset.reader.read(rows)
         views = [v for v, _ in dataset.reader._blocks.values() if not v.flags.c_contiguous]
         assert (len(views) > 0) == (codec == "none")  # mapped only when uncompressed
+        # uncompressed: every block of the step is gathered through its shard's mapped rows
+        assert (set(dataset.reader._raw) == set(dataset.reader._blocks)) == (codec == "none")
     assert torch.equal(batches["none"]["input"], batches["zstd"]["input"])
     assert torch.equal(batches["none"]["target"], batches["zstd"]["target"])
 
@@ -60,3 +64,10 @@ def test_other_layouts_fall_back(tmp_path: Path):
         found[name] = plain_values(map_file(str(path)), column, 100, 12)
     assert [k for k, v in found.items() if v is not None] == ["plain"]
     assert found["plain"][7].tobytes() == bytes([7]) * 12
+
+
+def test_unit_float_is_torch_float_division():
+    images = np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 3, 4, 4)
+    expected = torch.from_numpy(images).float() / 255.0
+    got = unit_float(images)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)

@@ -58,6 +58,10 @@ class BlockReader:
         self._blocks: OrderedDict[int, _Decoded] = OrderedDict()
         self._files: OrderedDict[int, pq.ParquetFile | None] = OrderedDict()
         self._maps: dict[int, np.ndarray] = {}  # memory maps of the open raw shards
+        self._labels: dict[int, np.ndarray] = {}  # their whole `target` columns
+        self._rows_views: dict[int, np.ndarray] = {}  # and their `_rows_view`s
+        # Mapped blocks: (their shard's map as overlapping rows, byte of the first value, stride)
+        self._raw: dict[int, tuple[np.ndarray, int, int]] = {}
         self._upcoming: list[int] = []
         self._local = threading.local()  # per-thread gather buffer (`_scratch`)
 
@@ -81,21 +85,53 @@ class BlockReader:
         # Sorted rows: each block's rows are one contiguous run, gathered straight into the
         # output (one copy per sample, as a sequential read makes).
         bounds = np.concatenate([[0], np.flatnonzero(np.diff(blocks)) + 1, [len(rows)]])
-        values, labels = self._block(int(blocks[0]))
+        runs = blocks[bounds[:-1]].tolist()
+        decoded = [self._block(block) for block in runs]
+        values = decoded[0][0]
         inputs = self._scratch((len(rows), *values.shape[1:]), values.dtype)
-        targets = np.empty(len(rows), dtype=np.int64) if labels is not None else None
-        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-            block = int(blocks[lo])
-            values, labels = self._block(block)
-            offsets = rows[lo:hi] - self.starts[block]
-            if offsets[-1] - offsets[0] == hi - lo - 1:  # a contiguous run: a slice copy
-                inputs[lo:hi] = values[offsets[0] : offsets[-1] + 1]
-            else:  # not np.take: it copies a whole strided (memory-mapped) block first
-                inputs[lo:hi] = values[offsets]
-            if targets is not None:
-                targets[lo:hi] = labels[offsets]
+        has_labels = decoded[0][1] is not None
+        targets = np.empty(len(rows), dtype=np.int64) if has_labels else None
+        offsets = rows - self.starts[blocks]  # row within its block
+        if all(block in self._raw for block in runs):
+            self._gather_mapped(runs, bounds, offsets, inputs)
+        else:
+            for k, (lo, hi) in enumerate(
+                zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+            ):
+                at = offsets[lo:hi]
+                if at[-1] - at[0] == hi - lo - 1:  # a contiguous run: a slice copy
+                    inputs[lo:hi] = decoded[k][0][at[0] : at[-1] + 1]
+                else:  # not np.take: it copies a whole strided block first
+                    inputs[lo:hi] = decoded[k][0][at]
+        if targets is not None:  # the runs' labels side by side, then one gather
+            labels = [d[1] for d in decoded]
+            first = np.cumsum([0] + [len(x) for x in labels[:-1]])
+            run_of_row = np.repeat(np.arange(len(runs)), np.diff(bounds))
+            np.take(np.concatenate(labels), first[run_of_row] + offsets, out=targets)
         self._trim()
         return to_batch(inputs, targets, self.index.input), rows
+
+    def _gather_mapped(
+        self, runs: list[int], bounds: np.ndarray, offsets: np.ndarray, inputs: np.ndarray
+    ) -> None:
+        """Gathers rows of memory-mapped blocks, one `index_select` per shard.
+
+        Each shard's map is seen as overlapping rows, row k starting at byte k, so a sample
+        is one row addressed by its file offset, and a step spanning dozens of blocks costs a
+        few calls instead of a few numpy calls per block (measured: 88 blocks per step over a
+        1 GB epoch, a fifth of its time).
+        """
+        out = inputs.reshape(len(inputs), -1).view(np.uint8)
+        starts = np.array([self._raw[block][1] for block in runs], dtype=np.int64)
+        stride = self._raw[runs[0]][2]
+        run_of_row = np.repeat(np.arange(len(runs)), np.diff(bounds))
+        at = starts[run_of_row] + offsets * stride
+        lo = 0
+        for k in range(1, len(runs) + 1):  # consecutive runs of one shard share its map
+            if k == len(runs) or self._raw[runs[k]][0] is not self._raw[runs[lo]][0]:
+                a, b = int(bounds[lo]), int(bounds[k])
+                out[a:b] = self._raw[runs[lo]][0][at[a:b]]
+                lo = k
 
     def _scratch(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """This thread's gather buffer, reused from step to step (`to_batch` copies out of it).
@@ -179,7 +215,8 @@ class BlockReader:
         per block over a 1 GB epoch, against 1.0 with the trim between steps.
         """
         while len(self._blocks) > self.keep_blocks:
-            self._blocks.popitem(last=False)
+            block, _ = self._blocks.popitem(last=False)
+            self._raw.pop(block, None)
 
     def _mapped_block(
         self, shard: int, file: pq.ParquetFile, group: int, rows: int
@@ -188,6 +225,7 @@ class BlockReader:
         schema = self.index.input
         if schema.encoding != "raw" or shard not in self._maps:
             return None
+        block = int(self.first_block[shard]) + group
         names = file.schema_arrow.names
         column = file.metadata.row_group(group).column(names.index("input"))
         item = int(np.prod(schema.shape)) * np.dtype(schema.dtype).itemsize
@@ -195,11 +233,27 @@ class BlockReader:
         if view is None:
             return None
         values = view.view(schema.dtype).reshape(rows, *schema.shape)
+        base = self._maps[shard].__array_interface__["data"][0]
+        start = view.__array_interface__["data"][0] - base
+        rows_view = self._rows_views.get(shard)
+        if rows_view is None:
+            rows_view = self._rows_views[shard] = self._rows_view(shard, item)
+        self._raw[block] = (rows_view, start, view.strides[0])
         targets = None
-        if "target" in names:
-            table = file.read_row_group(group, columns=["target"])
-            targets = table.column("target").to_numpy().astype(np.int64)
+        if "target" in names:  # the shard's labels are read whole, once (one call, not 33)
+            labels = self._labels.get(shard)
+            if labels is None:
+                table = file.read(columns=["target"])
+                labels = self._labels[shard] = table.column("target").to_numpy().astype(np.int64)
+            first = int(self.starts[block] - self.starts[self.first_block[shard]])
+            targets = labels[first : first + rows]
         return values, targets
+
+    def _rows_view(self, shard: int, item: int) -> np.ndarray:
+        """Shard `shard`'s map as `(bytes - item + 1, item)` rows, row k starting at byte k."""
+        mapped = self._maps[shard]
+        shape = (max(0, mapped.shape[0] - item + 1), item)
+        return np.lib.stride_tricks.as_strided(mapped, shape, (1, 1), writeable=False)
 
     def _file(self, shard: int) -> pq.ParquetFile | None:
         if shard in self._files:
@@ -214,6 +268,8 @@ class BlockReader:
         while len(self._files) > self.keep_files:
             closed, _ = self._files.popitem(last=False)
             self._maps.pop(closed, None)  # blocks still cached keep their own views alive
+            self._labels.pop(closed, None)
+            self._rows_views.pop(closed, None)
         return self._files[shard]
 
     def _prefetch_after(self, shard: int) -> None:
