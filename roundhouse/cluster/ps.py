@@ -124,6 +124,7 @@ class RayParameterStore:
     def __init__(self, handles: list[Any]) -> None:
         self.handles = list(handles)
         self.in_flight: list[Any] = []
+        self.asked: dict[tuple[int, int], Any] = {}  # (shard, step) -> a push-and-pull's reply
 
     @property
     def num_servers(self) -> int:
@@ -151,12 +152,22 @@ class RayParameterStore:
         flat: np.ndarray,
         present: list[bool],
         weight: int,
+        pull_step: int | None = None,
     ) -> None:
-        ref = self.handles[shard].push.remote(pusher, step, indices, flat, present, weight)
-        self.in_flight.append(ref)
+        handle = self.handles[shard]
+        ref = handle.push.remote(pusher, step, indices, flat, present, weight, pull_step)
+        if pull_step is None:
+            self.in_flight.append(ref)
+        else:  # its reply is the next pull's (`pull` collects it, and so any failure)
+            self.asked[(shard, pull_step)] = ref
 
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
-        pulls = [self.handles[s].pull.remote(pusher, step) for s in shards]
+        asked, self.asked = self.asked, {}  # any for other steps are stale (a re-initialization)
+        pulls = [asked.pop((s, step), None) for s in shards]
+        pulls = [
+            ref if ref is not None else self.handles[s].pull.remote(pusher, step)
+            for s, ref in zip(shards, pulls, strict=True)
+        ]
         pushes, self.in_flight = self.in_flight, []
         return _get_all(pushes + pulls)[len(pushes) :]
 

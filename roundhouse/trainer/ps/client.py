@@ -88,6 +88,11 @@ class PSClient:
         self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b.params}
         self.shard_of = shard_of(layout)
         self.used = used_shards(layout)
+        # The bucket whose push completes this worker's gradient on each shard: that push
+        # also asks for the next step's parameters (`ParameterStore.push`'s `pull_step`).
+        self.last_bucket = {
+            self.shard_of[g]: i for i, gs in enumerate(self.bucket_indices) for g in gs
+        }
         self.offsets = _offsets(self.params)
         self.lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roundhouse-ps")
@@ -151,7 +156,10 @@ class PSClient:
             offset += p.numel()
         for shard, (indices, present, parts) in per_shard.items():
             flat = torch.cat(parts) if parts else torch.zeros(0)
-            self.store.push(shard, role.pusher, step, indices, flat.numpy(), present, role.weight)
+            pull_step = step + 1 if self.last_bucket[shard] == i else None
+            self.store.push(
+                shard, role.pusher, step, indices, flat.numpy(), present, role.weight, pull_step
+            )
 
     # --- pulls --------------------------------------------------------------------------------
 

@@ -49,7 +49,10 @@ class LocalParameterStore:
         flat: np.ndarray,
         present: list[bool],
         weight: int,
+        pull_step: int | None = None,
     ) -> None:
+        # In process, nothing to save: `pull` asks when it is called (and cannot wait inside
+        # a push, which runs in the caller's thread).
         self.servers[shard].push(pusher, step, indices, flat, present, weight)
 
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:

@@ -44,15 +44,21 @@ class ParameterStore(Protocol):
         flat: np.ndarray,
         present: list[bool],
         weight: int,
+        pull_step: int | None = None,
     ) -> None:
-        """Send gradient sums to one shard; may return before the shard received them."""
+        """Send gradient sums to one shard; may return before the shard received them.
+
+        `pull_step`: this pusher's next `pull` of this shard will be for `pull_step`; a store
+        may send that request with this push (`ShardServer.push`), saving a round trip.
+        """
         ...
 
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
         """The parameters of `shards` (in parallel), per `ShardServer.pull`'s waiting rule.
 
         Also waits for (and re-raises a failure of) every push sent so far; a pull need not
-        wait for the pushes before it is sent, the shards wait for them.
+        wait for the pushes before it is sent, the shards wait for them. Shards already asked
+        through a push's `pull_step` are not asked again.
         """
         ...
 

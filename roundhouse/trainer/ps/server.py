@@ -178,8 +178,26 @@ class ShardServer:
         flat: np.ndarray,
         present: list[bool],
         weight: int = 1,
+        pull_step: int | None = None,
+    ) -> PullReply | None:
+        """Receive gradient sums for `indices` (those `present` packed in order in `flat`).
+
+        With `pull_step`, also `pull(pusher, pull_step)` and return its reply: a pusher's last
+        push of a step asks for the next step's parameters in the same call (one round trip
+        per step instead of two).
+        """
+        self._store(pusher, step, indices, flat, present, weight)
+        return None if pull_step is None else self.pull(pusher, pull_step)
+
+    def _store(
+        self,
+        pusher: int,
+        step: int,
+        indices: list[int],
+        flat: np.ndarray,
+        present: list[bool],
+        weight: int,
     ) -> None:
-        """Receive gradient sums for `indices` (those `present` packed in order in `flat`)."""
         grads = self._unflatten(indices, flat, present)
         with self.cond:
             setup = self._ready()
