@@ -152,6 +152,24 @@ def test_sync_applies_the_average_once_every_pusher_arrived() -> None:
     assert reply.version == 1 and reply.grad_sq_norm == pytest.approx(2 * 4.0 + 1.0)
 
 
+def test_a_push_with_pull_step_replies_with_the_next_steps_parameters() -> None:
+    shard = server("sync", 2)
+    replies: list = []
+    flat = np.array([1.0, 1.0, 2.0], dtype=np.float32)
+    worker = threading.Thread(
+        target=lambda: replies.append(shard.push(0, 0, [3, 7], flat, [True, True], 1, 1)),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(0.3)
+    assert worker.is_alive()  # sync: step 1's parameters need pusher 1's gradient too
+    assert shard.push(1, 0, [3, 7], flat * 3, [True, True], 1) is None  # no pull_step
+    worker.join(5.0)
+    np.testing.assert_allclose(replies[0].flat, shard.pull(1, 1).flat)
+    np.testing.assert_allclose(replies[0].flat, [-1.0, -1.0, -1.0])  # lr 0.5, mean [2, 2, 4]
+    assert replies[0].version == 1
+
+
 def test_async_applies_each_push_on_arrival() -> None:
     shard = server("async", 2)
     push(shard, 0, 0, 1.0, 2.0)

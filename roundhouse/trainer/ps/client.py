@@ -6,12 +6,11 @@ complete bucket is handed to one background thread, which packs it, (with node a
 sums it over the node onto the node leader, and sends each shard its part. So gradients travel
 while autograd goes on with earlier layers.
 
-Pulls: after the step's pushes, the same thread asks every shard for the parameters of the next
-step (the leader only; it then broadcasts them inside its node), while the main thread returns
-to the loop (data loading, logging). The pull is sent without waiting for the pushes to be
-acknowledged: each shard holds it until this pusher's gradients arrived, which saves a round
-trip per step. The main thread copies the parameters into the model
-just before the next forward.
+Pulls: the step's last push to each shard also asks for the parameters of the next step (the
+leader only; it then broadcasts them inside its node), so a step costs one call per shard; the
+same thread collects the replies while the main thread returns to the loop (data loading,
+logging), and copies them into the model just before the next forward. The request is not held
+back until the pushes are acknowledged: each shard answers once this pusher's gradients arrived.
 
 One thread runs every push and pull of this worker in order, so node-group collectives happen
 in the same order on every rank of a node.
