@@ -7,7 +7,7 @@ Data: synthetic 3x64x64 uint8 images with labels, prepared once with `data prepa
 shards, uncompressed). Every reader ends at the same float32 tensors in [0, 1], so the figures
 compare like with like:
 
-(a) raw pyarrow: the shards read sequentially, row group by row group (the limit here);
+(a) raw pyarrow: the shards read sequentially, row group by row group (the reference);
 (b) roundhouse local: one shuffled epoch through `StreamingLoader`;
 (c) roundhouse through an S3 server on loopback (moto, in its own process), cold cache;
     next to it, (c0) the server's own limit: the same shards fetched with plain s3fs GETs
