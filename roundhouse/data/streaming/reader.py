@@ -114,7 +114,7 @@ class BlockReader:
     def _gather_mapped(
         self, runs: list[int], bounds: np.ndarray, offsets: np.ndarray, inputs: np.ndarray
     ) -> None:
-        """Gathers rows of memory-mapped blocks, one `index_select` per shard.
+        """Gathers rows of memory-mapped blocks, one fancy index per shard.
 
         Each shard's map is seen as overlapping rows, row k starting at byte k, so a sample
         is one row addressed by its file offset, and a step spanning dozens of blocks costs a
