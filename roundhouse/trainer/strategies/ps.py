@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -77,9 +76,6 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.ahead: list[int] = []
         self.dynamic = config.data_assignment == "dynamic"
         self.idle = False  # dynamic assignment: this worker found its epoch's data used up
-        # ... and its next claim, asked for while the current chunk trains (`_claim`)
-        self.claims: ThreadPoolExecutor | None = None
-        self.next_claim: tuple[tuple[int, int, int], Future] | None = None
         self.step_started: float | None = None  # straggler injection: when this step began
         if self.dynamic and config.node_aggregation and ctx.world_size > ctx.num_nodes:
             logger.warning(
@@ -265,24 +261,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
     def _claim(self, epoch: int, first: int, limit: int) -> int:
         """The next chunk of the epoch's data; out of data, this worker is idle for the servers
-        (ssp no longer waits for it) until it claims again.
-
-        The claim after it is sent at once and answered while this chunk trains: a claim is a
-        round trip to shard 0, which a worker waiting for it each step would spend idle
-        (measured: a quarter of an async worker's time on 2 cores). A chunk claimed ahead that
-        is never trained (the run stops first) is simply not trained; the loader's position
-        (`steps_done`) counts only the chunks it handed out.
-        """
-        key = (epoch, first, limit)
-        ahead, self.next_claim = self.next_claim, None
-        if ahead is not None and ahead[0] == key:
-            chunk = ahead[1].result()
-        else:
-            chunk = self.store.claim(epoch, first, limit)
-        if chunk >= 0:
-            if self.claims is None:
-                self.claims = ThreadPoolExecutor(1, thread_name_prefix="roundhouse-ps-claim")
-            self.next_claim = (key, self.claims.submit(self.store.claim, *key))
+        (ssp no longer waits for it) until it claims again."""
+        chunk = self.store.claim(epoch, first, limit)
         if (chunk < 0) != self.idle:
             self.idle = chunk < 0
             self.store.set_idle(self.ctx.rank, self.idle)
@@ -294,9 +274,6 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         if self.client is not None:
             self.client.close()
             self.client = None
-        if self.claims is not None:
-            self.claims.shutdown(wait=False, cancel_futures=True)
-            self.claims = self.next_claim = None
 
 
 def build_store(config: PSStrategyConfig, ctx: WorkerContext) -> ParameterStore:
