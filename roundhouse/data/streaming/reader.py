@@ -92,8 +92,9 @@ class BlockReader:
         has_labels = decoded[0][1] is not None
         targets = np.empty(len(rows), dtype=np.int64) if has_labels else None
         offsets = rows - self.starts[blocks]  # row within its block
+        run_of_row = np.repeat(np.arange(len(runs)), np.diff(bounds))
         if all(block in self._raw for block in runs):
-            self._gather_mapped(runs, bounds, offsets, inputs)
+            self._gather_mapped(runs, bounds, run_of_row, offsets, inputs)
         else:
             for k, (lo, hi) in enumerate(
                 zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
@@ -106,13 +107,17 @@ class BlockReader:
         if targets is not None:  # the runs' labels side by side, then one gather
             labels = [d[1] for d in decoded]
             first = np.cumsum([0] + [len(x) for x in labels[:-1]])
-            run_of_row = np.repeat(np.arange(len(runs)), np.diff(bounds))
             np.take(np.concatenate(labels), first[run_of_row] + offsets, out=targets)
         self._trim()
         return to_batch(inputs, targets, self.index.input), rows
 
     def _gather_mapped(
-        self, runs: list[int], bounds: np.ndarray, offsets: np.ndarray, inputs: np.ndarray
+        self,
+        runs: list[int],
+        bounds: np.ndarray,
+        run_of_row: np.ndarray,
+        offsets: np.ndarray,
+        inputs: np.ndarray,
     ) -> None:
         """Gathers rows of memory-mapped blocks, one fancy index per shard.
 
@@ -124,7 +129,6 @@ class BlockReader:
         out = inputs.reshape(len(inputs), -1).view(np.uint8)
         starts = np.array([self._raw[block][1] for block in runs], dtype=np.int64)
         stride = self._raw[runs[0]][2]
-        run_of_row = np.repeat(np.arange(len(runs)), np.diff(bounds))
         at = starts[run_of_row] + offsets * stride
         lo = 0
         for k in range(1, len(runs) + 1):  # consecutive runs of one shard share its map
