@@ -19,10 +19,16 @@ so its throughput stays near sync's. The straggler's every step (data, compute, 
 for factor 2: the target sits exactly at the ideal. Accuracy is the final test accuracy.
 Medians over `--repeats`.
 
+The exchange floor: a sync step costs the workers one Ray actor call that carries the model's
+gradients and returns its parameters. The benchmark times that call (an actor echoing an array
+of the model's size) against an empty call, and prints each strategy's time per global step, so
+a shortfall can be read against what Ray's object transfer costs on this machine.
+
     python benchmarks/ps_vs_ring.py [--epochs 5] [--factor 2] [--repeats 1] [--batch-size 64]
 
 RESULT lines: `ps_sync_vs_ring` (target >= 0.8), `ps_async_vs_sync_slowed` and
-`ps_ssp_vs_sync_slowed` (target >= 1.5), and the accuracy of each slowed run.
+`ps_ssp_vs_sync_slowed` (target >= 1.5), the accuracy of each slowed run, and
+`ps_model_call_vs_empty_call` (ms per call; no target).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import logging
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,7 @@ from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer import prepare_run
+from roundhouse.trainer.run import build_model_for
 
 logger = logging.getLogger("ps_vs_ring")
 
@@ -98,6 +106,38 @@ def measure(job: Any) -> tuple[float, float]:
     return samples / (last["time"] - first["time"]), rows[-1]["test/accuracy"]
 
 
+class Echo:
+    """An actor answering a call that carries an array with an array of the same size."""
+
+    def echo(self, array: Any) -> Any:
+        return array.copy()
+
+    def empty(self) -> None:
+        return None
+
+
+def exchange_floor(job: Any, calls: int = 200) -> tuple[float, float]:
+    """(ms per actor call carrying the model's size both ways, ms per empty call)."""
+    import numpy as np
+    import ray
+
+    info = build_splits(job.data, seed=job.trainer.seed).info
+    model = build_model_for(job, info.input_shape, info.num_classes)
+    flat = np.ones(sum(p.numel() for p in model.parameters()), dtype=np.float32)
+    actor = ray.remote(Echo).options(num_cpus=0).remote()
+    try:
+        timings = []
+        for call in (lambda: actor.echo.remote(flat), actor.empty.remote):
+            ray.get([call() for _ in range(5)])  # warm up
+            start = time.perf_counter()
+            for _ in range(calls):
+                ray.get(call())
+            timings.append((time.perf_counter() - start) / calls * 1e3)
+        return timings[0], timings[1]
+    finally:
+        ray.kill(actor)
+
+
 def result(name: str, ours: float, baseline: float, unit: str) -> None:
     ratio = ours / baseline if baseline else float("nan")
     print(f"RESULT {name} ours={ours:.4g} baseline={baseline:.4g} ratio={ratio:.3f} unit={unit}")
@@ -121,6 +161,7 @@ def main() -> None:
             for name, job in jobs.items():  # alternated, so every variant sees the same noise
                 runs[name].append(measure(job))
                 logger.info("%s: %.1f samples/s, test accuracy %.3f", name, *runs[name][-1])
+        model_call, empty_call = exchange_floor(any_ps)
     speed = {n: statistics.median(r[0] for r in rs) for n, rs in runs.items()}
     accuracy = {n: statistics.median(r[1] for r in rs) for n, rs in runs.items()}
     result("ps_sync_vs_ring", speed["ps_sync"], speed["ring"], "samples/s")
@@ -130,6 +171,9 @@ def main() -> None:
     for mode in ("sync", "async", "ssp"):
         name = f"ps_{mode}_slowed"
         result(f"{name}_accuracy", accuracy[name], accuracy["ps_sync_slowed"], "accuracy")
+    step_ms = {n: args.batch_size / s * 1e3 for n, s in speed.items()}
+    logger.info("ms per global step: %s", ", ".join(f"{n} {ms:.1f}" for n, ms in step_ms.items()))
+    result("ps_model_call_vs_empty_call", model_call, empty_call, "ms")
 
 
 if __name__ == "__main__":
