@@ -186,21 +186,27 @@ class ShardServer:
         push of a step asks for the next step's parameters in the same call (one round trip
         per step instead of two).
         """
-        grads = self._unflatten(indices, flat, present)
+        self._store(pusher, step, self._unflatten(indices, flat, present), weight)
+        return None if pull_step is None else self.pull(pusher, pull_step)
+
+    def _store(
+        self, pusher: int, step: int, grads: dict[int, np.ndarray | None], weight: int
+    ) -> None:
+        """Add a push to its pending update; apply the update once it is complete."""
         with self.cond:
             setup = self._ready()
             key = step if setup.mode == "sync" else (pusher, step)
             pending = self.pending.setdefault(key, _Pending())
             pending.add(pusher, grads, weight)
-            if pending.complete(pusher, len(self.indices)):
-                self.clocks[pusher] = max(self.clocks[pusher], step + 1)
-                if setup.mode != "sync":
-                    self._apply(self.pending.pop(key), divisor=weight)
-                elif all(pending.complete(p, len(self.indices)) for p in range(setup.num_pushers)):
-                    self._apply(self.pending.pop(key), divisor=setup.world_size)
-                    self.version += 1
-                self.cond.notify_all()
-        return None if pull_step is None else self.pull(pusher, pull_step)
+            if not pending.complete(pusher, len(self.indices)):
+                return
+            self.clocks[pusher] = max(self.clocks[pusher], step + 1)
+            if setup.mode != "sync":
+                self._apply(self.pending.pop(key), divisor=weight)
+            elif all(pending.complete(p, len(self.indices)) for p in range(setup.num_pushers)):
+                self._apply(self.pending.pop(key), divisor=setup.world_size)
+                self.version += 1
+            self.cond.notify_all()
 
     def _unflatten(
         self, indices: list[int], flat: np.ndarray, present: list[bool]
