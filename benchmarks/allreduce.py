@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from roundhouse.trainer.comm import native_all_reduce_, ring_all_reduce_
+from roundhouse.parallel.ring import native_all_reduce_, ring_all_reduce_
 
 logger = logging.getLogger("allreduce")
 SIZES_MB = [2**-10, 2**-6, 0.25, 4, 64, 256]

@@ -33,13 +33,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from roundhouse import models
+from roundhouse.config import LossConfig, OptimizerConfig, RingStrategyConfig, SchedulerConfig
 from roundhouse.data.text import VOCAB_SIZE
-from roundhouse.spec import LossConfig, OptimizerConfig, RingStrategyConfig, SchedulerConfig
+from roundhouse.parallel.registry import Strategy, TrainPlan
+from roundhouse.parallel.ring.strategy import RingStrategy
+from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
-from roundhouse.trainer.strategies import Strategy, TrainPlan
-from roundhouse.trainer.strategies.ring import RingStrategy
-from roundhouse.trainer.strategies.single import SingleDeviceStrategy
 from roundhouse.trainer.task import build_task
 
 logger = logging.getLogger("overlap")

@@ -113,7 +113,7 @@ def measure(engine: Any, base: torch.optim.Optimizer, stage: int) -> dict[str, f
 
 def instrument(found: dict[str, Any]) -> None:
     """Make the DeepSpeed strategy record `measure` inside its second optimizer step."""
-    from roundhouse.trainer.strategies.deepspeed import DeepSpeedStrategy
+    from roundhouse.parallel.deepspeed.strategy import DeepSpeedStrategy
 
     setup = DeepSpeedStrategy.setup
 

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from roundhouse.cluster.runtime import ClusterError
-from roundhouse.spec import ClusterConfig
+from roundhouse.config import ClusterConfig
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import threading
 from typing import Any
 
 from roundhouse.cluster.topology import read_rank_record
-from roundhouse.spec import JobSpec
-from roundhouse.trainer.console import Progress, build_progress, format_metrics
-from roundhouse.trainer.metrics_file import METRICS_FILE
-from roundhouse.trainer.rundir import RunDir
+from roundhouse.config import JobSpec
+from roundhouse.runs.console import Progress, build_progress, format_metrics
+from roundhouse.runs.metrics_file import METRICS_FILE
+from roundhouse.runs.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 

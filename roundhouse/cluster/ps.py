@@ -1,7 +1,7 @@
 """Parameter-server actors on Ray, and the `ParameterStore` the `ps` strategy uses to reach them.
 
 The driver starts `strategy.num_servers` actors (each a threaded actor running
-`roundhouse.trainer.ps.ShardServer`, reserving `cluster.ps_resources`) before the worker group,
+`roundhouse.parallel.ps.ShardServer`, reserving `cluster.ps_resources`) before the worker group,
 and passes their handles to the workers through `train_loop_config`. Each worker wraps them
 into a `RayParameterStore` and puts it in its `WorkerContext`. Gradients and parameters travel
 through Ray's object store as numpy arrays (zero-copy reads on the receiving side).
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from roundhouse.cluster.runtime import ClusterError
-from roundhouse.spec import JobSpec
-from roundhouse.trainer.ps import PullReply, ServerSetup, ShardServer
+from roundhouse.config import JobSpec
+from roundhouse.parallel.ps import PullReply, ServerSetup, ShardServer
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import os
 import socket
 from collections.abc import Iterator
 
+from roundhouse.config import ClusterConfig
 from roundhouse.errors import RoundhouseError
-from roundhouse.spec import ClusterConfig
 
 logger = logging.getLogger(__name__)
 

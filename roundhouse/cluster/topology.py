@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any
 
-from roundhouse.trainer.rundir import RunDir
+from roundhouse.runs.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from roundhouse.cluster.ps import CONFIG_KEY as PS_CONFIG_KEY
 from roundhouse.cluster.ps import attach_parameter_store, servers_stopped_at_exit, start_servers
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.cluster.topology import describe_rank, write_rank_record
-from roundhouse.spec import ClusterConfig, JobSpec
+from roundhouse.config import ClusterConfig, JobSpec
+from roundhouse.runs.metrics_file import read_final_metrics
 from roundhouse.trainer import PreparedRun
-from roundhouse.trainer.metrics_file import read_final_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from roundhouse.config import AugmentConfig
 from roundhouse.errors import DataError
-from roundhouse.spec import AugmentConfig
 
 from .sampler import BatchPlan, epoch_order, eval_share
 from .sources import ArrayDataset

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from roundhouse.config import DataConfig
 from roundhouse.errors import DataError
-from roundhouse.spec import DataConfig
 
 from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
 from .transforms import Transform, augment_batch

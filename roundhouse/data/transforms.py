@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from roundhouse.config import AugmentConfig
 from roundhouse.errors import DataError
-from roundhouse.spec import AugmentConfig
 
 from .sampler import AUGMENT_STREAM, MIXUP_STREAM, derive_seed
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from roundhouse import models
+from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError, ModelError
-from roundhouse.spec import JobSpec
+from roundhouse.parallel.registry import STRATEGIES
 from roundhouse.trainer.losses import LOSSES
 from roundhouse.trainer.optim import check_optimizer, check_scheduler
-from roundhouse.trainer.strategies import STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def check_topology(job: JobSpec, world_size: int) -> Topology:
             "make cluster.num_workers a multiple of pipeline_stages * tensor_parallel",
         )
     if job.strategy.kind == "deepspeed":
-        from roundhouse.trainer.strategies.deepspeed_config import check_job
+        from roundhouse.parallel.deepspeed.config import check_job
 
         check_job(job, world_size)  # raw-vs-typed ds_config, expert and pipeline arithmetic
     data_parallel = world_size // model_parallel

@@ -131,7 +131,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from roundhouse.spec import JobSpec
+    from roundhouse.config import JobSpec
 
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return 0

@@ -43,8 +43,8 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
 
 def load_model_weights(ref: str, step: int | None) -> dict[str, torch.Tensor]:
     """The consolidated model weights of checkpoint `step` (None: latest) of run `ref`."""
+    from roundhouse.runs.rundir import RunDir
     from roundhouse.trainer.checkpoint import MANIFEST, Checkpointer
-    from roundhouse.trainer.rundir import RunDir
 
     target = RunDir(ref.rstrip("/"))
     if target.exists(MANIFEST):  # a checkpoints/step_<N> folder

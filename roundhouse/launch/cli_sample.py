@@ -86,8 +86,8 @@ def read_run(ref: str) -> tuple[Any, Any, int | None]:
     import yaml
 
     from roundhouse.launch.jobfile import validate_job
+    from roundhouse.runs.rundir import RunDir
     from roundhouse.trainer.checkpoint import MANIFEST
-    from roundhouse.trainer.rundir import RunDir
 
     target, step = RunDir(ref.rstrip("/")), None
     if target.exists(MANIFEST):  # a checkpoints/step_<N> folder

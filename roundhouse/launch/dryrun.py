@@ -10,11 +10,11 @@ import math
 
 import torch
 
+from roundhouse.config import JobSpec
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
-from roundhouse.spec import JobSpec
 from roundhouse.trainer.loop import compute_total_steps
 from roundhouse.trainer.run import build_model_for
 

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError
-from roundhouse.spec import JobSpec
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

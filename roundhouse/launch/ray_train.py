@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from roundhouse.spec import JobSpec
+from roundhouse.config import JobSpec
 from roundhouse.trainer import prepare_run
 
 logger = logging.getLogger(__name__)

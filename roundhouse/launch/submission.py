@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError
-from roundhouse.spec import JobSpec
-from roundhouse.trainer.tracking import is_secret_key
+from roundhouse.runs.tracking import is_secret_key
 
 # Never uploaded with the working dir (Ray also skips what .gitignore lists).
 DEFAULT_EXCLUDES = (

@@ -7,12 +7,12 @@ already (so job files need no redesign) and arrive with their own issues.
 from __future__ import annotations
 
 from roundhouse.errors import JobFileError
+from roundhouse.parallel.base import StepStats, Strategy, TrainPlan
+from roundhouse.parallel.deepspeed.strategy import DeepSpeedStrategy  # imports deepspeed lazily
+from roundhouse.parallel.ps.strategy import ParameterServerStrategy
+from roundhouse.parallel.ring.strategy import RingStrategy
+from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.trainer.context import WorkerContext
-from roundhouse.trainer.strategies.base import StepStats, Strategy, TrainPlan
-from roundhouse.trainer.strategies.deepspeed import DeepSpeedStrategy  # imports deepspeed lazily
-from roundhouse.trainer.strategies.ps import ParameterServerStrategy
-from roundhouse.trainer.strategies.ring import RingStrategy
-from roundhouse.trainer.strategies.single import SingleDeviceStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "single": SingleDeviceStrategy,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from roundhouse.trainer.strategies.base import StepStats, Strategy, TrainPlan, move_to
+from roundhouse.parallel.base import StepStats, Strategy, TrainPlan, move_to
 
 
 class SingleDeviceStrategy(Strategy):

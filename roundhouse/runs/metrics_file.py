@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from roundhouse.trainer.rundir import RunDir
+from roundhouse.runs.rundir import RunDir
 
 METRICS_FILE = "metrics.jsonl"
 # On remote storage the whole file is uploaded at most this often while training runs.

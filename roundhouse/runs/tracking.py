@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from roundhouse.spec import JobSpec, WandbConfig
-from roundhouse.trainer.console import NullProgress, Progress, build_progress, format_metrics
-from roundhouse.trainer.metrics_file import MetricsFile
-from roundhouse.trainer.rundir import RunDir
+from roundhouse.config import JobSpec, WandbConfig
+from roundhouse.runs.console import NullProgress, Progress, build_progress, format_metrics
+from roundhouse.runs.metrics_file import MetricsFile
+from roundhouse.runs.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from roundhouse.errors import CheckpointError
-from roundhouse.trainer.rundir import RunDir
+from roundhouse.runs.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ class WorkerContext:
     node_rank: int = 0
     num_nodes: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # The `ps` strategy's servers (a `roundhouse.trainer.ps.ParameterStore`); None: in-process.
+    # The `ps` strategy's servers (a `roundhouse.parallel.ps.ParameterStore`); None: in-process.
     parameter_store: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -14,14 +14,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from roundhouse.config import JobSpec
 from roundhouse.data import Splits, StepLoader
 from roundhouse.errors import CheckpointError, TrainingError
-from roundhouse.spec import JobSpec
+from roundhouse.parallel.registry import StepStats, Strategy
+from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
 from roundhouse.trainer.context import WorkerContext
-from roundhouse.trainer.strategies import StepStats, Strategy
 from roundhouse.trainer.task import Task
-from roundhouse.trainer.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from roundhouse.config import LossConfig
 from roundhouse.errors import JobFileError
-from roundhouse.spec import LossConfig
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

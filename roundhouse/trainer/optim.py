@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from roundhouse.config import OptimizerConfig, SchedulerConfig
 from roundhouse.errors import JobFileError
-from roundhouse.spec import OptimizerConfig, SchedulerConfig
 
 Params = Iterable[nn.Parameter] | Iterable[dict]
 

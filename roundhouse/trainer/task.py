@@ -12,8 +12,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from roundhouse.config import LossConfig
 from roundhouse.errors import ModelError
-from roundhouse.spec import LossConfig
 from roundhouse.trainer.losses import LossFn, build_loss, mixed_loss, topk_correct
 
 

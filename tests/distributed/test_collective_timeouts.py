@@ -16,8 +16,8 @@ TIMEOUT_S = 3
 
 def stalled_ring(rank: int, world_size: int) -> dict:
     """Rank 1 joins the group, then stops responding; rank 0 runs a ring all-reduce on it."""
-    from roundhouse.trainer.comm.ring import ring_all_reduce_
-    from roundhouse.trainer.comm.timeouts import CollectiveTimeoutError, group_timeout
+    from roundhouse.parallel.ring.collectives import ring_all_reduce_
+    from roundhouse.parallel.timeouts import CollectiveTimeoutError, group_timeout
 
     group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=TIMEOUT_S))
     if rank == 1:
@@ -41,7 +41,7 @@ def test_ring_names_the_stalled_peer_within_the_group_timeout() -> None:
 
 
 def named_allreduce(rank: int, world_size: int) -> str:
-    from roundhouse.trainer.comm.timeouts import CollectiveTimeoutError, named_collective
+    from roundhouse.parallel.timeouts import CollectiveTimeoutError, named_collective
 
     group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=TIMEOUT_S))
     if rank == 1:

@@ -17,7 +17,7 @@ import torch
 from roundhouse.errors import JobFileError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer.strategies.deepspeed_moe import (
+from roundhouse.parallel.deepspeed.moe import (
     is_expert_name,
     merge_expert_groups,
     widen_groups,
@@ -180,8 +180,8 @@ def test_expert_names_and_merged_groups() -> None:
 def layer_parity(rank: int, world_size: int, top_k: int, capacity: float) -> dict[str, float]:
     """On one rank (ep_size 1): the DeepSpeed layer against the native layer it replaced."""
     from roundhouse.models.moe import MoELayer
-    from roundhouse.trainer.strategies.deepspeed import init_deepspeed_dist
-    from roundhouse.trainer.strategies.deepspeed_moe import apply_deepspeed_moe
+    from roundhouse.parallel.deepspeed.moe import apply_deepspeed_moe
+    from roundhouse.parallel.deepspeed.strategy import init_deepspeed_dist
     from tests.distributed.test_ring_training import node_context
 
     init_deepspeed_dist(node_context(rank, world_size, world_size))

@@ -16,10 +16,10 @@ import pytest
 from torch import nn
 
 from roundhouse import models
+from roundhouse.config import DeepSpeedStrategyConfig
 from roundhouse.errors import JobFileError, ModelError
-from roundhouse.spec import DeepSpeedStrategyConfig
-from roundhouse.trainer.strategies import TrainPlan
-from roundhouse.trainer.strategies.deepspeed import DeepSpeedStrategy
+from roundhouse.parallel.deepspeed.strategy import DeepSpeedStrategy
+from roundhouse.parallel.registry import TrainPlan
 from tests.distributed.test_deepspeed_zero import checkpoint_copy, ds_job, losses, train
 from tests.distributed.test_ring_training import assert_close_weights
 from tests.helpers.runs import final_weights, read_metrics

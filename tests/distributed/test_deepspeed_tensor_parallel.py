@@ -77,7 +77,7 @@ def layer_rank(rank: int, world_size: int, name: str) -> dict[str, Any]:
     import deepspeed
 
     from roundhouse import models
-    from roundhouse.trainer.strategies.tensor_parallel import autotp_section, find_splits
+    from roundhouse.parallel.deepspeed.tensor_parallel import autotp_section, find_splits
 
     deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
     torch.manual_seed(0)

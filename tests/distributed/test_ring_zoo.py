@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from roundhouse import models
+from roundhouse.config import LossConfig, OptimizerConfig, RingStrategyConfig, SchedulerConfig
 from roundhouse.data.text import VOCAB_SIZE
-from roundhouse.spec import LossConfig, OptimizerConfig, RingStrategyConfig, SchedulerConfig
+from roundhouse.parallel.registry import TrainPlan
+from roundhouse.parallel.ring.strategy import RingStrategy
 from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
-from roundhouse.trainer.strategies import TrainPlan
-from roundhouse.trainer.strategies.ring import RingStrategy
 from roundhouse.trainer.task import build_task
 from tests.helpers.dist import run_distributed
 

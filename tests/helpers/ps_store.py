@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.managers import BaseManager
 
-from roundhouse.trainer.ps import LocalParameterStore, ShardServer
+from roundhouse.parallel.ps import LocalParameterStore, ShardServer
 
 _SERVERS: dict[int, ShardServer] = {}
 

@@ -142,7 +142,7 @@ def test_strict_spread_ranks_on_distinct_nodes_with_correct_topology(cluster, re
         assert record["local_rank"] == 0 and record["local_world_size"] == 1
         assert record["node_ip"] == "127.0.0.1" and record["resume_step"] is None
     # The driver showed progress from metrics.jsonl: plain lines up to the last step.
-    console = [line for line in reference["logs"] if line.startswith("roundhouse.trainer.console")]
+    console = [line for line in reference["logs"] if line.startswith("roundhouse.runs.console")]
     assert any(f"step {STEPS}/{STEPS}" in line for line in console), console
     assert any("test/accuracy" in line for line in console), console
     final = read_metrics(reference["run"])[-1]
@@ -280,7 +280,7 @@ def test_restart_is_counted_from_rank_0_records(tmp_path: Path) -> None:
     from roundhouse.cluster.progress import RunMonitor
     from roundhouse.cluster.topology import write_rank_record
     from roundhouse.launch.jobfile import validate_job
-    from roundhouse.trainer.rundir import RunDir
+    from roundhouse.runs.rundir import RunDir
 
     job = validate_job(yaml.safe_load(write_job(tmp_path, "mon", {"name": "mlp"}).read_text()))
     run_dir = RunDir(str(tmp_path / "run"))

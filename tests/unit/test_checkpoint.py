@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from roundhouse.errors import CheckpointError
+from roundhouse.runs.rundir import RunDir
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
-from roundhouse.trainer.rundir import RunDir
 
 IDENTITY = {"model": "mlp", "flavor": "debug"}
 

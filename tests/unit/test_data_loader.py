@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from roundhouse.config import AugmentConfig
 from roundhouse.data import ArrayDataset, StepLoader, build_eval_loader
 from roundhouse.data.sampler import epoch_order
 from roundhouse.errors import DataError
-from roundhouse.spec import AugmentConfig
 
 
 def indexed_dataset(num_samples: int) -> ArrayDataset:
@@ -223,7 +223,7 @@ def test_eval_loader_covers_each_sample_once(num_samples):
 
 def shared_counter():
     """A claim function over one `ShardServer` (the counter the `ps` strategy's loaders share)."""
-    from roundhouse.trainer.ps.server import ServerSetup, ShardServer
+    from roundhouse.parallel.ps.server import ServerSetup, ShardServer
 
     server = ShardServer()
     setup = ServerSetup("async", 0, 2, 2, torch.optim.SGD, lambda opt: None)

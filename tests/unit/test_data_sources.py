@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from roundhouse.config import DataConfig
 from roundhouse.data import ArrayDataset, DataInfo, build_splits
 from roundhouse.errors import DataError
-from roundhouse.spec import DataConfig
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from roundhouse.config import AugmentConfig
 from roundhouse.data import ArrayDataset, StepLoader, build_augmentation
 from roundhouse.errors import DataError
-from roundhouse.spec import AugmentConfig
 
 EVERYTHING = AugmentConfig(
     hflip=0.5,

@@ -13,7 +13,7 @@ from roundhouse.errors import JobFileError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer.strategies.deepspeed_config import BatchPlan, build_ds_config
+from roundhouse.parallel.deepspeed.config import BatchPlan, build_ds_config
 
 
 def job(strategy: dict | None = None, **sections) -> dict:
@@ -138,7 +138,7 @@ def test_dry_run_reports_a_conflict(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_import_roundhouse_does_not_import_deepspeed() -> None:
     code = (
         "import sys, roundhouse, roundhouse.trainer, roundhouse.launch.cli, "
-        "roundhouse.trainer.strategies; print('deepspeed' in sys.modules)"
+        "roundhouse.parallel.registry; print('deepspeed' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

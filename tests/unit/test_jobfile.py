@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from roundhouse.config import JobSpec, RingStrategyConfig
 from roundhouse.errors import JobFileError
 from roundhouse.launch.jobfile import apply_overrides, load_job, read_yaml, validate_job
-from roundhouse.spec import JobSpec, RingStrategyConfig
 
 MINIMAL = {"name": "t", "model": {"name": "mlp"}}
 

@@ -11,13 +11,13 @@ import yaml
 from torch.distributions import Normal, kl_divergence
 
 from roundhouse import models
+from roundhouse.config import LossConfig
 from roundhouse.errors import CheckpointError, ModelError
 from roundhouse.models.diffusion.blocks import SpatialTransformer
 from roundhouse.models.diffusion.conditioning import PAD_ID, encode_captions
 from roundhouse.models.diffusion.ldm import LatentDiffusionModel
-from roundhouse.spec import LossConfig
+from roundhouse.runs.rundir import RunDir
 from roundhouse.trainer.checkpoint import Checkpointer
-from roundhouse.trainer.rundir import RunDir
 from roundhouse.trainer.task import build_task
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from roundhouse import models
+from roundhouse.config import LossConfig
 from roundhouse.data.text import MASK_ID, PAD_ID
 from roundhouse.models.moe import MoELayer, assign, capacity
-from roundhouse.spec import LossConfig
 from roundhouse.trainer.task import build_task
 from roundhouse.trainer.tasks_lm import Masking
 

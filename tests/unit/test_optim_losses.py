@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from roundhouse.config import LossConfig, OptimizerConfig, SchedulerConfig
 from roundhouse.errors import JobFileError
-from roundhouse.spec import LossConfig, OptimizerConfig, SchedulerConfig
 from roundhouse.trainer.losses import build_loss, focal_loss, mixed_loss, topk_correct
 from roundhouse.trainer.optim import OPTIMIZERS, build_optimizer, build_scheduler, lr_factor_fn
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from roundhouse.config import DataConfig
 from roundhouse.data import build_splits
 from roundhouse.data.streaming import PrepareOptions, WriteConfig, prepare
 from roundhouse.errors import DataError
-from roundhouse.spec import DataConfig
 
 NUM_ROWS = 300
 
@@ -72,7 +72,7 @@ def test_eval_shares_cover_each_split_once(ids_url: str):
 
 
 def test_streamed_augmentation_is_seeded_per_row(ids_url: str):
-    from roundhouse.spec import AugmentConfig
+    from roundhouse.config import AugmentConfig
 
     config = DataConfig(train={"url": ids_url}, batch_size=12)
 

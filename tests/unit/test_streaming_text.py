@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from roundhouse.config import DataConfig
 from roundhouse.data import build_splits
 from roundhouse.data.streaming import PrepareOptions, WriteConfig, prepare, read_index
 from roundhouse.data.streaming.textprep import block_causal_mask, pack_rows, segment_ids
 from roundhouse.data.text import EOS_ID, decode
 from roundhouse.launch.cli import main
-from roundhouse.spec import DataConfig
 
 PYTEXT = {"seq_len": 32, "max_bytes": 150_000}
 DOCS = ["first document, with some words.", "second one, a little bit longer than that.", "3rd"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from roundhouse.config import DataConfig
 from roundhouse.data import build_splits
 from roundhouse.data.text import (
     EOS_ID,
@@ -17,7 +18,6 @@ from roundhouse.data.text import (
     stdlib_files,
 )
 from roundhouse.errors import DataError
-from roundhouse.spec import DataConfig
 
 SMALL = {"seq_len": 32, "max_bytes": 200_000}
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from roundhouse.spec import JobSpec
-from roundhouse.trainer.console import PlainProgress
-from roundhouse.trainer.metrics_file import METRICS_FILE
-from roundhouse.trainer.rundir import RunDir
-from roundhouse.trainer.tracking import (
+from roundhouse.config import JobSpec
+from roundhouse.runs.console import PlainProgress
+from roundhouse.runs.metrics_file import METRICS_FILE
+from roundhouse.runs.rundir import RunDir
+from roundhouse.runs.tracking import (
     WANDB_ID_FILE,
     Tracker,
     redact_secrets,

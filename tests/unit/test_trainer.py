@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from roundhouse.config import LossConfig, OptimizerConfig, SchedulerConfig, SingleStrategyConfig
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.spec import LossConfig, OptimizerConfig, SchedulerConfig, SingleStrategyConfig
+from roundhouse.parallel.registry import TrainPlan, build_strategy
 from roundhouse.trainer import build_local_context, prepare_run, run_worker
 from roundhouse.trainer.checkpoint import Checkpointer
 from roundhouse.trainer.losses import build_loss
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.run import build_trainer, run_dir_of
-from roundhouse.trainer.strategies import TrainPlan, build_strategy
 from roundhouse.trainer.task import ClassificationTask
 from tests.helpers.runs import final_weights, read_metrics
 

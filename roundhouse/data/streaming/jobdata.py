@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from roundhouse.config import AugmentConfig, DataConfig, StreamSplitConfig
 from roundhouse.errors import DataError
-from roundhouse.spec import AugmentConfig, DataConfig, StreamSplitConfig
 
 from ..sampler import eval_share
 from ..sources import DataInfo

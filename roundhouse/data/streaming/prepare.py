@@ -128,7 +128,7 @@ def from_arrays(
 
 def _builtin(name: str, options: PrepareOptions) -> Prepared:
     """Built-ins keep their own seeded train/val/test split (the same as `build_splits`)."""
-    from roundhouse.spec import DataConfig
+    from roundhouse.config import DataConfig
 
     from ..sources import build_splits
 

@@ -131,8 +131,8 @@ def calibrate_latent_scale(vae: nn.Module, stage1_job: dict[str, Any]) -> float:
     """`1 / std` of the VAE's latent means over the stage-1 job's validation images."""
     if next(vae.parameters()).is_meta:
         return 1.0
+    from roundhouse.config import DataConfig
     from roundhouse.data import build_splits  # lazy: the data layer is only needed here
-    from roundhouse.spec import DataConfig
 
     data = DataConfig.model_validate(stage1_job.get("data") or {})
     seed = int((stage1_job.get("trainer") or {}).get("seed", 0))

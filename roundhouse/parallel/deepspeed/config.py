@@ -22,8 +22,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
 from roundhouse.errors import JobFileError
-from roundhouse.spec import DeepSpeedStrategyConfig, JobSpec
 
 # Raw sections that roundhouse owns through the job file: (raw key, the job field to set instead).
 OWNED_SECTIONS = {
@@ -104,7 +104,7 @@ def generated_config(
     if strategy.pipeline_stages > 1:
         config["pipeline"] = {"stages": strategy.pipeline_stages}
     if strategy.tensor_parallel > 1:
-        from roundhouse.trainer.strategies.tensor_parallel import autotp_section
+        from roundhouse.parallel.deepspeed.tensor_parallel import autotp_section
 
         config["tensor_parallel"] = autotp_section(strategy.tensor_parallel)
         # DeepSpeed derives it from micro x accum x ranks, counting ranks once with and once
@@ -303,7 +303,7 @@ def check_job(job: JobSpec, world_size: int) -> DeepSpeedLayout:
 def check_tensor_parallel_model(job: JobSpec, tp: int) -> None:
     """Tensor parallel splits attention heads and MLPs of gpt, bert and moe, so the model must
     be one of them with a head count the tp size divides."""
-    from roundhouse.trainer.strategies.tensor_parallel import SUPPORTED_MODELS
+    from roundhouse.parallel.deepspeed.tensor_parallel import SUPPORTED_MODELS
 
     if job.model.name not in SUPPORTED_MODELS:
         raise JobFileError(

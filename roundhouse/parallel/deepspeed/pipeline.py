@@ -37,17 +37,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from roundhouse.config import DeepSpeedStrategyConfig
 from roundhouse.errors import JobFileError, ModelError
-from roundhouse.spec import DeepSpeedStrategyConfig
-from roundhouse.trainer.context import WorkerContext
-from roundhouse.trainer.strategies.base import StepStats, TrainPlan, move_to
-from roundhouse.trainer.strategies.deepspeed import (
+from roundhouse.parallel.base import StepStats, TrainPlan, move_to
+from roundhouse.parallel.deepspeed.config import pipeline_partition
+from roundhouse.parallel.deepspeed.state import ZeroState, merge_named
+from roundhouse.parallel.deepspeed.strategy import (
     DeepSpeedStrategy,
     init_deepspeed_dist,
     tied_aliases,
 )
-from roundhouse.trainer.strategies.deepspeed_config import pipeline_partition
-from roundhouse.trainer.strategies.deepspeed_state import ZeroState, merge_named
+from roundhouse.trainer.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 

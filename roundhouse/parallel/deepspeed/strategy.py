@@ -35,20 +35,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from roundhouse.config import DeepSpeedStrategyConfig
 from roundhouse.errors import TrainingError
-from roundhouse.spec import DeepSpeedStrategyConfig
-from roundhouse.trainer.context import WorkerContext
-from roundhouse.trainer.strategies.base import StepStats, Strategy, TrainPlan, move_to
-from roundhouse.trainer.strategies.deepspeed_config import (
+from roundhouse.parallel.base import StepStats, Strategy, TrainPlan, move_to
+from roundhouse.parallel.deepspeed.config import (
     BatchPlan,
     build_ds_config,
     check_layout,
 )
-from roundhouse.trainer.strategies.deepspeed_state import (
+from roundhouse.parallel.deepspeed.state import (
     ZeroState,
     from_torch_layout,
     to_torch_layout,
 )
+from roundhouse.trainer.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class DeepSpeedStrategy(Strategy):
 
     def __new__(cls, config: DeepSpeedStrategyConfig, ctx: WorkerContext) -> DeepSpeedStrategy:
         if cls is DeepSpeedStrategy and config.pipeline_stages > 1:
-            from roundhouse.trainer.strategies.deepspeed_pipe import PipelineStrategy
+            from roundhouse.parallel.deepspeed.pipeline import PipelineStrategy
 
             return super().__new__(PipelineStrategy)
         return super().__new__(cls)
@@ -123,11 +123,11 @@ class DeepSpeedStrategy(Strategy):
     def apply_parallelism(self, model: nn.Module) -> nn.Module:
         """Tensor- or expert-parallel rewrites of the model, in place (parallelism stays here)."""
         if self.config.tensor_parallel > 1:
-            from roundhouse.trainer.strategies.tensor_parallel import apply_tensor_parallel
+            from roundhouse.parallel.deepspeed.tensor_parallel import apply_tensor_parallel
 
             self.model_hooks.append(apply_tensor_parallel(model, self.tp_group))
         if self.config.expert_parallel > 1:
-            from roundhouse.trainer.strategies.deepspeed_moe import apply_deepspeed_moe
+            from roundhouse.parallel.deepspeed.moe import apply_deepspeed_moe
 
             self.model_hooks.append(apply_deepspeed_moe(model, self.config.expert_parallel))
         return model
@@ -199,7 +199,7 @@ class DeepSpeedStrategy(Strategy):
     def plain_grad_norm(self) -> float:
         """Global gradient norm without ZeRO (gradients are already averaged)."""
         if self.config.tensor_parallel > 1:  # shards on every tp rank, replicas once
-            from roundhouse.trainer.strategies.tensor_parallel import tp_grad_norm
+            from roundhouse.parallel.deepspeed.tensor_parallel import tp_grad_norm
 
             return tp_grad_norm(self.engine.module, self.model_hooks[0])
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
@@ -256,7 +256,7 @@ class DeepSpeedStrategy(Strategy):
         optimizer = to_torch_layout(state, self.zero.param_groups(), order, self.group_of())
         scheduler = self.engine.lr_scheduler.state_dict()
         if self.config.expert_parallel > 1:  # the user's one group, as `single` saves it
-            from roundhouse.trainer.strategies.deepspeed_moe import merge_expert_groups
+            from roundhouse.parallel.deepspeed.moe import merge_expert_groups
 
             optimizer, scheduler = merge_expert_groups(optimizer, scheduler)
         return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
@@ -275,7 +275,7 @@ class DeepSpeedStrategy(Strategy):
         """Which optimizer group each parameter is in (MoE splits expert parameters)."""
         if self.config.expert_parallel == 1:
             return {}
-        from roundhouse.trainer.strategies.deepspeed_moe import is_expert_name
+        from roundhouse.parallel.deepspeed.moe import is_expert_name
 
         return {n: 1 if is_expert_name(n) else 0 for n in self.canonical}
 
@@ -287,7 +287,7 @@ class DeepSpeedStrategy(Strategy):
         for hook in reversed(self.model_hooks):
             weights, named_state = hook.partition(weights, named_state)
         self.load_local(weights, named_state)
-        from roundhouse.trainer.strategies.deepspeed_moe import widen_groups
+        from roundhouse.parallel.deepspeed.moe import widen_groups
 
         # One saved group (`single`, merged MoE groups) serves every live group.
         live = len(self.zero.base.param_groups)

@@ -4,9 +4,9 @@ Only the `ps` strategy uses this package; `roundhouse.cluster.ps` runs `ShardSer
 actors behind the same `ParameterStore` protocol.
 """
 
-from roundhouse.trainer.ps.local import LocalParameterStore
-from roundhouse.trainer.ps.protocol import ParameterStore
-from roundhouse.trainer.ps.server import (
+from roundhouse.parallel.ps.local import LocalParameterStore
+from roundhouse.parallel.ps.protocol import ParameterStore
+from roundhouse.parallel.ps.server import (
     PullReply,
     ServerNotReadyError,
     ServerResetError,
@@ -14,7 +14,7 @@ from roundhouse.trainer.ps.server import (
     ShardServer,
     consolidate_states,
 )
-from roundhouse.trainer.ps.sharding import build_layout, shard_of, used_shards
+from roundhouse.parallel.ps.sharding import build_layout, shard_of, used_shards
 
 __all__ = [
     "LocalParameterStore",

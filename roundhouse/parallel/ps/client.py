@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from roundhouse.trainer.comm.buckets import Bucket, build_buckets
-from roundhouse.trainer.ps.protocol import ParameterStore
-from roundhouse.trainer.ps.sharding import shard_of, used_shards
+from roundhouse.parallel.buckets import Bucket, build_buckets
+from roundhouse.parallel.ps.protocol import ParameterStore
+from roundhouse.parallel.ps.sharding import shard_of, used_shards
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from roundhouse.trainer.ps.server import PullReply, ServerSetup, ShardServer
+from roundhouse.parallel.ps.server import PullReply, ServerSetup, ShardServer
 
 
 class LocalParameterStore:

@@ -1,7 +1,7 @@
 """`ParameterStore`: how the `ps` strategy talks to its parameter servers.
 
 `roundhouse.cluster.ps.RayParameterStore` implements it with Ray actors; `LocalParameterStore`
-(in `roundhouse.trainer.ps.local`) with `ShardServer` objects in this process. The strategy
+(in `roundhouse.parallel.ps.local`) with `ShardServer` objects in this process. The strategy
 never knows which one it has.
 """
 
@@ -11,7 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from roundhouse.trainer.ps.server import PullReply, ServerSetup
+from roundhouse.parallel.ps.server import PullReply, ServerSetup
 
 
 @runtime_checkable

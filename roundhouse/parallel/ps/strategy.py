@@ -4,7 +4,7 @@ Every worker computes gradients on its share of each global batch and pushes the
 bucket during backward, to the servers that own the parameters (size-balanced shards); the
 servers hold the optimizer state, apply the job's optimizer and lr schedule, and the workers
 pull the new parameters (prefetched in the background while the loop goes on). See
-`roundhouse.trainer.ps.server` for what each mode means.
+`roundhouse.parallel.ps.server` for what each mode means.
 
 With `node_aggregation` the ranks of a node first sum their gradients onto the node's leader
 (a torch.distributed group per node), only the leader pushes and pulls, and it broadcasts the
@@ -36,11 +36,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from roundhouse.config import PSStrategyConfig
 from roundhouse.errors import JobFileError, TrainingError
-from roundhouse.spec import PSStrategyConfig
-from roundhouse.trainer.comm import build_node_groups
-from roundhouse.trainer.context import WorkerContext
-from roundhouse.trainer.ps import (
+from roundhouse.parallel.base import StepStats, TrainPlan
+from roundhouse.parallel.ps import (
     LocalParameterStore,
     ParameterStore,
     ServerSetup,
@@ -48,10 +47,11 @@ from roundhouse.trainer.ps import (
     consolidate_states,
     used_shards,
 )
-from roundhouse.trainer.ps.client import PSClient, Pulled, PusherRole
-from roundhouse.trainer.strategies.base import StepStats, TrainPlan
-from roundhouse.trainer.strategies.ring import broadcast_module, check_process_group
-from roundhouse.trainer.strategies.single import SingleDeviceStrategy
+from roundhouse.parallel.ps.client import PSClient, Pulled, PusherRole
+from roundhouse.parallel.ring import build_node_groups
+from roundhouse.parallel.ring.strategy import broadcast_module, check_process_group
+from roundhouse.parallel.single import SingleDeviceStrategy
+from roundhouse.trainer.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 

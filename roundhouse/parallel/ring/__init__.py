@@ -3,9 +3,9 @@
 Imports `torch.distributed`; only trainer strategies use this package.
 """
 
-from roundhouse.trainer.comm.buckets import OverlappedAllReduce, build_buckets
-from roundhouse.trainer.comm.reducer import GradientReducer, NodeGroups, build_node_groups
-from roundhouse.trainer.comm.ring import native_all_reduce_, ring_all_reduce_
+from roundhouse.parallel.buckets import OverlappedAllReduce, build_buckets
+from roundhouse.parallel.ring.collectives import native_all_reduce_, ring_all_reduce_
+from roundhouse.parallel.ring.reducer import GradientReducer, NodeGroups, build_node_groups
 
 __all__ = [
     "GradientReducer",

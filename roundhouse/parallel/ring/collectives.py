@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from roundhouse.trainer.comm.timeouts import group_timeout, wait_work
+from roundhouse.parallel.timeouts import group_timeout, wait_work
 
 ProcessGroup = dist.ProcessGroup | None
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from roundhouse.trainer.comm.ring import native_all_reduce_, ring_all_reduce_
-from roundhouse.trainer.comm.timeouts import group_timeout, named_collective
+from roundhouse.parallel.ring.collectives import native_all_reduce_, ring_all_reduce_
+from roundhouse.parallel.timeouts import group_timeout, named_collective
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`ring`: data parallel with roundhouse's bucketed ring all-reduce, overlapped with backward.
 
 Every rank holds the whole model and trains on its share of each global batch; gradients are
-averaged over the ranks bucket by bucket while backward runs (see `roundhouse.trainer.comm`),
+averaged over the ranks bucket by bucket while backward runs (see `roundhouse.parallel.ring`),
 so with the loop's loss scaling every replica takes the step a single device would take on the
 whole global batch. Model, optimizer and scheduler state are replicated: checkpoints hold rank
 0's copy and load at any world size.
@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from roundhouse.config import RingStrategyConfig
 from roundhouse.errors import TrainingError
-from roundhouse.spec import RingStrategyConfig
-from roundhouse.trainer.comm import GradientReducer, OverlappedAllReduce, build_node_groups
-from roundhouse.trainer.comm.timeouts import group_timeout, named_collective
+from roundhouse.parallel.base import StepStats, TrainPlan
+from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
+from roundhouse.parallel.single import SingleDeviceStrategy
+from roundhouse.parallel.timeouts import group_timeout, named_collective
 from roundhouse.trainer.context import WorkerContext
-from roundhouse.trainer.strategies.base import StepStats, TrainPlan
-from roundhouse.trainer.strategies.single import SingleDeviceStrategy
 
 logger = logging.getLogger(__name__)
 
