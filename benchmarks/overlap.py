@@ -35,10 +35,10 @@ import torch.multiprocessing as mp
 from roundhouse import models
 from roundhouse.config import LossConfig, OptimizerConfig, RingStrategyConfig, SchedulerConfig
 from roundhouse.data.text import VOCAB_SIZE
-from roundhouse.parallel.registry import Strategy, TrainPlan
+from roundhouse.parallel.base import Strategy, TrainPlan
+from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring.strategy import RingStrategy
 from roundhouse.parallel.single import SingleDeviceStrategy
-from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import build_task
 

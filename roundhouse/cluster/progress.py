@@ -17,6 +17,7 @@ from typing import Any
 
 from roundhouse.cluster.topology import read_rank_record
 from roundhouse.config import JobSpec
+from roundhouse.config.topology import Topology
 from roundhouse.runs.console import Progress, build_progress, format_metrics
 from roundhouse.runs.metrics_file import METRICS_FILE
 from roundhouse.runs.rundir import RunDir
@@ -178,24 +179,17 @@ def estimate_total_steps(job: JobSpec) -> int | None:
 
     With `max_epochs` the length depends on the training split's size, so the driver loads the
     data source's split once (in the monitor thread, not on the job's critical path). The
-    remainder policy is evaluated at `cluster.num_workers` data-parallel ranks.
+    remainder rule is the job's `Topology` at `cluster.num_workers` workers.
     """
     from roundhouse.data import build_splits
-    from roundhouse.data.sampler import BatchPlan
     from roundhouse.trainer.loop import compute_total_steps
 
     if job.trainer.max_epochs is None:
         return job.trainer.max_steps
     try:
         info = build_splits(job.data, seed=job.trainer.seed).info
-        plan = BatchPlan(
-            num_samples=info.num_samples["train"],
-            global_batch_size=job.data.batch_size,
-            world_size=job.cluster.num_workers,
-            grad_accum_steps=job.trainer.grad_accum_steps,
-            drop_last=job.data.drop_last,
-        )
-        return compute_total_steps(job, plan.num_steps)
+        topology = Topology.of_job(job, job.cluster.num_workers)
+        return compute_total_steps(job, topology.steps_per_epoch(info.num_samples["train"]))
     except Exception:  # only the bar's total depends on it
         logger.debug("cannot estimate the number of steps", exc_info=True)
         return job.trainer.max_steps

@@ -27,6 +27,7 @@ import numpy as np
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.config import JobSpec
 from roundhouse.parallel.ps import PullReply, ServerSetup, ShardServer
+from roundhouse.parallel.registry import get_strategy_class
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,8 @@ MAX_CONCURRENCY = 64  # waiting pulls hold a thread each; pushes must still get 
 
 
 def server_cpus(job: JobSpec) -> float:
-    """CPUs the job's parameter servers reserve (0 for other strategies)."""
-    if job.strategy.kind != "ps":
-        return 0.0
-    return job.strategy.num_servers * float(job.cluster.ps_resources.get("CPU", 0.0))
+    """CPUs the job's parameter servers reserve (0 for strategies without servers)."""
+    return get_strategy_class(job.strategy).parameter_server_cpus(job)
 
 
 def server_name(job: JobSpec, shard: int) -> str:
@@ -65,11 +64,11 @@ def actor_options(job: JobSpec, shard: int) -> dict[str, Any]:
 def start_servers(job: JobSpec) -> list[Any]:
     """Start the job's server actors and wait until they run (`cluster.schedule_timeout_s`).
 
-    Returns no handles for a job whose strategy is not `ps`.
+    Returns no handles for a job whose strategy does not need parameter servers.
     """
     import ray
 
-    if job.strategy.kind != "ps":
+    if not get_strategy_class(job.strategy).needs_parameter_servers:
         return []
 
     actor_class = ray.remote(ShardServer)

@@ -109,7 +109,7 @@ def train_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float]:
     job = prepared.job
     cluster = job.cluster
     wait_for_capacity(cluster)
-    servers = start_servers(job)  # parameter-server actors; none unless strategy.kind=ps
+    servers = start_servers(job)  # parameter-server actors, if the strategy needs them
     started = time.time()  # checkpoints newer than this come from a failed attempt
     trainer = TorchTrainer(
         train_loop_per_worker=worker_main,

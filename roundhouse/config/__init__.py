@@ -234,7 +234,13 @@ class DeepSpeedStrategyConfig(Section):
 
     @property
     def model_parallel_size(self) -> int:
+        """Workers holding one copy of the model: `pipeline_stages * tensor_parallel`."""
         return self.pipeline_stages * self.tensor_parallel
+
+    @property
+    def layout(self) -> str | None:
+        """The strategy registry's layout key: `pipeline` with pipeline stages, else None."""
+        return "pipeline" if self.pipeline_stages > 1 else None
 
 
 StrategyConfig = Annotated[
@@ -323,7 +329,7 @@ class JobSpec(Section):
     @model_validator(mode="after")
     def _resolve_data_assignment(self) -> JobSpec:
         strategy = self.strategy
-        if strategy.kind != "ps" or strategy.data_assignment == "static":
+        if not isinstance(strategy, PSStrategyConfig) or strategy.data_assignment == "static":
             return self
         conflicts = [
             name

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from roundhouse.config.topology import count_steps
 from roundhouse.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -137,9 +138,8 @@ class BatchPlan:
     @property
     def num_steps(self) -> int:
         """Optimizer steps in one epoch (identical on every rank)."""
-        full, remainder = divmod(self.num_samples, self.global_batch_size)
-        keep_partial = not self.drop_last and remainder >= self.num_chunks
-        return full + (1 if keep_partial else 0)
+        remainder = "drop" if self.drop_last else "partial"
+        return count_steps(self.num_samples, self.global_batch_size, self.num_chunks, remainder)
 
     def step_bounds(self, step: int) -> tuple[int, int]:
         """Positions `[start, end)` of global step `step` in the epoch order."""

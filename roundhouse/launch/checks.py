@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from roundhouse import models
 from roundhouse.config import JobSpec
+from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError, ModelError
-from roundhouse.parallel.registry import STRATEGIES
+from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.trainer.losses import LOSSES
 from roundhouse.trainer.optim import check_optimizer, check_scheduler
-
-
-@dataclass(frozen=True)
-class Topology:
-    """How a job's workers divide the work."""
-
-    world_size: int
-    data_parallel: int
-    model_parallel: int
-    grad_accum_steps: int
-    global_batch: int
-
-    @property
-    def micro_batch(self) -> float:
-        return self.global_batch / (self.data_parallel * self.grad_accum_steps)
 
 
 def check_names(job: JobSpec) -> None:
@@ -45,42 +29,24 @@ def check_names(job: JobSpec) -> None:
 
 
 def check_topology(job: JobSpec, world_size: int) -> Topology:
-    """Validate the parallel layout for `world_size` workers and return it."""
-    strategy = job.strategy
-    model_parallel = getattr(strategy, "model_parallel_size", 1)
-    if world_size % model_parallel:
-        raise JobFileError(
-            f"pipeline_stages x tensor_parallel = {model_parallel} does not divide the "
-            f"world size {world_size}",
-            "make cluster.num_workers a multiple of pipeline_stages * tensor_parallel",
-        )
-    if job.strategy.kind == "deepspeed":
-        from roundhouse.parallel.deepspeed.config import check_job
+    """Validate the parallel layout for `world_size` workers and return it.
 
-        check_job(job, world_size)  # raw-vs-typed ds_config, expert and pipeline arithmetic
-    data_parallel = world_size // model_parallel
-    accum = job.trainer.grad_accum_steps
-    if job.data.batch_size < data_parallel * accum:
-        raise JobFileError(
-            f"data.batch_size={job.data.batch_size} is smaller than data-parallel ranks x "
-            f"accumulation steps = {data_parallel} x {accum} = {data_parallel * accum}",
-            "raise data.batch_size or lower trainer.grad_accum_steps",
-        )
-    return Topology(world_size, data_parallel, model_parallel, accum, job.data.batch_size)
+    Raises:
+        JobFileError: The layout does not add up, or the strategy's own checks fail.
+    """
+    topology = Topology.of_job(job, world_size).check()
+    get_strategy_class(job.strategy).check_job(job, world_size)
+    return topology.check_batch()
 
 
 def check_runnable(job: JobSpec, *, local: bool) -> Topology:
-    """Everything that can be checked without data or a model; returns the topology."""
+    """Everything that can be checked without data or a model; returns the topology.
+
+    Raises:
+        RoundhouseError: An unknown name, an unavailable strategy or a layout that fails.
+    """
     check_names(job)
-    if job.strategy.kind not in STRATEGIES:
-        raise JobFileError(
-            f"strategy.kind={job.strategy.kind!r} is not available in this version of roundhouse",
-            f"available: {', '.join(STRATEGIES)}",
-        )
+    strategy = get_strategy_class(job.strategy)
     world_size = 1 if local else job.cluster.num_workers
-    if job.strategy.kind == "single" and world_size != 1:
-        raise JobFileError(
-            f"strategy.kind=single runs on one worker, but cluster.num_workers={world_size}",
-            "pass --local, set cluster.num_workers=1, or pick a distributed strategy",
-        )
+    strategy.check_world_size(world_size)
     return check_topology(job, world_size)

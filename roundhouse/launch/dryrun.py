@@ -6,13 +6,10 @@ check shapes, and reports the parameter count and the per-rank batch arithmetic.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from roundhouse.config import JobSpec
 from roundhouse.data import build_splits
-from roundhouse.data.sampler import BatchPlan
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.trainer.loop import compute_total_steps
@@ -28,10 +25,8 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
         model = build_model_for(job, info.input_shape, info.num_classes)
         out_shape = _output_shape(job, model, info.input_shape, splits.input_dtype)
     num_params = sum(p.numel() for p in model.parameters())
-    steps_per_epoch = _steps_per_epoch(info.num_samples["train"], job, topo.data_parallel)
+    steps_per_epoch = topo.steps_per_epoch(info.num_samples["train"])
     total = compute_total_steps(job, steps_per_epoch)
-    micro = topo.micro_batch
-    micro_text = f"{micro:g}" if micro.is_integer() else f"{math.floor(micro)}-{math.ceil(micro)}"
     return [
         f"job {job.name!r} is valid",
         f"model {job.model.name}:{job.model.flavor}: {num_params:,} parameters, "
@@ -41,7 +36,8 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
         f"world {topo.world_size} = {topo.data_parallel} data-parallel x "
         f"{topo.model_parallel} model-parallel ({job.strategy.kind})",
         f"batch: global {topo.global_batch} = {topo.data_parallel} rank(s) x "
-        f"{topo.grad_accum_steps} micro-step(s) x {micro_text} samples per micro-batch",
+        f"{topo.grad_accum_steps} micro-step(s) x {topo.micro_batch_text()} samples per "
+        "micro-batch",
         f"steps: {steps_per_epoch} per epoch, {total} in total",
     ]
 
@@ -57,18 +53,3 @@ def _output_shape(
             f"{str(exc).splitlines()[0]}",
             "set data.image_size larger or pick another model/flavor",
         ) from None
-
-
-def _steps_per_epoch(num_train: int, job: JobSpec, data_parallel: int) -> int:
-    """Optimizer steps per epoch, by the loader's own arithmetic and remainder policy."""
-    policy = job.data.remainder_policy
-    if policy == "pad":  # streamed data only: the last batch is filled up
-        return -(-num_train // job.data.batch_size)
-    plan = BatchPlan(
-        num_samples=num_train,
-        global_batch_size=job.data.batch_size,
-        world_size=data_parallel,
-        grad_accum_steps=job.trainer.grad_accum_steps,
-        drop_last=policy == "drop",
-    )
-    return plan.num_steps

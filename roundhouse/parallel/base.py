@@ -2,7 +2,12 @@
 
 The training loop calls, per optimizer step, `forward_backward` for each micro-batch (with
 `sync=True` on the last one, where gradient exchange may happen) and then `optimizer_step`.
-It never asks which strategy it has. A new mode is a new file plus an entry in `STRATEGIES`.
+It never asks which strategy it has. A new mode is a new module plus one line in
+`roundhouse.parallel.registry.STRATEGIES`.
+
+Launch and cluster never ask for a strategy's kind either: they ask its class. `check_world_size`
+and `check_job` run before anything starts (the launcher's checks, `--dry-run`), and
+`needs_parameter_servers` tells the driver whether to start the parameter-server actors.
 
 Loss scaling contract: the loop passes `loss_scale = micro_samples / step_samples * dp_world`,
 so that when a strategy *averages* gradients over its data-parallel ranks the result equals the
@@ -14,13 +19,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from roundhouse.trainer.context import WorkerContext
-from roundhouse.trainer.task import Task
+from roundhouse.config import JobSpec
+from roundhouse.errors import JobFileError
+from roundhouse.parallel.context import WorkerContext
+
+if TYPE_CHECKING:  # the loop's task; parallel/ never imports trainer/
+    from roundhouse.trainer.task import Task
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -56,22 +65,78 @@ class StepStats:
 
 
 class Strategy(ABC):
-    """One way of computing gradients and updating parameters on one worker."""
+    """One way of computing gradients and updating parameters on one worker.
+
+    Class attributes say what the strategy needs before it exists:
+
+    Attributes:
+        kind: The `strategy.kind` it implements (for messages; the registry maps kinds).
+        max_world_size: The most workers it runs on (None: any number).
+        needs_parameter_servers: The driver starts `strategy.num_servers` parameter-server
+            actors (`roundhouse.cluster.ps`) before the workers and hands them over in
+            `WorkerContext.parameter_store`.
+    """
+
+    kind: ClassVar[str] = ""
+    max_world_size: ClassVar[int | None] = None
+    needs_parameter_servers: ClassVar[bool] = False
 
     def __init__(self, config: Any, ctx: WorkerContext) -> None:
+        """Bind the strategy to its `strategy` job section and this worker's context.
+
+        Args:
+            config: The job's `strategy` section (the pydantic model of this kind).
+            ctx: Where this worker runs (rank, world size, device).
+        """
         self.config = config
         self.ctx = ctx
 
+    @classmethod
+    def check_world_size(cls, world_size: int) -> None:
+        """Raise `JobFileError` when this strategy cannot run on `world_size` workers.
+
+        Raises:
+            JobFileError: `world_size` is above `max_world_size`.
+        """
+        most = cls.max_world_size
+        if most is not None and world_size > most:
+            runs_on = "one worker" if most == 1 else f"at most {most} workers"
+            raise JobFileError(
+                f"strategy.kind={cls.kind} runs on {runs_on}, but cluster.num_workers={world_size}",
+                "pass --local, set cluster.num_workers=1, or pick a distributed strategy",
+            )
+
+    @classmethod
+    def check_job(cls, job: JobSpec, world_size: int) -> None:
+        """Strategy-specific checks of `job` on `world_size` workers, before anything starts.
+
+        The launcher calls it after the shared topology checks (`Topology.check`); the default
+        checks nothing more.
+
+        Raises:
+            JobFileError: The job cannot run with this strategy (the field and the fix named).
+        """
+
+    @classmethod
+    def parameter_server_cpus(cls, job: JobSpec) -> float:
+        """CPUs the job's parameter servers reserve on the cluster (0 without servers)."""
+        if not cls.needs_parameter_servers:
+            return 0.0
+        return job.strategy.num_servers * float(job.cluster.ps_resources.get("CPU", 0.0))
+
     @property
     def is_main_process(self) -> bool:
+        """Whether this worker writes the run folder (logs, checkpoints): global rank 0."""
         return self.ctx.rank == 0
 
     @property
     def data_parallel_rank(self) -> int:
+        """This worker's index among the data-parallel replicas (its share of each batch)."""
         return self.ctx.rank
 
     @property
     def data_parallel_size(self) -> int:
+        """Data-parallel replicas: every worker, unless model parallelism groups them."""
         return self.ctx.world_size
 
     @abstractmethod

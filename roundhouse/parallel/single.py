@@ -13,7 +13,10 @@ from roundhouse.parallel.base import StepStats, Strategy, TrainPlan, move_to
 
 
 class SingleDeviceStrategy(Strategy):
-    """Trains the whole model on `ctx.device`."""
+    """Trains the whole model on `ctx.device`; runs on one worker only."""
+
+    kind = "single"
+    max_world_size = 1
 
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
         self.plan = plan

@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from roundhouse.config import JobSpec
+from roundhouse.config.topology import Topology
 from roundhouse.data import Splits, StepLoader
 from roundhouse.errors import CheckpointError, TrainingError
-from roundhouse.parallel.registry import StepStats, Strategy
+from roundhouse.parallel.base import StepStats, Strategy
+from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
-from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.task import Task
 
 logger = logging.getLogger(__name__)
@@ -292,26 +293,27 @@ class Trainer:
 
 
 def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> StepLoader:
-    """This rank's training loader over the global batch arithmetic of the job."""
+    """This rank's training loader over the job's `Topology` (its batch arithmetic)."""
     data = job.data
+    topology = Topology.of_job(job, strategy.ctx.world_size)
     if data.train is not None:  # streamed: the rank reads its own partition from storage
         return splits.train_loader(
-            global_batch_size=data.batch_size,
+            global_batch_size=topology.global_batch,
             rank=strategy.data_parallel_rank,
             world_size=strategy.data_parallel_size,
-            grad_accum_steps=job.trainer.grad_accum_steps,
+            grad_accum_steps=topology.grad_accum_steps,
             num_workers=data.num_workers,
             augment=data.augment,
         )
     return StepLoader(
         splits.train,
-        global_batch_size=data.batch_size,
+        global_batch_size=topology.global_batch,
         rank=strategy.data_parallel_rank,
         world_size=strategy.data_parallel_size,
-        grad_accum_steps=job.trainer.grad_accum_steps,
+        grad_accum_steps=topology.grad_accum_steps,
         seed=job.trainer.seed,
         shuffle=data.shuffle,
-        drop_last=data.drop_last,
+        drop_last=topology.drop_last,
         num_workers=data.num_workers,
         augment=data.augment,
         mixup_alpha=data.augment.mixup_alpha,

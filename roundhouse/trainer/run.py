@@ -20,11 +20,12 @@ from roundhouse import models
 from roundhouse.config import JobSpec
 from roundhouse.data import build_splits
 from roundhouse.errors import CheckpointError
-from roundhouse.parallel.registry import TrainPlan, build_strategy
+from roundhouse.parallel.base import TrainPlan
+from roundhouse.parallel.context import WorkerContext
+from roundhouse.parallel.registry import build_strategy
 from roundhouse.runs.rundir import RunDir, new_run_id
 from roundhouse.runs.tracking import Tracker, redact_secrets
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
-from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.loop import Trainer, build_train_loader, compute_total_steps
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import Task, build_task

@@ -18,8 +18,9 @@ from torch import nn
 from roundhouse import models
 from roundhouse.config import DeepSpeedStrategyConfig
 from roundhouse.errors import JobFileError, ModelError
+from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.deepspeed.strategy import DeepSpeedStrategy
-from roundhouse.parallel.registry import TrainPlan
+from roundhouse.parallel.registry import get_strategy_class
 from tests.distributed.test_deepspeed_zero import checkpoint_copy, ds_job, losses, train
 from tests.distributed.test_ring_training import assert_close_weights
 from tests.helpers.runs import final_weights, read_metrics
@@ -138,7 +139,7 @@ def pipeline_strategy() -> DeepSpeedStrategy:
     from tests.distributed.test_ring_training import node_context
 
     config = DeepSpeedStrategyConfig(kind="deepspeed", zero_stage=0, pipeline_stages=2)
-    return DeepSpeedStrategy(config, node_context(0, 2, 2))
+    return get_strategy_class(config)(config, node_context(0, 2, 2))  # the registry's choice
 
 
 def gpt(**options: Any) -> nn.Module:

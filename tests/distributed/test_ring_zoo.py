@@ -13,9 +13,9 @@ import torch
 from roundhouse import models
 from roundhouse.config import LossConfig, OptimizerConfig, RingStrategyConfig, SchedulerConfig
 from roundhouse.data.text import VOCAB_SIZE
-from roundhouse.parallel.registry import TrainPlan
+from roundhouse.parallel.base import TrainPlan
+from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring.strategy import RingStrategy
-from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import build_task
 from tests.helpers.dist import run_distributed

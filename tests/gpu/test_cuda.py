@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from roundhouse.launch.cli import main
-from roundhouse.trainer.context import resolve_device
+from roundhouse.parallel.context import resolve_device
 from roundhouse.trainer.run import autocast_dtype
 from tests.helpers.runs import only_run, read_metrics
 

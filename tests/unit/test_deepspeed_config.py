@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.parallel.deepspeed.config import BatchPlan, build_ds_config
+from roundhouse.parallel.deepspeed.config import EngineOptions, build_ds_config
 
 
 def job(strategy: dict | None = None, **sections) -> dict:
@@ -31,7 +32,7 @@ def job(strategy: dict | None = None, **sections) -> dict:
 
 def ds_config(strategy: dict | None = None, world: int = 4, **sections) -> dict:
     spec = validate_job(job(strategy, **sections))
-    return build_ds_config(spec.strategy, BatchPlan.of_job(spec), world)
+    return build_ds_config(spec.strategy, Topology.of_job(spec, world), EngineOptions.of_job(spec))
 
 
 def test_generated_from_the_job() -> None:
@@ -52,7 +53,12 @@ def test_no_clipping_is_written_explicitly() -> None:
     data = job()
     data["trainer"].pop("grad_clip_norm")
     spec = validate_job(data)
-    assert build_ds_config(spec.strategy, BatchPlan.of_job(spec), 4)["gradient_clipping"] == 0.0
+    assert (
+        build_ds_config(spec.strategy, Topology.of_job(spec, 4), EngineOptions.of_job(spec))[
+            "gradient_clipping"
+        ]
+        == 0.0
+    )
 
 
 def test_raw_keys_merge_last() -> None:

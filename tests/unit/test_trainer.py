@@ -11,7 +11,8 @@ from torch import nn
 
 from roundhouse.config import LossConfig, OptimizerConfig, SchedulerConfig, SingleStrategyConfig
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.parallel.registry import TrainPlan, build_strategy
+from roundhouse.parallel.base import TrainPlan
+from roundhouse.parallel.registry import build_strategy
 from roundhouse.trainer import build_local_context, prepare_run, run_worker
 from roundhouse.trainer.checkpoint import Checkpointer
 from roundhouse.trainer.losses import build_loss

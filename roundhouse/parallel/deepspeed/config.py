@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
+from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
 
 # Raw sections that roundhouse owns through the job file: (raw key, the job field to set instead).
@@ -49,51 +50,45 @@ class DeepSpeedLayout:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
-    """The job values a ds_config is generated from (all from the job file)."""
+class EngineOptions:
+    """The job values a ds_config takes besides the batch arithmetic (`Topology`)."""
 
-    global_batch_size: int
-    grad_accum_steps: int = 1
     grad_clip_norm: float | None = None
     bf16: bool = False
 
     @classmethod
-    def of_job(cls, job: JobSpec) -> BatchPlan:
-        return cls(
-            job.data.batch_size,
-            job.trainer.grad_accum_steps,
-            job.trainer.grad_clip_norm,
-            job.trainer.precision == "bf16",
-        )
+    def of_job(cls, job: JobSpec) -> EngineOptions:
+        """The options `job` asks for: `trainer.grad_clip_norm`, `trainer.precision`."""
+        return cls(job.trainer.grad_clip_norm, job.trainer.precision == "bf16")
 
 
 def build_ds_config(
-    strategy: DeepSpeedStrategyConfig, batch: BatchPlan, world_size: int
+    strategy: DeepSpeedStrategyConfig, topology: Topology, options: EngineOptions
 ) -> dict[str, Any]:
-    """The ds_config for `world_size` workers: generated values, then raw keys merged last.
+    """The ds_config for `topology`: generated values, then raw keys merged last.
 
     Raises:
         JobFileError: a raw `strategy.config` key contradicts a typed field (both named).
     """
-    generated = generated_config(strategy, batch, world_size)
+    generated = generated_config(strategy, topology, options)
     check_raw_config(strategy.config, generated)
     return deep_merge(generated, strategy.config)
 
 
 def generated_config(
-    strategy: DeepSpeedStrategyConfig, batch: BatchPlan, world_size: int
+    strategy: DeepSpeedStrategyConfig, topology: Topology, options: EngineOptions
 ) -> dict[str, Any]:
     """The ds_config roundhouse derives from the job's typed fields (no raw keys)."""
-    data_parallel = max(1, world_size // strategy.model_parallel_size)
-    accum = batch.grad_accum_steps
-    micro = max(1, batch.global_batch_size // (data_parallel * accum))
+    data_parallel = topology.data_parallel
+    accum = topology.grad_accum_steps
+    micro = topology.micro_batch
     config: dict[str, Any] = {
         "train_batch_size": micro * accum * data_parallel,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(batch.grad_clip_norm or 0.0),
+        "gradient_clipping": float(options.grad_clip_norm or 0.0),
         "zero_optimization": zero_section(strategy),
-        "bf16": {"enabled": batch.bf16},
+        "bf16": {"enabled": options.bf16},
         "fp16": {"enabled": False},
         # roundhouse's torch optimizer runs under ZeRO (parity with every other strategy).
         "zero_allow_untested_optimizer": True,
@@ -289,7 +284,7 @@ def check_job(job: JobSpec, world_size: int) -> DeepSpeedLayout:
     strategy = job.strategy
     assert isinstance(strategy, DeepSpeedStrategyConfig)
     layout = check_layout(strategy, world_size)
-    build_ds_config(strategy, BatchPlan.of_job(job), world_size)
+    build_ds_config(strategy, Topology.of_job(job, world_size), EngineOptions.of_job(job))
     pipeline_partition(strategy.config)
     if strategy.expert_parallel > 1:
         check_experts(job, strategy.expert_parallel)

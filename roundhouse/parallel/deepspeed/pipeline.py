@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from roundhouse.config import DeepSpeedStrategyConfig
 from roundhouse.errors import JobFileError, ModelError
 from roundhouse.parallel.base import StepStats, TrainPlan, move_to
+from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.deepspeed.config import pipeline_partition
 from roundhouse.parallel.deepspeed.state import ZeroState, merge_named
 from roundhouse.parallel.deepspeed.strategy import (
@@ -47,7 +48,6 @@ from roundhouse.parallel.deepspeed.strategy import (
     init_deepspeed_dist,
     tied_aliases,
 )
-from roundhouse.trainer.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 

@@ -35,20 +35,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from roundhouse.config import DeepSpeedStrategyConfig
+from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
+from roundhouse.config.topology import Topology
 from roundhouse.errors import TrainingError
 from roundhouse.parallel.base import StepStats, Strategy, TrainPlan, move_to
+from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.deepspeed.config import (
-    BatchPlan,
+    EngineOptions,
     build_ds_config,
     check_layout,
 )
+from roundhouse.parallel.deepspeed.config import check_job as check_deepspeed_job
 from roundhouse.parallel.deepspeed.state import (
     ZeroState,
     from_torch_layout,
     to_torch_layout,
 )
-from roundhouse.trainer.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +58,18 @@ logger = logging.getLogger(__name__)
 class DeepSpeedStrategy(Strategy):
     """Trains through a `DeepSpeedEngine`; see the module docstring for the contract."""
 
+    kind = "deepspeed"
     config: DeepSpeedStrategyConfig
 
-    def __new__(cls, config: DeepSpeedStrategyConfig, ctx: WorkerContext) -> DeepSpeedStrategy:
-        if cls is DeepSpeedStrategy and config.pipeline_stages > 1:
-            from roundhouse.parallel.deepspeed.pipeline import PipelineStrategy
+    @classmethod
+    def check_job(cls, job: JobSpec, world_size: int) -> None:
+        """Topology, raw-vs-typed ds_config and model checks (`config.check_job`).
 
-            return super().__new__(PipelineStrategy)
-        return super().__new__(cls)
+        Raises:
+            JobFileError: The DeepSpeed layout or config cannot work (field and fix named).
+            ModelError: The model lacks what the layout needs (pipeline layers, experts).
+        """
+        check_deepspeed_job(job, world_size)
 
     def __init__(self, config: DeepSpeedStrategyConfig, ctx: WorkerContext) -> None:
         super().__init__(config, ctx)
@@ -133,13 +139,17 @@ class DeepSpeedStrategy(Strategy):
         return model
 
     def ds_config(self, plan: TrainPlan) -> dict[str, Any]:
-        batch = BatchPlan(
-            global_batch_size=plan.global_batch_size or 1,
+        """The ds_config of this worker's job (batch arithmetic from `Topology`)."""
+        topology = Topology(
+            world_size=self.ctx.world_size,
+            pipeline_stages=self.config.pipeline_stages,
+            tensor_parallel=self.config.tensor_parallel,
+            global_batch=plan.global_batch_size or 1,
             grad_accum_steps=plan.grad_accum_steps,
-            grad_clip_norm=plan.grad_clip_norm,
-            bf16=plan.autocast_dtype == torch.bfloat16,
+            remainder="partial",  # the loader's business; no ds_config value depends on it
         )
-        return build_ds_config(self.config, batch, self.ctx.world_size)
+        options = EngineOptions(plan.grad_clip_norm, plan.autocast_dtype == torch.bfloat16)
+        return build_ds_config(self.config, topology, options)
 
     def param_groups(self, model: nn.Module) -> list[Any]:
         """Parameters for the optimizer factory (MoE: split as DeepSpeed requires)."""

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from roundhouse.config import PSStrategyConfig
 from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.parallel.base import StepStats, TrainPlan
+from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ps import (
     LocalParameterStore,
     ParameterStore,
@@ -51,7 +52,6 @@ from roundhouse.parallel.ps.client import PSClient, Pulled, PusherRole
 from roundhouse.parallel.ring import build_node_groups
 from roundhouse.parallel.ring.strategy import broadcast_module, check_process_group
 from roundhouse.parallel.single import SingleDeviceStrategy
-from roundhouse.trainer.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ SERVER_WAIT_S = 600.0  # a pull waiting longer than this for other workers fails
 class ParameterServerStrategy(SingleDeviceStrategy):
     """Workers compute gradients; parameter-server shards own the parameters and update them."""
 
+    kind = "ps"
+    max_world_size = None
+    needs_parameter_servers = True
     config: PSStrategyConfig
 
     def __init__(self, config: PSStrategyConfig, ctx: WorkerContext) -> None:

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from roundhouse.config import RingStrategyConfig
 from roundhouse.errors import TrainingError
 from roundhouse.parallel.base import StepStats, TrainPlan
+from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
 from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.parallel.timeouts import group_timeout, named_collective
-from roundhouse.trainer.context import WorkerContext
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 class RingStrategy(SingleDeviceStrategy):
     """Data parallel over all ranks; the single-device strategy plus gradient averaging."""
 
+    kind = "ring"
+    max_world_size = None
     config: RingStrategyConfig
 
     def __init__(self, config: RingStrategyConfig, ctx: WorkerContext) -> None:
