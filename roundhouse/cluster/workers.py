@@ -219,8 +219,8 @@ def worker_main(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from roundhouse.runs.rundir import run_dir_of
     from roundhouse.trainer import run_worker
-    from roundhouse.trainer.run import run_dir_of
 
     job = JobSpec.model_validate(config["job"])
     ctx = build_worker_context(ray.train.get_context(), job)
@@ -247,8 +247,8 @@ def worker_job(job: JobSpec) -> JobSpec:
 
 def choose_resume_point(job: JobSpec, config: dict[str, Any]) -> tuple[bool, int | None]:
     """The job's own resume point, or, after Ray restarted the group, the newest checkpoint."""
+    from roundhouse.runs.rundir import run_dir_of
     from roundhouse.trainer.checkpoint import Checkpointer
-    from roundhouse.trainer.run import run_dir_of
 
     checkpointer = Checkpointer(run_dir_of(job), keep_last=1, identity={})
     latest = checkpointer.latest_step()

@@ -140,3 +140,13 @@ class Topology:
                 "raise data.batch_size or lower trainer.grad_accum_steps",
             )
         return self
+
+
+def compute_total_steps(job: JobSpec, steps_per_epoch: int) -> int:
+    """Optimizer steps the run will take: the smaller of max_steps and max_epochs' worth."""
+    limits = []
+    if job.trainer.max_steps is not None:
+        limits.append(job.trainer.max_steps)
+    if job.trainer.max_epochs is not None:
+        limits.append(job.trainer.max_epochs * steps_per_epoch)
+    return min(limits)

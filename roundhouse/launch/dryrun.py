@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from roundhouse.config import JobSpec
+from roundhouse.config.topology import compute_total_steps
 from roundhouse.data import build_splits
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
-from roundhouse.trainer.loop import compute_total_steps
 from roundhouse.trainer.run import build_model_for
 
 

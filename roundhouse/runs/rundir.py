@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from roundhouse.config import JobSpec
 from roundhouse.errors import StorageError
 
 
@@ -104,3 +105,14 @@ class RunDir:
     def local_path(self) -> str | None:
         """The folder as a local filesystem path, or None on remote storage."""
         return self.path if self.is_local else None
+
+
+def job_folder(job: JobSpec) -> RunDir:
+    """`<storage.path>/<job name>`: the parent of every run of this job."""
+    return RunDir(f"{job.storage.path.rstrip('/')}/{job.name}")
+
+
+def run_dir_of(job: JobSpec) -> RunDir:
+    """`<storage.path>/<job name>/<run id>`: the run folder of a job bound to its run."""
+    assert job.storage.run_id is not None
+    return RunDir(f"{job_folder(job).url}/{job.storage.run_id}")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from roundhouse.config import JobSpec
-from roundhouse.config.topology import Topology
+from roundhouse.config.topology import Topology, compute_total_steps
 from roundhouse.data import Splits, StepLoader
 from roundhouse.errors import CheckpointError, TrainingError
 from roundhouse.parallel.base import StepStats, Strategy
@@ -319,13 +319,3 @@ def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> Step
         mixup_alpha=data.augment.mixup_alpha,
         claim=strategy.data_claimer(),
     )
-
-
-def compute_total_steps(job: JobSpec, steps_per_epoch: int) -> int:
-    """Optimizer steps the run will take: the smaller of max_steps and max_epochs' worth."""
-    limits = []
-    if job.trainer.max_steps is not None:
-        limits.append(job.trainer.max_steps)
-    if job.trainer.max_epochs is not None:
-        limits.append(job.trainer.max_epochs * steps_per_epoch)
-    return min(limits)

@@ -18,15 +18,16 @@ import yaml
 
 from roundhouse import models
 from roundhouse.config import JobSpec
+from roundhouse.config.topology import compute_total_steps
 from roundhouse.data import build_splits
 from roundhouse.errors import CheckpointError
 from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.registry import build_strategy
-from roundhouse.runs.rundir import RunDir, new_run_id
+from roundhouse.runs.rundir import RunDir, job_folder, new_run_id, run_dir_of
 from roundhouse.runs.tracking import Tracker, redact_secrets
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
-from roundhouse.trainer.loop import Trainer, build_train_loader, compute_total_steps
+from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import Task, build_task
 
@@ -40,16 +41,6 @@ class PreparedRun:
     job: JobSpec
     run_dir: RunDir
     resume_step: int | None = None
-
-
-def job_folder(job: JobSpec) -> RunDir:
-    """`<storage.path>/<job name>`: the parent of every run of this job."""
-    return RunDir(f"{job.storage.path.rstrip('/')}/{job.name}")
-
-
-def run_dir_of(job: JobSpec) -> RunDir:
-    assert job.storage.run_id is not None
-    return RunDir(f"{job_folder(job).url}/{job.storage.run_id}")
 
 
 def prepare_run(job: JobSpec, resume: str | None = None) -> PreparedRun:
