@@ -7,8 +7,10 @@ choice is a pure function of (seed, epoch, step, index).
 """
 
 from .loader import EvalLoader, StepLoader, build_eval_loader
-from .sources import SOURCES, ArrayDataset, DataInfo, Splits, build_splits
+from .sources import SOURCES, Splits
+from .splits import build_splits
 from .transforms import build_augmentation
+from .types import ArrayDataset, DataInfo
 
 __all__ = [
     "SOURCES",

@@ -21,8 +21,8 @@ from roundhouse.config import AugmentConfig
 from roundhouse.errors import DataError
 
 from .sampler import BatchPlan, epoch_order, eval_share
-from .sources import ArrayDataset
 from .transforms import apply_mixup, build_augmentation, draw_mixup
+from .types import ArrayDataset
 
 logger = logging.getLogger(__name__)
 

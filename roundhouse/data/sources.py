@@ -1,4 +1,4 @@
-"""In-memory data sources, the `ArrayDataset` that serves them, and the seeded train/val/test split.
+"""In-memory data sources and their seeded train/val/test split (`ArrayDataset`s).
 
 Sources are a plain dict from name to a loader function. Each returns all samples as float32
 `(N, C, H, W)` inputs in [0, 1] and int64 `(N,)` labels; `build_splits` then resizes once,
@@ -19,87 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from roundhouse.config import DataConfig
 from roundhouse.errors import DataError
 
+from .loader import build_eval_loader
 from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
-from .transforms import Transform, augment_batch
+from .text import load_pytext_splits
+from .types import ArrayDataset, DataInfo
 
 logger = logging.getLogger(__name__)
-
-
-class ArrayDataset(Dataset):
-    """Samples held as tensors in memory: `inputs` `(N, ...)`, `targets` `(N, ...)`.
-
-    Images are float32 `(N, C, H, W)` with int64 `(N,)` labels; text is int64 `(N, T)` both.
-
-    Without a transform, `__getitems__` is plain fancy indexing (no per-sample Python work).
-    With one (see `with_transform`), each sample is augmented with randomness seeded by
-    (seed, epoch, index), where the epoch is whatever `set_epoch` last set.
-    """
-
-    def __init__(
-        self, inputs: Tensor, targets: Tensor, *, transform: Transform | None = None, seed: int = 0
-    ) -> None:
-        if inputs.shape[0] != targets.shape[0]:
-            raise DataError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
-        self.inputs = inputs
-        self.targets = targets
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one sample's input, e.g. `(C, H, W)`."""
-        return tuple(self.inputs.shape[1:])
-
-    def with_transform(self, transform: Transform | None, seed: int) -> ArrayDataset:
-        """Returns a view sharing this dataset's tensors that augments with `transform`.
-
-        A view instead of mutation, so the caller's dataset (also used for evaluation) stays
-        un-augmented.
-        """
-        return ArrayDataset(self.inputs, self.targets, transform=transform, seed=seed)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Sets the epoch that seeds the per-sample augmentation."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        """Returns `{"input": (C, H, W), "target": ()}` for one sample."""
-        batch = self.__getitems__([index])
-        return {key: value[0] for key, value in batch.items()}
-
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Tensor]:
-        """Returns the batch `{"input": (B, C, H, W), "target": (B,)}` of `indices`, in order."""
-        positions = torch.as_tensor(indices, dtype=torch.long)
-        inputs = self.inputs[positions]
-        if self.transform is not None:
-            inputs = augment_batch(
-                self.transform, inputs, positions.tolist(), seed=self.seed, epoch=self.epoch
-            )
-        return {"input": inputs, "target": self.targets[positions]}
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What a model needs to know about the data.
-
-    Attributes:
-        input_shape: Per-sample input shape after resizing, e.g. `(C, H, W)`.
-        num_classes: Number of target classes.
-        num_samples: Split sizes, `{"train": ..., "val": ..., "test": ...}`.
-    """
-
-    input_shape: tuple[int, ...]
-    num_classes: int
-    num_samples: dict[str, int]
 
 
 @dataclass
@@ -122,8 +51,6 @@ class Splits:
 
     def eval_loader(self, split: str, *, batch_size: int, rank: int, world_size: int) -> Any:
         """Rank `rank`'s evaluation batches of `split` (`val` or `test`); see `EvalLoader`."""
-        from .loader import build_eval_loader
-
         dataset = getattr(self, split)
         return build_eval_loader(dataset, batch_size=batch_size, rank=rank, world_size=world_size)
 
@@ -228,8 +155,6 @@ def _load_synthetic(options: dict[str, Any]) -> _Loaded:
 
 
 def _load_pytext(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
-    from .text import load_pytext_splits
-
     parts, vocab_size = load_pytext_splits(options, split, seed)
     sizes = tuple(inputs.shape[0] for inputs, _ in parts)
     inputs = torch.cat([inputs for inputs, _ in parts])
@@ -288,8 +213,8 @@ def _split_sizes(num_samples: int, fractions: Sequence[float]) -> tuple[int, int
     return sizes
 
 
-def build_splits(config: DataConfig, seed: int) -> Splits:
-    """Loads `config.source`, resizes it and splits it into train/val/test.
+def build_source_splits(config: DataConfig, seed: int) -> Splits:
+    """Loads the in-memory `config.source`, resizes it and splits it into train/val/test.
 
     The split is a permutation seeded by `seed` (the job's `trainer.seed`): the same seed gives
     the same split on every rank and every run.
@@ -299,16 +224,11 @@ def build_splits(config: DataConfig, seed: int) -> Splits:
         seed: The run seed.
 
     Returns:
-        The three splits (without augmentation) and their `DataInfo`; with `config.train` set,
-        a `StreamingSplits` over the prepared datasets instead (same interface to the trainer).
+        The three splits (without augmentation) and their `DataInfo`.
 
     Raises:
         DataError: For an unknown source, a bad source option or a split with an empty part.
     """
-    if config.train is not None:  # a prepared dataset on storage, streamed
-        from .streaming.jobdata import build_streaming_splits
-
-        return build_streaming_splits(config, seed)  # type: ignore[return-value]
     loaded = _load(config, seed)
     inputs = _resize(loaded.inputs, config.image_size)
     if loaded.split_sizes is not None:

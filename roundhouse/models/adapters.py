@@ -22,6 +22,8 @@ Import failures, missing attributes and non-module results raise `ModelError`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import inspect
 import logging
@@ -31,8 +33,8 @@ from typing import Any
 from torch import nn
 
 from roundhouse.errors import ModelError
-from roundhouse.models.common import check_fits, meta_flops
-from roundhouse.models.registry import TORCHVISION_PREFIX, ModelSpec
+from roundhouse.models.common import check_fits, flops_on_meta
+from roundhouse.models.spec import TORCHVISION_PREFIX, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +92,13 @@ def get_torchvision_spec(name: str) -> ModelSpec:
         check_fits(full_name, make, input_shape)
         return make()
 
-    return ModelSpec(
+    spec = ModelSpec(
         name=full_name,
         flavors=ADAPTER_FLAVORS,
         builder=build,
         description=f"torchvision.models.{name}, random weights",
-        flops_per_sample=meta_flops(full_name),
     )
+    return dataclasses.replace(spec, flops_per_sample=functools.partial(flops_on_meta, spec))
 
 
 def _import_target(ref: str) -> object:

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from roundhouse.errors import ModelError
+from roundhouse.models.spec import BuildConfig, ModelSpec
 from roundhouse.models.summary import estimate_flops
-
-if TYPE_CHECKING:
-    from roundhouse.models.registry import BuildConfig
 
 logger = logging.getLogger(__name__)
 
@@ -179,17 +176,11 @@ def sequential_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def meta_flops(model_name: str) -> Callable[[BuildConfig], int]:
-    """A `flops_per_sample` for a registered model: builds it on the meta device and counts."""
-
-    def flops_per_sample(config: BuildConfig) -> int:
-        from roundhouse.models.registry import get  # the spec registers after this is made
-
-        with torch.device("meta"):
-            model = get(model_name).build(config)
-        return estimate_flops(model, config.input_shape)
-
-    return flops_per_sample
+def flops_on_meta(spec: ModelSpec, config: BuildConfig) -> int:
+    """Forward FLOPs of one sample of `spec` built for `config`, counted on the meta device."""
+    with torch.device("meta"):
+        model = spec.build(config)
+    return estimate_flops(model, config.input_shape)
 
 
 def build_fc_classifier(

@@ -23,10 +23,9 @@ from roundhouse.models.common import (
     get_activation,
     image_shape,
     init_weights,
-    meta_flops,
     sequential_layers,
 )
-from roundhouse.models.registry import ModelSpec, register
+from roundhouse.models.registry import ModelSpec, meta_flops, register
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,9 @@ from roundhouse.models.common import (
     check_dropout,
     get_activation,
     init_weights,
-    meta_flops,
     sequential_layers,
 )
-from roundhouse.models.registry import ModelSpec, register
+from roundhouse.models.registry import ModelSpec, meta_flops, register
 
 logger = logging.getLogger(__name__)
 

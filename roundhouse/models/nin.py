@@ -24,10 +24,9 @@ from roundhouse.models.common import (
     conv_act,
     image_shape,
     init_weights,
-    meta_flops,
     sequential_layers,
 )
-from roundhouse.models.registry import ModelSpec, register
+from roundhouse.models.registry import ModelSpec, meta_flops, register
 
 logger = logging.getLogger(__name__)
 

@@ -31,10 +31,9 @@ from roundhouse.models.common import (
     check_dropout,
     image_shape,
     init_weights,
-    meta_flops,
     sequential_layers,
 )
-from roundhouse.models.registry import ModelSpec, register
+from roundhouse.models.registry import ModelSpec, meta_flops, register
 
 logger = logging.getLogger(__name__)
 

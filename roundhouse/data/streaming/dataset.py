@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from roundhouse.errors import DataError
 
-from ..sources import DataInfo
 from ..transforms import Transform, augment_batch
+from ..types import DataInfo
 from .cache import ShardCache
 from .index import Index, read_index
 from .order import EpochPlan, Layout, epoch_order, plan_epoch

@@ -19,8 +19,8 @@ from roundhouse.config import AugmentConfig, DataConfig, StreamSplitConfig
 from roundhouse.errors import DataError
 
 from ..sampler import eval_share
-from ..sources import DataInfo
 from ..transforms import build_augmentation
+from ..types import DataInfo
 from .dataset import Batch, StreamConfig, StreamingDataset, StreamingLoader
 from .index import Index
 

@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from roundhouse.config import DataConfig
 from roundhouse.errors import DataError
 
 from ..sampler import SPLIT_STREAM, derive_seed
+from ..sources import build_source_splits
 from . import tabular
 from .index import Index, InputSchema
 from .writer import Chunk, WriteConfig, write_dataset
@@ -128,13 +130,9 @@ def from_arrays(
 
 def _builtin(name: str, options: PrepareOptions) -> Prepared:
     """Built-ins keep their own seeded train/val/test split (the same as `build_splits`)."""
-    from roundhouse.config import DataConfig
-
-    from ..sources import build_splits
-
     fractions = options.split or (0.8, 0.1, 0.1)
     config = DataConfig(source=name, options=options.source_options, split=fractions)
-    splits = build_splits(config, options.seed)
+    splits = build_source_splits(config, options.seed)
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
     sample_shape = splits.info.input_shape
     stored = "uint8" if options.image_format == "png" else "float32"
