@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from roundhouse.parallel.net import free_port
 from roundhouse.parallel.ring import native_all_reduce_, ring_all_reduce_
 
 logger = logging.getLogger("allreduce")
@@ -74,12 +74,6 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
         if rank == 0:
             results.put((world, size_mb, figures))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_world(world: int, args: argparse.Namespace) -> list[tuple]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
 import time
 
@@ -37,6 +36,7 @@ from roundhouse.config import LossConfig, OptimizerConfig, RingStrategyConfig, S
 from roundhouse.data.text import VOCAB_SIZE
 from roundhouse.parallel.base import Strategy, TrainPlan
 from roundhouse.parallel.context import WorkerContext
+from roundhouse.parallel.net import free_port
 from roundhouse.parallel.ring.strategy import RingStrategy
 from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
@@ -139,12 +139,6 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
         results.put({k: statistics.median(r[k] for r in rounds) for k in rounds[0]})
     strategies["ring"].close()
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

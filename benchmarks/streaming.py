@@ -29,7 +29,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from roundhouse.data.streaming import (
     prepare,
 )
 from roundhouse.data.streaming.codec import unit_float
+from roundhouse.parallel.net import free_port
 
 logger = logging.getLogger("benchmarks.streaming")
 SHAPE = (3, 64, 64)
@@ -118,12 +118,6 @@ def measure(fn: Callable[[], int]) -> tuple[float, float]:
 
 def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_s3(url: str) -> tuple[subprocess.Popen, dict]:

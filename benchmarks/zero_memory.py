@@ -38,7 +38,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import warnings
@@ -48,6 +47,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from roundhouse.parallel.net import free_port
 
 logger = logging.getLogger("zero_memory")
 BATCH = 64
@@ -161,12 +162,6 @@ def worker(rank: int, world: int, port: int, job: dict, results: Any) -> None:
     run_worker(validate_job(job), ctx)
     results.put((rank, found))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(world: int, steps: int, strategy: dict[str, Any]) -> tuple[float, list[dict]]:

@@ -18,6 +18,7 @@ from typing import Any
 from roundhouse.cluster.topology import read_rank_record
 from roundhouse.config import JobSpec
 from roundhouse.config.topology import Topology, compute_total_steps
+from roundhouse.data import build_splits
 from roundhouse.runs.console import Progress, build_progress, format_metrics
 from roundhouse.runs.metrics_file import METRICS_FILE
 from roundhouse.runs.rundir import RunDir
@@ -181,7 +182,6 @@ def estimate_total_steps(job: JobSpec) -> int | None:
     data source's split once (in the monitor thread, not on the job's critical path). The
     remainder rule is the job's `Topology` at `cluster.num_workers` workers.
     """
-    from roundhouse.data import build_splits
 
     if job.trainer.max_epochs is None:
         return job.trainer.max_steps

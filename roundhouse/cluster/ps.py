@@ -127,6 +127,7 @@ class RayParameterStore:
 
     @property
     def num_servers(self) -> int:
+        """Shards (server actors) in the store."""
         return len(self.handles)
 
     def initialize(
@@ -138,6 +139,7 @@ class RayParameterStore:
         state: dict[str, Any] | None,
         step: int,
     ) -> None:
+        """Set up shard `shard` with its parameters, optimizer state and step; waits for it."""
         import ray
 
         ray.get(self.handles[shard].initialize.remote(setup, indices, arrays, state, step))
@@ -153,6 +155,7 @@ class RayParameterStore:
         weight: int,
         pull_step: int | None = None,
     ) -> None:
+        """Send gradients to a shard without waiting (`pull` collects the outcome)."""
         handle = self.handles[shard]
         ref = handle.push.remote(pusher, step, indices, flat, present, weight, pull_step)
         if pull_step is None:
@@ -161,6 +164,7 @@ class RayParameterStore:
             self.asked[(shard, pull_step)] = ref
 
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
+        """The parameters of `shards` for `step`; raises as soon as any push or pull failed."""
         asked, self.asked = self.asked, {}  # any for other steps are stale (a re-initialization)
         pulls = [asked.pop((s, step), None) for s in shards]
         pulls = [
@@ -171,16 +175,19 @@ class RayParameterStore:
         return _get_all(pushes + pulls)[len(pushes) :]
 
     def claim(self, epoch: int, first: int, limit: int) -> int:
+        """Claim the next chunk of the epoch's samples from shard 0 (dynamic data assignment)."""
         import ray
 
         return ray.get(self.handles[0].claim.remote(epoch, first, limit))
 
     def set_idle(self, pusher: int, idle: bool) -> None:
+        """Mark a pusher idle or active on every shard."""
         import ray
 
         ray.get([h.set_idle.remote(pusher, idle) for h in self.handles])
 
     def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
+        """Each of `shards`' parameters and optimizer state, for a checkpoint."""
         import ray
 
         return ray.get([self.handles[s].state_dict.remote() for s in shards])

@@ -24,8 +24,11 @@ from roundhouse.cluster.ps import attach_parameter_store, servers_stopped_at_exi
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.cluster.topology import describe_rank, write_rank_record
 from roundhouse.config import ClusterConfig, JobSpec
+from roundhouse.errors import RoundhouseError
 from roundhouse.runs.metrics_file import read_final_metrics
-from roundhouse.trainer import PreparedRun
+from roundhouse.runs.rundir import run_dir_of
+from roundhouse.trainer import PreparedRun, WorkerContext, run_worker
+from roundhouse.trainer.checkpoint import Checkpointer
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +179,6 @@ def unwrap_worker_error(exc: Exception, cluster: ClusterConfig | None = None) ->
     A worker group that could not be scheduled in time becomes a `ClusterError` naming the
     request and `cluster.schedule_timeout_s`.
     """
-    from roundhouse.errors import RoundhouseError
 
     for current in _causes(exc):
         if isinstance(current, RoundhouseError):
@@ -219,9 +221,6 @@ def worker_main(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from roundhouse.runs.rundir import run_dir_of
-    from roundhouse.trainer import run_worker
-
     job = JobSpec.model_validate(config["job"])
     ctx = build_worker_context(ray.train.get_context(), job)
     ctx = attach_parameter_store(ctx, config)  # the ps strategy's servers, if any
@@ -247,8 +246,6 @@ def worker_job(job: JobSpec) -> JobSpec:
 
 def choose_resume_point(job: JobSpec, config: dict[str, Any]) -> tuple[bool, int | None]:
     """The job's own resume point, or, after Ray restarted the group, the newest checkpoint."""
-    from roundhouse.runs.rundir import run_dir_of
-    from roundhouse.trainer.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(run_dir_of(job), keep_last=1, identity={})
     latest = checkpointer.latest_step()
@@ -268,8 +265,6 @@ def build_worker_context(train_ctx: Any, job: JobSpec) -> Any:
     import ray
     import torch
     from ray.train.torch import get_device
-
-    from roundhouse.trainer import WorkerContext
 
     rank, world_size = train_ctx.get_world_rank(), train_ctx.get_world_size()
     node_ids = gather_node_ids(ray.get_runtime_context().get_node_id(), world_size)

@@ -1,4 +1,6 @@
-"""Gradient buckets whose all-reduce overlaps the backward pass.
+"""Gradient buckets launched during the backward pass: ONE hook-driven scheduler for every
+strategy that overlaps communication with backward (`BucketScheduler`: the ring's
+`OverlappedAllReduce` and the parameter server's pushes, `roundhouse.parallel.ps.client`).
 
 Parameters are grouped, in reverse registration order (roughly the order backward produces
 their gradients), into buckets of about `bucket_mb`. A post-accumulate-grad hook counts the
@@ -43,6 +45,7 @@ class Bucket:
 
     @property
     def numel(self) -> int:
+        """Gradient elements in the bucket (its flat buffer adds one flag per parameter)."""
         return sum(p.numel() for p in self.params)
 
     def pack(self, dtype: torch.dtype) -> Tensor:
@@ -88,6 +91,79 @@ def build_buckets(params: Sequence[nn.Parameter], bucket_mb: float) -> list[Buck
     return buckets
 
 
+class BucketScheduler:
+    """Launches gradient buckets, strictly in index order, as backward completes them.
+
+    A post-accumulate-grad hook on every parameter counts the gradients of its bucket between
+    `begin()` and `flush()`; a complete bucket whose predecessors are launched is handed to
+    `launch(index)` (called with the scheduler's lock held, so launches never interleave).
+    Backwards outside `begin()`..`flush()` (accumulation micro-steps) launch nothing. One
+    background thread (`submit`) runs whatever the launches queue, in order.
+
+    Args:
+        params: The parameters whose gradients are bucketed (every rank: same list and order).
+        bucket_mb: Target bucket size in MiB.
+        launch: Called with a bucket's index when it is launched.
+        thread_name: Prefix of the background thread's name.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        bucket_mb: float,
+        launch: Callable[[int], None],
+        *,
+        thread_name: str,
+    ) -> None:
+        self.buckets = build_buckets(params, bucket_mb)
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b.params}
+        self.launch = launch
+        self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self.next_launch = len(self.buckets)  # nothing to launch outside begin()..flush()
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def begin(self) -> None:
+        """The next backward is the synchronising one: count its gradients."""
+        with self.lock:
+            for bucket in self.buckets:
+                bucket.pending, bucket.future = len(bucket.params), None
+            self.next_launch = 0
+
+    def _on_grad(self, param: Tensor) -> None:
+        with self.lock:
+            if self.next_launch >= len(self.buckets):
+                return  # an accumulation micro-step, or already flushed
+            self.buckets[self.bucket_of[param]].pending -= 1
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Launch complete buckets in index order (the lock is held)."""
+        while self.next_launch < len(self.buckets):
+            if self.buckets[self.next_launch].pending > 0:
+                return
+            index = self.next_launch
+            self.next_launch += 1
+            self.launch(index)
+
+    def flush(self) -> None:
+        """Backward has returned: launch every bucket still waiting for a gradient."""
+        with self.lock:
+            for bucket in self.buckets[self.next_launch :]:
+                bucket.pending = 0
+            self._launch_ready()
+
+    def submit(self, fn: Callable[..., object], *args: object) -> Future:
+        """Run `fn(*args)` on the background thread, after everything submitted before."""
+        return self.executor.submit(fn, *args)
+
+    def close(self, *, wait: bool) -> None:
+        """Remove the hooks and stop the background thread (`wait`: let queued work finish)."""
+        for handle in self.handles:
+            handle.remove()
+        self.executor.shutdown(wait=wait, cancel_futures=not wait)
+
+
 class OverlappedAllReduce:
     """Averages the gradients of `params` over the ranks, bucket by bucket, during backward.
 
@@ -112,12 +188,10 @@ class OverlappedAllReduce:
     ) -> None:
         self.reduce = reduce
         self.dtype = accumulate_dtype
-        self.buckets = build_buckets(params, bucket_mb)
-        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b.params}
-        self.lock = threading.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roundhouse-comm")
-        self.next_launch = len(self.buckets)  # nothing to launch outside begin()..flush()
-        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self.scheduler = BucketScheduler(
+            params, bucket_mb, self._launch, thread_name="roundhouse-comm"
+        )
+        self.buckets = self.scheduler.buckets
         logger.info(
             "%d gradient buckets: %s elements",
             len(self.buckets),
@@ -127,33 +201,15 @@ class OverlappedAllReduce:
     def begin(self) -> None:
         """The next backward is the synchronising one: count its gradients."""
         self.wait()
-        with self.lock:
-            for bucket in self.buckets:
-                bucket.pending, bucket.future = len(bucket.params), None
-            self.next_launch = 0
+        self.scheduler.begin()
 
-    def _on_grad(self, param: Tensor) -> None:
-        with self.lock:
-            if self.next_launch >= len(self.buckets):
-                return  # an accumulation micro-step, or already flushed
-            self.buckets[self.bucket_of[param]].pending -= 1
-            self._launch_ready()
-
-    def _launch_ready(self) -> None:
-        """Launch complete buckets in index order (the lock is held)."""
-        while self.next_launch < len(self.buckets):
-            bucket = self.buckets[self.next_launch]
-            if bucket.pending > 0:
-                return
-            bucket.future = self.executor.submit(self._reduce_bucket, bucket)
-            self.next_launch += 1
+    def _launch(self, index: int) -> None:
+        bucket = self.buckets[index]
+        bucket.future = self.scheduler.submit(self._reduce_bucket, bucket)
 
     def flush(self) -> None:
         """Backward has returned: launch every bucket still waiting for a gradient."""
-        with self.lock:
-            for bucket in self.buckets[self.next_launch :]:
-                bucket.pending = 0
-            self._launch_ready()
+        self.scheduler.flush()
 
     def _reduce_bucket(self, bucket: Bucket) -> None:
         buffer = bucket.pack(self.dtype)
@@ -168,6 +224,4 @@ class OverlappedAllReduce:
 
     def close(self) -> None:
         """Remove the hooks and stop the background thread."""
-        for handle in self.handles:
-            handle.remove()
-        self.executor.shutdown(wait=True)
+        self.scheduler.close(wait=True)

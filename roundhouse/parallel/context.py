@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from roundhouse.errors import JobFileError
+
 
 @dataclass(frozen=True)
 class WorkerContext:
@@ -37,6 +39,7 @@ class WorkerContext:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is global rank 0."""
         return self.rank == 0
 
 
@@ -46,8 +49,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from roundhouse.errors import JobFileError
-
         raise JobFileError(
             f"trainer.device={name!r} but CUDA is not available here",
             "use trainer.device=auto or trainer.device=cpu",

@@ -19,6 +19,7 @@ class SingleDeviceStrategy(Strategy):
     max_world_size = 1
 
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
+        """Move the model to `ctx.device` and build the optimizer and scheduler from `plan`."""
         self.plan = plan
         self.model = model.to(self.ctx.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -32,11 +33,13 @@ class SingleDeviceStrategy(Strategy):
         return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
 
     def train_mode(self, training: bool) -> None:
+        """Switch the model between training and evaluation behaviour."""
         self.model.train(training)
 
     def forward_backward(
         self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
     ) -> Tensor:
+        """Forward and backward one micro-batch under autocast; return its detached mean loss."""
         batch = move_to(batch, self.ctx.device)
         with self._autocast():
             outputs = self.plan.task.forward(self.model, batch)
@@ -46,11 +49,13 @@ class SingleDeviceStrategy(Strategy):
 
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Model outputs for evaluation, without gradients."""
         batch = move_to(batch, self.ctx.device)
         with self._autocast():
             return self.plan.task.forward(self.model, batch)
 
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
+        """Clip (if asked), step optimizer and scheduler, zero the gradients; report norm and lr."""
         grad_norm = None
         clip = self.plan.grad_clip_norm
         if clip is not None or need_grad_norm:
@@ -63,15 +68,19 @@ class SingleDeviceStrategy(Strategy):
         return StepStats(grad_norm=grad_norm, lr=lr)
 
     def zero_grad(self) -> None:
+        """Drop the accumulated gradients (a skipped, non-finite step)."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def all_true(self, flag: bool) -> bool:
+        """`flag` itself: there is no other rank."""
         return flag
 
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
+        """The sums as floats: there is no other rank to add."""
         return {k: float(v) for k, v in sums.items()}
 
     def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer and scheduler state, for a checkpoint."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -79,9 +88,11 @@ class SingleDeviceStrategy(Strategy):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def model_state_dict(self) -> dict[str, Tensor]:
+        """The model's weights, as `model.state_dict()` names them."""
         return self.model.state_dict()

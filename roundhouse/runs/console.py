@@ -24,11 +24,14 @@ class Progress(Protocol):
 
     def update(
         self, *, step: int, epoch: int, loss: float | None, samples_per_s: float | None
-    ) -> None: ...
+    ) -> None:
+        """Advance the display to `step` with the latest loss and throughput."""
 
-    def message(self, text: str) -> None: ...
+    def message(self, text: str) -> None:
+        """Show one line (above the bar, if there is one)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Finish the display."""
 
 
 def resolve_console_mode(mode: str) -> str:

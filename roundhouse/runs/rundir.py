@@ -38,12 +38,15 @@ class RunDir:
 
     @property
     def is_local(self) -> bool:
+        """Whether the run folder is on the local file system."""
         return isinstance(self.fs, LocalFileSystem)
 
     def join(self, *parts: str) -> str:
+        """The URL of `parts` inside the run folder."""
         return "/".join([self.path, *parts])
 
     def url_of(self, *parts: str) -> str:
+        """The URL of the file `name` inside the run folder."""
         return "/".join([self.url, *parts])
 
     def ensure_writable(self) -> None:
@@ -59,12 +62,15 @@ class RunDir:
             ) from exc
 
     def exists(self, *parts: str) -> bool:
+        """Whether `name` exists in the run folder."""
         return self.fs.exists(self.join(*parts))
 
     def read_bytes(self, *parts: str) -> bytes:
+        """The bytes of the file `name`."""
         return self.fs.cat_file(self.join(*parts))
 
     def read_text(self, *parts: str) -> str:
+        """The text of the file `name`."""
         return self.read_bytes(*parts).decode()
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -88,6 +94,7 @@ class RunDir:
             raise
 
     def write_text(self, name: str, text: str) -> None:
+        """Write `text` to `name` atomically (a reader never sees half a file)."""
         self.write_bytes(name, text.encode())
 
     def listdir(self, *parts: str) -> list[str]:
@@ -98,6 +105,7 @@ class RunDir:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
 
     def remove(self, *parts: str) -> None:
+        """Remove `name` (a file or a folder) if it exists."""
         target = self.join(*parts)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)

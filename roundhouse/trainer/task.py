@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from roundhouse.config import LossConfig
 from roundhouse.errors import ModelError
 from roundhouse.trainer.losses import LossFn, build_loss, mixed_loss, topk_correct
+from roundhouse.trainer.tasks_diffusion import DiffusionTask, VAETask
+from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
 
 
 class Task(Protocol):
@@ -65,13 +67,11 @@ def build_task(kind: str, loss: LossConfig) -> Task:
     if kind == "classification":
         return ClassificationTask(build_loss(loss))
     # Imported here: the text tasks pull in the tokenizer, which classification never needs.
-    from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
 
     if kind == "language_model":
         return LanguageModelTask(label_smoothing=loss.label_smoothing)
     if kind == "masked_lm":
         return MaskedLMTask(label_smoothing=loss.label_smoothing)
-    from roundhouse.trainer.tasks_diffusion import DiffusionTask, VAETask
 
     if kind == "vae":
         return VAETask()

@@ -23,17 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from roundhouse.parallel.net import free_port
+
 PRELOAD = ["torch", "torch.distributed", "roundhouse.trainer", "tests.helpers.dist"]
 
 
 class DistributedTestError(AssertionError):
     """A rank failed or hung."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _child(fn: Callable, rank: int, world_size: int, port: int, args: tuple, results) -> None:

@@ -25,15 +25,11 @@ from pathlib import Path
 import psutil
 import requests
 
+from roundhouse.parallel.net import free_port
+
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 90
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's multi-machine switch
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _bindable(port: int) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import tempfile
 import threading
 import time
@@ -21,18 +20,13 @@ import pytest
 import yaml
 
 from roundhouse.launch.cli import main
+from roundhouse.parallel.net import free_port
 from tests.helpers.runs import assert_same_weights, final_weights, only_run, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 STEPS = 120
 ACCURACY_TARGET = 0.9
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

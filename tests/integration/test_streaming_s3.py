@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from roundhouse.data.streaming import (
@@ -15,14 +13,9 @@ from roundhouse.data.streaming import (
     prepare,
 )
 from roundhouse.errors import DataError
+from roundhouse.parallel.net import free_port
 
 BUCKET = "rh-data"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def s3():
     patch.setenv("AWS_ACCESS_KEY_ID", "testing")
     patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}

@@ -11,6 +11,7 @@ import pytest
 
 from roundhouse.config import JobSpec
 from roundhouse.config.base import Section
+from roundhouse.errors import JobFileError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.jobfile import load_job
 from roundhouse.launch.local import train_local
@@ -113,5 +114,5 @@ def test_a_registered_tiny_strategy_trains_the_quickstart_job(
 
 def test_an_unregistered_kind_is_a_clear_error(tmp_path: Path) -> None:
     job = quickstart_with(TinyStrategyConfig(), tmp_path)
-    with pytest.raises(Exception, match="strategy.kind='tiny' is not available.*available: "):
+    with pytest.raises(JobFileError, match=r"strategy\.kind='tiny' is not available.*available: "):
         check_runnable(job, local=True)

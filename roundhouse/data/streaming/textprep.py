@@ -32,6 +32,7 @@ from torch import Tensor
 from roundhouse.errors import DataError
 
 from ..sampler import SPLIT_STREAM, derive_seed
+from ..text import EOS_ID, VOCAB_SIZE, encode, load_pytext_splits
 from .index import InputSchema
 from .writer import Chunk
 
@@ -54,7 +55,6 @@ class Tokenizer:
 
 def byte_tokenizer() -> Tokenizer:
     """The built-in byte-level tokenizer of `roundhouse.data.text`."""
-    from ..text import EOS_ID, VOCAB_SIZE, encode
 
     return Tokenizer("bytes", encode, EOS_ID, VOCAB_SIZE)
 
@@ -236,7 +236,6 @@ def text_source(
 
 def pytext_source(options: dict[str, Any], fractions: Sequence[float], seed: int) -> TextSource:
     """`builtin:pytext` packed exactly as the in-memory source packs it (same rows)."""
-    from ..text import load_pytext_splits
 
     parts, vocab = load_pytext_splits(options, fractions, seed)
     rows = {

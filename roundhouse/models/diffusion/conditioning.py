@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from roundhouse.errors import ModelError
+from roundhouse.models.gpt import MLP, TransformerBlock
 
 CONDITIONS = ("none", "class", "text")
 PAD_ID, BOS_ID, TEXT_VOCAB = 256, 257, 260
@@ -43,7 +44,6 @@ class TextEncoder(nn.Module):
 
     def __init__(self, dim: int, num_layers: int = 2, num_heads: int = 4) -> None:
         super().__init__()
-        from roundhouse.models.gpt import MLP, TransformerBlock  # the shared Transformer block
 
         self.embed = nn.Embedding(TEXT_VOCAB, dim)
         self.blocks = nn.ModuleList(

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from roundhouse.errors import CheckpointError, ModelError
 from roundhouse.models.diffusion.model import DiffusionModel
+from roundhouse.models.registry import BuildConfig, get
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,6 @@ def read_stage1(ref: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 def load_stage1_vae(ref: str, input_shape: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:
     """Builds the stage-1 VAE for `input_shape` and loads its weights (skipped on meta)."""
-    from roundhouse.models.registry import BuildConfig, get
 
     job, weights = read_stage1(ref)
     config = BuildConfig(

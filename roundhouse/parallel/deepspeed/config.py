@@ -22,9 +22,11 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from roundhouse import models
 from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
 from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
+from roundhouse.parallel.deepspeed.tensor_parallel import SUPPORTED_MODELS, autotp_section
 
 # Raw sections that roundhouse owns through the job file: (raw key, the job field to set instead).
 OWNED_SECTIONS = {
@@ -46,6 +48,7 @@ class DeepSpeedLayout:
 
     @property
     def data_parallel(self) -> int:
+        """Data-parallel replicas: the world size over pipeline x tensor parallel."""
         return self.world_size // (self.pipeline_stages * self.tensor_parallel)
 
 
@@ -99,8 +102,6 @@ def generated_config(
     if strategy.pipeline_stages > 1:
         config["pipeline"] = {"stages": strategy.pipeline_stages}
     if strategy.tensor_parallel > 1:
-        from roundhouse.parallel.deepspeed.tensor_parallel import autotp_section
-
         config["tensor_parallel"] = autotp_section(strategy.tensor_parallel)
         # DeepSpeed derives it from micro x accum x ranks, counting ranks once with and once
         # without the tp ranks (engine vs ZeRO-3 init): a fixed value fails one of the checks.
@@ -298,7 +299,6 @@ def check_job(job: JobSpec, world_size: int) -> DeepSpeedLayout:
 def check_tensor_parallel_model(job: JobSpec, tp: int) -> None:
     """Tensor parallel splits attention heads and MLPs of gpt, bert and moe, so the model must
     be one of them with a head count the tp size divides."""
-    from roundhouse.parallel.deepspeed.tensor_parallel import SUPPORTED_MODELS
 
     if job.model.name not in SUPPORTED_MODELS:
         raise JobFileError(
@@ -317,7 +317,6 @@ def check_tensor_parallel_model(job: JobSpec, tp: int) -> None:
 
 def model_kwargs(job: JobSpec) -> dict[str, Any]:
     """The model's flavor arguments with the job's options applied."""
-    from roundhouse import models
 
     spec = models.get(job.model.name)
     return {**spec.flavors.get(job.model.flavor, {}), **job.model.options}
@@ -350,7 +349,6 @@ def check_experts(job: JobSpec, expert_parallel: int) -> None:
 
 def check_pipeline_model(job: JobSpec) -> None:
     """Pipeline parallel needs `pipeline_layers` and no weights tied across stages."""
-    from roundhouse import models
 
     if models.get(job.model.name).pipeline_layers is None:
         raise JobFileError(

@@ -129,10 +129,12 @@ class DeepSpeedMoELayer(nn.Module):
 
     @property
     def local_experts(self) -> nn.ModuleList:
+        """The experts held on this rank."""
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
     @property
     def gate_weight(self) -> nn.Parameter:
+        """The router's weight (shared by every rank)."""
         return self.moe.deepspeed_moe.gate.wg.weight
 
     @torch.no_grad()

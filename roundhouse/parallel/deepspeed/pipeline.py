@@ -63,6 +63,7 @@ class PipelineStrategy(DeepSpeedStrategy):
     # --- setup ------------------------------------------------------------------------------
 
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
+        """Cut the model into stages from `plan.pipeline_layers` and build the pipeline engine."""
         self.plan = plan
         self.owns_process_group = init_deepspeed_dist(self.ctx)
         self.model = model.to(self.ctx.device)  # the unpipelined model: names and buffers
@@ -147,6 +148,7 @@ class PipelineStrategy(DeepSpeedStrategy):
 
     @property
     def stage(self) -> int:
+        """This worker's pipeline stage."""
         return self.grid.get_stage_id()
 
     def stage_rank(self, stage: int) -> int:
@@ -155,6 +157,7 @@ class PipelineStrategy(DeepSpeedStrategy):
 
     @property
     def last_stage(self) -> int:
+        """The stage that computes the loss."""
         return self.config.pipeline_stages - 1
 
     # --- training ---------------------------------------------------------------------------
@@ -232,6 +235,7 @@ class PipelineStrategy(DeepSpeedStrategy):
         return x
 
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
+        """Step the engine once; report the global norm over every stage and the lr."""
         lr = self.zero.base.param_groups[0]["lr"]
         norm = None
         if self.config.zero_stage == 0 and need_grad_norm:
@@ -252,6 +256,7 @@ class PipelineStrategy(DeepSpeedStrategy):
         return float(total.sqrt())
 
     def zero_grad(self) -> None:
+        """Drop buffered micro-batches and accumulated gradients."""
         self.pending = []
         super().zero_grad()
 
@@ -292,6 +297,7 @@ class InputCapture(nn.Module):
         self.seen: Tensor | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Record the call's arguments and stop the forward (captures a stage's input)."""
         if kwargs or len(args) != 1:
             raise JobFileError(
                 "pipeline parallel needs a task that calls the model with one input tensor",
@@ -302,6 +308,7 @@ class InputCapture(nn.Module):
 
 
 def layer_tensors(layer: nn.Module) -> list[Tensor]:
+    """The parameters and buffers of one pipeline layer."""
     return [*layer.parameters(), *layer.buffers()]
 
 

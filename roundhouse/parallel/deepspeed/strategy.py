@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Any
 
 import torch
@@ -46,11 +45,19 @@ from roundhouse.parallel.deepspeed.config import (
     check_layout,
 )
 from roundhouse.parallel.deepspeed.config import check_job as check_deepspeed_job
+from roundhouse.parallel.deepspeed.moe import (
+    apply_deepspeed_moe,
+    is_expert_name,
+    merge_expert_groups,
+    widen_groups,
+)
 from roundhouse.parallel.deepspeed.state import (
     ZeroState,
     from_torch_layout,
     to_torch_layout,
 )
+from roundhouse.parallel.deepspeed.tensor_parallel import apply_tensor_parallel, tp_grad_norm
+from roundhouse.parallel.net import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -84,23 +91,27 @@ class DeepSpeedStrategy(Strategy):
 
     @property
     def model_parallel_size(self) -> int:
+        """Workers holding one copy of the model: `pipeline_stages * tensor_parallel`."""
         return self.config.pipeline_stages * self.config.tensor_parallel
 
     @property
     def data_parallel_rank(self) -> int:
         # Tensor parallel ranks are adjacent (rank = dp_rank * tp + tp_rank); pipeline stages
         # are the slow axis of DeepSpeed's topology (rank = stage * dp + dp_rank).
+        """This worker's index among the data-parallel replicas."""
         if self.config.pipeline_stages > 1:
             return self.ctx.rank % self.data_parallel_size
         return self.ctx.rank // self.config.tensor_parallel
 
     @property
     def data_parallel_size(self) -> int:
+        """Data-parallel replicas: the world size over the model-parallel size."""
         return self.ctx.world_size // self.model_parallel_size
 
     # --- setup ------------------------------------------------------------------------------
 
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
+        """Join DeepSpeed's process groups, apply tensor/expert parallel and build the engine."""
         self.plan = plan
         self.owns_process_group = init_deepspeed_dist(self.ctx)
         self.build_groups()
@@ -129,12 +140,8 @@ class DeepSpeedStrategy(Strategy):
     def apply_parallelism(self, model: nn.Module) -> nn.Module:
         """Tensor- or expert-parallel rewrites of the model, in place (parallelism stays here)."""
         if self.config.tensor_parallel > 1:
-            from roundhouse.parallel.deepspeed.tensor_parallel import apply_tensor_parallel
-
             self.model_hooks.append(apply_tensor_parallel(model, self.tp_group))
         if self.config.expert_parallel > 1:
-            from roundhouse.parallel.deepspeed.moe import apply_deepspeed_moe
-
             self.model_hooks.append(apply_deepspeed_moe(model, self.config.expert_parallel))
         return model
 
@@ -163,6 +170,7 @@ class DeepSpeedStrategy(Strategy):
         return params
 
     def build_engine(self, model: nn.Module, plan: TrainPlan) -> Any:
+        """`deepspeed.initialize` with roundhouse's optimizer and scheduler as client factories."""
         import deepspeed
 
         engine, _, _, _ = deepspeed.initialize(
@@ -178,11 +186,13 @@ class DeepSpeedStrategy(Strategy):
     # --- training ---------------------------------------------------------------------------
 
     def train_mode(self, training: bool) -> None:
+        """Switch the engine between training and evaluation behaviour."""
         self.engine.train(training)
 
     def forward_backward(
         self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
     ) -> Tensor:
+        """Forward and backward through the engine; `sync` marks the accumulation boundary."""
         batch = move_to(batch, self.ctx.device)
         self.engine.set_gradient_accumulation_boundary(sync)
         outputs = self.plan.task.forward(self.engine, batch)
@@ -192,10 +202,12 @@ class DeepSpeedStrategy(Strategy):
 
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Model outputs for evaluation, without gradients."""
         batch = move_to(batch, self.ctx.device)
         return self.plan.task.forward(self.engine, batch)
 
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
+        """`engine.step()` once per optimizer step; report the global norm and lr."""
         lr = self.zero.base.param_groups[0]["lr"]
         norm = None
         if self.config.zero_stage == 0 and need_grad_norm:
@@ -209,8 +221,6 @@ class DeepSpeedStrategy(Strategy):
     def plain_grad_norm(self) -> float:
         """Global gradient norm without ZeRO (gradients are already averaged)."""
         if self.config.tensor_parallel > 1:  # shards on every tp rank, replicas once
-            from roundhouse.parallel.deepspeed.tensor_parallel import tp_grad_norm
-
             return tp_grad_norm(self.engine.module, self.model_hooks[0])
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         if not grads:
@@ -225,15 +235,18 @@ class DeepSpeedStrategy(Strategy):
         return metrics
 
     def zero_grad(self) -> None:
+        """Drop the accumulated gradients (a skipped, non-finite step)."""
         self.engine.zero_grad()
 
     def all_true(self, flag: bool) -> bool:
+        """True only if `flag` is true on every rank."""
         value = torch.tensor([int(flag)], dtype=torch.int32, device=self.ctx.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
         # Model-parallel ranks of one replica computed the same sums: add data-parallel only.
+        """Sum each metric over the data-parallel ranks."""
         keys: list[list[str] | None] = [None] * self.ctx.world_size
         dist.all_gather_object(keys, sorted(sums))
         names = sorted({k for ks in keys for k in ks or []})
@@ -260,14 +273,13 @@ class DeepSpeedStrategy(Strategy):
         return weights, state
 
     def state_dict(self) -> dict[str, Any]:
+        """World-size independent state: consolidated weights and torch-layout optimizer state."""
         weights, state = self.gather_state()
         order = [n for n in self.canonical if n in weights]
         model = self.ordered_model_state(weights)
         optimizer = to_torch_layout(state, self.zero.param_groups(), order, self.group_of())
         scheduler = self.engine.lr_scheduler.state_dict()
         if self.config.expert_parallel > 1:  # the user's one group, as `single` saves it
-            from roundhouse.parallel.deepspeed.moe import merge_expert_groups
-
             optimizer, scheduler = merge_expert_groups(optimizer, scheduler)
         return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
 
@@ -276,6 +288,7 @@ class DeepSpeedStrategy(Strategy):
         return dict(sorted(weights.items(), key=lambda kv: self.canonical_index(kv[0])))
 
     def canonical_index(self, name: str) -> int:
+        """Position of each parameter name in the model's canonical (unwrapped) order."""
         try:
             return self.canonical.index(name)
         except ValueError:
@@ -285,11 +298,11 @@ class DeepSpeedStrategy(Strategy):
         """Which optimizer group each parameter is in (MoE splits expert parameters)."""
         if self.config.expert_parallel == 1:
             return {}
-        from roundhouse.parallel.deepspeed.moe import is_expert_name
 
         return {n: 1 if is_expert_name(n) else 0 for n in self.canonical}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint saved at any world size, re-partitioned for this one."""
         order = list(state["model"])
         order = [n for n in self.canonical if n in state["model"]] or order
         named_state, groups = from_torch_layout(state["optimizer"], order)
@@ -297,7 +310,6 @@ class DeepSpeedStrategy(Strategy):
         for hook in reversed(self.model_hooks):
             weights, named_state = hook.partition(weights, named_state)
         self.load_local(weights, named_state)
-        from roundhouse.parallel.deepspeed.moe import widen_groups
 
         # One saved group (`single`, merged MoE groups) serves every live group.
         live = len(self.zero.base.param_groups)
@@ -306,6 +318,7 @@ class DeepSpeedStrategy(Strategy):
         self.engine.lr_scheduler.load_state_dict(scheduler)
 
     def load_local(self, weights: dict[str, Tensor], state: dict[str, Any]) -> None:
+        """Load consolidated weights and optimizer state into this rank's partition."""
         named = self.local_named_params()
         missing = [n for n, _ in named if n not in weights]
         if missing:
@@ -317,9 +330,11 @@ class DeepSpeedStrategy(Strategy):
                     buffer.copy_(weights[name])
 
     def model_state_dict(self) -> dict[str, Tensor]:
+        """The consolidated model weights, as the unwrapped model names them."""
         return self.gather_state()[0]
 
     def close(self) -> None:
+        """Release the engine and a process group this strategy created."""
         self.engine = None
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -375,12 +390,6 @@ def init_deepspeed_dist(ctx: WorkerContext) -> bool:
     backend = "nccl" if ctx.device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
     return created
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 __all__ = ["DeepSpeedStrategy", "init_deepspeed_dist"]

@@ -104,6 +104,7 @@ class TensorParallelHook:
 
     @property
     def tp_rank(self) -> int:
+        """This rank's index in its tensor-parallel group."""
         return dist.get_rank(group=self.group)
 
     def splits(self) -> dict[str, Split]:
@@ -152,6 +153,7 @@ class TensorParallelHook:
 
     @staticmethod
     def shard_shape(shard: Tensor, split: Split, size: int) -> list[int]:
+        """The shape of this rank's slice of the parameter `name`."""
         shape = list(shard.shape)
         shape[split.dim] = size
         return shape

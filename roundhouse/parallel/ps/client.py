@@ -1,8 +1,9 @@
 """`PSClient`: a worker's side of the parameter server.
 
 Pushes: parameters are grouped into buckets (reverse order, as backward produces them; the same
-buckets as the ring strategy). A post-accumulate-grad hook counts each bucket's gradients; a
-complete bucket is handed to one background thread, which packs it, (with node aggregation)
+buckets and the same scheduler as the ring strategy, `roundhouse.parallel.buckets`). A
+post-accumulate-grad hook counts each bucket's gradients; a complete bucket is handed to one
+background thread, which packs it, (with node aggregation)
 sums it over the node onto the node leader, and sends each shard its part. So gradients travel
 while autograd goes on with earlier layers.
 
@@ -20,9 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from roundhouse.parallel.buckets import Bucket, build_buckets
+from roundhouse.parallel.buckets import Bucket, BucketScheduler
 from roundhouse.parallel.ps.protocol import ParameterStore
 from roundhouse.parallel.ps.sharding import shard_of, used_shards
 
@@ -81,10 +81,12 @@ class PSClient:
     ) -> None:
         self.params = list(params)
         self.store, self.layout, self.role = store, layout, role
-        self.buckets = build_buckets(self.params, bucket_mb)
+        self.scheduler = BucketScheduler(
+            self.params, bucket_mb, self._launch, thread_name="roundhouse-ps"
+        )
+        self.buckets = self.scheduler.buckets
         index_of = {p: i for i, p in enumerate(self.params)}
         self.bucket_indices = [[index_of[p] for p in b.params] for b in self.buckets]
-        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b.params}
         self.shard_of = shard_of(layout)
         self.used = used_shards(layout)
         # The bucket whose push completes this worker's gradient on each shard: that push
@@ -93,45 +95,23 @@ class PSClient:
             self.shard_of[g]: i for i, gs in enumerate(self.bucket_indices) for g in gs
         }
         self.offsets = _offsets(self.params)
-        self.lock = threading.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roundhouse-ps")
         self.push_futures: list[Future] = []
         self.pull_future: Future | None = None
-        self.next_launch = len(self.buckets)
         self.step = 0
-        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     # --- pushes -------------------------------------------------------------------------------
 
     def begin(self, step: int) -> None:
         """The next backward is the synchronising one of `step`: push its buckets."""
-        with self.lock:
-            self.step = step
-            for bucket in self.buckets:
-                bucket.pending = len(bucket.params)
-            self.next_launch = 0
+        self.step = step
+        self.scheduler.begin()
 
-    def _on_grad(self, param: Tensor) -> None:
-        with self.lock:
-            if self.next_launch >= len(self.buckets):
-                return  # a gradient-accumulation micro-step
-            self.buckets[self.bucket_of[param]].pending -= 1
-            self._launch_ready()
-
-    def _launch_ready(self) -> None:
-        while self.next_launch < len(self.buckets):
-            i = self.next_launch
-            if self.buckets[i].pending > 0:
-                return
-            self.push_futures.append(self.executor.submit(self._push_bucket, i, self.step))
-            self.next_launch += 1
+    def _launch(self, i: int) -> None:
+        self.push_futures.append(self.scheduler.submit(self._push_bucket, i, self.step))
 
     def flush(self) -> None:
         """Backward returned: push every bucket not pushed yet (missing gradients as absent)."""
-        with self.lock:
-            for bucket in self.buckets[self.next_launch :]:
-                bucket.pending = 0
-            self._launch_ready()
+        self.scheduler.flush()
 
     def _push_bucket(self, i: int, step: int) -> None:
         bucket: Bucket = self.buckets[i]
@@ -165,7 +145,7 @@ class PSClient:
     def start_pull(self, step: int) -> None:
         """Fetch (in the background) the parameters to compute `step` with."""
         assert self.pull_future is None, "a pull is already in flight"
-        self.pull_future = self.executor.submit(self._pull, step)
+        self.pull_future = self.scheduler.submit(self._pull, step)
 
     def _pull(self, step: int) -> Pulled:
         role = self.role
@@ -200,6 +180,7 @@ class PSClient:
         return future.result() if future is not None else None
 
     def wait_pushes(self) -> None:
+        """Wait for every push launched so far; re-raise any failure."""
         futures, self.push_futures = self.push_futures, []
         for future in futures:
             future.result()
@@ -213,10 +194,8 @@ class PSClient:
             p.grad = None
 
     def close(self) -> None:
-        """Remove the hooks and stop the background thread."""
-        for handle in self.handles:
-            handle.remove()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """Remove the hooks and stop the background thread (queued work is dropped)."""
+        self.scheduler.close(wait=False)
 
 
 def _offsets(params: Sequence[nn.Parameter]) -> list[int]:

@@ -27,6 +27,7 @@ class LocalParameterStore:
 
     @property
     def num_servers(self) -> int:
+        """Shards (in-process servers) in the store."""
         return len(self.servers)
 
     def initialize(
@@ -38,6 +39,7 @@ class LocalParameterStore:
         state: dict[str, Any] | None,
         step: int,
     ) -> None:
+        """Set up shard `shard` with its parameters, optimizer state and step (`ParameterStore`)."""
         self.servers[shard].initialize(setup, indices, arrays, state, step)
 
     def push(
@@ -53,17 +55,22 @@ class LocalParameterStore:
     ) -> None:
         # In process, nothing to save: `pull` asks when it is called (and cannot wait inside
         # a push, which runs in the caller's thread).
+        """Hand a pusher's gradients of `indices` to shard `shard` (`ParameterStore`)."""
         self.servers[shard].push(pusher, step, indices, flat, present, weight)
 
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
+        """The parameters of `shards` for `step`, once every pusher's gradients arrived."""
         return [self.servers[s].pull(pusher, step) for s in shards]
 
     def claim(self, epoch: int, first: int, limit: int) -> int:
+        """Claim the next chunk of the epoch's samples (dynamic data assignment)."""
         return self.servers[0].claim(epoch, first, limit)
 
     def set_idle(self, pusher: int, idle: bool) -> None:
+        """Mark a pusher idle (done with the epoch) or active again."""
         for server in self.servers:
             server.set_idle(pusher, idle)
 
     def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
+        """Each of `shards`' parameters and optimizer state, for a checkpoint."""
         return [self.servers[s].state_dict() for s in shards]

@@ -89,6 +89,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     # --- setup --------------------------------------------------------------------------------
 
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
+        """Build the model, the shard layout, the store and the client; rank 0 fills the shards."""
         if plan.grad_clip_norm is not None:
             raise JobFileError(
                 "trainer.grad_clip_norm is not supported with strategy.kind=ps "
@@ -155,6 +156,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     def forward_backward(
         self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
     ) -> Tensor:
+        """Forward and backward one micro-batch; the `sync` one pushes its gradient buckets."""
         self._ensure_params()
         if sync:
             self.client.begin(self.clock)
@@ -181,11 +183,13 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Model outputs for evaluation, without gradients (the latest pulled parameters)."""
         self._ensure_params()
         self.step_started = None  # evaluation time is not a step's
         return super().forward(batch)
 
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
+        """Finish the step's pushes, load the parameters the servers computed, report staleness."""
         self._maybe_straggle()
         self._advance()
         if not need_grad_norm:
@@ -215,10 +219,12 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     def zero_grad(self) -> None:
         # The gradients already reached the servers, which skip a non-finite update; the step
         # still counts (every pusher's clock moves on), so the next pull is for the next step.
+        """Drop local gradients; the servers skip the non-finite update and the clock moves on."""
         self._advance()
         self._ensure_params()
 
     def all_true(self, flag: bool) -> bool:
+        """True only if `flag` is true on every rank."""
         if not self.distributed or self.config.mode != "sync":
             return flag  # async/ssp workers never wait for each other here
         value = torch.tensor([int(flag)], dtype=torch.int32, device=self.ctx.device)
@@ -226,6 +232,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         return bool(value.item())
 
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
+        """Sum each metric over every rank."""
         if not self.distributed:
             return super().reduce_metrics(sums)
         return all_reduce_metrics(sums, self.ctx)
@@ -246,6 +253,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         return {"model": model, "ps": {**server, "clock": self.clock}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint; rank 0 re-initializes every shard from it before anyone pulls."""
         self.model.load_state_dict(state["model"])
         if self.client is not None:
             self.client.wait_pull()
@@ -256,10 +264,12 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self._initialize_servers(ps)
 
     def model_state_dict(self) -> dict[str, Tensor]:
+        """The model's weights (the parameters last pulled from the servers)."""
         self._ensure_params()
         return self.model.state_dict()
 
     def data_claimer(self) -> Callable[[int, int, int], int] | None:
+        """With `data_assignment: dynamic`, the servers' shared chunk counter; else None."""
         return self._claim if self.dynamic else None
 
     def _claim(self, epoch: int, first: int, limit: int) -> int:
@@ -274,6 +284,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     def close(self) -> None:
         # No waiting for a pull still in flight: after a failure it may wait for a worker or a
         # server that is gone, and the error that matters was already raised.
+        """Stop the client (hooks, its thread); a pull in flight is abandoned."""
         if self.client is not None:
             self.client.close()
             self.client = None

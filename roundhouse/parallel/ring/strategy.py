@@ -47,6 +47,7 @@ class RingStrategy(SingleDeviceStrategy):
             check_process_group(ctx)
 
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
+        """Set up as `single`, then broadcast rank 0's weights and hook the gradient buckets."""
         super().setup(model, plan)
         if not self.distributed:
             return
@@ -58,6 +59,7 @@ class RingStrategy(SingleDeviceStrategy):
     def forward_backward(
         self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
     ) -> Tensor:
+        """Forward and backward; the `sync` micro-batch averages its buckets over the ranks."""
         if self.comm is None or not sync:
             return super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
         self.comm.begin()
@@ -68,10 +70,12 @@ class RingStrategy(SingleDeviceStrategy):
             self.comm.flush()
 
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
+        """Wait for the averaged gradients, then step as `single` (identical on every rank)."""
         self._wait()
         return super().optimizer_step(need_grad_norm=need_grad_norm)
 
     def zero_grad(self) -> None:
+        """Wait for buckets in flight, then drop the gradients."""
         self._wait()  # a bucket still in flight would write its gradients back afterwards
         super().zero_grad()
 
@@ -80,6 +84,7 @@ class RingStrategy(SingleDeviceStrategy):
             self.comm.wait()
 
     def all_true(self, flag: bool) -> bool:
+        """True only if `flag` is true on every rank (an all-reduce of the minimum)."""
         if not self.distributed:
             return flag
         # Gradients first: a stalled peer then surfaces as the ring's error naming that peer.
@@ -90,6 +95,7 @@ class RingStrategy(SingleDeviceStrategy):
         return bool(value.item())
 
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
+        """Sum each metric over all ranks (ranks without an evaluation share included)."""
         if not self.distributed:
             return super().reduce_metrics(sums)
         # A rank with an empty evaluation share has no keys at all; agree on the union first.
@@ -105,10 +111,12 @@ class RingStrategy(SingleDeviceStrategy):
         return dict(zip(names, values.cpu().tolist(), strict=True))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Wait for buckets in flight, then restore as `single`."""
         self._wait()
         super().load_state_dict(state)
 
     def close(self) -> None:
+        """Remove the bucket hooks and stop the communication thread."""
         if self.comm is not None:
             self.comm.close()
             self.comm = None
