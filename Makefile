@@ -33,6 +33,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check roundhouse tests benchmarks
 	$(BIN)/ruff format --check roundhouse tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_architecture.py -k "cycle or kind"
 
 format: $(STAMP)
 	$(BIN)/ruff format roundhouse tests benchmarks

@@ -17,6 +17,7 @@ class RoundhouseError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
+        """`what (fix)`: the text the CLI prints after `error: `."""
         return f"{self.what} ({self.fix})" if self.fix else self.what
 
 

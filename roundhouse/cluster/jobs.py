@@ -54,6 +54,7 @@ class JobInfo:
 
     @property
     def is_terminal(self) -> bool:
+        """Whether the job has finished (succeeded, failed or stopped)."""
         return self.status in TERMINAL_STATUSES
 
 
@@ -143,6 +144,7 @@ class JobsClient:
             )
 
     def info(self, job_id: str) -> JobInfo:
+        """The job's status and details; a `ClusterError` for an unknown id."""
         with self._errors(job_id):
             return _job_info(self._client.get_job_info(job_id))
 
@@ -153,6 +155,7 @@ class JobsClient:
         return sorted(jobs, key=lambda j: j.start_time or 0.0)
 
     def logs(self, job_id: str) -> str:
+        """Everything the job's driver printed so far."""
         with self._errors(job_id):
             return self._client.get_job_logs(job_id)
 

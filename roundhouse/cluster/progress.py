@@ -43,6 +43,7 @@ class MetricsTail:
         self.rows_seen = 0
 
     def read_new(self) -> list[dict[str, Any]]:
+        """The `metrics.jsonl` rows written since the last call (none while the file is absent)."""
         local = self.run_dir.local_path()
         if local is not None:
             return self._read_local(f"{local}/{METRICS_FILE}")

@@ -128,6 +128,7 @@ def connect(address: str) -> None:
 
 
 def unreachable(address: str, reason: str) -> ClusterError:
+    """The `ClusterError` for a cluster at `address` that cannot be reached, and why."""
     return ClusterError(
         f"cannot connect to the Ray cluster at {address!r}: {reason}",
         "check --address / RAY_ADDRESS / cluster.address and that the head node is running",

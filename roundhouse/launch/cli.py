@@ -33,6 +33,7 @@ EXIT_USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `roundhouse` argument parser with every subcommand."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser = argparse.ArgumentParser(
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_train_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add `roundhouse train` (job file, overrides, --local, --dry-run, --resume)."""
     train = commands.add_parser("train", parents=[common], help="train a job")
     train.add_argument("job", help="job file (YAML)")
     train.add_argument(
@@ -73,6 +75,7 @@ def add_train_parser(commands: argparse._SubParsersAction, common: argparse.Argu
 def add_models_parser(
     commands: argparse._SubParsersAction, common: argparse.ArgumentParser
 ) -> None:
+    """Add `roundhouse models` (list the registry, summarize one model)."""
     models = commands.add_parser("models", parents=[common], help="the model zoo")
     sub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     sub.add_parser("list", parents=[common], help="list registered models and flavors")
@@ -86,6 +89,7 @@ def add_models_parser(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`roundhouse train`: check the job, then dry-run it or train it (locally or on Ray)."""
     from roundhouse.launch.checks import check_runnable
     from roundhouse.launch.jobfile import load_job
 
@@ -114,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """`roundhouse models`: list the registered models or summarize one."""
     from roundhouse import models
 
     if args.models_command == "list":
@@ -131,6 +136,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    """`roundhouse schema`: print the job file's JSON schema."""
     from roundhouse.config import JobSpec
 
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
@@ -161,6 +167,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def configure_logging(debug: bool) -> None:
+    """Log to stderr at INFO (DEBUG with `--debug`); quiet the chatty libraries."""
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

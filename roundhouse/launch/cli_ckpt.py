@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_ckpt_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add `roundhouse ckpt` (inspect and export a run's checkpoints)."""
     ckpt = commands.add_parser("ckpt", parents=[common], help="checkpoint tools")
     sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="SUBCOMMAND")
     export = sub.add_parser(

@@ -42,6 +42,7 @@ class MLMHead(nn.Module):
         self.proj = nn.Linear(dim, vocab_size)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Token logits `(B, T, V)` from encoder states `(B, T, C)`."""
         return self.proj(self.transform(x))  # (B, T, V)
 
 
@@ -62,12 +63,14 @@ class BERT(nn.Module):
         self.head = head
 
     def encode(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Contextual embeddings `(B, T, C)` of `tokens` `(B, T)` (padding masked out)."""
         x = self.embed(tokens)  # (B, T, C)
         for block in self.blocks:
             x = block(x, key_padding_mask=key_padding_mask)
         return self.norm(x)
 
     def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Token logits `(B, T, V)` of `tokens` `(B, T)`, padding positions masked out."""
         return self.head(self.encode(tokens, key_padding_mask))  # (B, T, V)
 
 

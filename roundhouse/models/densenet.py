@@ -54,6 +54,7 @@ class DenseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, c_in, H, W)
+        """`x` with this layer's `k` new feature maps appended: `(B, c_in + k, H, W)`."""
         new = self.conv1(self.relu1(self.norm1(x)))  # (B, bn_size * k, H, W)
         new = self.dropout(self.conv2(self.relu2(self.norm2(new))))  # (B, k, H, W)
         return torch.cat([x, new], dim=1)  # (B, c_in + k, H, W)

@@ -71,6 +71,7 @@ class Inception(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, c_in, H, W)
+        """The four paths' feature maps, concatenated: `(B, c1 + c2 + c3 + c4, H, W)`."""
         paths = (self.path1, self.path2, self.path3, self.path4)
         return torch.cat([path(x) for path in paths], dim=1)  # (B, c1 + c2 + c3 + c4, H, W)
 

@@ -50,6 +50,7 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The position-wise MLP of a Transformer block: `(B, T, C)` -> `(B, T, C)`."""
         return self.drop(self.fc2(self.act(self.fc1(x))))  # (B, T, C)
 
 
@@ -89,6 +90,8 @@ class TransformerBlock(nn.Module):
         self, x: Tensor, cache: KVCache | None = None, key_padding_mask: Tensor | None = None
     ) -> Tensor:
         # x: (B, T, C)
+        """Attention then MLP, each with a residual, over `x` `(B, T, C)` (cache: decoding)."""
+
         def attend(h: Tensor) -> Tensor:
             out = self.attn(h, causal=self.causal, cache=cache, key_padding_mask=key_padding_mask)
             return self.drop(out)
@@ -110,6 +113,7 @@ class TokenEmbedding(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        """Token plus position embeddings `(B, T, C)`; positions start at `offset` (decoding)."""
         x = self.tok(tokens)  # (B, T, C)
         if self.pos is not None:
             length = offset + tokens.shape[1]
@@ -131,6 +135,7 @@ class LMHead(nn.Module):
         self.proj = nn.Linear(dim, vocab_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Token logits `(B, T, V)` from final states `(B, T, C)`."""
         return self.proj(self.norm(x))  # (B, T, V)
 
 
@@ -144,6 +149,7 @@ class GPT(nn.Module):
         self.head = head
 
     def forward(self, tokens: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        """Next-token logits `(B, T, V)` of `tokens` `(B, T)` (caches: incremental decoding)."""
         offset = 0 if caches is None else caches[0].length
         x = self.embed(tokens, offset)  # (B, T, C)
         for i, block in enumerate(self.blocks):

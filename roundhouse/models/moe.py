@@ -47,6 +47,7 @@ class Router(nn.Module):
         self.proj = nn.Linear(dim, num_experts, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Router logits `(N, E)` in fp32 for tokens `(N, C)`."""
         return self.proj(x).float()  # (N, E); fp32 for a stable softmax and z-loss
 
 
@@ -121,6 +122,7 @@ class MoELayer(nn.Module):
         self.dropped_tokens: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        """Each token through its top-k experts, weighted by the router: `(B, T, C)` -> same."""
         tokens = x.reshape(-1, x.shape[-1])  # (N, C)
         logits = self.router(tokens)  # (N, E)
         probs = logits.softmax(dim=-1)

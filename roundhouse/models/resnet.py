@@ -66,6 +66,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, c_in, H, W)
+        """Two 3x3 convolutions plus the (projected) identity: `(B, width, H/s, W/s)`."""
         out = self.relu(self.bn1(self.conv1(x)))  # (B, width, H/s, W/s)
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
@@ -91,6 +92,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, c_in, H, W)
+        """1x1, 3x3, 1x1 convolutions plus the (projected) identity."""
         out = self.relu(self.bn1(self.conv1(x)))  # (B, width, H, W)
         out = self.relu(self.bn2(self.conv2(out)))  # (B, width, H/s, W/s)
         out = self.bn3(self.conv3(out))  # (B, 4 * width, H/s, W/s)

@@ -76,6 +76,7 @@ class RecurrentCell(nn.Module):
         return self.lstm_step(xw, h, c)
 
     def gru_step(self, xw: Tensor, h: Tensor) -> Tensor:
+        """One GRU step: the next hidden state `(B, H)` from input and hidden projections."""
         x_r, x_z, x_n = xw.chunk(3, dim=-1)  # (B, H) each
         w_r, w_z, w_n = self.weight_hh.chunk(3, dim=0)
         b_r, b_z, b_n = self.bias_hh.chunk(3)
@@ -88,6 +89,7 @@ class RecurrentCell(nn.Module):
         return update * h + (1 - update) * candidate  # Z=1 keeps the old state
 
     def lstm_step(self, xw: Tensor, h: Tensor, c: Tensor) -> State:
+        """One LSTM step: the next `(hidden, cell)` from input and hidden projections."""
         gates = xw + h @ self.weight_hh.T + self.bias_hh  # (B, 4H): the 4 FCs
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # forget=0 flushes C
@@ -134,6 +136,7 @@ class RecurrentStack(nn.Module):
         self.drop = nn.Dropout(dropout)  # between layers, as torch.nn.LSTM's dropout
 
     def forward(self, x: Tensor) -> Tensor:
+        """Hidden states `(B, T, H)` of the stacked (optionally bidirectional) layers."""
         for index, cells in enumerate(self.layers):
             if index > 0:
                 x = self.drop(x)
@@ -152,6 +155,7 @@ class RecurrentLM(nn.Module):
         self.head = nn.Linear(hidden, vocab_size)  # the FC after H that produces Y (S3:1890)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        """Next-token logits `(B, T, V)` of `tokens` `(B, T)`."""
         return self.head(self.rnn(self.embed(tokens)))  # (B, T) -> (B, T, H) -> (B, T, V)
 
 
@@ -169,6 +173,7 @@ class RecurrentClassifier(nn.Module):
         self.head = nn.Linear(hidden, classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Class logits `(B, K)` of a sequence `x`."""
         if self.embed is not None:
             seq = self.embed(x)  # (B, T, E)
         else:

@@ -64,6 +64,7 @@ class Encoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Mean and log std, stacked along channels, of images `x` on the [-1, 1] scale."""
         return self.net(x)
 
 
@@ -86,6 +87,7 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
+        """Images on the [-1, 1] scale decoded from latents `z`."""
         return self.net(z)
 
 
@@ -127,6 +129,7 @@ class VAE(nn.Module):
         return (self.decoder(z) + 1) / 2
 
     def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction `(B, C, H, W)` of `x` via a sampled latent (eval: the mean); keeps KL."""
         mean, log_std = self.encode(x)
         if self.training:
             z = mean + log_std.exp() * torch.randn_like(mean)  # c = m + exp(sigma) e

@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 
 
 def step_folder(step: int) -> str:
+    """`step_<N>`: the folder name of the checkpoint of step `step`."""
     return f"step_{step}"
 
 
@@ -71,12 +72,14 @@ def _as_tuple(value: Any) -> Any:
 
 
 def serialize(obj: Any) -> bytes:
+    """`torch.save` of `obj` into bytes."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
 
 def deserialize(data: bytes) -> Any:
+    """Load bytes from `serialize` onto the CPU, tensors and plain data only (`weights_only`)."""
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 

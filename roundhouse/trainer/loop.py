@@ -50,6 +50,7 @@ class Window:
     started: float = 0.0
 
     def reset(self) -> None:
+        """Start a new logging window now."""
         self.loss_sum, self.steps, self.samples, self.started = 0.0, 0, 0, time.perf_counter()
 
 
@@ -81,6 +82,7 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        """Write a checkpoint of the current step (strategy, loop state, data position, RNGs)."""
         state = {
             "strategy": self.strategy.state_dict(),
             "trainer": asdict(self.state),
@@ -122,6 +124,7 @@ class Trainer:
 
     @property
     def max_epochs(self) -> int:
+        """`trainer.max_epochs`, or infinity when only `max_steps` bounds the run."""
         return self.cfg.max_epochs if self.cfg.max_epochs is not None else math.inf  # type: ignore[return-value]
 
     def run_epoch(self) -> bool:
@@ -150,6 +153,7 @@ class Trainer:
         return stop
 
     def train_step(self, micro_batches: list[dict]) -> None:
+        """One optimizer step over this rank's micro-batches (skipped when a loss is non-finite)."""
         step_size = self.train_loader.last_step_size
         dp = self.strategy.data_parallel_size
         loss_sum, samples = 0.0, 0
@@ -175,6 +179,7 @@ class Trainer:
             self.log_train(stats)
 
     def on_nonfinite_loss(self, loss_sum: float) -> None:
+        """Skip the step, or raise `TrainingError` unless `trainer.skip_nonfinite_steps`."""
         step = self.state.step + 1
         if not self.cfg.skip_nonfinite_steps:
             kept = self.last_checkpoint_step
@@ -209,6 +214,7 @@ class Trainer:
     # --- metrics ----------------------------------------------------------------------------
 
     def log_train(self, stats: StepStats) -> None:
+        """Log the window's train metrics (loss, lr, grad norm, throughput) and start a new one."""
         elapsed = max(time.perf_counter() - self.window.started, 1e-9)
         metrics = {
             "train/loss": self.window.loss_sum / max(self.window.steps, 1),
@@ -246,12 +252,14 @@ class Trainer:
         return {f"{split}/{k}": v for k, v in self.task.finalize(totals).items()}
 
     def validate_and_check_early_stop(self) -> bool:
+        """Evaluate on val, log it, and return whether early stopping says stop."""
         metrics = self.last_val_metrics = self.evaluate("val")
         self.state.last_eval_step = self.state.step
         self.tracker.log(metrics, step=self.state.step, epoch=self.state.step_epoch)
         return self.update_early_stopping(metrics)
 
     def update_early_stopping(self, metrics: dict[str, float]) -> bool:
+        """Track the watched metric; True when it has not improved for `patience` evaluations."""
         rule = self.cfg.early_stopping
         if rule is None:
             return False

@@ -22,13 +22,17 @@ from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
 class Task(Protocol):
     """What the trainer needs to know about a family of models."""
 
-    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor: ...
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The model's outputs for `batch` (what `loss` and `eval_sums` take)."""
 
-    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor: ...
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The scalar training loss of one micro-batch (a mean over its samples)."""
 
-    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]: ...
+    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Metric sums of one evaluation batch; they add up over batches and ranks."""
 
-    def finalize(self, sums: dict[str, float]) -> dict[str, float]: ...
+    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Metrics (`loss`, `accuracy`, ...) from the sums over every batch and rank."""
 
 
 class ClassificationTask:
@@ -38,12 +42,15 @@ class ClassificationTask:
         self.loss_fn = loss_fn
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Logits `(B, K)` of the batch's inputs."""
         return model(batch["input"])
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The job's loss of logits `(B, K)` against targets `(B,)`."""
         return mixed_loss(self.loss_fn, outputs.float(), batch)
 
     def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Summed loss, top-1 and top-5 hits and the count of one evaluation batch."""
         target = batch["target"]
         count = torch.tensor(float(target.shape[0]), device=outputs.device)
         return {
@@ -54,6 +61,7 @@ class ClassificationTask:
         }
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Mean loss and accuracies from sums over every rank."""
         n = max(sums["count"], 1.0)
         return {
             "loss": sums["loss"] / n,

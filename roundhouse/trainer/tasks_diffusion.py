@@ -44,6 +44,7 @@ class VAETask:
         self.kl_weight = 0.0
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The reconstruction; the model's KL term is kept for `loss`."""
         recon = model(batch["input"])  # (B, C, H, W)
         vae = _find(model, "kl_loss")
         self.kl, self.kl_weight = vae.kl_loss, float(vae.kl_weight)
@@ -55,10 +56,12 @@ class VAETask:
         return ((outputs.float() - batch["input"].float()) * 2).square().flatten(1).sum(1)
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Reconstruction loss plus the weighted KL term."""
         assert self.kl is not None
         return (self.squared_error(outputs, batch) + self.kl_weight * self.kl.float()).mean()
 
     def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Summed loss, squared error, pixels, KL and sample count of one evaluation batch."""
         assert self.kl is not None
         sq = self.squared_error(outputs, batch).detach()
         count = torch.tensor(float(sq.shape[0]), device=outputs.device)
@@ -71,6 +74,7 @@ class VAETask:
         }
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Means from sums over every rank."""
         n = max(float(sums["count"]), 1.0)
         mse = float(sums["sq_err"]) / max(float(sums["pixels"]), 1.0)
         return {
@@ -110,17 +114,21 @@ class DiffusionTask:
         return t, noise, cond
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Predicted noise for the batch at freshly drawn timesteps, noise and condition dropout."""
         t, noise, cond = self.draw(model, batch)
         self.noise = noise
         return model(batch["input"], t, cond, noise)  # (B, *latent) predicted noise
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Mean squared error of the predicted noise."""
         assert self.noise is not None
         return F.mse_loss(outputs.float(), self.noise.float())
 
     def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Summed noise-prediction loss and the count of one evaluation batch."""
         count = torch.tensor(float(outputs.shape[0]), device=outputs.device)
         return {"loss": self.loss(outputs, batch).detach() * count, "count": count}
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        """The mean loss from sums over every rank."""
         return {"loss": float(sums["loss"]) / max(float(sums["count"]), 1.0)}

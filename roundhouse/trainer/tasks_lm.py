@@ -73,6 +73,7 @@ class LanguageModelTask:
         self.aux = _Aux()
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Next-token logits `(B, T, V)`; the model's auxiliary losses are kept for `loss`."""
         logits = model(batch["input"])  # (B, T, V)
         # Read right after the model ran: loss() and eval_sums() are called with these outputs.
         self.aux = _Aux(*collect_aux(model))
@@ -95,11 +96,13 @@ class LanguageModelTask:
         return loss, (target != PAD_ID).sum()
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Token cross entropy (padding ignored) plus the model's auxiliary losses."""
         total, count = self.token_losses(outputs, batch)
         loss = total / count.clamp(min=1)
         return loss if self.aux.loss is None else loss + self.aux.loss
 
     def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Summed token loss, token count and correct predictions of one evaluation batch."""
         target = self.targets(batch)
         total, count = self.token_losses(outputs, batch)
         valid = target != PAD_ID
@@ -123,6 +126,7 @@ class LanguageModelTask:
         return sums
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Mean loss, perplexity and accuracy from sums over every rank."""
         n = max(float(sums["count"]), 1.0)
         loss = float(sums["loss"]) / n
         metrics = {
@@ -198,12 +202,14 @@ class MaskedLMTask(LanguageModelTask):
         self.masking = masking or Masking()
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Logits `(B, T, V)` of the masked input; the auxiliary losses are kept for `loss`."""
         corrupted, _ = self.masking.apply(batch["input"])
         logits = model(corrupted)  # (B, T, V)
         self.aux = _Aux(*collect_aux(model))
         return logits
 
     def targets(self, batch: dict[str, Tensor]) -> Tensor:
+        """The masked positions' original tokens; every other position is padding (ignored)."""
         tokens = batch["input"]
         _, selected = self.masking.apply(tokens)
         return torch.where(selected, tokens, torch.full_like(tokens, PAD_ID))

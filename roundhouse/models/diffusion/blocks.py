@@ -46,6 +46,7 @@ class TimestepMLP(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
+        """Embeddings `(B, out_dim)` of timesteps `t` `(B,)`."""
         return self.mlp(timestep_embedding(t, self.base_dim))  # (B, out_dim)
 
 
@@ -63,6 +64,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        """Residual block over `x` `(B, C, H, W)`, conditioned on the timestep embedding."""
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
         if self.temb is not None and temb is not None:
             h = h + self.temb(F.silu(temb))[:, :, None, None]
@@ -78,6 +80,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Halve the height and width of `x` (a strided convolution)."""
         return self.conv(x)
 
 
@@ -89,6 +92,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Double the height and width of `x` (nearest neighbour, then a convolution)."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -111,6 +115,7 @@ class AttnBlock2d(nn.Module):
         self.attn = MultiHeadAttention(channels, num_heads)
 
     def forward(self, x: Tensor) -> Tensor:
+        """`x` `(B, C, H, W)` plus self-attention among its pixels."""
         _, _, h, w = x.shape
         out = self.attn(to_tokens(self.norm(x)))  # (B, HW, C)
         return x + to_map(out, h, w)
@@ -124,6 +129,7 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The position-wise MLP of a Transformer block, shape-preserving."""
         return self.net(x)
 
 

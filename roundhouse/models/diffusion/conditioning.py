@@ -53,6 +53,7 @@ class TextEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Caption states `(B, S + 1, D)` and their padding mask `(B, S + 1)` from byte ids."""
         bos = torch.full_like(ids[:, :1], BOS_ID)
         ids = torch.cat([bos, ids], dim=1)  # (B, S + 1): BOS keeps one key unmasked
         pad = ids == PAD_ID  # (B, S + 1)

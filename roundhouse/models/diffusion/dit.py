@@ -30,6 +30,7 @@ def sincos_2d(height: int, width: int, dim: int) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: `x * (1 + scale) + shift`, the per-sample `(B, C)` terms broadcast over tokens."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -47,6 +48,7 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[-1].bias)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """An adaLN-Zero Transformer block over tokens `x` `(B, N, D)` under `c` `(B, D)`."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # (B, D) x6
         x = x + gate1[:, None] * self.attn(modulate(self.ln1(x), shift1, scale1))
         return x + gate2[:, None] * self.mlp(modulate(self.ln2(x), shift2, scale2))
@@ -105,6 +107,7 @@ class DiT(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, pad: Tensor | None = None
     ) -> Tensor:
+        """Predicted noise, shaped like `x`, at timesteps `t` under the optional `context`."""
         tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, N, D)
         c = self.condition_vector(t, context, pad)
         for block in self.blocks:

@@ -48,16 +48,19 @@ class LatentDiffusionModel(DiffusionModel):
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))
 
     def train(self, mode: bool = True) -> LatentDiffusionModel:
+        """Set the training mode; the frozen stage-1 VAE always stays in evaluation mode."""
         super().train(mode)
         self.vae.eval()  # frozen stage 1: always in evaluation mode
         return self
 
     def to_latent(self, x: Tensor) -> Tensor:
+        """Encode images into scaled latents with the frozen VAE (its mean, no gradient)."""
         with torch.no_grad():
             mean, _ = self.vae.encode(x)
         return mean * self.latent_scale
 
     def from_latent(self, z: Tensor) -> Tensor:
+        """Decode scaled latents into images in [0, 1]."""
         return self.vae.decode(z / self.latent_scale).clamp(0, 1)
 
 

@@ -79,6 +79,7 @@ class DiffusionModel(nn.Module):
         return self.net(z, t, context, pad)
 
     def null_condition(self, cond: Tensor) -> Tensor:
+        """The "no condition" input of the same batch (classifier-free guidance)."""
         return self.cond_encoder.null_condition(cond)
 
     def forward(

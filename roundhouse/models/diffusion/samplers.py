@@ -45,9 +45,11 @@ class Denoiser(Protocol):
     schedule: NoiseSchedule
     clip_sample: float | None
 
-    def denoise(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor: ...
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """Predicted noise for `x` at timesteps `t` under `cond`, shaped like `x`."""
 
-    def null_condition(self, cond: Tensor) -> Tensor: ...
+    def null_condition(self, cond: Tensor) -> Tensor:
+        """The "no condition" input of the same batch (classifier-free guidance)."""
 
 
 def inference_timesteps(num_train_steps: int, num_steps: int) -> list[int]:

@@ -60,6 +60,7 @@ class NoiseSchedule:
 
     @property
     def num_steps(self) -> int:
+        """Training timesteps `T`."""
         return int(self.betas.shape[0])
 
     def abar(self, t: int) -> Tensor:

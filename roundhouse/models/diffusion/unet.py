@@ -40,6 +40,7 @@ class UNetLayer(nn.Module):
     def forward(
         self, x: Tensor, temb: Tensor, context: Tensor | None, pad: Tensor | None
     ) -> Tensor:
+        """A residual block, then attention (to `context`, if any) when the level has it."""
         x = self.res(x, temb)
         return x if self.attn is None else self.attn(x, context, pad)
 
@@ -104,6 +105,7 @@ class UNet(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, pad: Tensor | None = None
     ) -> Tensor:
+        """Predicted noise `(B, C, H, W)` at timesteps `t` under the optional `context`."""
         temb = self.time(t)  # (B, 4 * base)
         h = self.conv_in(x)
         skips = [h]
