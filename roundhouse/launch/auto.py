@@ -3,9 +3,9 @@
 `resolve_auto` plans the job at the world size it will run with and replaces the `auto`
 section with the recommended row's strategy (logged with its reason); the run folder's
 `job.yaml` then records the concrete choice. For an elastic job (`cluster.min_workers`) it
-also plans every smaller size the group may shrink to, among configurations of the chosen
-kind (a checkpoint moves between world sizes within one kind, and a parameter server started
-for `ps` stays the one the group talks to); workers pick the row of the size Ray gave them.
+also plans every smaller size the group may shrink to (checkpoints are strategy independent,
+so a shrunken group may switch between single, ring and ZeRO layouts; a `ps` job stays `ps`,
+since its servers are started once at launch); workers run the row of the size Ray gave them.
 """
 
 from __future__ import annotations
@@ -66,6 +66,15 @@ def with_strategy(job: JobSpec, strategy: dict[str, Any]) -> JobSpec:
     return validate_job(data, source="strategy auto")
 
 
+def elastic_kinds(auto: AutoStrategyConfig, chosen: str) -> tuple[str, ...]:
+    """Kinds a shrunken group may switch to: checkpoints move between single, ring and
+    deepspeed layouts, but parameter servers exist only when `ps` was chosen at launch."""
+    if chosen == "ps":
+        return ("ps",)
+    allowed = auto.candidates or ["single", "ring", "deepspeed"]
+    return tuple(k for k in allowed if k != "ps") or (chosen,)
+
+
 def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[str, Any]]]:
     """A job with `strategy.kind: auto` resolved, and the strategy per elastic world size.
 
@@ -78,6 +87,7 @@ def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[
     by_size = {world_size: chosen}
     low = job.cluster.min_workers
     if not local and low is not None and low < world_size:
+        kinds = elastic_kinds(job.strategy, chosen["kind"])
         for size in range(low, world_size):
-            by_size[size] = choose_strategy(job, size, local, kinds=(chosen["kind"],))
+            by_size[size] = choose_strategy(job, size, local, kinds=kinds)
     return with_strategy(job, chosen), by_size

@@ -32,6 +32,7 @@ from roundhouse.planner.memory import (
     DS_REDUCE_BUCKET,
     Memory,
     activation_bytes,
+    optimizer_scratch,
     plain_states,
     tensor_parallel_activation_share,
     zero_states,
@@ -157,7 +158,9 @@ def estimate_memory(
         buffers = p.buffer_bytes + (
             2 * job.ring_bucket_mb * 2**20 if kind == "ring" else 4 * n_local if kind == "ps" else 0
         )
-        return Memory(params, grads, optimizer, activations, buffers)
+        at_once = n_local if t.overlap else p.largest_layer_params  # foreach on GPUs only
+        scratch = optimizer_scratch(at_once, job.optimizer_moments)
+        return Memory(params, grads, optimizer, activations, buffers, scratch=scratch)
     s = c.strategy
     params, grads, optimizer, host = zero_states(
         n_local,
@@ -170,7 +173,11 @@ def estimate_memory(
         offload_params=s.get("offload_params", "none") != "none",
     )
     buffers = p.buffer_bytes + zero_buffers(s["zero_stage"], n_local, t.ds_bf16)
-    return Memory(params, grads, optimizer, activations, buffers, host)
+    offloaded = s.get("offload_optimizer", "none") != "none"
+    scratch = (
+        0.0 if offloaded else optimizer_scratch(n_local / c.data_parallel, job.optimizer_moments)
+    )
+    return Memory(params, grads, optimizer, activations, buffers, host, scratch)
 
 
 def zero_buffers(stage: int, n_local: float, bf16: bool) -> float:
@@ -202,23 +209,28 @@ def compute_time(c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro:
     return compute + optimizer
 
 
-def comm_time(c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float) -> float:
-    """Seconds per step of this candidate's exchange (before overlap)."""
+def comm_time(
+    c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float
+) -> tuple[float, float]:
+    """Seconds per step of this candidate's exchange before overlap: (gradient exchange, which
+    a GPU hides under the backward pass; model-parallel traffic on the critical path)."""
     kind, link, n = c.strategy["kind"], t.link, c.data_parallel
     grad_bytes = 4 * local_params(c, p)
     if kind == "single":
-        return 0.0
+        return 0.0, 0.0
     if kind == "ring":
         buckets = math.ceil(grad_bytes / (job.ring_bucket_mb * 2**20))
-        return collective_s(link, 2 * (n - 1) / n * grad_bytes, 2 * buckets, n)
-    if kind == "ps":
+        return collective_s(link, 2 * (n - 1) / n * grad_bytes, 2 * buckets, n), 0.0
+    if kind == "ps":  # a sync pull waits for every push: nothing overlaps
         server_bytes = n * 2 * grad_bytes / job.ps_servers  # every worker's push and pull
-        return 2 * link.latency_s + server_bytes / link.bytes_per_s
+        return 0.0, 2 * link.latency_s + server_bytes / link.bytes_per_s
     return deepspeed_comm(c, p, t, job, micro)
 
 
-def deepspeed_comm(c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float) -> float:
-    """ZeRO's data-parallel exchange plus the model-parallel traffic of pipeline, tp and ep."""
+def deepspeed_comm(
+    c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float
+) -> tuple[float, float]:
+    """(ZeRO's data-parallel exchange, the model-parallel traffic of pipeline, tp and ep)."""
     link, n, s = t.link, c.data_parallel, c.strategy
     elem = 2 if t.ds_bf16 else 4
     local = local_params(c, p)
@@ -244,7 +256,7 @@ def deepspeed_comm(c: Candidate, p: ModelProfile, t: Target, job: JobShape, micr
         per_layer = tokens * p.hidden_dim * act_elem
         calls = 4 * max(1, len(p.layers) - 2) * job.grad_accum_steps
         mp = collective_s(link, calls * (ep - 1) / ep * per_layer, calls, ep)
-    return dp + mp
+    return dp, mp
 
 
 def evaluate(c: Candidate, p: ModelProfile, t: Target, job: JobShape) -> Row:
@@ -252,7 +264,8 @@ def evaluate(c: Candidate, p: ModelProfile, t: Target, job: JobShape) -> Row:
     micro = job.global_batch / (c.data_parallel * job.grad_accum_steps)
     memory = estimate_memory(c, p, t, job, micro)
     compute = compute_time(c, p, t, job, micro)
-    comm = comm_time(c, p, t, job, micro)
-    if t.overlap and c.strategy["kind"] != "ps":
-        comm = max(comm - BACKWARD_SHARE * compute, 0.0)
+    hideable, critical = comm_time(c, p, t, job, micro)
+    if t.overlap:
+        hideable = max(hideable - BACKWARD_SHARE * compute, 0.0)
+    comm = hideable + critical
     return Row(c, micro, memory, compute, comm, fits=memory.total <= t.memory_bytes)

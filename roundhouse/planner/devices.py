@@ -105,7 +105,9 @@ def parse_bandwidth(text: str) -> float:
     Raises:
         JobFileError: the text is not a positive bandwidth.
     """
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?)(b|bit|bits|B)?(/s|ps)?\s*", text)
+    match = re.fullmatch(
+        r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMgGtT]?)(b|bit|bits|B)?(/s|ps)?\s*", text
+    )
     value = float(match.group(1)) * _UNITS[match.group(2).lower()] if match else 0.0
     if match and match.group(3) in ("b", "bit", "bits"):
         value /= 8

@@ -32,10 +32,14 @@ class Memory:
     activations: float
     buffers: float
     host: float = 0.0
+    scratch: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations + self.buffers
+        """The peak: states and buffers, plus the larger of the backward pass's activations
+        and the optimizer step's temporaries (they are never alive together)."""
+        states = self.params + self.grads + self.optimizer + self.buffers
+        return states + max(self.activations, self.scratch)
 
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "total": self.total}
@@ -50,6 +54,13 @@ def optimizer_moments(name: str, momentum: float) -> int:
     if name == "adagrad":
         return 1
     return 1 if momentum > 0 else 0
+
+
+def optimizer_scratch(updated_tensor_params: float, moments: int) -> float:
+    """Temporaries of one optimizer step over tensors of `updated_tensor_params` elements at a
+    time: Adam's `sqrt(v) + eps` denominator (torch's foreach kernels on a GPU take all
+    parameters at once, its CPU kernels one tensor at a time; DeepSpeed one flat partition)."""
+    return 4 * updated_tensor_params if moments >= 2 else 0.0
 
 
 def plain_states(num_params: float, moments: int) -> tuple[float, float, float]:

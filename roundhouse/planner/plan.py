@@ -119,8 +119,12 @@ def explain(plan: Plan) -> str:
     if len(fitting) > 1:
         runner = fitting[1]
         ratio = runner.step_s / best.step_s if best.step_s else 1.0
-        text += f"; {ratio:.2f}x the step time of the next, {runner.candidate.label}"
-        text += f" on {runner.candidate.workers}"
+        other = f"{runner.candidate.label} on {runner.candidate.workers}"
+        if ratio < 1.005:
+            saved = (runner.memory.total - best.memory.total) / GB
+            text += f"; ties with {other} in step time and needs {saved:.2f} GB less"
+        else:
+            text += f"; the next, {other}, takes {ratio:.2f}x as long per step"
     return text
 
 
