@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from roundhouse import models
+from roundhouse.errors import JobFileError
 from roundhouse.planner import calibrate
 from roundhouse.planner.calibrate import LinkRate, StepRate
 from roundhouse.planner.costs import Target
@@ -141,6 +142,11 @@ def build_target(
     job = jm.job
     accelerator = get_accelerator(device)
     bf16_asked = job.trainer.precision == "bf16"
+    if accelerator is None and device.lower() == "cuda" and not torch.cuda.is_available():
+        raise JobFileError(
+            "planning for device cuda needs a GPU on this machine",
+            "pass --device (or strategy.device) with an accelerator name such as H100-80GB",
+        )
     if accelerator is None:
         threads = max(1, int(job.cluster.cpus_per_worker))
         sizes = calibration_sizes(job, max_workers)
