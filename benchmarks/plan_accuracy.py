@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.planner import build_plan
+from roundhouse.planner.calibrate import cache_path
 from roundhouse.planner.memory import zero_states
 from roundhouse.planner.target import JobModel
 from roundhouse.trainer import prepare_run, run_worker
