@@ -9,7 +9,8 @@ per rank, over the link's `latency + bytes / bandwidth`:
 | strategy | bytes per rank and step |
 |---|---|
 | ring, ZeRO-0/1/2 | `2(N-1)/N x gradient bytes` (all-reduce, or reduce-scatter + all-gather) |
-| ZeRO-3 | `3(N-1)/N x parameter bytes` (gather in forward and backward, reduce-scatter) |
+| ZeRO-3 | `3(N-1)/N x parameter bytes` (gather in forward and backward, reduce-scatter), in
+  three collective calls per module that owns parameters |
 | ps (sync) | push gradients + pull parameters; the server's link carries all N workers |
 | pipeline | each micro-batch's boundary activation forward and its gradient back |
 | tensor parallel | 4 all-reduces of the layer's activations per layer and micro-batch |
@@ -235,11 +236,11 @@ def deepspeed_comm(
     elem = 2 if t.ds_bf16 else 4
     local = local_params(c, p)
     buckets = max(1, math.ceil(local / DS_REDUCE_BUCKET))
-    if s.get("zero_stage", 0) == 3:
-        layers = max(1, len(p.layers) or 1)
-        dp = collective_s(link, 3 * (n - 1) / n * elem * local, 3 * layers, n)
-    else:
-        dp = collective_s(link, 2 * (n - 1) / n * elem * local, 2 * buckets, n)
+    if s.get("zero_stage", 0) == 3:  # per module: gather in forward and backward, reduce
+        calls = 3 * p.param_modules
+        dp = collective_s(link, 3 * (n - 1) / n * elem * local, calls, n)
+    else:  # per bucket: a reduce to each partition's owner, then one all-gather of parameters
+        dp = collective_s(link, 2 * (n - 1) / n * elem * local, (n + 1) * buckets, n)
     act_elem = 2 if t.autocast_bf16 else 4
     tokens = micro * p.tokens_per_sample
     mp = 0.0

@@ -59,6 +59,7 @@ class ModelProfile:
         num_heads: Attention heads (tensor parallel must divide them); 0 when not a transformer.
         tokens_per_sample: Sequence length for token models, else 1.
         hidden_dim: Width C of a transformer (the activations TP and EP exchange), else 0.
+        param_modules: Modules owning parameters (ZeRO-3 gathers each one separately).
     """
 
     num_params: int
@@ -75,6 +76,7 @@ class ModelProfile:
     num_heads: int = 0
     tokens_per_sample: int = 1
     hidden_dim: int = 0
+    param_modules: int = 1
 
     @property
     def step_flops(self) -> float:
@@ -226,4 +228,7 @@ def profile_model(
         num_heads=int(kwargs.get("num_heads", 0)) if tp_fraction else 0,
         tokens_per_sample=input_shape[0] if len(input_shape) == 1 else 1,
         hidden_dim=int(kwargs.get("dim", 0)) if tp_fraction else 0,
+        param_modules=sum(
+            1 for m in model.modules() if next(m.parameters(False), None) is not None
+        ),
     )

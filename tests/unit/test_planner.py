@@ -170,10 +170,10 @@ def test_cli_plan_json_ranks_rows_and_recommends_one(tmp_path: Path, capsys) -> 
 
 def test_a_job_nothing_fits_prints_the_table_and_what_would_fit(tmp_path: Path, capsys) -> None:
     path = tmp_path / "big.yaml"
-    data = job_dict({"name": "gpt", "flavor": "1.3b"})
+    data = job_dict({"name": "gpt", "flavor": "124m"})
     data["data"] = {
         "source": "builtin:pytext",
-        "batch_size": 512,
+        "batch_size": 8192,
         "options": {"seq_len": 128, "max_bytes": 50000},
     }
     path.write_text(yaml.safe_dump(data))
@@ -237,13 +237,13 @@ def test_auto_with_candidates_and_an_elastic_group_plans_each_size() -> None:
 def test_auto_that_nothing_fits_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     path = tmp_path / "auto.yaml"
     data = job_dict(
-        {"name": "gpt", "flavor": "1.3b"},
+        {"name": "gpt", "flavor": "124m"},
         strategy={**AUTO, "device": "L4"},
         cluster={"num_workers": 1},
     )
     data["data"] = {
         "source": "builtin:pytext",
-        "batch_size": 512,
+        "batch_size": 8192,
         "options": {"seq_len": 128, "max_bytes": 50000},
     }
     path.write_text(yaml.safe_dump(data))
