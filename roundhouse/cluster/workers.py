@@ -99,7 +99,9 @@ def build_failure_config(cluster: ClusterConfig) -> Any:
     )
 
 
-def train_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float]:
+def train_on_ray(
+    prepared: PreparedRun, *, resume: bool, strategy_by_size: dict[int, Any] | None = None
+) -> dict[str, float]:
     """Run the job on `cluster.num_workers` Ray workers; return rank 0's final metrics.
 
     Waits (at most `cluster.schedule_timeout_s`) for the cluster to be able to host the group,
@@ -123,6 +125,8 @@ def train_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float]:
             "started": started,
             "env": worker_env(job),
             PS_CONFIG_KEY: servers,
+            # strategy.kind=auto on an elastic group: the planned strategy per world size
+            "strategy_by_size": {str(k): v for k, v in (strategy_by_size or {}).items()},
         },
         scaling_config=build_scaling_config(cluster),
         torch_config=TorchConfig(
@@ -223,6 +227,7 @@ def worker_main(config: dict[str, Any]) -> None:
 
     job = JobSpec.model_validate(config["job"])
     ctx = build_worker_context(ray.train.get_context(), job)
+    job = strategy_for_size(job, config.get("strategy_by_size", {}), ctx.world_size)
     ctx = attach_parameter_store(ctx, config)  # the ps strategy's servers, if any
     torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
     resume, step = choose_resume_point(job, config)
@@ -235,6 +240,15 @@ def worker_main(config: dict[str, Any]) -> None:
     )
     write_rank_record(run_dir_of(job), record)
     run_worker(worker_job(job), ctx, resume_step=step, resume=resume)
+
+
+def strategy_for_size(job: JobSpec, by_size: dict[str, Any], world_size: int) -> JobSpec:
+    """The job with the strategy planned for `world_size` (`strategy.kind: auto`, elastic)."""
+    planned = by_size.get(str(world_size))
+    if planned is None or planned == job.strategy.model_dump(exclude_defaults=True):
+        return job
+    logger.warning("world size %d: running the strategy planned for it, %s", world_size, planned)
+    return JobSpec.model_validate({**job.model_dump(mode="json"), "strategy": planned})
 
 
 def worker_job(job: JobSpec) -> JobSpec:

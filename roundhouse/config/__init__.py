@@ -33,6 +33,7 @@ from .data import (
 
 __all__ = [
     "AugmentConfig",
+    "AutoStrategyConfig",
     "CheckpointConfig",
     "ClusterConfig",
     "DataConfig",
@@ -243,8 +244,29 @@ class DeepSpeedStrategyConfig(Section):
         return "pipeline" if self.pipeline_stages > 1 else None
 
 
+class AutoStrategyConfig(Section):
+    """`roundhouse plan` picks the strategy at launch (see roundhouse/planner)."""
+
+    kind: Literal["auto"]
+    candidates: list[Literal["single", "ring", "ps", "deepspeed"]] | None = Field(
+        None, description="Strategy kinds to choose from (default: all)."
+    )
+    device: str = Field(
+        "auto",
+        description="Device to plan for: auto (cuda when cluster.gpus_per_worker > 0 or "
+        "trainer.device is cuda, else cpu), or a known accelerator such as H100-80GB.",
+    )
+    bandwidth: str | None = Field(
+        None, description="Link bandwidth, e.g. 25GB/s (default: measured)."
+    )
+
+
 StrategyConfig = Annotated[
-    SingleStrategyConfig | RingStrategyConfig | PSStrategyConfig | DeepSpeedStrategyConfig,
+    SingleStrategyConfig
+    | RingStrategyConfig
+    | PSStrategyConfig
+    | DeepSpeedStrategyConfig
+    | AutoStrategyConfig,
     Field(discriminator="kind"),
 ]
 

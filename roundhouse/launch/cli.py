@@ -1,6 +1,7 @@
 """The `roundhouse` command line.
 
     roundhouse train JOB.yaml [key.sub=value ...] [--local] [--dry-run] [--resume latest|PATH]
+    roundhouse plan JOB.yaml [key.sub=value ...] [--workers 1,2,4,8] [--device H100-80GB] [--json]
     roundhouse models list
     roundhouse models summary NAME[:FLAVOR] --input CxHxW
     roundhouse schema
@@ -27,6 +28,7 @@ from roundhouse.errors import JobFileError, RoundhouseError
 from roundhouse.launch.cli_ckpt import add_ckpt_parser, cmd_ckpt
 from roundhouse.launch.cli_data import add_data_parser, cmd_data
 from roundhouse.launch.cli_jobs import add_jobs_parser, add_submit_parser, cmd_jobs, cmd_submit
+from roundhouse.launch.cli_plan import add_plan_parser, cmd_plan
 from roundhouse.launch.cli_sample import add_sample_parser, cmd_sample
 
 EXIT_USER_ERROR = 2
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(commands, common)
+    add_plan_parser(commands, common)
     add_models_parser(commands, common)
     add_data_parser(commands, common)
     add_sample_parser(commands, common)
@@ -90,10 +93,12 @@ def add_models_parser(
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`roundhouse train`: check the job, then dry-run it or train it (locally or on Ray)."""
+    from roundhouse.launch.auto import resolve_auto
     from roundhouse.launch.checks import check_runnable
     from roundhouse.launch.jobfile import load_job
 
     job = load_job(args.job, args.overrides)
+    job, strategy_by_size = resolve_auto(job, local=args.local)  # strategy.kind: auto
     if args.dry_run:
         from roundhouse.launch.dryrun import dry_run
 
@@ -108,7 +113,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from roundhouse.launch.ray_train import train_with_ray
 
-        metrics = train_with_ray(job, resume=args.resume, address=args.address)
+        metrics = train_with_ray(
+            job, resume=args.resume, address=args.address, strategy_by_size=strategy_by_size
+        )
     print(
         " ".join(
             f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))
@@ -156,6 +163,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
+    "plan": cmd_plan,
     "models": cmd_models,
     "schema": cmd_schema,
     "data": cmd_data,
@@ -185,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if (
         extra
-        and args.command in ("train", "submit")
+        and args.command in ("train", "submit", "plan")
         and all("=" in e and not e.startswith("-") for e in extra)
     ):
         args.overrides += extra

@@ -100,7 +100,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from roundhouse.launch.submission import build_submission, storage_warning
 
     job = load_job(args.job, args.overrides)
-    check_runnable(job, local=False)
+    if job.strategy.kind == "auto":  # planned where it runs, by its `roundhouse train`
+        from roundhouse.launch.checks import check_names
+
+        check_names(job)
+    else:
+        check_runnable(job, local=False)
     submission = build_submission(
         job, Path(args.job), args.overrides, Path(args.working_dir), os.environ, args.env
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from roundhouse.config import JobSpec
 from roundhouse.trainer import prepare_run
@@ -11,9 +12,16 @@ logger = logging.getLogger(__name__)
 
 
 def train_with_ray(
-    job: JobSpec, resume: str | None = None, address: str | None = None
+    job: JobSpec,
+    resume: str | None = None,
+    address: str | None = None,
+    strategy_by_size: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Prepare the run folder here, then train on `cluster.num_workers` Ray workers."""
+    """Prepare the run folder here, then train on `cluster.num_workers` Ray workers.
+
+    `strategy_by_size`: for `strategy.kind: auto` on an elastic group, the strategy each world
+    size runs (see `roundhouse.launch.auto`).
+    """
     from roundhouse.cluster.ps import server_cpus
     from roundhouse.cluster.runtime import ray_runtime
     from roundhouse.cluster.workers import train_on_ray
@@ -21,4 +29,6 @@ def train_with_ray(
     prepared = prepare_run(job, resume)
     logger.info("run folder: %s", prepared.run_dir.url)
     with ray_runtime(job.cluster, address, extra_cpus=server_cpus(job)):
-        return train_on_ray(prepared, resume=resume is not None)
+        return train_on_ray(
+            prepared, resume=resume is not None, strategy_by_size=strategy_by_size or {}
+        )

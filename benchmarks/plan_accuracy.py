@@ -1,0 +1,263 @@
+"""How close `roundhouse plan` comes to what runs on this machine.
+
+1. Step time: for the quickstart CNN (resnet:debug on digits) and gpt:small, each of single
+   (1 worker), ring, ps (sync), DeepSpeed ZeRO-2, ZeRO-3 and 2 pipeline stages (2 workers)
+   trains a few steps through the real `run_worker` on gloo processes (1 thread each, as a
+   `cpus_per_worker: 1` Ray worker), and the median time between logged steps (the first two
+   dropped) is compared with the plan's `step s` for that row.
+   `RESULT step_<model>_<strategy> ours=<predicted s> baseline=<measured s>`.
+2. Peak memory: one process trains two steps of each model under torch.profiler's memory
+   accounting; the peak of live CPU memory (parameters built before, plus the profiler's
+   allocation events) is compared with the plan's `single` row total.
+   `RESULT peak_mem_<model> ours=<predicted MB> baseline=<measured MB>`.
+3. Model states against DeepSpeed's own estimators (bf16 + Adam, 8 GPUs, no offload) for
+   gpt:1.3b: `RESULT ds_zero2_states ...`, `RESULT ds_zero3_states ...`.
+4. Planning speed: `roundhouse plan` of gpt:1.3b over 1-64 H100s, wall time of the command
+   against the 30 s target.
+
+    python benchmarks/plan_accuracy.py [--steps 8] [--models cnn gpt_small]
+
+The machine is shared: step times move with other load; both sides of a ratio come from the
+same minute, and the plan's calibration is cached (delete ~/.cache/roundhouse to redo it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from roundhouse.launch.jobfile import validate_job
+from roundhouse.planner import build_plan
+from roundhouse.planner.calibrate import cache_path
+from roundhouse.planner.memory import zero_states
+from roundhouse.planner.target import JobModel
+from roundhouse.trainer import prepare_run, run_worker
+from tests.distributed.test_ring_training import node_context
+from tests.helpers.dist import run_distributed
+from tests.helpers.ps_store import connect_store, shard_manager
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 900
+STRATEGIES: list[tuple[str, int, dict[str, Any]]] = [
+    ("single", 1, {"kind": "single"}),
+    ("ring", 2, {"kind": "ring"}),
+    ("ps", 2, {"kind": "ps", "mode": "sync"}),
+    ("zero2", 2, {"kind": "deepspeed", "zero_stage": 2}),
+    ("zero3", 2, {"kind": "deepspeed", "zero_stage": 3}),
+    ("pipeline2", 2, {"kind": "deepspeed", "zero_stage": 1, "pipeline_stages": 2}),
+]
+
+
+def model_job(model: str, storage: Path, steps: int) -> dict[str, Any]:
+    """The job each strategy runs: only `strategy` and the run id change."""
+    if model == "cnn":
+        section = {"name": "resnet", "flavor": "debug"}
+        data = {"source": "builtin:digits", "batch_size": 64}
+        optimizer = {"name": "adam", "lr": 0.003}
+    else:  # pipeline stages cannot share the tied embedding: untie it for every strategy
+        section = {"name": "gpt", "flavor": "small", "options": {"tie_weights": False}}
+        data = {
+            "source": "builtin:pytext",
+            "batch_size": 8,
+            "options": {"seq_len": 64, "max_bytes": 300000},
+        }
+        optimizer = {"name": "adamw", "lr": 0.001}
+    return {
+        "name": f"plan_{model}",
+        "model": section,
+        "data": data,
+        "trainer": {
+            "max_steps": steps,
+            "log_every_steps": 1,
+            "device": "cpu",
+            "optimizer": optimizer,
+            "checkpoint": {"every_epoch": False, "keep_last": 1},
+        },
+        "cluster": {"num_workers": 2, "cpus_per_worker": 1},
+        "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
+        "storage": {"path": str(storage)},
+    }
+
+
+def train_rank(rank: int, world_size: int, job: dict, address: Any) -> None:
+    ctx = node_context(rank, world_size, world_size)
+    if address is not None:
+        ctx = type(ctx)(**{**ctx.__dict__, "parameter_store": connect_store(address, 4)})
+    run_worker(validate_job(job), ctx)
+
+
+def measure_step(job: dict[str, Any], workers: int) -> float:
+    """Median seconds between logged steps of a real run (first two steps dropped)."""
+    prepared = prepare_run(validate_job(job))
+    dumped = prepared.job.model_dump(mode="json")
+    if job["strategy"]["kind"] == "ps":
+        with shard_manager() as address:
+            run_distributed(train_rank, workers, TIMEOUT_S, dumped, address)
+    else:
+        run_distributed(train_rank, workers, TIMEOUT_S, dumped, None)
+    lines = (Path(prepared.run_dir.url) / "metrics.jsonl").read_text().splitlines()
+    times = [r["time"] for r in map(json.loads, lines) if "train/loss" in r]
+    gaps = [b - a for a, b in itertools.pairwise(times[2:])]
+    return statistics.median(gaps)
+
+
+def measured_peak(job: dict[str, Any]) -> float:
+    """Peak live CPU bytes of two training steps, by torch.profiler's memory accounting (its
+    memory timeline: tensors alive before the profile, then every allocation and free)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    from roundhouse.trainer.optim import build_optimizer
+
+    spec = validate_job({**job, "strategy": {"kind": "single"}})
+    jm = JobModel(spec)
+    torch.manual_seed(0)
+    model = jm.build()
+    optimizer = build_optimizer(model.parameters(), config=spec.trainer.optimizer)
+    batch = jm.batch(spec.data.batch_size, "cpu")
+    kwargs = {"profile_memory": True, "record_shapes": True, "with_stack": True}
+    with profile(activities=[ProfilerActivity.CPU], **kwargs) as prof:
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            loss = jm.task.loss(jm.task.forward(model, batch), batch)
+            loss.backward()
+            optimizer.step()
+            del loss
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action in (Action.PREEXISTING, Action.CREATE):
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
+def result(name: str, ours: float, baseline: float, unit: str) -> None:
+    print(
+        f"RESULT {name} ours={ours:.4g} baseline={baseline:.4g} "
+        f"ratio={ours / baseline:.3f} unit={unit}",
+        flush=True,
+    )
+
+
+def forget_step_calibration() -> None:
+    """Drop the cached model-step calibrations (the link's stays): the next plan re-measures."""
+    path = cache_path()
+    if path.exists():
+        table = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in table.items() if "/step/" not in k}))
+
+
+def predicted_rows(job: dict[str, Any]) -> dict[tuple[str, int], Any]:
+    plan = build_plan(validate_job({**job, "strategy": {"kind": "ring"}}), [1, 2], "cpu")
+    return {(r.candidate.label, r.candidate.workers): r for r in plan.rows}
+
+
+def step_results(model: str, steps: int, storage: Path) -> None:
+    """Each strategy's predicted step time, calibrated right before its run is measured (the
+    shared machine's load changes from minute to minute)."""
+    job = model_job(model, storage, steps)
+    single = predicted_rows(job)[("single", 1)]
+    result(f"peak_mem_{model}", single.memory.total / 1e6, measured_peak(job) / 1e6, "MB")
+    for label, workers, strategy in STRATEGIES:
+        forget_step_calibration()
+        predicted = predicted_rows(job)[(label, workers)].step_s
+        run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": label}}
+        measured = measure_step(run, workers)
+        result(f"step_{model}_{label}", predicted, measured, "s")
+
+
+def estimator_results() -> None:
+    """Model states of gpt:1.3b on 8 GPUs (bf16, Adam) against DeepSpeed's estimators."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from roundhouse.planner.target import job_profile
+
+    job = validate_job(
+        {**model_job("gpt_small", Path("."), 1), "model": {"name": "gpt", "flavor": "1.3b"}}
+    )
+    p = job_profile(JobModel(job))
+    for gpus in (8, 64):
+        _, ds2 = estimate_zero2_model_states_mem_needs(p.num_params, gpus, 1, cpu_offload=False)
+        ours2 = sum(
+            zero_states(
+                p.num_params, p.largest_layer_params, stage=2, dp=gpus, moments=2, bf16=True
+            )[:3]
+        )
+        result(f"ds_zero2_states_gpt1.3b_{gpus}gpus", ours2 / 1e9, ds2 / 1e9, "GB")
+        _, ds3, _ = estimate_zero3_model_states_mem_needs(
+            p.num_params, p.largest_layer_params, gpus, 1, cpu_offload=False
+        )
+        ours3 = sum(
+            zero_states(
+                p.num_params, p.largest_layer_params, stage=3, dp=gpus, moments=2, bf16=True
+            )[:3]
+        )
+        result(f"ds_zero3_states_gpt1.3b_{gpus}gpus", ours3 / 1e9, ds3 / 1e9, "GB")
+
+
+def speed_result() -> None:
+    """Wall time of the CLI planning gpt:1.3b over 1-64 H100s."""
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roundhouse.launch.cli",
+            "plan",
+            "configs/gpt_deepspeed.yaml",
+            "model.flavor=1.3b",
+            "trainer.precision=bf16",
+            "data.batch_size=512",
+            "--workers",
+            "1-64",
+            "--device",
+            "H100-80GB",
+            "--json",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    result("plan_seconds_gpt1.3b_1-64xH100", time.perf_counter() - start, 30.0, "s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--models", nargs="+", default=["cnn", "gpt_small"])
+    parser.add_argument("--skip-steps", action="store_true", help="only estimators and speed")
+    parser.add_argument("--skip-estimators", action="store_true", help="only the measured runs")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if not args.skip_estimators:
+        estimator_results()
+        speed_result()
+    if args.skip_steps:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        # Calibrate now, under the load the runs below will see (not from an older cache).
+        os.environ.setdefault("ROUNDHOUSE_CACHE_DIR", str(Path(tmp) / "cache"))
+        for model in args.models:
+            step_results(model, args.steps, Path(tmp) / model)
+
+
+if __name__ == "__main__":
+    main()

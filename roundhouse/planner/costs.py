@@ -1,0 +1,272 @@
+"""Memory and step time of one candidate: the formulas of `roundhouse plan`.
+
+Step time = compute + exposed communication. Compute is the calibrated (or FLOP-derived)
+forward + backward time of this rank's share of the model at the micro-batch, times the
+accumulation steps (a pipeline adds its fill-and-drain bubble), plus the optimizer step over
+the state this rank owns. Communication is each strategy's own exchange per optimizer step,
+per rank, over the link's `latency + bytes / bandwidth`:
+
+| strategy | bytes per rank and step |
+|---|---|
+| ring, ZeRO-0/1/2 | `2(N-1)/N x gradient bytes` (all-reduce, or reduce-scatter + all-gather) |
+| ZeRO-3 | `3(N-1)/N x parameter bytes` (gather in forward and backward, reduce-scatter), in
+  three collective calls per module that owns parameters |
+| ps (sync) | push gradients + pull parameters; the server's link carries all N workers |
+| pipeline | each micro-batch's boundary activation forward and its gradient back |
+| tensor parallel | 4 all-reduces of the layer's activations per layer and micro-batch |
+| expert parallel | 4 all-to-alls of the routed tokens per MoE layer and micro-batch |
+
+On a GPU, gradient exchange overlaps the backward pass (bucketed hooks, ZeRO's overlap_comm):
+only what does not fit under the backward (2/3 of compute) is exposed. On a CPU the same cores
+compute and communicate, so all of it is exposed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from roundhouse.planner.calibrate import LinkRate, StepRate
+from roundhouse.planner.candidates import Candidate
+from roundhouse.planner.memory import (
+    DS_REDUCE_BUCKET,
+    Memory,
+    activation_bytes,
+    optimizer_scratch,
+    plain_states,
+    tensor_parallel_activation_share,
+    zero_states,
+)
+from roundhouse.planner.trace import ModelProfile
+
+BACKWARD_SHARE = 2 / 3  # of a step's compute, the window gradient exchange can hide under
+
+
+@dataclass(frozen=True)
+class Target:
+    """The hardware a plan is for.
+
+    Attributes:
+        device: Name shown in the plan.
+        memory_bytes: Memory of one worker's device.
+        rate: Compute model: `rate(micro_batch)` -> StepRate for the whole model.
+        link: The collectives' link.
+        autocast_bf16: bf16 autocast on (activations in bf16, bf16 FLOP rate).
+        ds_bf16: DeepSpeed in bf16 mixed precision (bf16 parameters, fp32 master weights).
+        overlap: Whether gradient exchange overlaps the backward pass (GPUs).
+    """
+
+    device: str
+    memory_bytes: float
+    rate: Callable[[], StepRate]
+    link: LinkRate
+    autocast_bf16: bool = False
+    ds_bf16: bool = False
+    overlap: bool = False
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """The job values every candidate shares."""
+
+    global_batch: int
+    grad_accum_steps: int
+    optimizer_moments: int
+    ring_bucket_mb: float = 25.0
+    ps_servers: int = 1
+
+
+@dataclass
+class Row:
+    """One candidate's prediction."""
+
+    candidate: Candidate
+    micro_batch: float
+    memory: Memory
+    compute_s: float
+    comm_s: float
+    fits: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+    def samples_per_s(self, global_batch: int) -> float:
+        return global_batch / self.step_s if self.step_s > 0 else math.inf
+
+
+def collective_s(link: LinkRate, volume: float, calls: float, ranks: int) -> float:
+    """Time of `calls` collectives moving `volume` bytes per rank among `ranks` ranks."""
+    if ranks <= 1:
+        return 0.0
+    return calls * link.latency_s * (ranks - 1) + volume / link.bytes_per_s
+
+
+def local_params(c: Candidate, p: ModelProfile) -> float:
+    """Parameters one rank holds before ZeRO partitioning (its stage, tp shard, experts)."""
+    if c.pipeline_stages > 1:
+        return max(stage_sums([layer.num_params for layer in p.layers], c.pipeline_stages))
+    if c.tensor_parallel > 1:
+        f = p.tp_param_fraction
+        return p.num_params * ((1 - f) + f / c.tensor_parallel)
+    if c.expert_parallel > 1:
+        return p.num_params - p.expert_params + p.expert_params / c.expert_parallel
+    return float(p.num_params)
+
+
+def stage_sums(values: list[float], stages: int) -> list[float]:
+    """Sums of `values` split into `stages` contiguous parts of about equal sum (greedy)."""
+    target = sum(values) / stages
+    sums, current = [], 0.0
+    for i, v in enumerate(values):
+        left = len(values) - i
+        if (
+            current
+            and current + v / 2 > target
+            and len(sums) < stages - 1
+            and left >= stages - len(sums) - 1
+        ):
+            sums.append(current)
+            current = 0.0
+        current += v
+    sums.append(current)
+    return sums + [0.0] * (stages - len(sums))
+
+
+def stage_saved(p: ModelProfile, stages: int) -> float:
+    """Saved bytes per sample of the busiest pipeline stage (split by parameters, as DeepSpeed's
+    default `partition_method: parameters`)."""
+    return max(stage_sums([layer.saved_bytes for layer in p.layers], stages))
+
+
+def estimate_memory(
+    c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float
+) -> Memory:
+    """Per-rank memory of candidate `c` at micro-batch `micro`."""
+    n_local = local_params(c, p)
+    kind = c.strategy["kind"]
+    saved, largest = p.saved_bytes, p.largest_saved_bytes
+    if c.pipeline_stages > 1:
+        in_flight = min(c.pipeline_stages, job.grad_accum_steps)
+        saved, largest = stage_saved(p, c.pipeline_stages) * in_flight, 0.0
+    elif c.tensor_parallel > 1:
+        saved *= tensor_parallel_activation_share(c.tensor_parallel)
+    activations = activation_bytes(saved, largest, micro, t.autocast_bf16)
+    if kind != "deepspeed":
+        params, grads, optimizer = plain_states(n_local, job.optimizer_moments)
+        buffers = p.buffer_bytes + (
+            2 * job.ring_bucket_mb * 2**20 if kind == "ring" else 4 * n_local if kind == "ps" else 0
+        )
+        at_once = n_local if t.overlap else p.largest_layer_params  # foreach on GPUs only
+        scratch = optimizer_scratch(at_once, job.optimizer_moments)
+        return Memory(params, grads, optimizer, activations, buffers, scratch=scratch)
+    s = c.strategy
+    params, grads, optimizer, host = zero_states(
+        n_local,
+        p.largest_layer_params,
+        stage=s["zero_stage"],
+        dp=c.data_parallel,
+        moments=job.optimizer_moments,
+        bf16=t.ds_bf16,
+        offload_optimizer=s.get("offload_optimizer", "none") != "none",
+        offload_params=s.get("offload_params", "none") != "none",
+    )
+    buffers = p.buffer_bytes + zero_buffers(s["zero_stage"], n_local, t.ds_bf16)
+    offloaded = s.get("offload_optimizer", "none") != "none"
+    scratch = (
+        0.0 if offloaded else optimizer_scratch(n_local / c.data_parallel, job.optimizer_moments)
+    )
+    return Memory(params, grads, optimizer, activations, buffers, host, scratch)
+
+
+def zero_buffers(stage: int, n_local: float, bf16: bool) -> float:
+    """DeepSpeed's gradient staging bucket (ZeRO-1/2 allocate `reduce_bucket_size` elements)."""
+    if stage in (1, 2):
+        return DS_REDUCE_BUCKET * (2 if bf16 else 4)
+    return 0.0
+
+
+def compute_time(c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float) -> float:
+    """Forward + backward of this rank's share, over the accumulation steps, plus its optimizer."""
+    rate = t.rate()
+    share = local_params(c, p) / p.num_params
+    fwd_bwd = rate.fwd_bwd(micro)
+    if c.pipeline_stages > 1:
+        s = c.pipeline_stages
+        per_micro = fwd_bwd / s
+        compute = per_micro * (job.grad_accum_steps + s - 1)
+    elif c.tensor_parallel > 1:
+        compute = job.grad_accum_steps * fwd_bwd * share
+    else:
+        compute = job.grad_accum_steps * fwd_bwd
+    owned = share
+    if c.strategy["kind"] == "deepspeed" and c.strategy.get("zero_stage", 0) >= 1:
+        owned = share / c.data_parallel
+    optimizer = rate.optimizer_s * owned
+    if c.strategy.get("offload_optimizer", "none") != "none":
+        optimizer *= 3  # the host's Adam, plus gradients down and parameters up over PCIe
+    return compute + optimizer
+
+
+def comm_time(
+    c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float
+) -> tuple[float, float]:
+    """Seconds per step of this candidate's exchange before overlap: (gradient exchange, which
+    a GPU hides under the backward pass; model-parallel traffic on the critical path)."""
+    kind, link, n = c.strategy["kind"], t.link, c.data_parallel
+    grad_bytes = 4 * local_params(c, p)
+    if kind == "single":
+        return 0.0, 0.0
+    if kind == "ring":
+        buckets = math.ceil(grad_bytes / (job.ring_bucket_mb * 2**20))
+        return collective_s(link, 2 * (n - 1) / n * grad_bytes, 2 * buckets, n), 0.0
+    if kind == "ps":  # a sync pull waits for every push: nothing overlaps
+        server_bytes = n * 2 * grad_bytes / job.ps_servers  # every worker's push and pull
+        return 0.0, 2 * link.latency_s + server_bytes / link.bytes_per_s
+    return deepspeed_comm(c, p, t, job, micro)
+
+
+def deepspeed_comm(
+    c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float
+) -> tuple[float, float]:
+    """(ZeRO's data-parallel exchange, the model-parallel traffic of pipeline, tp and ep)."""
+    link, n, s = t.link, c.data_parallel, c.strategy
+    elem = 2 if t.ds_bf16 else 4
+    local = local_params(c, p)
+    buckets = max(1, math.ceil(local / DS_REDUCE_BUCKET))
+    if s.get("zero_stage", 0) == 3:  # per module: gather in forward and backward, reduce
+        calls = 3 * p.param_modules
+        dp = collective_s(link, 3 * (n - 1) / n * elem * local, calls, n)
+    else:  # per bucket: a reduce to each partition's owner, then one all-gather of parameters
+        dp = collective_s(link, 2 * (n - 1) / n * elem * local, (n + 1) * buckets, n)
+    act_elem = 2 if t.autocast_bf16 else 4
+    tokens = micro * p.tokens_per_sample
+    mp = 0.0
+    if c.pipeline_stages > 1:
+        boundary = max(layer.output_bytes for layer in p.layers[:-1]) * micro
+        mp = job.grad_accum_steps * 2 * (link.latency_s + boundary / link.bytes_per_s)
+    elif c.tensor_parallel > 1:
+        tp = c.tensor_parallel
+        per_layer = tokens * p.hidden_dim * act_elem
+        calls = 4 * max(1, len(p.layers) - 2) * job.grad_accum_steps
+        mp = collective_s(link, calls * 2 * (tp - 1) / tp * per_layer, calls, tp)
+    elif c.expert_parallel > 1:
+        ep = c.expert_parallel
+        per_layer = tokens * p.hidden_dim * act_elem
+        calls = 4 * max(1, len(p.layers) - 2) * job.grad_accum_steps
+        mp = collective_s(link, calls * (ep - 1) / ep * per_layer, calls, ep)
+    return dp, mp
+
+
+def evaluate(c: Candidate, p: ModelProfile, t: Target, job: JobShape) -> Row:
+    """The full prediction for candidate `c`."""
+    micro = job.global_batch / (c.data_parallel * job.grad_accum_steps)
+    memory = estimate_memory(c, p, t, job, micro)
+    compute = compute_time(c, p, t, job, micro)
+    hideable, critical = comm_time(c, p, t, job, micro)
+    if t.overlap:
+        hideable = max(hideable - BACKWARD_SHARE * compute, 0.0)
+    comm = hideable + critical
+    return Row(c, micro, memory, compute, comm, fits=memory.total <= t.memory_bytes)

@@ -1,0 +1,164 @@
+"""`build_plan`: every candidate at every worker count, predicted, ranked, one recommended.
+
+Rows that fit the device's memory rank first, then by samples/s (fastest first), then by
+memory. The recommendation is the first row; its reason is one line. When nothing fits,
+`suggest_fix` names what would: more workers, an offload, or a smaller micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from roundhouse.errors import RoundhouseError
+from roundhouse.planner.candidates import enumerate_candidates
+from roundhouse.planner.costs import JobShape, Row, Target, evaluate
+from roundhouse.planner.memory import optimizer_moments
+from roundhouse.planner.target import JobModel, build_target, job_profile
+from roundhouse.planner.trace import ModelProfile
+from roundhouse.config import JobSpec
+
+logger = logging.getLogger(__name__)
+
+GB = 1e9
+
+
+class PlanError(RoundhouseError):
+    """No strategy can run the job as asked (the message says what would)."""
+
+
+@dataclass
+class Plan:
+    """A ranked plan; `rows[0]` is the recommendation when `fits`."""
+
+    job: JobSpec
+    profile: ModelProfile
+    target: Target
+    shape: JobShape
+    rows: list[Row]
+    reason: str
+
+    @property
+    def best(self) -> Row:
+        return self.rows[0]
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.rows) and self.rows[0].fits
+
+
+def job_shape(job: JobSpec) -> JobShape:
+    opt = job.trainer.optimizer
+    strategy = job.strategy
+    return JobShape(
+        global_batch=job.data.batch_size,
+        grad_accum_steps=job.trainer.grad_accum_steps,
+        optimizer_moments=optimizer_moments(opt.name, opt.momentum),
+        ring_bucket_mb=getattr(strategy, "bucket_mb", 25.0),
+        ps_servers=getattr(strategy, "num_servers", 1),
+    )
+
+
+def evaluate_all(
+    profile: ModelProfile,
+    target: Target,
+    shape: JobShape,
+    workers: list[int],
+    kinds: tuple[str, ...] | None = None,
+) -> list[Row]:
+    """Every candidate row for every worker count (those the batch cannot be split for skipped)."""
+    rows = []
+    for n in workers:
+        for candidate in enumerate_candidates(n, profile, kinds):
+            if shape.global_batch < candidate.data_parallel * shape.grad_accum_steps:
+                continue
+            rows.append(evaluate(candidate, profile, target, shape))
+    return rank_rows(rows, shape)
+
+
+def rank_rows(rows: list[Row], shape: JobShape) -> list[Row]:
+    return sorted(
+        rows,
+        key=lambda r: (not r.fits, -r.samples_per_s(shape.global_batch), r.memory.total),
+    )
+
+
+def build_plan(
+    job: JobSpec,
+    workers: list[int],
+    device: str,
+    bandwidth: float | None = None,
+    kinds: tuple[str, ...] | None = None,
+) -> Plan:
+    """Plan `job` on `device` for each worker count in `workers`."""
+    jm = JobModel(job)
+    profile = job_profile(jm)
+    target = build_target(jm, profile, device, bandwidth, max(workers))
+    shape = job_shape(job)
+    rows = evaluate_all(profile, target, shape, workers, kinds)
+    plan = Plan(job, profile, target, shape, rows, "")
+    plan.reason = explain(plan)
+    return plan
+
+
+def explain(plan: Plan) -> str:
+    """One line: why the first row, or what would fit when nothing does."""
+    if not plan.rows:
+        return "no strategy can split this batch over these worker counts"
+    best = plan.best
+    if not best.fits:
+        return suggest_fix(plan)
+    fitting = [r for r in plan.rows if r.fits]
+    batch = plan.shape.global_batch
+    text = (
+        f"{best.candidate.label} on {best.candidate.workers} worker(s): fastest of "
+        f"{len(fitting)} fitting row(s), {best.samples_per_s(batch):,.1f} samples/s at "
+        f"{best.memory.total / GB:.2f} of {plan.target.memory_bytes / GB:.0f} GB"
+    )
+    if len(fitting) > 1:
+        runner = fitting[1]
+        ratio = runner.step_s / best.step_s if best.step_s else 1.0
+        other = f"{runner.candidate.label} on {runner.candidate.workers}"
+        if ratio < 1.005:
+            saved = (runner.memory.total - best.memory.total) / GB
+            text += f"; ties with {other} in step time and needs {saved:.2f} GB less"
+        else:
+            text += f"; the next, {other}, takes {ratio:.2f}x as long per step"
+    return text
+
+
+def suggest_fix(plan: Plan) -> str:
+    """What would fit: more workers, offload, or a smaller micro-batch (gradient accumulation)."""
+    shape, profile, target = plan.shape, plan.profile, plan.target
+    most = max(r.candidate.workers for r in plan.rows)
+    for n in (most * 2**k for k in range(1, 8)):
+        rows = [r for r in evaluate_all(profile, target, shape, [n]) if r.fits]
+        if rows:
+            return (
+                f"nothing fits {target.memory_bytes / GB:.0f} GB; {rows[0].candidate.label} "
+                f"fits on {n} workers (pass --workers {n})"
+            )
+    for accum in (2**k for k in range(1, 12)):
+        bigger = JobShape(**{**shape.__dict__, "grad_accum_steps": shape.grad_accum_steps * accum})
+        rows = [r for r in evaluate_all(profile, target, bigger, [most]) if r.fits]
+        if rows:
+            micro = rows[0].micro_batch
+            return (
+                f"nothing fits {target.memory_bytes / GB:.0f} GB; {rows[0].candidate.label} on "
+                f"{most} fits with a micro-batch of {micro:g} "
+                f"(set trainer.grad_accum_steps={bigger.grad_accum_steps})"
+            )
+    least = min(plan.rows, key=lambda r: r.memory.total)
+    return (
+        f"nothing fits {target.memory_bytes / GB:.0f} GB, not even "
+        f"{least.candidate.label} ({least.memory.total / GB:.1f} GB, offloaded): pick a "
+        "smaller model flavor or a device with more memory"
+    )
+
+
+def default_workers(job: JobSpec) -> list[int]:
+    """1, 2, 4, ... up to `cluster.num_workers`, and `num_workers` itself."""
+    top = job.cluster.num_workers
+    counts = [2**k for k in range(int(math.log2(top)) + 1)]
+    return sorted({*counts, top})

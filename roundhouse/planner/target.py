@@ -1,0 +1,190 @@
+"""From a job and `--device`/`--bandwidth` to what the planner computes with.
+
+`job_profile` traces the job's model on the meta device; `build_target` picks the compute rate
+(a calibrated step of the real model on this machine when it is small enough to build here, a
+matmul calibration otherwise, or an accelerator's peak FLOP/s from the table) and the link.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from roundhouse import models
+from roundhouse.errors import JobFileError
+from roundhouse.planner import calibrate
+from roundhouse.planner.calibrate import LinkRate, StepRate
+from roundhouse.planner.costs import Target
+from roundhouse.planner.devices import MFU, cpu_memory_bytes, get_accelerator
+from roundhouse.planner.memory import optimizer_moments
+from roundhouse.planner.trace import TRACE_BATCH, ModelProfile, make_batch, profile_model
+from roundhouse.config import JobSpec
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_BUDGET_S = 20.0  # a model whose calibration would take longer is rated by matmul
+NETWORK_LATENCY_S = 20e-6  # per collective step on a datacenter network (with --bandwidth)
+
+
+class JobModel:
+    """The job's model, task and data shapes, built once for tracing and calibration."""
+
+    def __init__(self, job: JobSpec) -> None:
+        from roundhouse.data import build_splits
+        from roundhouse.trainer.task import build_task
+
+        splits = build_splits(job.data, seed=job.trainer.seed)
+        self.job = job
+        self.input_shape = tuple(splits.info.input_shape)
+        self.num_classes = splits.info.num_classes
+        self.input_dtype = splits.input_dtype
+        self.spec = models.get(job.model.name)
+        self.task = build_task(self.spec.loss, job.trainer.loss)
+
+    def build(self) -> torch.nn.Module:
+        config = models.BuildConfig(
+            flavor=self.job.model.flavor,
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            options=self.job.model.options,
+        )
+        return models.build_model(self.job.model.name, config)
+
+    def batch(self, size: int, device: str) -> dict[str, torch.Tensor]:
+        meta = make_batch(
+            self.spec.loss, self.input_shape, self.input_dtype, size, self.num_classes
+        )
+        if device == "meta":
+            return meta
+        return {
+            k: (
+                torch.randn(v.shape, dtype=v.dtype)
+                if v.dtype.is_floating_point
+                else torch.randint(0, self.num_classes, v.shape)
+            ).to(device)
+            for k, v in meta.items()
+        }
+
+    def key(self) -> str:
+        m = self.job.model
+        return f"{m.name}:{m.flavor}:{sorted(m.options.items())}:{self.input_shape}"
+
+
+def job_profile(jm: JobModel) -> ModelProfile:
+    """Trace the job's model on the meta device (no weights allocated)."""
+    with torch.device("meta"):
+        model = jm.build()
+    from roundhouse.parallel.deepspeed.config import model_kwargs
+
+    return profile_model(
+        model,
+        jm.task,
+        jm.batch(TRACE_BATCH, "meta"),
+        jm.spec.pipeline_layers,
+        model_kwargs(jm.job),
+    )
+
+
+def make_step_fn(jm: JobModel, device: str) -> Callable[[int], tuple[Callable, Callable]]:
+    """`make_step(B)` for `calibrate.step_rate`: real forward+backward and optimizer steps."""
+    from roundhouse.trainer.optim import build_optimizer
+
+    model = jm.build().to(device)
+    optimizer = build_optimizer(model.parameters(), config=jm.job.trainer.optimizer)
+    dtype = torch.bfloat16 if device == "cuda" else None
+
+    def make_step(size: int) -> tuple[Callable, Callable]:
+        batch = jm.batch(size, device)
+
+        def fwd_bwd() -> None:
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = jm.task.loss(jm.task.forward(model, batch), batch)
+            loss.backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        return fwd_bwd, optimizer.step
+
+    return make_step
+
+
+def calibration_sizes(job: JobSpec, max_workers: int) -> tuple[int, int]:
+    """The largest and smallest micro-batch the plan uses (one worker, `max_workers`)."""
+    per_step = job.data.batch_size // job.trainer.grad_accum_steps
+    large = max(1, per_step)
+    small = max(1, per_step // max_workers)
+    return (small if small < large else max(1, large // 2)), large
+
+
+def local_rate(
+    jm: JobModel, profile: ModelProfile, device: str, threads: int, sizes: tuple[int, int]
+) -> StepRate:
+    """This machine's rate for the job's model: its own step if cheap enough, else matmul."""
+    matmul = calibrate.matmul_rate(threads)
+    expected_s = profile.step_flops * sum(sizes) * 8 / matmul
+    fits_here = profile.num_params * 16 < 0.25 * cpu_memory_bytes()
+    if device == "cuda" or (fits_here and expected_s < CALIBRATION_BUDGET_S):
+        key = f"{jm.key()}:{jm.job.trainer.optimizer.name}"
+        make_step = make_step_fn(jm, device)
+        return calibrate.step_rate(f"{device}/{key}", make_step, sizes, threads)
+    moments = optimizer_moments(jm.job.trainer.optimizer.name, jm.job.trainer.optimizer.momentum)
+    opt_bytes = 4 * (3 + 2 * moments) * profile.num_params
+    return StepRate(0.0, profile.step_flops / matmul, opt_bytes / calibrate.memory_rate(threads))
+
+
+def build_target(
+    jm: JobModel, profile: ModelProfile, device: str, bandwidth: float | None, max_workers: int
+) -> Target:
+    """The `Target` for `--device` (see the module doc)."""
+    job = jm.job
+    accelerator = get_accelerator(device)
+    bf16_asked = job.trainer.precision == "bf16"
+    if accelerator is None and device.lower() == "cuda" and not torch.cuda.is_available():
+        raise JobFileError(
+            "planning for device cuda needs a GPU on this machine",
+            "pass --device (or strategy.device) with an accelerator name such as H100-80GB",
+        )
+    if accelerator is None:
+        threads = max(1, int(job.cluster.cpus_per_worker))
+        sizes = calibration_sizes(job, max_workers)
+        rate = _memo(lambda: local_rate(jm, profile, device.lower(), threads, sizes))
+        link = LinkRate(NETWORK_LATENCY_S, bandwidth) if bandwidth else _local_link()
+        on_gpu = device.lower() == "cuda"
+        memory = torch.cuda.get_device_properties(0).total_memory if on_gpu else cpu_memory_bytes()
+        autocast = bf16_asked or (on_gpu and job.trainer.precision == "auto")
+        return Target(device, memory, rate, link, autocast, bf16_asked, overlap=on_gpu)
+    autocast = job.trainer.precision != "fp32"
+    peak = accelerator.peak_bf16 if autocast else accelerator.peak_fp32
+    moments = optimizer_moments(job.trainer.optimizer.name, job.trainer.optimizer.momentum)
+    opt_s = 4 * (3 + 2 * moments) * profile.num_params / accelerator.hbm_bytes_per_s
+    step = StepRate(0.0, profile.step_flops / (peak * MFU), opt_s)
+    link = LinkRate(NETWORK_LATENCY_S, bandwidth or accelerator.link_bytes_per_s)
+    return Target(
+        accelerator.name,
+        accelerator.memory_bytes,
+        lambda: step,
+        link,
+        autocast,
+        bf16_asked,
+        overlap=True,
+    )
+
+
+def _local_link() -> LinkRate:
+    from roundhouse.planner.linkcal import local_link
+
+    return local_link()
+
+
+def _memo(fn: Callable[[], Any]) -> Callable[[], Any]:
+    box: list[Any] = []
+
+    def call() -> Any:
+        if not box:
+            box.append(fn())
+        return box[0]
+
+    return call

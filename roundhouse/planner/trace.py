@@ -1,0 +1,234 @@
+"""A model's footprint from one trace on the meta device: no weights are allocated.
+
+`profile_model` builds the job's model under `torch.device("meta")`, runs one forward pass and
+the task's loss on a meta micro-batch with autograd on, and records
+
+- FLOPs with `torch.utils.flop_counter.FlopCounterMode` (forward; a training step's backward
+  costs twice the forward's matmul FLOPs, so a step is 3x forward);
+- activation memory as the bytes of the distinct storages autograd saves for backward
+  (`torch.autograd.graph.saved_tensors_hooks`), parameters excluded;
+- per pipeline layer (when the model has `pipeline_layers`): parameters, saved bytes and the
+  bytes of the activation it hands to the next layer (what a pipeline stage boundary sends).
+
+Meta tensors have shapes and storages but no data, so a 1.3B-parameter model is traced in
+seconds with no memory. Figures are per sample: FLOPs and activations are linear in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+logger = logging.getLogger(__name__)
+
+TRACE_BATCH = 2  # samples in the traced micro-batch (any size works: figures are per sample)
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One entry of the model's `pipeline_layers`, per sample where it scales with the batch."""
+
+    num_params: int
+    saved_bytes: float
+    output_bytes: float
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the planner knows about a model, from its trace.
+
+    Attributes:
+        num_params: Distinct parameters (tied weights counted once).
+        largest_layer_params: Parameters of the largest module (own parameters only), the
+            unit ZeRO-3 gathers at once (DeepSpeed's `largest_layer_params`).
+        buffer_bytes: Bytes of registered buffers (replicated on every rank).
+        fwd_flops: Forward FLOPs per sample.
+        saved_bytes: Bytes autograd saves for backward per sample, fp32.
+        largest_saved_bytes: The largest single saved tensor per sample: the scratch the
+            backward pass holds on top (its gradient) at the peak.
+        tp_param_fraction: Share of parameters tensor parallel splits (attention and MLP maps).
+        expert_params: Parameters inside MoE experts (split by expert parallel).
+        num_experts: Experts per MoE layer (0: not an MoE model).
+        layers: Per pipeline layer figures; empty when the model has no `pipeline_layers`.
+        tied_across_layers: Whether pipeline layers share a weight (gpt's tied embedding).
+        num_heads: Attention heads (tensor parallel must divide them); 0 when not a transformer.
+        tokens_per_sample: Sequence length for token models, else 1.
+        hidden_dim: Width C of a transformer (the activations TP and EP exchange), else 0.
+        param_modules: Modules owning parameters (ZeRO-3 gathers each one separately).
+    """
+
+    num_params: int
+    largest_layer_params: int
+    buffer_bytes: float
+    fwd_flops: float
+    saved_bytes: float
+    largest_saved_bytes: float
+    tp_param_fraction: float = 0.0
+    expert_params: int = 0
+    num_experts: int = 0
+    layers: list[LayerProfile] = field(default_factory=list)
+    tied_across_layers: bool = False
+    num_heads: int = 0
+    tokens_per_sample: int = 1
+    hidden_dim: int = 0
+    param_modules: int = 1
+
+    @property
+    def step_flops(self) -> float:
+        """Forward + backward FLOPs per sample."""
+        return 3 * self.fwd_flops
+
+
+class SavedTensorMeter:
+    """Sums distinct storages autograd saves, excluding `exclude` (the parameters)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.sizes: dict[int, int] = {}
+
+    def pack(self, tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self.exclude:
+            self.sizes[key] = storage.nbytes()
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    @property
+    def largest(self) -> int:
+        return max(self.sizes.values(), default=0)
+
+
+def largest_layer_params(model: nn.Module) -> int:
+    """Parameters of the largest module counting only its own (not its children's)."""
+    sizes = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
+    return max(sizes, default=0)
+
+
+def make_batch(
+    task_kind: str, input_shape: tuple[int, ...], dtype: torch.dtype, batch: int, num_classes: int
+) -> dict[str, Tensor]:
+    """A meta micro-batch the task's `forward` and `loss` accept."""
+    if dtype.is_floating_point:
+        inputs = torch.empty(batch, *input_shape, dtype=dtype, device="meta")
+    else:
+        inputs = torch.randint(0, num_classes, (batch, *input_shape), device="meta")
+    target_shape = (
+        (batch, *input_shape) if task_kind in ("language_model", "masked_lm") else (batch,)
+    )
+    target = torch.randint(0, num_classes, target_shape, device="meta")
+    return {"input": inputs, "target": target}
+
+
+def run_loss(task: Any, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The task's training loss on `batch`; the mean output where the task needs more keys."""
+    try:
+        return task.loss(task.forward(model, batch), batch)
+    except (KeyError, TypeError):
+        out = model(batch["input"])
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.float().mean()
+
+
+class LayerChain(nn.Module):
+    """`pipeline_layers` applied in sequence, recording each layer's saved and output bytes."""
+
+    def __init__(self, layers: list[nn.Module], meter: SavedTensorMeter) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.meter = meter
+        self.records: list[tuple[float, float]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            before = self.meter.total
+            x = layer(x)
+            out_bytes = x.numel() * x.element_size() if isinstance(x, Tensor) else 0
+            self.records.append((self.meter.total - before, out_bytes))
+        return x
+
+
+def layer_profiles(chain: LayerChain, batch_size: int) -> list[LayerProfile]:
+    """Per-sample `LayerProfile`s from a chain that ran once; a shared weight counts once."""
+    seen: set[int] = set()
+    profiles = []
+    for layer, (saved, out) in zip(chain.layers, chain.records, strict=True):
+        params = [p for p in layer.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        profiles.append(
+            LayerProfile(sum(p.numel() for p in params), saved / batch_size, out / batch_size)
+        )
+    return profiles
+
+
+def has_tied_layers(layers: list[nn.Module]) -> bool:
+    """Whether two pipeline layers share a parameter."""
+    owners: dict[int, int] = {}
+    for index, layer in enumerate(layers):
+        for p in layer.parameters():
+            if owners.setdefault(id(p), index) != index:
+                return True
+    return False
+
+
+TP_NAMES = (".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj.", ".attn.out_proj.", ".fc1.", ".fc2.")
+
+
+def split_fractions(model: nn.Module) -> tuple[float, int]:
+    """(share of parameters tensor parallel splits, parameters inside experts)."""
+    total = tp = experts = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        dotted = f".{name}"
+        tp += p.numel() if any(key in dotted for key in TP_NAMES) else 0
+        experts += p.numel() if ".experts." in dotted else 0
+    return (tp / total if total else 0.0), experts
+
+
+def profile_model(
+    model: nn.Module,
+    task: Any,
+    batch: dict[str, Tensor],
+    pipeline_layers: Any = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> ModelProfile:
+    """Trace `model` (built on the meta device) for one micro-batch; see the module doc."""
+    kwargs = model_kwargs or {}
+    meter = SavedTensorMeter({p.untyped_storage()._cdata for p in model.parameters()})
+    layers = list(pipeline_layers(model)) if pipeline_layers is not None else []
+    traced = LayerChain(layers, meter) if layers else model
+    num = batch["input"].shape[0]
+    with (
+        FlopCounterMode(display=False) as counter,
+        torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t),
+    ):
+        run_loss(task, traced, batch)
+    tp_fraction, expert_params = split_fractions(model)
+    input_shape = tuple(batch["input"].shape[1:])
+    return ModelProfile(
+        num_params=sum(p.numel() for p in model.parameters()),
+        largest_layer_params=largest_layer_params(model),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        fwd_flops=counter.get_total_flops() / num,
+        saved_bytes=meter.total / num,
+        largest_saved_bytes=meter.largest / num,
+        tp_param_fraction=tp_fraction,
+        expert_params=expert_params,
+        num_experts=int(kwargs.get("num_experts", 0) or 0),
+        layers=layer_profiles(traced, num) if layers else [],
+        tied_across_layers=has_tied_layers(layers),
+        num_heads=int(kwargs.get("num_heads", 0)) if tp_fraction else 0,
+        tokens_per_sample=input_shape[0] if len(input_shape) == 1 else 1,
+        hidden_dim=int(kwargs.get("dim", 0)) if tp_fraction else 0,
+        param_modules=sum(
+            1 for m in model.modules() if next(m.parameters(False), None) is not None
+        ),
+    )

@@ -1,0 +1,252 @@
+"""`roundhouse plan`: its formulas, the meta-device trace, `strategy.kind: auto`, bad input.
+
+Plans here target a table accelerator (H100-80GB) with a given bandwidth, so nothing is
+calibrated; the calibrated CPU path is exercised by benchmarks/plan_accuracy.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from roundhouse.errors import JobFileError
+from roundhouse.launch.auto import resolve_auto
+from roundhouse.launch.cli import main
+from roundhouse.launch.jobfile import validate_job
+from roundhouse.planner import build_plan
+from roundhouse.planner.calibrate import LinkRate, StepRate
+from roundhouse.planner.candidates import Candidate
+from roundhouse.planner.costs import JobShape, Target, comm_time, evaluate
+from roundhouse.planner.devices import get_accelerator, parse_bandwidth
+from roundhouse.planner.memory import zero_states
+from roundhouse.planner.target import JobModel, job_profile
+from roundhouse.planner.trace import ModelProfile
+
+GB = 1e9
+
+
+def job_dict(model: dict | None = None, strategy: dict | None = None, **sections) -> dict:
+    data = {
+        "name": "plan",
+        "model": model or {"name": "mlp"},
+        "data": {"source": "builtin:digits", "batch_size": 64},
+        "trainer": {"max_steps": 2, "optimizer": {"name": "adam"}},
+        "strategy": strategy or {"kind": "ring"},
+        "cluster": {"num_workers": 4},
+        "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
+    }
+    data.update(sections)
+    return data
+
+
+def profile(num_params: int = 1_000_000) -> ModelProfile:
+    return ModelProfile(num_params, num_params // 10, 0.0, 1e6, 1e5, 1e4)
+
+
+def target(bandwidth: float = 1e9, latency: float = 0.0, overlap: bool = False) -> Target:
+    step = StepRate(0.0, 1e-3, 1e-3)
+    return Target("test", 80 * GB, lambda: step, LinkRate(latency, bandwidth), overlap=overlap)
+
+
+SHAPE = JobShape(global_batch=64, grad_accum_steps=1, optimizer_moments=2, ring_bucket_mb=1e6)
+
+
+@pytest.mark.parametrize("workers", [2, 4, 8])
+def test_ring_moves_2_n_minus_1_over_n_of_the_gradients(workers: int) -> None:
+    p = profile()
+    ring = Candidate("ring", workers, {"kind": "ring"})
+    seconds = sum(comm_time(ring, p, target(bandwidth=1e9), SHAPE, micro=8))
+    assert seconds == pytest.approx(2 * (workers - 1) / workers * 4 * p.num_params / 1e9)
+
+
+def test_zero3_moves_one_and_a_half_times_a_ring_and_ps_scales_with_workers() -> None:
+    p, t = profile(), target()
+    ring = sum(comm_time(Candidate("ring", 4, {"kind": "ring"}), p, t, SHAPE, 16))
+    z3 = Candidate("z3", 4, {"kind": "deepspeed", "zero_stage": 3})
+    zero3 = sum(comm_time(z3, p, t, SHAPE, 16))
+    assert zero3 == pytest.approx(1.5 * ring)
+    ps2 = sum(comm_time(Candidate("ps", 2, {"kind": "ps"}), p, t, SHAPE, 32))
+    ps8 = sum(comm_time(Candidate("ps", 8, {"kind": "ps"}), p, t, SHAPE, 8))
+    assert ps8 == pytest.approx(4 * ps2)  # the server's link carries every worker
+
+
+def test_overlap_hides_exchange_under_the_backward_pass_on_gpus() -> None:
+    p, ring = profile(), Candidate("ring", 8, {"kind": "ring"})
+    exposed = evaluate(ring, p, target(bandwidth=1e12, overlap=True), SHAPE).comm_s
+    assert exposed == 0.0
+    assert evaluate(ring, p, target(bandwidth=1e12), SHAPE).comm_s > 0
+
+
+@pytest.mark.parametrize("gpus", [1, 8, 64])
+def test_zero_model_states_equal_deepspeeds_estimators(gpus: int) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    params, largest = 1_300_000_000, 50_000_000
+    common = {"dp": gpus, "moments": 2, "bf16": True}
+    for offload in (False, True):
+        _, ds = estimate_zero2_model_states_mem_needs(params, gpus, 1, cpu_offload=offload)
+        ours = zero_states(params, largest, stage=2, offload_optimizer=offload, **common)
+        assert sum(ours[:3]) == pytest.approx(ds, rel=0.01)
+    for offload, offload_params in ((False, False), (True, False), (True, True)):
+        _, ds, _ = estimate_zero3_model_states_mem_needs(
+            params, largest, gpus, 1, cpu_offload=offload, cpu_offload_params=offload_params
+        )
+        ours = zero_states(
+            params,
+            largest,
+            stage=3,
+            offload_optimizer=offload,
+            offload_params=offload_params,
+            **common,
+        )
+        assert sum(ours[:3]) == pytest.approx(ds, rel=0.01)
+
+
+def test_a_1_3b_model_is_traced_on_the_meta_device_without_allocating() -> None:
+    job = validate_job(
+        job_dict(
+            {"name": "gpt", "flavor": "1.3b"},
+            data={
+                "source": "builtin:pytext",
+                "batch_size": 8,
+                "options": {"seq_len": 64, "max_bytes": 100000},
+            },
+        )
+    )
+    before = psutil.Process().memory_info().rss
+    p = job_profile(JobModel(job))
+    grown = psutil.Process().memory_info().rss - before
+    assert 1.2e9 < p.num_params < 1.25e9  # 4.8 GB of fp32 weights had they been allocated
+    assert grown < 0.5e9
+    # forward FLOPs per sample: about 2 x params x tokens (the GPT formula), plus attention
+    assert p.fwd_flops == pytest.approx(2 * p.num_params * 64, rel=0.1)
+    assert p.saved_bytes > 0 and p.tp_param_fraction > 0.9 and p.num_heads == 16
+    assert len(p.layers) == 26 and p.tied_across_layers  # embed, 24 blocks, head; tied
+
+
+def plan_job(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "job.yaml"
+    data = job_dict({"name": "gpt", "flavor": "debug"}, **changes)
+    data["data"] = {
+        "source": "builtin:pytext",
+        "batch_size": 16,
+        "options": {"seq_len": 32, "max_bytes": 50000},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_cli_plan_json_ranks_rows_and_recommends_one(tmp_path: Path, capsys) -> None:
+    code = main(
+        [
+            "plan",
+            str(plan_job(tmp_path)),
+            "--device",
+            "H100-80GB",
+            "--workers",
+            "1,2,4",
+            "--bandwidth",
+            "25GB/s",
+            "--json",
+        ]
+    )
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    labels = {(r["label"], r["workers"]) for r in plan["rows"]}
+    assert {("single", 1), ("ring", 2), ("ps", 4), ("zero3", 4), ("tp4", 4)} <= labels
+    assert ("pipeline2", 2) not in labels  # gpt ties its embedding to its head
+    speeds = [r["samples_per_s"] for r in plan["rows"] if r["fits"]]
+    assert speeds == sorted(speeds, reverse=True)
+    assert plan["recommended"] == plan["rows"][0] and plan["reason"]
+    assert plan["link"]["bytes_per_s"] == 25e9
+
+
+def test_a_job_nothing_fits_prints_the_table_and_what_would_fit(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "big.yaml"
+    data = job_dict({"name": "gpt", "flavor": "124m"})
+    data["data"] = {
+        "source": "builtin:pytext",
+        "batch_size": 8192,
+        "options": {"seq_len": 128, "max_bytes": 50000},
+    }
+    path.write_text(yaml.safe_dump(data))
+    code = main(["plan", str(path), "--device", "L4", "--workers", "1"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "single" in out and "NO" in out
+    assert err.startswith("error: nothing fits 24 GB") and ("workers" in err or "accum" in err)
+
+
+def test_unknown_device_lists_the_known_ones(tmp_path: Path, capsys) -> None:
+    assert main(["plan", str(plan_job(tmp_path)), "--device", "H1000"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --device 'H1000'" in err and "H100-80GB" in err and "L4" in err
+    with pytest.raises(JobFileError, match="known devices"):
+        get_accelerator("TPUv9")
+
+
+def test_bandwidth_units() -> None:
+    assert parse_bandwidth("25GB/s") == 25e9
+    assert parse_bandwidth("100Gb/s") == 12.5e9
+    with pytest.raises(JobFileError, match="bandwidth"):
+        parse_bandwidth("fast")
+
+
+AUTO = {"kind": "auto", "device": "H100-80GB", "bandwidth": "25GB/s"}
+
+
+def test_auto_resolves_to_the_plans_choice_before_launch() -> None:
+    job = validate_job(job_dict(strategy=AUTO))
+    resolved, by_size = resolve_auto(job, local=False)
+    plan = build_plan(job, [4], "H100-80GB", 25e9)
+    expected = validate_job(job_dict(strategy=plan.best.candidate.strategy)).strategy
+    assert resolved.strategy == expected
+    assert by_size == {4: plan.best.candidate.strategy}
+
+
+def test_auto_with_candidates_and_an_elastic_group_plans_each_size() -> None:
+    job = validate_job(
+        job_dict(
+            strategy={**AUTO, "candidates": ["ring"]}, cluster={"num_workers": 4, "min_workers": 2}
+        )
+    )
+    resolved, by_size = resolve_auto(job, local=False)
+    assert resolved.strategy.kind == "ring"
+    assert sorted(by_size) == [2, 3, 4] and all(s["kind"] == "ring" for s in by_size.values())
+    job = validate_job(
+        job_dict(
+            strategy={**AUTO, "candidates": ["ps", "ring", "deepspeed"]},
+            cluster={"num_workers": 4, "min_workers": 1},
+        )
+    )
+    _, by_size = resolve_auto(job, local=False)
+    assert sorted(by_size) == [1, 2, 3, 4]
+    if by_size[4]["kind"] != "ps":  # a shrunken group cannot start parameter servers
+        assert all(s["kind"] != "ps" for s in by_size.values())
+    unchanged, empty = resolve_auto(validate_job(job_dict()), local=False)
+    assert unchanged.strategy.kind == "ring" and empty == {}
+
+
+def test_auto_that_nothing_fits_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "auto.yaml"
+    data = job_dict(
+        {"name": "gpt", "flavor": "124m"},
+        strategy={**AUTO, "device": "L4"},
+        cluster={"num_workers": 1},
+    )
+    data["data"] = {
+        "source": "builtin:pytext",
+        "batch_size": 8192,
+        "options": {"seq_len": 128, "max_bytes": 50000},
+    }
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: strategy.kind=auto: nothing fits 24 GB")
