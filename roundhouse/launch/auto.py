@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.config import AutoStrategyConfig, JobSpec
+from roundhouse.launch.jobfile import validate_job
 
 logger = logging.getLogger(__name__)
 

@@ -154,11 +154,9 @@ def estimate_memory(
     elif c.tensor_parallel > 1:
         saved *= tensor_parallel_activation_share(c.tensor_parallel)
     activations = activation_bytes(saved, largest, micro, t.autocast_bf16)
-    if kind != "deepspeed":
+    if "zero_stage" not in c.strategy:  # no ZeRO: every rank holds whole states
         params, grads, optimizer = plain_states(n_local, job.optimizer_moments)
-        buffers = p.buffer_bytes + (
-            2 * job.ring_bucket_mb * 2**20 if kind == "ring" else 4 * n_local if kind == "ps" else 0
-        )
+        buffers = p.buffer_bytes + EXCHANGE_BUFFERS.get(kind, no_buffers)(job, n_local)
         at_once = n_local if t.overlap else p.largest_layer_params  # foreach on GPUs only
         scratch = optimizer_scratch(at_once, job.optimizer_moments)
         return Memory(params, grads, optimizer, activations, buffers, scratch=scratch)
@@ -202,7 +200,7 @@ def compute_time(c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro:
     else:
         compute = job.grad_accum_steps * fwd_bwd
     owned = share
-    if c.strategy["kind"] == "deepspeed" and c.strategy.get("zero_stage", 0) >= 1:
+    if c.strategy.get("zero_stage", 0) >= 1:
         owned = share / c.data_parallel
     optimizer = rate.optimizer_s * owned
     if c.strategy.get("offload_optimizer", "none") != "none":
@@ -215,17 +213,32 @@ def comm_time(
 ) -> tuple[float, float]:
     """Seconds per step of this candidate's exchange before overlap: (gradient exchange, which
     a GPU hides under the backward pass; model-parallel traffic on the critical path)."""
-    kind, link, n = c.strategy["kind"], t.link, c.data_parallel
-    grad_bytes = 4 * local_params(c, p)
-    if kind == "single":
-        return 0.0, 0.0
-    if kind == "ring":
-        buckets = math.ceil(grad_bytes / (job.ring_bucket_mb * 2**20))
-        return collective_s(link, 2 * (n - 1) / n * grad_bytes, 2 * buckets, n), 0.0
-    if kind == "ps":  # a sync pull waits for every push: nothing overlaps
-        server_bytes = n * 2 * grad_bytes / job.ps_servers  # every worker's push and pull
-        return 0.0, 2 * link.latency_s + server_bytes / link.bytes_per_s
-    return deepspeed_comm(c, p, t, job, micro)
+    return EXCHANGE_TIME[c.strategy["kind"]](c, p, t, job, micro)
+
+
+def single_comm(
+    c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float
+) -> tuple[float, float]:
+    """One device exchanges nothing."""
+    return 0.0, 0.0
+
+
+def ring_comm(
+    c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float
+) -> tuple[float, float]:
+    """The ring all-reduce moves 2(N-1)/N of the gradient bytes, in buckets it can overlap."""
+    n, grad_bytes = c.data_parallel, 4 * local_params(c, p)
+    buckets = math.ceil(grad_bytes / (job.ring_bucket_mb * 2**20))
+    return collective_s(t.link, 2 * (n - 1) / n * grad_bytes, 2 * buckets, n), 0.0
+
+
+def ps_comm(
+    c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float
+) -> tuple[float, float]:
+    """Every worker pushes and pulls through the servers; a sync pull waits for every push."""
+    n, grad_bytes = c.data_parallel, 4 * local_params(c, p)
+    server_bytes = n * 2 * grad_bytes / job.ps_servers
+    return 0.0, 2 * t.link.latency_s + server_bytes / t.link.bytes_per_s
 
 
 def deepspeed_comm(
@@ -270,3 +283,21 @@ def evaluate(c: Candidate, p: ModelProfile, t: Target, job: JobShape) -> Row:
         hideable = max(hideable - BACKWARD_SHARE * compute, 0.0)
     comm = hideable + critical
     return Row(c, micro, memory, compute, comm, fits=memory.total <= t.memory_bytes)
+
+
+def no_buffers(job: JobShape, n_local: float) -> float:
+    """A strategy without exchange buffers of its own."""
+    return 0.0
+
+
+# Per strategy kind: what its exchange costs (a new strategy adds one entry to each table).
+EXCHANGE_TIME = {
+    "single": single_comm,
+    "ring": ring_comm,
+    "ps": ps_comm,
+    "deepspeed": deepspeed_comm,
+}
+EXCHANGE_BUFFERS = {
+    "ring": lambda job, n_local: 2 * job.ring_bucket_mb * 2**20,  # a bucket in flight, one filling
+    "ps": lambda job, n_local: 4 * n_local,  # the pulled parameters' staging copy
+}

@@ -11,13 +11,13 @@ import logging
 import math
 from dataclasses import dataclass
 
+from roundhouse.config import JobSpec
 from roundhouse.errors import RoundhouseError
 from roundhouse.planner.candidates import enumerate_candidates
 from roundhouse.planner.costs import JobShape, Row, Target, evaluate
 from roundhouse.planner.memory import optimizer_moments
 from roundhouse.planner.target import JobModel, build_target, job_profile
 from roundhouse.planner.trace import ModelProfile
-from roundhouse.config import JobSpec
 
 logger = logging.getLogger(__name__)
 

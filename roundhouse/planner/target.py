@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from roundhouse import models
+from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError
 from roundhouse.planner import calibrate
 from roundhouse.planner.calibrate import LinkRate, StepRate
@@ -21,7 +22,6 @@ from roundhouse.planner.costs import Target
 from roundhouse.planner.devices import MFU, cpu_memory_bytes, get_accelerator
 from roundhouse.planner.memory import optimizer_moments
 from roundhouse.planner.trace import TRACE_BATCH, ModelProfile, make_batch, profile_model
-from roundhouse.config import JobSpec
 
 logger = logging.getLogger(__name__)
 
