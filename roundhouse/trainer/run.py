@@ -21,6 +21,7 @@ from roundhouse.data import build_splits
 from roundhouse.errors import CheckpointError
 from roundhouse.spec import JobSpec
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
+from roundhouse.trainer.compile import apply_compile
 from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.loop import Trainer, build_train_loader, compute_total_steps
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
@@ -224,6 +225,7 @@ def build_trainer(
     total = compute_total_steps(job, len(loader))
     plan = build_plan(job, task, ctx.device, steps_per_epoch=len(loader), total_steps=total)
     strategy.setup(model, plan)
+    apply_compile(strategy, job.trainer.compile, job.trainer.compile_mode)
     tracker = Tracker(
         job,
         checkpointer.run_dir,
