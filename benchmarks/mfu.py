@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from roundhouse import models
 from roundhouse.launch.jobfile import validate_job
@@ -71,12 +72,13 @@ def make_job(storage: str, args: argparse.Namespace, **overrides: Any) -> dict[s
     seq_len, batch = SHAPES[args.flavor]
     seq_len, batch = args.seq_len or seq_len, args.batch or batch
     tokens = (args.steps + 4) * batch * (seq_len + 1)
+    options = {k: yaml.safe_load(v) for k, v in args.options}
     strategy: dict[str, Any] = {"kind": args.strategy}
     if args.strategy == "deepspeed":
         strategy["zero_stage"] = args.zero_stage
     job = {
         "name": "mfu",
-        "model": {"name": "gpt", "flavor": args.flavor, "options": dict(args.options)},
+        "model": {"name": "gpt", "flavor": args.flavor, "options": options},
         "data": {
             "source": "builtin:pytext",
             "options": {"seq_len": seq_len, "max_bytes": max(2_000_000, int(tokens * 1.3))},
@@ -154,7 +156,10 @@ def model_flops_per_sample(args: argparse.Namespace) -> float:
     """Training FLOPs of one sample: 3 x the model's forward `flops_per_sample`."""
     seq_len = args.seq_len or SHAPES[args.flavor][0]
     config = models.BuildConfig(
-        args.flavor, input_shape=(seq_len,), num_classes=VOCAB, options=dict(args.options)
+        args.flavor,
+        input_shape=(seq_len,),
+        num_classes=VOCAB,
+        options={k: yaml.safe_load(v) for k, v in args.options},
     )
     return 3.0 * models.get("gpt").flops_per_sample(config)
 
