@@ -28,14 +28,14 @@ fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 
-step gpu-tests 200 "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o addopts=""
+step gpu-tests 220 "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o addopts=""
 if [ "$gpus" -ge 2 ]; then
     step allreduce-nccl 60 "$PY" benchmarks/allreduce.py --backend nccl --worlds 2 --reps 3 \
         --sizes-mb 4 64 256
 else
     echo "=== allreduce-nccl: skipped (needs 2+ GPUs, found $gpus)"
 fi
-step mfu-124m 90 "$PY" benchmarks/mfu.py --flavor 124m --device cuda --precision bf16 \
+step mfu-124m 80 "$PY" benchmarks/mfu.py --flavor 124m --device cuda --precision bf16 \
     --steps 30 --window 5
 step mfu-1.3b-zero2 150 "$PY" benchmarks/mfu.py --flavor 1.3b --device cuda --precision bf16 \
     --strategy deepspeed --zero-stage 2 --steps 20 --window 4
