@@ -20,6 +20,7 @@ from roundhouse.spec import JobSpec
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
 from roundhouse.trainer.context import WorkerContext
 from roundhouse.trainer.strategies import StepStats, Strategy
+from roundhouse.trainer.strategies.base import move_to
 from roundhouse.trainer.task import Task
 from roundhouse.trainer.tracking import Tracker
 
@@ -238,6 +239,7 @@ class Trainer:
         self.strategy.train_mode(False)
         sums: dict[str, Any] = {}
         for batch in loader:
+            batch = move_to(batch, self.ctx.device)  # the task's sums read the targets too
             outputs = self.strategy.forward(batch)
             for key, value in self.task.eval_sums(outputs, batch).items():
                 sums[key] = sums.get(key, 0) + value.detach().cpu()
