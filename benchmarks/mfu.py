@@ -92,6 +92,7 @@ def make_job(storage: str, args: argparse.Namespace, **overrides: Any) -> dict[s
             "device": args.device,
             "precision": args.precision,
             "compile": args.compile,
+            "deterministic": False,  # speed as trained, not bit-exact reruns
             "checkpoint": {"every_epoch": False, "keep_last": 1},
             "optimizer": {"name": "adamw", "lr": 3e-4},
         },
