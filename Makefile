@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_SILENT ?= true
 
-.PHONY: demo test test-fast bench lint format clean venv
+.PHONY: demo test test-fast bench lint format clean venv gpu-check
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+# On a CUDA machine, with any python that has torch (no .venv): `make gpu-check PY=python3`.
+gpu-check:
+	scripts/gpu_check.sh $(or $(PY),$(BIN)/python)
 
 lint: $(STAMP)
 	$(BIN)/ruff check roundhouse tests benchmarks

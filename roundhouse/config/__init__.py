@@ -140,6 +140,12 @@ class TrainerConfig(Section):
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
     )
     deterministic: bool = Field(True, description="Deterministic kernels (bit-exact on CPU).")
+    compile: bool = Field(
+        False, description="torch.compile the model (DeepSpeed: the engine's own compile)."
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode, with compile: true."
+    )
     grad_accum_steps: PositiveInt = 1
     grad_clip_norm: PositiveFloat | None = None
     skip_nonfinite_steps: bool = Field(
@@ -347,6 +353,16 @@ class JobSpec(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _compile_needs_no_pipeline(self) -> JobSpec:
+        stages = getattr(self.strategy, "pipeline_stages", 1)
+        if self.trainer.compile and stages > 1:
+            raise ValueError(
+                f"trainer.compile=true does not work with strategy.pipeline_stages={stages} "
+                "(the pipeline engine runs the layers itself): set trainer.compile=false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _resolve_data_assignment(self) -> JobSpec:

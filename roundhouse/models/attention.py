@@ -8,14 +8,18 @@ memory-efficient attention on a GPU.
 
 RoPE (S3:1663-1691) rotates each pair of dimensions `(2i, 2i+1)` of q and k (never v) by the
 angle `m * theta_i`, `theta_i = base^(-2i/d)` (RoFormer). A rotation keeps norms, and rotating q
-by `m * theta` and k by `n * theta` makes `q . k` depend on `m - n` only. Angles are computed per
-call, so a model trained on T tokens still runs (extrapolates) on longer inputs.
+by `m * theta` and k by `n * theta` makes `q . k` depend on `m - n` only. The angle tables are
+computed once per device/dtype for the longest length seen (`RopeTables`) and sliced, so a model
+trained on T tokens still runs (extrapolates) on longer inputs. The rotation is
+`x * cos + swap_pairs(x) * signed_sin` in the input's dtype: three elementwise passes instead of
+the split/stack of the textbook form, which cost gpt:small 30% of its throughput on a CPU.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +51,70 @@ def rope_angles(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotates pairs `(x[..., 2i], x[..., 2i+1])` of `x` `(B, H, T, D)` by the given angles."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)  # (B, H, T, D)
+    """Rotates pairs `(x[..., 2i], x[..., 2i+1])` of `x` `(B, H, T, D)` by the given angles.
+
+    `cos`/`sin` are `(T, D/2)` (from `rope_angles`) or already `(T, D)` with each angle repeated
+    for its pair and the sign of the pair's first component folded into `sin` (from
+    `RopeTables`). Differentiable in `x` only (the angles are constants).
+    """
+    if cos.shape[-1] * 2 == x.shape[-1]:
+        cos, sin = expand_angles(cos, sin)
+    return RotatePairs.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`x * cos + swap_pairs(x) * sin` with `(T, D)` tables: one multiply, one swap, one FMA."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return (x * cos).addcmul_(swapped, sin)
+
+
+class RotatePairs(torch.autograd.Function):
+    """RoPE's rotation with a hand-written backward: the gradient of a rotation by `theta` is
+    the rotation of the incoming gradient by `-theta`, so backward is the same three passes
+    (autograd's own graph of the forward costs six, plus the accumulation of two branches).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return rotate_pairs(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return rotate_pairs(grad, cos, -sin), None, None
+
+
+def expand_angles(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """`(T, D/2)` angles -> `(T, D)`: each repeated for its pair, `sin` signed `(-s, +s)`."""
+    signed = torch.stack((-sin, sin), dim=-1).flatten(-2)  # (T, D)
+    return cos.repeat_interleave(2, dim=-1), signed
+
+
+class RopeTables:
+    """`(T, D)` cos/sin tables (see `expand_angles`), cached per device and dtype.
+
+    Computed once for the longest length seen so far (doubling), then sliced: a training step
+    no longer recomputes them in every layer. Kept out of `state_dict` (a plain attribute, not a
+    buffer), so checkpoints are unchanged.
+    """
+
+    def __init__(self, head_dim: int, base: float = ROPE_BASE) -> None:
+        self.head_dim, self.base = head_dim, base
+        self.tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def get(self, length: int, offset: int, device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Tables for positions `offset .. offset + length - 1`, each `(length, D)`."""
+        key = (torch.device(device), dtype)
+        cached = self.tables.get(key)
+        end = offset + length
+        if cached is None or cached[0].shape[0] < end:
+            size = max(end, 2 * cached[0].shape[0] if cached is not None else end)
+            cos, sin = rope_angles(size, self.head_dim, base=self.base, device=device)
+            cos, sin = expand_angles(cos, sin)
+            cached = (cos.to(dtype), sin.to(dtype))
+            self.tables[key] = cached
+        return cached[0][offset:end], cached[1][offset:end]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -131,14 +194,24 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=bias)
         self.v_proj = nn.Linear(dim, dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.rope_tables = RopeTables(self.head_dim) if rope else None
 
-    def project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-head q from `x`, k and v from `context` (or `x`): each `(B, H, T, D)`."""
+    def project(
+        self, x: Tensor, context: Tensor | None, angles: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head q from `x`, k and v from `context` (or `x`): each `(B, H, T, D)`.
+
+        With `angles` (`(T, D)` RoPE tables), q and k are rotated while still in the maps'
+        contiguous `(B, T, H, D)` layout, which is faster than rotating the transposed heads.
+        """
         source = x if context is None else context
-        q = split_heads(self.q_proj(x), self.num_heads)
-        k = split_heads(self.k_proj(source), self.num_heads)
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, -1))  # (B, T, H, D)
+        k = self.k_proj(source).unflatten(-1, (self.num_heads, -1))
+        if angles is not None:
+            cos, sin = angles[0][:, None], angles[1][:, None]  # (T, 1, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = split_heads(self.v_proj(source), self.num_heads)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     def forward(
         self,
@@ -162,11 +235,11 @@ class MultiHeadAttention(nn.Module):
         Returns:
             `(B, T, C)`.
         """
-        q, k, v = self.project(x, context)  # (B, H, T, D), (B, H, S, D) x2
         past = 0 if cache is None else cache.length
-        if self.rope:
-            cos, sin = rope_angles(q.shape[2], self.head_dim, offset=past, device=x.device)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        angles = None
+        if self.rope_tables is not None:
+            angles = self.rope_tables.get(x.shape[1], past, x.device, x.dtype)
+        q, k, v = self.project(x, context, angles)  # (B, H, T, D), (B, H, S, D) x2
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, H, past + T, D)
         mask = self.build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, x.device)

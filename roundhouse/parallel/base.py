@@ -190,6 +190,12 @@ class Strategy(ABC):
         rank trains on its fixed share of each global step."""
         return None
 
+    def compile(self, mode: str) -> None:
+        """`trainer.compile`: torch.compile the set-up model in place (see trainer/compile.py)."""
+        from roundhouse.trainer.compile import compile_module
+
+        compile_module(self.model, mode)
+
     def close(self) -> None:
         """Release resources (process groups, actors)."""
 

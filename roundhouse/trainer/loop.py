@@ -18,7 +18,7 @@ from roundhouse.config import JobSpec
 from roundhouse.config.topology import Topology, compute_total_steps
 from roundhouse.data import Splits, StepLoader
 from roundhouse.errors import CheckpointError, TrainingError
-from roundhouse.parallel.base import StepStats, Strategy
+from roundhouse.parallel.base import StepStats, Strategy, move_to
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
@@ -245,6 +245,7 @@ class Trainer:
         self.strategy.train_mode(False)
         sums: dict[str, Any] = {}
         for batch in loader:
+            batch = move_to(batch, self.ctx.device)  # the task's sums read the targets too
             outputs = self.strategy.forward(batch)
             for key, value in self.task.eval_sums(outputs, batch).items():
                 sums[key] = sums.get(key, 0) + value.detach().cpu()

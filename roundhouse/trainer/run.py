@@ -27,6 +27,7 @@ from roundhouse.parallel.registry import build_strategy
 from roundhouse.runs.rundir import RunDir, job_folder, new_run_id, run_dir_of
 from roundhouse.runs.tracking import Tracker, redact_secrets
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
+from roundhouse.trainer.compile import apply_compile
 from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import Task, build_task
@@ -216,6 +217,7 @@ def build_trainer(
     total = compute_total_steps(job, len(loader))
     plan = build_plan(job, task, ctx.device, steps_per_epoch=len(loader), total_steps=total)
     strategy.setup(model, plan)
+    apply_compile(strategy, job.trainer.compile, job.trainer.compile_mode)
     tracker = Tracker(
         job,
         checkpointer.run_dir,

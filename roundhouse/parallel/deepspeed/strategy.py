@@ -18,7 +18,7 @@ at any data-parallel size for every ZeRO stage.
 
 The workers' default process group (Ray Train, the test helper) comes first; DeepSpeed's
 communication layer wraps it. With one worker and no process group (`--local`) the strategy
-creates a one-rank gloo group on 127.0.0.1 and destroys it in `close()`.
+creates a one-rank group (gloo; nccl on CUDA) on 127.0.0.1 and destroys it in `close()`.
 
 `import deepspeed` happens only inside this module's functions: `import roundhouse` never
 imports it.
@@ -182,6 +182,11 @@ class DeepSpeedStrategy(Strategy):
             dist_init_required=False,
         )
         return engine
+
+    def compile(self, mode: str) -> None:
+        from roundhouse.trainer.compile import compile_engine
+
+        compile_engine(self.engine, mode)
 
     # --- training ---------------------------------------------------------------------------
 
@@ -373,8 +378,9 @@ def init_deepspeed_dist(ctx: WorkerContext) -> bool:
                 "torch.distributed process group is initialized in this worker",
                 "start workers through roundhouse (Ray) or call dist.init_process_group first",
             )
+        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
         )
         created = True
     env = {
