@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError
+from roundhouse.parallel.compile import compile_module
 from roundhouse.parallel.context import WorkerContext
 
 if TYPE_CHECKING:  # the loop's task; parallel/ never imports trainer/
@@ -191,8 +192,7 @@ class Strategy(ABC):
         return None
 
     def compile(self, mode: str) -> None:
-        """`trainer.compile`: torch.compile the set-up model in place (see trainer/compile.py)."""
-        from roundhouse.trainer.compile import compile_module
+        """`trainer.compile`: torch.compile the set-up model in place (see parallel/compile.py)."""
 
         compile_module(self.model, mode)
 

@@ -22,12 +22,12 @@ from roundhouse.config.topology import compute_total_steps
 from roundhouse.data import build_splits
 from roundhouse.errors import CheckpointError
 from roundhouse.parallel.base import TrainPlan
+from roundhouse.parallel.compile import apply_compile
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.registry import build_strategy
 from roundhouse.runs.rundir import RunDir, job_folder, new_run_id, run_dir_of
 from roundhouse.runs.tracking import Tracker, redact_secrets
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
-from roundhouse.trainer.compile import apply_compile
 from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import Task, build_task

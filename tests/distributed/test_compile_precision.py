@@ -51,7 +51,7 @@ def single(tmp_path: Path, run_id: str, **overrides: Any) -> dict[str, torch.Ten
 def test_compiled_single_matches_eager_and_resumes_from_its_checkpoint(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="roundhouse.trainer.compile")
+    caplog.set_level(logging.INFO, logger="roundhouse.parallel.compile")
     eager = single(tmp_path, "eager")
     half = make_job(tmp_path, "compiled", trainer__compile=True, trainer__max_steps=4)
     half["strategy"] = {"kind": "single"}

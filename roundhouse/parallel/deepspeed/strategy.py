@@ -38,6 +38,7 @@ from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
 from roundhouse.config.topology import Topology
 from roundhouse.errors import TrainingError
 from roundhouse.parallel.base import StepStats, Strategy, TrainPlan, move_to
+from roundhouse.parallel.compile import compile_engine
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.deepspeed.config import (
     EngineOptions,
@@ -184,8 +185,7 @@ class DeepSpeedStrategy(Strategy):
         return engine
 
     def compile(self, mode: str) -> None:
-        from roundhouse.trainer.compile import compile_engine
-
+        """`trainer.compile`: DeepSpeed's own `engine.compile()`."""
         compile_engine(self.engine, mode)
 
     # --- training ---------------------------------------------------------------------------
