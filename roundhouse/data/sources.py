@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from roundhouse.errors import DataError
 from roundhouse.spec import DataConfig
 
+from .folds import rotate_fold
 from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
 from .transforms import Transform, augment_batch
 
@@ -316,6 +317,8 @@ def build_splits(config: DataConfig, seed: int) -> Splits:
     else:
         sizes = _split_sizes(inputs.shape[0], config.split)
         order = torch.randperm(inputs.shape[0], generator=seeded_generator(seed, SPLIT_STREAM))
+    if config.fold is not None:  # k-fold cross-validation: a rotating val split
+        sizes, order = rotate_fold(order, sizes, config.fold)
     parts = torch.split(order, sizes)
     datasets = [ArrayDataset(inputs[part], loaded.targets[part]) for part in parts]
     info = DataInfo(

@@ -35,6 +35,9 @@ EXIT_USER_ERROR = 2
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument(
+        "--verbose", action="store_true", help="show Ray's own notices and every worker line"
+    )
     parser = argparse.ArgumentParser(
         prog="roundhouse",
         description="Distributed training: one job file, everywhere.",
@@ -170,6 +173,13 @@ def configure_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def quiet_ray(verbose: bool) -> None:
+    """Ray's own notices to its log file unless `verbose` (imports no ray)."""
+    from roundhouse.cluster.quiet import set_verbose
+
+    set_verbose(verbose)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `roundhouse` console script; returns the exit code."""
     parser = build_parser()
@@ -185,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.debug)
+    quiet_ray(args.verbose or args.debug)
     try:
         return COMMANDS[args.command](args)
     except RoundhouseError as exc:

@@ -19,6 +19,7 @@ import yaml
 from roundhouse import models
 from roundhouse.data import build_splits
 from roundhouse.errors import CheckpointError
+from roundhouse.runs.status import RunStatus
 from roundhouse.spec import JobSpec
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
 from roundhouse.trainer.context import WorkerContext
@@ -197,16 +198,19 @@ def run_worker(
     if resume and resume_step is None:
         resume_step = checkpointer.latest_step()
     trainer = build_trainer(job, ctx, checkpointer, resume_step if resume else None)
+    status = RunStatus(run_dir, enabled=ctx.is_main, world_size=ctx.world_size)
     try:
         if resume:
             trainer.restore(resume_step)
         metrics = trainer.fit()
-    except BaseException:
+    except BaseException as exc:
         trainer.tracker.close(failed=True)
+        status.end(exc)
         raise
     finally:
         trainer.strategy.close()
     trainer.tracker.close()
+    status.end()
     return metrics
 
 
