@@ -75,6 +75,9 @@ def write_hidden(lines: list[str]) -> None:
 
 def _filtered(handler: Callable[[dict], None]) -> Callable[[dict], None]:
     def emit(data: dict) -> None:
+        if data.get("pid") == "autoscaler":  # Ray shows only its events; keep that
+            handler(data)
+            return
         lines = data.get("lines", [])
         shown = [line for line in lines if is_shown(line)]
         prefix = f"({data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')})"

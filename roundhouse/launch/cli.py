@@ -9,6 +9,8 @@
     roundhouse submit JOB.yaml --address http://HEAD:8265 [key.sub=value ...] [--wait]
     roundhouse jobs list|status ID|logs ID [--follow]|stop ID [--address URL]
     roundhouse ckpt export RUN --to model.safetensors [--step N]
+    roundhouse tune JOB.yaml --search KEY=EXPR ... [--samples N --scheduler asha|fifo ...]
+    roundhouse runs list [STORAGE] [--name JOB] | compare RUN RUN ... | plot RUN ... --out F
 
 User mistakes print one line, `error: <what> (<how to fix>)`, and exit 2; `--debug` adds the
 traceback. Heavy imports (torch, the trainer) happen inside the commands so `--help` is fast.
@@ -22,12 +24,18 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from roundhouse.errors import JobFileError, RoundhouseError
 from roundhouse.launch.cli_ckpt import add_ckpt_parser, cmd_ckpt
 from roundhouse.launch.cli_data import add_data_parser, cmd_data
 from roundhouse.launch.cli_jobs import add_jobs_parser, add_submit_parser, cmd_jobs, cmd_submit
+from roundhouse.launch.cli_runs import add_runs_parser, cmd_runs
 from roundhouse.launch.cli_sample import add_sample_parser, cmd_sample
+from roundhouse.launch.cli_tune import add_tune_parser, cmd_tune
+
+if TYPE_CHECKING:
+    from roundhouse.spec import JobSpec
 
 EXIT_USER_ERROR = 2
 
@@ -51,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_parser(commands, common)
     add_jobs_parser(commands, common)
     add_ckpt_parser(commands, common)
+    add_tune_parser(commands, common)
+    add_runs_parser(commands, common)
     commands.add_parser("schema", parents=[common], help="print the JSON schema of job files")
     return parser
 
@@ -70,6 +80,9 @@ def add_train_parser(commands: argparse._SubParsersAction, common: argparse.Argu
     )
     train.add_argument(
         "--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded cluster)"
+    )
+    train.add_argument(
+        "--folds", type=int, metavar="K", help="k-fold cross-validation: K runs, mean ± std"
     )
 
 
@@ -100,6 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(line)
         return 0
     check_runnable(job, local=args.local)
+    if args.folds is not None:
+        return train_folds_and_report(job, args)
     if args.local:
         from roundhouse.launch.local import train_local
 
@@ -113,6 +128,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))
         )
     )
+    return 0
+
+
+def train_folds_and_report(job: JobSpec, args: argparse.Namespace) -> int:
+    """`--folds K`: K runs on rotating validation folds; print mean ± std per metric."""
+    from roundhouse.launch.folds import train_folds
+
+    summary = train_folds(job, args.folds, local=args.local, address=args.address)
+    for name, (mean, std) in summary.items():
+        print(f"{name} {mean:.4f} ± {std:.4f} over {args.folds} folds")
     return 0
 
 
@@ -160,6 +185,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": cmd_submit,
     "jobs": cmd_jobs,
     "ckpt": cmd_ckpt,
+    "tune": cmd_tune,
+    "runs": cmd_runs,
 }
 
 
@@ -188,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if (
         extra
-        and args.command in ("train", "submit")
+        and args.command in ("train", "submit", "tune")
         and all("=" in e and not e.startswith("-") for e in extra)
     ):
         args.overrides += extra

@@ -120,7 +120,7 @@ def check_searcher(searcher: str, params: list[SearchParam]) -> None:
         bad = [p.key for p in params if p.kind not in ("grid", "choice")]
         if bad:
             raise SearchError(
-                f"--searcher grid cannot enumerate {bad[0]} ({FIX.split('KEY=')[1]})",
+                f"--searcher grid cannot enumerate {bad[0]} (a continuous range)",
                 "use grid(...) or choice(...) values, or --searcher random",
             )
     if searcher == "bayes" and any(p.kind == "grid" for p in params):
