@@ -19,12 +19,14 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from roundhouse.cluster.progress import MetricsTail
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.spec import JobSpec
+from roundhouse.trainer.run import run_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +86,12 @@ def build_param_space(plan: SweepPlan) -> dict[str, Any]:
 
 
 def build_searcher(plan: SweepPlan) -> Any:
-    """None (Tune's random/grid variant generator) or Optuna's Bayesian (TPE) searcher."""
+    """Tune's random/grid variant generator (seeded by `trainer.seed`, so a sweep and its
+    rerun sample the same trials) or Optuna's Bayesian (TPE) searcher."""
     if plan.searcher != "bayes":
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=plan.job.trainer.seed)
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
@@ -247,7 +252,7 @@ def prepare_trial(job: JobSpec) -> tuple[Any, bool]:
     """The trial's run folder: resumed from its latest checkpoint when it has one."""
     from roundhouse.trainer import PreparedRun, prepare_run
     from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST
-    from roundhouse.trainer.run import run_dir_of, write_job_yaml
+    from roundhouse.trainer.run import write_job_yaml
 
     run_dir = run_dir_of(job)
     if run_dir.exists(CHECKPOINTS, LATEST):
@@ -265,6 +270,9 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
 
     configure_worker_logging()
     job = trial_job(plan, config, tune.get_context().get_trial_id())
+    if already_finished(job):  # a resumed sweep whose state missed this trial's end
+        report_evaluations(MetricsTail(run_dir_of(job)), plan["metric"], lambda: False)
+        return
     prepared, resume = prepare_trial(job)
     if resume:
         logger.warning("trial %s resumes from its latest checkpoint", job.storage.run_id)
@@ -278,19 +286,32 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
 
     thread = threading.Thread(target=train, name="roundhouse-trial", daemon=True)
     thread.start()
-    report_evaluations(MetricsTail(prepared.run_dir), plan["metric"], thread)
+    report_evaluations(MetricsTail(prepared.run_dir), plan["metric"], thread.is_alive)
     if "error" in outcome:
         raise outcome["error"]
 
 
-def report_evaluations(tail: MetricsTail, metric: str, thread: threading.Thread) -> None:
-    """`tune.report` each row holding `metric`; the test metrics go with a last report."""
+def already_finished(job: JobSpec) -> bool:
+    """Whether the trial's run folder says it trained to the end."""
+    import json
+
+    from roundhouse.runs.status import FINISHED, STATUS_FILE
+
+    run_dir = run_dir_of(job)
+    if not run_dir.exists(STATUS_FILE):
+        return False
+    return json.loads(run_dir.read_text(STATUS_FILE)).get("status") == FINISHED
+
+
+def report_evaluations(tail: MetricsTail, metric: str, running: Callable[[], bool]) -> None:
+    """`tune.report` each row holding `metric` while `running()` and then the rest; the test
+    metrics go with a last report."""
     from ray import tune
 
     latest: dict[str, float] = {}
     unreported = False
     while True:
-        done = not thread.is_alive()
+        done = not running()
         for row in tail.read_new():
             latest.update({k: v for k, v in row.items() if "/" in k and _is_number(v)})
             latest["step"] = row.get("step", 0)
@@ -312,7 +333,8 @@ def _is_number(value: Any) -> bool:
 
 def sweep_env() -> dict[str, str]:
     """Environment for Tune: one pending trial at a time (the rest queue in Tune)."""
-    return {"TUNE_MAX_PENDING_TRIALS_PG": "1"}
+    # Tune's experiment state (what `--resume` restores) saved every 2 s, not every >= 10 s.
+    return {"TUNE_MAX_PENDING_TRIALS_PG": "1", "TUNE_GLOBAL_CHECKPOINT_S": "2"}
 
 
 def apply_sweep_env() -> None:

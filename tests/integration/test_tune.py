@@ -90,8 +90,17 @@ def trial_status(sweep: Path) -> dict[str, dict]:
 def test_three_trial_sweep_writes_table_best_job_and_trial_runs(cluster, tmp_path) -> None:
     job = write_job(tmp_path)
     code, out, err = finish(
-        start_tune(cluster, job, *SEARCH, "--searcher", "grid", "--scheduler", "fifo",
-                   "--metric", "val/accuracy")
+        start_tune(
+            cluster,
+            job,
+            *SEARCH,
+            "--searcher",
+            "grid",
+            "--scheduler",
+            "fifo",
+            "--metric",
+            "val/accuracy",
+        )
     )
     assert code == 0, err[-3000:]
     sweeps = list((tmp_path / "runs" / "sweep").glob("tune-*"))
@@ -138,7 +147,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(cluster, tmp_pat
     sweep = next((tmp_path / "runs" / "sweep").glob("tune-*"))
     done_before = {t: s for t, s in trial_status(sweep).items() if s["status"] == "finished"}
 
-    code, out, err = finish(start_tune(cluster, job, *args, "--resume"))
+    code, _, err = finish(start_tune(cluster, job, *args, "--resume"))
     assert code == 0, err[-3000:]
     after = trial_status(sweep)
     assert len(after) == 3 and {s["status"] for s in after.values()} == {"finished"}
