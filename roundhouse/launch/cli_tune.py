@@ -150,6 +150,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with ray_runtime(job.cluster, args.address, extra_cpus=server_cpus(job) + 1):
         results = run_sweep(plan, resume=args.resume is not None)
     rows = summarize(results, plan)
+    check_some_trial_ran(results, rows)
     for line in format_table(rows, plan):
         print(line)
     best = write_outcome(rows, plan)
@@ -190,6 +191,16 @@ def summarize(results: Any, plan: Any) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda r: _rank_key(r, plan.mode))
     return rows
+
+
+def check_some_trial_ran(results: Any, rows: list[dict[str, Any]]) -> None:
+    """Every trial failing is the job's fault, not a search result: say why, exit 2."""
+    from roundhouse.cluster.workers import unwrap_worker_error
+
+    if not rows or any(r["status"] != "error" for r in rows):
+        return
+    error = next(r.error for r in results if r.error)
+    raise unwrap_worker_error(error) from error
 
 
 def _rank_key(row: dict[str, Any], mode: str) -> float:
