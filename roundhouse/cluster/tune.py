@@ -200,7 +200,8 @@ class SweepMonitor:
         self._thread = threading.Thread(target=self._run, name="roundhouse-sweep", daemon=True)
 
     def __enter__(self) -> SweepMonitor:
-        self.seen = set(self.ended())  # trials finished before a --resume
+        # Trials that ended before a --resume (not the interrupted ones: they go on).
+        self.seen = {k for k, r in self.ended().items() if r.status != "killed"}
         self._thread.start()
         return self
 
@@ -215,7 +216,7 @@ class SweepMonitor:
             runs = [read_run(u) for u in find_run_urls(self.plan.sweep_url)]
         except Exception:
             return {}
-        return {r.run_id: r for r in runs if r.status in ("finished", "failed")}
+        return {r.run_id: r for r in runs if r.status in ("finished", "failed", "killed")}
 
     def _run(self) -> None:
         while not self._stop.wait(5.0):
@@ -227,7 +228,7 @@ class SweepMonitor:
                     logger.info(
                         "trial %s %s after %d steps: best %s %s",
                         run_id,
-                        run.status,
+                        "stopped" if run.status == "killed" else run.status,  # by the scheduler
                         run.steps,
                         self.plan.metric,
                         shown,
