@@ -48,6 +48,7 @@ def run(args: list[str]) -> tuple[float, str]:
     if result.returncode != 0:
         sys.exit(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
     print(f"{' '.join(args[1:3])} ... {elapsed:.0f} s", flush=True)
+    print(result.stdout, flush=True)  # the sweep's results table
     return elapsed, result.stdout
 
 
@@ -69,7 +70,7 @@ def sweep(storage: Path, scheduler: str) -> tuple[float, Path]:
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rh-tune-bench-") as tmp:
-        storage = Path(tmp)
+        storage = Path(os.environ.get("TUNE_BENCH_STORAGE", tmp))
         run([ROUNDHOUSE, "train", str(JOB), *overrides(storage / "default")])
         default = next((storage / "default" / "quickstart").iterdir())
         asha_s, asha_best = sweep(storage / "asha", "asha")

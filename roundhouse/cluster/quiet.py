@@ -29,7 +29,12 @@ ACTIONABLE = re.compile(
     r"^(WARNING|ERROR|CRITICAL)\b|\bTraceback\b|\b\w*(Error|Exception)\b|^\[[^\]]* [EF] \d+ \d+\]"
 )
 # ... unless it is one of Ray's own notices about itself.
-NOISE = re.compile(r"PreemptionWatcher|constructor arguments in the object store")
+NOISE = re.compile(
+    r"PreemptionWatcher|constructor arguments in the object store"
+    r"|Failed to send resource request"  # Ray Train under CPU load: "safe to ignore"
+)
+# Lines that continue the record before them (a traceback's body and last line).
+CONTINUATION = re.compile(r"^(\s|Traceback\b|[\w.]+(Error|Exception)\b)")
 # Worker-side format: the level first, so that the driver can tell warnings from chatter.
 WORKER_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -64,6 +69,17 @@ def is_shown(line: str) -> bool:
     return bool(ACTIONABLE.search(line)) and not NOISE.search(line)
 
 
+def shown_lines(lines: list[str]) -> list[str]:
+    """The lines of a batch to show: `is_shown` ones, except tracebacks that follow a noise
+    line (Ray logs its own harmless retries with their tracebacks)."""
+    shown, in_noise = [], False
+    for line in lines:
+        in_noise = bool(NOISE.search(line)) or (in_noise and bool(CONTINUATION.match(line)))
+        if not in_noise and is_shown(line):
+            shown.append(line)
+    return shown
+
+
 def write_hidden(lines: list[str]) -> None:
     """Append lines to the hidden-lines log file (when known)."""
     path = _state["path"]
@@ -79,7 +95,7 @@ def _filtered(handler: Callable[[dict], None]) -> Callable[[dict], None]:
             handler(data)
             return
         lines = data.get("lines", [])
-        shown = [line for line in lines if is_shown(line)]
+        shown = shown_lines(lines)
         prefix = f"({data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')})"
         write_hidden([f"{prefix} {line}" for line in lines if line not in shown])
         if shown:

@@ -32,3 +32,19 @@ def test_ray_notices_and_routine_lines_are_hidden(line: str) -> None:
 @pytest.mark.parametrize("line", SHOWN)
 def test_warnings_errors_and_tracebacks_are_shown(line: str) -> None:
     assert is_shown(line)
+
+
+def test_a_noise_lines_traceback_is_hidden_but_a_later_error_is_shown() -> None:
+    from roundhouse.cluster.quiet import shown_lines
+
+    batch = [
+        "Requesting resources: {'CPU': 1.0} * 2",
+        "Failed to send resource request for train-28e4. It's safe to ignore this error.",
+        "Traceback (most recent call last):",
+        '  File "ray/train/v2/autoscaling_coordinator_client.py", line 58, in send',
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+        "WARNING roundhouse.trainer.loop: skipping step 5: loss is nan",
+        "Traceback (most recent call last):",
+        "ValueError: bad shape",
+    ]
+    assert shown_lines(batch) == batch[5:]
