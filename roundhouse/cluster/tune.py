@@ -91,7 +91,10 @@ def build_searcher(plan: SweepPlan) -> Any:
     if plan.searcher != "bayes":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=plan.job.trainer.seed)
+        # Tune ignores `max_concurrent_trials` for a generator passed in: it queues itself.
+        return BasicVariantGenerator(
+            random_state=plan.job.trainer.seed, max_concurrent=concurrent_trials(plan.job)
+        )
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
@@ -101,6 +104,7 @@ def build_searcher(plan: SweepPlan) -> Any:
             "pip install optuna (or roundhouse[bayes])",
         ) from None
     return OptunaSearch(metric=plan.metric, mode=plan.mode, seed=plan.job.trainer.seed)
+    # (a `Searcher`: Tune wraps it in a ConcurrencyLimiter of `max_concurrent_trials`)
 
 
 def build_scheduler(plan: SweepPlan) -> Any:
