@@ -115,6 +115,10 @@ def test_three_trial_sweep_writes_table_best_job_and_trial_runs(cluster, tmp_pat
         assert resolved["storage"]["run_id"] == f"{sweep.name}/{trial}"
         lrs.add(resolved["trainer"]["optimizer"]["lr"])
     assert lrs == {0.0003, 0.003, 0.03}
+    # 3 CPUs, 1-CPU trials and 1 CPU kept for the trials' drivers: 2 at a time, 1 queued
+    spans = [(s["started"], s["time"]) for s in statuses.values()]
+    overlapping = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert overlapping <= 2
     table = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in statuses]
     assert len(table) == 3
     best = yaml.safe_load((sweep / "best.yaml").read_text())
