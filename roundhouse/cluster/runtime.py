@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Iterator
 
+from roundhouse.cluster.quiet import install_console_filter
 from roundhouse.config import ClusterConfig
 from roundhouse.errors import RoundhouseError
 
@@ -83,6 +84,7 @@ def start_embedded(resources: dict[str, float]) -> None:
         _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES},
         **resources,
     )
+    install_console_filter()
 
 
 @contextlib.contextmanager
@@ -123,6 +125,7 @@ def connect(address: str) -> None:
     try:
         with loopback_addresses_kept(address):
             ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+        install_console_filter()
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         raise unreachable(address, str(exc).splitlines()[0]) from None
 

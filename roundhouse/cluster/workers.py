@@ -21,6 +21,7 @@ from roundhouse.cluster.capacity import wait_for_capacity, worker_resources
 from roundhouse.cluster.progress import RunMonitor
 from roundhouse.cluster.ps import CONFIG_KEY as PS_CONFIG_KEY
 from roundhouse.cluster.ps import attach_parameter_store, servers_stopped_at_exit, start_servers
+from roundhouse.cluster.quiet import configure_worker_logging
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.cluster.topology import describe_rank, write_rank_record
 from roundhouse.config import ClusterConfig, JobSpec
@@ -221,6 +222,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def worker_main(config: dict[str, Any]) -> None:
     """Entry point on every Ray worker (run again by Ray on every restart of the group)."""
     os.environ.update(config["env"])
+    configure_worker_logging()  # levels on the lines, for the driver's quiet console
     import ray
     import ray.train
     import torch

@@ -139,6 +139,11 @@ class DataConfig(Section):
     split: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
         (0.8, 0.1, 0.1), description="Train/val/test fractions of the source (seeded)."
     )
+    fold: tuple[NonNegInt, Annotated[int, Field(ge=2)]] | None = Field(
+        None,
+        description="k-fold cross-validation, [index, folds]: fold `index` of the train+val "
+        "samples validates, the rest trains (`roundhouse train --folds K` sets it).",
+    )
     batch_size: PositiveInt = Field(64, description="Global samples per optimizer step.")
     eval_batch_size: PositiveInt = Field(256, description="Samples per evaluation batch.")
     shuffle: bool = True
@@ -177,6 +182,8 @@ class DataConfig(Section):
                 f"data.source ({self.source}) and data.train ({self.train.url}) exclude each "
                 "other: remove one (data.train streams a prepared dataset)"
             )
+        if self.fold is not None and (self.train is not None or self.fold[0] >= self.fold[1]):
+            raise ValueError(f"data.fold={list(self.fold)} needs in-memory data and index < folds")
         if self.train is None:
             streamed = [k for k in ("val", "test", "remainder") if getattr(self, k) is not None]
             if streamed:

@@ -23,6 +23,7 @@ from torch import Tensor
 from roundhouse.config import DataConfig
 from roundhouse.errors import DataError
 
+from .folds import rotate_fold
 from .loader import build_eval_loader
 from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
 from .text import load_pytext_splits
@@ -236,6 +237,8 @@ def build_source_splits(config: DataConfig, seed: int) -> Splits:
     else:
         sizes = _split_sizes(inputs.shape[0], config.split)
         order = torch.randperm(inputs.shape[0], generator=seeded_generator(seed, SPLIT_STREAM))
+    if config.fold is not None:  # k-fold cross-validation: a rotating val split
+        sizes, order = rotate_fold(order, sizes, config.fold)
     parts = torch.split(order, sizes)
     datasets = [ArrayDataset(inputs[part], loaded.targets[part]) for part in parts]
     info = DataInfo(

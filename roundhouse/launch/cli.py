@@ -10,6 +10,8 @@
     roundhouse submit JOB.yaml --address http://HEAD:8265 [key.sub=value ...] [--wait]
     roundhouse jobs list|status ID|logs ID [--follow]|stop ID [--address URL]
     roundhouse ckpt export RUN --to model.safetensors [--step N]
+    roundhouse tune JOB.yaml --search KEY=EXPR ... [--samples N --scheduler asha|fifo ...]
+    roundhouse runs list [STORAGE] [--name JOB] | compare RUN RUN ... | plot RUN ... --out F
 
 User mistakes print one line, `error: <what> (<how to fix>)`, and exit 2; `--debug` adds the
 traceback. Heavy imports (torch, the trainer) happen inside the commands so `--help` is fast.
@@ -23,13 +25,19 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from roundhouse.errors import JobFileError, RoundhouseError
 from roundhouse.launch.cli_ckpt import add_ckpt_parser, cmd_ckpt
 from roundhouse.launch.cli_data import add_data_parser, cmd_data
 from roundhouse.launch.cli_jobs import add_jobs_parser, add_submit_parser, cmd_jobs, cmd_submit
 from roundhouse.launch.cli_plan import add_plan_parser, cmd_plan
+from roundhouse.launch.cli_runs import add_runs_parser, cmd_runs
 from roundhouse.launch.cli_sample import add_sample_parser, cmd_sample
+from roundhouse.launch.cli_tune import add_tune_parser, cmd_tune
+
+if TYPE_CHECKING:
+    from roundhouse.config import JobSpec
 
 EXIT_USER_ERROR = 2
 
@@ -38,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The `roundhouse` argument parser with every subcommand."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument(
+        "--verbose", action="store_true", help="show Ray's own notices and every worker line"
+    )
     parser = argparse.ArgumentParser(
         prog="roundhouse",
         description="Distributed training: one job file, everywhere.",
@@ -52,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_parser(commands, common)
     add_jobs_parser(commands, common)
     add_ckpt_parser(commands, common)
+    add_tune_parser(commands, common)
+    add_runs_parser(commands, common)
     commands.add_parser("schema", parents=[common], help="print the JSON schema of job files")
     return parser
 
@@ -72,6 +85,9 @@ def add_train_parser(commands: argparse._SubParsersAction, common: argparse.Argu
     )
     train.add_argument(
         "--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded cluster)"
+    )
+    train.add_argument(
+        "--folds", type=int, metavar="K", help="k-fold cross-validation: K runs, mean ± std"
     )
 
 
@@ -106,6 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(line)
         return 0
     check_runnable(job, local=args.local)
+    if args.folds is not None:
+        return train_folds_and_report(job, args)
     if args.local:
         from roundhouse.launch.local import train_local
 
@@ -121,6 +139,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))
         )
     )
+    return 0
+
+
+def train_folds_and_report(job: JobSpec, args: argparse.Namespace) -> int:
+    """`--folds K`: K runs on rotating validation folds; print mean ± std per metric."""
+    from roundhouse.launch.folds import train_folds
+
+    summary = train_folds(job, args.folds, local=args.local, address=args.address)
+    for name, (mean, std) in summary.items():
+        print(f"{name} {mean:.4f} ± {std:.4f} over {args.folds} folds")
     return 0
 
 
@@ -171,6 +199,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": cmd_submit,
     "jobs": cmd_jobs,
     "ckpt": cmd_ckpt,
+    "tune": cmd_tune,
+    "runs": cmd_runs,
 }
 
 
@@ -185,6 +215,13 @@ def configure_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def quiet_ray(verbose: bool) -> None:
+    """Ray's own notices to its log file unless `verbose` (imports no ray)."""
+    from roundhouse.cluster.quiet import set_verbose
+
+    set_verbose(verbose)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `roundhouse` console script; returns the exit code."""
     parser = build_parser()
@@ -193,13 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if (
         extra
-        and args.command in ("train", "submit", "plan")
+        and args.command in ("train", "submit", "plan", "tune")
         and all("=" in e and not e.startswith("-") for e in extra)
     ):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.debug)
+    quiet_ray(args.verbose or args.debug)
     try:
         return COMMANDS[args.command](args)
     except RoundhouseError as exc:

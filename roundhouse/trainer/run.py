@@ -26,6 +26,7 @@ from roundhouse.parallel.compile import apply_compile
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.registry import build_strategy
 from roundhouse.runs.rundir import RunDir, job_folder, new_run_id, run_dir_of
+from roundhouse.runs.status import RunStatus
 from roundhouse.runs.tracking import Tracker, redact_secrets
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
 from roundhouse.trainer.loop import Trainer, build_train_loader
@@ -190,16 +191,19 @@ def run_worker(
     if resume and resume_step is None:
         resume_step = checkpointer.latest_step()
     trainer = build_trainer(job, ctx, checkpointer, resume_step if resume else None)
+    status = RunStatus(run_dir, enabled=ctx.is_main, world_size=ctx.world_size)
     try:
         if resume:
             trainer.restore(resume_step)
         metrics = trainer.fit()
-    except BaseException:
+    except BaseException as exc:
         trainer.tracker.close(failed=True)
+        status.end(exc)
         raise
     finally:
         trainer.strategy.close()
     trainer.tracker.close()
+    status.end()
     return metrics
 
 

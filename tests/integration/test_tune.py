@@ -1,0 +1,163 @@
+"""`roundhouse tune` on a real Ray cluster: a 3-trial sweep, and a killed driver resumed.
+
+One module-scoped `ray start` cluster (3 CPUs: two 1-worker trials at a time, the third
+queues); the sweeps run as `roundhouse tune ... --address` subprocesses, as a user runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers.ray_cluster import RayCluster, start_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+ROUNDHOUSE = str(Path(sys.executable).with_name("roundhouse"))
+SWEEP_TIMEOUT_S = 300
+JOB = {
+    "name": "sweep",
+    "model": {"name": "mlp", "flavor": "debug"},
+    "data": {"source": "builtin:digits", "batch_size": 64},
+    "trainer": {
+        "max_epochs": 3,
+        "log_every_steps": 5,
+        "optimizer": {"name": "adam", "lr": 0.003},
+        "checkpoint": {"every_epoch": True, "keep_last": 1},
+    },
+    "strategy": {"kind": "ring"},
+    "cluster": {"num_workers": 1, "cpus_per_worker": 1},
+    "tracking": {"wandb": {"mode": "disabled"}, "console": "plain"},
+}
+SEARCH = ["--search", "trainer.optimizer.lr=choice(0.0003,0.003,0.03)"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    cluster = start_cluster(head_cpus=3, extra_nodes=())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def write_job(folder: Path) -> Path:
+    job = {**JOB, "storage": {"path": str(folder / "runs")}}
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def start_tune(cluster: RayCluster, job: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [ROUNDHOUSE, "tune", str(job), *args, "--address", cluster.gcs_address],
+        cwd=job.parent,
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=SWEEP_TIMEOUT_S)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
+
+
+def trial_status(sweep: Path) -> dict[str, dict]:
+    """Trial id -> its status.json, for the trials that wrote one."""
+    found = {}
+    for status in sweep.glob("*/status.json"):
+        try:
+            found[status.parent.name] = json.loads(status.read_text())
+        except json.JSONDecodeError:
+            continue
+    return found
+
+
+def test_three_trial_sweep_writes_table_best_job_and_trial_runs(cluster, tmp_path) -> None:
+    job = write_job(tmp_path)
+    code, out, err = finish(
+        start_tune(
+            cluster,
+            job,
+            *SEARCH,
+            "--searcher",
+            "grid",
+            "--scheduler",
+            "fifo",
+            "--metric",
+            "val/accuracy",
+        )
+    )
+    assert code == 0, err[-3000:]
+    sweeps = list((tmp_path / "runs" / "sweep").glob("tune-*"))
+    assert len(sweeps) == 1
+    sweep = sweeps[0]
+    statuses = trial_status(sweep)
+    assert len(statuses) == 3 and {s["status"] for s in statuses.values()} == {"finished"}
+    lrs = set()
+    for trial in statuses:
+        resolved = yaml.safe_load((sweep / trial / "job.yaml").read_text())
+        assert resolved["tracking"]["wandb"]["group"] == sweep.name  # W&B runs grouped by sweep
+        assert resolved["storage"]["run_id"] == f"{sweep.name}/{trial}"
+        lrs.add(resolved["trainer"]["optimizer"]["lr"])
+    assert lrs == {0.0003, 0.003, 0.03}
+    # 3 CPUs, 1-CPU trials and 1 CPU kept for the trials' drivers: 2 at a time, 1 queued
+    spans = [(s["started"], s["time"]) for s in statuses.values()]
+    overlapping = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert overlapping <= 2
+    table = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in statuses]
+    assert len(table) == 3
+    best = yaml.safe_load((sweep / "best.yaml").read_text())
+    best_line = table[0].split()  # best first
+    assert str(best["trainer"]["optimizer"]["lr"]) == best_line[1]
+    assert best["storage"]["run_id"] is None and best["tracking"]["wandb"]["group"] is None
+    # the printed best metric is the trial's best evaluation in its own metrics.jsonl
+    rows = (sweep / best_line[0] / "metrics.jsonl").read_text().splitlines()
+    accuracies = [json.loads(r)["val/accuracy"] for r in rows if "val/accuracy" in r]
+    assert float(best_line[4]) == pytest.approx(max(accuracies), abs=1e-3)
+    # Ray's own notices stay off the console
+    assert "PreemptionWatcher" not in out + err and "Token authentication" not in out + err
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(cluster, tmp_path) -> None:
+    job = write_job(tmp_path)
+    args = [*SEARCH, "--searcher", "grid", "--scheduler", "fifo", "--metric", "val/accuracy"]
+    proc = start_tune(cluster, job, *args)
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+    finished: dict[str, dict] = {}
+    while not finished and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(1)
+        sweeps = list((tmp_path / "runs" / "sweep").glob("tune-*"))
+        status = trial_status(sweeps[0]) if sweeps else {}
+        finished = {t: s for t, s in status.items() if s["status"] == "finished"}
+    assert finished and proc.poll() is None, "no trial finished while the sweep ran"
+    time.sleep(4)  # Tune saves its experiment state every few seconds
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    sweep = next((tmp_path / "runs" / "sweep").glob("tune-*"))
+    done_before = {t: s for t, s in trial_status(sweep).items() if s["status"] == "finished"}
+
+    code, _, err = finish(start_tune(cluster, job, *args, "--resume"))
+    assert code == 0, err[-3000:]
+    after = trial_status(sweep)
+    assert len(after) == 3 and {s["status"] for s in after.values()} == {"finished"}
+    for trial, status in done_before.items():  # not rerun: its status file is untouched
+        assert after[trial]["started"] == status["started"]
+    for trial in set(after) - set(done_before):  # interrupted ones resume from a checkpoint
+        rows = [json.loads(r) for r in (sweep / trial / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows if "train/loss" in r]
+        assert steps == sorted(set(steps)), "a step was logged twice: the trial restarted"

@@ -1,0 +1,50 @@
+"""The quiet console's line filter: Ray's notices hidden, actionable worker lines shown."""
+
+from __future__ import annotations
+
+import pytest
+
+from roundhouse.cluster.quiet import is_shown
+
+HIDDEN = [
+    "[2026-12-04 14:59:18,794 E 8635 8673] core_worker.cc:2465: Actor with class name: "
+    "'PreemptionWatcher' and ID: 'c422' has constructor arguments in the object store and "
+    "max_restarts > 0. If the arguments are spilled to disk or lost, the actor may fail.",
+    "Requesting resources: {'CPU': 1.0} * 2",
+    "Setting up process group for: env:// [rank=0, world_size=2]",
+    "INFO roundhouse.trainer.checkpoint: checkpoint /runs/q/1/checkpoints/step_23 written",
+    "INFO roundhouse.data.sources: data builtin:digits: {'train': 1438}",
+]
+SHOWN = [
+    "WARNING roundhouse.trainer.loop: skipping step 5: loss is nan",
+    "ERROR roundhouse.cluster.workers: worker group failed",
+    "Traceback (most recent call last):",
+    "RuntimeError: CUDA out of memory",
+    "[2026-12-04 14:59:18,794 E 8635 8673] raylet_client.cc:12: node died unexpectedly",
+]
+
+
+@pytest.mark.parametrize("line", HIDDEN)
+def test_ray_notices_and_routine_lines_are_hidden(line: str) -> None:
+    assert not is_shown(line)
+
+
+@pytest.mark.parametrize("line", SHOWN)
+def test_warnings_errors_and_tracebacks_are_shown(line: str) -> None:
+    assert is_shown(line)
+
+
+def test_a_noise_lines_traceback_is_hidden_but_a_later_error_is_shown() -> None:
+    from roundhouse.cluster.quiet import shown_lines
+
+    batch = [
+        "Requesting resources: {'CPU': 1.0} * 2",
+        "Failed to send resource request for train-28e4. It's safe to ignore this error.",
+        "Traceback (most recent call last):",
+        '  File "ray/train/v2/autoscaling_coordinator_client.py", line 58, in send',
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+        "WARNING roundhouse.trainer.loop: skipping step 5: loss is nan",
+        "Traceback (most recent call last):",
+        "ValueError: bad shape",
+    ]
+    assert shown_lines(batch) == batch[5:]
