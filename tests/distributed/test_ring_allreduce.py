@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from roundhouse.parallel.ring import GradientReducer, build_node_groups, ring_all_reduce_
-from roundhouse.parallel.ring import ring as ring_module
+from roundhouse.parallel.ring import collectives as ring_module
 from tests.helpers.dist import DistributedTestError, run_distributed
 
 LENGTHS = [1, 2, 3, 5, 7, 64, 1001, 4099]
