@@ -8,7 +8,9 @@
     roundhouse sample RUN --prompt TEXT [--max-new-tokens N --temperature T --top-k K]
     roundhouse submit JOB.yaml --address http://HEAD:8265 [key.sub=value ...] [--wait]
     roundhouse jobs list|status ID|logs ID [--follow]|stop ID [--address URL]
-    roundhouse ckpt export RUN --to model.safetensors [--step N]
+    roundhouse export RUN|CKPT|JOB.yaml [--format safetensors|onnx] [--quantize int8]
+        [--merge-lora] [--out PATH] [--step N]
+    roundhouse ckpt export RUN --to model.safetensors [--step N]   (alias of export)
 
 User mistakes print one line, `error: <what> (<how to fix>)`, and exit 2; `--debug` adds the
 traceback. Heavy imports (torch, the trainer) happen inside the commands so `--help` is fast.
@@ -26,6 +28,7 @@ from collections.abc import Callable, Sequence
 from roundhouse.errors import JobFileError, RoundhouseError
 from roundhouse.launch.cli_ckpt import add_ckpt_parser, cmd_ckpt
 from roundhouse.launch.cli_data import add_data_parser, cmd_data
+from roundhouse.launch.cli_export import add_export_parser, cmd_export
 from roundhouse.launch.cli_jobs import add_jobs_parser, add_submit_parser, cmd_jobs, cmd_submit
 from roundhouse.launch.cli_sample import add_sample_parser, cmd_sample
 
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_parser(commands, common)
     add_jobs_parser(commands, common)
     add_ckpt_parser(commands, common)
+    add_export_parser(commands, common)
     commands.add_parser("schema", parents=[common], help="print the JSON schema of job files")
     return parser
 
@@ -88,6 +92,7 @@ def add_models_parser(
 def cmd_train(args: argparse.Namespace) -> int:
     from roundhouse.launch.checks import check_runnable
     from roundhouse.launch.jobfile import load_job
+    from roundhouse.trainer.adapt_checks import check_adaptation
 
     job = load_job(args.job, args.overrides)
     if args.dry_run:
@@ -97,6 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(line)
         return 0
     check_runnable(job, local=args.local)
+    check_adaptation(job)  # lora targets, distillation teacher: before anything is written
     if args.local:
         from roundhouse.launch.local import train_local
 
@@ -157,6 +163,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": cmd_submit,
     "jobs": cmd_jobs,
     "ckpt": cmd_ckpt,
+    "export": cmd_export,
 }
 
 

@@ -15,6 +15,7 @@ from roundhouse.data.sampler import BatchPlan
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.spec import JobSpec
+from roundhouse.trainer.adapt_checks import check_adaptation
 from roundhouse.trainer.loop import compute_total_steps
 from roundhouse.trainer.run import build_model_for
 
@@ -22,6 +23,7 @@ from roundhouse.trainer.run import build_model_for
 def dry_run(job: JobSpec, *, local: bool) -> list[str]:
     """The report lines for `job`; raises a `RoundhouseError` for anything that would fail."""
     topo = check_runnable(job, local=local)
+    check_adaptation(job)
     splits = build_splits(job.data, seed=job.trainer.seed)
     info = splits.info
     with torch.device("meta"):

@@ -165,7 +165,8 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project(x, context)  # (B, H, T, D), (B, H, S, D) x2
         past = 0 if cache is None else cache.length
         if self.rope:
-            cos, sin = rope_angles(q.shape[2], self.head_dim, offset=past, device=x.device)
+            # x's length, not q's: torch.onnx traces q's as a constant (q is reshaped).
+            cos, sin = rope_angles(x.shape[1], self.head_dim, offset=past, device=x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, H, past + T, D)
