@@ -10,9 +10,12 @@ quantized on the fly).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -27,11 +30,25 @@ TOLERANCE = 1e-3  # fp32 ONNX vs PyTorch, max abs difference of the outputs
 CHECK_BATCHES = (1, 3)
 
 
+@contextlib.contextmanager
+def native_stdout_silenced() -> Iterator[None]:
+    """Silence file descriptor 1: torch.onnx's C++ side prints the whole graph on a failure."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def export_onnx(graph: ExportGraph, path: str, model_name: str) -> None:
     """Write `graph` to the local file `path`; an op ONNX cannot express is an ExportError."""
     sample = graph.sample(2, torch.Generator().manual_seed(0))
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), native_stdout_silenced():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 graph.module,
