@@ -21,7 +21,14 @@ from torch import nn
 from roundhouse.data import Splits, build_splits
 from roundhouse.errors import CheckpointError, JobFileError
 from roundhouse.spec import JobSpec
-from roundhouse.trainer.checkpoint import MANIFEST, Checkpointer, get_rng_state, set_rng_state
+from roundhouse.trainer.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
+    MANIFEST,
+    Checkpointer,
+    get_rng_state,
+    set_rng_state,
+)
 from roundhouse.trainer.lora import LoraState, apply_lora, check_same_base, fill_base, merge_lora
 from roundhouse.trainer.rundir import RunDir
 
@@ -42,6 +49,8 @@ class SavedModel:
 def find_checkpoint(ref: str, step: int | None) -> tuple[RunDir, int]:
     """The run folder and checkpoint step that `ref` (run or step folder) and `step` name."""
     target = RunDir(ref.rstrip("/"))
+    if not target.exists(MANIFEST) and not target.exists(CHECKPOINTS, LATEST):
+        target = newest_run(target)  # a job folder: its newest run with a checkpoint
     if target.exists(MANIFEST):  # a checkpoints/step_<N> folder
         step = step if step is not None else int(target.url.rsplit("_", 1)[-1])
         target = RunDir(target.url.rsplit("/", 2)[0])
@@ -52,6 +61,14 @@ def find_checkpoint(ref: str, step: int | None) -> tuple[RunDir, int]:
             f"available steps: {', '.join(map(str, available)) or 'none'}",
         )
     return target, step if step is not None else available[-1]
+
+
+def newest_run(job_dir: RunDir) -> RunDir:
+    """The newest run under `<storage>/<job name>` that has a checkpoint (else `job_dir`)."""
+    for name in reversed(job_dir.listdir()):
+        if job_dir.exists(name, CHECKPOINTS, LATEST):
+            return RunDir(job_dir.url_of(name))
+    return job_dir
 
 
 def load_checkpoint_state(ref: str, step: int | None) -> tuple[RunDir, int, dict]:
@@ -107,7 +124,8 @@ def load_saved_model(ref: str, step: int | None = None, *, merge: bool = False) 
     """Rebuild run `ref`'s model and load checkpoint `step` (None: latest) into it.
 
     Args:
-        ref: a run folder or a `checkpoints/step_<N>` folder (any fsspec URL).
+        ref: a run folder, a `checkpoints/step_<N>` folder, or a job folder
+            (`<storage>/<job name>`: its newest run with a checkpoint), on any fsspec URL.
         step: the checkpoint step; None for the latest (or the step folder's own).
         merge: fold LoRA adapters into the base weights (the plain model comes back).
     """
