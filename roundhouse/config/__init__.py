@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from .adapt import DistillConfig, LoraConfig
 from .base import NonNegInt, Section
 from .data import (
     AugmentConfig,
@@ -38,8 +39,10 @@ __all__ = [
     "ClusterConfig",
     "DataConfig",
     "DeepSpeedStrategyConfig",
+    "DistillConfig",
     "EarlyStoppingConfig",
     "JobSpec",
+    "LoraConfig",
     "LossConfig",
     "ModelConfig",
     "NonNegInt",
@@ -73,6 +76,7 @@ class ModelConfig(Section):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Model-specific keyword arguments (e.g. dropout)."
     )
+    lora: LoraConfig | None = Field(None, description="Train low-rank adapters only (peft).")
 
 
 # --- trainer -----------------------------------------------------------------------------------
@@ -160,6 +164,7 @@ class TrainerConfig(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     early_stopping: EarlyStoppingConfig | None = None
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distill: DistillConfig | None = Field(None, description="Distil from a teacher run.")
 
     @model_validator(mode="after")
     def _needs_a_limit(self) -> TrainerConfig:

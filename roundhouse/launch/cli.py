@@ -12,6 +12,9 @@
     roundhouse ckpt export RUN --to model.safetensors [--step N]
     roundhouse tune JOB.yaml --search KEY=EXPR ... [--samples N --scheduler asha|fifo ...]
     roundhouse runs list [STORAGE] [--name JOB] | compare RUN RUN ... | plot RUN ... --out F
+    roundhouse export RUN|CKPT|JOB.yaml [--format safetensors|onnx] [--quantize int8]
+        [--merge-lora] [--out PATH] [--step N]
+    roundhouse ckpt export RUN --to model.safetensors [--step N]   (alias of export)
 
 User mistakes print one line, `error: <what> (<how to fix>)`, and exit 2; `--debug` adds the
 traceback. Heavy imports (torch, the trainer) happen inside the commands so `--help` is fast.
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING
 from roundhouse.errors import JobFileError, RoundhouseError
 from roundhouse.launch.cli_ckpt import add_ckpt_parser, cmd_ckpt
 from roundhouse.launch.cli_data import add_data_parser, cmd_data
+from roundhouse.launch.cli_export import add_export_parser, cmd_export
 from roundhouse.launch.cli_jobs import add_jobs_parser, add_submit_parser, cmd_jobs, cmd_submit
 from roundhouse.launch.cli_plan import add_plan_parser, cmd_plan
 from roundhouse.launch.cli_runs import add_runs_parser, cmd_runs
@@ -65,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ckpt_parser(commands, common)
     add_tune_parser(commands, common)
     add_runs_parser(commands, common)
+    add_export_parser(commands, common)
     commands.add_parser("schema", parents=[common], help="print the JSON schema of job files")
     return parser
 
@@ -112,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from roundhouse.launch.auto import resolve_auto
     from roundhouse.launch.checks import check_runnable
     from roundhouse.launch.jobfile import load_job
+    from roundhouse.trainer.adapt_checks import check_adaptation
 
     job = load_job(args.job, args.overrides)
     job, strategy_by_size = resolve_auto(job, local=args.local)  # strategy.kind: auto
@@ -122,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(line)
         return 0
     check_runnable(job, local=args.local)
+    check_adaptation(job)  # lora targets, distillation teacher: before anything is written
     if args.folds is not None:
         return train_folds_and_report(job, args)
     if args.local:
@@ -201,6 +208,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ckpt": cmd_ckpt,
     "tune": cmd_tune,
     "runs": cmd_runs,
+    "export": cmd_export,
 }
 
 

@@ -1,4 +1,4 @@
-"""`roundhouse ckpt export RUN --to model.safetensors [--step N]`: a consolidated model file.
+"""`roundhouse ckpt export RUN --to model.safetensors [--step N]`: alias of `roundhouse export`.
 
 RUN is a run folder (or one of its `checkpoints/step_<N>` folders) on any fsspec URL; `--step`
 picks a checkpoint (default: latest). Every strategy's checkpoint holds the consolidated model
@@ -16,8 +16,6 @@ import logging
 
 import torch
 
-from roundhouse.errors import CheckpointError
-
 logger = logging.getLogger(__name__)
 
 
@@ -34,46 +32,29 @@ def add_ckpt_parser(commands: argparse._SubParsersAction, common: argparse.Argum
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
-    """`ckpt export`: print where the weights went and how many tensors/parameters."""
-    weights = load_model_weights(args.run, args.step)
-    size = write_safetensors(weights, args.to)
-    count = sum(t.numel() for t in weights.values())
-    print(f"wrote {args.to}: {len(weights)} tensors, {count:,} values, {size:,} bytes")
-    return 0
+    """`ckpt export RUN --to PATH`: an alias of `roundhouse export RUN --out PATH`."""
+    from roundhouse.launch.cli_export import cmd_export
+
+    export = argparse.Namespace(
+        source=args.run,
+        format="safetensors",
+        quantize=None,
+        merge_lora=False,
+        out=args.to,
+        step=args.step,
+    )
+    return cmd_export(export)
 
 
 def load_model_weights(ref: str, step: int | None) -> dict[str, torch.Tensor]:
     """The consolidated model weights of checkpoint `step` (None: latest) of run `ref`."""
-    from roundhouse.runs.rundir import RunDir
-    from roundhouse.trainer.checkpoint import MANIFEST, Checkpointer
+    from roundhouse.trainer.saved_model import load_model_weights as load
 
-    target = RunDir(ref.rstrip("/"))
-    if target.exists(MANIFEST):  # a checkpoints/step_<N> folder
-        step = step if step is not None else int(target.url.rsplit("_", 1)[-1])
-        target = RunDir(target.url.rsplit("/", 2)[0])
-    checkpointer = Checkpointer(target, keep_last=1, identity={})
-    available = checkpointer.complete_steps()
-    if not available or (step is not None and step not in available):
-        raise CheckpointError(
-            f"no checkpoint{'' if step is None else f' step_{step}'} in {target.url}",
-            f"available steps: {', '.join(map(str, available)) or 'none'}",
-        )
-    state = checkpointer.load(step)
-    return state["strategy"]["model"]
+    return load(ref, step)
 
 
 def write_safetensors(weights: dict[str, torch.Tensor], path: str) -> int:
-    """Write `weights` to `path` (any fsspec URL); return the bytes written.
+    """Write `weights` to `path` (any fsspec URL); return the bytes written."""
+    from roundhouse.export import write_safetensors as write
 
-    Tied weights (one tensor under two names) are stored as two copies: safetensors refuses
-    shared storage, and `load_state_dict` re-ties them through the module.
-    """
-    import fsspec
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
-    data = save(tensors, metadata={"format": "pt", "source": "roundhouse"})
-    with fsspec.open(path, "wb") as f:
-        f.write(data)
-    logger.info("exported %d tensors to %s", len(tensors), path)
-    return len(data)
+    return write(weights, path)

@@ -13,12 +13,14 @@ from roundhouse.config.topology import compute_total_steps
 from roundhouse.data import build_splits
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
+from roundhouse.trainer.adapt_checks import check_adaptation
 from roundhouse.trainer.run import build_model_for
 
 
 def dry_run(job: JobSpec, *, local: bool) -> list[str]:
     """The report lines for `job`; raises a `RoundhouseError` for anything that would fail."""
     topo = check_runnable(job, local=local)
+    check_adaptation(job)
     splits = build_splits(job.data, seed=job.trainer.seed)
     info = splits.info
     with torch.device("meta"):

@@ -22,6 +22,7 @@ from roundhouse.parallel.base import StepStats, Strategy, move_to
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
+from roundhouse.trainer.lora import AdapterCheckpoint
 from roundhouse.trainer.task import Task
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,14 @@ class Trainer:
         tracker: Tracker,
         checkpointer: Checkpointer,
         train_loader: StepLoader,
+        adapters: AdapterCheckpoint | None = None,
     ) -> None:
         self.job, self.ctx, self.strategy, self.task = job, ctx, strategy, task
         self.splits, self.tracker, self.checkpointer = splits, tracker, checkpointer
         self.cfg = job.trainer
         self.state = TrainState()
         self.train_loader = train_loader
+        self.adapters = adapters  # LoRA: checkpoints hold the adapters, not the frozen base
         self.total_steps = compute_total_steps(job, len(self.train_loader))
         self.window = Window()
         self.last_checkpoint_step: int | None = None
@@ -91,6 +94,8 @@ class Trainer:
             "data": {**self.train_loader.state_dict(), "epoch": self.state.epoch},
             "rng": get_rng_state(),
         }
+        if self.adapters is not None:
+            state = self.adapters.pack(state)
         if self.strategy.is_main_process:
             self.checkpointer.save(self.state.step, state, {"epoch": self.state.epoch})
             self.tracker.flush()
@@ -99,6 +104,8 @@ class Trainer:
     def restore(self, step: int | None) -> None:
         """Resume from checkpoint `step` (None: latest) of this run."""
         state = self.checkpointer.load(step)
+        if self.adapters is not None:
+            state = self.adapters.unpack(state)
         try:
             self.strategy.load_state_dict(state["strategy"])
         except (RuntimeError, KeyError, ValueError) as exc:

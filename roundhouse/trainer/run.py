@@ -29,7 +29,9 @@ from roundhouse.runs.rundir import RunDir, job_folder, new_run_id, run_dir_of
 from roundhouse.runs.status import RunStatus
 from roundhouse.runs.tracking import Tracker, redact_secrets
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
+from roundhouse.trainer.distill import build_distill_task
 from roundhouse.trainer.loop import Trainer, build_train_loader
+from roundhouse.trainer.lora import AdapterCheckpoint, apply_lora
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import Task, build_task
 
@@ -215,7 +217,8 @@ def build_trainer(
     task_kind = models.get(job.model.name).loss
     splits.check_task(task_kind, job.model.name)  # e.g. an image dataset for a language model
     model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
-    task = build_task(task_kind, job.trainer.loss)
+    lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
+    task = build_distill_task(job, build_task(task_kind, job.trainer.loss), splits, ctx.device)
     strategy = build_strategy(job.strategy, ctx)
     loader = build_train_loader(job, splits, strategy)
     total = compute_total_steps(job, len(loader))
@@ -240,4 +243,5 @@ def build_trainer(
         tracker=tracker,
         checkpointer=checkpointer,
         train_loader=loader,
+        adapters=AdapterCheckpoint(lora) if lora is not None else None,
     )

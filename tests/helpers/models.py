@@ -65,3 +65,20 @@ class BranchyMLP(nn.Module):
 
 def branchy_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return BranchyMLP(input_shape, num_classes)
+
+
+class SpectralNet(nn.Module):
+    """A classifier whose forward uses singular values: an op ONNX has no counterpart for."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.side = input_shape[-1]
+        self.head = nn.Linear(self.side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.reshape(x.shape[0], -1, self.side, self.side).mean(dim=1)  # (B, S, S)
+        return self.head(torch.linalg.svdvals(images))  # (B, K)
+
+
+def spectral_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return SpectralNet(input_shape, num_classes)

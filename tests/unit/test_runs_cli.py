@@ -13,9 +13,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 import yaml
-from roundhouse.runs.reader import list_runs
 
 from roundhouse.launch.cli import main
+from roundhouse.runs.reader import list_runs
 
 ROUNDHOUSE = str(Path(sys.executable).with_name("roundhouse"))
 JOB = {

@@ -1,0 +1,51 @@
+"""Up-front checks for `model.lora` and `trainer.distill`, run before anything is written.
+
+`roundhouse train` (and `--dry-run`) call `check_adaptation` after the job's own checks: LoRA
+targets must match a Linear or Conv layer of the model (built on the meta device: no memory),
+the strategy must be one LoRA runs under, and the teacher must be a readable run whose task,
+input and output space are the student's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from roundhouse.config import JobSpec
+from roundhouse.data import DataInfo, build_splits
+from roundhouse.trainer.distill import check_teacher
+from roundhouse.trainer.lora import check_strategy, check_targets
+
+logger = logging.getLogger(__name__)
+
+
+def check_adaptation(job: JobSpec) -> None:
+    """Raise a `RoundhouseError` for a LoRA or distillation setting that cannot work."""
+    if job.model.lora is None and job.trainer.distill is None:
+        return
+    info = build_splits(job.data, seed=job.trainer.seed).info
+    if job.model.lora is not None:
+        check_lora(job, info)
+    if job.trainer.distill is not None:
+        check_distill(job, info)
+
+
+def check_lora(job: JobSpec, info: DataInfo) -> None:
+    """The strategy supports adapters and the targets match layers of the model."""
+    from roundhouse.trainer.run import build_model_for
+
+    check_strategy(job)
+    with torch.device("meta"):
+        model = build_model_for(job, info.input_shape, info.num_classes)
+    check_targets(model, job.model.lora, job.model.name)
+
+
+def check_distill(job: JobSpec, info: DataInfo) -> None:
+    """The teacher run exists (a complete checkpoint) and has the student's output space."""
+    from roundhouse.trainer.saved_model import find_checkpoint, read_run_job
+
+    run_dir, _ = find_checkpoint(job.trainer.distill.teacher, None)
+    teacher_job = read_run_job(run_dir)
+    teacher_info = build_splits(teacher_job.data, seed=teacher_job.trainer.seed).info
+    check_teacher(job, teacher_job, info, teacher_info)
