@@ -2,8 +2,8 @@
 
 `roundhouse train` (and `--dry-run`) call `check_adaptation` after the job's own checks: LoRA
 targets must match a Linear or Conv layer of the model (built on the meta device: no memory),
-the strategy must be one LoRA runs under, and the teacher must be a readable run whose task,
-input and output space are the student's.
+and the teacher must be a readable run whose task, input and output space are the student's.
+The layouts adapters cannot run under are refused by each strategy's own `check_job`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from roundhouse.config import JobSpec
 from roundhouse.data import DataInfo, build_splits
 from roundhouse.trainer.distill import check_teacher
-from roundhouse.trainer.lora import check_strategy, check_targets
+from roundhouse.trainer.lora import check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ def check_lora(job: JobSpec, info: DataInfo) -> None:
     """The strategy supports adapters and the targets match layers of the model."""
     from roundhouse.trainer.run import build_model_for
 
-    check_strategy(job)
     with torch.device("meta"):
         model = build_model_for(job, info.input_shape, info.num_classes)
     check_targets(model, job.model.lora, job.model.name)

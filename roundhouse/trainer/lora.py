@@ -80,19 +80,6 @@ def check_targets(model: nn.Module, config: LoraConfig, model_name: str) -> list
     )
 
 
-def check_strategy(job: JobSpec) -> None:
-    """LoRA runs under single, ring, ps and DeepSpeed ZeRO 0-2 (data parallel only)."""
-    strategy = job.strategy
-    if strategy.kind != "deepspeed":
-        return
-    if strategy.zero_stage == 3 or strategy.model_parallel_size > 1 or strategy.expert_parallel > 1:
-        raise JobFileError(
-            "model.lora works with DeepSpeed ZeRO stages 0-2 without pipeline, tensor or "
-            "expert parallelism",
-            "set strategy.zero_stage to 0, 1 or 2 and the parallel sizes to 1",
-        )
-
-
 def base_sha256(model: nn.Module) -> str:
     """sha256 over the model's parameters and buffers (names, dtypes, shapes and bytes)."""
     digest = hashlib.sha256()
@@ -127,7 +114,6 @@ def apply_lora(model: nn.Module, job: JobSpec) -> LoraState | None:
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    check_strategy(job)
     targets = check_targets(model, config, job.model.name)
     sha = base_sha256(model)
     for p in model.parameters():

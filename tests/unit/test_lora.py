@@ -10,6 +10,7 @@ import torch
 
 from roundhouse import models
 from roundhouse.errors import CheckpointError, JobFileError
+from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer import build_local_context, prepare_run, run_worker
@@ -144,10 +145,11 @@ def test_zero3_is_refused() -> None:
             "name": "x",
             "model": {"name": "mlp", "lora": {"targets": ["fc1"]}},
             "strategy": {"kind": "deepspeed", "zero_stage": 3},
+            "cluster": {"num_workers": 2},
         }
     )
     with pytest.raises(JobFileError, match="ZeRO stages 0-2"):
-        apply_lora(build("mlp"), job)
+        check_runnable(job, local=False)  # the DeepSpeed strategy's own job check
 
 
 def test_a_lora_run_loads_back_merged_or_not(tmp_path: Path) -> None:

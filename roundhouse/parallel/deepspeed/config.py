@@ -293,7 +293,21 @@ def check_job(job: JobSpec, world_size: int) -> DeepSpeedLayout:
         check_pipeline_model(job)
     if strategy.tensor_parallel > 1:
         check_tensor_parallel_model(job, strategy.tensor_parallel)
+    if job.model.lora is not None:
+        check_lora_layout(strategy)
     return layout
+
+
+def check_lora_layout(strategy: DeepSpeedStrategyConfig) -> None:
+    """LoRA adapters train under ZeRO 0-2 with data parallelism only: ZeRO-3 partitions and the
+    model-parallel rewrites replace the modules peft wraps."""
+    model_parallel = strategy.pipeline_stages * strategy.tensor_parallel
+    if strategy.zero_stage == 3 or model_parallel > 1 or strategy.expert_parallel > 1:
+        raise JobFileError(
+            "model.lora works with DeepSpeed ZeRO stages 0-2 without pipeline, tensor or "
+            "expert parallelism",
+            "set strategy.zero_stage to 0, 1 or 2 and the parallel sizes to 1",
+        )
 
 
 def check_tensor_parallel_model(job: JobSpec, tp: int) -> None:
