@@ -1,0 +1,1 @@
+"""Run folders read back: status, metrics and jobs of finished, failed and running runs."""
