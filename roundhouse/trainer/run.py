@@ -22,6 +22,7 @@ from roundhouse.errors import CheckpointError
 from roundhouse.spec import JobSpec
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
 from roundhouse.trainer.context import WorkerContext
+from roundhouse.trainer.finetune import apply_finetune, build_optimizer_factory, resolve_build
 from roundhouse.trainer.loop import Trainer, build_train_loader, compute_total_steps
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.rundir import RunDir, new_run_id
@@ -170,12 +171,16 @@ def build_plan(
 def build_model_for(
     job: JobSpec, input_shape: tuple[int, ...], num_classes: int
 ) -> torch.nn.Module:
-    """The job's model for inputs of `input_shape` (per sample) and `num_classes` outputs."""
+    """The job's model for inputs of `input_shape` (per sample) and `num_classes` outputs.
+
+    A Hugging Face `model.init_from` adds its architecture to the options (see `finetune`).
+    """
+    options, num_classes = resolve_build(job, job.model.options, num_classes)
     config = models.BuildConfig(
         flavor=job.model.flavor,
         input_shape=input_shape,
         num_classes=num_classes,
-        options=job.model.options,
+        options=options,
     )
     return models.build_model(job.model.name, config)
 
@@ -218,11 +223,13 @@ def build_trainer(
     task_kind = models.get(job.model.name).loss
     splits.check_task(task_kind, job.model.name)  # e.g. an image dataset for a language model
     model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
+    apply_finetune(model, job)  # init_from weights, frozen parameters
     task = build_task(task_kind, job.trainer.loss)
     strategy = build_strategy(job.strategy, ctx)
     loader = build_train_loader(job, splits, strategy)
     total = compute_total_steps(job, len(loader))
     plan = build_plan(job, task, ctx.device, steps_per_epoch=len(loader), total_steps=total)
+    plan.build_optimizer = build_optimizer_factory(job, model)  # with param_groups
     strategy.setup(model, plan)
     tracker = Tracker(
         job,
