@@ -83,4 +83,24 @@ def check_runnable(job: JobSpec, *, local: bool) -> Topology:
             f"strategy.kind=single runs on one worker, but cluster.num_workers={world_size}",
             "pass --local, set cluster.num_workers=1, or pick a distributed strategy",
         )
-    return check_topology(job, world_size)
+    topology = check_topology(job, world_size)
+    check_finetune_job(job)
+    return topology
+
+
+def check_finetune_job(job: JobSpec) -> None:
+    """`init_from`, `freeze` and `param_groups` against the model on the meta device, so a bad
+    source or glob fails before anything is written."""
+    finetune = job.trainer
+    if not (job.model.init_from or finetune.freeze or finetune.optimizer.param_groups):
+        return
+    import torch
+
+    from roundhouse.data import build_splits
+    from roundhouse.trainer.finetune import check_finetune
+    from roundhouse.trainer.run import build_model_for
+
+    info = build_splits(job.data, seed=job.trainer.seed).info
+    with torch.device("meta"):
+        model = build_model_for(job, info.input_shape, info.num_classes)
+    check_finetune(job, model)

@@ -15,6 +15,7 @@ from roundhouse.data.sampler import BatchPlan
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.spec import JobSpec
+from roundhouse.trainer.finetune import check_finetune, group_counts
 from roundhouse.trainer.loop import compute_total_steps
 from roundhouse.trainer.run import build_model_for
 
@@ -28,6 +29,7 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
         model = build_model_for(job, info.input_shape, info.num_classes)
         out_shape = _output_shape(job, model, info.input_shape, splits.input_dtype)
     num_params = sum(p.numel() for p in model.parameters())
+    loaded = check_finetune(job, model)  # init_from, freeze, param_groups (already checked)
     steps_per_epoch = _steps_per_epoch(info.num_samples["train"], job, topo.data_parallel)
     total = compute_total_steps(job, steps_per_epoch)
     micro = topo.micro_batch
@@ -43,6 +45,12 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
         f"batch: global {topo.global_batch} = {topo.data_parallel} rank(s) x "
         f"{topo.grad_accum_steps} micro-step(s) x {micro_text} samples per micro-batch",
         f"steps: {steps_per_epoch} per epoch, {total} in total",
+        *group_counts(model, job.trainer.optimizer),
+        *(
+            [f"init_from {job.model.init_from}: {loaded.loaded} tensors, {loaded.skipped} skipped"]
+            if loaded
+            else []
+        ),
     ]
 
 
