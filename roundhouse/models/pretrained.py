@@ -9,8 +9,9 @@ not roundhouse runs (those need the trainer's checkpoint reader, `trainer/finetu
   mapped onto the zoo's (GPT-2's Conv1D weights are stored `(in, out)` and are transposed; its
   fused `c_attn` is split into q/k/v), and `hf_build_options` turns config.json into the zoo
   model's options (width, layers, heads, vocabulary, positions, GELU variant, LayerNorm eps);
-- torchvision state dicts load by name: the zoo's `resnet*`/`densenet*`/`vgg*` flavors and the
-  `torchvision:NAME` adapter use torchvision's module names.
+- torchvision state dicts load by name: the zoo's `resnet*`/`densenet*` flavors and the
+  `torchvision:NAME` adapter use torchvision's module names; the zoo's `vgg*` flavors nest
+  the same layers per block, and `align_by_order` maps torchvision's flat names onto them.
 
 `apply_weights` then copies a name -> tensor dict into a model: every model tensor must be
 there with its shape, except those matching `init_skip` globs; anything else is one
@@ -289,6 +290,54 @@ def convert_bert(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 HF_CONVERTERS = {"gpt2": convert_gpt2, "bert": convert_bert}
+
+
+# --- torchvision --------------------------------------------------------------------------------
+
+
+def _modules_in_order(names: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """`[(module prefix, [tensor suffixes])]` in first-seen order."""
+    modules: dict[str, list[str]] = {}
+    for name in names:
+        prefix, _, suffix = name.rpartition(".")
+        modules.setdefault(prefix, []).append(suffix)
+    return list(modules.items())
+
+
+def align_by_order(source: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Rename `source` onto `model`'s names module by module, in order.
+
+    torchvision's VGG numbers its layers flat (`features.3.weight`, `classifier.6.weight`); the
+    zoo's `vgg` nests them per block (`features.1.0.weight`) with the same layers in the same
+    order. When both list the same number of modules with the same tensors each, the i-th
+    module's tensors take the model's i-th module's names (shapes are checked afterwards);
+    otherwise `source` is returned unchanged.
+    """
+    ours = _modules_in_order(model.state_dict().keys())
+    # Files may list names sorted (safetensors does): put them back in module order, top-level
+    # parts as the model orders them, numbered layers by number.
+    tops = list(dict.fromkeys(prefix.split(".")[0] for prefix, _ in ours))
+
+    def module_order(name: str) -> tuple:
+        top, *rest = name.split(".")
+        rank = tops.index(top) if top in tops else len(tops)
+        return (rank, [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in rest])
+
+    theirs = sorted(_modules_in_order(source.keys()), key=lambda m: module_order(m[0]))
+    if set(source) == {f"{p}.{s}" for p, suffixes in ours for s in suffixes}:
+        return dict(source)
+    if len(ours) != len(theirs) or any(
+        sorted(a[1]) != sorted(b[1]) for a, b in zip(ours, theirs, strict=True)
+    ):
+        return dict(source)
+    return {
+        f"{mine}.{suffix}": source[f"{other}.{suffix}"]
+        for (mine, suffixes), (other, _) in zip(ours, theirs, strict=True)
+        for suffix in suffixes
+    }
+
+
+ALIGNERS = {"vgg": align_by_order}  # zoo models whose torchvision names need mapping
 
 
 # --- applying -----------------------------------------------------------------------------------

@@ -105,6 +105,9 @@ def apply_init_from(model: nn.Module, job: JobSpec) -> LoadReport | None:
     if url is None:
         return None
     weights = read_init_weights(url, job.model.name)
+    align = pretrained.ALIGNERS.get(job.model.name)
+    if align is not None:
+        weights = align(weights, model)
     return pretrained.apply_weights(model, weights, job.model.init_skip, url)
 
 
