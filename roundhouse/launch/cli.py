@@ -172,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if (
         extra
-        and (args.command in ("train", "submit") or getattr(args, "models_command", "") == "summary")
+        and (
+            args.command in ("train", "submit") or getattr(args, "models_command", "") == "summary"
+        )
         and all("=" in e and not e.startswith("-") for e in extra)
     ):
         args.overrides += extra

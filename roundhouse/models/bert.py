@@ -22,8 +22,8 @@ from roundhouse.models.common import check_dropout
 from roundhouse.models.gpt import (
     MLP,
     TokenEmbedding,
-    build_activation,
     TransformerBlock,
+    build_activation,
     check_choices,
     flavor_flops,
     init_transformer,

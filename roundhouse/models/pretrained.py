@@ -388,7 +388,11 @@ def check_fit(
     ]
     problems = [
         f"{len(found)} {kind} ({_listing(found)})"
-        for kind, found in (("missing", missing), ("unexpected", unexpected), ("wrong-shaped", wrong))
+        for kind, found in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong-shaped", wrong),
+        )
         if found
     ]
     if problems:

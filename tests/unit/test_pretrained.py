@@ -38,7 +38,12 @@ def load(job: JobSpec, input_shape: tuple[int, ...], num_classes: int) -> torch.
 def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+        vocab_size=300,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
         eos_token_id=0,
     )
     model = transformers.GPT2LMHeadModel(config).eval()
@@ -51,8 +56,12 @@ def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 def bert_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     torch.manual_seed(1)
     config = transformers.BertConfig(
-        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=40,
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
     )
     model = transformers.BertForMaskedLM(config).eval()
     folder = tmp_path_factory.mktemp("bert")
@@ -154,8 +163,13 @@ def test_missing_or_corrupt_init_from_is_one_line_and_writes_nothing(
     if content is not None:
         source.write_bytes(content)
     code = main(
-        ["train", "configs/quickstart.yaml", "--local", f"model.init_from={source}",
-         f"storage.path={tmp_path / 'runs'}"]
+        [
+            "train",
+            "configs/quickstart.yaml",
+            "--local",
+            f"model.init_from={source}",
+            f"storage.path={tmp_path / 'runs'}",
+        ]
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
@@ -171,9 +185,16 @@ def test_max_steps_0_converts_a_safetensors_file_to_a_step_0_checkpoint(tmp_path
     }
     save_file(weights, str(tmp_path / "w.safetensors"))
     code = main(
-        ["train", "configs/quickstart.yaml", "--local", "trainer.max_steps=0",
-         f"model.init_from={tmp_path / 'w.safetensors'}", f"storage.path={tmp_path}",
-         "tracking.wandb.mode=disabled", "tracking.console=off"]
+        [
+            "train",
+            "configs/quickstart.yaml",
+            "--local",
+            "trainer.max_steps=0",
+            f"model.init_from={tmp_path / 'w.safetensors'}",
+            f"storage.path={tmp_path}",
+            "tracking.wandb.mode=disabled",
+            "tracking.console=off",
+        ]
     )
     assert code == 0
     (state,) = tmp_path.glob("*/*/checkpoints/step_0/state.pt")

@@ -328,10 +328,10 @@ class DeepSpeedStrategy(Strategy):
         named = [(n, p) for n, p in self.frozen() if n in weights]
         stage3 = self.config.zero_stage == 3 and bool(named)
         params = [p for _, p in named]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=stage3):
-            with torch.no_grad():
-                for name, param in named:
-                    param.copy_(weights[name].to(param.dtype))
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=stage3)
+        with gathered, torch.no_grad():
+            for name, param in named:
+                param.copy_(weights[name].to(param.dtype))
 
     def model_state_dict(self) -> dict[str, Tensor]:
         return self.gather_state()[0]
