@@ -201,3 +201,18 @@ def test_max_steps_0_converts_a_safetensors_file_to_a_step_0_checkpoint(tmp_path
     saved = torch.load(state, weights_only=True)["strategy"]["model"]
     for name, tensor in weights.items():
         assert torch.equal(saved[name], tensor), name
+
+
+def test_init_from_reads_any_fsspec_url() -> None:
+    import fsspec
+    from safetensors.torch import save
+
+    job = job_with("mlp")
+    weights = {
+        k: torch.rand_like(v) for k, v in build_model_for(job, (1, 8, 8), 10).state_dict().items()
+    }
+    with fsspec.open("memory://init/w.safetensors", "wb") as f:
+        f.write(save(weights))
+    model = load(job_with("mlp", init_from="memory://init/w.safetensors"), (1, 8, 8), 10)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
