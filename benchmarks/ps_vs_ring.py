@@ -49,7 +49,7 @@ from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer import prepare_run
-from roundhouse.trainer.run import build_model_for
+from roundhouse.trainer.model_build import build_model_for
 
 logger = logging.getLogger("ps_vs_ring")
 

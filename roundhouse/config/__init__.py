@@ -48,6 +48,7 @@ __all__ = [
     "NonNegInt",
     "OptimizerConfig",
     "PSStrategyConfig",
+    "ParamGroupConfig",
     "RingStrategyConfig",
     "SchedulerConfig",
     "Section",
@@ -77,9 +78,30 @@ class ModelConfig(Section):
         default_factory=dict, description="Model-specific keyword arguments (e.g. dropout)."
     )
     lora: LoraConfig | None = Field(None, description="Train low-rank adapters only (peft).")
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights (step 0, fresh optimizer): a roundhouse run or "
+        "checkpoints/step_N folder, a .safetensors or torch state-dict file, a Hugging Face "
+        "GPT-2/BERT folder, or a torchvision state dict; any fsspec URL.",
+    )
+    init_skip: list[str] = Field(
+        default_factory=list,
+        description="Globs of tensor names left freshly initialised (e.g. ['fc.*'] for a new "
+        "head).",
+    )
 
 
 # --- trainer -----------------------------------------------------------------------------------
+
+
+class ParamGroupConfig(Section):
+    """Optimizer settings for the trainable parameters whose names match `match`."""
+
+    match: str = Field(description="Glob over parameter names, e.g. 'layer*' or '*.bias'.")
+    lr_scale: PositiveFloat = Field(1.0, description="This group's lr = lr x lr_scale.")
+    weight_decay: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="This group's weight decay (default: the optimizer's)."
+    )
 
 
 class OptimizerConfig(Section):
@@ -93,6 +115,11 @@ class OptimizerConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam and AdamW.")
     alpha: Annotated[float, Field(gt=0, lt=1)] = Field(0.99, description="RMSprop decay.")
     eps: PositiveFloat = 1e-8
+    param_groups: list[ParamGroupConfig] = Field(
+        default_factory=list,
+        description="Per-parameter settings by name glob, first match wins; the rest keep "
+        "lr and weight_decay. The schedule scales every group.",
+    )
 
 
 class SchedulerConfig(Section):
@@ -137,7 +164,9 @@ class TrainerConfig(Section):
     """The training loop."""
 
     max_epochs: PositiveInt | None = 10
-    max_steps: PositiveInt | None = Field(None, description="Stops first if set.")
+    max_steps: NonNegInt | None = Field(
+        None, description="Stops first if set; 0 only converts (init_from -> a step-0 checkpoint)."
+    )
     seed: int = 0
     device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda | cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -165,6 +194,11 @@ class TrainerConfig(Section):
     early_stopping: EarlyStoppingConfig | None = None
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distill: DistillConfig | None = Field(None, description="Distil from a teacher run.")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Globs of parameter names to freeze: no gradient, not in the optimizer, "
+        "not exchanged. Each must match something.",
+    )
 
     @model_validator(mode="after")
     def _needs_a_limit(self) -> TrainerConfig:

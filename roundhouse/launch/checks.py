@@ -49,4 +49,24 @@ def check_runnable(job: JobSpec, *, local: bool) -> Topology:
     strategy = get_strategy_class(job.strategy)
     world_size = 1 if local else job.cluster.num_workers
     strategy.check_world_size(world_size)
-    return check_topology(job, world_size)
+    topology = check_topology(job, world_size)
+    check_finetune_job(job)
+    return topology
+
+
+def check_finetune_job(job: JobSpec) -> None:
+    """`init_from`, `freeze` and `param_groups` against the model on the meta device, so a bad
+    source or glob fails before anything is written."""
+    finetune = job.trainer
+    if not (job.model.init_from or finetune.freeze or finetune.optimizer.param_groups):
+        return
+    import torch
+
+    from roundhouse.data import build_splits
+    from roundhouse.trainer.finetune import check_finetune
+    from roundhouse.trainer.model_build import build_model_for
+
+    info = build_splits(job.data, seed=job.trainer.seed).info
+    with torch.device("meta"):
+        model = build_model_for(job, info.input_shape, info.num_classes)
+    check_finetune(job, model)

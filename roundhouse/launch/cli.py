@@ -3,7 +3,7 @@
     roundhouse train JOB.yaml [key.sub=value ...] [--local] [--dry-run] [--resume latest|PATH]
     roundhouse plan JOB.yaml [key.sub=value ...] [--workers 1,2,4,8] [--device H100-80GB] [--json]
     roundhouse models list
-    roundhouse models summary NAME[:FLAVOR] --input CxHxW
+    roundhouse models summary NAME[:FLAVOR] --input CxHxW [model.options.x=y ...]
     roundhouse schema
     roundhouse sample RUN [--sampler ddpm|ddim --steps N --guidance W --class K --num N --out F]
     roundhouse sample RUN --prompt TEXT [--max-new-tokens N --temperature T --top-k K]
@@ -38,6 +38,7 @@ from roundhouse.launch.cli_jobs import add_jobs_parser, add_submit_parser, cmd_j
 from roundhouse.launch.cli_plan import add_plan_parser, cmd_plan
 from roundhouse.launch.cli_runs import add_runs_parser, cmd_runs
 from roundhouse.launch.cli_sample import add_sample_parser, cmd_sample
+from roundhouse.launch.cli_summary import add_summary_arguments, summary_lines
 from roundhouse.launch.cli_tune import add_tune_parser, cmd_tune
 
 if TYPE_CHECKING:
@@ -104,9 +105,7 @@ def add_models_parser(
     sub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     sub.add_parser("list", parents=[common], help="list registered models and flavors")
     summary = sub.add_parser("summary", parents=[common], help="layer shapes and parameter counts")
-    summary.add_argument("model", metavar="NAME[:FLAVOR]")
-    summary.add_argument("--input", default="1x8x8", help="per-sample input shape, e.g. 3x32x32")
-    summary.add_argument("--num-classes", type=int, default=10)
+    add_summary_arguments(summary)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -167,13 +166,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         for spec in models.list_models():
             print(f"{spec.name:<12} {', '.join(spec.flavors):<40} {spec.description}")
         return 0
-    name, flavor = models.parse_model_ref(args.model)
-    shape = parse_shape(args.input)
-    model = models.build_model(
-        name, models.BuildConfig(flavor=flavor, input_shape=shape, num_classes=args.num_classes)
-    )
-    rows = models.summarize(model, shape)
-    print(models.format_summary(rows, models.count_parameters(model)))
+    for line in summary_lines(args, parse_shape(args.input)):
+        print(line)
     return 0
 
 
@@ -238,7 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if (
         extra
-        and args.command in ("train", "submit", "plan", "tune")
+        and (
+            args.command in ("train", "submit", "plan", "tune")
+            or getattr(args, "models_command", "") == "summary"
+        )
         and all("=" in e and not e.startswith("-") for e in extra)
     ):
         args.overrides += extra

@@ -111,7 +111,7 @@ def load_run(ref: str) -> LoadedRun:
     from roundhouse import models
     from roundhouse.data import build_splits
     from roundhouse.trainer.checkpoint import Checkpointer
-    from roundhouse.trainer.run import build_model_for
+    from roundhouse.trainer.model_build import build_model_for
 
     job, target, step = read_run(ref)
     identity = {"model": job.model.name, "flavor": job.model.flavor}

@@ -14,7 +14,8 @@ from roundhouse.data import build_splits
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.trainer.adapt_checks import check_adaptation
-from roundhouse.trainer.run import build_model_for
+from roundhouse.trainer.finetune import check_finetune, group_counts
+from roundhouse.trainer.model_build import build_model_for
 
 
 def dry_run(job: JobSpec, *, local: bool) -> list[str]:
@@ -27,6 +28,7 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
         model = build_model_for(job, info.input_shape, info.num_classes)
         out_shape = _output_shape(job, model, info.input_shape, splits.input_dtype)
     num_params = sum(p.numel() for p in model.parameters())
+    loaded = check_finetune(job, model)  # init_from, freeze, param_groups (already checked)
     steps_per_epoch = topo.steps_per_epoch(info.num_samples["train"])
     total = compute_total_steps(job, steps_per_epoch)
     return [
@@ -41,6 +43,12 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
         f"{topo.grad_accum_steps} micro-step(s) x {topo.micro_batch_text()} samples per "
         "micro-batch",
         f"steps: {steps_per_epoch} per epoch, {total} in total",
+        *group_counts(model, job.trainer.optimizer),
+        *(
+            [f"init_from {job.model.init_from}: {loaded.loaded} tensors, {loaded.skipped} skipped"]
+            if loaded
+            else []
+        ),
     ]
 
 

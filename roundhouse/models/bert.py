@@ -23,6 +23,7 @@ from roundhouse.models.gpt import (
     MLP,
     TokenEmbedding,
     TransformerBlock,
+    build_activation,
     check_choices,
     flavor_flops,
     init_transformer,
@@ -36,9 +37,13 @@ logger = logging.getLogger(__name__)
 class MLMHead(nn.Module):
     """BERT's prediction head: `Linear(C, C) -> GELU -> LayerNorm -> Linear(C, V)`."""
 
-    def __init__(self, dim: int, vocab_size: int) -> None:
+    def __init__(
+        self, dim: int, vocab_size: int, activation: str = "gelu", norm_eps: float = 1e-5
+    ) -> None:
         super().__init__()
-        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
+        self.transform = nn.Sequential(
+            nn.Linear(dim, dim), build_activation(activation), nn.LayerNorm(dim, eps=norm_eps)
+        )
         self.proj = nn.Linear(dim, vocab_size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,30 +90,40 @@ def build_bert(
     norm: str = "post",
     dropout: float = 0.0,
     tie_weights: bool = True,
+    max_len: int | None = None,
+    activation: str = "gelu",
+    norm_eps: float = 1e-5,
+    embed_norm: bool = False,
 ) -> BERT:
     """Builds a BERT encoder for `(T,)` token inputs and a vocabulary of `num_classes`.
 
     Args: as `build_gpt`; `positions` defaults to `"learned"` and `norm` to `"post"` (BERT's).
+    `embed_norm` adds a LayerNorm after the embeddings (Hugging Face BERT checkpoints have
+    one; `init_from` turns it on for them).
     """
     seq_len = sequence_length("bert", input_shape)
     check_choices("bert", positions, norm)
     dropout = check_dropout(dropout)
-    embed = TokenEmbedding(num_classes, dim, seq_len, positions == "learned", dropout)
+    build_activation(activation)
+    learned = positions == "learned"
+    embed_eps = norm_eps if embed_norm else None
+    embed = TokenEmbedding(num_classes, dim, max_len or seq_len, learned, dropout, embed_eps)
     blocks = [
         TransformerBlock(
             dim,
             num_heads,
-            MLP(dim, mlp_ratio * dim, dropout),
+            MLP(dim, mlp_ratio * dim, dropout, activation=activation),
             norm=norm,
             causal=False,
             rope=positions == "rope",
             dropout=dropout,
+            norm_eps=norm_eps,
         )
         for _ in range(num_layers)
     ]
     # Post-LN blocks end in a LayerNorm; pre-LN ones need one before the head.
-    final = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
-    model = BERT(embed, blocks, final, MLMHead(dim, num_classes))
+    final = nn.LayerNorm(dim, eps=norm_eps) if norm == "pre" else nn.Identity()
+    model = BERT(embed, blocks, final, MLMHead(dim, num_classes, activation, norm_eps))
     init_transformer(model, num_layers)
     if tie_weights:
         model.head.proj.weight = model.embed.tok.weight

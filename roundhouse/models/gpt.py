@@ -37,15 +37,30 @@ logger = logging.getLogger(__name__)
 
 POSITIONS = ("rope", "learned")
 NORMS = ("pre", "post")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (BERT) or the tanh approximation (GPT-2)
+
+
+def build_activation(activation: str) -> nn.Module:
+    """`nn.GELU` for `"gelu"` (erf) or `"gelu_tanh"` (the approximation GPT-2 uses)."""
+    if activation not in ACTIVATIONS:
+        raise ModelError(f"bad activation={activation!r}", f"valid: {', '.join(ACTIVATIONS)}")
+    return nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
 class MLP(nn.Module):
     """Per-position feed-forward: `Linear(C, 4C) -> GELU -> Linear(4C, C)` (S3:1527)."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        activation: str = "gelu",
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
+        self.act = build_activation(activation)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
 
@@ -65,6 +80,7 @@ class TransformerBlock(nn.Module):
         causal: Decoder (masked) self-attention.
         rope: Rotary positions inside attention.
         dropout: Residual and attention dropout.
+        norm_eps: The LayerNorms' epsilon (BERT checkpoints use 1e-12).
     """
 
     def __init__(
@@ -77,12 +93,13 @@ class TransformerBlock(nn.Module):
         causal: bool = True,
         rope: bool = True,
         dropout: float = 0.0,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.norm, self.causal = norm, causal
-        self.ln1 = nn.LayerNorm(dim)
+        self.ln1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = MultiHeadAttention(dim, num_heads, dropout=dropout, rope=rope)
-        self.ln2 = nn.LayerNorm(dim)
+        self.ln2 = nn.LayerNorm(dim, eps=norm_eps)
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)
 
@@ -104,12 +121,24 @@ class TransformerBlock(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
-    """Token embedding plus, with learned positions, an added position table."""
+    """Token embedding plus, with learned positions, an added position table.
 
-    def __init__(self, vocab_size: int, dim: int, max_len: int, learned: bool, dropout: float):
+    `norm_eps` adds a LayerNorm over the sum (BERT's embedding LayerNorm); None has none.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        max_len: int,
+        learned: bool,
+        dropout: float,
+        norm_eps: float | None = None,
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Embedding(max_len, dim) if learned else None
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm_eps is not None else None
         self.drop = nn.Dropout(dropout)
 
     def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
@@ -123,15 +152,17 @@ class TokenEmbedding(nn.Module):
                     "use positions='rope' (extrapolates) or a larger max_len",
                 )
             x = x + self.pos(torch.arange(offset, length, device=tokens.device))
+        if self.norm is not None:
+            x = self.norm(x)
         return self.drop(x)
 
 
 class LMHead(nn.Module):
     """Final LayerNorm (pre-LN only; post-LN outputs are already normalized) and logits."""
 
-    def __init__(self, dim: int, vocab_size: int, final_norm: bool) -> None:
+    def __init__(self, dim: int, vocab_size: int, final_norm: bool, norm_eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()
         self.proj = nn.Linear(dim, vocab_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -256,6 +287,8 @@ def build_gpt(
     dropout: float = 0.0,
     max_len: int | None = None,
     make_ffn: Callable[[int], nn.Module] | None = None,
+    activation: str = "gelu",
+    norm_eps: float = 1e-5,
 ) -> GPT:
     """Builds a GPT for `(T,)` token inputs and a vocabulary of `num_classes`.
 
@@ -273,11 +306,14 @@ def build_gpt(
         max_len: Rows of the learned position table (default T); unused with RoPE.
         make_ffn: Builds block i's feed-forward network (the MoE model passes its experts);
             default an `MLP`.
+        activation: The MLP's `"gelu"` (erf) or `"gelu_tanh"` (GPT-2's approximation).
+        norm_eps: Every LayerNorm's epsilon.
     """
     seq_len = sequence_length("gpt", input_shape)
     check_choices("gpt", positions, norm)
     dropout = check_dropout(dropout)
-    make_ffn = make_ffn or (lambda _i: MLP(dim, mlp_ratio * dim, dropout))
+    build_activation(activation)  # rejects an unknown name before anything is built
+    make_ffn = make_ffn or (lambda _i: MLP(dim, mlp_ratio * dim, dropout, activation=activation))
     embed = TokenEmbedding(num_classes, dim, max_len or seq_len, positions == "learned", dropout)
     blocks = [
         TransformerBlock(
@@ -288,10 +324,11 @@ def build_gpt(
             causal=True,
             rope=positions == "rope",
             dropout=dropout,
+            norm_eps=norm_eps,
         )
         for i in range(num_layers)
     ]
-    model = GPT(embed, blocks, LMHead(dim, num_classes, final_norm=norm == "pre"))
+    model = GPT(embed, blocks, LMHead(dim, num_classes, norm == "pre", norm_eps))
     init_transformer(model, num_layers)
     if tie_weights:
         model.head.proj.weight = model.embed.tok.weight  # (V, C) used both ways

@@ -33,7 +33,7 @@ def check_adaptation(job: JobSpec) -> None:
 
 def check_lora(job: JobSpec, info: DataInfo) -> None:
     """The strategy supports adapters and the targets match layers of the model."""
-    from roundhouse.trainer.run import build_model_for
+    from roundhouse.trainer.model_build import build_model_for
 
     with torch.device("meta"):
         model = build_model_for(job, info.input_shape, info.num_classes)

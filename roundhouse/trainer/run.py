@@ -9,10 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import yaml
 
@@ -30,8 +28,10 @@ from roundhouse.runs.status import RunStatus
 from roundhouse.runs.tracking import Tracker, redact_secrets
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
 from roundhouse.trainer.distill import build_distill_task
+from roundhouse.trainer.finetune import apply_finetune, build_optimizer_factory
 from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.lora import AdapterCheckpoint, apply_lora
+from roundhouse.trainer.model_build import build_model_for, seed_everything
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import Task, build_task
 
@@ -118,22 +118,6 @@ def write_job_yaml(run_dir: RunDir, job: JobSpec) -> None:
     run_dir.write_text("job.yaml", yaml.safe_dump(data, sort_keys=False))
 
 
-def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
-    """Seed Python, NumPy and torch; on CUDA, ask for deterministic kernels.
-
-    CPU kernels are already deterministic run to run (the bit-for-bit tests check this), and
-    `use_deterministic_algorithms` costs ~30% on CPU: some backward kernels then raise a
-    warning, with a Python traceback, on every call.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless asked."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
@@ -161,19 +145,6 @@ def build_plan(
         grad_accum_steps=cfg.grad_accum_steps,
         pipeline_layers=models.get(job.model.name).pipeline_layers,
     )
-
-
-def build_model_for(
-    job: JobSpec, input_shape: tuple[int, ...], num_classes: int
-) -> torch.nn.Module:
-    """The job's model for inputs of `input_shape` (per sample) and `num_classes` outputs."""
-    config = models.BuildConfig(
-        flavor=job.model.flavor,
-        input_shape=input_shape,
-        num_classes=num_classes,
-        options=job.model.options,
-    )
-    return models.build_model(job.model.name, config)
 
 
 def run_worker(
@@ -217,12 +188,14 @@ def build_trainer(
     task_kind = models.get(job.model.name).loss
     splits.check_task(task_kind, job.model.name)  # e.g. an image dataset for a language model
     model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
+    apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
     task = build_distill_task(job, build_task(task_kind, job.trainer.loss), splits, ctx.device)
     strategy = build_strategy(job.strategy, ctx)
     loader = build_train_loader(job, splits, strategy)
     total = compute_total_steps(job, len(loader))
     plan = build_plan(job, task, ctx.device, steps_per_epoch=len(loader), total_steps=total)
+    plan.build_optimizer = build_optimizer_factory(job, model)  # with param_groups
     strategy.setup(model, plan)
     apply_compile(strategy, job.trainer.compile, job.trainer.compile_mode)
     tracker = Tracker(

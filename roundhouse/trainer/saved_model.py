@@ -30,7 +30,9 @@ from roundhouse.trainer.checkpoint import (
     get_rng_state,
     set_rng_state,
 )
+from roundhouse.trainer.finetune import apply_finetune
 from roundhouse.trainer.lora import LoraState, apply_lora, check_same_base, fill_base, merge_lora
+from roundhouse.trainer.model_build import build_model_for, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +111,18 @@ def preserved_rng() -> Iterator[None]:
 
 
 def build_job_model(job: JobSpec) -> tuple[nn.Module, LoraState | None, Splits]:
-    """The job's model (with its LoRA adapters) built as `run_worker` builds it, on the CPU."""
-    from roundhouse.trainer.run import build_model_for, seed_everything
+    """The job's model (with its LoRA adapters) built as `run_worker` builds it, on the CPU.
 
+    A LoRA run's checkpoint holds only the adapters, so its base is rebuilt from its source
+    (`init_from`, then the seed) exactly as training built it; any other checkpoint holds every
+    weight and overwrites whatever the model starts with.
+    """
     with preserved_rng():
         seed_everything(job.trainer.seed, False, torch.device("cpu"))
         splits = build_splits(job.data, seed=job.trainer.seed)
         model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
+        if job.model.lora is not None:
+            apply_finetune(model, job)
         lora = apply_lora(model, job)
     return model, lora, splits
 

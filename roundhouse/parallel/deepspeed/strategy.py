@@ -271,6 +271,7 @@ class DeepSpeedStrategy(Strategy):
         weights, state = self.zero.gather(self.local_named_params())
         for name, buffer in self.model.named_buffers():
             weights[name] = buffer.detach().cpu().clone()
+        weights.update(self.frozen_weights())
         for hook in self.model_hooks:
             weights, state = hook.consolidate(weights, state)
         for alias, name in self.aliases.items():  # a tied weight under each of its names,
@@ -300,9 +301,10 @@ class DeepSpeedStrategy(Strategy):
             return len(self.canonical)
 
     def group_of(self) -> dict[str, int]:
-        """Which optimizer group each parameter is in (MoE splits expert parameters)."""
+        """Which optimizer group each parameter is in (MoE splits expert parameters; the job's
+        `param_groups` make their own)."""
         if self.config.expert_parallel == 1:
-            return {}
+            return getattr(self.plan.build_optimizer, "live_group_of", dict)()
 
         return {n: 1 if is_expert_name(n) else 0 for n in self.canonical}
 
@@ -333,6 +335,31 @@ class DeepSpeedStrategy(Strategy):
             for name, buffer in self.model.named_buffers():
                 if name in weights:
                     buffer.copy_(weights[name])
+        self.load_frozen(weights)
+
+    def frozen(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters nobody trains (`trainer.freeze`): outside ZeRO's optimizer state."""
+        return [(n, p) for n, p in self.model.named_parameters() if not p.requires_grad]
+
+    def frozen_weights(self) -> dict[str, Tensor]:
+        """Full copies of the frozen parameters (ZeRO-3 partitions them too: gathered)."""
+        import deepspeed
+
+        named = self.frozen()
+        stage3 = self.config.zero_stage == 3 and bool(named)
+        with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=stage3):
+            return {n: p.detach().cpu().clone() for n, p in named}
+
+    def load_frozen(self, weights: dict[str, Tensor]) -> None:
+        import deepspeed
+
+        named = [(n, p) for n, p in self.frozen() if n in weights]
+        stage3 = self.config.zero_stage == 3 and bool(named)
+        params = [p for _, p in named]
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=stage3)
+        with gathered, torch.no_grad():
+            for name, param in named:
+                param.copy_(weights[name].to(param.dtype))
 
     def model_state_dict(self) -> dict[str, Tensor]:
         """The consolidated model weights, as the unwrapped model names them."""

@@ -143,12 +143,12 @@ class ShardServer:
                 view = self.flat[self.offsets[i] : self.offsets[i + 1]].view(np.shape(a))
                 view.copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
                 self.params.append(view)
-            self.optimizer = setup.build_optimizer(self.params) if self.params else None
+            self.optimizer = build_shard_optimizer(setup, self.params, self.indices)
             if self.optimizer is not None:
                 use_foreach(self.optimizer)
             self.scheduler = setup.build_scheduler(self.optimizer) if self.params else None
             if state is not None and self.params:
-                load_shard_state(self.optimizer, self.scheduler, self.indices, state)
+                load_shard_state(self.optimizer, self.scheduler, self.indices, state, self.params)
             self.clocks = [step] * setup.num_pushers
             self.version = step if setup.mode == "sync" else 0
             self.updates = 0 if state is None else int(state.get("updates", 0))
@@ -346,8 +346,13 @@ class ShardServer:
             if self.optimizer is None:
                 return {"params": params, "optimizer": {}, "scheduler": None, "updates": 0}
             opt = self.optimizer.state_dict()
+            # state_dict numbers parameters group by group; map them back to global indices.
+            position = {id(p): i for i, p in enumerate(self.params)}
+            chain = [p for group in self.optimizer.param_groups for p in group["params"]]
             per_param = {
-                g: opt["state"][i] for i, g in enumerate(self.indices) if i in opt["state"]
+                self.indices[position[id(p)]]: opt["state"][i]
+                for i, p in enumerate(chain)
+                if i in opt["state"]
             }
             groups = [
                 {k: v for k, v in group.items() if k != "params"} for group in opt["param_groups"]
@@ -372,13 +377,34 @@ def use_foreach(optimizer: torch.optim.Optimizer) -> None:
             group["foreach"] = True
 
 
+def build_shard_optimizer(
+    setup: ServerSetup, params: list[torch.Tensor], indices: list[int]
+) -> torch.optim.Optimizer | None:
+    """The job's optimizer over this shard; a grouping factory also gets the global indices
+    (its parameter groups go by name, see `trainer.finetune.OptimizerFactory`)."""
+    if not params:
+        return None
+    if hasattr(setup.build_optimizer, "groups_of"):
+        return setup.build_optimizer(params, indices=indices)
+    return setup.build_optimizer(params)
+
+
 def load_shard_state(
-    optimizer: torch.optim.Optimizer, scheduler: Any, indices: list[int], state: dict[str, Any]
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    indices: list[int],
+    state: dict[str, Any],
+    params: list[torch.Tensor],
 ) -> None:
     """Load the consolidated optimizer/scheduler `state` for the parameters `indices`."""
     opt = state["optimizer"]
     per_param = {i: opt["state"][g] for i, g in enumerate(indices) if g in opt["state"]}
-    groups = [dict(group, params=list(range(len(indices)))) for group in opt["param_groups"]]
+    # Saved state is keyed by position in this shard; each live group lists its own positions.
+    position = {id(p): i for i, p in enumerate(params)}
+    groups = [
+        dict(saved, params=[position[id(p)] for p in mine["params"]])
+        for saved, mine in zip(opt["param_groups"], optimizer.param_groups, strict=True)
+    ]
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     if state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])

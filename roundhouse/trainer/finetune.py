@@ -1,0 +1,273 @@
+"""Starting from weights: `model.init_from`, `trainer.freeze`, `trainer.optimizer.param_groups`.
+
+Everything here changes the model *before* a strategy sees it, so every strategy gets it the
+same way:
+
+- `init_from` copies weights into the freshly built model (a roundhouse run or checkpoint of
+  any strategy — their checkpoints hold consolidated weights — or anything
+  `models.pretrained` reads). The run still starts at step 0 with a fresh optimizer, schedule
+  and data position; only `--resume` restores those.
+- `freeze` sets `requires_grad=False`. Every strategy builds its optimizer, gradient buckets
+  (ring), server shards (ps) and engine (DeepSpeed) from the trainable parameters only, so a
+  frozen tensor gets no gradient and is never exchanged.
+- `param_groups` becomes `OptimizerFactory`, a picklable optimizer factory (the ps servers
+  build their optimizers with it) that puts each trainable parameter into the group of the
+  first glob matching its name: group 0 is the job's own settings, then one per entry.
+  The schedule is one `LambdaLR` factor, so it scales every group's lr.
+
+`check_finetune` runs all of it against a model on the meta device before anything is
+written, so a missing/corrupt/foreign `init_from` or a glob matching nothing is a one-line
+error with nothing written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from roundhouse.errors import CheckpointError, JobFileError
+from roundhouse.models import pretrained
+from roundhouse.models.pretrained import LoadReport, matches_any
+from roundhouse.spec import JobSpec, OptimizerConfig
+from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
+from roundhouse.trainer.optim import build_optimizer
+from roundhouse.trainer.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+# --- init_from ------------------------------------------------------------------------------------
+
+
+def read_run_weights(url: str) -> dict[str, Tensor] | None:
+    """Consolidated weights of a run folder (latest) or a `checkpoints/step_N` folder, or None
+    when `url` is neither."""
+    target = RunDir(url.rstrip("/"))
+    step = None
+    if target.exists(MANIFEST):
+        step = int(target.url.rsplit("_", 1)[-1])
+        target = RunDir(target.url.rsplit("/", 2)[0])
+    elif not target.exists(CHECKPOINTS, LATEST):
+        return None
+    state = Checkpointer(target, keep_last=1, identity={}).load(step)
+    return dict(state["strategy"]["model"])
+
+
+def read_init_weights(url: str, model_name: str) -> dict[str, Tensor]:
+    """The tensors `url` holds, named as the zoo model `model_name` names them."""
+    try:
+        weights = read_run_weights(url)
+        if weights is not None:
+            return weights
+        if pretrained.is_hf_folder(url):
+            config = pretrained.read_hf_config(url)
+            kind = pretrained.hf_model_type(config, url, model_name)
+            return pretrained.HF_CONVERTERS[kind](pretrained.read_hf_weights(url))
+        return pretrained.read_tensor_file(url)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"model.init_from {url!r} cannot be read: {exc}", "check the path and credentials"
+        ) from None
+
+
+def resolve_build(
+    job: JobSpec, options: Mapping[str, Any], num_classes: int
+) -> tuple[dict[str, Any], int]:
+    """(options, num_classes) to build the job's model with.
+
+    A Hugging Face `init_from` contributes its config.json's architecture (the job's own
+    `model.options` win) and its vocabulary, which must cover the data's.
+    """
+    url = job.model.init_from
+    if url is None or not pretrained.is_hf_folder(url):
+        return dict(options), num_classes
+    config = pretrained.read_hf_config(url)
+    pretrained.hf_model_type(config, url, job.model.name)
+    hf_options, vocab = pretrained.hf_build_options(config)
+    if num_classes > vocab:
+        raise CheckpointError(
+            f"the data's vocabulary ({num_classes}) is larger than model.init_from's ({vocab})",
+            "tokenize the data with the pretrained model's tokenizer",
+        )
+    return {**hf_options, **options}, vocab
+
+
+def apply_init_from(model: nn.Module, job: JobSpec) -> LoadReport | None:
+    """Load `model.init_from` into `model` (None when the job has none)."""
+    url = job.model.init_from
+    if url is None:
+        return None
+    weights = read_init_weights(url, job.model.name)
+    align = pretrained.ALIGNERS.get(job.model.name)
+    if align is not None:
+        weights = align(weights, model)
+    return pretrained.apply_weights(model, weights, job.model.init_skip, url)
+
+
+# --- freezing -------------------------------------------------------------------------------------
+
+
+def apply_freeze(model: nn.Module, globs: list[str]) -> list[str]:
+    """`requires_grad=False` on parameters matching `globs`; returns their names.
+
+    Raises:
+        JobFileError: a glob matches no parameter.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    for glob in globs:
+        if not any(matches_any(n, [glob]) for n in names):
+            raise JobFileError(
+                f"trainer.freeze pattern {glob!r} matches no parameter",
+                f"parameter names look like {', '.join(names[:3])}; see `roundhouse models "
+                "summary`",
+            )
+    frozen = [n for n, p in model.named_parameters() if matches_any(n, globs)]
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    if frozen:
+        logger.info("froze %d of %d parameter tensors", len(frozen), len(names))
+    return frozen
+
+
+def apply_finetune(model: nn.Module, job: JobSpec) -> LoadReport | None:
+    """`init_from` then `freeze`, in place, before the strategy takes the model."""
+    report = apply_init_from(model, job)
+    apply_freeze(model, job.trainer.freeze)
+    return report
+
+
+# --- parameter groups -----------------------------------------------------------------------------
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters in `model.parameters()` order (tied ones once)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def group_index(name: str, config: OptimizerConfig) -> int:
+    """0 for the job's own settings, else 1 + the first `param_groups` entry matching."""
+    for i, group in enumerate(config.param_groups):
+        if matches_any(name, [group.match]):
+            return i + 1
+    return 0
+
+
+def check_param_groups(names: list[str], config: OptimizerConfig) -> None:
+    """Every `param_groups` entry must match a trainable parameter."""
+    for i, group in enumerate(config.param_groups):
+        if not any(matches_any(n, [group.match]) for n in names):
+            raise JobFileError(
+                f"trainer.optimizer.param_groups[{i}].match {group.match!r} matches no "
+                "trainable parameter",
+                "check the glob against `roundhouse models summary` (frozen ones do not count)",
+            )
+
+
+@dataclass
+class OptimizerFactory:
+    """Builds the job's optimizer with its parameter groups; picklable (ps servers call it).
+
+    Args:
+        config: the job's optimizer section.
+        names: trainable parameter names in `model.parameters()` order: the strategies pass
+            the trainable parameters in that order, ps servers their global `indices` into it.
+    """
+
+    config: OptimizerConfig
+    names: list[str]
+
+    def groups_of(self, names: list[str]) -> list[list[int]]:
+        """Positions in `names` per group (every group, possibly empty)."""
+        groups: list[list[int]] = [[] for _ in range(len(self.config.param_groups) + 1)]
+        for pos, name in enumerate(names):
+            groups[group_index(name, self.config)].append(pos)
+        return groups
+
+    def group_settings(self, index: int) -> dict[str, float]:
+        if index == 0:
+            return {}
+        group = self.config.param_groups[index - 1]
+        settings = {"lr": self.config.lr * group.lr_scale}
+        if group.weight_decay is not None:
+            settings["weight_decay"] = group.weight_decay
+        return settings
+
+    def __call__(
+        self, params: Iterable[Any], indices: list[int] | None = None
+    ) -> torch.optim.Optimizer:
+        params = list(params)
+        if not self.config.param_groups or (params and isinstance(params[0], dict)):
+            return build_optimizer(params, self.config)  # plain, or MoE's own groups
+        names = [self.names[i] for i in indices] if indices is not None else self.names
+        assert len(names) == len(params), "parameters do not line up with their names"
+        # ps shards keep every group (their states are merged by group); others drop empties.
+        keep_empty = indices is not None
+        groups = [
+            {"params": [params[p] for p in members], **self.group_settings(i)}
+            for i, members in enumerate(self.groups_of(names))
+            if members or keep_empty
+        ]
+        return build_optimizer(groups, self.config)
+
+    def live_group_of(self) -> dict[str, int]:
+        """Parameter name -> index of its group among the non-empty groups."""
+        groups = [m for m in self.groups_of(self.names) if m]
+        return {self.names[p]: g for g, members in enumerate(groups) for p in members}
+
+
+def build_optimizer_factory(job: JobSpec, model: nn.Module) -> OptimizerFactory:
+    """The job's optimizer factory for `model`'s trainable parameters."""
+    names = trainable_names(model)
+    check_param_groups(names, job.trainer.optimizer)
+    return OptimizerFactory(job.trainer.optimizer, names)
+
+
+# --- reports and checks ---------------------------------------------------------------------------
+
+
+def group_counts(model: nn.Module, config: OptimizerConfig) -> list[str]:
+    """Report lines: trainable parameters per optimizer group, and the frozen ones."""
+    counts = [0] * (len(config.param_groups) + 1)
+    frozen = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            counts[group_index(name, config)] += param.numel()
+        else:
+            frozen += param.numel()
+    lines = [f"trainable {sum(counts):,}, frozen {frozen:,} parameters"]
+    if config.param_groups:
+        lines.append(f"  group 0 (lr {config.lr:g}): {counts[0]:,}")
+        for i, group in enumerate(config.param_groups):
+            lr = config.lr * group.lr_scale
+            lines.append(f"  group {i + 1} {group.match!r} (lr {lr:g}): {counts[i + 1]:,}")
+    return lines
+
+
+def check_strategy_support(job: JobSpec) -> None:
+    """Parameter groups need every rank to hold the whole model's parameter list."""
+    strategy = job.strategy
+    if not job.trainer.optimizer.param_groups or strategy.kind != "deepspeed":
+        return
+    if strategy.pipeline_stages > 1 or strategy.expert_parallel > 1:
+        raise JobFileError(
+            "trainer.optimizer.param_groups do not work with pipeline or expert parallel "
+            "DeepSpeed jobs yet",
+            "drop param_groups, or use pipeline_stages=1 and expert_parallel=1",
+        )
+
+
+def check_finetune(job: JobSpec, model: nn.Module) -> LoadReport | None:
+    """Run `init_from`, `freeze` and `param_groups` against `model` (meta is fine); raise the
+    one-line error a bad job would hit at start."""
+    check_strategy_support(job)
+    report = apply_finetune(model, job)
+    check_param_groups(trainable_names(model), job.trainer.optimizer)
+    return report
