@@ -30,13 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from roundhouse.config import JobSpec, OptimizerConfig
 from roundhouse.errors import CheckpointError, JobFileError
 from roundhouse.models import pretrained
 from roundhouse.models.pretrained import LoadReport, matches_any
-from roundhouse.spec import JobSpec, OptimizerConfig
+from roundhouse.runs.rundir import RunDir
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
 from roundhouse.trainer.optim import build_optimizer
-from roundhouse.trainer.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 

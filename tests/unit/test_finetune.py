@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from roundhouse.trainer.ps.server import ServerSetup, ShardServer
 
 from roundhouse.errors import JobFileError
 from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
+from roundhouse.parallel.ps.server import ServerSetup, ShardServer
 from roundhouse.trainer.finetune import apply_freeze, build_optimizer_factory
 from roundhouse.trainer.model_build import build_model_for
 from roundhouse.trainer.optim import build_scheduler

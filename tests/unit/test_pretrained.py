@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-from roundhouse.spec import JobSpec
 from safetensors.torch import save_file
 
+from roundhouse.config import JobSpec
 from roundhouse.errors import CheckpointError
 from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
