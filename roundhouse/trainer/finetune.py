@@ -251,23 +251,9 @@ def group_counts(model: nn.Module, config: OptimizerConfig) -> list[str]:
     return lines
 
 
-def check_strategy_support(job: JobSpec) -> None:
-    """Parameter groups need every rank to hold the whole model's parameter list."""
-    strategy = job.strategy
-    if not job.trainer.optimizer.param_groups or strategy.kind != "deepspeed":
-        return
-    if strategy.pipeline_stages > 1 or strategy.expert_parallel > 1:
-        raise JobFileError(
-            "trainer.optimizer.param_groups do not work with pipeline or expert parallel "
-            "DeepSpeed jobs yet",
-            "drop param_groups, or use pipeline_stages=1 and expert_parallel=1",
-        )
-
-
 def check_finetune(job: JobSpec, model: nn.Module) -> LoadReport | None:
     """Run `init_from`, `freeze` and `param_groups` against `model` (meta is fine); raise the
     one-line error a bad job would hit at start."""
-    check_strategy_support(job)
     report = apply_finetune(model, job)
     check_param_groups(trainable_names(model), job.trainer.optimizer)
     return report

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from roundhouse.errors import JobFileError
+from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.ps.server import ServerSetup, ShardServer
@@ -178,3 +179,17 @@ def test_models_summary_runs_for_language_diffusion_and_vae_models(
 ) -> None:
     assert main(["models", "summary", ref, "--input", shape]) == 0
     assert "trainable " in capsys.readouterr().out
+
+
+def test_param_groups_with_deepspeed_pipeline_are_refused_by_its_job_check() -> None:
+    job = validate_job(
+        {
+            "name": "groups",
+            "model": {"name": "mlp"},
+            "trainer": {"optimizer": {"param_groups": [{"match": "fc1.*", "lr_scale": 0.1}]}},
+            "strategy": {"kind": "deepspeed", "zero_stage": 0, "pipeline_stages": 2},
+            "cluster": {"num_workers": 2},
+        }
+    )
+    with pytest.raises(JobFileError, match="pipeline or expert parallel"):
+        check_runnable(job, local=False)

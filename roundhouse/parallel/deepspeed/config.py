@@ -295,7 +295,19 @@ def check_job(job: JobSpec, world_size: int) -> DeepSpeedLayout:
         check_tensor_parallel_model(job, strategy.tensor_parallel)
     if job.model.lora is not None:
         check_lora_layout(strategy)
+    if job.trainer.optimizer.param_groups:
+        check_param_groups_layout(strategy)
     return layout
+
+
+def check_param_groups_layout(strategy: DeepSpeedStrategyConfig) -> None:
+    """Parameter groups need every rank to hold the whole model's parameter list."""
+    if strategy.pipeline_stages > 1 or strategy.expert_parallel > 1:
+        raise JobFileError(
+            "trainer.optimizer.param_groups do not work with pipeline or expert parallel "
+            "DeepSpeed jobs yet",
+            "drop param_groups, or use pipeline_stages=1 and expert_parallel=1",
+        )
 
 
 def check_lora_layout(strategy: DeepSpeedStrategyConfig) -> None:
