@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from roundhouse.config import DeepSpeedStrategyConfig
 from roundhouse.errors import JobFileError, ModelError
-from roundhouse.parallel.base import StepStats, TrainPlan, move_to
+from roundhouse.parallel.base import StepStats, TrainPlan
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.deepspeed.config import pipeline_partition
 from roundhouse.parallel.deepspeed.state import ZeroState, merge_named
@@ -171,7 +171,7 @@ class PipelineStrategy(DeepSpeedStrategy):
         synchronising one, so that the loop's `sum(float(loss) * n)` is the step's exact
         loss sum (see the module docstring).
         """
-        self.pending.append((move_to(batch, self.ctx.device), loss_scale))
+        self.pending.append((self.engine_batch(batch), loss_scale))
         if not sync:
             return torch.zeros(())
         pending, self.pending = self.pending, []
@@ -220,7 +220,7 @@ class PipelineStrategy(DeepSpeedStrategy):
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """The last stage's outputs for `batch`, on every rank of the pipeline."""
-        batch = move_to(batch, self.ctx.device)
+        batch = self.engine_batch(batch)
         x: Tensor | None = self.model_input(batch)
         for stage in range(self.config.pipeline_stages):
             if stage == self.stage:

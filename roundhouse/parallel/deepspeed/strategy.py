@@ -198,7 +198,7 @@ class DeepSpeedStrategy(Strategy):
         self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
     ) -> Tensor:
         """Forward and backward through the engine; `sync` marks the accumulation boundary."""
-        batch = move_to(batch, self.ctx.device)
+        batch = self.engine_batch(batch)
         self.engine.set_gradient_accumulation_boundary(sync)
         outputs = self.plan.task.forward(self.engine, batch)
         loss = self.plan.task.loss(outputs, batch)
@@ -208,8 +208,15 @@ class DeepSpeedStrategy(Strategy):
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Model outputs for evaluation, without gradients."""
+        return self.plan.task.forward(self.engine, self.engine_batch(batch))
+
+    def engine_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`batch` on this worker's device; with `bf16` the engine's weights are bf16 (no
+        autocast), so floating-point inputs are cast to match (integer ids and labels stay)."""
         batch = move_to(batch, self.ctx.device)
-        return self.plan.task.forward(self.engine, batch)
+        if self.plan.autocast_dtype != torch.bfloat16:
+            return batch
+        return {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
 
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
         """`engine.step()` once per optimizer step; report the global norm and lr."""
