@@ -51,6 +51,7 @@ def kill_mid_run(job: Path, run: Path) -> None:
             "--local",
             "storage.run_id=d-killed",
             "trainer.max_steps=100000",
+            "trainer.max_epochs=100000",  # neither limit may end the run before the kill
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
