@@ -31,6 +31,12 @@ from .data import (
     StreamCacheConfig,
     StreamSplitConfig,
 )
+from .strategy_section import (
+    StrategyConfig,
+    StrategySection,
+    on_section_registered,
+    strategy_sections,
+)
 
 __all__ = [
     "AugmentConfig",
@@ -56,11 +62,13 @@ __all__ = [
     "SlowWorkerConfig",
     "StorageConfig",
     "StrategyConfig",
+    "StrategySection",
     "StreamCacheConfig",
     "StreamSplitConfig",
     "TrackingConfig",
     "TrainerConfig",
     "WandbConfig",
+    "strategy_sections",
 ]
 
 
@@ -207,16 +215,16 @@ class TrainerConfig(Section):
         return self
 
 
-# --- strategy (tagged union on `kind`) ---------------------------------------------------------
+# --- strategy (an open tagged union on `kind`: see strategy_section.py) -------------------------
 
 
-class SingleStrategyConfig(Section):
+class SingleStrategyConfig(StrategySection):
     """One device, no gradient exchange."""
 
     kind: Literal["single"] = "single"
 
 
-class RingStrategyConfig(Section):
+class RingStrategyConfig(StrategySection):
     """roundhouse's bucketed ring all-reduce."""
 
     kind: Literal["ring"]
@@ -237,7 +245,7 @@ class SlowWorkerConfig(Section):
     )
 
 
-class PSStrategyConfig(Section):
+class PSStrategyConfig(StrategySection):
     """roundhouse's parameter server on Ray actors."""
 
     kind: Literal["ps"]
@@ -266,7 +274,7 @@ class PSStrategyConfig(Section):
         return self
 
 
-class DeepSpeedStrategyConfig(Section):
+class DeepSpeedStrategyConfig(StrategySection):
     """DeepSpeed: ZeRO data parallel, pipeline, tensor and expert parallel."""
 
     kind: Literal["deepspeed"]
@@ -289,7 +297,7 @@ class DeepSpeedStrategyConfig(Section):
         return "pipeline" if self.pipeline_stages > 1 else None
 
 
-class AutoStrategyConfig(Section):
+class AutoStrategyConfig(StrategySection):
     """`roundhouse plan` picks the strategy at launch (see roundhouse/planner)."""
 
     kind: Literal["auto"]
@@ -304,16 +312,6 @@ class AutoStrategyConfig(Section):
     bandwidth: str | None = Field(
         None, description="Link bandwidth, e.g. 25GB/s (default: measured)."
     )
-
-
-StrategyConfig = Annotated[
-    SingleStrategyConfig
-    | RingStrategyConfig
-    | PSStrategyConfig
-    | DeepSpeedStrategyConfig
-    | AutoStrategyConfig,
-    Field(discriminator="kind"),
-]
 
 
 # --- cluster, tracking, storage -----------------------------------------------------------------
@@ -427,3 +425,7 @@ class JobSpec(Section):
             dynamic = strategy.mode != "sync" and not conflicts
             strategy.data_assignment = "dynamic" if dynamic else "static"
         return self
+
+
+# A strategy section defined after this module (a new strategy's own module) joins the union.
+on_section_registered(lambda: JobSpec.model_rebuild(force=True))

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from roundhouse.config import JobSpec
+from roundhouse.config import JobSpec, StrategySection, strategy_sections
 from roundhouse.errors import JobFileError
 
 
@@ -80,7 +80,22 @@ def validate_job(data: dict[str, Any], source: str = "job") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
+        if not _strategy_kind_unknown(exc):
+            raise JobFileError(*describe_validation_error(exc, source)) from None
+    # A strategy's section registers when its module is imported: import them all, then retry.
+    import roundhouse.parallel.registry  # noqa: F401  (slow: imported only for an unknown kind)
+
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
         raise JobFileError(*describe_validation_error(exc, source)) from None
+
+
+def _strategy_kind_unknown(exc: ValidationError) -> bool:
+    return any(
+        err["type"] == "union_tag_invalid" and tuple(err["loc"]) == ("strategy",)
+        for err in exc.errors(include_url=False)
+    )
 
 
 def describe_validation_error(exc: ValidationError, source: str) -> tuple[str, str]:
@@ -118,7 +133,9 @@ def section_at(loc: tuple) -> type[BaseModel]:
         part = parts.pop(0)
         ann = cls.model_fields[part].annotation
         members = [m for m in _flatten(ann) if isinstance(m, type) and issubclass(m, BaseModel)]
-        if len(members) > 1 and parts:  # a tagged union: the next location part is the tag
+        if members[0] is StrategySection and parts:  # the open union: the next part is the kind
+            members = [strategy_sections()[parts.pop(0)]]
+        elif len(members) > 1 and parts:  # a tagged union: the next location part is the tag
             tag = parts.pop(0)
             members = [
                 m for m in members if tag in typing.get_args(m.model_fields["kind"].annotation)
