@@ -38,21 +38,6 @@ PIPELINE_PARTITIONS = ("parameters", "uniform", "type:")
 
 
 @dataclass(frozen=True)
-class DeepSpeedLayout:
-    """How the job's workers split for DeepSpeed: data x pipeline x tensor parallel."""
-
-    world_size: int
-    pipeline_stages: int
-    tensor_parallel: int
-    expert_parallel: int
-
-    @property
-    def data_parallel(self) -> int:
-        """Data-parallel replicas: the world size over pipeline x tensor parallel."""
-        return self.world_size // (self.pipeline_stages * self.tensor_parallel)
-
-
-@dataclass(frozen=True)
 class EngineOptions:
     """The job values a ds_config takes besides the batch arithmetic (`Topology`)."""
 
@@ -218,7 +203,7 @@ def pipeline_partition(raw: dict[str, Any]) -> str:
     return method
 
 
-def check_layout(s: DeepSpeedStrategyConfig, world_size: int) -> DeepSpeedLayout:
+def check_layout(s: DeepSpeedStrategyConfig, world_size: int) -> None:
     """Topology rules for DeepSpeed, with the arithmetic in the message."""
     mp = s.model_parallel_size
     if world_size % mp:
@@ -227,8 +212,7 @@ def check_layout(s: DeepSpeedStrategyConfig, world_size: int) -> DeepSpeedLayout
             f"{mp} does not divide the world size {world_size}",
             "make cluster.num_workers a multiple of pipeline_stages * tensor_parallel",
         )
-    layout = DeepSpeedLayout(world_size, s.pipeline_stages, s.tensor_parallel, s.expert_parallel)
-    dp = layout.data_parallel
+    dp = Topology(world_size, s.pipeline_stages, s.tensor_parallel, 1, 1, "drop").data_parallel
     if dp % s.expert_parallel:
         raise JobFileError(
             f"expert_parallel={s.expert_parallel} does not divide the data-parallel size "
@@ -237,7 +221,6 @@ def check_layout(s: DeepSpeedStrategyConfig, world_size: int) -> DeepSpeedLayout
             "choose expert_parallel dividing the data-parallel size",
         )
     check_combination(s)
-    return layout
 
 
 def check_combination(s: DeepSpeedStrategyConfig) -> None:
@@ -276,7 +259,7 @@ def check_combination(s: DeepSpeedStrategyConfig) -> None:
         )
 
 
-def check_job(job: JobSpec, world_size: int) -> DeepSpeedLayout:
+def check_job(job: JobSpec, world_size: int) -> None:
     """Everything about a DeepSpeed job that can fail before a worker starts.
 
     Topology arithmetic, raw-vs-typed ds_config conflicts, and what the model must offer:
@@ -284,7 +267,7 @@ def check_job(job: JobSpec, world_size: int) -> DeepSpeedLayout:
     """
     strategy = job.strategy
     assert isinstance(strategy, DeepSpeedStrategyConfig)
-    layout = check_layout(strategy, world_size)
+    check_layout(strategy, world_size)
     build_ds_config(strategy, Topology.of_job(job, world_size), EngineOptions.of_job(job))
     pipeline_partition(strategy.config)
     if strategy.expert_parallel > 1:
@@ -297,7 +280,6 @@ def check_job(job: JobSpec, world_size: int) -> DeepSpeedLayout:
         check_lora_layout(strategy)
     if job.trainer.optimizer.param_groups:
         check_param_groups_layout(strategy)
-    return layout
 
 
 def check_param_groups_layout(strategy: DeepSpeedStrategyConfig) -> None:

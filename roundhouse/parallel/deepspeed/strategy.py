@@ -81,7 +81,7 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, config: DeepSpeedStrategyConfig, ctx: WorkerContext) -> None:
         super().__init__(config, ctx)
-        self.layout = check_layout(config, ctx.world_size)
+        check_layout(config, ctx.world_size)
         self.owns_process_group = False
         self.engine: Any = None
         self.tp_group: Any = None
