@@ -122,6 +122,7 @@ def write_onnx(
 
 
 def file_size_text(url: str) -> str:
+    """The size of the file at `url` (any fsspec URL), for people."""
     fs, path = fsspec.core.url_to_fs(url)
     return f"{fs.size(path):,} bytes"
 

@@ -54,6 +54,7 @@ class Denoiser(nn.Module):
         self.diffusion = diffusion
 
     def forward(self, z: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The predicted noise of latents `z` at timesteps `t` (under `cond`, if any)."""
         return self.diffusion.denoise(z, t, cond)
 
 
@@ -65,6 +66,7 @@ class VAEDecoder(nn.Module):
         self.vae = vae
 
     def forward(self, z: Tensor) -> Tensor:
+        """Pixels on [0, 1] decoded from latent codes `z`."""
         return self.vae.decode(z)
 
 
@@ -73,6 +75,7 @@ def _batch_axes(names: list[str]) -> dict[str, dict[int, str]]:
 
 
 def classifier_graph(model: nn.Module, info: DataInfo, dtype: torch.dtype) -> ExportGraph:
+    """The export graph of a classifier: random inputs of the data's shape and dtype."""
     shape = tuple(info.input_shape)
 
     def sample(batch: int, gen: torch.Generator, variant: int = 0) -> tuple[Tensor, ...]:
@@ -84,6 +87,7 @@ def classifier_graph(model: nn.Module, info: DataInfo, dtype: torch.dtype) -> Ex
 
 
 def language_model_graph(model: nn.Module, info: DataInfo) -> ExportGraph:
+    """The export graph of a language model: token ids with dynamic batch and sequence axes."""
     vocab = info.num_classes
     length = min(SAMPLE_SEQ_LEN, int(info.input_shape[0]))
 
@@ -96,6 +100,7 @@ def language_model_graph(model: nn.Module, info: DataInfo) -> ExportGraph:
 
 
 def denoiser_graph(model: nn.Module) -> ExportGraph:
+    """The export graph of a diffusion model's denoiser: `(z_t, t[, cond]) -> eps`."""
     from roundhouse.models.diffusion.model import find_diffusion_model
 
     diffusion = find_diffusion_model(model)
@@ -116,6 +121,7 @@ def denoiser_graph(model: nn.Module) -> ExportGraph:
 
 
 def decoder_graph(model: nn.Module) -> ExportGraph:
+    """The export graph of a VAE's decoder: latent codes -> pixels."""
     latent = tuple(model.latent_shape)
 
     def sample(batch: int, gen: torch.Generator, variant: int = 0) -> tuple[Tensor, ...]:

@@ -137,4 +137,5 @@ def quantize_int8(src: str, dst: str) -> None:
 
 
 def file_size(path: str) -> int:
+    """The size in bytes of the local file `path`."""
     return os.path.getsize(path)

@@ -30,6 +30,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def add_export_parser(
     commands: argparse._SubParsersAction, common: argparse.ArgumentParser
 ) -> None:
+    """Add the `export` command to the CLI's subcommands."""
     export = commands.add_parser(
         "export", parents=[common], help="write a model as safetensors or ONNX (int8 optional)"
     )
@@ -37,10 +38,12 @@ def add_export_parser(
 
 
 def is_job_file(source: str) -> bool:
+    """Whether an export source names a job file (`.yaml`/`.yml`) rather than a run."""
     return source.endswith((".yaml", ".yml"))
 
 
 def default_out(name: str, fmt: str, quantize: str | None) -> str:
+    """The output file name when `--out` is not given: `NAME[.int8].FORMAT`."""
     return f"{name}{'.int8' if quantize else ''}.{fmt}"
 
 

@@ -26,6 +26,7 @@ DEFAULT_STORAGE = "./runs"
 
 
 def add_runs_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `runs` command (list, compare, plot) to the CLI's subcommands."""
     runs = commands.add_parser("runs", parents=[common], help="list, compare and plot runs")
     sub = runs.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
     listing = sub.add_parser("list", parents=[common], help="a table of the runs under STORAGE")
@@ -43,6 +44,7 @@ def add_runs_parser(commands: argparse._SubParsersAction, common: argparse.Argum
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    """Run one `runs` subcommand and print its table (or the PNG written)."""
     if args.runs_command == "list":
         lines = list_table(list_runs(args.storage, args.name))
     elif args.runs_command == "compare":
@@ -59,12 +61,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def fmt(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, None as a dash."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
 
 
 def fmt_duration(seconds: float | None) -> str:
+    """Seconds as `M:SS` or `H:MM:SS` (None as a dash)."""
     if seconds is None:
         return "-"
     minutes, secs = divmod(round(seconds), 60)
@@ -73,6 +77,7 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def align(table: list[list[str]]) -> list[str]:
+    """Rows of cells as left-aligned text columns."""
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table

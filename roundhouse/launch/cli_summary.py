@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_summary_arguments(summary: argparse.ArgumentParser) -> None:
+    """Add `models summary`'s arguments (model, input shape, classes, overrides)."""
     summary.add_argument("model", metavar="NAME[:FLAVOR]")
     summary.add_argument("--input", default="1x8x8", help="per-sample input shape, e.g. 3x32x32")
     summary.add_argument("--num-classes", type=int, default=10)

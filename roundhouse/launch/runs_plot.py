@@ -46,6 +46,7 @@ def plot_runs(runs: list[RunRecord], metrics: list[str], out: str, *, x: str = "
 
 
 def draw_series(ax: object, run: RunRecord, metric: str, x: str) -> None:
+    """Plot one run's `metric` on `ax` against steps or seconds (nothing if it never logged it)."""
     points = run.series(metric)
     if not points:
         return

@@ -41,14 +41,17 @@ class RunRecord:
 
     @property
     def run_id(self) -> str:
+        """The run folder's name (its id)."""
         return self.url.rstrip("/").rsplit("/", 1)[-1]
 
     @property
     def name(self) -> str:
+        """The job's name."""
         return str(self.job.get("name", "?"))
 
     @property
     def strategy(self) -> str:
+        """The job's `strategy.kind`."""
         return str((self.job.get("strategy") or {}).get("kind", "?"))
 
     @property
@@ -59,10 +62,12 @@ class RunRecord:
 
     @property
     def status(self) -> str:
+        """finished, failed, running or killed (a running record whose process is gone)."""
         return effective_status(self.status_record)
 
     @property
     def steps(self) -> int:
+        """The last step the run logged."""
         return max((int(r.get("step", 0)) for r in self.rows), default=0)
 
     @property
@@ -84,6 +89,7 @@ class RunRecord:
         ]
 
     def final(self, metric: str) -> float | None:
+        """The last logged value of `metric`, or None."""
         points = self.series(metric)
         return points[-1][2] if points else None
 
@@ -95,6 +101,7 @@ class RunRecord:
         return min(values) if lower_is_better(metric) else max(values)
 
     def metric_names(self) -> list[str]:
+        """Every metric the run logged (`section/name` keys)."""
         return sorted({k for r in self.rows for k in r if "/" in k})
 
 
@@ -114,6 +121,7 @@ def default_val_metric(run: RunRecord) -> str | None:
 
 
 def parse_rows(text: str) -> list[dict[str, Any]]:
+    """The JSON object rows of a `metrics.jsonl` text (lines cut short by a crash skipped)."""
     rows = []
     for line in text.splitlines():
         try:

@@ -22,7 +22,8 @@ STOPPED = "stopped"  # ended early by a sweep's scheduler (written by the sweep 
 class Writable(Protocol):
     """What `write_status` needs of a run folder (a `RunDir`)."""
 
-    def write_text(self, name: str, text: str) -> None: ...
+    def write_text(self, name: str, text: str) -> None:
+        """Write `text` to the file `name` in the run folder."""
 
 
 def write_status(run_dir: Writable, status: str, **extra: Any) -> None:
