@@ -12,7 +12,14 @@ knows, also against the vendor's dense bf16 peak.
 
     python benchmarks/mfu.py --flavor small --device cpu --precision fp32
     python benchmarks/mfu.py --flavor 1.3b --device cuda --precision bf16 \
-        --strategy deepspeed --zero-stage 2 --steps 20
+        --strategy deepspeed --zero-stage 2 --steps 10 --accum 4
+
+`--accum N` accumulates N micro-batches of the flavor's shape per optimizer step
+(`trainer.grad_accum_steps`, the data batch N times larger), as MFU reports usually do: the
+optimizer step (and DeepSpeed ZeRO's per-step gradient and master-weight copies) is then paid
+once per N micro-batches. Every micro-batch's tokens count (the loop's `train/samples_per_s`
+counts the whole step). `--ds-config JSON` merges raw ds_config keys (`strategy.config`), e.g.
+`'{"zero_optimization": {"overlap_comm": true}}'`.
 
 Prints `RESULT mfu_gpt_<flavor>_<precision> ours=<model FLOP/s> baseline=<matmul FLOP/s>
 ratio=<MFU> unit=FLOP/s`, and on a known GPU `RESULT mfu_gpt_<flavor>_<precision>_vs_peak`.
@@ -70,12 +77,13 @@ VOCAB = 260  # roundhouse's byte vocabulary (builtin:pytext)
 def make_job(storage: str, args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     """A `--local` style job for gpt:<flavor> on builtin:pytext (no eval, no checkpoints)."""
     seq_len, batch = SHAPES[args.flavor]
-    seq_len, batch = args.seq_len or seq_len, args.batch or batch
+    seq_len, batch = args.seq_len or seq_len, (args.batch or batch) * args.accum
     tokens = (args.steps + 4) * batch * (seq_len + 1)
     options = {k: yaml.safe_load(v) for k, v in args.options}
     strategy: dict[str, Any] = {"kind": args.strategy}
     if args.strategy == "deepspeed":
         strategy["zero_stage"] = args.zero_stage
+        strategy["config"] = json.loads(args.ds_config)
     job = {
         "name": "mfu",
         "model": {"name": "gpt", "flavor": args.flavor, "options": options},
@@ -88,6 +96,7 @@ def make_job(storage: str, args: argparse.Namespace, **overrides: Any) -> dict[s
         },
         "trainer": {
             "max_steps": args.steps,
+            "grad_accum_steps": args.accum,
             "log_every_steps": args.window,
             "device": args.device,
             "precision": args.precision,
@@ -175,7 +184,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--window", type=int, default=5, help="steps per logged window")
     parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="samples per micro-batch")
+    parser.add_argument(
+        "--accum", type=int, default=1, help="micro-batches per optimizer step (grad_accum_steps)"
+    )
+    parser.add_argument(
+        "--ds-config", default="{}", help="raw ds_config keys as JSON (strategy.config)"
+    )
     parser.add_argument("--compile", action="store_true", help="trainer.compile=true")
     parser.add_argument(
         "--option",
@@ -211,8 +226,10 @@ def main() -> None:
     samples = statistics.median(rates)
     achieved = samples * model_flops_per_sample(args)
     seq_len = args.seq_len or SHAPES[args.flavor][0]
+    micro = args.batch or SHAPES[args.flavor][1]
     print(
-        f"gpt:{args.flavor} {args.device} {args.precision} {args.strategy}: "
+        f"gpt:{args.flavor} {args.device} {args.precision} {args.strategy} "
+        f"{args.accum} x {micro} x {seq_len}{' compiled' if args.compile else ''}: "
         f"{samples * seq_len:.1f} tokens/s, {achieved / 1e12:.3f} TFLOP/s; matmul "
         f"fp32 {before['fp32'] / 1e12:.3f}, bf16 {before['bf16'] / 1e12:.3f}, "
         f"after training ({args.precision}) {after / 1e12:.3f} TFLOP/s",

@@ -163,15 +163,18 @@ class Trainer:
         """One optimizer step over this rank's micro-batches (skipped when a loss is non-finite)."""
         step_size = self.train_loader.last_step_size
         dp = self.strategy.data_parallel_size
-        loss_sum, samples = 0.0, 0
+        losses: list[tuple[Any, int]] = []
         for i, batch in enumerate(micro_batches):
             n = batch["target"].shape[0]
             scale = n / step_size * dp
             loss = self.strategy.forward_backward(
                 batch, loss_scale=scale, sync=i == len(micro_batches) - 1
             )
-            loss_sum += float(loss) * n
-            samples += n
+            losses.append((loss, n))
+        # Read back only now: on a GPU, reading a loss waits for its kernels, and reading each
+        # micro-batch's at once would leave the device idle while the next one is launched.
+        loss_sum = sum(float(loss) * n for loss, n in losses)
+        samples = sum(n for _, n in losses)
         if not self.strategy.all_true(math.isfinite(loss_sum)):
             self.on_nonfinite_loss(loss_sum)
             return

@@ -44,6 +44,39 @@ def test_every_optimizer_takes_a_step(name: str) -> None:
     assert not torch.equal(before, layer.weight)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_is_fused_on_cpu_and_takes_the_same_steps_as_the_per_tensor_loop(name: str) -> None:
+    """The fused kernel (one pass per tensor) gives the reference loop's weights."""
+    torch.manual_seed(0)
+    fused_layer, loop_layer = nn.Linear(5, 3), nn.Linear(5, 3)
+    loop_layer.load_state_dict(fused_layer.state_dict())
+    config = OptimizerConfig(name=name, lr=0.05, weight_decay=0.1)
+    groups = [{"params": iter([fused_layer.weight])}, {"params": [fused_layer.bias], "lr": 0.1}]
+    fused = build_optimizer(iter(groups), config)  # generators are taken as well
+    reference = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    loop = reference(
+        [{"params": [loop_layer.weight]}, {"params": [loop_layer.bias], "lr": 0.1}],
+        lr=0.05,
+        weight_decay=0.1,
+        foreach=False,
+    )
+    assert [g["fused"] for g in fused.param_groups] == [True, True]
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        for layer, opt in ((fused_layer, fused), (loop_layer, loop)):
+            opt.zero_grad()
+            layer(x).square().sum().backward()
+            opt.step()
+    torch.testing.assert_close(fused_layer.weight, loop_layer.weight)
+    torch.testing.assert_close(fused_layer.bias, loop_layer.bias)
+
+
+def test_params_on_the_meta_device_keep_torchs_default_implementation() -> None:
+    layer = nn.Linear(3, 2, device="meta")
+    opt = build_optimizer(layer.parameters(), OptimizerConfig(name="adamw"))
+    assert opt.param_groups[0]["fused"] is None
+
+
 def test_unknown_optimizer_lists_valid_ones() -> None:
     with pytest.raises(JobFileError, match="adamw"):
         build_optimizer(params(), OptimizerConfig(name="lion"))

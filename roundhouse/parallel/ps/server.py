@@ -370,10 +370,11 @@ def use_foreach(optimizer: torch.optim.Optimizer) -> None:
     """The multi-tensor implementation, where the optimizer has one and the job left it open.
 
     torch picks it by itself only for CUDA tensors; on CPU a shard's update otherwise costs one
-    round of Python-dispatched operations per parameter, on the step's critical path.
+    round of Python-dispatched operations per parameter, on the step's critical path. A fused
+    optimizer (roundhouse's Adam/AdamW, `trainer.optim.fused_or_default`) is left as it is.
     """
     for group in optimizer.param_groups:
-        if "foreach" in group and group["foreach"] is None:
+        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
             group["foreach"] = True
 
 
