@@ -10,9 +10,12 @@ RoPE (S3:1663-1691) rotates each pair of dimensions `(2i, 2i+1)` of q and k (nev
 angle `m * theta_i`, `theta_i = base^(-2i/d)` (RoFormer). A rotation keeps norms, and rotating q
 by `m * theta` and k by `n * theta` makes `q . k` depend on `m - n` only. The angle tables are
 computed once per device/dtype for the longest length seen (`RopeTables`) and sliced, so a model
-trained on T tokens still runs (extrapolates) on longer inputs. The rotation is
-`x * cos + swap_pairs(x) * signed_sin` in the input's dtype: three elementwise passes instead of
-the split/stack of the textbook form, which cost gpt:small 30% of its throughput on a CPU.
+trained on T tokens still runs (extrapolates) on longer inputs. In float32/float64 (outside
+torch.compile, whose inductor has no complex kernels) each pair is read as one complex number
+and multiplied by `e^(i m theta)`: one pass, about 6x faster than the alternative on a CPU.
+Otherwise (bf16/fp16, compiled) the rotation is `x * cos + swap_pairs(x) * signed_sin` in the
+input's dtype: three elementwise passes instead of the split/stack of the textbook form, which
+cost gpt:small 30% of its throughput on a CPU.
 """
 
 from __future__ import annotations
@@ -57,9 +60,47 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     for its pair and the sign of the pair's first component folded into `sin` (from
     `RopeTables`). Differentiable in `x` only (the angles are constants).
     """
+    if use_complex(x):
+        if cos.shape[-1] * 2 == x.shape[-1]:
+            rot = torch.complex(cos.to(x.dtype), sin.to(x.dtype))
+        else:  # (T, D) tables: the pair's angle is repeated, its sine signed (-s, +s)
+            rot = torch.complex(cos[..., 0::2].to(x.dtype), sin[..., 1::2].to(x.dtype))
+        return RotateComplex.apply(x, rot)
     if cos.shape[-1] * 2 == x.shape[-1]:
         cos, sin = expand_angles(cos, sin)
     return RotatePairs.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def use_complex(x: Tensor) -> bool:
+    """Whether `x` rotates as complex numbers: float32/float64, and not inside torch.compile."""
+    return x.dtype in COMPLEX_OF and not torch.compiler.is_compiling()
+
+
+def complex_rotate(x: Tensor, rot: Tensor) -> Tensor:
+    """`x` `(..., D)` read as `D/2` complex pairs, times `rot` `(..., D/2)` (broadcast)."""
+    strides_even = all(stride % 2 == 0 for stride in x.stride()[:-1])
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or not strides_even:
+        x = x.contiguous()
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (..., D/2)
+    return torch.view_as_real(pairs * rot).flatten(-2)  # (..., D)
+
+
+class RotateComplex(torch.autograd.Function):
+    """RoPE as a complex multiply; backward multiplies by the conjugate (the rotation by
+    `-theta`), one pass each way."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rot: Tensor) -> Tensor:
+        ctx.save_for_backward(rot)
+        return complex_rotate(x, rot)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (rot,) = ctx.saved_tensors
+        return complex_rotate(grad, rot.conj()), None
 
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -92,7 +133,8 @@ def expand_angles(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class RopeTables:
-    """`(T, D)` cos/sin tables (see `expand_angles`), cached per device and dtype.
+    """`(T, D)` cos/sin tables (see `expand_angles`), or `(T, D/2)` complex rotations, cached
+    per device and dtype.
 
     Computed once for the longest length seen so far (doubling), then sliced: a training step
     no longer recomputes them in every layer. Kept out of `state_dict` (a plain attribute, not a
@@ -102,6 +144,27 @@ class RopeTables:
     def __init__(self, head_dim: int, base: float = ROPE_BASE) -> None:
         self.head_dim, self.base = head_dim, base
         self.tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self.rotations: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def rotate(self, x: Tensor, offset: int) -> Tensor:
+        """`x` `(B, T, H, D)` rotated for positions `offset .. offset + T - 1`."""
+        length = x.shape[1]
+        if use_complex(x):
+            rot = self.rotation(length, offset, x.device, COMPLEX_OF[x.dtype])  # (T, D/2)
+            return RotateComplex.apply(x, rot[:, None])
+        cos, sin = self.get(length, offset, x.device, x.dtype)
+        return RotatePairs.apply(x, cos[:, None], sin[:, None])
+
+    def rotation(self, length: int, offset: int, device, dtype: torch.dtype) -> Tensor:
+        """`e^(i m theta)` for positions `offset .. offset + length - 1`: `(length, D/2)`."""
+        key = (torch.device(device), dtype)
+        cached = self.rotations.get(key)
+        end = offset + length
+        if cached is None or cached.shape[0] < end:
+            size = max(end, 2 * cached.shape[0] if cached is not None else end)
+            cos, sin = rope_angles(size, self.head_dim, base=self.base, device=device)
+            cached = self.rotations[key] = torch.complex(cos, sin).to(dtype)
+        return cached[offset:end]
 
     def get(self, length: int, offset: int, device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Tables for positions `offset .. offset + length - 1`, each `(length, D)`."""
@@ -197,19 +260,18 @@ class MultiHeadAttention(nn.Module):
         self.rope_tables = RopeTables(self.head_dim) if rope else None
 
     def project(
-        self, x: Tensor, context: Tensor | None, angles: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, context: Tensor | None, offset: int = 0
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-head q from `x`, k and v from `context` (or `x`): each `(B, H, T, D)`.
 
-        With `angles` (`(T, D)` RoPE tables), q and k are rotated while still in the maps'
+        With RoPE, q and k are rotated for positions from `offset` while still in the maps'
         contiguous `(B, T, H, D)` layout, which is faster than rotating the transposed heads.
         """
         source = x if context is None else context
         q = self.q_proj(x).unflatten(-1, (self.num_heads, -1))  # (B, T, H, D)
         k = self.k_proj(source).unflatten(-1, (self.num_heads, -1))
-        if angles is not None:
-            cos, sin = angles[0][:, None], angles[1][:, None]  # (T, 1, D)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope_tables is not None:
+            q, k = self.rope_tables.rotate(q, offset), self.rope_tables.rotate(k, offset)
         v = split_heads(self.v_proj(source), self.num_heads)
         return q.transpose(1, 2), k.transpose(1, 2), v
 
@@ -236,10 +298,7 @@ class MultiHeadAttention(nn.Module):
             `(B, T, C)`.
         """
         past = 0 if cache is None else cache.length
-        angles = None
-        if self.rope_tables is not None:
-            angles = self.rope_tables.get(x.shape[1], past, x.device, x.dtype)
-        q, k, v = self.project(x, context, angles)  # (B, H, T, D), (B, H, S, D) x2
+        q, k, v = self.project(x, context, past)  # (B, H, T, D), (B, H, S, D) x2
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, H, past + T, D)
         mask = self.build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, x.device)

@@ -9,7 +9,7 @@ import torch
 from roundhouse import models
 from roundhouse.errors import JobFileError
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.models.attention import RopeTables, apply_rope, rope_angles
+from roundhouse.models.attention import RopeTables, RotatePairs, apply_rope, rope_angles
 
 
 def textbook_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -25,6 +25,24 @@ def test_fast_rotation_equals_textbook_forward_and_backward() -> None:
     c, s = cos.double()[:, None], sin.double()[:, None]  # (T, 1, D/2)
     torch.testing.assert_close(apply_rope(x, c, s), textbook_rope(x, c, s))
     torch.autograd.gradcheck(lambda t: apply_rope(t, c, s), (x,))
+
+
+def test_complex_rotation_equals_the_pairs_rotation_forward_and_backward() -> None:
+    """float32 rotates as complex numbers, bf16 (and compiled code) as swapped pairs."""
+    torch.manual_seed(0)
+    tables = RopeTables(8)
+    x = torch.randn(2, 12, 3, 8, requires_grad=True)  # (B, T, H, D)
+    complex_out = tables.rotate(x, 5)
+    cos, sin = tables.get(12, 5, "cpu", torch.float32)
+    pairs_out = RotatePairs.apply(x, cos[:, None], sin[:, None])
+    torch.testing.assert_close(complex_out, pairs_out)
+    grad = torch.randn_like(complex_out).transpose(1, 2).contiguous().transpose(1, 2)  # strided
+    (complex_grad,) = torch.autograd.grad(complex_out, x, grad)
+    (pairs_grad,) = torch.autograd.grad(pairs_out, x, grad)
+    torch.testing.assert_close(complex_grad, pairs_grad)
+    half = tables.rotate(x.detach().bfloat16(), 5)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), pairs_out.detach(), atol=0.05, rtol=0.02)
 
 
 def test_cached_tables_slice_like_fresh_angles_and_stay_out_of_state_dict() -> None:
