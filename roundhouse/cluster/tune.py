@@ -148,8 +148,11 @@ def concurrent_trials(job: JobSpec) -> int:
 
 
 def running_trials(job: JobSpec) -> int:
-    """Trials Tune runs at once: those whose worker groups fit, plus the standby ones."""
-    return concurrent_trials(job) + STANDBY_TRIALS
+    """Trials Tune runs at once: those whose worker groups fit, plus the standby ones (not
+    with parameter servers: a standby would start its servers, holding CPUs, while it waits)."""
+    from roundhouse.cluster.ps import server_cpus
+
+    return concurrent_trials(job) + (STANDBY_TRIALS if server_cpus(job) == 0 else 0)
 
 
 def build_tuner(plan: SweepPlan, resume: bool) -> Any:
@@ -168,12 +171,11 @@ def build_tuner(plan: SweepPlan, resume: bool) -> Any:
         return tune.Tuner.restore(
             path, trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
         )
-    searcher = build_searcher(plan)
     tune_config = tune.TuneConfig(
         metric=plan.metric,
         mode=plan.mode,
         num_samples=plan.samples,
-        search_alg=searcher,
+        search_alg=build_searcher(plan),
         scheduler=build_scheduler(plan),
         # A variant generator limits itself (Tune would warn that it ignores this).
         max_concurrent_trials=None if plan.searcher != "bayes" else running_trials(plan.job),
