@@ -126,8 +126,10 @@ class RunMonitor:
     def progress(self) -> Progress:
         """The console, built on first use (its total may need the data's size)."""
         if self._progress is None:
-            total = estimate_total_steps(self.job)
-            self._progress = build_progress(self.job.tracking.console, total)
+            console = self.job.tracking.console
+            # No console (a sweep's trial): no total to show, so no data to load for it.
+            total = None if console == "off" else estimate_total_steps(self.job)
+            self._progress = build_progress(console, total)
         return self._progress
 
     def _run(self) -> None:

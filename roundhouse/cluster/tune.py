@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from roundhouse.cluster.progress import MetricsTail
-from roundhouse.cluster.runtime import ClusterError
+from roundhouse.cluster.runtime import ClusterError, scoped_env
 from roundhouse.config import JobSpec
 from roundhouse.trainer.run import run_dir_of
 
@@ -34,6 +34,14 @@ TUNE_FOLDER = "ray"
 # The trial's own actor only waits on its worker group; its workers hold the real resources.
 TRIAL_CPUS = 0.01
 POLL_S = 1.0
+# Trials started beyond those whose worker groups fit: a standby trial's actor and Ray Train
+# controller start while the others train, and its worker group (a pending placement group)
+# is placed the moment one of them frees its workers. That hides ~10 s of process start-up
+# per trial, which dominates short trials (and trials that ASHA stops after an epoch).
+STANDBY_TRIALS = 1
+# How long a trial's worker group may queue for resources that other trials hold: the whole
+# sweep (that the cluster can host a group at all is checked first, `wait_for_capacity`).
+TRIAL_QUEUE_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -93,7 +101,7 @@ def build_searcher(plan: SweepPlan) -> Any:
 
         # Tune ignores `max_concurrent_trials` for a generator passed in: it queues itself.
         return BasicVariantGenerator(
-            random_state=plan.job.trainer.seed, max_concurrent=concurrent_trials(plan.job)
+            random_state=plan.job.trainer.seed, max_concurrent=running_trials(plan.job)
         )
     try:
         import optuna  # noqa: F401
@@ -139,6 +147,14 @@ def concurrent_trials(job: JobSpec) -> int:
     return max(1, min(fits, default=1))
 
 
+def running_trials(job: JobSpec) -> int:
+    """Trials Tune runs at once: those whose worker groups fit, plus the standby ones (not
+    with parameter servers: a standby would start its servers, holding CPUs, while it waits)."""
+    from roundhouse.cluster.ps import server_cpus
+
+    return concurrent_trials(job) + (STANDBY_TRIALS if server_cpus(job) == 0 else 0)
+
+
 def build_tuner(plan: SweepPlan, resume: bool) -> Any:
     """A new `Tuner`, or the one restored from the sweep folder (`--resume`)."""
     from ray import tune
@@ -161,7 +177,8 @@ def build_tuner(plan: SweepPlan, resume: bool) -> Any:
         num_samples=plan.samples,
         search_alg=build_searcher(plan),
         scheduler=build_scheduler(plan),
-        max_concurrent_trials=concurrent_trials(plan.job),
+        # A variant generator limits itself (Tune would warn that it ignores this).
+        max_concurrent_trials=None if plan.searcher != "bayes" else running_trials(plan.job),
         trial_dirname_creator=lambda trial: trial.trial_id,
     )
     run_config = tune.RunConfig(
@@ -189,9 +206,19 @@ def trial_settings(plan: SweepPlan) -> dict[str, Any]:
 
 def run_sweep(plan: SweepPlan, resume: bool = False) -> Any:
     """Run (or resume) the sweep on the connected Ray cluster; return Tune's `ResultGrid`."""
-    tuner = build_tuner(plan, resume)
-    with SweepMonitor(plan):
-        return tuner.fit()
+    with scoped_env(tune_console_env(plan.verbose)):
+        tuner = build_tuner(plan, resume)
+        with SweepMonitor(plan):
+            return tuner.fit()
+
+
+def tune_console_env(verbose: bool) -> dict[str, str]:
+    """Tune's console: its status tables with `--verbose`, else nothing (roundhouse's lines).
+
+    Tune's newer console prints its experiment box and a final status table even at
+    `verbose=0`; its classic one (`RAY_AIR_NEW_OUTPUT=0`) at `verbose=0` prints nothing.
+    """
+    return {} if verbose else {"RAY_AIR_NEW_OUTPUT": "0"}
 
 
 class SweepMonitor:
@@ -285,7 +312,9 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
 
     def train() -> None:
         try:
-            outcome["metrics"] = train_on_ray(prepared, resume=resume)
+            outcome["metrics"] = train_on_ray(
+                prepared, resume=resume, queue_timeout_s=TRIAL_QUEUE_TIMEOUT_S
+            )
         except BaseException as exc:
             outcome["error"] = exc
 

@@ -101,13 +101,18 @@ def build_failure_config(cluster: ClusterConfig) -> Any:
 
 
 def train_on_ray(
-    prepared: PreparedRun, *, resume: bool, strategy_by_size: dict[int, Any] | None = None
+    prepared: PreparedRun,
+    *,
+    resume: bool,
+    strategy_by_size: dict[int, Any] | None = None,
+    queue_timeout_s: float | None = None,
 ) -> dict[str, float]:
     """Run the job on `cluster.num_workers` Ray workers; return rank 0's final metrics.
 
     Waits (at most `cluster.schedule_timeout_s`) for the cluster to be able to host the group,
     then runs `TorchTrainer.fit()` while a `RunMonitor` shows progress and restarts from the
-    run folder.
+    run folder. The group's placement group may then wait `queue_timeout_s` for other groups
+    to free their resources (default `cluster.schedule_timeout_s`; a sweep's trials queue).
     """
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -142,7 +147,7 @@ def train_on_ray(
         ),
     )
     with (
-        controller_env(cluster),
+        controller_env(queue_timeout_s or cluster.schedule_timeout_s),
         RunMonitor(job, prepared.run_dir, started),
         servers_stopped_at_exit(servers),
     ):
@@ -155,14 +160,14 @@ def train_on_ray(
 
 
 @contextlib.contextmanager
-def controller_env(cluster: ClusterConfig) -> Iterator[None]:
+def controller_env(start_timeout_s: float) -> Iterator[None]:
     """Settings Ray Train's controller reads from the driver's environment, for one fit().
 
     `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` bounds how long a worker group may wait for its
-    placement group (`cluster.schedule_timeout_s`); Ray propagates it to the controller.
+    placement group (`start_timeout_s`); Ray propagates it to the controller.
     """
     saved = os.environ.get(START_TIMEOUT_ENV)
-    os.environ[START_TIMEOUT_ENV] = str(cluster.schedule_timeout_s)
+    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)
     try:
         yield
     finally:

@@ -116,6 +116,7 @@ def test_three_trial_sweep_writes_table_best_job_and_trial_runs(cluster, tmp_pat
         lrs.add(resolved["trainer"]["optimizer"]["lr"])
     assert lrs == {0.0003, 0.003, 0.03}
     # 3 CPUs, 1-CPU trials and 1 CPU kept for the trials' drivers: 2 at a time, 1 queued
+    # (as a standby: its actor runs, its worker group waits for one of the others to end)
     spans = [(s["started"], s["time"]) for s in statuses.values()]
     overlapping = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
     assert overlapping <= 2
@@ -129,8 +130,9 @@ def test_three_trial_sweep_writes_table_best_job_and_trial_runs(cluster, tmp_pat
     rows = (sweep / best_line[0] / "metrics.jsonl").read_text().splitlines()
     accuracies = [json.loads(r)["val/accuracy"] for r in rows if "val/accuracy" in r]
     assert float(best_line[4]) == pytest.approx(max(accuracies), abs=1e-3)
-    # Ray's own notices stay off the console
+    # Ray's own notices, and Ray Tune's experiment box and status tables, stay off the console
     assert "PreemptionWatcher" not in out + err and "Token authentication" not in out + err
+    assert "Configuration for experiment" not in out + err and "Trial status" not in out + err
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(cluster, tmp_path) -> None:

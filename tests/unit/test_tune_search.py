@@ -1,7 +1,9 @@
-"""`roundhouse tune` input checks and `--folds`: every mistake is one line, exit 2, before Ray."""
+"""`roundhouse tune` input checks and `--folds`: every mistake is one line, exit 2, before Ray.
+Also the Ray Train settings an embedded cluster (a sweep's or a run's) starts with."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,24 @@ def test_folds_local_trains_k_runs_and_prints_mean_std(
     assert folds == ["fold-0", "fold-1"]
     saved = yaml.safe_load((groups[0] / "fold-1" / "job.yaml").read_text())
     assert saved["data"]["fold"] == [1, 2]
+
+
+def test_embedded_train_settings_fill_only_unset_variables_and_are_undone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray.train.v2._internal import constants
+
+    from roundhouse.cluster.runtime import EMBEDDED_TRAIN_ENV, scoped_env
+
+    # the names are Ray Train's own (a typo would silently change nothing)
+    assert set(EMBEDDED_TRAIN_ENV) == {
+        constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+        constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+    }
+    monkeypatch.setenv(constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR, "3")
+    monkeypatch.delenv(constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR, raising=False)
+    with scoped_env(EMBEDDED_TRAIN_ENV):
+        assert os.environ[constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR] == "0"
+        assert os.environ[constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR] == "3"  # the user's wins
+    assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR not in os.environ
+    assert os.environ[constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR] == "3"
