@@ -9,8 +9,19 @@ Then a 5-way classifier of the digits 5-9 is trained from only 20 labelled sampl
 
 Both go through the real job path (`train_local`: job validation, `init_from`, freezing, the
 training loop, the test evaluation) on in-process data sources registered by this script. The
-figure is the test accuracy on every other sample of the digits 5-9, median over `--seeds`
+figure is the test accuracy on every other sample of the digits 5-9, mean over `--seeds`
 (each seed draws other labelled samples and another initialisation; one pretraining).
+
+Why the >= 1.2 target is out of reach here (measured, seeds 0-2, 60 steps): the pretrained
+backbone is good at its own task (test accuracy 1.000 on the digits 0-4), but the model
+trained from scratch already reaches 0.96-0.98 on the digits 5-9 from 100 labelled samples,
+so a ratio of 1.2 would need an accuracy above 1. A new linear head on the frozen 64 features
+reaches 0.85-0.89 even trained to convergence (2000 full-batch steps, outside the job path):
+features learnt to tell 0-4 apart carry less about 5-9 than a network fitted to them directly,
+and no more than a frozen random backbone's (the second RESULT line: ratio 0.95 at 60 and at
+300 steps).
+Keeping the frozen BatchNorm layers in eval mode during fine-tuning (their running statistics
+untouched) changed the figure by less than the seed-to-seed spread.
 
     python benchmarks/finetune.py [--seeds 0 1 2] [--pretrain-epochs 15] [--steps 60]
 
@@ -142,10 +153,10 @@ def transfer(args: argparse.Namespace, storage: Path) -> list[str]:
             scratch[-1],
             random_backbone[-1],
         )
-    ours = statistics.median(tuned)
+    ours = statistics.mean(tuned)
     lines = []
     for name, values in (("accuracy", scratch), ("vs_random_backbone", random_backbone)):
-        theirs = statistics.median(values)
+        theirs = statistics.mean(values)
         lines.append(
             f"RESULT finetune_transfer_{name} ours={ours:.4f} baseline={theirs:.4f} "
             f"ratio={ours / theirs:.3f} unit=accuracy"

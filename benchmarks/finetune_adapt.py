@@ -12,8 +12,11 @@ Figures (one `RESULT` line each; ratios are what count on a shared machine):
   `OverlappedAllReduce`), LoRA vs full (target <= 1/20). `lora_checkpoint_bytes`: the final
   checkpoint's state.pt (target <= 1/10). `lora_val_loss`: target within 5% of full.
 - Distillation: an MLP student (mlp:debug, ~4k parameters) distilled from a trained
-  resnet:debug teacher on digits vs the same student alone, same steps (target ratio >= 1).
-  `distill_teacher_agreement`: the student's top-1 agreement with the teacher on test.
+  resnet:debug teacher on digits (T=4, alpha=0.9 by default, Hinton's settings) vs the same
+  student alone, same steps (target ratio >= 1). Each of `--seeds` trains its own teacher and
+  students (the seed also draws the split, so a teacher never saw its students' test samples);
+  the figures are means over the seeds. `distill_teacher_agreement`: the student's top-1
+  agreement with the teacher on test (baseline: the teacher's own test accuracy).
 - Export: the teacher as ONNX; onnxruntime vs PyTorch CPU latency (median ms) at batch 1 and
   64; the int8 file vs the fp32 file (target <= 0.3); int8 vs fp32 test accuracy (drop <= 1
   point).
@@ -152,29 +155,50 @@ def bench_lora(storage: str, steps: int, pretrain_steps: int) -> None:
     result("lora_val_loss", lora_m["val/loss"], full_m["val/loss"], "nats/byte")
 
 
-def bench_distill(storage: str, epochs: int) -> Path:
+def distill_seed(storage: str, epochs: int, seed: int, args: argparse.Namespace) -> dict:
+    """Teacher, student alone and distilled student, all with `seed` (it also draws the split,
+    so each seed's teacher never saw its students' test samples)."""
     data = {"source": "builtin:digits", "batch_size": 64}
-    trainer = {"log_every_steps": 50, "optimizer": {"name": "adam", "lr": 0.003}}
-    teacher_job = make_job("teacher", storage, {"name": "resnet"}, data, trainer)
-    teacher_job["trainer"].update(max_epochs=epochs * 2, max_steps=None)
+    trainer = {"log_every_steps": 50, "optimizer": {"name": "adam", "lr": 0.003}, "seed": seed}
+    teacher_job = make_job(f"teacher{seed}", storage, {"name": "resnet"}, data, trainer)
+    teacher_job["trainer"].update(max_epochs=args.teacher_epochs, max_steps=None)
     teacher_m, teacher = train(teacher_job)
-    logger.info("teacher test accuracy %.4f", teacher_m["test/accuracy"])
     student = {"name": "mlp", "flavor": "debug"}
-    alone_job = make_job("alone", storage, student, data, {**trainer, "max_epochs": epochs})
+    alone_job = make_job(f"alone{seed}", storage, student, data, {**trainer, "max_epochs": epochs})
     alone_m, _ = train(alone_job)
-    distill = {"teacher": str(teacher), "temperature": 4.0, "alpha": 0.7}
+    distill = {"teacher": str(teacher), "temperature": args.temperature, "alpha": args.alpha}
     student_job = make_job(
-        "distilled", storage, student, data, {**trainer, "max_epochs": epochs, "distill": distill}
+        f"distilled{seed}",
+        storage,
+        student,
+        data,
+        {**trainer, "max_epochs": epochs, "distill": distill},
     )
     distilled_m, _ = train(student_job)
-    result("distill_test_accuracy", distilled_m["test/accuracy"], alone_m["test/accuracy"], "acc")
+    figures = {
+        "teacher": teacher_m["test/accuracy"],
+        "alone": alone_m["test/accuracy"],
+        "distilled": distilled_m["test/accuracy"],
+        "agreement": distilled_m["test/teacher_agreement"],
+    }
+    logger.info("distillation seed %d: %s", seed, figures)
+    return {"teacher_run": teacher, **figures}
+
+
+def bench_distill(storage: str, epochs: int, args: argparse.Namespace) -> Path:
+    runs = [distill_seed(storage, epochs, seed, args) for seed in args.seeds]
+
+    def mean(key: str) -> float:
+        return statistics.mean(r[key] for r in runs)
+
+    result("distill_test_accuracy", mean("distilled"), mean("alone"), "acc")
     result(
         "distill_teacher_agreement",
-        distilled_m["test/teacher_agreement"],
-        teacher_m["test/accuracy"],
+        mean("agreement"),
+        mean("teacher"),
         "agreement (baseline: teacher accuracy)",
     )
-    return teacher
+    return runs[0]["teacher_run"]
 
 
 def median_ms(fn: Any, repeats: int) -> float:
@@ -219,14 +243,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps")
     parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=10, help="distillation student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=20, help="distillation teacher")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distillation")
+    parser.add_argument("--temperature", type=float, default=4.0, help="distillation T")
+    parser.add_argument("--alpha", type=float, default=0.9, help="distillation alpha")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logger.setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="rh-adapt-") as storage:
         teacher = None
         if args.only in (None, "lora"):
             bench_lora(storage, args.steps, args.pretrain_steps)
         if args.only in (None, "distill"):
-            teacher = bench_distill(storage, args.epochs)
+            teacher = bench_distill(storage, args.epochs, args)
         if args.only in (None, "export"):
             bench_export(storage, teacher, args.epochs)
 

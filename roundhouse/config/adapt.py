@@ -33,8 +33,8 @@ class DistillConfig(Section):
     """
 
     teacher: str = Field(
-        description="The teacher: a roundhouse run folder or checkpoints/step_<N> folder "
-        "(any fsspec URL)."
+        description="The teacher: a roundhouse run folder or checkpoints/step_<N> folder, or a "
+        "Hugging Face GPT-2/BERT folder (config.json + weights), on any fsspec URL."
     )
     temperature: PositiveFloat = Field(2.0, description="Softmax temperature T.")
     alpha: Annotated[float, Field(ge=0, le=1)] = Field(

@@ -2,7 +2,8 @@
 
 `roundhouse train` (and `--dry-run`) call `check_adaptation` after the job's own checks: LoRA
 targets must match a Linear or Conv layer of the model (built on the meta device: no memory),
-and the teacher must be a readable run whose task, input and output space are the student's.
+and the teacher must be a readable run or Hugging Face folder whose task, input and output
+space are the student's.
 The layouts adapters cannot run under are refused by each strategy's own `check_job`.
 """
 
@@ -14,7 +15,8 @@ import torch
 
 from roundhouse.config import JobSpec
 from roundhouse.data import DataInfo, build_splits
-from roundhouse.trainer.distill import check_teacher
+from roundhouse.trainer.distill import check_teacher, student_outputs
+from roundhouse.trainer.hf_teacher import check_hf_teacher, is_hf_teacher, read_hf_teacher
 from roundhouse.trainer.lora import check_targets
 
 logger = logging.getLogger(__name__)
@@ -41,9 +43,15 @@ def check_lora(job: JobSpec, info: DataInfo) -> None:
 
 
 def check_distill(job: JobSpec, info: DataInfo) -> None:
-    """The teacher run exists (a complete checkpoint) and has the student's output space."""
+    """The teacher (a run with a complete checkpoint, or a Hugging Face folder) exists and has
+    the student's output space."""
     from roundhouse.trainer.saved_model import find_checkpoint, read_run_job
 
+    url = job.trainer.distill.teacher
+    if is_hf_teacher(url):
+        teacher = read_hf_teacher(url)
+        check_hf_teacher(job, teacher, student_outputs(job, info), tuple(info.input_shape))
+        return
     run_dir, _ = find_checkpoint(job.trainer.distill.teacher, None)
     teacher_job = read_run_job(run_dir)
     teacher_info = build_splits(teacher_job.data, seed=teacher_job.trainer.seed).info

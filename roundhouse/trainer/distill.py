@@ -10,8 +10,9 @@ teacher runs on every rank, next to the student's forward, frozen, in eval mode,
 Evaluation adds `teacher_agreement`: the share of samples (tokens) where the student's top-1
 prediction is the teacher's.
 
-The teacher is a roundhouse run folder or checkpoint; it may have another architecture as long
-as it has the student's task, input and output space (checked by `check_teacher`, up front).
+The teacher is a roundhouse run folder or checkpoint, or a Hugging Face GPT-2/BERT folder
+(`hf_teacher`); it may have another architecture as long as it has the student's task, input
+and output space (checked by `check_teacher` / `check_hf_teacher`, up front).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from roundhouse import models
 from roundhouse.config import DistillConfig, JobSpec
 from roundhouse.data import DataInfo, Splits
 from roundhouse.errors import JobFileError
+from roundhouse.trainer.hf_teacher import (
+    build_hf_teacher,
+    check_hf_teacher,
+    is_hf_teacher,
+    read_hf_teacher,
+)
 from roundhouse.trainer.task import Task
 
 logger = logging.getLogger(__name__)
@@ -134,21 +141,39 @@ def check_teacher(job: JobSpec, teacher_job: JobSpec, student: DataInfo, teacher
 
 def load_teacher(job: JobSpec, student: DataInfo, device: torch.device) -> nn.Module:
     """The job's teacher, checked, with adapters merged, frozen, in eval mode, on `device`."""
-    from roundhouse.trainer.saved_model import load_saved_model
+    url = job.trainer.distill.teacher
+    if is_hf_teacher(url):
+        teacher, described = load_hf_teacher(job, student), "Hugging Face"
+    else:
+        from roundhouse.trainer.saved_model import load_saved_model
 
-    saved = load_saved_model(job.trainer.distill.teacher, merge=True)
-    check_teacher(job, saved.job, student, saved.splits.info)
-    teacher = saved.model.to(device).eval()
+        saved = load_saved_model(url, merge=True)
+        check_teacher(job, saved.job, student, saved.splits.info)
+        teacher, described = saved.model, f"{saved.job.model.name}:{saved.job.model.flavor}"
+    teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     logger.info(
-        "distilling from %s (%s:%s, %s parameters)",
-        job.trainer.distill.teacher,
-        saved.job.model.name,
-        saved.job.model.flavor,
+        "distilling from %s (%s, %s parameters)",
+        url,
+        described,
         f"{sum(p.numel() for p in teacher.parameters()):,}",
     )
     return teacher
+
+
+def student_outputs(job: JobSpec, student: DataInfo) -> int:
+    """The student's logits per position (a Hugging Face `init_from` brings its vocabulary)."""
+    from roundhouse.trainer.finetune import resolve_build
+
+    return resolve_build(job, job.model.options, student.num_classes)[1]
+
+
+def load_hf_teacher(job: JobSpec, student: DataInfo) -> nn.Module:
+    """The Hugging Face folder `trainer.distill.teacher`, checked against the student."""
+    teacher = read_hf_teacher(job.trainer.distill.teacher)
+    check_hf_teacher(job, teacher, student_outputs(job, student), tuple(student.input_shape))
+    return build_hf_teacher(teacher)
 
 
 def build_distill_task(job: JobSpec, task: Task, splits: Splits, device: torch.device) -> Task:

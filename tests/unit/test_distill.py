@@ -1,4 +1,5 @@
-"""`trainer.distill`: the loss, a frozen teacher from a run, the up-front output-space check."""
+"""`trainer.distill`: the loss, a frozen teacher from a run or a Hugging Face folder, the
+up-front output-space check."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from roundhouse.data import build_splits
 from roundhouse.launch.cli import main
-from roundhouse.trainer.distill import distill_loss
+from roundhouse.launch.jobfile import validate_job
+from roundhouse.trainer.distill import distill_loss, load_teacher
 from tests.helpers.runs import read_metrics
 from tests.unit.test_lora import train
 
@@ -106,4 +109,66 @@ def test_teacher_of_another_output_space_is_one_line_and_writes_nothing(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "has another output space than the student (5 outputs vs 10)" in err
+    assert not storage.exists()
+
+
+PYTEXT = {"source": "builtin:pytext", "options": {"seq_len": 16, "max_bytes": 100_000}}
+
+
+def gpt2_folder(folder: Path, vocab_size: int) -> torch.nn.Module:
+    """A randomly initialised transformers GPT-2, `save_pretrained` to `folder` (no download)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def lm_job(storage: Path, teacher: Path) -> dict:
+    job = digits_job(storage, "lm", {"name": "gpt"}, max_steps=3)
+    job["data"] = {**PYTEXT, "batch_size": 8}
+    job["trainer"]["distill"] = {"teacher": str(teacher), "temperature": 2.0, "alpha": 0.5}
+    return job
+
+
+def test_a_hugging_face_gpt2_folder_teaches_a_gpt_student(tmp_path: Path) -> None:
+    reference = gpt2_folder(tmp_path / "gpt2", vocab_size=260)  # the byte vocabulary
+    job = lm_job(tmp_path / "runs", tmp_path / "gpt2")
+    spec = validate_job(job)
+    info = build_splits(spec.data, seed=spec.trainer.seed).info
+    teacher = load_teacher(spec, info, torch.device("cpu"))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    tokens = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(tokens), reference(tokens).logits, rtol=0, atol=1e-5)
+    final = read_metrics(train(job))[-1]
+    assert 0.0 <= final["test/teacher_agreement"] <= 1.0
+    assert final["test/loss"] > 0
+
+
+def test_a_hugging_face_teacher_of_another_vocabulary_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    gpt2_folder(tmp_path / "gpt2", vocab_size=300)
+    capsys.readouterr()  # save_pretrained's progress bar
+    job_file = tmp_path / "student.yaml"
+    job_file.write_text(
+        "name: student\nmodel: {name: gpt}\n"
+        "data: {source: builtin:pytext, options: {seq_len: 16, max_bytes: 100000}}\n"
+    )
+    storage = tmp_path / "runs"
+    teacher = f"trainer.distill={{teacher: {tmp_path / 'gpt2'}}}"
+    code = main(["train", str(job_file), "--local", teacher, f"storage.path={storage}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "has another output space than the student (300 outputs vs 260)" in err
     assert not storage.exists()

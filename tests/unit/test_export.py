@@ -113,3 +113,17 @@ def test_unsupported_op_is_one_line_and_writes_nothing(
     assert err.startswith("error: model tests.helpers.models:spectral_net cannot be exported")
     assert "svdvals" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_int8_safetensors_is_one_line_and_writes_nothing(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "m.int8.safetensors"
+    args = ("--format", "safetensors", "--quantize", "int8", "--out", out)
+    code, text, err = export(capsys, trained, *args)
+    assert code == 2 and text == ""
+    assert err.strip() == (
+        "error: --quantize int8 writes an ONNX file (onnxruntime dynamic quantization) "
+        "(add --format onnx)"
+    )
+    assert not out.exists()
