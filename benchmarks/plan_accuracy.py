@@ -160,7 +160,7 @@ def forget_step_calibration() -> None:
     path = cache_path()
     if path.exists():
         table = json.loads(path.read_text())
-        path.write_text(json.dumps({k: v for k, v in table.items() if "/step/" not in k}))
+        path.write_text(json.dumps({k: v for k, v in table.items() if "/loop/" not in k}))
 
 
 def predicted_rows(job: dict[str, Any]) -> dict[tuple[str, int], Any]:
@@ -169,14 +169,15 @@ def predicted_rows(job: dict[str, Any]) -> dict[tuple[str, int], Any]:
 
 
 def step_results(model: str, steps: int, storage: Path) -> None:
-    """Each strategy's predicted step time, calibrated right before its run is measured (the
-    shared machine's load changes from minute to minute)."""
+    """Each strategy's predicted step time, from one calibration of the model's step made right
+    before its runs are measured (the shared machine's load changes from minute to minute)."""
     job = model_job(model, storage, steps)
-    single = predicted_rows(job)[("single", 1)]
+    forget_step_calibration()
+    rows = predicted_rows(job)
+    single = rows[("single", 1)]
     result(f"peak_mem_{model}", single.memory.total / 1e6, measured_peak(job) / 1e6, "MB")
     for label, workers, strategy in STRATEGIES:
-        forget_step_calibration()
-        predicted = predicted_rows(job)[(label, workers)].step_s
+        predicted = rows[(label, workers)].step_s
         run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": label}}
         measured = measure_step(run, workers)
         result(f"step_{model}_{label}", predicted, measured, "s")

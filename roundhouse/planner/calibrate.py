@@ -1,9 +1,10 @@
 """Measured rates of this machine, cached per host and device.
 
 - `StepRate`: seconds of one forward + backward pass as `overhead + per_sample x micro_batch`,
-  and of one optimizer step, from a few real steps of the job's own model at two micro-batch
-  sizes (the model is small enough to build here), or from a matmul's FLOP/s for models too
-  large to build.
+  of one optimizer step and of the loop's own per-step work, plus what DeepSpeed's ZeRO engines
+  add, from real steps of the job's own model through roundhouse's loop pieces (`loopcal.py`;
+  the model is small enough to build here), or from a matmul's FLOP/s for models too large to
+  build.
 - `LinkRate`: latency and bandwidth of a gloo all-reduce between two local processes.
 
 Results go to `$ROUNDHOUSE_CACHE_DIR/calibration.json` (default `~/.cache/roundhouse`), keyed by
@@ -20,7 +21,7 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,14 +31,47 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepRate:
-    """`fwd_bwd(B) = overhead_s + per_sample_s * B`; `optimizer_s` per optimizer step."""
+    """`fwd_bwd(B) = overhead_s + per_sample_s * B`; `optimizer_s` per optimizer step.
+
+    Attributes:
+        overhead_s: Fixed seconds of one forward + backward pass.
+        per_sample_s: Seconds per sample of one forward + backward pass.
+        optimizer_s: One optimizer step over the whole model (with the gradient norm).
+        loop_s: The loop's own work per step (the next batch, the finite-loss check).
+        zero_fwd_bwd_s: By ZeRO stage: seconds DeepSpeed's engine adds to each forward +
+            backward pass of the whole model (its gradient and gather/release hooks).
+        zero_optimizer_s: By ZeRO stage: DeepSpeed's optimizer step over the whole model on one
+            rank (ZeRO ranks each step their 1/N partition).
+    """
 
     overhead_s: float
     per_sample_s: float
     optimizer_s: float
+    loop_s: float = 0.0
+    zero_fwd_bwd_s: dict[int, float] = field(default_factory=dict)
+    zero_optimizer_s: dict[int, float] = field(default_factory=dict)
 
     def fwd_bwd(self, micro_batch: float) -> float:
         return self.overhead_s + self.per_sample_s * micro_batch
+
+    @classmethod
+    def from_loop(cls, figures: dict[str, float], sizes: tuple[int, int]) -> StepRate:
+        """The rate from `loopcal.measure`'s figures at micro-batches `sizes` (small, large)."""
+        small, large = sizes
+        t_small, t_large = figures["small/fwd_bwd_s"], figures["large/fwd_bwd_s"]
+        if large > small:
+            per_sample = max(t_large - t_small, 0.0) / (large - small)
+        else:
+            per_sample = t_large / large
+        stages = {int(k[4]) for k in figures if k.startswith("zero")}
+        return cls(
+            overhead_s=max(t_small - per_sample * small, 0.0),
+            per_sample_s=per_sample,
+            optimizer_s=(figures["small/optimizer_s"] + figures["large/optimizer_s"]) / 2,
+            loop_s=(figures["small/loop_s"] + figures["large/loop_s"]) / 2,
+            zero_fwd_bwd_s={k: max(figures[f"zero{k}/fwd_bwd_s"] - t_small, 0.0) for k in stages},
+            zero_optimizer_s={k: figures[f"zero{k}/optimizer_s"] for k in stages},
+        )
 
 
 @dataclass(frozen=True)
@@ -118,26 +152,3 @@ class thread_count:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.old)
-
-
-def step_rate(
-    key: str,
-    make_step: Callable[[int], tuple[Callable, Callable]],
-    sizes: tuple[int, int],
-    threads: int,
-) -> StepRate:
-    """Calibrate a model's step: `make_step(B)` returns (fwd_bwd, optimizer_step) callables."""
-
-    def measure() -> dict[str, float]:
-        with thread_count(threads):
-            small, large = sizes
-            fwd_small, _ = make_step(small)
-            fwd_large, opt = make_step(large)
-            t_small = median_time(fwd_small, repeats=5)
-            t_large = median_time(fwd_large, repeats=5)
-            t_opt = median_time(opt, repeats=5)
-        per_sample = max(t_large - t_small, 0.0) / max(large - small, 1)
-        overhead = max(t_small - per_sample * small, 0.0)
-        return asdict(StepRate(overhead, per_sample if large > small else t_large / large, t_opt))
-
-    return StepRate(**cached(f"cpu/threads{threads}/step/{key}/{sizes[0]}-{sizes[1]}", measure))

@@ -2,9 +2,12 @@
 
 Step time = compute + exposed communication. Compute is the calibrated (or FLOP-derived)
 forward + backward time of this rank's share of the model at the micro-batch, times the
-accumulation steps (a pipeline adds its fill-and-drain bubble), plus the optimizer step over
-the state this rank owns. Communication is each strategy's own exchange per optimizer step,
-per rank, over the link's `latency + bytes / bandwidth`:
+accumulation steps (a pipeline runs its busiest stage's FLOP share and adds its fill-and-drain
+bubble), plus what a ZeRO engine's hooks add to each pass, the optimizer step over the state
+this rank owns (DeepSpeed's own optimizer step for ZeRO rows) and the loop's own per-step work
+(next batch, finite-loss check), all calibrated on this machine through roundhouse's loop
+(`loopcal.py`); a table accelerator has none of these extras. Communication is each strategy's
+own exchange per optimizer step, per rank, over the link's `latency + bytes / bandwidth`:
 
 | strategy | bytes per rank and step |
 |---|---|
@@ -15,6 +18,7 @@ per rank, over the link's `latency + bytes / bandwidth`:
 | pipeline | each micro-batch's boundary activation forward and its gradient back |
 | tensor parallel | 4 all-reduces of the layer's activations per layer and micro-batch |
 | expert parallel | 4 all-to-alls of the routed tokens per MoE layer and micro-batch |
+| every N > 1 | the loop's finite-loss check: one scalar all-reduce per step |
 
 On a GPU, gradient exchange overlaps the backward pass (bucketed hooks, ZeRO's overlap_comm):
 only what does not fit under the backward (2/3 of compute) is exposed. On a CPU the same cores
@@ -116,23 +120,39 @@ def local_params(c: Candidate, p: ModelProfile) -> float:
     return float(p.num_params)
 
 
-def stage_sums(values: list[float], stages: int) -> list[float]:
-    """Sums of `values` split into `stages` contiguous parts of about equal sum (greedy)."""
+def stage_groups(values: list[float], stages: int) -> list[list[int]]:
+    """Indices of `values` split into `stages` contiguous parts of about equal sum (greedy)."""
     target = sum(values) / stages
-    sums, current = [], 0.0
+    groups: list[list[int]] = [[]]
+    current = 0.0
     for i, v in enumerate(values):
         left = len(values) - i
         if (
             current
             and current + v / 2 > target
-            and len(sums) < stages - 1
-            and left >= stages - len(sums) - 1
+            and len(groups) < stages
+            and left >= stages - len(groups)
         ):
-            sums.append(current)
+            groups.append([])
             current = 0.0
+        groups[-1].append(i)
         current += v
-    sums.append(current)
-    return sums + [0.0] * (stages - len(sums))
+    return groups + [[] for _ in range(stages - len(groups))]
+
+
+def stage_sums(values: list[float], stages: int) -> list[float]:
+    """Sums of `values` split into `stages` contiguous parts of about equal sum (greedy)."""
+    return [sum(values[i] for i in group) for group in stage_groups(values, stages)]
+
+
+def busiest_stage_share(p: ModelProfile, stages: int) -> float:
+    """Share of the model's FLOPs on its busiest pipeline stage, the layers split by
+    parameters as DeepSpeed's default `partition_method: parameters` splits them."""
+    flops = [layer.fwd_flops for layer in p.layers]
+    if not sum(flops):
+        return 1 / stages
+    groups = stage_groups([layer.num_params for layer in p.layers], stages)
+    return max(sum(flops[i] for i in group) for group in groups) / sum(flops)
 
 
 def stage_saved(p: ModelProfile, stages: int) -> float:
@@ -159,7 +179,8 @@ def estimate_memory(
         buffers = p.buffer_bytes + EXCHANGE_BUFFERS.get(kind, no_buffers)(job, n_local)
         at_once = n_local if t.overlap else p.largest_layer_params  # foreach on GPUs only
         scratch = optimizer_scratch(at_once, job.optimizer_moments)
-        return Memory(params, grads, optimizer, activations, buffers, scratch=scratch)
+        freed = kind in GRADS_FREED
+        return Memory(params, grads, optimizer, activations, buffers, 0.0, scratch, freed)
     s = c.strategy
     params, grads, optimizer, host = zero_states(
         n_local,
@@ -187,25 +208,37 @@ def zero_buffers(stage: int, n_local: float, bf16: bool) -> float:
 
 
 def compute_time(c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float) -> float:
-    """Forward + backward of this rank's share, over the accumulation steps, plus its optimizer."""
+    """Forward + backward of this rank's share over the accumulation steps (a pipeline's busiest
+    stage, with its fill-and-drain bubble), the ZeRO engine's own hooks, the optimizer step over
+    the state this rank owns, and the loop's own per-step work."""
     rate = t.rate()
     share = local_params(c, p) / p.num_params
     fwd_bwd = rate.fwd_bwd(micro)
     if c.pipeline_stages > 1:
         s = c.pipeline_stages
-        per_micro = fwd_bwd / s
+        per_micro = fwd_bwd * busiest_stage_share(p, s)
         compute = per_micro * (job.grad_accum_steps + s - 1)
     elif c.tensor_parallel > 1:
         compute = job.grad_accum_steps * fwd_bwd * share
     else:
         compute = job.grad_accum_steps * fwd_bwd
+    engine = zero_engine(c)
+    compute += job.grad_accum_steps * rate.zero_fwd_bwd_s.get(engine, 0.0) * share
     owned = share
     if c.strategy.get("zero_stage", 0) >= 1:
         owned = share / c.data_parallel
-    optimizer = rate.optimizer_s * owned
+    optimizer = rate.zero_optimizer_s.get(engine, rate.optimizer_s) * owned
     if c.strategy.get("offload_optimizer", "none") != "none":
         optimizer *= 3  # the host's Adam, plus gradients down and parameters up over PCIe
-    return compute + optimizer
+    return compute + optimizer + rate.loop_s
+
+
+def zero_engine(c: Candidate) -> int | None:
+    """The calibrated ZeRO engine a DeepSpeed row runs (stages 0-2 share the bucketed gradient
+    path of stage 2, 3 has its own); None for pipeline rows and roundhouse's own strategies."""
+    if c.strategy["kind"] != "deepspeed" or c.pipeline_stages > 1:
+        return None
+    return 3 if c.strategy.get("zero_stage", 0) == 3 else 2
 
 
 def comm_time(
@@ -281,7 +314,8 @@ def evaluate(c: Candidate, p: ModelProfile, t: Target, job: JobShape) -> Row:
     hideable, critical = comm_time(c, p, t, job, micro)
     if t.overlap:
         hideable = max(hideable - BACKWARD_SHARE * compute, 0.0)
-    comm = hideable + critical
+    check = collective_s(t.link, 4.0, 1, c.workers)  # the loop's finite-loss check, every step
+    comm = hideable + critical + check
     return Row(c, micro, memory, compute, comm, fits=memory.total <= t.memory_bytes)
 
 
@@ -297,6 +331,9 @@ EXCHANGE_TIME = {
     "ps": ps_comm,
     "deepspeed": deepspeed_comm,
 }
+# Strategies whose optimizer step ends with `zero_grad(set_to_none=True)` (ring's buckets are
+# separate buffers); the parameter server's pulled copies and DeepSpeed's partitions persist.
+GRADS_FREED = ("single", "ring")
 EXCHANGE_BUFFERS = {
     "ring": lambda job, n_local: 2 * job.ring_bucket_mb * 2**20,  # a bucket in flight, one filling
     "ps": lambda job, n_local: 4 * n_local,  # the pulled parameters' staging copy

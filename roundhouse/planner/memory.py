@@ -33,16 +33,24 @@ class Memory:
     buffers: float
     host: float = 0.0
     scratch: float = 0.0
+    grads_freed: bool = False
 
     @property
     def total(self) -> float:
         """The peak: states and buffers, plus the larger of the backward pass's activations
-        and the optimizer step's temporaries (they are never alive together)."""
+        and the optimizer step's temporaries (they are never alive together). Gradients freed
+        after each step (`zero_grad(set_to_none=True)`) do not exist yet when the backward pass
+        starts with every activation saved, so they count with the optimizer step instead: from
+        then on each layer's gradients take the place of its freed activations."""
+        if self.grads_freed:
+            states = self.params + self.optimizer + self.buffers
+            return states + max(self.activations, self.grads + self.scratch)
         states = self.params + self.grads + self.optimizer + self.buffers
         return states + max(self.activations, self.scratch)
 
     def as_dict(self) -> dict[str, float]:
-        return {**asdict(self), "total": self.total}
+        fields = {k: v for k, v in asdict(self).items() if k != "grads_freed"}
+        return {**fields, "total": self.total}
 
 
 def optimizer_moments(name: str, momentum: float) -> int:

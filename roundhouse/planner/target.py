@@ -20,6 +20,7 @@ from roundhouse.planner import calibrate
 from roundhouse.planner.calibrate import LinkRate, StepRate
 from roundhouse.planner.costs import Target
 from roundhouse.planner.devices import MFU, cpu_memory_bytes, get_accelerator
+from roundhouse.planner.loopcal import measure_in_child
 from roundhouse.planner.memory import optimizer_moments
 from roundhouse.planner.trace import TRACE_BATCH, ModelProfile, make_batch, profile_model
 
@@ -68,10 +69,6 @@ class JobModel:
             for k, v in meta.items()
         }
 
-    def key(self) -> str:
-        m = self.job.model
-        return f"{m.name}:{m.flavor}:{sorted(m.options.items())}:{self.input_shape}"
-
 
 def job_profile(jm: JobModel) -> ModelProfile:
     """Trace the job's model on the meta device (no weights allocated)."""
@@ -88,29 +85,6 @@ def job_profile(jm: JobModel) -> ModelProfile:
     )
 
 
-def make_step_fn(jm: JobModel, device: str) -> Callable[[int], tuple[Callable, Callable]]:
-    """`make_step(B)` for `calibrate.step_rate`: real forward+backward and optimizer steps."""
-    from roundhouse.trainer.optim import build_optimizer
-
-    model = jm.build().to(device)
-    optimizer = build_optimizer(model.parameters(), config=jm.job.trainer.optimizer)
-    dtype = torch.bfloat16 if device == "cuda" else None
-
-    def make_step(size: int) -> tuple[Callable, Callable]:
-        batch = jm.batch(size, device)
-
-        def fwd_bwd() -> None:
-            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = jm.task.loss(jm.task.forward(model, batch), batch)
-            loss.backward()
-            if device == "cuda":
-                torch.cuda.synchronize()
-
-        return fwd_bwd, optimizer.step
-
-    return make_step
-
-
 def calibration_sizes(job: JobSpec, max_workers: int) -> tuple[int, int]:
     """The largest and smallest micro-batch the plan uses (one worker, `max_workers`)."""
     per_step = job.data.batch_size // job.trainer.grad_accum_steps
@@ -119,17 +93,28 @@ def calibration_sizes(job: JobSpec, max_workers: int) -> tuple[int, int]:
     return (small if small < large else max(1, large // 2)), large
 
 
+def loop_rate(job: JobSpec, device: str, threads: int, sizes: tuple[int, int]) -> StepRate:
+    """The job's own step through roundhouse's loop pieces (`loopcal.py`), cached."""
+    m, opt = job.model, job.trainer.optimizer
+    key = (
+        f"{device}/threads{threads}/loop/{m.name}:{m.flavor}:{sorted(m.options.items())}:"
+        f"{job.data.source}:{sorted(job.data.options.items())}:{opt.name}:"
+        f"{job.trainer.precision}/{sizes[0]}-{sizes[1]}"
+    )
+    figures = calibrate.cached(key, lambda: measure_in_child(job, device, threads, sizes))
+    return StepRate.from_loop(figures, sizes)
+
+
 def local_rate(
     jm: JobModel, profile: ModelProfile, device: str, threads: int, sizes: tuple[int, int]
 ) -> StepRate:
     """This machine's rate for the job's model: its own step if cheap enough, else matmul."""
     matmul = calibrate.matmul_rate(threads)
-    expected_s = profile.step_flops * sum(sizes) * 8 / matmul
+    small, large = sizes  # the calibration's steps: 5 at each size, single and two ZeRO stages
+    expected_s = profile.step_flops * 5 * (3 * small + large) / matmul
     fits_here = profile.num_params * 16 < 0.25 * cpu_memory_bytes()
     if device == "cuda" or (fits_here and expected_s < CALIBRATION_BUDGET_S):
-        key = f"{jm.key()}:{jm.job.trainer.optimizer.name}"
-        make_step = make_step_fn(jm, device)
-        return calibrate.step_rate(f"{device}/{key}", make_step, sizes, threads)
+        return loop_rate(jm.job, device, threads, sizes)
     moments = optimizer_moments(jm.job.trainer.optimizer.name, jm.job.trainer.optimizer.momentum)
     opt_bytes = 4 * (3 + 2 * moments) * profile.num_params
     return StepRate(0.0, profile.step_flops / matmul, opt_bytes / calibrate.memory_rate(threads))

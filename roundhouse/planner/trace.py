@@ -7,8 +7,9 @@ the task's loss on a meta micro-batch with autograd on, and records
   costs twice the forward's matmul FLOPs, so a step is 3x forward);
 - activation memory as the bytes of the distinct storages autograd saves for backward
   (`torch.autograd.graph.saved_tensors_hooks`), parameters excluded;
-- per pipeline layer (when the model has `pipeline_layers`): parameters, saved bytes and the
-  bytes of the activation it hands to the next layer (what a pipeline stage boundary sends).
+- per pipeline layer (when the model has `pipeline_layers`): parameters, forward FLOPs, saved
+  bytes and the bytes of the activation it hands to the next layer (what a pipeline stage
+  boundary sends).
 
 Meta tensors have shapes and storages but no data, so a 1.3B-parameter model is traced in
 seconds with no memory. Figures are per sample: FLOPs and activations are linear in the batch.
@@ -17,6 +18,7 @@ seconds with no memory. Figures are per sample: FLOPs and activations are linear
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,7 @@ class LayerProfile:
     num_params: int
     saved_bytes: float
     output_bytes: float
+    fwd_flops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -141,18 +144,21 @@ def run_loss(task: Any, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 class LayerChain(nn.Module):
     """`pipeline_layers` applied in sequence, recording each layer's saved and output bytes."""
 
-    def __init__(self, layers: list[nn.Module], meter: SavedTensorMeter) -> None:
+    def __init__(
+        self, layers: list[nn.Module], meter: SavedTensorMeter, flops: Callable[[], float]
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.meter = meter
-        self.records: list[tuple[float, float]] = []
+        self.flops = flops  # the running FLOP count of the trace
+        self.records: list[tuple[float, float, float]] = []
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers:
-            before = self.meter.total
+            before, flops_before = self.meter.total, self.flops()
             x = layer(x)
             out_bytes = x.numel() * x.element_size() if isinstance(x, Tensor) else 0
-            self.records.append((self.meter.total - before, out_bytes))
+            self.records.append((self.meter.total - before, out_bytes, self.flops() - flops_before))
         return x
 
 
@@ -160,12 +166,11 @@ def layer_profiles(chain: LayerChain, batch_size: int) -> list[LayerProfile]:
     """Per-sample `LayerProfile`s from a chain that ran once; a shared weight counts once."""
     seen: set[int] = set()
     profiles = []
-    for layer, (saved, out) in zip(chain.layers, chain.records, strict=True):
+    for layer, (saved, out, flops) in zip(chain.layers, chain.records, strict=True):
         params = [p for p in layer.parameters() if id(p) not in seen]
         seen.update(id(p) for p in params)
-        profiles.append(
-            LayerProfile(sum(p.numel() for p in params), saved / batch_size, out / batch_size)
-        )
+        n = sum(p.numel() for p in params)
+        profiles.append(LayerProfile(n, saved / batch_size, out / batch_size, flops / batch_size))
     return profiles
 
 
@@ -204,12 +209,10 @@ def profile_model(
     kwargs = model_kwargs or {}
     meter = SavedTensorMeter({p.untyped_storage()._cdata for p in model.parameters()})
     layers = list(pipeline_layers(model)) if pipeline_layers is not None else []
-    traced = LayerChain(layers, meter) if layers else model
+    counter = FlopCounterMode(display=False)
+    traced = LayerChain(layers, meter, counter.get_total_flops) if layers else model
     num = batch["input"].shape[0]
-    with (
-        FlopCounterMode(display=False) as counter,
-        torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t),
-    ):
+    with counter, torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
         run_loss(task, traced, batch)
     tp_fraction, expert_params = split_fractions(model)
     input_shape = tuple(batch["input"].shape[1:])
