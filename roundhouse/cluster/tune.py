@@ -241,6 +241,7 @@ class SweepMonitor:
         self._thread.join(timeout=10)
 
     def ended(self) -> dict[str, Any]:
+        """The trial's run record once its run folder says it ended, else an empty dict."""
         from roundhouse.runs.reader import find_run_urls, read_run
 
         try:
@@ -372,5 +373,6 @@ def sweep_env() -> dict[str, str]:
 
 
 def apply_sweep_env() -> None:
+    """Set the sweep's embedded-cluster environment (each key only where the user left it unset)."""
     for key, value in sweep_env().items():
         os.environ.setdefault(key, value)

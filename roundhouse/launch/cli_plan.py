@@ -20,6 +20,7 @@ TABLE_ROWS = 25
 
 
 def add_plan_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `plan` command to the CLI's subcommands."""
     plan = commands.add_parser(
         "plan", parents=[common], help="predict memory and step time of every strategy"
     )
@@ -62,6 +63,7 @@ def parse_workers(text: str) -> list[int]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """Plan the job at every worker count and print the table (or JSON) and the recommendation."""
     from roundhouse.launch.jobfile import load_job
     from roundhouse.planner import build_plan, default_workers
     from roundhouse.planner.devices import get_accelerator, parse_bandwidth

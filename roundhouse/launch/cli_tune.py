@@ -33,6 +33,7 @@ BEST_JOB, RESULTS = "best.yaml", "results.tsv"
 
 
 def add_tune_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `tune` command to the CLI's subcommands."""
     tune = commands.add_parser("tune", parents=[common], help="a hyperparameter sweep (Ray Tune)")
     tune.add_argument("job", help="job file (YAML)")
     tune.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override job values")
@@ -90,6 +91,7 @@ def count_evaluations(job: JobSpec) -> int:
 
 
 def resolve_mode(metric: str, mode: str | None) -> str:
+    """`--mode`, or min for losses and max otherwise when it is not given."""
     from roundhouse.runs.reader import lower_is_better
 
     return mode or ("min" if lower_is_better(metric) else "max")
@@ -116,6 +118,7 @@ def sweep_folder(job: JobSpec, resume: str | None) -> tuple[str, str]:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    """Run the sweep (or the k-fold runs) and print the results table and the best job file."""
     from roundhouse.cluster.ps import server_cpus
     from roundhouse.cluster.runtime import ray_runtime
     from roundhouse.cluster.tune import SweepPlan, apply_sweep_env, run_sweep

@@ -94,11 +94,13 @@ class RotateComplex(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, rot: Tensor) -> Tensor:
+        """Rotate `x` by the complex unit angles `rot`."""
         ctx.save_for_backward(rot)
         return complex_rotate(x, rot)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        """The gradient rotated back by the conjugate angles."""
         (rot,) = ctx.saved_tensors
         return complex_rotate(grad, rot.conj()), None
 
@@ -117,11 +119,13 @@ class RotatePairs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotate `x`'s pairs by the angles of the `cos`/`sin` tables."""
         ctx.save_for_backward(cos, sin)
         return rotate_pairs(x, cos, sin)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        """The gradient rotated back by the negated angles."""
         cos, sin = ctx.saved_tensors
         return rotate_pairs(grad, cos, -sin), None, None
 

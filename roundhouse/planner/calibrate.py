@@ -52,6 +52,7 @@ class StepRate:
     zero_optimizer_s: dict[int, float] = field(default_factory=dict)
 
     def fwd_bwd(self, micro_batch: float) -> float:
+        """Seconds of one forward + backward of `micro_batch` samples: fixed + per-sample cost."""
         return self.overhead_s + self.per_sample_s * micro_batch
 
     @classmethod
@@ -83,6 +84,7 @@ class LinkRate:
 
 
 def cache_path() -> Path:
+    """The per-machine calibration cache file (`ROUNDHOUSE_CACHE_DIR`, else ~/.cache/roundhouse)."""
     root = os.environ.get("ROUNDHOUSE_CACHE_DIR") or Path.home() / ".cache" / "roundhouse"
     return Path(root) / "calibration.json"
 
@@ -106,6 +108,7 @@ def cached(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """The median seconds of `repeats` calls of `fn`, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []

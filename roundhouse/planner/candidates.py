@@ -25,22 +25,27 @@ class Candidate:
 
     @property
     def pipeline_stages(self) -> int:
+        """Pipeline stages of this candidate (1 without pipeline parallel)."""
         return int(self.strategy.get("pipeline_stages", 1))
 
     @property
     def tensor_parallel(self) -> int:
+        """Tensor-parallel degree (1 without tensor parallel)."""
         return int(self.strategy.get("tensor_parallel", 1))
 
     @property
     def expert_parallel(self) -> int:
+        """Expert-parallel degree (1 without expert parallel)."""
         return int(self.strategy.get("expert_parallel", 1))
 
     @property
     def data_parallel(self) -> int:
+        """Data-parallel replicas: the workers over pipeline x tensor parallel."""
         return self.workers // (self.pipeline_stages * self.tensor_parallel)
 
 
 def divisors_above_one(n: int) -> list[int]:
+    """The divisors of `n` from 2 up to `n`."""
     return [d for d in range(2, n + 1) if n % d == 0]
 
 

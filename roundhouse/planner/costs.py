@@ -95,9 +95,11 @@ class Row:
 
     @property
     def step_s(self) -> float:
+        """Seconds per optimizer step: compute plus exposed communication."""
         return self.compute_s + self.comm_s
 
     def samples_per_s(self, global_batch: int) -> float:
+        """Training throughput at `global_batch` samples per step."""
         return global_batch / self.step_s if self.step_s > 0 else math.inf
 
 

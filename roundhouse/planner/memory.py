@@ -49,6 +49,7 @@ class Memory:
         return states + max(self.activations, self.scratch)
 
     def as_dict(self) -> dict[str, float]:
+        """The breakdown in bytes by part, for `--json`."""
         fields = {k: v for k, v in asdict(self).items() if k != "grads_freed"}
         return {**fields, "total": self.total}
 

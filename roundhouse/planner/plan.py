@@ -41,14 +41,17 @@ class Plan:
 
     @property
     def best(self) -> Row:
+        """The recommended row (the first after ranking)."""
         return self.rows[0]
 
     @property
     def fits(self) -> bool:
+        """Whether the recommended row fits the device's memory."""
         return bool(self.rows) and self.rows[0].fits
 
 
 def job_shape(job: JobSpec) -> JobShape:
+    """The job's batch, optimizer and precision figures that every candidate shares."""
     opt = job.trainer.optimizer
     strategy = job.strategy
     return JobShape(
@@ -78,6 +81,7 @@ def evaluate_all(
 
 
 def rank_rows(rows: list[Row], shape: JobShape) -> list[Row]:
+    """Rows ordered for recommendation: fitting ones first, then by predicted samples/s."""
     return sorted(
         rows,
         key=lambda r: (not r.fits, -r.samples_per_s(shape.global_batch), r.memory.total),

@@ -19,6 +19,7 @@ def _gb(value: float) -> str:
 
 
 def format_row(index: int, row: Row, plan: Plan) -> str:
+    """One table line of the plan: strategy, memory breakdown, step time and fit."""
     m = row.memory
     return (
         f"{index:>3} {row.candidate.workers:>7} {row.candidate.label:<22} "
@@ -54,6 +55,7 @@ def format_plan(plan: Plan, limit: int | None = None) -> list[str]:
 
 
 def row_json(row: Row, plan: Plan) -> dict[str, Any]:
+    """One row of the plan as a JSON-ready dict."""
     return {
         "workers": row.candidate.workers,
         "label": row.candidate.label,

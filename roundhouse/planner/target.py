@@ -46,6 +46,7 @@ class JobModel:
         self.task = build_task(self.spec.loss, job.trainer.loss)
 
     def build(self) -> torch.nn.Module:
+        """The job's model, built from its model section (weights random)."""
         config = models.BuildConfig(
             flavor=self.job.model.flavor,
             input_shape=self.input_shape,
@@ -55,6 +56,7 @@ class JobModel:
         return models.build_model(self.job.model.name, config)
 
     def batch(self, size: int, device: str) -> dict[str, torch.Tensor]:
+        """A batch of `size` samples of the job's input and target shapes on `device`."""
         meta = make_batch(
             self.spec.loss, self.input_shape, self.input_dtype, size, self.num_classes
         )

@@ -95,6 +95,7 @@ class SavedTensorMeter:
         self.sizes: dict[int, int] = {}
 
     def pack(self, tensor: Tensor) -> Tensor:
+        """Count a saved tensor's storage (parameters excluded); return the tensor unchanged."""
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key not in self.exclude:
@@ -103,10 +104,12 @@ class SavedTensorMeter:
 
     @property
     def total(self) -> int:
+        """Bytes of every distinct saved storage so far."""
         return sum(self.sizes.values())
 
     @property
     def largest(self) -> int:
+        """Bytes of the largest saved storage so far."""
         return max(self.sizes.values(), default=0)
 
 
@@ -154,6 +157,7 @@ class LayerChain(nn.Module):
         self.records: list[tuple[float, float, float]] = []
 
     def forward(self, x: Tensor) -> Tensor:
+        """Run the layers in order, recording each one's saved bytes and FLOPs."""
         for layer in self.layers:
             before, flops_before = self.meter.total, self.flops()
             x = layer(x)

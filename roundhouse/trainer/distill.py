@@ -78,12 +78,14 @@ class DistillTask:
         self.teacher_outputs: Tensor | None = None
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The student's outputs; the teacher's for the same inputs are kept for `loss`."""
         outputs = self.task.forward(model, batch)
         with torch.no_grad():
             self.teacher_outputs = self.teacher(batch["input"])
         return outputs
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """alpha x T^2-scaled KL to the teacher's softened outputs + (1 - alpha) x the task loss."""
         task_loss = self.task.loss(outputs, batch)
         teacher = self._teacher_for(outputs, batch)
         kd = distill_loss(outputs, teacher, self.config.temperature, token_mask(outputs, batch))
@@ -99,6 +101,7 @@ class DistillTask:
         return teacher
 
     def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The task's evaluation sums plus the count of predictions that agree with the teacher."""
         sums = self.task.eval_sums(outputs, batch)
         teacher = self._teacher_for(outputs, batch)
         agree = outputs.argmax(dim=-1) == teacher.argmax(dim=-1)
@@ -110,6 +113,7 @@ class DistillTask:
         return sums
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        """The task's metrics plus `teacher_agreement`."""
         agree, rows = sums.pop("teacher_agree", 0.0), sums.pop("teacher_rows", 0.0)
         metrics = self.task.finalize(sums)
         metrics["teacher_agreement"] = agree / max(rows, 1.0)

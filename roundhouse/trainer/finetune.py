@@ -192,6 +192,7 @@ class OptimizerFactory:
         return groups
 
     def group_settings(self, index: int) -> dict[str, float]:
+        """The optimizer settings of group `index` (0, the default group: none)."""
         if index == 0:
             return {}
         group = self.config.param_groups[index - 1]

@@ -3,6 +3,7 @@ new strategy is one class plus one registry line (a tiny one trains the quicksta
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,38 @@ def test_no_import_cycles_in_the_package() -> None:
     graph = import_graph(PACKAGE, nested=True)
     assert "roundhouse.parallel.registry" in graph  # the walk saw the package
     assert find_cycles(graph) == []
+
+
+def public_without_docstring(tree: ast.Module) -> list[str]:
+    """Public module-level functions, classes and their methods that have no docstring."""
+    missing = []
+    stack: list[tuple[str, list[ast.stmt]]] = [("", tree.body)]
+    while stack:
+        prefix, body = stack.pop()
+        for node in body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if node.name.startswith("_"):
+                continue
+            if ast.get_docstring(node) is None:
+                missing.append(f"{prefix}{node.name}:{node.lineno}")
+            if isinstance(node, ast.ClassDef):
+                stack.append((f"{prefix}{node.name}.", node.body))
+    return missing
+
+
+def test_the_docstring_check_finds_a_missing_one() -> None:
+    tree = ast.parse('def f():\n    """Doc."""\n\nclass C:\n    def m(self):\n        pass\n')
+    assert public_without_docstring(tree) == ["C:4", "C.m:5"]
+
+
+def test_every_public_function_and_method_has_a_docstring() -> None:
+    missing = [
+        f"{path.relative_to(ROOT)}:{name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for name in public_without_docstring(ast.parse(path.read_text()))
+    ]
+    assert missing == []
 
 
 def test_the_kind_pattern_matches_kind_tests() -> None:

@@ -358,6 +358,7 @@ class DeepSpeedStrategy(Strategy):
             return {n: p.detach().cpu().clone() for n, p in named}
 
     def load_frozen(self, weights: dict[str, Tensor]) -> None:
+        """Copy the frozen tensors named in `weights` into the model (gathered under ZeRO-3)."""
         import deepspeed
 
         named = [(n, p) for n, p in self.frozen() if n in weights]
