@@ -21,11 +21,11 @@ from roundhouse.launch.jobfile import validate_job
 from roundhouse.planner import build_plan
 from roundhouse.planner.calibrate import LinkRate, StepRate
 from roundhouse.planner.candidates import Candidate
-from roundhouse.planner.costs import JobShape, Target, comm_time, evaluate
+from roundhouse.planner.costs import JobShape, Target, busiest_stage_share, comm_time, evaluate
 from roundhouse.planner.devices import get_accelerator, parse_bandwidth
-from roundhouse.planner.memory import zero_states
+from roundhouse.planner.memory import Memory, zero_states
 from roundhouse.planner.target import JobModel, job_profile
-from roundhouse.planner.trace import ModelProfile
+from roundhouse.planner.trace import LayerProfile, ModelProfile
 
 GB = 1e9
 
@@ -80,6 +80,57 @@ def test_overlap_hides_exchange_under_the_backward_pass_on_gpus() -> None:
     exposed = evaluate(ring, p, target(bandwidth=1e12, overlap=True), SHAPE).comm_s
     assert exposed == 0.0
     assert evaluate(ring, p, target(bandwidth=1e12), SHAPE).comm_s > 0
+
+
+def test_step_rate_from_the_loop_calibration_splits_overhead_and_engine_costs() -> None:
+    figures = {
+        "small/fwd_bwd_s": 0.3,
+        "large/fwd_bwd_s": 0.5,
+        "small/optimizer_s": 0.04,
+        "large/optimizer_s": 0.06,
+        "small/loop_s": 0.001,
+        "large/loop_s": 0.003,
+        "zero2/fwd_bwd_s": 0.35,
+        "zero2/optimizer_s": 0.1,
+        "zero3/fwd_bwd_s": 0.42,
+        "zero3/optimizer_s": 0.12,
+    }
+    rate = StepRate.from_loop(figures, (4, 8))
+    assert rate.per_sample_s == pytest.approx(0.05)
+    assert rate.overhead_s == pytest.approx(0.1)
+    assert (rate.optimizer_s, rate.loop_s) == (pytest.approx(0.05), pytest.approx(0.002))
+    assert rate.zero_fwd_bwd_s == {2: pytest.approx(0.05), 3: pytest.approx(0.12)}
+    assert rate.zero_optimizer_s == {2: 0.1, 3: 0.12}
+
+
+def test_zero_rows_add_the_engines_costs_and_step_their_partition() -> None:
+    rate = StepRate(0.0, 1e-3, 0.04, 0.002, {2: 0.01, 3: 0.05}, {2: 0.08, 3: 0.12})
+    t = Target("test", 80 * GB, lambda: rate, LinkRate(0.0, 1e12))
+    p, micro = profile(), SHAPE.global_batch / 4
+    base = rate.fwd_bwd(micro) + rate.loop_s
+    ring = evaluate(Candidate("ring", 4, {"kind": "ring"}), p, t, SHAPE)
+    assert ring.compute_s == pytest.approx(base + 0.04)
+    z2 = evaluate(Candidate("z2", 4, {"kind": "deepspeed", "zero_stage": 2}), p, t, SHAPE)
+    assert z2.compute_s == pytest.approx(base + 0.01 + 0.08 / 4)
+    z3 = evaluate(Candidate("z3", 4, {"kind": "deepspeed", "zero_stage": 3}), p, t, SHAPE)
+    assert z3.compute_s == pytest.approx(base + 0.05 + 0.12 / 4)
+
+
+def test_a_pipeline_stage_runs_its_share_of_the_flops_as_deepspeed_splits_by_parameters() -> None:
+    layers = [LayerProfile(10, 1.0, 1.0, flops) for flops in (3.0, 1.0, 1.0, 1.0)]
+    p = ModelProfile(40, 10, 0.0, 6.0, 4.0, 1.0, layers=layers)
+    assert busiest_stage_share(p, 2) == pytest.approx(4 / 6)  # layers 0-1 | 2-3
+    even = [LayerProfile(10, 1.0, 1.0, 2.0) for _ in range(4)]
+    assert busiest_stage_share(ModelProfile(40, 10, 0.0, 8.0, 4.0, 1.0, layers=even), 4) == 0.25
+
+
+def test_freed_gradients_count_with_the_optimizer_step_not_with_the_activations() -> None:
+    kept = Memory(params=1, grads=1, optimizer=2, activations=5, buffers=0, scratch=0.5)
+    assert kept.total == 9
+    freed = Memory(1, 1, 2, 5, 0, scratch=0.5, grads_freed=True)
+    assert freed.total == 8  # the backward pass starts with no gradients
+    assert Memory(1, 4, 2, 3, 0, scratch=0.5, grads_freed=True).total == 7.5
+    assert "grads_freed" not in freed.as_dict()
 
 
 @pytest.mark.parametrize("gpus", [1, 8, 64])
