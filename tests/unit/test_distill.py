@@ -13,6 +13,7 @@ from roundhouse.data import build_splits
 from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer.distill import distill_loss, load_teacher
+from tests.helpers.hf import save_random_gpt2
 from tests.helpers.runs import read_metrics
 from tests.unit.test_lora import train
 
@@ -115,24 +116,6 @@ def test_teacher_of_another_output_space_is_one_line_and_writes_nothing(
 PYTEXT = {"source": "builtin:pytext", "options": {"seq_len": 16, "max_bytes": 100_000}}
 
 
-def gpt2_folder(folder: Path, vocab_size: int) -> torch.nn.Module:
-    """A randomly initialised transformers GPT-2, `save_pretrained` to `folder` (no download)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
-    model.save_pretrained(folder)
-    return model
-
-
 def lm_job(storage: Path, teacher: Path) -> dict:
     job = digits_job(storage, "lm", {"name": "gpt"}, max_steps=3)
     job["data"] = {**PYTEXT, "batch_size": 8}
@@ -141,7 +124,7 @@ def lm_job(storage: Path, teacher: Path) -> dict:
 
 
 def test_a_hugging_face_gpt2_folder_teaches_a_gpt_student(tmp_path: Path) -> None:
-    reference = gpt2_folder(tmp_path / "gpt2", vocab_size=260)  # the byte vocabulary
+    reference = save_random_gpt2(tmp_path / "gpt2", vocab_size=260)  # the byte vocabulary
     job = lm_job(tmp_path / "runs", tmp_path / "gpt2")
     spec = validate_job(job)
     info = build_splits(spec.data, seed=spec.trainer.seed).info
@@ -158,7 +141,7 @@ def test_a_hugging_face_gpt2_folder_teaches_a_gpt_student(tmp_path: Path) -> Non
 def test_a_hugging_face_teacher_of_another_vocabulary_is_one_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    gpt2_folder(tmp_path / "gpt2", vocab_size=300)
+    save_random_gpt2(tmp_path / "gpt2", vocab_size=300)
     capsys.readouterr()  # save_pretrained's progress bar
     job_file = tmp_path / "student.yaml"
     job_file.write_text(

@@ -20,6 +20,7 @@ from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer.finetune import apply_init_from
 from roundhouse.trainer.model_build import build_model_for
+from tests.helpers.hf import save_random_gpt2
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,19 +37,8 @@ def load(job: JobSpec, input_shape: tuple[int, ...], num_classes: int) -> torch.
 
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=300,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
     folder = tmp_path_factory.mktemp("gpt2")
-    model.save_pretrained(folder)
+    model = save_random_gpt2(folder)
     return folder, model
 
 
