@@ -32,7 +32,9 @@ BF16_ATOL = 3e-2  # a few bf16 ulps of weights of magnitude ~1 after 8 SGD steps
 BF16_RANKS_ATOL = 1e-2
 
 
-def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> float:
+def assert_weights_close(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float
+) -> float:
     """Asserts equal keys and weights within `atol`; returns the largest difference."""
     assert a.keys() == b.keys()
     worst = 0.0
@@ -64,17 +66,17 @@ def test_compiled_single_matches_eager_and_resumes_from_its_checkpoint(
     initial = initial_weights(half)
     moved = max(float((eager[k] - initial[k]).abs().max()) for k in eager)
     assert moved > 1e-2, "training barely moved the weights: the parity would say little"
-    close(resumed, eager, COMPILE_ATOL)
+    assert_weights_close(resumed, eager, COMPILE_ATOL)
     assert caplog.text.count("torch.compile (mode=default)") == 2  # both halves compiled
 
 
 def test_compiled_ring_and_ps_match_eager_single(tmp_path: Path) -> None:
     eager = single(tmp_path, "eager")
     ring = train(make_job(tmp_path, "ring", trainer__compile=True), 2)
-    close(final_weights(ring), eager, COMPILE_ATOL)
+    assert_weights_close(final_weights(ring), eager, COMPILE_ATOL)
     ps = ps_job(tmp_path, "ps", {"num_servers": 2, "node_aggregation": False})
     ps["trainer"]["compile"] = True
-    close(final_weights(ps_train(ps, 2)), eager, COMPILE_ATOL)
+    assert_weights_close(final_weights(ps_train(ps, 2)), eager, COMPILE_ATOL)
 
 
 def deepspeed_one_rank(tmp_path: Path, run_id: str, **overrides: Any) -> dict[str, torch.Tensor]:
@@ -89,22 +91,26 @@ def deepspeed_one_rank(tmp_path: Path, run_id: str, **overrides: Any) -> dict[st
 def test_compiled_deepspeed_matches_eager_single(tmp_path: Path) -> None:
     """DeepSpeed's engine.compile() on one rank (a DeepSpeed start is slow on 2 cores)."""
     eager = single(tmp_path, "eager")
-    close(deepspeed_one_rank(tmp_path, "ds", trainer__compile=True), eager, COMPILE_ATOL)
+    assert_weights_close(
+        deepspeed_one_rank(tmp_path, "ds", trainer__compile=True), eager, COMPILE_ATOL
+    )
 
 
 def test_bf16_single_ring_and_ps_match_within_bf16_tolerance(tmp_path: Path) -> None:
     fp32 = single(tmp_path, "fp32")
     bf16 = single(tmp_path, "bf16", trainer__precision="bf16")
-    gap = close(bf16, fp32, BF16_ATOL)
+    gap = assert_weights_close(bf16, fp32, BF16_ATOL)
     assert gap > 1e-6, "bf16 changed nothing: autocast did not run"
     ring = train(make_job(tmp_path, "ring", trainer__precision="bf16"), 2)
-    close(final_weights(ring), bf16, BF16_RANKS_ATOL)
+    assert_weights_close(final_weights(ring), bf16, BF16_RANKS_ATOL)
     ps = ps_job(tmp_path, "ps", {"num_servers": 2, "node_aggregation": False})
     ps["trainer"]["precision"] = "bf16"
-    close(final_weights(ps_train(ps, 2)), bf16, BF16_RANKS_ATOL)
+    assert_weights_close(final_weights(ps_train(ps, 2)), bf16, BF16_RANKS_ATOL)
 
 
 def test_bf16_deepspeed_matches_fp32_single_within_bf16_tolerance(tmp_path: Path) -> None:
     """DeepSpeed keeps bf16 weights (fp32 master copy in the optimizer): compared with fp32."""
     fp32 = single(tmp_path, "fp32")
-    close(deepspeed_one_rank(tmp_path, "ds", trainer__precision="bf16"), fp32, BF16_ATOL)
+    assert_weights_close(
+        deepspeed_one_rank(tmp_path, "ds", trainer__precision="bf16"), fp32, BF16_ATOL
+    )
