@@ -15,10 +15,13 @@
 4. Planning speed: `roundhouse plan` of gpt:1.3b over 1-64 H100s, wall time of the command
    against the 30 s target.
 
-    python benchmarks/plan_accuracy.py [--steps 8] [--models cnn gpt_small]
+    python benchmarks/plan_accuracy.py [--steps N] [--models cnn gpt_small]
 
 The machine is shared: step times move with other load; both sides of a ratio come from the
-same minute, and the plan's calibration is cached (delete ~/.cache/roundhouse to redo it).
+same minutes: each run calibrates afresh into a temporary `ROUNDHOUSE_CACHE_DIR` (the model's
+step, the link and the exchange probe), unless that variable is set. The ps runs host the
+job's `num_servers` shards in a `multiprocessing` manager (`parallel/ps/manager.py`), the
+transport of the plan's ps probe; a job on Ray calls actors instead.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from roundhouse.launch.jobfile import validate_job
+from roundhouse.parallel.ps.manager import connect_store, shard_manager
 from roundhouse.planner import build_plan
 from roundhouse.planner.calibrate import cache_path
 from roundhouse.planner.memory import zero_states
@@ -48,10 +52,11 @@ from roundhouse.planner.target import JobModel
 from roundhouse.trainer import prepare_run, run_worker
 from tests.distributed.test_ring_training import node_context
 from tests.helpers.dist import run_distributed
-from tests.helpers.ps_store import connect_store, shard_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
+# Steps per measured run: enough gaps for a stable median (the CNN's steps take 10-40 ms).
+DEFAULT_STEPS = {"cnn": 40, "gpt_small": 8}
 STRATEGIES: list[tuple[str, int, dict[str, Any]]] = [
     ("single", 1, {"kind": "single"}),
     ("ring", 2, {"kind": "ring"}),
@@ -96,7 +101,8 @@ def model_job(model: str, storage: Path, steps: int) -> dict[str, Any]:
 def train_rank(rank: int, world_size: int, job: dict, address: Any) -> None:
     ctx = node_context(rank, world_size, world_size)
     if address is not None:
-        ctx = type(ctx)(**{**ctx.__dict__, "parameter_store": connect_store(address, 4)})
+        store = connect_store(address, job["strategy"]["num_servers"])  # as many as planned
+        ctx = type(ctx)(**{**ctx.__dict__, "parameter_store": store})
     run_worker(validate_job(job), ctx)
 
 
@@ -242,7 +248,7 @@ def speed_result() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, help="steps per run (default: cnn 40, gpt 8)")
     parser.add_argument("--models", nargs="+", default=["cnn", "gpt_small"])
     parser.add_argument("--skip-steps", action="store_true", help="only estimators and speed")
     parser.add_argument("--skip-estimators", action="store_true", help="only the measured runs")
@@ -257,7 +263,7 @@ def main() -> None:
         # Calibrate now, under the load the runs below will see (not from an older cache).
         os.environ.setdefault("ROUNDHOUSE_CACHE_DIR", str(Path(tmp) / "cache"))
         for model in args.models:
-            step_results(model, args.steps, Path(tmp) / model)
+            step_results(model, args.steps or DEFAULT_STEPS[model], Path(tmp) / model)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,14 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
+from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,12 @@ def cached(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float
     full_key = f"{socket.gethostname()}/{key}"
     if full_key not in table:
         logger.info("calibrating %s (cached in %s)", key, path)
-        table[full_key] = measure()
+        value = measure()
+        try:  # re-read: `measure` may have cached entries of its own (a nested calibration)
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table[full_key] = value
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
@@ -155,3 +163,43 @@ class thread_count:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.old)
+
+
+def run_spawned(
+    target: Callable[..., None], args: Sequence[tuple], timeout_s: float, what: str
+) -> Any:
+    """Run `target(*a, queue)` in one spawned process per `a` in `args`; return the value of the
+    first `("ok", value)` put on the queue (a calibration's rank 0 puts it, then exits).
+
+    Raises RuntimeError(`what` failed: ...) on an `("error", message)` reply, as soon as a
+    process crashes (or all end) without a reply, or after `timeout_s`; every process is ended
+    either way.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, queue)) for a in args]
+    for proc in procs:
+        proc.start()
+    try:
+        status, value = "error", f"no result within {timeout_s:.0f} s"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                status, value = queue.get(timeout=1.0)
+                break
+            except Empty:
+                codes = [proc.exitcode for proc in procs if not proc.is_alive()]
+                if any(codes) or len(codes) == len(procs):  # a crash, or all ended
+                    try:  # a reply put just before the exit
+                        status, value = queue.get(timeout=1.0)
+                    except Empty:
+                        status, value = "error", f"exit codes {codes} and no result"
+                    break
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    if status != "ok":
+        raise RuntimeError(f"{what} failed: {value}")
+    return value

@@ -20,6 +20,11 @@ own exchange per optimizer step, per rank, over the link's `latency + bytes / ba
 | expert parallel | 4 all-to-alls of the routed tokens per MoE layer and micro-batch |
 | every N > 1 | the loop's finite-loss check: one scalar all-reduce per step |
 
+On this machine's CPU a row also pays its family's residual: what the strategy's exchange path
+cost per step, and per module with parameters, beyond this model on two small probe jobs
+(`exchangecal.py`), times `N - 1` (ps: `N / 2`, its pushers; a pipeline: per stage boundary and
+per micro-batch of its schedule).
+
 On a GPU, gradient exchange overlaps the backward pass (bucketed hooks, ZeRO's overlap_comm):
 only what does not fit under the backward (2/3 of compute) is exposed. On a CPU the same cores
 compute and communicate, so all of it is exposed.
@@ -45,6 +50,7 @@ from roundhouse.planner.memory import (
 from roundhouse.planner.trace import ModelProfile
 
 BACKWARD_SHARE = 2 / 3  # of a step's compute, the window gradient exchange can hide under
+WORKERS_PROBED = 2  # ranks of `exchangecal`'s probes: a residual is per step at this size
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class Target:
         autocast_bf16: bf16 autocast on (activations in bf16, bf16 FLOP rate).
         ds_bf16: DeepSpeed in bf16 mixed precision (bf16 parameters, fp32 master weights).
         overlap: Whether gradient exchange overlaps the backward pass (GPUs).
+        residuals: Per exchange family, `<family>/fixed` and `<family>/per_module`: seconds per
+            step its path costs at 2 ranks beyond the link model (`exchangecal.py`; empty
+            where not measured).
     """
 
     device: str
@@ -68,6 +77,7 @@ class Target:
     autocast_bf16: bool = False
     ds_bf16: bool = False
     overlap: bool = False
+    residuals: Callable[[], dict[str, float]] = dict
 
 
 @dataclass(frozen=True)
@@ -317,8 +327,42 @@ def evaluate(c: Candidate, p: ModelProfile, t: Target, job: JobShape) -> Row:
     if t.overlap:
         hideable = max(hideable - BACKWARD_SHARE * compute, 0.0)
     check = collective_s(t.link, 0.0, 1, c.workers)  # the loop's finite-loss check (a scalar)
-    comm = hideable + critical + check
+    comm = hideable + critical + check + residual_s(c, p, t, job)
     return Row(c, micro, memory, compute, comm, fits=memory.total <= t.memory_bytes)
+
+
+def exchange_family(c: Candidate) -> str | None:
+    """The `exchangecal` family whose residual row `c` pays (None: not probed)."""
+    s = c.strategy
+    if s["kind"] in ("ring", "ps"):
+        return s["kind"]
+    if s["kind"] != "deepspeed" or c.tensor_parallel > 1 or c.expert_parallel > 1:
+        return None
+    if c.pipeline_stages > 1:
+        return "pipeline"
+    return "zero3" if s.get("zero_stage", 0) == 3 else "zero"
+
+
+def residual_s(c: Candidate, p: ModelProfile, t: Target, job: JobShape) -> float:
+    """Row `c`'s share of its family's probed residual: `fixed + per_module x modules` seconds
+    per step at 2 ranks and one micro-batch (ps: `+ per_param x parameters / servers`;
+    `exchangecal.py`), scaled to the row."""
+    family = exchange_family(c)
+    if c.workers <= 1 or family is None:
+        return 0.0
+    fitted = t.residuals()
+    modules = p.param_modules / c.pipeline_stages
+    per_step = fitted.get(f"{family}/fixed", 0.0) + fitted.get(f"{family}/per_module", 0.0) * (
+        modules
+    )
+    if family == "ps":  # bytes and updates: each server shard its part, in parallel
+        per_step += fitted.get("ps/per_param", 0.0) * p.num_params / job.ps_servers
+    if family == "pipeline":  # per boundary and per slot of the schedule (2 at the probe)
+        s = c.pipeline_stages
+        return per_step * (s - 1) * (job.grad_accum_steps + s - 1) / 2
+    if family == "ps":  # the server serves the N pushers one after another
+        return per_step * c.data_parallel / WORKERS_PROBED
+    return per_step * (c.data_parallel - 1)
 
 
 def no_buffers(job: JobShape, n_local: float) -> float:

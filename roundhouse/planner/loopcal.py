@@ -29,9 +29,9 @@ import time
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from roundhouse.config import JobSpec
+from roundhouse.planner.calibrate import run_spawned
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +41,28 @@ BUDGET_S = 2.5  # measured seconds per configuration (at least MIN_STEPS steps)
 WARMUP_STEPS, MIN_STEPS, MAX_STEPS = 2, 3, 12
 
 
-def calibration_job(job: JobSpec, storage: str, batch: int, strategy: dict[str, Any]) -> JobSpec:
-    """The job as one worker runs it at micro-batch `batch`, with nothing written but a run."""
+def calibration_job(
+    job: JobSpec, storage: str, batch: int, strategy: dict[str, Any], workers: int = 1
+) -> JobSpec:
+    """The job as `workers` workers run it at global batch `batch` (one step, one micro-batch
+    each), with nothing written but a run."""
     data = job.model_dump(mode="json")
     data["data"]["batch_size"] = batch
     data["strategy"] = strategy
     data["trainer"].update(grad_accum_steps=1, max_steps=10**6, log_every_steps=1)
     data["trainer"]["checkpoint"] = {"every_epoch": False, "keep_last": 1}
     data["trainer"].pop("eval_every_steps", None)
-    data["cluster"].update(num_workers=1, min_workers=None)
+    data["cluster"].update(num_workers=workers, min_workers=None)
     data["tracking"] = {"wandb": {"mode": "disabled"}, "console": "off"}
-    data["storage"] = {"path": storage, "run_id": f"calibration-{strategy['kind']}-{batch}"}
+    label = "-".join(str(v) for v in strategy.values())
+    data["storage"] = {"path": storage, "run_id": f"calibration-{label}-{batch}"}
     return JobSpec.model_validate(data)
 
 
-def time_pieces(trainer: Any) -> dict[str, float]:
-    """Median seconds of a step's pieces (data + finite check, forward+backward, optimizer)."""
+def time_pieces(trainer: Any, budget_s: float = BUDGET_S) -> dict[str, float]:
+    """Median seconds of a step's pieces (data + finite check, forward+backward, optimizer),
+    over at most `budget_s` seconds (ranks of one group pass `math.inf`: they must all stop at
+    the same step)."""
     strategy, loader = trainer.strategy, trainer.train_loader
     strategy.train_mode(True)
     steps = min(len(loader), MAX_STEPS + WARMUP_STEPS)
@@ -75,7 +81,7 @@ def time_pieces(trainer: Any) -> dict[str, float]:
             pieces["loop_s"].append(t0 - last)
         last = t2
         measured = len(pieces["fwd_bwd_s"])
-        if i + 1 >= steps or (measured >= MIN_STEPS and t2 - started > BUDGET_S):
+        if i + 1 >= steps or (measured >= MIN_STEPS and t2 - started > budget_s):
             break
     return {k: statistics.median(v) for k, v in pieces.items() if v}
 
@@ -133,17 +139,5 @@ def measure_in_child(
 ) -> dict[str, float]:
     """`measure` in a spawned process (see the module doc)."""
     zero = importlib.util.find_spec("deepspeed") is not None
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    args = (job.model_dump(mode="json"), device, threads, sizes, zero, queue)
-    proc = ctx.Process(target=_child, args=args)
-    proc.start()
-    try:
-        status, value = queue.get(timeout=TIMEOUT_S)
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise RuntimeError(f"step calibration failed: {value}")
-    return value
+    args = (job.model_dump(mode="json"), device, threads, sizes, zero)
+    return run_spawned(_child, [args], TIMEOUT_S, "step calibration")

@@ -88,17 +88,30 @@ def rank_rows(rows: list[Row], shape: JobShape) -> list[Row]:
     )
 
 
+def _local_residuals(threads: int) -> dict[str, float]:
+    """This machine's exchange residuals; the probe's own plans are made without them."""
+    from roundhouse.planner.exchangecal import local_residuals
+
+    def plan_probe(job: JobSpec, workers: int) -> Plan:
+        return build_plan(job, [workers], "cpu", residuals=False)
+
+    return local_residuals(threads, plan_probe)
+
+
 def build_plan(
     job: JobSpec,
     workers: list[int],
     device: str,
     bandwidth: float | None = None,
     kinds: tuple[str, ...] | None = None,
+    residuals: bool = True,
 ) -> Plan:
-    """Plan `job` on `device` for each worker count in `workers`."""
+    """Plan `job` on `device` for each worker count in `workers` (`residuals=False`: without
+    the exchange probe's residuals, as the probe plans itself)."""
     jm = JobModel(job)
     profile = job_profile(jm)
-    target = build_target(jm, profile, device, bandwidth, max(workers))
+    probe = _local_residuals if residuals else None
+    target = build_target(jm, profile, device, bandwidth, max(workers), probe)
     shape = job_shape(job)
     rows = evaluate_all(profile, target, shape, workers, kinds)
     plan = Plan(job, profile, target, shape, rows, "")

@@ -123,9 +123,15 @@ def local_rate(
 
 
 def build_target(
-    jm: JobModel, profile: ModelProfile, device: str, bandwidth: float | None, max_workers: int
+    jm: JobModel,
+    profile: ModelProfile,
+    device: str,
+    bandwidth: float | None,
+    max_workers: int,
+    residuals: Callable[[int], dict[str, float]] | None = None,
 ) -> Target:
-    """The `Target` for `--device` (see the module doc)."""
+    """The `Target` for `--device` (see the module doc); `residuals(threads)` gives this
+    machine's probed exchange residuals for a local CPU plan (`exchangecal.py`; None: none)."""
     job = jm.job
     accelerator = get_accelerator(device)
     bf16_asked = job.trainer.precision == "bf16"
@@ -142,7 +148,9 @@ def build_target(
         on_gpu = device.lower() == "cuda"
         memory = torch.cuda.get_device_properties(0).total_memory if on_gpu else cpu_memory_bytes()
         autocast = bf16_asked or (on_gpu and job.trainer.precision == "auto")
-        return Target(device, memory, rate, link, autocast, bf16_asked, overlap=on_gpu)
+        probed = residuals is not None and not bandwidth and not on_gpu
+        extra = _memo(lambda: residuals(threads)) if probed else dict
+        return Target(device, memory, rate, link, autocast, bf16_asked, on_gpu, extra)
     autocast = job.trainer.precision != "fp32"
     peak = accelerator.peak_bf16 if autocast else accelerator.peak_fp32
     moments = optimizer_moments(job.trainer.optimizer.name, job.trainer.optimizer.momentum)

@@ -1,6 +1,6 @@
 """The `ps` strategy on gloo processes (DESIGN rule 5), through the real `run_worker`.
 
-The shards live in a manager process (tests/helpers/ps_store.py), the ranks are
+The shards live in a manager process (roundhouse/parallel/ps/manager.py), the ranks are
 `run_distributed` processes with hand-built topologies, so node aggregation runs on a real
 2 nodes x 2 ranks layout (Ray Train on one machine puts every worker on "node 0").
 """
@@ -16,11 +16,11 @@ import torch
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
 from roundhouse.launch.jobfile import validate_job
+from roundhouse.parallel.ps.manager import Address, connect_store, shard_manager
 from roundhouse.trainer import build_local_context, prepare_run, run_worker
 from tests.distributed.test_ring_training import make_job as ring_job
 from tests.distributed.test_ring_training import node_context
 from tests.helpers.dist import run_distributed
-from tests.helpers.ps_store import Address, connect_store, shard_manager
 from tests.helpers.runs import final_weights, read_metrics
 
 TIMEOUT_S = 180

@@ -18,8 +18,8 @@ from roundhouse.errors import JobFileError
 from roundhouse.launch.auto import resolve_auto
 from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.planner import build_plan
-from roundhouse.planner.calibrate import LinkRate, StepRate
+from roundhouse.planner import build_plan, exchangecal
+from roundhouse.planner.calibrate import LinkRate, StepRate, cache_path, cached
 from roundhouse.planner.candidates import Candidate
 from roundhouse.planner.costs import JobShape, Target, busiest_stage_share, comm_time, evaluate
 from roundhouse.planner.devices import get_accelerator, parse_bandwidth
@@ -114,6 +114,61 @@ def test_zero_rows_add_the_engines_costs_and_step_their_partition() -> None:
     assert z2.compute_s == pytest.approx(base + 0.01 + 0.08 / 4)
     z3 = evaluate(Candidate("z3", 4, {"kind": "deepspeed", "zero_stage": 3}), p, t, SHAPE)
     assert z3.compute_s == pytest.approx(base + 0.05 + 0.12 / 4)
+
+
+def test_probed_residuals_are_added_per_family_and_scaled_to_the_row() -> None:
+    fitted = {
+        "ring/fixed": 0.01,
+        "ring/per_module": 0.001,
+        "ps/fixed": 0.004,
+        "ps/per_param": 1e-4,
+        "zero3/per_module": 0.002,
+        "pipeline/fixed": 0.003,
+    }
+    rate, link = StepRate(0.0, 1e-3, 1e-3), LinkRate(0.0, 1e12)
+    bare = Target("test", 80 * GB, lambda: rate, link)
+    probed = Target("test", 80 * GB, lambda: rate, link, residuals=lambda: fitted)
+    layers = [LayerProfile(10, 1.0, 1.0, 1.0) for _ in range(4)]
+    p = ModelProfile(40, 10, 0.0, 4.0, 4.0, 1.0, layers=layers, param_modules=20)
+
+    def extra(workers: int, strategy: dict, shape: JobShape = SHAPE) -> float:
+        c = Candidate("row", workers, strategy)
+        return evaluate(c, p, probed, shape).comm_s - evaluate(c, p, bare, shape).comm_s
+
+    assert extra(1, {"kind": "single"}) == 0.0
+    assert extra(2, {"kind": "ring"}) == pytest.approx(0.01 + 20 * 0.001)
+    assert extra(4, {"kind": "ring"}) == pytest.approx(3 * (0.01 + 20 * 0.001))  # N - 1 steps
+    assert extra(8, {"kind": "ps"}) == pytest.approx(4 * (0.004 + 40 * 1e-4))  # N / 2 pushers
+    two_servers = {"kind": "ps", "num_servers": 2}
+    shape2 = JobShape(64, 1, 2, 1e6, ps_servers=2)
+    assert extra(2, two_servers, shape2) == pytest.approx(0.004 + 20 * 1e-4)
+    assert extra(2, {"kind": "deepspeed", "zero_stage": 3}) == pytest.approx(20 * 0.002)
+    assert extra(2, {"kind": "deepspeed", "zero_stage": 2}) == 0.0  # "zero" was not fitted
+    pipe = {"kind": "deepspeed", "zero_stage": 1, "pipeline_stages": 2}
+    accum4 = JobShape(64, 4, 2, 1e6)
+    assert extra(2, pipe, accum4) == pytest.approx(0.003 * (4 + 1) / 2)  # per micro-batch slot
+
+
+def test_a_calibration_nested_in_another_keeps_both_cached(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ROUNDHOUSE_CACHE_DIR", str(tmp_path))
+
+    def outer() -> dict[str, float]:
+        return {"y": cached("inner", lambda: {"x": 1.0})["x"] + 1}
+
+    assert cached("outer", outer) == {"y": 2.0}
+    table = json.loads(cache_path().read_text())
+    assert sorted(key.split("/", 1)[1] for key in table) == ["inner", "outer"]
+
+
+def test_a_failed_exchange_probe_plans_without_residuals(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ROUNDHOUSE_CACHE_DIR", str(tmp_path))
+
+    def broken(threads: int, plan_probe) -> dict[str, float]:
+        raise RuntimeError("exchange calibration failed: no loopback port")
+
+    monkeypatch.setattr(exchangecal, "measure_residuals", broken)
+    assert exchangecal.local_residuals(1, build_plan) == {}
+    assert not cache_path().exists()  # nothing cached: the next plan probes again
 
 
 def test_a_pipeline_stage_runs_its_share_of_the_flops_as_deepspeed_splits_by_parameters() -> None:

@@ -1,10 +1,11 @@
-"""Parameter-server shards in a separate process, reachable from `run_distributed` ranks.
+"""Parameter-server shards in a separate process, reachable from processes of this machine.
 
 A `multiprocessing` manager process hosts `ShardServer` objects (the same class Ray runs as
 actors); every rank connects and wraps proxies of them in a `LocalParameterStore`. Each proxy
 call runs in its own thread of the manager, so a pull that waits (sync, ssp) does not block
-other ranks' pushes. This is a test transport for the real server code without Ray's startup
-cost; tests/integration/test_ps_ray.py covers the Ray actors.
+other ranks' pushes. It runs the real server code without Ray's startup cost: the planner's
+exchange probe (`planner/exchangecal.py`), the multi-process ps tests and benchmarks use it;
+jobs use Ray actors (`cluster/ps.py`, covered by tests/integration/test_ps_ray.py).
 """
 
 from __future__ import annotations
