@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "test_times.py"
 
 
 @pytest.fixture(scope="module")
-def test_times():
+def times_script():  # the script as a module (not a test)
     spec = importlib.util.spec_from_file_location("test_times", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["test_times"] = module
@@ -26,7 +26,7 @@ def junit(path: Path, cases: list[tuple[str, str, float]]) -> Path:
     return path
 
 
-def test_matched_tests_are_compared_like_for_like(test_times, tmp_path, capsys) -> None:
+def test_matched_tests_are_compared_like_for_like(times_script, tmp_path, capsys) -> None:
     before = junit(
         tmp_path / "before.xml",
         [("tests.unit.test_a", "test_x", 10.0), ("tests.old.test_b", "test_moved", 4.0)],
@@ -39,7 +39,7 @@ def test_matched_tests_are_compared_like_for_like(test_times, tmp_path, capsys) 
             ("tests.unit.test_a", "test_new", 30.0),
         ],
     )
-    assert test_times.main([str(before), str(after)]) == 0
+    assert times_script.main([str(before), str(after)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "before: 2 tests, 14.0 s" in out
     assert "after: 3 tests, 40.5 s" in out
@@ -49,7 +49,7 @@ def test_matched_tests_are_compared_like_for_like(test_times, tmp_path, capsys) 
     assert not any("test_moved" in line for line in out)  # moved by less than the threshold
 
 
-def test_a_missing_file_is_one_error_line(test_times, tmp_path, capsys) -> None:
-    assert test_times.main([str(tmp_path / "no.xml"), str(tmp_path / "no.xml")]) == 2
+def test_a_missing_file_is_one_error_line(times_script, tmp_path, capsys) -> None:
+    assert times_script.main([str(tmp_path / "no.xml"), str(tmp_path / "no.xml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
