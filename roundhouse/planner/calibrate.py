@@ -40,11 +40,12 @@ class StepRate:
         overhead_s: Fixed seconds of one forward + backward pass.
         per_sample_s: Seconds per sample of one forward + backward pass.
         optimizer_s: One optimizer step over the whole model (with the gradient norm).
-        loop_s: The loop's own work per step (the next batch, the finite-loss check).
+        loop_s: The loop's own fixed work per step (the next batch, the finite-loss check).
         zero_fwd_bwd_s: By ZeRO stage: seconds DeepSpeed's engine adds to each forward +
             backward pass of the whole model (its gradient and gather/release hooks).
         zero_optimizer_s: By ZeRO stage: DeepSpeed's optimizer step over the whole model on one
             rank (ZeRO ranks each step their 1/N partition).
+        loop_per_sample_s: The loop's work per sample of a step (loading and augmenting it).
     """
 
     overhead_s: float
@@ -53,10 +54,15 @@ class StepRate:
     loop_s: float = 0.0
     zero_fwd_bwd_s: dict[int, float] = field(default_factory=dict)
     zero_optimizer_s: dict[int, float] = field(default_factory=dict)
+    loop_per_sample_s: float = 0.0
 
     def fwd_bwd(self, micro_batch: float) -> float:
         """Seconds of one forward + backward of `micro_batch` samples: fixed + per-sample cost."""
         return self.overhead_s + self.per_sample_s * micro_batch
+
+    def loop(self, samples: float) -> float:
+        """Seconds of the loop's own work for a step of `samples` samples on one rank."""
+        return self.loop_s + self.loop_per_sample_s * samples
 
     @classmethod
     def from_loop(cls, figures: dict[str, float], sizes: tuple[int, int]) -> StepRate:
@@ -68,11 +74,17 @@ class StepRate:
         else:
             per_sample = t_large / large
         stages = {int(k[4]) for k in figures if k.startswith("zero")}
+        loop_small, loop_large = figures["small/loop_s"], figures["large/loop_s"]
+        # Loading (and augmenting) grows with the samples; without two sizes it is all fixed.
+        loop_per_sample = (
+            max(loop_large - loop_small, 0.0) / (large - small) if large > small else 0.0
+        )
         return cls(
             overhead_s=max(t_small - per_sample * small, 0.0),
             per_sample_s=per_sample,
             optimizer_s=(figures["small/optimizer_s"] + figures["large/optimizer_s"]) / 2,
-            loop_s=(figures["small/loop_s"] + figures["large/loop_s"]) / 2,
+            loop_s=max(loop_small - loop_per_sample * small, 0.0),
+            loop_per_sample_s=loop_per_sample,
             zero_fwd_bwd_s={k: max(figures[f"zero{k}/fwd_bwd_s"] - t_small, 0.0) for k in stages},
             zero_optimizer_s={k: figures[f"zero{k}/optimizer_s"] for k in stages},
         )

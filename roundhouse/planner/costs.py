@@ -242,7 +242,7 @@ def compute_time(c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro:
     optimizer = rate.zero_optimizer_s.get(engine, rate.optimizer_s) * owned
     if c.strategy.get("offload_optimizer", "none") != "none":
         optimizer *= 3  # the host's Adam, plus gradients down and parameters up over PCIe
-    return compute + optimizer + rate.loop_s
+    return compute + optimizer + rate.loop(micro * job.grad_accum_steps)
 
 
 def zero_engine(c: Candidate) -> int | None:
