@@ -21,9 +21,9 @@ own exchange per optimizer step, per rank, over the link's `latency + bytes / ba
 | every N > 1 | the loop's finite-loss check: one scalar all-reduce per step |
 
 On this machine's CPU a row also pays its family's residual: what the strategy's exchange path
-cost per step, and per module with parameters, beyond this model on two small probe jobs
-(`exchangecal.py`), times `N - 1` (ps: `N / 2`, its pushers; a pipeline: per stage boundary and
-per micro-batch of its schedule).
+cost per step beyond this model at 2 ranks (`exchangecal.py`: probed on the job itself when
+that is cheap, else fitted per module and parameter on small probe jobs), times `N - 1` (ps:
+`N / 2`, its pushers; a pipeline: per stage boundary and per micro-batch of its schedule).
 
 On a GPU, gradient exchange overlaps the backward pass (bucketed hooks, ZeRO's overlap_comm):
 only what does not fit under the backward (2/3 of compute) is exposed. On a CPU the same cores
@@ -344,19 +344,24 @@ def exchange_family(c: Candidate) -> str | None:
 
 
 def residual_s(c: Candidate, p: ModelProfile, t: Target, job: JobShape) -> float:
-    """Row `c`'s share of its family's probed residual: `fixed + per_module x modules` seconds
-    per step at 2 ranks and one micro-batch (ps: `+ per_param x parameters / servers`;
-    `exchangecal.py`), scaled to the row."""
+    """Row `c`'s share of its family's probed residual, seconds per step at 2 ranks and one
+    micro-batch (`exchangecal.py`): the job's own `<family>/step` where it was probed, else
+    `fixed + per_module x modules` (ps: `+ per_param x parameters / servers`), scaled to the
+    row."""
     family = exchange_family(c)
     if c.workers <= 1 or family is None:
         return 0.0
     fitted = t.residuals()
-    modules = p.param_modules / c.pipeline_stages
-    per_step = fitted.get(f"{family}/fixed", 0.0) + fitted.get(f"{family}/per_module", 0.0) * (
-        modules
-    )
-    if family == "ps":  # bytes and updates: each server shard its part, in parallel
-        per_step += fitted.get("ps/per_param", 0.0) * p.num_params / job.ps_servers
+    if f"{family}/step" in fitted:  # the job's own step, probed at 2 ranks
+        # Below 0 the plan over-priced the probe's step: noise or the base model, not an
+        # exchange cost that grows with the ranks.
+        per_step = max(fitted[f"{family}/step"], 0.0)
+    else:  # the probe MLPs' fit
+        modules = p.param_modules / c.pipeline_stages
+        per_step = fitted.get(f"{family}/fixed", 0.0)
+        per_step += fitted.get(f"{family}/per_module", 0.0) * modules
+        if family == "ps":  # bytes and updates: each server shard its part, in parallel
+            per_step += fitted.get("ps/per_param", 0.0) * p.num_params / job.ps_servers
     if family == "pipeline":  # per boundary and per slot of the schedule (2 at the probe)
         s = c.pipeline_stages
         return per_step * (s - 1) * (job.grad_accum_steps + s - 1) / 2

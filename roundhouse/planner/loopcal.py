@@ -26,6 +26,7 @@ import logging
 import statistics
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -39,6 +40,15 @@ TIMEOUT_S = 300
 ZERO_STAGES = (2, 3)  # the engines calibrated (stages 0 and 1 use stage 2's figures)
 BUDGET_S = 2.5  # measured seconds per configuration (at least MIN_STEPS steps)
 WARMUP_STEPS, MIN_STEPS, MAX_STEPS = 2, 3, 12
+
+
+def job_key(job: JobSpec) -> str:
+    """What a calibration of `job`'s own step depends on: model, data, optimizer, precision."""
+    m, opt = job.model, job.trainer.optimizer
+    return (
+        f"{m.name}:{m.flavor}:{sorted(m.options.items())}:{job.data.source}:"
+        f"{sorted(job.data.options.items())}:{opt.name}:{job.trainer.precision}"
+    )
 
 
 def calibration_job(
@@ -59,13 +69,15 @@ def calibration_job(
     return JobSpec.model_validate(data)
 
 
-def time_pieces(trainer: Any, budget_s: float = BUDGET_S) -> dict[str, float]:
+def time_pieces(
+    trainer: Any, budget_s: float = BUDGET_S, max_steps: int = MAX_STEPS
+) -> dict[str, float]:
     """Median seconds of a step's pieces (data + finite check, forward+backward, optimizer),
-    over at most `budget_s` seconds (ranks of one group pass `math.inf`: they must all stop at
-    the same step)."""
+    over at most `budget_s` seconds and `max_steps` steps after the warm-up (ranks of one group
+    pass `math.inf`: they must all stop at the same step)."""
     strategy, loader = trainer.strategy, trainer.train_loader
     strategy.train_mode(True)
-    steps = min(len(loader), MAX_STEPS + WARMUP_STEPS)
+    steps = min(len(loader), max_steps + WARMUP_STEPS)
     pieces: dict[str, list[float]] = {"loop_s": [], "fwd_bwd_s": [], "optimizer_s": []}
     started = last = time.perf_counter()
     for i, micro_batches in enumerate(loader):
@@ -120,6 +132,7 @@ def _child(job_json: dict, device: str, threads: int, sizes: tuple, zero: bool, 
 
     torch.set_num_threads(threads)
     logging.disable(logging.WARNING)  # the engines' banners; failures still reach the parent
+    warnings.simplefilter("ignore")  # torch's deprecations inside DeepSpeed, in every rank
     # One group for every engine: DeepSpeed keeps the first group it saw, so an engine must not
     # create (and destroy) its own.
     backend = "nccl" if device == "cuda" else "gloo"

@@ -88,14 +88,15 @@ def rank_rows(rows: list[Row], shape: JobShape) -> list[Row]:
     )
 
 
-def _local_residuals(threads: int) -> dict[str, float]:
-    """This machine's exchange residuals; the probe's own plans are made without them."""
-    from roundhouse.planner.exchangecal import local_residuals
+def _local_residuals(job: JobSpec, threads: int) -> dict[str, float]:
+    """This machine's exchange residuals for `job`: its own, probed at 2 ranks where that is
+    cheap, else the probe MLPs' fit; the probes' own plans are made without them."""
+    from roundhouse.planner.exchangecal import job_residuals, local_residuals
 
-    def plan_probe(job: JobSpec, workers: int) -> Plan:
-        return build_plan(job, [workers], "cpu", residuals=False)
+    def plan_probe(probe: JobSpec, workers: int) -> Plan:
+        return build_plan(probe, [workers], "cpu", residuals=False)
 
-    return local_residuals(threads, plan_probe)
+    return job_residuals(job, threads, plan_probe) or local_residuals(threads, plan_probe)
 
 
 def build_plan(
@@ -110,7 +111,7 @@ def build_plan(
     the exchange probe's residuals, as the probe plans itself)."""
     jm = JobModel(job)
     profile = job_profile(jm)
-    probe = _local_residuals if residuals else None
+    probe = (lambda threads: _local_residuals(job, threads)) if residuals else None
     target = build_target(jm, profile, device, bandwidth, max(workers), probe)
     shape = job_shape(job)
     rows = evaluate_all(profile, target, shape, workers, kinds)

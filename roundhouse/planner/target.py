@@ -20,7 +20,7 @@ from roundhouse.planner import calibrate
 from roundhouse.planner.calibrate import LinkRate, StepRate
 from roundhouse.planner.costs import Target
 from roundhouse.planner.devices import MFU, cpu_memory_bytes, get_accelerator
-from roundhouse.planner.loopcal import measure_in_child
+from roundhouse.planner.loopcal import job_key, measure_in_child
 from roundhouse.planner.memory import optimizer_moments
 from roundhouse.planner.trace import TRACE_BATCH, ModelProfile, make_batch, profile_model
 
@@ -97,12 +97,7 @@ def calibration_sizes(job: JobSpec, max_workers: int) -> tuple[int, int]:
 
 def loop_rate(job: JobSpec, device: str, threads: int, sizes: tuple[int, int]) -> StepRate:
     """The job's own step through roundhouse's loop pieces (`loopcal.py`), cached."""
-    m, opt = job.model, job.trainer.optimizer
-    key = (
-        f"{device}/threads{threads}/loop/{m.name}:{m.flavor}:{sorted(m.options.items())}:"
-        f"{job.data.source}:{sorted(job.data.options.items())}:{opt.name}:"
-        f"{job.trainer.precision}/{sizes[0]}-{sizes[1]}"
-    )
+    key = f"{device}/threads{threads}/loop/{job_key(job)}/{sizes[0]}-{sizes[1]}"
     figures = calibrate.cached(key, lambda: measure_in_child(job, device, threads, sizes))
     return StepRate.from_loop(figures, sizes)
 

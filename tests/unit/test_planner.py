@@ -174,6 +174,74 @@ def test_a_failed_exchange_probe_plans_without_residuals(tmp_path: Path, monkeyp
     assert not cache_path().exists()  # nothing cached: the next plan probes again
 
 
+def test_the_jobs_own_probed_step_replaces_the_mlp_fit_and_never_lowers_a_row() -> None:
+    fitted = {"ring/fixed": 1.0, "ring/per_module": 1.0, "ring/step": 0.004, "ps/step": -0.01}
+    rate, link = StepRate(0.0, 1e-3, 1e-3), LinkRate(0.0, 1e12)
+    bare = Target("test", 80 * GB, lambda: rate, link)
+    probed = Target("test", 80 * GB, lambda: rate, link, residuals=lambda: fitted)
+    p = profile()
+
+    def extra(workers: int, strategy: dict) -> float:
+        c = Candidate("row", workers, strategy)
+        return evaluate(c, p, probed, SHAPE).comm_s - evaluate(c, p, bare, SHAPE).comm_s
+
+    assert extra(2, {"kind": "ring"}) == pytest.approx(0.004)  # not 1.0 + modules x 1.0
+    assert extra(4, {"kind": "ring"}) == pytest.approx(3 * 0.004)
+    assert extra(4, {"kind": "ps"}) == 0.0  # over-priced at the probe: nothing taken off
+
+
+class FakePlan:
+    """What `job_probe` reads of a plan: its rows' labels and step times."""
+
+    def __init__(self, steps: dict[str, float]) -> None:
+        row = type("Row", (), {})
+        self.rows = []
+        for label, step_s in steps.items():
+            r = row()
+            r.candidate, r.step_s = Candidate(label, 2, {}), step_s
+            self.rows.append(r)
+
+
+def test_the_job_is_its_own_exchange_probe_when_its_steps_are_cheap() -> None:
+    job = validate_job(
+        job_dict(strategy={"kind": "ps", "num_servers": 2}, trainer={"grad_accum_steps": 2})
+    )
+    asked = []
+
+    def plan_probe(spec, workers: int) -> FakePlan:
+        asked.append((spec.data.batch_size, spec.trainer.grad_accum_steps, workers))
+        return FakePlan({"single": 0.01, "ring": 0.02, "ps": 0.03, "zero2": 0.02, "zero3": 0.05})
+
+    probe, predicted = exchangecal.job_probe(job, plan_probe)
+    assert asked == [(32, 1, 2)]  # one step of the job: 64 samples in 2 micro-batches
+    assert predicted == {"ring": 0.02, "ps": 0.03, "zero": 0.02, "zero3": 0.05}  # no pipeline2
+    assert probe.batch == 32 and probe.steps == exchangecal.MAX_STEPS
+    assert probe.strategies["ps"] == {"kind": "ps", "mode": "sync", "num_servers": 2}
+    assert probe.strategies["ring"]["bucket_mb"] == 25.0
+
+    def slow(spec, workers: int) -> FakePlan:
+        return FakePlan({"ring": 10.0, "zero3": 10.0})
+
+    with pytest.raises(ValueError, match="would take over"):
+        exchangecal.job_probe(job, slow)
+    with pytest.raises(ValueError, match="cannot be split"):
+        exchangecal.job_probe(
+            validate_job(job_dict(data={"source": "builtin:digits", "batch_size": 1})), plan_probe
+        )
+
+
+def test_a_failed_job_probe_falls_back_and_caches_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ROUNDHOUSE_CACHE_DIR", str(tmp_path))
+
+    def broken(threads: int, probes) -> dict[str, float]:
+        raise RuntimeError("exchange calibration failed: rank 1 exited")
+
+    monkeypatch.setattr(exchangecal, "measure_families", broken)
+    job = validate_job(job_dict())
+    assert exchangecal.job_residuals(job, 1, lambda spec, n: FakePlan({"ring": 0.01})) == {}
+    assert not cache_path().exists()
+
+
 def test_a_pipeline_stage_runs_its_share_of_the_flops_as_deepspeed_splits_by_parameters() -> None:
     layers = [LayerProfile(10, 1.0, 1.0, flops) for flops in (3.0, 1.0, 1.0, 1.0)]
     p = ModelProfile(40, 10, 0.0, 6.0, 4.0, 1.0, layers=layers)
