@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from roundhouse.config import PSStrategyConfig
+from roundhouse.config import JobSpec, PSStrategyConfig
 from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.parallel.base import StepStats, TrainPlan
 from roundhouse.parallel.context import WorkerContext
@@ -59,6 +59,16 @@ BUCKET_MB = 4.0
 SERVER_WAIT_S = 600.0  # a pull waiting longer than this for other workers fails
 
 
+def check_no_grad_clip(grad_clip_norm: float | None) -> None:
+    """Refuse `trainer.grad_clip_norm`: each server sees only its shard of the gradient."""
+    if grad_clip_norm is not None:
+        raise JobFileError(
+            "trainer.grad_clip_norm is not supported with strategy.kind=ps "
+            "(each server sees only its shard of the gradient)",
+            "remove trainer.grad_clip_norm or use strategy.kind=ring",
+        )
+
+
 class ParameterServerStrategy(SingleDeviceStrategy):
     """Workers compute gradients; parameter-server shards own the parameters and update them."""
 
@@ -66,6 +76,15 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     max_world_size = None
     needs_parameter_servers = True
     config: PSStrategyConfig
+
+    @classmethod
+    def check_job(cls, job: JobSpec, world_size: int) -> None:
+        """Gradient clipping needs the whole gradient's norm, which no server sees.
+
+        Raises:
+            JobFileError: `trainer.grad_clip_norm` is set.
+        """
+        check_no_grad_clip(job.trainer.grad_clip_norm)
 
     def __init__(self, config: PSStrategyConfig, ctx: WorkerContext) -> None:
         super().__init__(config, ctx)
@@ -90,12 +109,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
         """Build the model, the shard layout, the store and the client; rank 0 fills the shards."""
-        if plan.grad_clip_norm is not None:
-            raise JobFileError(
-                "trainer.grad_clip_norm is not supported with strategy.kind=ps "
-                "(each server sees only its shard of the gradient)",
-                "remove trainer.grad_clip_norm or use strategy.kind=ring",
-            )
+        check_no_grad_clip(plan.grad_clip_norm)  # a worker started without the launcher's checks
         self.plan = plan
         self.model = model.to(self.ctx.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
