@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from roundhouse.config import JobSpec
 from roundhouse.errors import RoundhouseError
-from roundhouse.planner.candidates import enumerate_candidates
+from roundhouse.planner.candidates import Candidate, enumerate_candidates
 from roundhouse.planner.costs import JobShape, Row, Target, evaluate
 from roundhouse.planner.memory import optimizer_moments
 from roundhouse.planner.target import JobModel, build_target, job_profile
@@ -69,12 +70,16 @@ def evaluate_all(
     shape: JobShape,
     workers: list[int],
     kinds: tuple[str, ...] | None = None,
+    runs: Callable[[Candidate], bool] = lambda c: True,
 ) -> list[Row]:
-    """Every candidate row for every worker count (those the batch cannot be split for skipped)."""
+    """Every candidate row for every worker count (those the batch cannot be split for, and
+    those `runs` refuses, skipped)."""
     rows = []
     for n in workers:
         for candidate in enumerate_candidates(n, profile, kinds):
             if shape.global_batch < candidate.data_parallel * shape.grad_accum_steps:
+                continue
+            if not runs(candidate):
                 continue
             rows.append(evaluate(candidate, profile, target, shape))
     return rank_rows(rows, shape)
@@ -86,6 +91,29 @@ def rank_rows(rows: list[Row], shape: JobShape) -> list[Row]:
         rows,
         key=lambda r: (not r.fits, -r.samples_per_s(shape.global_batch), r.memory.total),
     )
+
+
+def strategy_accepts(job: JobSpec) -> Callable[[Candidate], bool]:
+    """Whether a candidate's strategy runs `job`, by that strategy's own `check_job` (ps
+    refuses gradient clipping, DeepSpeed ZeRO-3 a LoRA model, ...); memoised per section."""
+    from roundhouse.parallel.registry import get_strategy_class
+
+    data = job.model_dump(mode="json")
+    seen: dict[str, bool] = {}
+
+    def accepts(c: Candidate) -> bool:
+        key = f"{c.workers}:{sorted(c.strategy.items())}"
+        if key not in seen:
+            spec = JobSpec.model_validate({**data, "strategy": c.strategy})
+            try:
+                get_strategy_class(spec.strategy).check_job(spec, c.workers)
+                seen[key] = True
+            except RoundhouseError as exc:
+                logger.debug("no %s row on %d worker(s): %s", c.label, c.workers, exc)
+                seen[key] = False
+        return seen[key]
+
+    return accepts
 
 
 def _local_residuals(job: JobSpec, threads: int) -> dict[str, float]:
@@ -114,7 +142,7 @@ def build_plan(
     probe = (lambda threads: _local_residuals(job, threads)) if residuals else None
     target = build_target(jm, profile, device, bandwidth, max(workers), probe)
     shape = job_shape(job)
-    rows = evaluate_all(profile, target, shape, workers, kinds)
+    rows = evaluate_all(profile, target, shape, workers, kinds, strategy_accepts(job))
     plan = Plan(job, profile, target, shape, rows, "")
     plan.reason = explain(plan)
     return plan
@@ -149,9 +177,10 @@ def explain(plan: Plan) -> str:
 def suggest_fix(plan: Plan) -> str:
     """What would fit: more workers, offload, or a smaller micro-batch (gradient accumulation)."""
     shape, profile, target = plan.shape, plan.profile, plan.target
+    runs = strategy_accepts(plan.job)
     most = max(r.candidate.workers for r in plan.rows)
     for n in (most * 2**k for k in range(1, 8)):
-        rows = [r for r in evaluate_all(profile, target, shape, [n]) if r.fits]
+        rows = [r for r in evaluate_all(profile, target, shape, [n], None, runs) if r.fits]
         if rows:
             return (
                 f"nothing fits {target.memory_bytes / GB:.0f} GB; {rows[0].candidate.label} "
@@ -159,7 +188,7 @@ def suggest_fix(plan: Plan) -> str:
             )
     for accum in (2**k for k in range(1, 12)):
         bigger = JobShape(**{**shape.__dict__, "grad_accum_steps": shape.grad_accum_steps * accum})
-        rows = [r for r in evaluate_all(profile, target, bigger, [most]) if r.fits]
+        rows = [r for r in evaluate_all(profile, target, bigger, [most], None, runs) if r.fits]
         if rows:
             micro = rows[0].micro_batch
             return (

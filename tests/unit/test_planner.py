@@ -376,6 +376,16 @@ def test_bandwidth_units() -> None:
         parse_bandwidth("fast")
 
 
+def test_rows_are_the_strategies_whose_own_checks_accept_the_job() -> None:
+    def labels(**trainer) -> set[str]:
+        job = validate_job(job_dict(trainer={"max_steps": 2, **trainer}))
+        return {r.candidate.label for r in build_plan(job, [2], "H100-80GB", 25e9).rows}
+
+    assert {"ps", "ring", "zero3"} <= labels()
+    clipped = labels(grad_clip_norm=1.0)  # ps servers never see the whole gradient's norm
+    assert "ps" not in clipped and {"ring", "zero3"} <= clipped
+
+
 AUTO = {"kind": "auto", "device": "H100-80GB", "bandwidth": "25GB/s"}
 
 
