@@ -2,6 +2,7 @@
 
     roundhouse plan JOB.yaml [key.sub=value ...] [--workers 1,2,4,8] [--device cpu|cuda|H100-80GB]
                     [--bandwidth 25GB/s] [--strategies ring,deepspeed] [--all] [--json]
+                    [--recalibrate]
 
 Exit 0 with a recommendation, 2 when no row fits (the table is still printed, then one line
 saying what would fit).
@@ -10,6 +11,7 @@ saying what would fit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -43,6 +45,12 @@ def add_plan_parser(commands: argparse._SubParsersAction, common: argparse.Argum
     plan.add_argument("--strategies", help="only these strategy kinds, e.g. ring,deepspeed")
     plan.add_argument("--all", action="store_true", help="show every row, not the best 25")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="measure this machine again instead of reading the cached rates "
+        "(after a busy run or a hardware change)",
+    )
 
 
 def parse_workers(text: str) -> list[int]:
@@ -66,6 +74,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Plan the job at every worker count and print the table (or JSON) and the recommendation."""
     from roundhouse.launch.jobfile import load_job
     from roundhouse.planner import build_plan, default_workers
+    from roundhouse.planner.calibrate import remeasured
     from roundhouse.planner.devices import get_accelerator, parse_bandwidth
     from roundhouse.planner.report import format_plan, plan_json
 
@@ -74,7 +83,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
     workers = parse_workers(args.workers) if args.workers else default_workers(job)
     kinds = tuple(k.strip() for k in args.strategies.split(",")) if args.strategies else None
-    plan = build_plan(job, workers, args.device, bandwidth, kinds)
+    with remeasured() if args.recalibrate else contextlib.nullcontext():
+        plan = build_plan(job, workers, args.device, bandwidth, kinds)
     if args.json:
         print(json.dumps(plan_json(plan), indent=1))
     else:

@@ -9,7 +9,8 @@
 
 Results go to `$ROUNDHOUSE_CACHE_DIR/calibration.json` (default `~/.cache/roundhouse`), keyed by
 host name, device, thread count and (for a model's step) the model and micro-batch, so a second
-`roundhouse plan` on the same machine measures nothing.
+`roundhouse plan` on the same machine measures nothing. Inside `remeasured()` (`roundhouse plan
+--recalibrate`) each entry a plan reads is measured again, once, and replaces the stored one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
@@ -104,6 +106,25 @@ def cache_path() -> Path:
     return Path(root) / "calibration.json"
 
 
+# The full keys measured afresh inside the current `remeasured()` block; None outside one.
+_remeasured: set[str] | None = None
+
+
+@contextmanager
+def remeasured() -> Iterator[None]:
+    """Inside the block `cached` measures each entry again (once) and replaces the stored one.
+
+    For a cache filled on a busy machine, or after the machine changed: `roundhouse plan
+    --recalibrate`. Entries the block does not read stay as they are.
+    """
+    global _remeasured
+    outer, _remeasured = _remeasured, set()
+    try:
+        yield
+    finally:
+        _remeasured = outer
+
+
 def cached(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
     """The cached entry `key` of this host, measuring (and storing) it when absent."""
     path = cache_path()
@@ -112,7 +133,10 @@ def cached(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float
     except (OSError, ValueError):
         table = {}
     full_key = f"{socket.gethostname()}/{key}"
-    if full_key not in table:
+    stale = _remeasured is not None and full_key not in _remeasured
+    if full_key not in table or stale:
+        if _remeasured is not None:
+            _remeasured.add(full_key)
         logger.info("calibrating %s (cached in %s)", key, path)
         value = measure()
         try:  # re-read: `measure` may have cached entries of its own (a nested calibration)

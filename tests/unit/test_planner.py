@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -19,7 +20,7 @@ from roundhouse.launch.auto import resolve_auto
 from roundhouse.launch.cli import main
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.planner import build_plan, exchangecal
-from roundhouse.planner.calibrate import LinkRate, StepRate, cache_path, cached
+from roundhouse.planner.calibrate import LinkRate, StepRate, cache_path, cached, remeasured
 from roundhouse.planner.candidates import Candidate
 from roundhouse.planner.costs import JobShape, Target, busiest_stage_share, comm_time, evaluate
 from roundhouse.planner.devices import get_accelerator, parse_bandwidth
@@ -161,6 +162,24 @@ def test_a_calibration_nested_in_another_keeps_both_cached(tmp_path: Path, monke
     assert cached("outer", outer) == {"y": 2.0}
     table = json.loads(cache_path().read_text())
     assert sorted(key.split("/", 1)[1] for key in table) == ["inner", "outer"]
+
+
+def test_recalibrating_measures_each_entry_read_once_more(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ROUNDHOUSE_CACHE_DIR", str(tmp_path))
+    calls: list[str] = []
+
+    def measure(key: str) -> Callable[[], dict[str, float]]:
+        return lambda: calls.append(key) or {"run": float(len(calls))}
+
+    assert cached("link", measure("link")) == {"run": 1.0}
+    assert cached("other", measure("other")) == {"run": 2.0}
+    assert cached("link", measure("link")) == {"run": 1.0}  # read back, not measured
+    with remeasured():
+        assert cached("link", measure("link")) == {"run": 3.0}
+        assert cached("link", measure("link")) == {"run": 3.0}  # once per block
+    assert cached("link", measure("link")) == {"run": 3.0}  # the new figure is stored
+    assert cached("other", measure("other")) == {"run": 2.0}  # entries not read stay
+    assert calls == ["link", "other", "link"]
 
 
 def test_a_failed_exchange_probe_plans_without_residuals(tmp_path: Path, monkeypatch) -> None:
