@@ -135,8 +135,6 @@ def cached(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float
     full_key = f"{socket.gethostname()}/{key}"
     stale = _remeasured is not None and full_key not in _remeasured
     if full_key not in table or stale:
-        if _remeasured is not None:
-            _remeasured.add(full_key)
         logger.info("calibrating %s (cached in %s)", key, path)
         value = measure()
         try:  # re-read: `measure` may have cached entries of its own (a nested calibration)
@@ -148,6 +146,8 @@ def cached(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
         tmp.replace(path)
+        if _remeasured is not None:  # marked once stored: a failed measurement is tried again
+            _remeasured.add(full_key)
     return table[full_key]
 
 
