@@ -105,8 +105,9 @@ class DataConfig(Section):
 
     source: str | None = Field(
         None,
-        description="`builtin:digits` (the default without data.train), `builtin:synthetic` "
-        "or `builtin:pytext` (stdlib text), held in memory.",
+        description="`builtin:digits` (the default without data.train), `builtin:synthetic`, "
+        "`builtin:pytext` (stdlib text) or `builtin:pydoc-cls` (stdlib docstrings labelled by "
+        "package), held in memory.",
     )
     train: StreamSplitConfig | None = Field(
         None, description="Stream training data from a prepared dataset (excludes data.source)."
