@@ -25,8 +25,8 @@ from roundhouse.errors import DataError
 
 from .folds import rotate_fold
 from .loader import build_eval_loader
-from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
 from .pydoc_corpus import load_pydoc_classification
+from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
 from .text import load_pytext_splits
 from .types import ArrayDataset, DataInfo
 

@@ -66,5 +66,5 @@ def test_bad_options_are_data_errors() -> None:
         load_pydoc_classification({"min_per_class": 0})
     with pytest.raises(DataError, match="unknown option"):
         load_pydoc_classification({"vocab": 3})
-    with pytest.raises(DataError, match="lower data.options.min_per_class"):
+    with pytest.raises(DataError, match=r"lower data\.options\.min_per_class"):
         load_pydoc_classification({"min_per_class": 100_000})
