@@ -167,6 +167,7 @@ def _load_pytext(options: dict[str, Any], split: Sequence[float], seed: int) -> 
 # Sources that split themselves get the split fractions and the run seed too.
 _load_pytext.splits_itself = True  # type: ignore[attr-defined]
 
+
 def _load_pydoc_cls(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
     # The split is fixed by a hash of each function's name (see pydoc_corpus), not by `seed`.
     del split, seed
