@@ -325,7 +325,7 @@ def schema_sections(spec: type | None = None) -> list[SchemaSection]:
 
     def visit(section: SchemaSection) -> None:
         found.append(section)
-        for name, field in section.cls.model_fields.items():
+        for name, field in keys(section.cls):
             for child, suffix in models_in(field.annotation):
                 path = f"{section.path}.{name}{suffix}".lstrip(".")
                 members = tagged_sections(child) or {None: child}
@@ -335,6 +335,11 @@ def schema_sections(spec: type | None = None) -> list[SchemaSection]:
 
     visit(SchemaSection("", spec, None, "top-level"))
     return found
+
+
+def keys(cls: type) -> list[tuple[str, Any]]:
+    """`(key, field)` of a section, the key as a job file spells it (its alias, if any)."""
+    return [(field.alias or name, field) for name, field in cls.model_fields.items()]
 
 
 def doc_text(cls: type) -> str:
@@ -362,7 +367,7 @@ def section_markdown(section: SchemaSection) -> list[str]:
     if doc_text(section.cls):
         lines += [doc_text(section.cls), ""]
     lines += ["| key | type | default | description |", "|---|---|---|---|"]
-    for name, field in section.cls.model_fields.items():
+    for name, field in keys(section.cls):
         row = (
             f"`{name}`",
             field_type(section, name, field),

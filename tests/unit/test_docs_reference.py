@@ -72,12 +72,14 @@ def test_every_job_section_strategy_kind_and_key_is_in_the_schema_reference(
         assert f"| `{name}` |" in top
     for name in ("model", "data", "trainer", "cluster", "tracking", "storage"):
         section = JobSpec.model_fields[name].annotation
-        for key in section.model_fields:
+        for key, field in section.model_fields.items():
+            key = field.alias or key  # as a job file spells it
             assert f"| `{key}` |" in sections[name], f"{name}.{key}"
     kinds = strategy_sections()
     assert {"single", "ring", "ps", "deepspeed", "auto"} <= set(kinds)
     for kind, section in kinds.items():
-        for key in section.model_fields:
+        for key, field in section.model_fields.items():
+            key = field.alias or key
             assert f"| `{key}` |" in sections[f"strategy-{kind}"], f"strategy.{key} ({kind})"
     nested = ["model-lora", "trainer-optimizer-param_groups", "trainer-distill", "data-augment"]
     for anchor in [*nested, "data-train", "data-val", "strategy-ps-slow_worker"]:
@@ -115,6 +117,7 @@ class _Inner(BaseModel):
     """Inner settings."""
 
     items: list[str] = Field(default_factory=list)
+    async_: bool = Field(False, alias="async")
 
 
 class _Spec(BaseModel):
@@ -131,6 +134,7 @@ def test_a_tagged_union_documents_every_member_kind(hooks: ModuleType) -> None:
     assert "[alpha](#choice-alpha)" in sections["top-level"]
     assert "[section](#inner) or null" in sections["top-level"]
     assert "| `items` | list of string | `[]` |" in sections["inner"]
+    assert "| `async` | boolean | `false` |" in sections["inner"]  # the key, not the attribute
 
 
 def test_the_hook_fills_the_reference_pages_and_only_them(hooks: ModuleType) -> None:
