@@ -33,7 +33,7 @@ bench: $(STAMP)
 # The user guide (mkdocs-material) into site/; --strict: a broken link or anchor fails it. The CLI
 # and job-schema references are generated from the code by docs/hooks.py at build time.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # On a CUDA machine, with any python that has torch (no .venv): `make gpu-check PY=python3`.
 gpu-check:

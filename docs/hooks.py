@@ -32,6 +32,30 @@ if str(ROOT) not in sys.path:  # document this tree's roundhouse, whatever the v
 CLI_MARKER = "<!-- roundhouse:cli-reference -->"
 SCHEMA_MARKER = "<!-- roundhouse:job-schema-reference -->"
 USAGE_COLUMNS = "96"
+# The guide page that explains a section, by the section's heading id (the strict build checks
+# every link; a section without an entry simply has no link).
+GUIDES = {
+    "model": ("Models", "models.md"),
+    "model-lora": ("Adapters (LoRA)", "fine-tuning.md#adapters-lora"),
+    "data": ("Data", "data.md"),
+    "data-train": ("Training on a prepared dataset", "data.md#training-on-a-prepared-dataset"),
+    "data-augment": ("Augmentation", "data.md#augmentation"),
+    "trainer": ("Training features", "job-files.md#training-features"),
+    "trainer-optimizer-param_groups": (
+        "Freezing and parameter groups",
+        "fine-tuning.md#freezing-and-parameter-groups",
+    ),
+    "trainer-checkpoint": ("Checkpoints and resuming", "runs.md#checkpoints-and-resuming"),
+    "trainer-distill": ("Distillation", "fine-tuning.md#distillation"),
+    "strategy-single": ("single", "strategies/single.md"),
+    "strategy-ring": ("ring all-reduce", "strategies/ring.md"),
+    "strategy-ps": ("Parameter server", "strategies/ps.md"),
+    "strategy-deepspeed": ("DeepSpeed", "strategies/deepspeed.md"),
+    "strategy-auto": ("Planning", "planning.md#strategy-kind-auto"),
+    "cluster": ("Clusters and failures", "clusters.md"),
+    "tracking": ("Runs, checkpoints and tracking", "runs.md#weights-biases"),
+    "storage": ("The run folder", "runs.md#the-run-folder"),
+}
 
 # --- the command line --------------------------------------------------------------------------
 
@@ -358,6 +382,19 @@ def field_type(section: SchemaSection, name: str, field: Any) -> str:
     return f"{text} {extra}" if extra else text
 
 
+def description(section: SchemaSection, name: str, field: Any) -> str:
+    """A key's `Field(description=...)`; for a key without one that holds a section, the
+    first line of that section's docstring."""
+    if field.description:
+        return field.description
+    if name == "kind" and section.kind:
+        return f"`{section.kind}` selects this section."
+    if is_model(field.annotation) and tagged_sections(field.annotation):
+        return "How workers share a step: chosen by `kind`, each kind with its own keys."
+    children = models_in(field.annotation)
+    return doc_text(children[0][0]).split("\n")[0] if children else ""
+
+
 def section_markdown(section: SchemaSection) -> list[str]:
     """One section's heading, description and table of keys."""
     title = f"`{section.path}`" if section.path else "Top level"
@@ -366,13 +403,16 @@ def section_markdown(section: SchemaSection) -> list[str]:
     lines = [f"## {title} {{#{section.anchor}}}", ""]
     if doc_text(section.cls):
         lines += [doc_text(section.cls), ""]
+    if section.anchor in GUIDES:
+        title, page = GUIDES[section.anchor]
+        lines += [f"Guide: [{title}](../{page}).", ""]
     lines += ["| key | type | default | description |", "|---|---|---|---|"]
     for name, field in keys(section.cls):
         row = (
             f"`{name}`",
             field_type(section, name, field),
             default_text(field),
-            field.description or "",
+            description(section, name, field),
         )
         lines.append("| " + " | ".join(cell(c) for c in row) + " |")
     return [*lines, ""]

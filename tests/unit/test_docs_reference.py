@@ -172,3 +172,12 @@ def test_the_readme_is_a_short_landing_page_with_the_two_commands_first() -> Non
     assert len(readme.splitlines()) < 200
     first_block = readme.split("```")[1]
     assert "make demo" in first_block and "make test" in first_block
+
+
+def test_make_docs_is_strict_and_ci_runs_it_after_the_tests() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    build = next(line for line in makefile.splitlines() if "mkdocs build" in line)
+    # --quiet hides the warnings that --strict counts: with it a broken link would pass.
+    assert "--strict" in build and "--quiet" not in build and "-q " not in build
+    ci = (ROOT / ".ci/run").read_text()
+    assert ci.index("make test") < ci.index("make docs")
