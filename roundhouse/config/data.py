@@ -60,7 +60,7 @@ def _byte_size(value: Any) -> Any:
 
 
 class StreamSplitConfig(Section):
-    """One split of a dataset written by `roundhouse data prepare` (see README, datasets)."""
+    """One split of a dataset written by `roundhouse data prepare` (see docs/data.md)."""
 
     url: Annotated[str, Field(min_length=1)] = Field(
         description="Dataset folder holding index.json: s3://bucket/digits/, gs://..., a path."
