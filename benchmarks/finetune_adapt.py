@@ -45,9 +45,10 @@ from roundhouse.export.graph import build_graph
 from roundhouse.export.onnx_file import export_onnx, quantize_int8, run_session, session
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.buckets import OverlappedAllReduce
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer import run as run_module
-from roundhouse.trainer.saved_model import load_saved_model
+from roundhouse.weights.run_folder import prepare_run
+from roundhouse.weights.saved_model import load_saved_model
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,8 @@ from roundhouse.planner import build_plan
 from roundhouse.planner.calibrate import cache_path
 from roundhouse.planner.memory import zero_states
 from roundhouse.planner.target import JobModel
-from roundhouse.trainer import prepare_run, run_worker
+from roundhouse.trainer import run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ring_training import node_context
 from tests.helpers.dist import run_distributed
 

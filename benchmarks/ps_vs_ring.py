@@ -48,8 +48,8 @@ from roundhouse.cluster.workers import train_on_ray
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import prepare_run
-from roundhouse.trainer.model_build import build_model_for
+from roundhouse.weights.model_build import build_model_for
+from roundhouse.weights.run_folder import prepare_run
 
 logger = logging.getLogger("ps_vs_ring")
 

@@ -167,7 +167,7 @@ def worker(rank: int, world: int, port: int, job: dict, results: Any) -> None:
 def run(world: int, steps: int, strategy: dict[str, Any]) -> tuple[float, list[dict]]:
     """Steps/s of one job on `world` processes, and what every rank measured."""
     from roundhouse.launch.jobfile import validate_job
-    from roundhouse.trainer import prepare_run
+    from roundhouse.weights.run_folder import prepare_run
 
     with tempfile.TemporaryDirectory() as storage:
         prepared = prepare_run(validate_job(make_job(storage, steps, strategy)))

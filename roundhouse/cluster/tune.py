@@ -26,7 +26,7 @@ from typing import Any
 from roundhouse.cluster.progress import MetricsTail
 from roundhouse.cluster.runtime import ClusterError, scoped_env
 from roundhouse.config import JobSpec
-from roundhouse.trainer.run import run_dir_of
+from roundhouse.runs.rundir import run_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -283,9 +283,8 @@ def trial_job(settings: dict[str, Any], values: dict[str, Any], trial_id: str) -
 
 def prepare_trial(job: JobSpec) -> tuple[Any, bool]:
     """The trial's run folder: resumed from its latest checkpoint when it has one."""
-    from roundhouse.trainer import PreparedRun, prepare_run
-    from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST
-    from roundhouse.trainer.run import write_job_yaml
+    from roundhouse.weights.checkpoint import CHECKPOINTS, LATEST
+    from roundhouse.weights.run_folder import PreparedRun, prepare_run, write_job_yaml
 
     run_dir = run_dir_of(job)
     if run_dir.exists(CHECKPOINTS, LATEST):

@@ -28,8 +28,9 @@ from roundhouse.config import ClusterConfig, JobSpec
 from roundhouse.errors import RoundhouseError
 from roundhouse.runs.metrics_file import read_final_metrics
 from roundhouse.runs.rundir import run_dir_of
-from roundhouse.trainer import PreparedRun, WorkerContext, run_worker
-from roundhouse.trainer.checkpoint import Checkpointer
+from roundhouse.trainer import WorkerContext, run_worker
+from roundhouse.weights.checkpoint import Checkpointer
+from roundhouse.weights.run_folder import PreparedRun
 
 logger = logging.getLogger(__name__)
 

@@ -63,8 +63,8 @@ def check_finetune_job(job: JobSpec) -> None:
     import torch
 
     from roundhouse.data import build_splits
-    from roundhouse.trainer.finetune import check_finetune
-    from roundhouse.trainer.model_build import build_model_for
+    from roundhouse.trainer.adapt_checks import check_finetune
+    from roundhouse.weights.model_build import build_model_for
 
     info = build_splits(job.data, seed=job.trainer.seed).info
     with torch.device("meta"):

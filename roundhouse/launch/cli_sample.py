@@ -87,7 +87,7 @@ def read_run(ref: str) -> tuple[Any, Any, int | None]:
 
     from roundhouse.launch.jobfile import validate_job
     from roundhouse.runs.rundir import RunDir
-    from roundhouse.trainer.checkpoint import MANIFEST
+    from roundhouse.weights.checkpoint import MANIFEST
 
     target, step = RunDir(ref.rstrip("/")), None
     if target.exists(MANIFEST):  # a checkpoints/step_<N> folder
@@ -110,8 +110,8 @@ def load_run(ref: str) -> LoadedRun:
     """
     from roundhouse import models
     from roundhouse.data import build_splits
-    from roundhouse.trainer.checkpoint import Checkpointer
-    from roundhouse.trainer.model_build import build_model_for
+    from roundhouse.weights.checkpoint import Checkpointer
+    from roundhouse.weights.model_build import build_model_for
 
     job, target, step = read_run(ref)
     identity = {"model": job.model.name, "flavor": job.model.flavor}

@@ -99,8 +99,7 @@ def resolve_mode(metric: str, mode: str | None) -> str:
 
 def sweep_folder(job: JobSpec, resume: str | None) -> tuple[str, str]:
     """(url, id) of the sweep folder: a new `tune-<id>`, or the one `--resume` names."""
-    from roundhouse.runs.rundir import RunDir, new_run_id
-    from roundhouse.trainer.run import job_folder
+    from roundhouse.runs.rundir import RunDir, job_folder, new_run_id
 
     parent = job_folder(job)
     if resume is None:
@@ -124,7 +123,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from roundhouse.cluster.tune import SweepPlan, apply_sweep_env, run_sweep
     from roundhouse.launch.checks import check_runnable
     from roundhouse.launch.jobfile import load_job
-    from roundhouse.trainer.run import with_absolute_storage
+    from roundhouse.weights.run_folder import with_absolute_storage
 
     job = with_absolute_storage(load_job(args.job, args.overrides))
     params = parse_params(args, job)

@@ -13,9 +13,9 @@ from roundhouse.config.topology import compute_total_steps
 from roundhouse.data import build_splits
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
-from roundhouse.trainer.adapt_checks import check_adaptation
-from roundhouse.trainer.finetune import check_finetune, group_counts
-from roundhouse.trainer.model_build import build_model_for
+from roundhouse.trainer.adapt_checks import check_adaptation, check_finetune
+from roundhouse.trainer.optim import group_counts
+from roundhouse.weights.model_build import build_model_for
 
 
 def dry_run(job: JobSpec, *, local: bool) -> list[str]:

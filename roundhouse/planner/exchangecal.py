@@ -139,8 +139,8 @@ def measure_rank(rank: int, threads: int, shards: Any, probes: list[Probe]) -> d
     from roundhouse.parallel.ps.manager import connect_store
     from roundhouse.planner.loopcal import calibration_job, time_pieces
     from roundhouse.runs.rundir import run_dir_of
-    from roundhouse.trainer.checkpoint import Checkpointer
     from roundhouse.trainer.run import build_trainer
+    from roundhouse.weights.checkpoint import Checkpointer
 
     base = WorkerContext(rank=rank, world_size=WORKERS, local_rank=rank, local_world_size=WORKERS)
     samples: dict[str, list[float]] = {}

@@ -102,8 +102,8 @@ def measure(job: JobSpec, device: str, sizes: tuple[int, int], zero: bool) -> di
     """Run every configuration (see the module doc) in this process; return the figures."""
     from roundhouse.parallel.context import build_local_context
     from roundhouse.runs.rundir import run_dir_of
-    from roundhouse.trainer.checkpoint import Checkpointer
     from roundhouse.trainer.run import build_trainer
+    from roundhouse.weights.checkpoint import Checkpointer
 
     runs = [("small", sizes[0], {"kind": "single"}), ("large", sizes[1], {"kind": "single"})]
     if zero:

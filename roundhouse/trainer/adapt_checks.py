@@ -16,8 +16,11 @@ import torch
 from roundhouse.config import JobSpec
 from roundhouse.data import DataInfo, build_splits
 from roundhouse.trainer.distill import check_teacher, student_outputs
-from roundhouse.trainer.hf_teacher import check_hf_teacher, is_hf_teacher, read_hf_teacher
-from roundhouse.trainer.lora import check_targets
+from roundhouse.trainer.optim import check_param_groups, trainable_names
+from roundhouse.weights.finetune import apply_finetune
+from roundhouse.weights.hf_teacher import check_hf_teacher, is_hf_teacher, read_hf_teacher
+from roundhouse.weights.lora import check_targets
+from roundhouse.weights.pretrained import LoadReport
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def check_adaptation(job: JobSpec) -> None:
 
 def check_lora(job: JobSpec, info: DataInfo) -> None:
     """The strategy supports adapters and the targets match layers of the model."""
-    from roundhouse.trainer.model_build import build_model_for
+    from roundhouse.weights.model_build import build_model_for
 
     with torch.device("meta"):
         model = build_model_for(job, info.input_shape, info.num_classes)
@@ -45,7 +48,7 @@ def check_lora(job: JobSpec, info: DataInfo) -> None:
 def check_distill(job: JobSpec, info: DataInfo) -> None:
     """The teacher (a run with a complete checkpoint, or a Hugging Face folder) exists and has
     the student's output space."""
-    from roundhouse.trainer.saved_model import find_checkpoint, read_run_job
+    from roundhouse.weights.saved_model import find_checkpoint, read_run_job
 
     url = job.trainer.distill.teacher
     if is_hf_teacher(url):
@@ -56,3 +59,11 @@ def check_distill(job: JobSpec, info: DataInfo) -> None:
     teacher_job = read_run_job(run_dir)
     teacher_info = build_splits(teacher_job.data, seed=teacher_job.trainer.seed).info
     check_teacher(job, teacher_job, info, teacher_info)
+
+
+def check_finetune(job: JobSpec, model: torch.nn.Module) -> LoadReport | None:
+    """Run `init_from`, `freeze` and `param_groups` against `model` (meta is fine); raise the
+    one-line error a bad job would hit at start."""
+    report = apply_finetune(model, job)
+    check_param_groups(trainable_names(model), job.trainer.optimizer)
+    return report

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import prepare_run
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_deepspeed_zero import ds_rank
 from tests.distributed.test_ps_training import make_job as ps_job
 from tests.distributed.test_ps_training import train as ps_train

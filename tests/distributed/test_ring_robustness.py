@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ring_training import (
     TIMEOUT_S,
     assert_close_weights,

@@ -17,8 +17,9 @@ import torch
 from roundhouse.config import OptimizerConfig, SchedulerConfig
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.ps import ServerSetup, ShardServer, build_layout, consolidate_states
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
+from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.runs import final_weights, read_metrics
 
 STEPS = 12

@@ -22,7 +22,7 @@ from roundhouse.config import JobSpec
 from roundhouse.data import Splits, build_splits
 from roundhouse.errors import CheckpointError, JobFileError
 from roundhouse.runs.rundir import RunDir
-from roundhouse.trainer.checkpoint import (
+from roundhouse.weights.checkpoint import (
     CHECKPOINTS,
     LATEST,
     MANIFEST,
@@ -30,9 +30,9 @@ from roundhouse.trainer.checkpoint import (
     get_rng_state,
     set_rng_state,
 )
-from roundhouse.trainer.finetune import apply_finetune
-from roundhouse.trainer.lora import LoraState, apply_lora, check_same_base, fill_base, merge_lora
-from roundhouse.trainer.model_build import build_model_for, seed_everything
+from roundhouse.weights.finetune import apply_finetune
+from roundhouse.weights.lora import LoraState, apply_lora, check_same_base, fill_base, merge_lora
+from roundhouse.weights.model_build import build_model_for, seed_everything
 
 logger = logging.getLogger(__name__)
 

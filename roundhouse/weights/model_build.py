@@ -11,7 +11,7 @@ import torch
 
 from roundhouse import models
 from roundhouse.config import JobSpec
-from roundhouse.trainer.finetune import resolve_build
+from roundhouse.weights.finetune import resolve_build
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
