@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.weights.run_folder import prepare_run
 

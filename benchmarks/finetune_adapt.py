@@ -40,10 +40,10 @@ from typing import Any
 import torch
 
 from roundhouse.config import ModelConfig
+from roundhouse.config.loading import validate_job
 from roundhouse.export import ExportOptions, export_model
 from roundhouse.export.graph import build_graph
 from roundhouse.export.onnx_file import export_onnx, quantize_int8, run_session, session
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.buckets import OverlappedAllReduce
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer import run as run_module

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.ps.manager import connect_store, shard_manager
 from roundhouse.planner import build_plan
 from roundhouse.planner.calibrate import cache_path

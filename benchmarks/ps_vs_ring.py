@@ -45,9 +45,9 @@ from typing import Any
 from roundhouse.cluster.ps import server_cpus
 from roundhouse.cluster.runtime import ray_runtime
 from roundhouse.cluster.workers import train_on_ray
+from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.weights.model_build import build_model_for
 from roundhouse.weights.run_folder import prepare_run
 

@@ -14,7 +14,6 @@ import logging
 from typing import Any
 
 from roundhouse.config import AutoStrategyConfig, JobSpec
-from roundhouse.launch.jobfile import validate_job
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +58,6 @@ def choose_strategy(
     return dict(plan.best.candidate.strategy)
 
 
-def with_strategy(job: JobSpec, strategy: dict[str, Any]) -> JobSpec:
-    """`job` with its strategy section replaced (validated like a job file)."""
-    data = job.model_dump(mode="json")
-    data["strategy"] = strategy
-    return validate_job(data, source="strategy auto")
-
-
 def elastic_kinds(auto: AutoStrategyConfig, chosen: str) -> tuple[str, ...]:
     """Kinds a shrunken group may switch to: checkpoints move between single, ring and
     deepspeed layouts, but parameter servers exist only when `ps` was chosen at launch."""
@@ -90,4 +82,4 @@ def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[
         kinds = elastic_kinds(job.strategy, chosen["kind"])
         for size in range(low, world_size):
             by_size[size] = choose_strategy(job, size, local, kinds=kinds)
-    return with_strategy(job, chosen), by_size
+    return job.with_strategy(chosen, source="strategy auto"), by_size

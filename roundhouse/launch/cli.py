@@ -113,9 +113,9 @@ def add_models_parser(
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`roundhouse train`: check the job, then dry-run it or train it (locally or on Ray)."""
+    from roundhouse.config.loading import load_job
     from roundhouse.launch.auto import resolve_auto
     from roundhouse.launch.checks import check_runnable
-    from roundhouse.launch.jobfile import load_job
     from roundhouse.trainer.adapt_checks import check_adaptation
 
     job = load_job(args.job, args.overrides)

@@ -85,7 +85,7 @@ def load_source(args: argparse.Namespace):  # -> SavedModel
 
     if not is_job_file(args.source):
         return load_saved_model(args.source, args.step)
-    from roundhouse.launch.jobfile import load_job
+    from roundhouse.config.loading import load_job
 
     job = load_job(args.source, [])
     model, lora, splits = build_job_model(job)

@@ -96,8 +96,8 @@ def add_jobs_parser(commands: argparse._SubParsersAction, common: argparse.Argum
 def cmd_submit(args: argparse.Namespace) -> int:
     """Validates the job here, then submits it; with --wait, follows it to the end."""
     from roundhouse.config import AutoStrategyConfig
+    from roundhouse.config.loading import load_job
     from roundhouse.launch.checks import check_names, check_runnable
-    from roundhouse.launch.jobfile import load_job
     from roundhouse.launch.submission import build_submission, storage_warning
 
     job = load_job(args.job, args.overrides)

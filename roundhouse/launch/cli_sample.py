@@ -83,9 +83,7 @@ def read_run(ref: str) -> tuple[Any, Any, int | None]:
     Raises:
         CheckpointError: No run at `ref`.
     """
-    import yaml
-
-    from roundhouse.launch.jobfile import validate_job
+    from roundhouse.config.loading import parse_job_text
     from roundhouse.runs.rundir import RunDir
     from roundhouse.weights.checkpoint import MANIFEST
 
@@ -98,7 +96,7 @@ def read_run(ref: str) -> tuple[Any, Any, int | None]:
             f"no run at {ref!r} (no job.yaml)",
             "pass a run folder such as runs/<job name>/<run id>, or a checkpoints/step_<N> folder",
         )
-    job = validate_job(yaml.safe_load(target.read_text("job.yaml")), source=f"{ref}/job.yaml")
+    job = parse_job_text(target.read_text("job.yaml"), source=f"{ref}/job.yaml")
     return job, target, step
 
 

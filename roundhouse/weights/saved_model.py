@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import yaml
 from torch import nn
 
 from roundhouse.config import JobSpec
+from roundhouse.config.loading import parse_job_text
 from roundhouse.data import Splits, build_splits
 from roundhouse.errors import CheckpointError, JobFileError
 from roundhouse.runs.rundir import RunDir
@@ -91,11 +91,10 @@ def read_run_job(run_dir: RunDir) -> JobSpec:
             f"{run_dir.url} has no job.yaml", "pass a roundhouse run folder or its step folder"
         )
     try:
-        return JobSpec.model_validate(yaml.safe_load(run_dir.read_text("job.yaml")))
-    except ValueError as exc:
+        return parse_job_text(run_dir.read_text("job.yaml"), f"{run_dir.url}/job.yaml")
+    except JobFileError as exc:
         raise JobFileError(
-            f"{run_dir.url}/job.yaml does not fit this version of roundhouse: "
-            f"{str(exc).splitlines()[0]}",
+            f"{exc.what}: the run does not fit this version of roundhouse",
             "export with the roundhouse version that trained the run",
         ) from None
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.launch.checks import check_runnable
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.deepspeed.moe import (
     is_expert_name,
     merge_expert_groups,

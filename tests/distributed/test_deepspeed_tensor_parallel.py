@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.launch.checks import check_topology
-from roundhouse.launch.jobfile import validate_job
 from tests.distributed.test_deepspeed_zero import checkpoint_copy, losses, train
 from tests.distributed.test_ring_training import assert_close_weights, initial_weights, make_job
 from tests.helpers.dist import run_distributed

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.weights.run_folder import prepare_run
 from tests.distributed import test_deepspeed_zero as zero

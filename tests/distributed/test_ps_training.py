@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.ps.manager import Address, connect_store, shard_manager
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.weights.run_folder import prepare_run

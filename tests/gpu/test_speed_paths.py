@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.deepspeed.strategy import init_deepspeed_dist
 from roundhouse.parallel.ring import OverlappedAllReduce
 from roundhouse.trainer import WorkerContext, build_local_context, run_worker

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from roundhouse.config.loading import validate_job
 from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.deepspeed.config import EngineOptions, build_ds_config
 
 

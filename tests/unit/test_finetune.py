@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.ps.server import ServerSetup, ShardServer
 from roundhouse.trainer.optim import build_optimizer_factory, build_scheduler
 from roundhouse.weights.finetune import apply_freeze

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from roundhouse import models
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import CheckpointError, JobFileError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.weights.lora import apply_lora, match_targets, merge_lora
 from roundhouse.weights.run_folder import prepare_run

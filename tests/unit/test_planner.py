@@ -15,10 +15,10 @@ import psutil
 import pytest
 import yaml
 
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.launch.auto import resolve_auto
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.planner import build_plan, exchangecal
 from roundhouse.planner.calibrate import LinkRate, StepRate, cache_path, cached, remeasured
 from roundhouse.planner.candidates import Candidate

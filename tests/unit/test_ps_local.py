@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from roundhouse.config import OptimizerConfig, SchedulerConfig
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.ps import ServerSetup, ShardServer, build_layout, consolidate_states
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.optim import build_optimizer, build_scheduler

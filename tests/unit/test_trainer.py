@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from roundhouse.config import LossConfig, OptimizerConfig, SchedulerConfig, SingleStrategyConfig
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.registry import build_strategy
 from roundhouse.runs.rundir import run_dir_of

@@ -25,7 +25,9 @@ from typing import Any
 
 from roundhouse.cluster.progress import MetricsTail
 from roundhouse.cluster.runtime import ClusterError, scoped_env
+from roundhouse.cluster.sweep.space import apply_params
 from roundhouse.config import JobSpec
+from roundhouse.config.loading import validate_job
 from roundhouse.runs.rundir import run_dir_of
 
 logger = logging.getLogger(__name__)
@@ -272,9 +274,7 @@ class SweepMonitor:
 
 def trial_job(settings: dict[str, Any], values: dict[str, Any], trial_id: str) -> JobSpec:
     """The base job with this trial's values, run folder `<name>/tune-<id>/<trial id>`."""
-    from roundhouse.launch.search_space import apply_params
-
-    job = apply_params(JobSpec.model_validate(settings["job"]), values)
+    job = apply_params(validate_job(settings["job"], source="sweep"), values)
     job.storage.run_id = f"{settings['sweep_id']}/{trial_id}"
     job.tracking.wandb.group = settings["sweep_id"]  # W&B runs grouped by sweep
     job.tracking.console = "off"  # the sweep driver owns the console
