@@ -46,7 +46,7 @@ from roundhouse.export.graph import build_graph
 from roundhouse.export.onnx_file import export_onnx, quantize_int8, run_session, session
 from roundhouse.parallel.buckets import OverlappedAllReduce
 from roundhouse.trainer import build_local_context, run_worker
-from roundhouse.trainer import run as run_module
+from roundhouse.weights import model_build as run_module  # where build_model_for is looked up
 from roundhouse.weights.run_folder import prepare_run
 from roundhouse.weights.saved_model import load_saved_model
 

@@ -58,6 +58,11 @@ def choose_strategy(
     return dict(plan.best.candidate.strategy)
 
 
+def is_auto(job: JobSpec) -> bool:
+    """Whether the job leaves its strategy to the planner (`strategy.kind: auto`)."""
+    return isinstance(job.strategy, AutoStrategyConfig)
+
+
 def elastic_kinds(auto: AutoStrategyConfig, chosen: str) -> tuple[str, ...]:
     """Kinds a shrunken group may switch to: checkpoints move between single, ring and
     deepspeed layouts, but parameter servers exist only when `ps` was chosen at launch."""

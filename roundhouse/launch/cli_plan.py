@@ -77,11 +77,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from roundhouse.planner.calibrate import remeasured
     from roundhouse.planner.devices import get_accelerator, parse_bandwidth
     from roundhouse.planner.report import format_plan, plan_json
+    from roundhouse.trainer.preflight import STRATEGY_CHECKS, preflight
 
     get_accelerator(args.device)  # an unknown device fails before anything is built
     bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else None
     job = load_job(args.job, args.overrides)
     workers = parse_workers(args.workers) if args.workers else default_workers(job)
+    preflight(job, max(workers), skip=STRATEGY_CHECKS)  # each row checks its own strategy
     kinds = tuple(k.strip() for k in args.strategies.split(",")) if args.strategies else None
     with remeasured() if args.recalibrate else contextlib.nullcontext():
         plan = build_plan(job, workers, args.device, bandwidth, kinds)

@@ -44,7 +44,7 @@ def summary_lines(args: argparse.Namespace, shape: tuple[int, ...]) -> list[str]
     """The summary table and the trainable/frozen lines for the parsed command line."""
     from roundhouse import models
     from roundhouse.config.loading import apply_overrides, validate_job
-    from roundhouse.trainer.adapt_checks import check_finetune
+    from roundhouse.trainer.checks import check_finetune
     from roundhouse.trainer.optim import group_counts
     from roundhouse.weights.model_build import build_model_for
 

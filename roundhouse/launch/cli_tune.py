@@ -87,12 +87,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from roundhouse.cluster.runtime import ray_runtime
     from roundhouse.cluster.sweep.tuner import SweepPlan, apply_sweep_env, run_sweep
     from roundhouse.config.loading import load_job
-    from roundhouse.launch.checks import check_runnable
+    from roundhouse.trainer.preflight import preflight
     from roundhouse.weights.run_folder import with_absolute_storage
 
     job = with_absolute_storage(load_job(args.job, args.overrides))
     params = parse_params(args, job)
-    check_runnable(job, local=False)
+    preflight(job)
     url, sweep_id = sweep_folder(job, args.resume)
     samples = args.samples or (1 if grid_size(params) > 1 or args.searcher == "grid" else 8)
     plan = SweepPlan(

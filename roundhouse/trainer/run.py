@@ -13,7 +13,6 @@ import torch
 from roundhouse import models
 from roundhouse.config import JobSpec
 from roundhouse.config.topology import compute_total_steps
-from roundhouse.data import build_splits
 from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.compile import apply_compile
 from roundhouse.parallel.context import WorkerContext
@@ -28,7 +27,7 @@ from roundhouse.trainer.task import Task, build_task
 from roundhouse.weights.checkpoint import Checkpointer
 from roundhouse.weights.finetune import apply_finetune
 from roundhouse.weights.lora import AdapterCheckpoint, apply_lora
-from roundhouse.weights.model_build import build_model_for, seed_everything
+from roundhouse.weights.model_build import build_model_with_data, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +98,8 @@ def build_trainer(
     job: JobSpec, ctx: WorkerContext, checkpointer: Checkpointer, resume_step: int | None
 ) -> Trainer:
     """Data, model, task, strategy, loader and tracker for this worker, wired into a `Trainer`."""
-    splits = build_splits(job.data, seed=job.trainer.seed)
+    model, splits = build_model_with_data(job)  # the data fits the task, the model the data
     task_kind = models.get(job.model.name).loss
-    splits.check_task(task_kind, job.model.name)  # e.g. an image dataset for a language model
-    model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
     apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
     task = build_distill_task(job, build_task(task_kind, job.trainer.loss), splits, ctx.device)

@@ -19,7 +19,7 @@ from torch import nn
 
 from roundhouse.config import JobSpec
 from roundhouse.config.loading import parse_job_text
-from roundhouse.data import Splits, build_splits
+from roundhouse.data import Splits
 from roundhouse.errors import CheckpointError, JobFileError
 from roundhouse.runs.rundir import RunDir
 from roundhouse.weights.checkpoint import (
@@ -32,7 +32,7 @@ from roundhouse.weights.checkpoint import (
 )
 from roundhouse.weights.finetune import apply_finetune
 from roundhouse.weights.lora import LoraState, apply_lora, check_same_base, fill_base, merge_lora
-from roundhouse.weights.model_build import build_model_for, seed_everything
+from roundhouse.weights.model_build import build_model_with_data, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,7 @@ def build_job_model(job: JobSpec) -> tuple[nn.Module, LoraState | None, Splits]:
     """
     with preserved_rng():
         seed_everything(job.trainer.seed, False, torch.device("cpu"))
-        splits = build_splits(job.data, seed=job.trainer.seed)
-        model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
+        model, splits = build_model_with_data(job)
         if job.model.lora is not None:
             apply_finetune(model, job)
         lora = apply_lora(model, job)

@@ -13,11 +13,11 @@ import pytest
 from roundhouse.config import JobSpec, StrategySection
 from roundhouse.config.loading import load_job
 from roundhouse.errors import JobFileError
-from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.local import train_local
 from roundhouse.parallel import registry
 from roundhouse.parallel.base import StepStats
 from roundhouse.parallel.single import SingleDeviceStrategy
+from roundhouse.trainer.preflight import preflight
 from tests.helpers.imports import find_cycles, import_graph, module_name
 from tests.helpers.runs import only_run, read_metrics
 
@@ -206,7 +206,7 @@ def test_a_registered_tiny_strategy_trains_the_quickstart_job(
     monkeypatch.setitem(registry.STRATEGIES, "tiny", TinyStrategy)  # the one registry line
     job = quickstart_with("tiny", tmp_path)
     assert isinstance(job.strategy, TinyStrategyConfig)  # the schema took the new section
-    check_runnable(job, local=True)
+    preflight(job, 1)
     summary = train_local(job)
     rows = read_metrics(only_run(tmp_path / "runs", "quickstart"))
     tiny = [r["train/tiny_steps"] for r in rows if "train/tiny_steps" in r]
@@ -223,4 +223,4 @@ def test_the_new_section_is_validated_like_a_built_in_one() -> None:
 def test_an_unregistered_kind_is_a_clear_error(tmp_path: Path) -> None:
     job = quickstart_with("tiny", tmp_path)
     with pytest.raises(JobFileError, match=r"strategy\.kind='tiny' is not available.*available: "):
-        check_runnable(job, local=True)
+        preflight(job, 1)
