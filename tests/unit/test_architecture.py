@@ -23,11 +23,31 @@ from tests.helpers.runs import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "roundhouse"
-# A test of a strategy's kind: `strategy.kind == ...`, `config.kind != ...`, `kind == "ps"`.
+STRATEGY_NAMES = r"single|ring|ps|deepspeed"
+# A test of a strategy's kind: `strategy.kind == ...`, `config.kind != ...`, `kind == "ps"`,
+# a `["kind"]` lookup (not the schema's own `model_fields["kind"]`), a comparison with "ps" or
+# "deepspeed", and `isinstance(..., <Kind>StrategyConfig)`.
 KIND_TEST = re.compile(
     r"(\b(strategy|config)\.kind\s*(==|!=|\bin\b|\bnot in\b))"
-    r"|(\bkind\s*(==|!=)\s*['\"](single|ring|ps|deepspeed)['\"])"
+    rf"|(\bkind\s*(==|!=)\s*['\"]({STRATEGY_NAMES})['\"])"
+    r"|((?<!model_fields)\[['\"]kind['\"]\])"
+    r"|((==|!=|\bin\b)[^#]*['\"](ps|deepspeed)['\"])|(['\"](ps|deepspeed)['\"]\s*(==|!=|\bin\b))"
+    r"|(isinstance\([^)]*StrategyConfig\b)"
 )
+# Where a strategy's kind may be tested: the registry, each strategy's own package (its own
+# name only), and `kind: auto`'s resolution (its own section only).
+KIND_HOMES: dict[str, str] = {
+    "roundhouse/parallel/registry.py": STRATEGY_NAMES,
+    "roundhouse/parallel/single.py": "single",
+    "roundhouse/parallel/ring/": "ring",
+    "roundhouse/parallel/ps/": "ps",
+    "roundhouse/parallel/deepspeed/": "deepspeed",
+    "roundhouse/launch/auto.py": "auto",
+}
+# Not yet moved: the planner helper of issue 31 (item 1: every strategy owns its cost model,
+# and its job-file section moves into its package) removes these; the lead drops the entries
+# after merging that work.
+KIND_TESTS_PENDING = ("roundhouse/planner/", "roundhouse/config/__init__.py")
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
@@ -75,19 +95,44 @@ def test_every_public_function_and_method_has_a_docstring() -> None:
 
 
 def test_the_kind_pattern_matches_kind_tests() -> None:
-    for line in ('if job.strategy.kind == "ps":', "if config.kind != 'ring':", 'kind == "single"'):
+    for line in (
+        'if job.strategy.kind == "ps":',
+        "if config.kind != 'ring':",
+        'kind == "single"',
+        'plan = EXCHANGE[c.strategy["kind"]]',
+        'if chosen == "ps":',
+        'return tuple(k for k in allowed if k != "deepspeed")',
+        'if "ps" in kinds:',
+        "if isinstance(job.strategy, PSStrategyConfig):",
+    ):
         assert KIND_TEST.search(line), line
-    assert not KIND_TEST.search('if kind == "classification":')
+    for line in (
+        'if kind == "classification":',
+        'kinds = typing.get_args(cls.model_fields["kind"].annotation)',
+        'if param.kind == "grid":',
+        'return {"model": model, "ps": state}',
+    ):
+        assert not KIND_TEST.search(line), line
 
 
-def test_no_strategy_kind_tests_outside_the_registry() -> None:
-    found = [
-        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-        for path in sorted(PACKAGE.rglob("*.py"))
-        if path != PACKAGE / "parallel" / "registry.py"
-        for number, line in enumerate(path.read_text().splitlines(), 1)
-        if KIND_TEST.search(line)
-    ]
+def kind_test_allowed(relative: str, line: str) -> bool:
+    """Whether `line` of the file `relative` may test a strategy kind (see `KIND_HOMES`)."""
+    if relative.startswith(KIND_TESTS_PENDING):
+        return True
+    for home, names in KIND_HOMES.items():
+        if relative.startswith(home):
+            others = set(STRATEGY_NAMES.split("|")) - set(names.split("|"))
+            return not any(re.search(rf"['\"]{n}['\"]", line) for n in others)
+    return False
+
+
+def test_no_strategy_kind_tests_outside_their_own_package() -> None:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = str(path.relative_to(ROOT))
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if KIND_TEST.search(line) and not kind_test_allowed(relative, line):
+                found.append(f"{relative}:{number}: {line.strip()}")
     assert found == []
 
 
