@@ -118,6 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from roundhouse.trainer.preflight import preflight
 
     job = load_job(args.job, args.overrides)
+    if args.folds is not None:  # the command's own arguments first, before any data is read
+        from roundhouse.launch.folds import check_folds
+
+        check_folds(job, args.folds)
     job, strategy_by_size = resolve_auto(job, local=args.local)  # strategy.kind: auto
     report = preflight(job, 1 if args.local else job.cluster.num_workers)
     if args.dry_run:
