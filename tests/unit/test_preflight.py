@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import roundhouse.trainer.checks as checks_module
 from roundhouse.config.loading import validate_job
+from roundhouse.errors import ModelError
 from roundhouse.launch.cli import main
-from roundhouse.trainer.checks import CHECKS, STRATEGY_CHECKS
+from roundhouse.trainer.checks import CHECKS, STRATEGY_CHECKS, JobUnderCheck, check_shapes
 from roundhouse.trainer.preflight import preflight
 
 UNREACHABLE = "http://127.0.0.1:1"
@@ -106,3 +108,31 @@ def test_strategy_checks_can_be_left_to_the_planner() -> None:
     job = validate_job({**JOB, "strategy": {"kind": "single"}})  # single on 2 workers: refused
     report = preflight(job, skip=STRATEGY_CHECKS)
     assert report.checks == [name for name in CHECKS if name not in STRATEGY_CHECKS]
+
+
+class NeedsValues(torch.nn.Module):
+    """A forward that reads a value (`.item()`): it cannot run on the meta device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = float(x.abs().max().item()) or 1.0
+        return self.fc(x.flatten(1) / scale)
+
+
+def test_a_forward_that_needs_values_is_not_refused_by_the_shape_check() -> None:
+    subject = JobUnderCheck(validate_job(JOB), 2)
+    with torch.device("meta"):
+        subject.model = NeedsValues()  # stands where the job's model is cached
+    lines = check_shapes(subject)
+    assert "output shape not checked" in lines[0] and "650 parameters" in lines[0]
+
+
+def test_a_model_that_cannot_take_the_input_is_refused() -> None:
+    subject = JobUnderCheck(validate_job(JOB), 2)
+    with torch.device("meta"):
+        subject.model = torch.nn.Linear(10, 10)  # digits are (1, 8, 8): 64 features
+    with pytest.raises(ModelError, match=r"cannot take input \(1, 8, 8\)"):
+        check_shapes(subject)
