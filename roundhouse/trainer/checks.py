@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -56,7 +56,6 @@ class JobUnderCheck:
     job: JobSpec
     world_size: int
     topology: Topology | None = None
-    facts: dict[str, object] = field(default_factory=dict)
 
     @functools.cached_property
     def splits(self) -> Splits:
@@ -152,7 +151,6 @@ def check_shapes(subject: JobUnderCheck) -> list[str]:
     """
     job, model, shape = subject.job, subject.model, tuple(subject.info.input_shape)
     num_params = sum(p.numel() for p in model.parameters())
-    subject.facts["num_params"] = num_params
     head = f"model {job.model.name}:{job.model.flavor}: {num_params:,} parameters, input {shape}"
     try:
         with torch.device("meta"):
