@@ -13,6 +13,7 @@ another world size).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -37,6 +38,7 @@ from .strategy_section import (
     on_section_registered,
     strategy_sections,
 )
+from .validation import validate_model
 
 __all__ = [
     "AugmentConfig",
@@ -406,6 +408,25 @@ class JobSpec(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    def with_strategy(
+        self, section: Mapping[str, Any] | Section, source: str = "strategy"
+    ) -> JobSpec:
+        """This job with its `strategy` section replaced, validated like a job file.
+
+        Args:
+            section: the new `strategy` section, as a dict (`{"kind": "ring", ...}`) or a
+                section object.
+            source: what a validation error names as the job's origin.
+
+        Raises:
+            JobFileError: the job does not validate with that section.
+        """
+        data = self.model_dump(mode="json")
+        if isinstance(section, Section):
+            section = section.model_dump(mode="json")
+        data["strategy"] = dict(section)
+        return validate_model(JobSpec, data, source)
 
     @model_validator(mode="after")
     def _compile_needs_no_pipeline(self) -> JobSpec:
