@@ -43,11 +43,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from roundhouse.calibration.cache import cache_path
 from roundhouse.launch.jobfile import validate_job
-from roundhouse.parallel.ps.manager import connect_store, shard_manager
+from roundhouse.parallel.deepspeed.zero_memory import zero_states
+from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.planner import build_plan
-from roundhouse.planner.calibrate import cache_path
-from roundhouse.planner.memory import zero_states
 from roundhouse.planner.target import JobModel
 from roundhouse.trainer import prepare_run, run_worker
 from tests.distributed.test_ring_training import node_context
@@ -99,22 +99,19 @@ def model_job(model: str, storage: Path, steps: int) -> dict[str, Any]:
 
 
 def train_rank(rank: int, world_size: int, job: dict, address: Any) -> None:
+    spec = validate_job(job)
     ctx = node_context(rank, world_size, world_size)
-    if address is not None:
-        store = connect_store(address, job["strategy"]["num_servers"])  # as many as planned
-        ctx = type(ctx)(**{**ctx.__dict__, "parameter_store": store})
-    run_worker(validate_job(job), ctx)
+    # the strategy's services (ps: as many shards as planned), hosted on this machine
+    ctx = get_strategy_class(spec.strategy).attach_local_services(ctx, address, spec.strategy)
+    run_worker(spec, ctx)
 
 
 def measure_step(job: dict[str, Any], workers: int) -> float:
     """Median seconds between logged steps of a real run (first two steps dropped)."""
     prepared = prepare_run(validate_job(job))
     dumped = prepared.job.model_dump(mode="json")
-    if job["strategy"]["kind"] == "ps":
-        with shard_manager() as address:
-            run_distributed(train_rank, workers, TIMEOUT_S, dumped, address)
-    else:
-        run_distributed(train_rank, workers, TIMEOUT_S, dumped, None)
+    with get_strategy_class(prepared.job.strategy).local_services() as address:
+        run_distributed(train_rank, workers, TIMEOUT_S, dumped, address)
     lines = (Path(prepared.run_dir.url) / "metrics.jsonl").read_text().splitlines()
     times = [r["time"] for r in map(json.loads, lines) if "train/loss" in r]
     gaps = [b - a for a, b in itertools.pairwise(times[2:])]

@@ -16,6 +16,7 @@ gradient of the mean loss over the whole global batch, however it was split.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError
 from roundhouse.parallel.compile import compile_module
 from roundhouse.parallel.context import WorkerContext
+from roundhouse.parallel.costs import CostModel
 
 if TYPE_CHECKING:  # the loop's task; parallel/ never imports trainer/
     from roundhouse.trainer.task import Task
@@ -73,6 +75,9 @@ class Strategy(ABC):
     Attributes:
         kind: The `strategy.kind` it implements (for messages; the registry maps kinds).
         max_world_size: The most workers it runs on (None: any number).
+        cost_model: How `roundhouse plan` prices it (`roundhouse.parallel.costs`): the
+            registry instantiates it with the strategy's kind, so a strategy that inherits
+            another's cost model is planned under its own kind; None: never planned.
         needs_parameter_servers: The driver starts `strategy.num_servers` parameter-server
             actors (`roundhouse.cluster.ps`) before the workers and hands them over in
             `WorkerContext.parameter_store`.
@@ -80,6 +85,7 @@ class Strategy(ABC):
 
     kind: ClassVar[str] = ""
     max_world_size: ClassVar[int | None] = None
+    cost_model: ClassVar[type[CostModel] | None] = None
     needs_parameter_servers: ClassVar[bool] = False
 
     def __init__(self, config: Any, ctx: WorkerContext) -> None:
@@ -124,6 +130,19 @@ class Strategy(ABC):
         if not cls.needs_parameter_servers:
             return 0.0
         return job.strategy.num_servers * float(job.cluster.ps_resources.get("CPU", 0.0))
+
+    @classmethod
+    def local_services(cls) -> contextlib.AbstractContextManager[Any]:
+        """Its driver-side services hosted by a process of this machine, for ranks spawned
+        here (the planner's exchange probes, multi-process tests): a context manager that
+        yields an address for `attach_local_services`. Default: none (yields None)."""
+        return contextlib.nullcontext(None)
+
+    @classmethod
+    def attach_local_services(cls, ctx: WorkerContext, address: Any, config: Any) -> WorkerContext:
+        """`ctx` connected to the services at `address` (`local_services`) as the `strategy`
+        section `config` uses them; unchanged by default."""
+        return ctx
 
     @property
     def is_main_process(self) -> bool:

@@ -46,6 +46,7 @@ from roundhouse.parallel.deepspeed.config import (
     check_layout,
 )
 from roundhouse.parallel.deepspeed.config import check_job as check_deepspeed_job
+from roundhouse.parallel.deepspeed.costs import DeepSpeedCosts
 from roundhouse.parallel.deepspeed.moe import (
     apply_deepspeed_moe,
     is_expert_name,
@@ -67,6 +68,7 @@ class DeepSpeedStrategy(Strategy):
     """Trains through a `DeepSpeedEngine`; see the module docstring for the contract."""
 
     kind = "deepspeed"
+    cost_model = DeepSpeedCosts
     config: DeepSpeedStrategyConfig
 
     @classmethod

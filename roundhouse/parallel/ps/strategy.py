@@ -49,6 +49,7 @@ from roundhouse.parallel.ps import (
     used_shards,
 )
 from roundhouse.parallel.ps.client import PSClient, Pulled, PusherRole
+from roundhouse.parallel.ps.costs import PSCosts
 from roundhouse.parallel.ring import build_node_groups
 from roundhouse.parallel.ring.strategy import broadcast_module, check_process_group
 from roundhouse.parallel.single import SingleDeviceStrategy
@@ -73,9 +74,27 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     """Workers compute gradients; parameter-server shards own the parameters and update them."""
 
     kind = "ps"
+    cost_model = PSCosts
     max_world_size = None
     needs_parameter_servers = True
     config: PSStrategyConfig
+
+    @classmethod
+    def local_services(cls) -> Any:
+        """Server shards in a manager process of this machine (`manager.shard_manager`)."""
+        from roundhouse.parallel.ps.manager import shard_manager
+
+        return shard_manager()
+
+    @classmethod
+    def attach_local_services(cls, ctx: WorkerContext, address: Any, config: Any) -> WorkerContext:
+        """`ctx` with a store over the manager's first `config.num_servers` shards."""
+        import dataclasses
+
+        from roundhouse.parallel.ps.manager import connect_store
+
+        store = connect_store(address, config.num_servers)
+        return dataclasses.replace(ctx, parameter_store=store)
 
     @classmethod
     def check_job(cls, job: JobSpec, world_size: int) -> None:
