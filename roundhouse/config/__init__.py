@@ -301,8 +301,10 @@ class AutoStrategyConfig(StrategySection):
     """`roundhouse plan` picks the strategy at launch (see roundhouse/planner)."""
 
     kind: Literal["auto"]
-    candidates: list[Literal["single", "ring", "ps", "deepspeed"]] | None = Field(
-        None, description="Strategy kinds to choose from (default: all)."
+    candidates: list[str] | None = Field(
+        None,
+        description="Strategy kinds to choose from (default: every registered kind with a "
+        "cost model; an unknown kind is refused when the plan runs, the available ones listed).",
     )
     device: str = Field(
         "auto",

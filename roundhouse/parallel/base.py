@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from roundhouse.config import JobSpec
+from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
 from roundhouse.parallel.compile import compile_module
 from roundhouse.parallel.context import WorkerContext
@@ -47,9 +48,6 @@ class TrainPlan:
     build_scheduler: SchedulerFactory
     grad_clip_norm: float | None = None
     autocast_dtype: torch.dtype | None = None
-    # The job's batch arithmetic, for strategies that configure an engine with it (DeepSpeed).
-    global_batch_size: int | None = None
-    grad_accum_steps: int = 1
     # The model's `ModelSpec.pipeline_layers` (pipeline parallel builds its stages from it).
     pipeline_layers: Callable[[nn.Module], list[nn.Module]] | None = None
 
@@ -150,14 +148,26 @@ class Strategy(ABC):
         return self.ctx.rank == 0
 
     @property
+    def topology(self) -> Topology:
+        """This worker's batch and rank layout: `ctx.topology` (built once per worker), or,
+        for a strategy built without one (a test, a benchmark), its section's layout of a
+        one-sample batch."""
+        if self.ctx.topology is not None:
+            return self.ctx.topology
+        return Topology.of_section(
+            self.config, self.ctx.world_size, global_batch=1, grad_accum_steps=1
+        )
+
+    @property
     def data_parallel_rank(self) -> int:
-        """This worker's index among the data-parallel replicas (its share of each batch)."""
+        """This worker's index among the data-parallel replicas (its share of each batch): the
+        strategy's rank order. Default: the global rank (every worker is a replica)."""
         return self.ctx.rank
 
     @property
     def data_parallel_size(self) -> int:
-        """Data-parallel replicas: every worker, unless model parallelism groups them."""
-        return self.ctx.world_size
+        """Data-parallel replicas, from the layout (`topology.data_parallel`)."""
+        return self.topology.data_parallel
 
     @abstractmethod
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:

@@ -16,7 +16,7 @@ import yaml
 
 from roundhouse import models
 from roundhouse.config import JobSpec
-from roundhouse.config.topology import compute_total_steps
+from roundhouse.config.topology import Topology, compute_total_steps
 from roundhouse.data import build_splits
 from roundhouse.errors import CheckpointError
 from roundhouse.parallel.base import TrainPlan
@@ -141,8 +141,6 @@ def build_plan(
         ),
         grad_clip_norm=cfg.grad_clip_norm,
         autocast_dtype=autocast_dtype(cfg.precision, device),
-        global_batch_size=job.data.batch_size,
-        grad_accum_steps=cfg.grad_accum_steps,
         pipeline_layers=models.get(job.model.name).pipeline_layers,
     )
 
@@ -183,7 +181,13 @@ def run_worker(
 def build_trainer(
     job: JobSpec, ctx: WorkerContext, checkpointer: Checkpointer, resume_step: int | None
 ) -> Trainer:
-    """Data, model, task, strategy, loader and tracker for this worker, wired into a `Trainer`."""
+    """Data, model, task, strategy, loader and tracker for this worker, wired into a `Trainer`.
+
+    The job's layout (`Topology`) is built here, once per worker, into `ctx` (where `ctx` does
+    not carry one yet): the strategy and the data sampler read it from there.
+    """
+    if ctx.topology is None:
+        ctx = ctx.with_topology(Topology.of_job(job, ctx.world_size))
     splits = build_splits(job.data, seed=job.trainer.seed)
     task_kind = models.get(job.model.name).loss
     splits.check_task(task_kind, job.model.name)  # e.g. an image dataset for a language model
