@@ -31,7 +31,6 @@ from roundhouse.parallel.costs import (
     Target,
 )
 from roundhouse.parallel.single import SingleCosts, SingleDeviceStrategy
-from roundhouse.planner import build_plan
 from roundhouse.planner.candidates import candidate, enumerate_candidates
 from tests.helpers.runs import only_run, read_metrics
 
