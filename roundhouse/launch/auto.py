@@ -4,8 +4,9 @@
 section with the recommended row's strategy (logged with its reason); the run folder's
 `job.yaml` then records the concrete choice. For an elastic job (`cluster.min_workers`) it
 also plans every smaller size the group may shrink to (checkpoints are strategy independent,
-so a shrunken group may switch between single, ring and ZeRO layouts; a `ps` job stays `ps`,
-since its servers are started once at launch); workers run the row of the size Ray gave them.
+so a shrunken group may switch between single, ring and ZeRO layouts; a strategy with
+driver-side services, such as `ps`, stays itself, since its services start once at launch);
+workers run the row of the size Ray gave them.
 """
 
 from __future__ import annotations
@@ -66,13 +67,20 @@ def with_strategy(job: JobSpec, strategy: dict[str, Any]) -> JobSpec:
     return validate_job(data, source="strategy auto")
 
 
-def elastic_kinds(auto: AutoStrategyConfig, chosen: str) -> tuple[str, ...]:
-    """Kinds a shrunken group may switch to: checkpoints move between single, ring and
-    deepspeed layouts, but parameter servers exist only when `ps` was chosen at launch."""
-    if chosen == "ps":
-        return ("ps",)
-    allowed = auto.candidates or ["single", "ring", "deepspeed"]
-    return tuple(k for k in allowed if k != "ps") or (chosen,)
+def elastic_kinds(job: JobSpec, chosen: dict[str, Any]) -> tuple[str, ...]:
+    """Kinds a shrunken group may switch to: checkpoints move between strategies, but a
+    strategy's driver-side services (`Strategy.services`: the parameter servers) are started
+    once, at launch. So a strategy with services stays itself, and none is switched to."""
+    from roundhouse.parallel.registry import available_kinds, strategy_class_for
+
+    def has_services(section: dict[str, Any]) -> bool:
+        return bool(strategy_class_for(section).services(with_strategy(job, section)))
+
+    kind = chosen["kind"]
+    if has_services(chosen):
+        return (kind,)
+    allowed = job.strategy.candidates or available_kinds()
+    return tuple(k for k in allowed if not has_services({"kind": k})) or (kind,)
 
 
 def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[str, Any]]]:
@@ -87,7 +95,7 @@ def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[
     by_size = {world_size: chosen}
     low = job.cluster.min_workers
     if not local and low is not None and low < world_size:
-        kinds = elastic_kinds(job.strategy, chosen["kind"])
+        kinds = elastic_kinds(job, chosen)
         for size in range(low, world_size):
             by_size[size] = choose_strategy(job, size, local, kinds=kinds)
     return with_strategy(job, chosen), by_size

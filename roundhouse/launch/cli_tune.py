@@ -119,8 +119,8 @@ def sweep_folder(job: JobSpec, resume: str | None) -> tuple[str, str]:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run the sweep (or the k-fold runs) and print the results table and the best job file."""
-    from roundhouse.cluster.ps import server_cpus
     from roundhouse.cluster.runtime import ray_runtime
+    from roundhouse.cluster.services import service_cpus
     from roundhouse.cluster.tune import SweepPlan, apply_sweep_env, run_sweep
     from roundhouse.launch.checks import check_runnable
     from roundhouse.launch.jobfile import load_job
@@ -150,7 +150,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "sweep folder: %s (%d trial(s), %s)", url, samples * grid_size(params), args.scheduler
     )
     apply_sweep_env()
-    with ray_runtime(job.cluster, args.address, extra_cpus=server_cpus(job) + 1):
+    with ray_runtime(job.cluster, args.address, extra_cpus=service_cpus(job) + 1):
         results = run_sweep(plan, resume=args.resume is not None)
     rows = summarize(results, plan)
     check_some_trial_ran(results, rows)

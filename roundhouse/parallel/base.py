@@ -7,7 +7,8 @@ It never asks which strategy it has. A new mode is a new module plus one line in
 
 Launch and cluster never ask for a strategy's kind either: they ask its class. `check_world_size`
 and `check_job` run before anything starts (the launcher's checks, `--dry-run`), and
-`needs_parameter_servers` tells the driver whether to start the parameter-server actors.
+`services(job)` lists the driver-side services (`ServiceSpec`) the driver starts before the
+workers and hands to them in `WorkerContext.services`.
 
 Loss scaling contract: the loop passes `loss_scale = micro_samples / step_samples * dp_world`,
 so that when a strategy *averages* gradients over its data-parallel ranks the result equals the
@@ -31,6 +32,7 @@ from roundhouse.errors import JobFileError
 from roundhouse.parallel.compile import compile_module
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.costs import CostModel
+from roundhouse.parallel.services import ServiceSpec
 
 if TYPE_CHECKING:  # the loop's task; parallel/ never imports trainer/
     from roundhouse.trainer.task import Task
@@ -76,15 +78,11 @@ class Strategy(ABC):
         cost_model: How `roundhouse plan` prices it (`roundhouse.parallel.costs`): the
             registry instantiates it with the strategy's kind, so a strategy that inherits
             another's cost model is planned under its own kind; None: never planned.
-        needs_parameter_servers: The driver starts `strategy.num_servers` parameter-server
-            actors (`roundhouse.cluster.ps`) before the workers and hands them over in
-            `WorkerContext.parameter_store`.
     """
 
     kind: ClassVar[str] = ""
     max_world_size: ClassVar[int | None] = None
     cost_model: ClassVar[type[CostModel] | None] = None
-    needs_parameter_servers: ClassVar[bool] = False
 
     def __init__(self, config: Any, ctx: WorkerContext) -> None:
         """Bind the strategy to its `strategy` job section and this worker's context.
@@ -123,11 +121,16 @@ class Strategy(ABC):
         """
 
     @classmethod
-    def parameter_server_cpus(cls, job: JobSpec) -> float:
-        """CPUs the job's parameter servers reserve on the cluster (0 without servers)."""
-        if not cls.needs_parameter_servers:
-            return 0.0
-        return job.strategy.num_servers * float(job.cluster.ps_resources.get("CPU", 0.0))
+    def services(cls, job: JobSpec) -> list[ServiceSpec]:
+        """The driver-side services `job` needs beside its workers (`roundhouse.cluster`
+        starts them before the worker group and hands them to every worker in
+        `WorkerContext.services`); none by default."""
+        return []
+
+    @classmethod
+    def service_cpus(cls, job: JobSpec) -> float:
+        """CPUs the job's services reserve on the cluster (0 without services)."""
+        return sum(spec.cpus for spec in cls.services(job))
 
     @classmethod
     def local_services(cls) -> contextlib.AbstractContextManager[Any]:

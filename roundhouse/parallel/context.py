@@ -19,8 +19,9 @@ class WorkerContext:
     Built by `cluster` from Ray Train's context, or by `launch` for `--local` (rank 0 of 1).
     `device` is this worker's torch device. `topology` is the job's one batch and rank layout
     at this world size, built once per worker (`trainer.build_trainer`, `with_topology`): the
-    data sampler and the strategy read it. `parameter_store` is set by `cluster` for the `ps`
-    strategy (its Ray server actors); None elsewhere.
+    data sampler and the strategy read it. `services` holds, by name, the driver-side services
+    the strategy asked for (`Strategy.services`: a `ServiceGroup` from `cluster`, or what
+    `Strategy.attach_local_services` put there); empty for strategies without any.
     """
 
     rank: int = 0
@@ -30,8 +31,7 @@ class WorkerContext:
     node_rank: int = 0
     num_nodes: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # The `ps` strategy's servers (a `roundhouse.parallel.ps.ParameterStore`); None: in-process.
-    parameter_store: Any = field(default=None, compare=False, repr=False)
+    services: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     topology: Topology | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 A strategy is one module plus one line in `STRATEGIES`. A key is the job's `strategy.kind`,
 or `kind/layout` where the strategy section names a layout (`DeepSpeedStrategyConfig.layout`:
 `deepspeed/pipeline` runs pipeline parallel). Launch and cluster look a strategy up here and
-ask its class (`check_world_size`, `check_job`, `needs_parameter_servers`), and the planner
+ask its class (`check_world_size`, `check_job`, `services`), and the planner
 asks its `cost_model` (`cost_models`); nothing else tests a strategy's kind.
 """
 
