@@ -1,6 +1,6 @@
 """What each strategy's own exchange path costs per step beyond the link model (cached).
 
-The link model (`linkcal.py`) prices a collective as an idle gloo all-reduce: `latency +
+The link model (`link.py`) prices a collective as an idle gloo all-reduce: `latency +
 bytes / bandwidth`. A strategy's real exchange on a CPU pays more per step than its bytes and
 calls: ring's hand-offs to its communication thread, DeepSpeed's bucket bookkeeping and CPU
 collectives, the parameter server's calls and its serial optimizer step in another process,
@@ -9,24 +9,25 @@ parameters (gradient hooks, ZeRO-3's gathers), and for the parameter server part
 (its bytes go through the servers' transport, not gloo, and the server sums and steps them
 alone). Two probes measure them, once per machine, through `measure_families`:
 
-1. two spawned gloo ranks (`cpus_per_worker` threads each) train a probe job through
-   roundhouse's loop pieces (`loopcal.time_pieces`) under ring, ps (sync, its server shards in
-   a manager process, `parallel/ps/manager.py`), ZeRO-2, ZeRO-3 and 2 pipeline stages, each
-   built `ROUNDS` times: the median seconds per step;
+1. two spawned gloo ranks (`cpus_per_worker` threads each, `ranks.run_ranks`) train a probe
+   job through roundhouse's loop pieces (`loop.time_pieces`) under every registered cost
+   model's probe families (`CostModel.probes`: ring; ps, sync, its server shards hosted by
+   `Strategy.local_services` in a manager process; ZeRO-2, ZeRO-3 and 2 pipeline stages),
+   each built `ROUNDS` times: the median seconds per step;
 2. the plan of the same probe at 2 workers, without residuals, predicts each row;
 3. `measured - predicted` is the family's residual at 2 ranks.
 
 `job_residuals` probes the job itself (one step of its batch over the 2 ranks, its ps shards
 and ring buckets) when its predicted probe steps fit `JOB_PROBE_BUDGET_S`: `<family>/step`,
-kept only where positive (`costs.residual_s`). `local_residuals`, for a job too slow for that,
-probes MLPs on digits with 1 and with 8 hidden layers of 64 (ps also one of 2 x 2048, 4.3M
+kept only where positive (`CostModel.probed_step_s`). `local_residuals`, for a job too slow
+for that, probes MLPs on digits with 1 and with 8 hidden layers of 64 (ps also one of 2 x 2048, 4.3M
 parameters), 8 samples per rank, and fits each family's residual as `fixed + per_module x
 modules` (both at least 0) through the two narrow probes, and for ps `+ per_param x
 parameters` through the wide one.
 
-`costs.residual_s` adds it to a row of that family (ring; ps; ZeRO 0-2; ZeRO-3; pipeline) on
-this machine's CPU, scaled with the ring's `N - 1` steps (ps: with its `N` pushers, which the
-server serves one after another; a pipeline: its stage boundaries and micro-batches). The ps
+`planner.costs.residual_s` adds it to a row of that family on this machine's CPU, scaled by the
+row's cost model (`CostModel.residual_s`: the ring's `N - 1` steps; ps: its `N` pushers, which
+the server serves one after another; a pipeline: its stage boundaries and micro-batches). The ps
 probe's transport is a `multiprocessing` manager, not Ray's actor calls, which a job uses: the
 same server code and process layout, a different RPC cost. Accelerator targets and
 `--bandwidth` plans (a cluster you are not on) use no residuals.
@@ -110,7 +111,7 @@ class Probe:
         name: The probe's name (keys its figures `"<name>/<family>"`).
         job: The job (`JobSpec.model_dump(mode="json")`, 2 workers).
         strategies: By family, the strategy section it runs under.
-        steps: Measured steps per round (after `loopcal.WARMUP_STEPS`).
+        steps: Measured steps per round (after `loop.WARMUP_STEPS`).
         batch: Global batch of a step (each rank takes half).
     """
 

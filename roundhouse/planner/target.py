@@ -103,7 +103,7 @@ def batch_of(job: JobSpec) -> dict[str, Any]:
 
 
 def loop_rate(job: JobSpec, device: str, threads: int, sizes: tuple[int, int]) -> StepRate:
-    """The job's own step through roundhouse's loop pieces (`loopcal.py`), cached."""
+    """The job's own step through roundhouse's loop pieces (`calibration/loop.py`), cached."""
     key = f"{device}/threads{threads}/loop/{job_key(job)}/{sizes[0]}-{sizes[1]}"
     figures = calibrate.cached(key, lambda: measure_in_child(job, device, threads, sizes))
     return StepRate.from_loop(figures, sizes)
@@ -133,7 +133,8 @@ def build_target(
     residuals: Callable[[int], dict[str, float]] | None = None,
 ) -> Target:
     """The `Target` for `--device` (see the module doc); `residuals(threads)` gives this
-    machine's probed exchange residuals for a local CPU plan (`exchangecal.py`; None: none)."""
+    machine's probed exchange residuals for a local CPU plan (`calibration/exchange.py`; None:
+    none)."""
     job = jm.job
     accelerator = get_accelerator(device)
     bf16_asked = job.trainer.precision == "bf16"
