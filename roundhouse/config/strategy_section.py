@@ -27,6 +27,14 @@ class StrategySection(Section):
 
     kind: str
 
+    def resolve_in(self, job: Any) -> None:
+        """Checks and defaults of this section that depend on the rest of the job, run when
+        `job` (the `JobSpec`) is validated; may set fields of this section. Default: none.
+
+        Raises:
+            ValueError: The section does not work with the rest of the job (fields named).
+        """
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         """Register the new section under each value of its `kind` literal."""
