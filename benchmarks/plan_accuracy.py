@@ -211,8 +211,10 @@ def step_results(
     single = rows[("single", 1)]
     result(f"peak_mem_{model}", single.memory.total / 1e6, measured_peak(job) / 1e6, "MB")
     for label, workers, strategy in STRATEGIES:
-        if (label, workers) not in rows or (labels and label not in labels):
-            print(f"# {model}: no {label} row on {workers} worker(s)", file=sys.stderr)
+        if labels and label not in labels:
+            continue
+        if (label, workers) not in rows:
+            print(f"# {model}: the plan has no {label} row on {workers} worker(s)", file=sys.stderr)
             continue
         predicted = rows[(label, workers)].step_s
         run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": label}}
