@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from roundhouse.cluster.ps import server_cpus
 from roundhouse.cluster.runtime import ray_runtime
+from roundhouse.cluster.services import service_cpus
 from roundhouse.cluster.workers import train_on_ray
 from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
@@ -155,7 +155,7 @@ def main() -> None:
     jobs = {name: build_job(name, v, args, storage) for name, v in VARIANTS.items()}
     any_ps = next(j for j in jobs.values() if j.strategy.kind == "ps")
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
-    with ray_runtime(any_ps.cluster, extra_cpus=server_cpus(any_ps)):
+    with ray_runtime(any_ps.cluster, extra_cpus=service_cpus(any_ps)):
         for _ in range(args.repeats):
             for name, job in jobs.items():  # alternated, so every variant sees the same noise
                 runs[name].append(measure(job))

@@ -282,6 +282,34 @@ class PSStrategyConfig(StrategySection):
         "allows it (no trainer.max_steps or eval_every_steps, no streamed data).",
     )
 
+    def resolve_in(self, job: Any) -> None:
+        """`data_assignment` in `job`: refused with a step bound or streamed data, and, where
+        unset, dynamic for async/ssp jobs that allow it, else static.
+
+        Raises:
+            ValueError: `data_assignment=dynamic` with a conflicting job field (named).
+        """
+        if self.data_assignment == "static":
+            return
+        conflicts = [
+            name
+            for name, present in (
+                ("trainer.max_steps", job.trainer.max_steps is not None),
+                ("trainer.eval_every_steps", job.trainer.eval_every_steps is not None),
+                ("data.train (streamed data)", job.data.train is not None),
+            )
+            if present
+        ]
+        if self.data_assignment == "dynamic" and conflicts:
+            raise ValueError(
+                f"strategy.data_assignment=dynamic does not work with {conflicts[0]}: each "
+                "worker takes its own number of steps, so bound the run by trainer.max_epochs "
+                "(or set strategy.data_assignment=static)"
+            )
+        if self.data_assignment is None:
+            dynamic = self.mode != "sync" and not conflicts
+            self.data_assignment = "dynamic" if dynamic else "static"
+
     @model_validator(mode="after")
     def _dynamic_needs_async(self) -> PSStrategyConfig:
         if self.data_assignment == "dynamic" and self.mode == "sync":
@@ -319,8 +347,10 @@ class AutoStrategyConfig(StrategySection):
     """`roundhouse plan` picks the strategy at launch (see roundhouse/planner)."""
 
     kind: Literal["auto"]
-    candidates: list[Literal["single", "ring", "ps", "deepspeed"]] | None = Field(
-        None, description="Strategy kinds to choose from (default: all)."
+    candidates: list[str] | None = Field(
+        None,
+        description="Strategy kinds to choose from (default: every registered kind with a "
+        "cost model; an unknown kind is refused when the plan runs, the available ones listed).",
     )
     device: str = Field(
         "auto",
@@ -439,28 +469,8 @@ class JobSpec(Section):
         return self
 
     @model_validator(mode="after")
-    def _resolve_data_assignment(self) -> JobSpec:
-        strategy = self.strategy
-        if not isinstance(strategy, PSStrategyConfig) or strategy.data_assignment == "static":
-            return self
-        conflicts = [
-            name
-            for name, present in (
-                ("trainer.max_steps", self.trainer.max_steps is not None),
-                ("trainer.eval_every_steps", self.trainer.eval_every_steps is not None),
-                ("data.train (streamed data)", self.data.train is not None),
-            )
-            if present
-        ]
-        if strategy.data_assignment == "dynamic" and conflicts:
-            raise ValueError(
-                f"strategy.data_assignment=dynamic does not work with {conflicts[0]}: each "
-                "worker takes its own number of steps, so bound the run by trainer.max_epochs "
-                "(or set strategy.data_assignment=static)"
-            )
-        if strategy.data_assignment is None:
-            dynamic = strategy.mode != "sync" and not conflicts
-            strategy.data_assignment = "dynamic" if dynamic else "static"
+    def _strategy_resolves_in_the_job(self) -> JobSpec:
+        self.strategy.resolve_in(self)  # the section's own job-wide checks and defaults
         return self
 
 

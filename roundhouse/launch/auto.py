@@ -4,8 +4,9 @@
 section with the recommended row's strategy (logged with its reason); the run folder's
 `job.yaml` then records the concrete choice. For an elastic job (`cluster.min_workers`) it
 also plans every smaller size the group may shrink to (checkpoints are strategy independent,
-so a shrunken group may switch between single, ring and ZeRO layouts; a `ps` job stays `ps`,
-since its servers are started once at launch); workers run the row of the size Ray gave them.
+so a shrunken group may switch between single, ring and ZeRO layouts; a strategy with
+driver-side services, such as `ps`, stays itself, since its services start once at launch);
+workers run the row of the size Ray gave them.
 """
 
 from __future__ import annotations
@@ -63,18 +64,22 @@ def is_auto(job: JobSpec) -> bool:
     return isinstance(job.strategy, AutoStrategyConfig)
 
 
-def elastic_kinds(auto: AutoStrategyConfig, chosen: JobSpec) -> tuple[str, ...]:
-    """Kinds a shrunken group may switch to: checkpoints move between the layouts of every
-    strategy the registry runs without driver-side servers, but servers (ps) exist only when
-    the strategy chosen at launch started them, so such a group keeps that strategy."""
-    from roundhouse.parallel.registry import STRATEGIES, available_kinds, get_strategy_class
+def elastic_kinds(job: JobSpec, chosen: JobSpec) -> tuple[str, ...]:
+    """Kinds a shrunken group may switch to: checkpoints move between strategies, but a
+    strategy's driver-side services (`Strategy.services`: the parameter servers) are started
+    once, at launch. So a strategy with services stays itself, and none is switched to."""
+    from roundhouse.parallel.registry import available_kinds, get_strategy_class
 
-    chosen_class = get_strategy_class(chosen.strategy)
-    if chosen_class.needs_parameter_servers:
-        return (chosen_class.kind,)
-    movable = [k for k in available_kinds() if not STRATEGIES[k].needs_parameter_servers]
-    allowed = auto.candidates or movable
-    return tuple(k for k in allowed if k in movable) or (chosen_class.kind,)
+    def has_services(section: dict[str, Any]) -> bool:
+        candidate = job.with_strategy(section, source="strategy auto")
+        return bool(get_strategy_class(candidate.strategy).services(candidate))
+
+    kind = chosen.strategy.kind  # the section's own kind (a subclass may reuse a class)
+    if get_strategy_class(chosen.strategy).services(chosen):
+        return (kind,)
+    assert isinstance(job.strategy, AutoStrategyConfig)
+    allowed = job.strategy.candidates or available_kinds()
+    return tuple(k for k in allowed if not has_services({"kind": k})) or (kind,)
 
 
 def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[str, Any]]]:
@@ -90,7 +95,7 @@ def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[
     by_size = {world_size: chosen}
     low = job.cluster.min_workers
     if not local and low is not None and low < world_size:
-        kinds = elastic_kinds(job.strategy, resolved)
+        kinds = elastic_kinds(job, resolved)
         for size in range(low, world_size):
             by_size[size] = choose_strategy(job, size, local, kinds=kinds)
     return resolved, by_size

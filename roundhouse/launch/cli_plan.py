@@ -75,9 +75,9 @@ def parse_workers(text: str) -> list[int]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan the job at every worker count and print the table (or JSON) and the recommendation."""
+    from roundhouse.calibration.cache import remeasured
     from roundhouse.config.loading import load_job
     from roundhouse.planner import build_plan, default_workers
-    from roundhouse.planner.calibrate import remeasured
     from roundhouse.planner.devices import get_accelerator, parse_bandwidth
     from roundhouse.planner.report import format_plan, plan_json
     from roundhouse.trainer.preflight import STRATEGY_CHECKS, preflight

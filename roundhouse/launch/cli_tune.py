@@ -83,8 +83,8 @@ def parse_params(args: argparse.Namespace, job: JobSpec) -> list[SearchParam]:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run the sweep (or the k-fold runs) and print the results table and the best job file."""
-    from roundhouse.cluster.ps import server_cpus
     from roundhouse.cluster.runtime import ray_runtime
+    from roundhouse.cluster.services import service_cpus
     from roundhouse.cluster.sweep.tuner import SweepPlan, apply_sweep_env, run_sweep
     from roundhouse.config.loading import load_job
     from roundhouse.trainer.preflight import preflight
@@ -114,7 +114,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "sweep folder: %s (%d trial(s), %s)", url, samples * grid_size(params), args.scheduler
     )
     apply_sweep_env()
-    with ray_runtime(job.cluster, args.address, extra_cpus=server_cpus(job) + 1):
+    with ray_runtime(job.cluster, args.address, extra_cpus=service_cpus(job) + 1):
         results = run_sweep(plan, resume=args.resume is not None)
     rows = summarize(results, plan)
     check_some_trial_ran(results, rows)

@@ -12,7 +12,7 @@ import torch
 
 from roundhouse import models
 from roundhouse.config import JobSpec
-from roundhouse.config.topology import compute_total_steps
+from roundhouse.config.topology import Topology, compute_total_steps
 from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.compile import apply_compile
 from roundhouse.parallel.context import WorkerContext
@@ -55,8 +55,6 @@ def build_plan(
         ),
         grad_clip_norm=cfg.grad_clip_norm,
         autocast_dtype=autocast_dtype(cfg.precision, device),
-        global_batch_size=job.data.batch_size,
-        grad_accum_steps=cfg.grad_accum_steps,
         pipeline_layers=models.get(job.model.name).pipeline_layers,
     )
 
@@ -97,7 +95,13 @@ def run_worker(
 def build_trainer(
     job: JobSpec, ctx: WorkerContext, checkpointer: Checkpointer, resume_step: int | None
 ) -> Trainer:
-    """Data, model, task, strategy, loader and tracker for this worker, wired into a `Trainer`."""
+    """Data, model, task, strategy, loader and tracker for this worker, wired into a `Trainer`.
+
+    The job's layout (`Topology`) is built here, once per worker, into `ctx` (where `ctx` does
+    not carry one yet): the strategy and the data sampler read it from there.
+    """
+    if ctx.topology is None:
+        ctx = ctx.with_topology(Topology.of_job(job, ctx.world_size))
     model, splits = build_model_with_data(job)  # the data fits the task, the model the data
     task_kind = models.get(job.model.name).loss
     apply_finetune(model, job)  # init_from weights, frozen parameters

@@ -40,7 +40,7 @@ def train_rank(
 ) -> dict:
     spec = validate_job(job)
     ctx = node_context(rank, world_size, per_node)
-    ctx = type(ctx)(**{**ctx.__dict__, "parameter_store": connect_store(address, 4)})
+    ctx = type(ctx)(**{**ctx.__dict__, "services": {"ps": connect_store(address, 4)}})
     return run_worker(spec, ctx, resume=resume)
 
 

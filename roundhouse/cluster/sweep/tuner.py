@@ -136,11 +136,11 @@ def concurrent_trials(job: JobSpec) -> int:
     import ray
 
     from roundhouse.cluster.capacity import worker_resources
-    from roundhouse.cluster.ps import server_cpus
+    from roundhouse.cluster.services import service_cpus
 
     total = ray.cluster_resources()
     need = {k: v * job.cluster.num_workers for k, v in worker_resources(job.cluster).items()}
-    need["CPU"] = need.get("CPU", 0.0) + server_cpus(job)
+    need["CPU"] = need.get("CPU", 0.0) + service_cpus(job)
     fits = [
         math.floor((total.get(k, 0.0) - (1.0 if k == "CPU" else 0.0)) / v + 1e-9)
         for k, v in need.items()
@@ -152,9 +152,9 @@ def concurrent_trials(job: JobSpec) -> int:
 def running_trials(job: JobSpec) -> int:
     """Trials Tune runs at once: those whose worker groups fit, plus the standby ones (not
     with parameter servers: a standby would start its servers, holding CPUs, while it waits)."""
-    from roundhouse.cluster.ps import server_cpus
+    from roundhouse.cluster.services import service_cpus
 
-    return concurrent_trials(job) + (STANDBY_TRIALS if server_cpus(job) == 0 else 0)
+    return concurrent_trials(job) + (STANDBY_TRIALS if service_cpus(job) == 0 else 0)
 
 
 def build_tuner(plan: SweepPlan, resume: bool) -> Any:

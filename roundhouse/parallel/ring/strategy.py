@@ -24,6 +24,7 @@ from roundhouse.errors import TrainingError
 from roundhouse.parallel.base import StepStats, TrainPlan
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
+from roundhouse.parallel.ring.costs import RingCosts
 from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.parallel.timeouts import group_timeout, named_collective
 
@@ -36,6 +37,7 @@ class RingStrategy(SingleDeviceStrategy):
     """Data parallel over all ranks; the single-device strategy plus gradient averaging."""
 
     kind = "ring"
+    cost_model = RingCosts
     max_world_size = None
     config: RingStrategyConfig
 

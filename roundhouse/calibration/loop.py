@@ -1,44 +1,41 @@
 """Calibration of the job's own training step, through roundhouse's loop pieces (cached).
 
-`loop_rate` spawns one process (its own one-rank process group and `cpus_per_worker` threads,
-so the caller's process group and thread count stay untouched). There `build_trainer` builds
+`loop_rate` runs one spawned rank (`ranks.run_ranks`: its own one-rank process group and
+`cpus_per_worker` threads). There `build_trainer` builds
 the job as a worker would (data loader, model, task, strategy, optimizer, scheduler) and each
 step's pieces are timed as `Trainer.train_step` runs them:
 
-- `single` at two micro-batch sizes: the next batch from the loader plus the finite-loss check
-  (`loop_s`), `forward_backward` with the loss read back (`fwd_bwd(B) = overhead_s +
-  per_sample_s x B`), and `optimizer_step` with the gradient norm (`optimizer_s`: norm, clip,
-  optimizer, scheduler, zero_grad);
-- DeepSpeed ZeRO-2 and ZeRO-3 on one rank at the smaller size: what the engine adds to
-  `forward_backward` (its gradient hooks: ZeRO-2's copies into the reduce bucket and the
-  partition, ZeRO-3's per-module gather/release hooks) and its `optimizer_step` (norm, fp32
-  master weights, flat-buffer copies). At one rank the exchange is empty, so these are the
-  engine's own CPU costs; the collectives stay the link model's.
+- the one-device reference strategy at two micro-batch sizes: the next batch from the loader
+  plus the finite-loss check (`loop_s`), `forward_backward` with the loss read back
+  (`fwd_bwd(B) = overhead_s + per_sample_s x B`), and `optimizer_step` with the gradient
+  norm (`optimizer_s`: norm, clip, optimizer, scheduler, zero_grad);
+- every engine a registered cost model names (`CostModel.engines`: DeepSpeed's ZeRO-2 and
+  ZeRO-3) on one rank at the smaller size: what the engine adds to `forward_backward` (its
+  gradient hooks) and its `optimizer_step`. At one rank the exchange is empty, so these are
+  the engine's own CPU costs; the collectives stay the link model's.
 
 The result is cached per host, device, thread count, model, optimizer and micro-batch sizes
-(`calibrate.cached`), so a second plan on the same machine measures nothing.
+(`cache.cached`), so a second plan on the same machine measures nothing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import statistics
 import tempfile
 import time
-import warnings
 from typing import Any
 
 import torch
 
+from roundhouse.calibration.ranks import run_ranks
 from roundhouse.config import JobSpec
 from roundhouse.config.loading import validate_job
-from roundhouse.planner.calibrate import run_spawned
+from roundhouse.parallel.registry import REFERENCE_SECTION, cost_models
 
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S = 300
-ZERO_STAGES = (2, 3)  # the engines calibrated (stages 0 and 1 use stage 2's figures)
 BUDGET_S = 2.5  # measured seconds per configuration (at least MIN_STEPS steps)
 WARMUP_STEPS, MIN_STEPS, MAX_STEPS = 2, 3, 12
 
@@ -99,17 +96,16 @@ def time_pieces(
     return {k: statistics.median(v) for k, v in pieces.items() if v}
 
 
-def measure(job: JobSpec, device: str, sizes: tuple[int, int], zero: bool) -> dict[str, float]:
+def measure(job: JobSpec, device: str, sizes: tuple[int, int]) -> dict[str, float]:
     """Run every configuration (see the module doc) in this process; return the figures."""
     from roundhouse.parallel.context import build_local_context
     from roundhouse.runs.rundir import run_dir_of
     from roundhouse.trainer.run import build_trainer
     from roundhouse.weights.checkpoint import Checkpointer
 
-    runs = [("small", sizes[0], {"kind": "single"}), ("large", sizes[1], {"kind": "single"})]
-    if zero:
-        zeros = [{"kind": "deepspeed", "zero_stage": k} for k in ZERO_STAGES]
-        runs += [(f"zero{z['zero_stage']}", sizes[0], z) for z in zeros]
+    runs = [("small", sizes[0], REFERENCE_SECTION), ("large", sizes[1], REFERENCE_SECTION)]
+    for costs in cost_models():
+        runs += [(name, sizes[0], section) for name, section in costs.engines.items()]
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, batch, strategy in runs:
@@ -126,34 +122,20 @@ def measure(job: JobSpec, device: str, sizes: tuple[int, int], zero: bool) -> di
     return out
 
 
-def _child(job_json: dict, device: str, threads: int, sizes: tuple, zero: bool, queue) -> None:
-    import torch.distributed as dist
-
-    from roundhouse.parallel.net import free_port
-
-    torch.set_num_threads(threads)
-    logging.disable(logging.WARNING)  # the engines' banners; failures still reach the parent
-    warnings.simplefilter("ignore")  # torch's deprecations inside DeepSpeed, in every rank
-    # One group for every engine: DeepSpeed keeps the first group it saw, so an engine must not
-    # create (and destroy) its own.
-    backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    try:
-        queue.put(
-            ("ok", measure(validate_job(job_json, source="loop calibration"), device, sizes, zero))
-        )
-    except BaseException as exc:  # the parent re-raises it
-        queue.put(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        dist.destroy_process_group()
+def _measure_rank(rank: int, job_json: dict, device: str, sizes: tuple[int, int]) -> dict:
+    return measure(validate_job(job_json, source="loop calibration"), device, sizes)
 
 
 def measure_in_child(
     job: JobSpec, device: str, threads: int, sizes: tuple[int, int]
 ) -> dict[str, float]:
     """`measure` in a spawned process (see the module doc)."""
-    zero = importlib.util.find_spec("deepspeed") is not None
-    args = (job.model_dump(mode="json"), device, threads, sizes, zero)
-    return run_spawned(_child, [args], TIMEOUT_S, "step calibration")
+    return run_ranks(
+        _measure_rank,
+        (job.model_dump(mode="json"), device, sizes),
+        world_size=1,
+        threads=threads,
+        timeout_s=TIMEOUT_S,
+        what="step calibration",
+        backend="nccl" if device == "cuda" else "gloo",
+    )

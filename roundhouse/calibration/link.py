@@ -11,16 +11,15 @@ not on takes `--bandwidth` instead.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from roundhouse.planner.calibrate import LinkRate, cached, run_spawned
+from roundhouse.calibration.cache import cached
+from roundhouse.calibration.ranks import run_ranks
+from roundhouse.parallel.costs import LinkRate
 
 logger = logging.getLogger(__name__)
 
@@ -30,38 +29,26 @@ WARMUP = 3
 TIMEOUT_S = 120
 
 
-def _rank(rank: int, port: int, results: mp.Queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    names = [name for _, name in socket.if_nameindex()]
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if "lo" in names else names[0])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        times = []
-        for size, repeats in zip(SIZES, REPEATS, strict=True):
-            x = torch.ones(size)
-            samples = []
-            for i in range(WARMUP + repeats):
-                start = time.perf_counter()
-                dist.all_reduce(x)
-                if i >= WARMUP:
-                    samples.append(time.perf_counter() - start)
-            times.append(statistics.median(samples))
-        if rank == 0:
-            results.put(("ok", times))
-    except BaseException as exc:  # the parent re-raises it
-        results.put(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        dist.destroy_process_group()
+def time_allreduce(rank: int) -> list[float]:
+    """In a rank of the pair: the median seconds of an all-reduce at each of `SIZES`."""
+    times = []
+    for size, repeats in zip(SIZES, REPEATS, strict=True):
+        x = torch.ones(size)
+        samples = []
+        for i in range(WARMUP + repeats):
+            start = time.perf_counter()
+            dist.all_reduce(x)
+            if i >= WARMUP:
+                samples.append(time.perf_counter() - start)
+        times.append(statistics.median(samples))
+    return times
 
 
 def measure_link() -> dict[str, float]:
     """Latency and bandwidth of a 2-process gloo all-reduce on this machine."""
-    from roundhouse.parallel.net import free_port
-
-    port = free_port()
-    args = [(rank, port) for rank in range(2)]
-    t_small, t_large = run_spawned(_rank, args, TIMEOUT_S, "link calibration")
+    t_small, t_large = run_ranks(
+        time_allreduce, (), world_size=2, threads=1, timeout_s=TIMEOUT_S, what="link calibration"
+    )
     bytes_small, bytes_large = 4 * SIZES[0], 4 * SIZES[1]
     per_byte = max(t_large - t_small, 1e-9) / (bytes_large - bytes_small)
     return {"latency_s": t_small, "bytes_per_s": 1 / per_byte}
