@@ -174,6 +174,32 @@ class RayParameterStore:
         pushes, self.in_flight = self.in_flight, []
         return _get_all(pushes + pulls)[len(pushes) :]
 
+    def push_rows(
+        self,
+        shard: int,
+        pusher: int,
+        step: int,
+        table: int,
+        rows: np.ndarray,
+        values: np.ndarray,
+        weight: int,
+    ) -> None:
+        """Send gradients of some rows of a row table to their shard; waits for it."""
+        import ray
+
+        handle = self.handles[shard]
+        ray.get(handle.push_rows.remote(pusher, step, table, rows, values, weight))
+
+    def pull_rows(
+        self, shards: list[int], pusher: int, step: int, table: int, rows: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Rows of a row table from each of `shards` for `step` (in parallel)."""
+        refs = [
+            self.handles[s].pull_rows.remote(pusher, step, table, r)
+            for s, r in zip(shards, rows, strict=True)
+        ]
+        return _get_all(refs)
+
     def claim(self, epoch: int, first: int, limit: int) -> int:
         """Claim the next chunk of the epoch's samples from shard 0 (dynamic data assignment)."""
         import ray
