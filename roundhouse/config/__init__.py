@@ -232,6 +232,11 @@ class RingStrategyConfig(StrategySection):
     algorithm: Literal["ring", "native"] = "ring"
     hierarchical: bool = False
     grad_dtype: Literal["fp32", "bf16"] = "fp32"
+    sparse_gradients: Literal["dense", "gather"] = Field(
+        "dense",
+        description="Sparse-gradient embeddings (`sparse=True`): all-reduce the whole table "
+        "(`dense`) or all-gather the touched rows (`gather`).",
+    )
 
 
 class SlowWorkerConfig(Section):

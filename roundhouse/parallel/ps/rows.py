@@ -26,26 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from roundhouse.models.sparse import has_sparse_gradients, sparse_modules
 from roundhouse.parallel.ps.protocol import ParameterStore
 
 logger = logging.getLogger(__name__)
 
-ROW_MODULES = (nn.Embedding, nn.EmbeddingBag)
-
-
-def sparse_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules whose weight gets sparse gradients (`sparse=True` embeddings that train)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, ROW_MODULES) and m.sparse and m.weight.requires_grad
-    ]
-
-
-def has_sparse_gradients(model: nn.Module) -> bool:
-    """Whether backward gives any parameter of `model` a sparse gradient."""
-    return bool(sparse_modules(model))
-
+__all__ = ["RowTables", "RowTraffic", "coalesced_rows", "has_sparse_gradients", "sparse_modules"]
 
 @dataclass
 class RowTraffic:
