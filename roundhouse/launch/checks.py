@@ -6,6 +6,7 @@ from roundhouse import models
 from roundhouse.config import JobSpec
 from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError, ModelError
+from roundhouse.models.sparse import SPARSE_OPTIMIZERS, wants_sparse_gradients
 from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.trainer.losses import LOSSES
 from roundhouse.trainer.optim import check_optimizer, check_scheduler
@@ -20,11 +21,29 @@ def check_names(job: JobSpec) -> None:
             f"valid flavors: {', '.join(spec.flavors)}",
         )
     check_optimizer(job.trainer.optimizer)
+    check_sparse_optimizer(job)
     check_scheduler(job.trainer.scheduler)
     if job.trainer.loss.name not in LOSSES:
         raise JobFileError(
             f"unknown loss trainer.loss.name={job.trainer.loss.name!r}",
             f"valid: {', '.join(LOSSES)}",
+        )
+
+
+def check_sparse_optimizer(job: JobSpec) -> None:
+    """A model with sparse gradients needs an optimizer that steps on them, without weight
+    decay (torch's sgd and adagrad refuse sparse gradients with it)."""
+    model = job.model
+    if not wants_sparse_gradients(model.name, model.flavor, model.options):
+        return
+    optimizer = job.trainer.optimizer
+    if optimizer.name not in SPARSE_OPTIMIZERS or optimizer.weight_decay > 0:
+        raise JobFileError(
+            f"model {model.name!r} makes sparse gradients (model.options.sparse=true), which "
+            f"trainer.optimizer name={optimizer.name} weight_decay={optimizer.weight_decay} "
+            "cannot step on",
+            f"use trainer.optimizer.name {' or '.join(SPARSE_OPTIMIZERS)} with weight_decay=0, "
+            "or set model.options.sparse=false",
         )
 
 

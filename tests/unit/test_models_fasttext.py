@@ -76,3 +76,43 @@ def test_debug_flavor_learns_a_token_rule() -> None:
         optimizer.step()
     accuracy = (model(tokens).argmax(1) == target).float().mean()
     assert accuracy > 0.95
+
+
+def _job(strategy: dict, **optimizer: object) -> dict:
+    return {
+        "name": "ft",
+        "model": {"name": "fasttext", "flavor": "debug"},
+        "data": {"source": "builtin:digits", "batch_size": 8},
+        "trainer": {"max_steps": 1, "optimizer": {"name": "sgd", **optimizer}},
+        "strategy": strategy,
+        "cluster": {"num_workers": 2},
+    }
+
+
+def test_sparse_gradients_need_a_sparse_optimizer_and_no_deepspeed(
+    tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    from roundhouse.errors import JobFileError
+    from roundhouse.launch.checks import check_names
+    from roundhouse.launch.cli import main
+    from roundhouse.launch.jobfile import validate_job
+    from roundhouse.parallel.deepspeed.config import check_job
+
+    check_names(validate_job(_job({"kind": "ps"})))  # sgd: fine
+    with pytest.raises(JobFileError, match="sparse gradients.*adam"):
+        check_names(validate_job(_job({"kind": "ps"}, name="adam")))
+    with pytest.raises(JobFileError, match="weight_decay"):
+        check_names(validate_job(_job({"kind": "ring"}, weight_decay=0.1)))
+    deepspeed = validate_job(_job({"kind": "deepspeed", "zero_stage": 0}))
+    with pytest.raises(JobFileError, match="deepspeed cannot carry"):
+        check_job(deepspeed, 2)
+    dense = _job({"kind": "deepspeed", "zero_stage": 0})
+    dense["model"]["options"] = {"sparse": False}
+    check_job(validate_job(dense), 2)
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_job({"kind": "deepspeed", "zero_stage": 0})))
+    assert main(["train", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: model 'fasttext' makes sparse gradients")
