@@ -96,7 +96,8 @@ class RowTables:
         weight = module.weight
         for (_, r), v in zip(parts, values, strict=True):
             weight[r.to(weight.device)] = torch.from_numpy(np.asarray(v)).to(weight)
-            self.traffic.pulled += r.numel() * 8 + np.asarray(v).nbytes
+            if module.training:  # training traffic only (evaluation pulls are not a step's)
+                self.traffic.pulled += r.numel() * 8 + np.asarray(v).nbytes
 
     def push(self, step: int) -> None:
         """Push every table's gradient of `step` to the shards (each its rows), drop it.

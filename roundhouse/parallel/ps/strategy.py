@@ -98,6 +98,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.clock = 0  # steps pushed by this worker (the tag of its next push)
         self.last: Pulled | None = None
         self.rows: RowTables | None = None  # the sparse-gradient tables, if the model has any
+        self.logged = (0, 0)  # (clock, row bytes) at the last row-traffic report
         self.ahead: list[int] = []
         self.dynamic = config.data_assignment == "dynamic"
         self.idle = False  # dynamic assignment: this worker found its epoch's data used up
@@ -245,6 +246,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         pulled = self.last
         stats = StepStats(grad_norm=pulled.grad_norm, lr=pulled.lr or 0.0)
         stats.extra.update(self._staleness_metrics())
+        stats.extra.update(self._row_metrics())
         return stats
 
     def _advance(self) -> None:
@@ -261,6 +263,18 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "train/ps_staleness_mean": float(np.mean(values)),
             "train/ps_staleness_max": float(max(values)),
         }
+
+    def _row_metrics(self) -> dict[str, float]:
+        """Row-table bytes (ids and values) this worker pushed and pulled per step since the
+        last log (`train/ps_row_bytes_per_step`); none without row tables."""
+        if self.rows is None:
+            return {}
+        traffic = self.rows.traffic
+        total = traffic.pushed + traffic.pulled
+        steps = max(1, self.clock - self.logged[0])
+        per_step = (total - self.logged[1]) / steps
+        self.logged = (self.clock, total)
+        return {"train/ps_row_bytes_per_step": float(per_step)}
 
     def zero_grad(self) -> None:
         # The gradients already reached the servers, which skip a non-finite update; the step
