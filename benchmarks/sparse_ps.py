@@ -136,17 +136,29 @@ def main() -> None:
     dense = 16 * 20 + 20  # the head (pydoc-cls has 20 classes), pushed and pulled whole
     ring_bytes = 2 * 2 * (WORLD - 1) / WORLD * (table + dense) * 4
     if {"ps", "ring"} <= got.keys():
-        result("sparse_ps_vs_ring", got["ps"]["samples_per_s"], got["ring"]["samples_per_s"],
-               "samples/s")
+        result(
+            "sparse_ps_vs_ring",
+            got["ps"]["samples_per_s"],
+            got["ring"]["samples_per_s"],
+            "samples/s",
+        )
         ps_bytes = got["ps"]["row_bytes"] + 2 * dense * 4
         result("sparse_ps_bytes_vs_ring", ps_bytes, ring_bytes, "bytes/step/worker")
     if {"ring_gather", "ring"} <= got.keys():
-        result("ring_gather_vs_ring", got["ring_gather"]["samples_per_s"],
-               got["ring"]["samples_per_s"], "samples/s")
+        result(
+            "ring_gather_vs_ring",
+            got["ring_gather"]["samples_per_s"],
+            got["ring"]["samples_per_s"],
+            "samples/s",
+        )
     for name in ("ps", "ring", "ring_gather"):
         if {name, "single"} <= got.keys():
-            result(f"{name}_accuracy_vs_single", got[name]["accuracy"],
-                   got["single"]["accuracy"], "accuracy")
+            result(
+                f"{name}_accuracy_vs_single",
+                got[name]["accuracy"],
+                got["single"]["accuracy"],
+                "accuracy",
+            )
 
 
 if __name__ == "__main__":

@@ -61,9 +61,7 @@ def hash_ngrams(tokens: Tensor, ngrams: int, buckets: int, pad: int = PAD_TOKEN)
 class FastText(nn.Module):
     """Mean of hashed n-gram embeddings, then a linear head; `(B, T)` tokens -> `(B, classes)`."""
 
-    def __init__(
-        self, num_classes: int, buckets: int, ngrams: int, dim: int, sparse: bool
-    ) -> None:
+    def __init__(self, num_classes: int, buckets: int, ngrams: int, dim: int, sparse: bool) -> None:
         super().__init__()
         self.buckets, self.ngrams = buckets, ngrams
         # One extra row: the padding feature, left out of the mean and of every gradient.

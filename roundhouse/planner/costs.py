@@ -277,11 +277,18 @@ def ring_comm(
     return collective_s(t.link, 2 * (n - 1) / n * grad_bytes, 2 * buckets, n), 0.0
 
 
+def ps_exchanged(c: Candidate, p: ModelProfile, micro: float) -> float:
+    """Elements a ps worker pushes (and pulls) per step: the dense parameters, and of the row
+    tables only the rows its micro-batches look up (at most the whole tables)."""
+    rows = min(micro * p.row_elements_per_sample, p.row_params)
+    return local_params(c, p) - p.row_params + rows
+
+
 def ps_comm(
     c: Candidate, p: ModelProfile, t: Target, job: JobShape, micro: float
 ) -> tuple[float, float]:
     """Every worker pushes and pulls through the servers; a sync pull waits for every push."""
-    n, grad_bytes = c.data_parallel, 4 * local_params(c, p)
+    n, grad_bytes = c.data_parallel, 4 * ps_exchanged(c, p, micro)
     server_bytes = n * 2 * grad_bytes / job.ps_servers
     return 0.0, 2 * t.link.latency_s + server_bytes / t.link.bytes_per_s
 
@@ -361,7 +368,9 @@ def residual_s(c: Candidate, p: ModelProfile, t: Target, job: JobShape) -> float
         per_step = fitted.get(f"{family}/fixed", 0.0)
         per_step += fitted.get(f"{family}/per_module", 0.0) * modules
         if family == "ps":  # bytes and updates: each server shard its part, in parallel
-            per_step += fitted.get("ps/per_param", 0.0) * p.num_params / job.ps_servers
+            micro = job.global_batch / (c.data_parallel * job.grad_accum_steps)
+            exchanged = ps_exchanged(c, p, micro)
+            per_step += fitted.get("ps/per_param", 0.0) * exchanged / job.ps_servers
     if family == "pipeline":  # per boundary and per slot of the schedule (2 at the probe)
         s = c.pipeline_stages
         return per_step * (s - 1) * (job.grad_accum_steps + s - 1) / 2

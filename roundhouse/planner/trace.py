@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from roundhouse.models.sparse import sparse_modules
+
 logger = logging.getLogger(__name__)
 
 TRACE_BATCH = 2  # samples in the traced micro-batch (any size works: figures are per sample)
@@ -63,6 +65,9 @@ class ModelProfile:
         tokens_per_sample: Sequence length for token models, else 1.
         hidden_dim: Width C of a transformer (the activations TP and EP exchange), else 0.
         param_modules: Modules owning parameters (ZeRO-3 gathers each one separately).
+        row_params: Parameters in row tables (sparse-gradient embeddings, `models.sparse`).
+        row_elements_per_sample: Elements of the rows one sample looks up in them (row ids
+            counted as two elements): what `ps` pushes and pulls of a table, per sample.
     """
 
     num_params: int
@@ -80,6 +85,8 @@ class ModelProfile:
     tokens_per_sample: int = 1
     hidden_dim: int = 0
     param_modules: int = 1
+    row_params: int = 0
+    row_elements_per_sample: float = 0.0
 
     @property
     def step_flops(self) -> float:
@@ -216,8 +223,10 @@ def profile_model(
     counter = FlopCounterMode(display=False)
     traced = LayerChain(layers, meter, counter.get_total_flops) if layers else model
     num = batch["input"].shape[0]
+    lookups = RowLookups(model)
     with counter, torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
         run_loss(task, traced, batch)
+    lookups.close()
     tp_fraction, expert_params = split_fractions(model)
     input_shape = tuple(batch["input"].shape[1:])
     return ModelProfile(
@@ -238,4 +247,24 @@ def profile_model(
         param_modules=sum(
             1 for m in model.modules() if next(m.parameters(False), None) is not None
         ),
+        row_params=lookups.row_params,
+        row_elements_per_sample=lookups.elements / num,
     )
+
+
+class RowLookups:
+    """Counts the row elements a traced batch looks up in `model`'s row tables."""
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = sparse_modules(model)
+        self.row_params = sum(m.weight.numel() for m in modules)
+        self.elements = 0.0
+        self.handles = [m.register_forward_pre_hook(self._count) for m in modules]
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        self.elements += args[0].numel() * (module.weight.shape[1] + 2)
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self.handles:
+            handle.remove()

@@ -56,7 +56,9 @@ def train_ps(job: dict, world_size: int) -> tuple[Path, list[dict]]:
 
 
 def single(tmp_path: Path, **trainer: Any) -> dict[str, torch.Tensor]:
-    prepared = prepare_run(validate_job(make_job(tmp_path, "single", {"kind": "single"}, **trainer)))
+    prepared = prepare_run(
+        validate_job(make_job(tmp_path, "single", {"kind": "single"}, **trainer))
+    )
     run_worker(prepared.job, build_local_context("cpu"))
     return final_weights(Path(prepared.run_dir.url))
 
@@ -86,11 +88,16 @@ def test_ring_on_2_ranks_equals_single(tmp_path: Path, exchange: str) -> None:
 def test_sparse_ps_async_and_ssp_learn(tmp_path: Path, mode: str) -> None:
     strategy = {"kind": "ps", "num_servers": 2, "mode": mode, "staleness": 1}
     job = make_job(
-        tmp_path, mode, strategy, max_steps=None, max_epochs=2, log_every_steps=20,
+        tmp_path,
+        mode,
+        strategy,
+        max_steps=None,
+        max_epochs=2,
+        log_every_steps=20,
         optimizer={"name": "adagrad", "lr": 0.5},
     )
     job["data"]["batch_size"] = 64
-    run, results = train_ps(job, 2)
+    run, _ = train_ps(job, 2)
     rows = read_metrics(run)
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert losses[-1] < losses[0]

@@ -33,9 +33,7 @@ def test_ngrams_hash_the_window_not_its_position() -> None:
 
 
 def test_forward_shape_and_sparse_gradient_rows() -> None:
-    model = models.build_model(
-        "fasttext", models.BuildConfig(input_shape=(12,), num_classes=5)
-    )
+    model = models.build_model("fasttext", models.BuildConfig(input_shape=(12,), num_classes=5))
     tokens = torch.randint(0, 256, (4, 12))
     tokens[0, 6:] = PAD_TOKEN
     logits = model(tokens)
@@ -57,9 +55,7 @@ def test_dense_option_and_bad_inputs() -> None:
     with pytest.raises(ModelError, match=r"\(T,\) token"):
         models.build_model("fasttext", models.BuildConfig(input_shape=(1, 8, 8)))
     with pytest.raises(ModelError, match="buckets"):
-        models.build_model(
-            "fasttext", models.BuildConfig(input_shape=(8,), options={"buckets": 0})
-        )
+        models.build_model("fasttext", models.BuildConfig(input_shape=(8,), options={"buckets": 0}))
 
 
 def test_debug_flavor_learns_a_token_rule() -> None:
@@ -99,7 +95,7 @@ def test_sparse_gradients_need_a_sparse_optimizer_and_no_deepspeed(
     from roundhouse.parallel.deepspeed.config import check_job
 
     check_names(validate_job(_job({"kind": "ps"})))  # sgd: fine
-    with pytest.raises(JobFileError, match="sparse gradients.*adam"):
+    with pytest.raises(JobFileError, match=r"sparse gradients.*adam"):
         check_names(validate_job(_job({"kind": "ps"}, name="adam")))
     with pytest.raises(JobFileError, match="weight_decay"):
         check_names(validate_job(_job({"kind": "ring"}, weight_decay=0.1)))

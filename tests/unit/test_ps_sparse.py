@@ -58,9 +58,7 @@ def test_resume_with_row_state_at_another_number_of_servers(tmp_path: Path) -> N
     job = make_job(tmp_path, "resumed", {"kind": "ps", "num_servers": 3}, "adagrad")
     resumed = train(job, resume_step=4)
     assert_close(final_weights(resumed), final_weights(whole))
-    state = torch.load(
-        whole / "checkpoints" / f"step_{STEPS}" / "state.pt", weights_only=True
-    )
+    state = torch.load(whole / "checkpoints" / f"step_{STEPS}" / "state.pt", weights_only=True)
     ps = state["strategy"]["ps"]
     table = max(ps["optimizer"]["state"], key=int)  # the row table comes last
     accumulated = ps["optimizer"]["state"][table]["sum"]
@@ -87,19 +85,15 @@ def table_setup(num_shards: int, optimizer: str = "sgd") -> ServerSetup:
 def test_shards_update_exactly_the_pushed_rows() -> None:
     table = torch.arange(30, dtype=torch.float32).view(10, 3)
     shards = [ShardServer(s) for s in range(2)]
-    for s, shard in enumerate(shards):
+    for shard in shards:
         shard.initialize(table_setup(2), [0], [table.numpy()], None, 0)
     # Pusher 0 touched rows 2 and 3, pusher 1 rows 3 and 5; each shard gets its own rows.
     pushes = {0: ([2, 3], [[1.0] * 3, [2.0] * 3]), 1: ([3, 5], [[4.0] * 3, [6.0] * 3])}
     for pusher, (rows, values) in pushes.items():
         for s, shard in enumerate(shards):
             mine = [i for i, r in enumerate(rows) if r % 2 == s]
-            shard.push_rows(
-                pusher, 0, 0, np.array(rows)[mine], np.array(values, np.float32)[mine]
-            )
-    got = np.concatenate(
-        [shards[r % 2].pull_rows(0, 1, 0, np.array([r])) for r in range(10)]
-    )
+            shard.push_rows(pusher, 0, 0, np.array(rows)[mine], np.array(values, np.float32)[mine])
+    got = np.concatenate([shards[r % 2].pull_rows(0, 1, 0, np.array([r])) for r in range(10)])
     expected = table.clone()
     expected[2] -= 0.1 * 1.0 / 2
     expected[3] -= 0.1 * (2.0 + 4.0) / 2

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RowTables", "RowTraffic", "coalesced_rows", "has_sparse_gradients", "sparse_modules"]
 
+
 @dataclass
 class RowTraffic:
     """Bytes this worker sent and received for row tables (ids and values), since creation."""

@@ -146,7 +146,9 @@ class ShardServer:
         with self.cond:
             self.generation += 1
             self.setup = setup
-            dense = [(g, a) for g, a in zip(indices, arrays, strict=True) if g not in setup.row_tables]
+            dense = [
+                (g, a) for g, a in zip(indices, arrays, strict=True) if g not in setup.row_tables
+            ]
             self._build_dense(dense)
             self._build_tables(setup, indices, arrays)
             everything = self.params + self.tables
@@ -248,9 +250,7 @@ class ShardServer:
             local = torch.as_tensor(np.asarray(rows, dtype=np.int64)) // self.setup.num_shards
             return part.detach()[local].numpy()
 
-    def _store(
-        self, pusher: int, step: int, grads: dict[int, Any], weight: int
-    ) -> None:
+    def _store(self, pusher: int, step: int, grads: dict[int, Any], weight: int) -> None:
         """Add a push to its pending update; apply the update once it is complete."""
         with self.cond:
             setup = self._ready()

@@ -9,9 +9,12 @@ so they load at another number of shards.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # server.py imports this module
+    from roundhouse.parallel.ps.server import ServerSetup
 
 
 def row_part(full: torch.Tensor, shard: int, num_shards: int) -> torch.Tensor:

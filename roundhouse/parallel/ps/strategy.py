@@ -119,7 +119,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         modules = sparse_modules(self.model)
         tables = [m.weight for m in modules]
         dense = [
-            p for p in self.model.parameters() if p.requires_grad and all(p is not t for t in tables)
+            p
+            for p in self.model.parameters()
+            if p.requires_grad and all(p is not t for t in tables)
         ]
         self.params = dense + tables  # a parameter's place here is its index on the servers
         self.row_tables = {len(dense) + j: t.shape[0] for j, t in enumerate(tables)}
@@ -166,7 +168,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             for shard, dense in enumerate(self.layout):
                 indices = dense + list(self.row_tables)
                 parts = [
-                    row_part(arrays[g], shard, setup.num_shards) if g in self.row_tables else arrays[g]
+                    row_part(arrays[g], shard, setup.num_shards)
+                    if g in self.row_tables
+                    else arrays[g]
                     for g in indices
                 ]
                 self.store.initialize(
