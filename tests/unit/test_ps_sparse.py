@@ -3,6 +3,7 @@ server's sparse push/pull arithmetic, and consolidation of row parts."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 from pathlib import Path
@@ -120,3 +121,44 @@ def test_coalesced_rows_sums_repeated_lookups() -> None:
     assert rows.tolist() == [1, 4] and values.tolist() == [[1.0, 1.0], [2.0, 2.0]]
     rows, values = coalesced_rows(None, torch.Size([2]))
     assert rows.numel() == 0 and values.shape == (0, 2)
+
+
+def test_the_planner_prices_ps_by_the_rows_touched_and_ring_by_the_table() -> None:
+    from roundhouse.planner.candidates import Candidate
+    from roundhouse.planner.costs import JobShape, comm_time
+    from tests.unit.test_planner import profile, target
+
+    shape = JobShape(global_batch=64, grad_accum_steps=1, optimizer_moments=1, ring_bucket_mb=25)
+    ring, ps = Candidate("ring", 2, {"kind": "ring"}), Candidate("ps", 2, {"kind": "ps"})
+    dense, t = profile(33_000_000), target()
+    sparse = dataclasses.replace(
+        dense, row_params=32_999_000, row_elements_per_sample=511 * 18
+    )
+
+    def seconds(c: Candidate, p: Any) -> float:
+        return sum(comm_time(c, p, t, shape, micro=32))
+
+    assert seconds(ring, sparse) == pytest.approx(seconds(ring, dense))  # the whole table
+    assert seconds(ps, dense) > seconds(ring, dense)  # dense: ring wins
+    assert seconds(ps, sparse) < seconds(ring, sparse) / 20  # sparse: ps wins by far
+    touched = (1000 + 32 * 511 * 18) * 4  # the head, and the rows of a 32-sample micro-batch
+    assert seconds(ps, sparse) == pytest.approx(2 * 2 * touched / 1e9)
+
+
+def test_the_trace_counts_row_lookups() -> None:
+    from roundhouse import models
+    from roundhouse.planner.trace import profile_model
+    from roundhouse.trainer.task import build_task
+    from roundhouse.config import LossConfig
+
+    with torch.device("meta"):
+        model = models.build_model(
+            "fasttext", models.BuildConfig(input_shape=(64,), num_classes=4)
+        )
+    batch = {
+        "input": torch.zeros(8, 64, dtype=torch.long, device="meta"),
+        "target": torch.zeros(8, dtype=torch.long, device="meta"),
+    }
+    p = profile_model(model, build_task("classification", LossConfig()), batch)
+    assert p.row_params == 4097 * 8
+    assert p.row_elements_per_sample == (64 + 63) * (8 + 2)
