@@ -42,10 +42,13 @@ def make_job(storage: Path, run_id: str, strategy: dict[str, Any], optimizer: st
     }
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
-def test_sparse_ps_equals_single_device(tmp_path: Path, optimizer: str) -> None:
-    ps = train(make_job(tmp_path, "ps", {"kind": "ps", "num_servers": 3}, optimizer))
-    single = train(make_job(tmp_path, "single", {"kind": "single"}, optimizer))
+@pytest.mark.parametrize(("optimizer", "accum"), [("sgd", 1), ("adagrad", 1), ("sgd", 2)])
+def test_sparse_ps_equals_single_device(tmp_path: Path, optimizer: str, accum: int) -> None:
+    ps_job = make_job(tmp_path, "ps", {"kind": "ps", "num_servers": 3}, optimizer)
+    single_job = make_job(tmp_path, "single", {"kind": "single"}, optimizer)
+    for job in (ps_job, single_job):
+        job["trainer"]["grad_accum_steps"] = accum
+    ps, single = train(ps_job), train(single_job)
     ours, reference = final_weights(ps), final_weights(single)
     assert_close(ours, reference)
     first = final_weights_at(ps, 4)
