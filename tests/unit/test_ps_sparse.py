@@ -134,9 +134,7 @@ def test_the_planner_prices_ps_by_the_rows_touched_and_ring_by_the_table() -> No
     shape = JobShape(global_batch=64, grad_accum_steps=1, optimizer_moments=1, ring_bucket_mb=25)
     ring, ps = Candidate("ring", 2, {"kind": "ring"}), Candidate("ps", 2, {"kind": "ps"})
     dense, t = profile(33_000_000), target()
-    sparse = dataclasses.replace(
-        dense, row_params=32_999_000, row_elements_per_sample=511 * 18
-    )
+    sparse = dataclasses.replace(dense, row_params=32_999_000, row_elements_per_sample=511 * 18)
 
     def seconds(c: Candidate, p: Any) -> float:
         return sum(comm_time(c, p, t, shape, micro=32))
@@ -150,14 +148,12 @@ def test_the_planner_prices_ps_by_the_rows_touched_and_ring_by_the_table() -> No
 
 def test_the_trace_counts_row_lookups() -> None:
     from roundhouse import models
+    from roundhouse.config import LossConfig
     from roundhouse.planner.trace import profile_model
     from roundhouse.trainer.task import build_task
-    from roundhouse.config import LossConfig
 
     with torch.device("meta"):
-        model = models.build_model(
-            "fasttext", models.BuildConfig(input_shape=(64,), num_classes=4)
-        )
+        model = models.build_model("fasttext", models.BuildConfig(input_shape=(64,), num_classes=4))
     batch = {
         "input": torch.zeros(8, 64, dtype=torch.long, device="meta"),
         "target": torch.zeros(8, dtype=torch.long, device="meta"),
