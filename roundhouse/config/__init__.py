@@ -115,7 +115,7 @@ class ParamGroupConfig(Section):
 class OptimizerConfig(Section):
     """Optimizer; defaults follow the notes (Adam lr 1e-3, betas 0.9/0.999, momentum 0.9)."""
 
-    name: str = Field("adam", description="sgd | rmsprop | adagrad | adam | adamw")
+    name: str = Field("adam", description="sgd | rmsprop | adagrad | adam | adamw | lazy_adam")
     lr: PositiveFloat = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD and RMSprop.")

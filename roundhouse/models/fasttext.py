@@ -10,7 +10,8 @@ the mean of its feature embeddings; a linear head maps it to logits `(B, num_cla
 With `sparse=True` (the default) the table's gradient is a sparse tensor holding only the rows
 a batch touched: the parameter server pushes and pulls just those rows
 (`roundhouse.parallel.ps`), the ring densifies them or all-gathers them, and optimizers must
-take sparse gradients (sgd, adagrad). At 2^21 buckets a batch touches about 1% of the rows.
+take sparse gradients (sgd, adagrad, lazy_adam). At 2^21 buckets a batch of 64 docstrings
+touches well under 1% of the rows.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from torch import nn
 from roundhouse.models.registry import get
 
 ROW_MODULES = (nn.Embedding, nn.EmbeddingBag)
-SPARSE_OPTIMIZERS = ("sgd", "adagrad")  # torch's that step on sparse gradients
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "lazy_adam")  # those that step on sparse gradients
 
 
 def sparse_modules(model: nn.Module) -> list[nn.Module]:

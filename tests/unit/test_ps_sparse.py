@@ -42,7 +42,9 @@ def make_job(storage: Path, run_id: str, strategy: dict[str, Any], optimizer: st
     }
 
 
-@pytest.mark.parametrize(("optimizer", "accum"), [("sgd", 1), ("adagrad", 1), ("sgd", 2)])
+@pytest.mark.parametrize(
+    ("optimizer", "accum"), [("sgd", 1), ("adagrad", 1), ("lazy_adam", 1), ("sgd", 2)]
+)
 def test_sparse_ps_equals_single_device(tmp_path: Path, optimizer: str, accum: int) -> None:
     ps_job = make_job(tmp_path, "ps", {"kind": "ps", "num_servers": 3}, optimizer)
     single_job = make_job(tmp_path, "single", {"kind": "single"}, optimizer)
@@ -161,3 +163,30 @@ def test_the_trace_counts_row_lookups() -> None:
     p = profile_model(model, build_task("classification", LossConfig()), batch)
     assert p.row_params == 4097 * 8
     assert p.row_elements_per_sample == (64 + 63) * (8 + 2)
+
+
+def test_lazy_adam_matches_sparse_adam_on_rows_and_adam_on_dense() -> None:
+    from roundhouse.trainer.lazy_adam import LazyAdam
+
+    torch.manual_seed(0)
+    table = torch.randn(10, 3)
+    dense = torch.randn(4)
+    ours = [table.clone().requires_grad_(), dense.clone().requires_grad_()]
+    ref_rows, ref_dense = table.clone().requires_grad_(), dense.clone().requires_grad_()
+    lazy = LazyAdam(ours, lr=0.1)
+    sparse_adam = torch.optim.SparseAdam([ref_rows], lr=0.1)
+    adam = torch.optim.Adam([ref_dense], lr=0.1, foreach=False)
+    for step in range(3):
+        rows = torch.tensor([[1, 4, 1]]) if step != 1 else torch.tensor([[7]])
+        values = torch.randn(rows.shape[1], 3)
+        grad = torch.sparse_coo_tensor(rows, values, (10, 3))
+        dense_grad = torch.randn(4)
+        ours[0].grad, ref_rows.grad = grad.clone(), grad.clone()
+        ours[1].grad, ref_dense.grad = dense_grad.clone(), dense_grad.clone()
+        lazy.step()
+        sparse_adam.step()
+        adam.step()
+    torch.testing.assert_close(ours[0].detach(), ref_rows.detach())
+    torch.testing.assert_close(ours[1].detach(), ref_dense.detach())
+    untouched = [0, 2, 3, 5, 6, 8, 9]
+    assert torch.equal(ours[0].detach()[untouched], table[untouched])

@@ -8,9 +8,9 @@ index over every server shard (shard `s` of `S` holds rows `s, s + S, ...`), and
   names from the shards that hold them, by the same waiting rule as a dense pull (sync: the
   previous step's update is applied), and writes them into its local copy of the table;
 - after backward, the worker pushes the coalesced gradient as (row ids, row values), each
-  shard getting its own rows; the shard's optimizer steps on a sparse gradient, so sgd and
-  adagrad update exactly those rows (and nothing else: no weight decay or momentum on rows
-  not touched, as torch's optimizers do for sparse gradients on a single device).
+  shard getting its own rows; the shard's optimizer steps on a sparse gradient (sgd, adagrad,
+  lazy_adam), exactly as it would on one device with the whole table: adagrad and lazy_adam
+  touch only those rows, sgd's momentum the rows it has seen.
 
 The worker's copy of a table is only valid at the rows its current batch touched; the
 strategy reads whole tables from the servers (checkpoints, exported weights).

@@ -319,14 +319,15 @@ class ShardServer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _table_grads(self, pending: _Pending, divisor: int) -> float:
-        """Each row table's summed sparse gradient (`.grad`, coalesced); their squared norm."""
+        """Each row table's summed sparse gradient (`.grad`, coalesced); their squared norm.
+
+        A part none of whose rows a batch touched still gets an (empty) gradient: on one device
+        the whole table has one, so the optimizer counts the step and applies momentum to the
+        rows it holds, here as there.
+        """
         sq_norm = 0.0
         for g, table in zip(self.table_ids, self.tables, strict=True):
             parts = [pending.grads[p][g] for p in sorted(pending.grads)]
-            parts = [(rows, values) for rows, values in parts if rows.numel()]
-            if not parts:
-                table.grad = None
-                continue
             rows = torch.cat([rows for rows, _ in parts])
             values = torch.cat([values for _, values in parts]).div_(divisor)
             grad = torch.sparse_coo_tensor(rows[None], values, table.shape).coalesce()
