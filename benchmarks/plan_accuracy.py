@@ -1,11 +1,17 @@
 """How close `roundhouse plan` comes to what runs on this machine.
 
-1. Step time: for the quickstart CNN (resnet:debug on digits) and gpt:small, each of single
-   (1 worker), ring, ps (sync), DeepSpeed ZeRO-2, ZeRO-3 and 2 pipeline stages (2 workers)
-   trains a few steps through the real `run_worker` on gloo processes (1 thread each, as a
-   `cpus_per_worker: 1` Ray worker), and the median time between logged steps (the first two
-   dropped) is compared with the plan's `step s` for that row.
+1. Step time: for one model of each family in the zoo (`mlp`: mlp:small on digits; `cnn`: the
+   quickstart's resnet:debug; `rnn`: lstm_lm:small on pytext; `gpt_small`; `moe`: moe:debug
+   on pytext), each of single (1 worker), ring, ps (sync), DeepSpeed ZeRO-2, ZeRO-3 and 2
+   pipeline stages (2 workers) that the plan lists for the model trains a few steps through
+   the real `run_worker` on gloo processes (1 thread each, as a `cpus_per_worker: 1` Ray
+   worker), and the median time between logged steps (the first two dropped) is compared with
+   the plan's `step s` for that row.
    `RESULT step_<model>_<strategy> ours=<predicted s> baseline=<measured s>`.
+   With `--ray`, the 2-worker ring, ps and ZeRO-2 rows also train under `roundhouse train` on
+   the embedded Ray cluster, and the plan's samples/s is compared with the run's logged
+   `train/samples_per_s` (median, the first two dropped).
+   `RESULT ray_<model>_<strategy> ours=<predicted samples/s> baseline=<measured samples/s>`.
 2. Peak memory: one process trains two steps of each model under torch.profiler's memory
    accounting; the peak of live CPU memory (parameters built before, plus the profiler's
    allocation events) is compared with the plan's `single` row total.
@@ -15,7 +21,8 @@
 4. Planning speed: `roundhouse plan` of gpt:1.3b over 1-64 H100s, wall time of the command
    against the 30 s target.
 
-    python benchmarks/plan_accuracy.py [--steps N] [--models cnn gpt_small]
+    python benchmarks/plan_accuracy.py [--steps N] [--models mlp cnn rnn gpt_small moe] [--ray]
+    python benchmarks/plan_accuracy.py --quick   # mlp, single and ring, 6 steps: a smoke run
 
 The machine is shared: step times move with other load; both sides of a ratio come from the
 same minutes: each run calibrates afresh into a temporary `ROUNDHOUSE_CACHE_DIR` (the model's
@@ -43,20 +50,54 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.parallel.ps.manager import connect_store, shard_manager
+from roundhouse.calibration.cache import cache_path
+from roundhouse.config.loading import validate_job
+from roundhouse.parallel.deepspeed.zero_memory import zero_states
+from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.planner import build_plan
-from roundhouse.planner.calibrate import cache_path
-from roundhouse.planner.memory import zero_states
 from roundhouse.planner.target import JobModel
-from roundhouse.trainer import prepare_run, run_worker
+from roundhouse.trainer import run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ring_training import node_context
 from tests.helpers.dist import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
 # Steps per measured run: enough gaps for a stable median (the CNN's steps take 10-40 ms).
-DEFAULT_STEPS = {"cnn": 40, "gpt_small": 8}
+DEFAULT_STEPS = {"mlp": 40, "cnn": 40, "rnn": 12, "gpt_small": 8, "moe": 12}
+RAY_ROWS = ("ring", "ps", "zero2")  # the 2-worker rows also run under `roundhouse train`
+
+
+def pytext(batch: int, seq_len: int = 64) -> dict[str, Any]:
+    """The data section of a language model on the built-in text."""
+    return {
+        "source": "builtin:pytext",
+        "batch_size": batch,
+        "options": {"seq_len": seq_len, "max_bytes": 300000},
+    }
+
+
+# Per family: the model section, the data section and the optimizer. Pipeline stages cannot
+# share gpt's tied embedding: it is untied for every strategy.
+FAMILIES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "mlp": (
+        {"name": "mlp", "flavor": "small"},
+        {"source": "builtin:digits", "batch_size": 64},
+        {"name": "adam", "lr": 0.003},
+    ),
+    "cnn": (
+        {"name": "resnet", "flavor": "debug"},
+        {"source": "builtin:digits", "batch_size": 64},
+        {"name": "adam", "lr": 0.003},
+    ),
+    "rnn": ({"name": "lstm_lm", "flavor": "small"}, pytext(16), {"name": "adam", "lr": 0.002}),
+    "gpt_small": (
+        {"name": "gpt", "flavor": "small", "options": {"tie_weights": False}},
+        pytext(8),
+        {"name": "adamw", "lr": 0.001},
+    ),
+    "moe": ({"name": "moe", "flavor": "debug"}, pytext(8), {"name": "adamw", "lr": 0.001}),
+}
 STRATEGIES: list[tuple[str, int, dict[str, Any]]] = [
     ("single", 1, {"kind": "single"}),
     ("ring", 2, {"kind": "ring"}),
@@ -69,18 +110,7 @@ STRATEGIES: list[tuple[str, int, dict[str, Any]]] = [
 
 def model_job(model: str, storage: Path, steps: int) -> dict[str, Any]:
     """The job each strategy runs: only `strategy` and the run id change."""
-    if model == "cnn":
-        section = {"name": "resnet", "flavor": "debug"}
-        data = {"source": "builtin:digits", "batch_size": 64}
-        optimizer = {"name": "adam", "lr": 0.003}
-    else:  # pipeline stages cannot share the tied embedding: untie it for every strategy
-        section = {"name": "gpt", "flavor": "small", "options": {"tie_weights": False}}
-        data = {
-            "source": "builtin:pytext",
-            "batch_size": 8,
-            "options": {"seq_len": 64, "max_bytes": 300000},
-        }
-        optimizer = {"name": "adamw", "lr": 0.001}
+    section, data, optimizer = FAMILIES[model]
     return {
         "name": f"plan_{model}",
         "model": section,
@@ -99,22 +129,19 @@ def model_job(model: str, storage: Path, steps: int) -> dict[str, Any]:
 
 
 def train_rank(rank: int, world_size: int, job: dict, address: Any) -> None:
+    spec = validate_job(job)
     ctx = node_context(rank, world_size, world_size)
-    if address is not None:
-        store = connect_store(address, job["strategy"]["num_servers"])  # as many as planned
-        ctx = type(ctx)(**{**ctx.__dict__, "parameter_store": store})
-    run_worker(validate_job(job), ctx)
+    # the strategy's services (ps: as many shards as planned), hosted on this machine
+    ctx = get_strategy_class(spec.strategy).attach_local_services(ctx, address, spec.strategy)
+    run_worker(spec, ctx)
 
 
 def measure_step(job: dict[str, Any], workers: int) -> float:
     """Median seconds between logged steps of a real run (first two steps dropped)."""
     prepared = prepare_run(validate_job(job))
     dumped = prepared.job.model_dump(mode="json")
-    if job["strategy"]["kind"] == "ps":
-        with shard_manager() as address:
-            run_distributed(train_rank, workers, TIMEOUT_S, dumped, address)
-    else:
-        run_distributed(train_rank, workers, TIMEOUT_S, dumped, None)
+    with get_strategy_class(prepared.job.strategy).local_services() as address:
+        run_distributed(train_rank, workers, TIMEOUT_S, dumped, address)
     lines = (Path(prepared.run_dir.url) / "metrics.jsonl").read_text().splitlines()
     times = [r["time"] for r in map(json.loads, lines) if "train/loss" in r]
     gaps = [b - a for a, b in itertools.pairwise(times[2:])]
@@ -174,7 +201,9 @@ def predicted_rows(job: dict[str, Any]) -> dict[tuple[str, int], Any]:
     return {(r.candidate.label, r.candidate.workers): r for r in plan.rows}
 
 
-def step_results(model: str, steps: int, storage: Path) -> None:
+def step_results(
+    model: str, steps: int, storage: Path, labels: tuple[str, ...] | None, on_ray: bool
+) -> None:
     """Each strategy's predicted step time, from one calibration of the model's step made right
     before its runs are measured (the shared machine's load changes from minute to minute)."""
     job = model_job(model, storage, steps)
@@ -183,10 +212,33 @@ def step_results(model: str, steps: int, storage: Path) -> None:
     single = rows[("single", 1)]
     result(f"peak_mem_{model}", single.memory.total / 1e6, measured_peak(job) / 1e6, "MB")
     for label, workers, strategy in STRATEGIES:
+        if labels and label not in labels:
+            continue
+        if (label, workers) not in rows:
+            print(f"# {model}: the plan has no {label} row on {workers} worker(s)", file=sys.stderr)
+            continue
         predicted = rows[(label, workers)].step_s
         run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": label}}
         measured = measure_step(run, workers)
         result(f"step_{model}_{label}", predicted, measured, "s")
+        if on_ray and label in RAY_ROWS:
+            speed = rows[(label, workers)].samples_per_s(job["data"]["batch_size"])
+            result(f"ray_{model}_{label}", speed, ray_samples_per_s(run, storage), "samples/s")
+
+
+def ray_samples_per_s(job: dict[str, Any], storage: Path) -> float:
+    """The median logged `train/samples_per_s` of `job` under `roundhouse train` on the embedded
+    Ray cluster (the first two logged steps dropped)."""
+    run_id = f"ray-{job['storage']['run_id']}"
+    path = storage / f"{run_id}.yaml"
+    path.write_text(json.dumps({**job, "storage": {"path": str(storage), "run_id": run_id}}))
+    command = [sys.executable, "-m", "roundhouse.launch.cli", "train", str(path)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=TIMEOUT_S)
+    lines = (storage / job["name"] / run_id / "metrics.jsonl").read_text().splitlines()
+    speeds = [
+        r["train/samples_per_s"] for r in map(json.loads, lines) if "train/samples_per_s" in r
+    ]
+    return statistics.median(speeds[2:] or speeds)
 
 
 def estimator_results() -> None:
@@ -248,11 +300,18 @@ def speed_result() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, help="steps per run (default: cnn 40, gpt 8)")
-    parser.add_argument("--models", nargs="+", default=["cnn", "gpt_small"])
+    parser.add_argument("--steps", type=int, help=f"steps per run (default: {DEFAULT_STEPS})")
+    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--ray", action="store_true", help="also ring, ps, zero2 under Ray")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: mlp, single and ring, 6 steps"
+    )
     parser.add_argument("--skip-steps", action="store_true", help="only estimators and speed")
     parser.add_argument("--skip-estimators", action="store_true", help="only the measured runs")
     args = parser.parse_args()
+    labels = None
+    if args.quick:
+        args.models, args.steps, args.skip_estimators, labels = ["mlp"], 6, True, ("single", "ring")
     logging.basicConfig(level=logging.WARNING)
     if not args.skip_estimators:
         estimator_results()
@@ -263,7 +322,8 @@ def main() -> None:
         # Calibrate now, under the load the runs below will see (not from an older cache).
         os.environ.setdefault("ROUNDHOUSE_CACHE_DIR", str(Path(tmp) / "cache"))
         for model in args.models:
-            step_results(model, args.steps or DEFAULT_STEPS[model], Path(tmp) / model)
+            steps = args.steps or DEFAULT_STEPS[model]
+            step_results(model, steps, Path(tmp) / model, labels, args.ray)
 
 
 if __name__ == "__main__":

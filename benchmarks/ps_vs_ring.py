@@ -42,14 +42,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from roundhouse.cluster.ps import server_cpus
 from roundhouse.cluster.runtime import ray_runtime
+from roundhouse.cluster.services import service_cpus
 from roundhouse.cluster.workers import train_on_ray
+from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import prepare_run
-from roundhouse.trainer.model_build import build_model_for
+from roundhouse.weights.model_build import build_model_with_data
+from roundhouse.weights.run_folder import prepare_run
 
 logger = logging.getLogger("ps_vs_ring")
 
@@ -121,8 +121,7 @@ def exchange_floor(job: Any, calls: int = 200) -> tuple[float, float]:
     import numpy as np
     import ray
 
-    info = build_splits(job.data, seed=job.trainer.seed).info
-    model = build_model_for(job, info.input_shape, info.num_classes)
+    model, _ = build_model_with_data(job)
     flat = np.ones(sum(p.numel() for p in model.parameters()), dtype=np.float32)
     actor = ray.remote(Echo).options(num_cpus=0).remote()
     try:
@@ -156,7 +155,7 @@ def main() -> None:
     jobs = {name: build_job(name, v, args, storage) for name, v in VARIANTS.items()}
     any_ps = next(j for j in jobs.values() if j.strategy.kind == "ps")
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
-    with ray_runtime(any_ps.cluster, extra_cpus=server_cpus(any_ps)):
+    with ray_runtime(any_ps.cluster, extra_cpus=service_cpus(any_ps)):
         for _ in range(args.repeats):
             for name, job in jobs.items():  # alternated, so every variant sees the same noise
                 runs[name].append(measure(job))

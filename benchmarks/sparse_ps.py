@@ -33,12 +33,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ps.manager import Address, connect_store, shard_manager
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.dist import run_distributed
 
 logger = logging.getLogger("sparse_ps")
@@ -76,7 +77,7 @@ def build_job(name: str, strategy: dict[str, Any], args: argparse.Namespace, sto
 def rank_main(rank: int, world_size: int, job: dict, address: Address | None) -> dict:
     ctx = WorkerContext(rank=rank, world_size=world_size, node_rank=rank, num_nodes=world_size)
     if address is not None:
-        ctx = WorkerContext(**{**ctx.__dict__, "parameter_store": connect_store(address, SERVERS)})
+        ctx = WorkerContext(**{**ctx.__dict__, "services": {"ps": connect_store(address, SERVERS)}})
     return run_worker(validate_job(job), ctx)
 
 

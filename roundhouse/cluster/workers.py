@@ -19,17 +19,19 @@ from typing import Any
 
 from roundhouse.cluster.capacity import wait_for_capacity, worker_resources
 from roundhouse.cluster.progress import RunMonitor
-from roundhouse.cluster.ps import CONFIG_KEY as PS_CONFIG_KEY
-from roundhouse.cluster.ps import attach_parameter_store, servers_stopped_at_exit, start_servers
 from roundhouse.cluster.quiet import configure_worker_logging
 from roundhouse.cluster.runtime import ClusterError
+from roundhouse.cluster.services import CONFIG_KEY as SERVICES_CONFIG_KEY
+from roundhouse.cluster.services import attach_services, services_stopped_at_exit, start_services
 from roundhouse.cluster.topology import describe_rank, write_rank_record
 from roundhouse.config import ClusterConfig, JobSpec
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import RoundhouseError
 from roundhouse.runs.metrics_file import read_final_metrics
 from roundhouse.runs.rundir import run_dir_of
-from roundhouse.trainer import PreparedRun, WorkerContext, run_worker
-from roundhouse.trainer.checkpoint import Checkpointer
+from roundhouse.trainer import WorkerContext, run_worker
+from roundhouse.weights.checkpoint import Checkpointer
+from roundhouse.weights.run_folder import PreparedRun
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +122,7 @@ def train_on_ray(
     job = prepared.job
     cluster = job.cluster
     wait_for_capacity(cluster)
-    servers = start_servers(job)  # parameter-server actors, if the strategy needs them
+    services = start_services(job)  # the strategy's driver-side services, if it asks for any
     started = time.time()  # checkpoints newer than this come from a failed attempt
     trainer = TorchTrainer(
         train_loop_per_worker=worker_main,
@@ -130,7 +132,7 @@ def train_on_ray(
             "resume_step": prepared.resume_step,
             "started": started,
             "env": worker_env(job),
-            PS_CONFIG_KEY: servers,
+            SERVICES_CONFIG_KEY: services,
             # strategy.kind=auto on an elastic group: the planned strategy per world size
             "strategy_by_size": {str(k): v for k, v in (strategy_by_size or {}).items()},
         },
@@ -149,7 +151,7 @@ def train_on_ray(
     with (
         controller_env(queue_timeout_s or cluster.schedule_timeout_s),
         RunMonitor(job, prepared.run_dir, started),
-        servers_stopped_at_exit(servers),
+        services_stopped_at_exit(services),
     ):
         try:
             trainer.fit()
@@ -232,10 +234,10 @@ def worker_main(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    job = JobSpec.model_validate(config["job"])
+    job = validate_job(config["job"], source="worker")
     ctx = build_worker_context(ray.train.get_context(), job)
     job = strategy_for_size(job, config.get("strategy_by_size", {}), ctx.world_size)
-    ctx = attach_parameter_store(ctx, config)  # the ps strategy's servers, if any
+    ctx = attach_services(ctx, config)  # the strategy's services, if it asked for any
     torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
     resume, step = choose_resume_point(job, config)
     runtime = ray.get_runtime_context()
@@ -255,7 +257,7 @@ def strategy_for_size(job: JobSpec, by_size: dict[str, Any], world_size: int) ->
     if planned is None or planned == job.strategy.model_dump(exclude_defaults=True):
         return job
     logger.warning("world size %d: running the strategy planned for it, %s", world_size, planned)
-    return JobSpec.model_validate({**job.model_dump(mode="json"), "strategy": planned})
+    return job.with_strategy(planned, source="elastic resize")
 
 
 def worker_job(job: JobSpec) -> JobSpec:

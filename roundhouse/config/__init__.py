@@ -13,6 +13,7 @@ another world size).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -37,6 +38,7 @@ from .strategy_section import (
     on_section_registered,
     strategy_sections,
 )
+from .validation import validate_model
 
 __all__ = [
     "AugmentConfig",
@@ -116,13 +118,15 @@ class OptimizerConfig(Section):
     """Optimizer; defaults follow the notes (Adam lr 1e-3, betas 0.9/0.999, momentum 0.9)."""
 
     name: str = Field("adam", description="sgd | rmsprop | adagrad | adam | adamw | lazy_adam")
-    lr: PositiveFloat = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr: PositiveFloat = Field(1e-3, description="Learning rate (the schedule scales it).")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Weight decay as torch applies it (decoupled for adamw)."
+    )
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD and RMSprop.")
     nesterov: bool = Field(False, description="SGD only.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam and AdamW.")
     alpha: Annotated[float, Field(gt=0, lt=1)] = Field(0.99, description="RMSprop decay.")
-    eps: PositiveFloat = 1e-8
+    eps: PositiveFloat = Field(1e-8, description="Denominator term: rmsprop, adagrad, adam(w).")
     param_groups: list[ParamGroupConfig] = Field(
         default_factory=list,
         description="Per-parameter settings by name glob, first match wins; the rest keep "
@@ -146,18 +150,24 @@ class LossConfig(Section):
     """Training loss for classifiers (models with their own loss ignore it)."""
 
     name: str = Field("cross_entropy", description="cross_entropy | focal | mse | l1")
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    focal_gamma: Annotated[float, Field(ge=0)] = 2.0
-    focal_alpha: Annotated[float, Field(ge=0, le=1)] | None = 0.25
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="cross_entropy and language models: label smoothing."
+    )
+    focal_gamma: Annotated[float, Field(ge=0)] = Field(2.0, description="focal: gamma.")
+    focal_alpha: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        0.25, description="focal: class weight alpha (null: none)."
+    )
 
 
 class EarlyStoppingConfig(Section):
     """Stop when `metric` has not improved for `patience` evaluations."""
 
-    metric: str = "val/loss"
-    mode: Literal["min", "max"] = "min"
-    patience: PositiveInt = 5
-    min_delta: Annotated[float, Field(ge=0)] = 0.0
+    metric: str = Field("val/loss", description="The metric watched, e.g. val/accuracy.")
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher.")
+    patience: PositiveInt = Field(5, description="Evaluations without improvement, then stop.")
+    min_delta: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="The smallest change that counts as an improvement."
+    )
 
 
 class CheckpointConfig(Section):
@@ -171,11 +181,13 @@ class CheckpointConfig(Section):
 class TrainerConfig(Section):
     """The training loop."""
 
-    max_epochs: PositiveInt | None = 10
+    max_epochs: PositiveInt | None = Field(
+        10, description="Stop after this many epochs (or max_steps, whichever comes first)."
+    )
     max_steps: NonNegInt | None = Field(
         None, description="Stops first if set; 0 only converts (init_from -> a step-0 checkpoint)."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the weights, data order, augmentation and most splits.")
     device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda | cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
@@ -187,15 +199,21 @@ class TrainerConfig(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode, with compile: true."
     )
-    grad_accum_steps: PositiveInt = 1
-    grad_clip_norm: PositiveFloat | None = None
+    grad_accum_steps: PositiveInt = Field(
+        1, description="Micro-batches per optimizer step on each data-parallel rank."
+    )
+    grad_clip_norm: PositiveFloat | None = Field(
+        None, description="Clip the global gradient norm to this (not with strategy ps)."
+    )
     skip_nonfinite_steps: bool = Field(
         False, description="Skip a step whose loss is NaN/inf instead of stopping."
     )
     eval_every_steps: PositiveInt | None = Field(
         None, description="Validate every N steps (and always at each epoch end)."
     )
-    log_every_steps: PositiveInt = 10
+    log_every_steps: PositiveInt = Field(
+        10, description="Log train metrics (W&B, metrics.jsonl, console) every N steps."
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -269,6 +287,34 @@ class PSStrategyConfig(StrategySection):
         "allows it (no trainer.max_steps or eval_every_steps, no streamed data).",
     )
 
+    def resolve_in(self, job: Any) -> None:
+        """`data_assignment` in `job`: refused with a step bound or streamed data, and, where
+        unset, dynamic for async/ssp jobs that allow it, else static.
+
+        Raises:
+            ValueError: `data_assignment=dynamic` with a conflicting job field (named).
+        """
+        if self.data_assignment == "static":
+            return
+        conflicts = [
+            name
+            for name, present in (
+                ("trainer.max_steps", job.trainer.max_steps is not None),
+                ("trainer.eval_every_steps", job.trainer.eval_every_steps is not None),
+                ("data.train (streamed data)", job.data.train is not None),
+            )
+            if present
+        ]
+        if self.data_assignment == "dynamic" and conflicts:
+            raise ValueError(
+                f"strategy.data_assignment=dynamic does not work with {conflicts[0]}: each "
+                "worker takes its own number of steps, so bound the run by trainer.max_epochs "
+                "(or set strategy.data_assignment=static)"
+            )
+        if self.data_assignment is None:
+            dynamic = self.mode != "sync" and not conflicts
+            self.data_assignment = "dynamic" if dynamic else "static"
+
     @model_validator(mode="after")
     def _dynamic_needs_async(self) -> PSStrategyConfig:
         if self.data_assignment == "dynamic" and self.mode == "sync":
@@ -306,8 +352,10 @@ class AutoStrategyConfig(StrategySection):
     """`roundhouse plan` picks the strategy at launch (see roundhouse/planner)."""
 
     kind: Literal["auto"]
-    candidates: list[Literal["single", "ring", "ps", "deepspeed"]] | None = Field(
-        None, description="Strategy kinds to choose from (default: all)."
+    candidates: list[str] | None = Field(
+        None,
+        description="Strategy kinds to choose from (default: every registered kind with a "
+        "cost model; an unknown kind is refused when the plan runs, the available ones listed).",
     )
     device: str = Field(
         "auto",
@@ -351,10 +399,10 @@ class WandbConfig(Section):
     """Weights & Biases. `auto`: online when WANDB_API_KEY is set, else offline."""
 
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = "roundhouse"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    project: str = Field("roundhouse", description="W&B project.")
+    entity: str | None = Field(None, description="W&B user or team (default: the key's).")
+    group: str | None = Field(None, description="W&B group (a sweep sets tune-<id>).")
+    tags: list[str] = Field(default_factory=list, description="W&B tags.")
 
 
 class TrackingConfig(Section):
@@ -375,7 +423,7 @@ class TrackingConfig(Section):
 class StorageConfig(Section):
     """Where run folders go: `<path>/<job name>/<run id>/` on any fsspec URL."""
 
-    path: str = "./runs"
+    path: str = Field("./runs", description="Root of the run folders: a path or fsspec URL.")
     run_id: str | None = Field(None, description="Default: a new timestamped id.")
 
 
@@ -396,6 +444,25 @@ class JobSpec(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
+    def with_strategy(
+        self, section: Mapping[str, Any] | Section, source: str = "strategy"
+    ) -> JobSpec:
+        """This job with its `strategy` section replaced, validated like a job file.
+
+        Args:
+            section: the new `strategy` section, as a dict (`{"kind": "ring", ...}`) or a
+                section object.
+            source: what a validation error names as the job's origin.
+
+        Raises:
+            JobFileError: the job does not validate with that section.
+        """
+        data = self.model_dump(mode="json")
+        if isinstance(section, Section):
+            section = section.model_dump(mode="json")
+        data["strategy"] = dict(section)
+        return validate_model(JobSpec, data, source)
+
     @model_validator(mode="after")
     def _compile_needs_no_pipeline(self) -> JobSpec:
         stages = getattr(self.strategy, "pipeline_stages", 1)
@@ -407,28 +474,8 @@ class JobSpec(Section):
         return self
 
     @model_validator(mode="after")
-    def _resolve_data_assignment(self) -> JobSpec:
-        strategy = self.strategy
-        if not isinstance(strategy, PSStrategyConfig) or strategy.data_assignment == "static":
-            return self
-        conflicts = [
-            name
-            for name, present in (
-                ("trainer.max_steps", self.trainer.max_steps is not None),
-                ("trainer.eval_every_steps", self.trainer.eval_every_steps is not None),
-                ("data.train (streamed data)", self.data.train is not None),
-            )
-            if present
-        ]
-        if strategy.data_assignment == "dynamic" and conflicts:
-            raise ValueError(
-                f"strategy.data_assignment=dynamic does not work with {conflicts[0]}: each "
-                "worker takes its own number of steps, so bound the run by trainer.max_epochs "
-                "(or set strategy.data_assignment=static)"
-            )
-        if strategy.data_assignment is None:
-            dynamic = strategy.mode != "sync" and not conflicts
-            strategy.data_assignment = "dynamic" if dynamic else "static"
+    def _strategy_resolves_in_the_job(self) -> JobSpec:
+        self.strategy.resolve_in(self)  # the section's own job-wide checks and defaults
         return self
 
 

@@ -27,6 +27,14 @@ class StrategySection(Section):
 
     kind: str
 
+    def resolve_in(self, job: Any) -> None:
+        """Checks and defaults of this section that depend on the rest of the job, run when
+        `job` (the `JobSpec`) is validated; may set fields of this section. Default: none.
+
+        Raises:
+            ValueError: The section does not work with the rest of the job (fields named).
+        """
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         """Register the new section under each value of its `kind` literal."""
@@ -59,9 +67,20 @@ def strategy_sections() -> dict[str, type[StrategySection]]:
     return dict(_SECTIONS)
 
 
+def section_class_of(data: dict[str, Any]) -> type[StrategySection]:
+    """The registered section class of a `strategy` section given as a dict (by its `kind`)."""
+    return _SECTIONS[data["kind"]]
+
+
 def on_section_registered(rebuild: Callable[[], None]) -> None:
     """Call `rebuild` whenever a section is registered (the job schema rebuilds itself)."""
     _ON_REGISTER.append(rebuild)
 
 
-__all__ = ["StrategyConfig", "StrategySection", "on_section_registered", "strategy_sections"]
+__all__ = [
+    "StrategyConfig",
+    "StrategySection",
+    "on_section_registered",
+    "section_class_of",
+    "strategy_sections",
+]

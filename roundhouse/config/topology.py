@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError
@@ -47,6 +48,8 @@ class Topology:
         world_size: Worker processes.
         pipeline_stages: Pipeline-parallel stages (1 without pipeline parallel).
         tensor_parallel: Tensor-parallel degree (1 without tensor parallel).
+        expert_parallel: Expert-parallel degree (1 without; experts are split inside each
+            data-parallel group, so it changes no batch arithmetic).
         global_batch: `data.batch_size`, samples per optimizer step over all ranks.
         grad_accum_steps: Micro-batches per optimizer step on each data-parallel rank.
         remainder: `drop`, `partial` or `pad`: the rule for an epoch's last partial batch.
@@ -58,18 +61,42 @@ class Topology:
     global_batch: int
     grad_accum_steps: int
     remainder: str
+    expert_parallel: int = 1
 
     @classmethod
     def of_job(cls, job: JobSpec, world_size: int) -> Topology:
         """The topology of `job` on `world_size` workers (not yet checked: see `check`)."""
-        strategy = job.strategy
+        return cls.of_section(
+            job.strategy,
+            world_size,
+            global_batch=job.data.batch_size,
+            grad_accum_steps=job.trainer.grad_accum_steps,
+            remainder=job.data.remainder_policy,
+        )
+
+    @classmethod
+    def of_section(
+        cls,
+        strategy: Any,
+        world_size: int,
+        *,
+        global_batch: int,
+        grad_accum_steps: int,
+        remainder: str = "drop",
+    ) -> Topology:
+        """The topology a `strategy` section gives a batch on `world_size` workers.
+
+        A section states its model-parallel degrees as fields (`pipeline_stages`,
+        `tensor_parallel`, `expert_parallel`); one without them is pure data parallel.
+        """
         return cls(
             world_size=world_size,
             pipeline_stages=getattr(strategy, "pipeline_stages", 1),
             tensor_parallel=getattr(strategy, "tensor_parallel", 1),
-            global_batch=job.data.batch_size,
-            grad_accum_steps=job.trainer.grad_accum_steps,
-            remainder=job.data.remainder_policy,
+            global_batch=global_batch,
+            grad_accum_steps=grad_accum_steps,
+            remainder=remainder,
+            expert_parallel=getattr(strategy, "expert_parallel", 1),
         )
 
     @property

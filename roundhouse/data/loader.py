@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from roundhouse.config import AugmentConfig
+from roundhouse.config.topology import Topology
 from roundhouse.errors import DataError
 
 from .sampler import BatchPlan, epoch_order, eval_share
@@ -133,6 +134,23 @@ class StepLoader:
         self.dataset = dataset.with_transform(transform, seed)
         self.last_step_size = 0
         self._epoch, self._steps_done, self._resume_at = 0, 0, 0
+
+    @classmethod
+    def of_topology(
+        cls, dataset: ArrayDataset, topology: Topology, *, rank: int, **options: Any
+    ) -> StepLoader:
+        """The loader of data-parallel rank `rank` over `topology` (its global batch, its
+        data-parallel ranks, accumulation and remainder rule); `options` as `__init__` takes
+        them (seed, shuffle, augmentation, ...)."""
+        return cls(
+            dataset,
+            global_batch_size=topology.global_batch,
+            rank=rank,
+            world_size=topology.data_parallel,
+            grad_accum_steps=topology.grad_accum_steps,
+            drop_last=topology.drop_last,
+            **options,
+        )
 
     def _check_options(self, num_workers: int, mixup_alpha: float) -> None:
         if num_workers < 0:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from roundhouse.config.topology import count_steps
+from roundhouse.config.topology import Topology, count_steps
 from roundhouse.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,17 @@ class BatchPlan:
     world_size: int
     grad_accum_steps: int
     drop_last: bool
+
+    @classmethod
+    def of_topology(cls, num_samples: int, topology: Topology) -> BatchPlan:
+        """The plan of an epoch of `num_samples` over `topology`'s data-parallel ranks."""
+        return cls(
+            num_samples,
+            topology.global_batch,
+            topology.data_parallel,
+            topology.grad_accum_steps,
+            topology.drop_last,
+        )
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "world_size", "grad_accum_steps"):

@@ -4,8 +4,9 @@
 section with the recommended row's strategy (logged with its reason); the run folder's
 `job.yaml` then records the concrete choice. For an elastic job (`cluster.min_workers`) it
 also plans every smaller size the group may shrink to (checkpoints are strategy independent,
-so a shrunken group may switch between single, ring and ZeRO layouts; a `ps` job stays `ps`,
-since its servers are started once at launch); workers run the row of the size Ray gave them.
+so a shrunken group may switch between single, ring and ZeRO layouts; a strategy with
+driver-side services, such as `ps`, stays itself, since its services start once at launch);
+workers run the row of the size Ray gave them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 from typing import Any
 
 from roundhouse.config import AutoStrategyConfig, JobSpec
-from roundhouse.launch.jobfile import validate_job
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +59,27 @@ def choose_strategy(
     return dict(plan.best.candidate.strategy)
 
 
-def with_strategy(job: JobSpec, strategy: dict[str, Any]) -> JobSpec:
-    """`job` with its strategy section replaced (validated like a job file)."""
-    data = job.model_dump(mode="json")
-    data["strategy"] = strategy
-    return validate_job(data, source="strategy auto")
+def is_auto(job: JobSpec) -> bool:
+    """Whether the job leaves its strategy to the planner (`strategy.kind: auto`)."""
+    return isinstance(job.strategy, AutoStrategyConfig)
 
 
-def elastic_kinds(auto: AutoStrategyConfig, chosen: str) -> tuple[str, ...]:
-    """Kinds a shrunken group may switch to: checkpoints move between single, ring and
-    deepspeed layouts, but parameter servers exist only when `ps` was chosen at launch."""
-    if chosen == "ps":
-        return ("ps",)
-    allowed = auto.candidates or ["single", "ring", "deepspeed"]
-    return tuple(k for k in allowed if k != "ps") or (chosen,)
+def elastic_kinds(job: JobSpec, chosen: JobSpec) -> tuple[str, ...]:
+    """Kinds a shrunken group may switch to: checkpoints move between strategies, but a
+    strategy's driver-side services (`Strategy.services`: the parameter servers) are started
+    once, at launch. So a strategy with services stays itself, and none is switched to."""
+    from roundhouse.parallel.registry import available_kinds, get_strategy_class
+
+    def has_services(section: dict[str, Any]) -> bool:
+        candidate = job.with_strategy(section, source="strategy auto")
+        return bool(get_strategy_class(candidate.strategy).services(candidate))
+
+    kind = chosen.strategy.kind  # the section's own kind (a subclass may reuse a class)
+    if get_strategy_class(chosen.strategy).services(chosen):
+        return (kind,)
+    assert isinstance(job.strategy, AutoStrategyConfig)
+    allowed = job.strategy.candidates or available_kinds()
+    return tuple(k for k in allowed if not has_services({"kind": k})) or (kind,)
 
 
 def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[str, Any]]]:
@@ -84,10 +91,11 @@ def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[
         return job, {}
     world_size = 1 if local else job.cluster.num_workers
     chosen = choose_strategy(job, world_size, local)
+    resolved = job.with_strategy(chosen, source="strategy auto")
     by_size = {world_size: chosen}
     low = job.cluster.min_workers
     if not local and low is not None and low < world_size:
-        kinds = elastic_kinds(job.strategy, chosen["kind"])
+        kinds = elastic_kinds(job, resolved)
         for size in range(low, world_size):
             by_size[size] = choose_strategy(job, size, local, kinds=kinds)
-    return with_strategy(job, chosen), by_size
+    return resolved, by_size

@@ -69,13 +69,13 @@ def train_folds(
 
 
 def _train_on_ray(jobs: list[JobSpec], address: str | None) -> list[dict[str, float]]:
-    from roundhouse.cluster.ps import server_cpus
     from roundhouse.cluster.runtime import ray_runtime
+    from roundhouse.cluster.services import service_cpus
     from roundhouse.cluster.workers import train_on_ray
-    from roundhouse.trainer import prepare_run
+    from roundhouse.weights.run_folder import prepare_run
 
     results = []
-    with ray_runtime(jobs[0].cluster, address, extra_cpus=server_cpus(jobs[0])):
+    with ray_runtime(jobs[0].cluster, address, extra_cpus=service_cpus(jobs[0])):
         for job in jobs:
             prepared = prepare_run(job)
             logger.info("fold %s: run folder %s", job.data.fold, prepared.run_dir.url)

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from roundhouse.config import JobSpec
-from roundhouse.trainer import prepare_run
+from roundhouse.weights.run_folder import prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +22,13 @@ def train_with_ray(
     `strategy_by_size`: for `strategy.kind: auto` on an elastic group, the strategy each world
     size runs (see `roundhouse.launch.auto`).
     """
-    from roundhouse.cluster.ps import server_cpus
     from roundhouse.cluster.runtime import ray_runtime
+    from roundhouse.cluster.services import service_cpus
     from roundhouse.cluster.workers import train_on_ray
 
     prepared = prepare_run(job, resume)
     logger.info("run folder: %s", prepared.run_dir.url)
-    with ray_runtime(job.cluster, address, extra_cpus=server_cpus(job)):
+    with ray_runtime(job.cluster, address, extra_cpus=service_cpus(job)):
         return train_on_ray(
             prepared, resume=resume is not None, strategy_by_size=strategy_by_size or {}
         )

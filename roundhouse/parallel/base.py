@@ -7,7 +7,8 @@ It never asks which strategy it has. A new mode is a new module plus one line in
 
 Launch and cluster never ask for a strategy's kind either: they ask its class. `check_world_size`
 and `check_job` run before anything starts (the launcher's checks, `--dry-run`), and
-`needs_parameter_servers` tells the driver whether to start the parameter-server actors.
+`services(job)` lists the driver-side services (`ServiceSpec`) the driver starts before the
+workers and hands to them in `WorkerContext.services`.
 
 Loss scaling contract: the loop passes `loss_scale = micro_samples / step_samples * dp_world`,
 so that when a strategy *averages* gradients over its data-parallel ranks the result equals the
@@ -16,21 +17,34 @@ gradient of the mean loss over the whole global batch, however it was split.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from roundhouse.config import JobSpec
+from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
 from roundhouse.parallel.compile import compile_module
 from roundhouse.parallel.context import WorkerContext
+from roundhouse.parallel.costs import CostModel
+from roundhouse.parallel.services import ServiceSpec
 
-if TYPE_CHECKING:  # the loop's task; parallel/ never imports trainer/
-    from roundhouse.trainer.task import Task
+
+class StepTask(Protocol):
+    """What a strategy needs of the loop's task (`trainer.task.Task` extends it): the model's
+    outputs for a batch and their loss. Defined here, so that parallel/ never imports trainer/."""
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The model's outputs for `batch`."""
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The scalar training loss of one micro-batch (a mean over its samples)."""
+
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -40,14 +54,11 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 class TrainPlan:
     """What a strategy needs from the job to train a model."""
 
-    task: Task
+    task: StepTask
     build_optimizer: OptimizerFactory
     build_scheduler: SchedulerFactory
     grad_clip_norm: float | None = None
     autocast_dtype: torch.dtype | None = None
-    # The job's batch arithmetic, for strategies that configure an engine with it (DeepSpeed).
-    global_batch_size: int | None = None
-    grad_accum_steps: int = 1
     # The model's `ModelSpec.pipeline_layers` (pipeline parallel builds its stages from it).
     pipeline_layers: Callable[[nn.Module], list[nn.Module]] | None = None
 
@@ -73,14 +84,14 @@ class Strategy(ABC):
     Attributes:
         kind: The `strategy.kind` it implements (for messages; the registry maps kinds).
         max_world_size: The most workers it runs on (None: any number).
-        needs_parameter_servers: The driver starts `strategy.num_servers` parameter-server
-            actors (`roundhouse.cluster.ps`) before the workers and hands them over in
-            `WorkerContext.parameter_store`.
+        cost_model: How `roundhouse plan` prices it (`roundhouse.parallel.costs`): the
+            registry instantiates it with the strategy's kind, so a strategy that inherits
+            another's cost model is planned under its own kind; None: never planned.
     """
 
     kind: ClassVar[str] = ""
     max_world_size: ClassVar[int | None] = None
-    needs_parameter_servers: ClassVar[bool] = False
+    cost_model: ClassVar[type[CostModel] | None] = None
 
     def __init__(self, config: Any, ctx: WorkerContext) -> None:
         """Bind the strategy to its `strategy` job section and this worker's context.
@@ -119,11 +130,29 @@ class Strategy(ABC):
         """
 
     @classmethod
-    def parameter_server_cpus(cls, job: JobSpec) -> float:
-        """CPUs the job's parameter servers reserve on the cluster (0 without servers)."""
-        if not cls.needs_parameter_servers:
-            return 0.0
-        return job.strategy.num_servers * float(job.cluster.ps_resources.get("CPU", 0.0))
+    def services(cls, job: JobSpec) -> list[ServiceSpec]:
+        """The driver-side services `job` needs beside its workers (`roundhouse.cluster`
+        starts them before the worker group and hands them to every worker in
+        `WorkerContext.services`); none by default."""
+        return []
+
+    @classmethod
+    def service_cpus(cls, job: JobSpec) -> float:
+        """CPUs the job's services reserve on the cluster (0 without services)."""
+        return sum(spec.cpus for spec in cls.services(job))
+
+    @classmethod
+    def local_services(cls) -> contextlib.AbstractContextManager[Any]:
+        """Its driver-side services hosted by a process of this machine, for ranks spawned
+        here (the planner's exchange probes, multi-process tests): a context manager that
+        yields an address for `attach_local_services`. Default: none (yields None)."""
+        return contextlib.nullcontext(None)
+
+    @classmethod
+    def attach_local_services(cls, ctx: WorkerContext, address: Any, config: Any) -> WorkerContext:
+        """`ctx` connected to the services at `address` (`local_services`) as the `strategy`
+        section `config` uses them; unchanged by default."""
+        return ctx
 
     @property
     def is_main_process(self) -> bool:
@@ -131,14 +160,26 @@ class Strategy(ABC):
         return self.ctx.rank == 0
 
     @property
+    def topology(self) -> Topology:
+        """This worker's batch and rank layout: `ctx.topology` (built once per worker), or,
+        for a strategy built without one (a test, a benchmark), its section's layout of a
+        one-sample batch."""
+        if self.ctx.topology is not None:
+            return self.ctx.topology
+        return Topology.of_section(
+            self.config, self.ctx.world_size, global_batch=1, grad_accum_steps=1
+        )
+
+    @property
     def data_parallel_rank(self) -> int:
-        """This worker's index among the data-parallel replicas (its share of each batch)."""
+        """This worker's index among the data-parallel replicas (its share of each batch): the
+        strategy's rank order. Default: the global rank (every worker is a replica)."""
         return self.ctx.rank
 
     @property
     def data_parallel_size(self) -> int:
-        """Data-parallel replicas: every worker, unless model parallelism groups them."""
-        return self.ctx.world_size
+        """Data-parallel replicas, from the layout (`topology.data_parallel`)."""
+        return self.topology.data_parallel
 
     @abstractmethod
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:

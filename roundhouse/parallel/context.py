@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
 
 
@@ -15,8 +17,11 @@ class WorkerContext:
     """Topology of one worker process.
 
     Built by `cluster` from Ray Train's context, or by `launch` for `--local` (rank 0 of 1).
-    `device` is this worker's torch device. `parameter_store` is set by `cluster` for the `ps`
-    strategy (its Ray server actors); None elsewhere.
+    `device` is this worker's torch device. `topology` is the job's one batch and rank layout
+    at this world size, built once per worker (`trainer.build_trainer`, `with_topology`): the
+    data sampler and the strategy read it. `services` holds, by name, the driver-side services
+    the strategy asked for (`Strategy.services`: a `ServiceGroup` from `cluster`, or what
+    `Strategy.attach_local_services` put there); empty for strategies without any.
     """
 
     rank: int = 0
@@ -26,8 +31,8 @@ class WorkerContext:
     node_rank: int = 0
     num_nodes: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # The `ps` strategy's servers (a `roundhouse.parallel.ps.ParameterStore`); None: in-process.
-    parameter_store: Any = field(default=None, compare=False, repr=False)
+    services: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    topology: Topology | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.world_size, (self.rank, self.world_size)
@@ -36,6 +41,11 @@ class WorkerContext:
             self.local_world_size,
         )
         assert 0 <= self.node_rank < self.num_nodes, (self.node_rank, self.num_nodes)
+
+    def with_topology(self, topology: Topology) -> WorkerContext:
+        """This context carrying `topology` (its world size must be this context's)."""
+        assert topology.world_size == self.world_size, (topology, self.world_size)
+        return dataclasses.replace(self, topology=topology)
 
     @property
     def is_main(self) -> bool:

@@ -10,6 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from roundhouse.parallel.base import StepStats, Strategy, TrainPlan, move_to
+from roundhouse.parallel.costs import CostModel, ModelProfile
+
+
+class SingleCosts(CostModel):
+    """The planner's view of one device: one row on one worker, nothing exchanged."""
+
+    grads_freed = True  # its optimizer step ends with zero_grad(set_to_none=True)
+
+    def sections(self, workers: int, profile: ModelProfile) -> list[tuple[str, dict[str, Any]]]:
+        """One row, on one worker only."""
+        return [(self.kind, {"kind": self.kind})] if workers == 1 else []
 
 
 class SingleDeviceStrategy(Strategy):
@@ -17,6 +28,7 @@ class SingleDeviceStrategy(Strategy):
 
     kind = "single"
     max_world_size = 1
+    cost_model = SingleCosts
 
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
         """Move the model to `ctx.device` and build the optimizer and scheduler from `plan`."""

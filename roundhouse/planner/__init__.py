@@ -1,8 +1,11 @@
 """`roundhouse plan`: predict per-rank memory and step time of every strategy before launch.
 
-Pure planning code: it imports torch and roundhouse's models, data and job schema, never ray,
-and deepspeed not at all. See `plan.build_plan` for the entry point, `costs` for the formulas,
-`trace` for the meta-device trace and `calibrate` for the cached measurements of this machine.
+Arithmetic over the strategy registry: every registered strategy's cost model
+(`Strategy.cost_model`, see `roundhouse.parallel.costs`) offers and prices its rows; this
+package enumerates them (`candidates`), composes each prediction (`costs`), ranks and explains
+them (`plan.build_plan`, the entry point) and renders them (`report`). The figures it computes
+with come from `roundhouse.calibration` (this machine's measured rates, cached) or from an
+accelerator table (`devices`). It never imports ray, and deepspeed not at all.
 """
 
 from roundhouse.planner.plan import Plan, PlanError, build_plan, default_workers

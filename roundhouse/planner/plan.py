@@ -7,6 +7,7 @@ memory. The recommendation is the first row; its reason is one line. When nothin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -14,11 +15,16 @@ from dataclasses import dataclass
 
 from roundhouse.config import JobSpec
 from roundhouse.errors import RoundhouseError
-from roundhouse.planner.candidates import Candidate, enumerate_candidates
-from roundhouse.planner.costs import JobShape, Row, Target, evaluate
-from roundhouse.planner.memory import optimizer_moments
+from roundhouse.parallel.costs import (
+    Candidate,
+    JobShape,
+    ModelProfile,
+    Target,
+    optimizer_moments,
+)
+from roundhouse.planner.candidates import enumerate_candidates
+from roundhouse.planner.costs import Row, evaluate
 from roundhouse.planner.target import JobModel, build_target, job_profile
-from roundhouse.planner.trace import ModelProfile
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +60,12 @@ class Plan:
 def job_shape(job: JobSpec) -> JobShape:
     """The job's batch, optimizer and precision figures that every candidate shares."""
     opt = job.trainer.optimizer
-    strategy = job.strategy
     return JobShape(
         global_batch=job.data.batch_size,
         grad_accum_steps=job.trainer.grad_accum_steps,
         optimizer_moments=optimizer_moments(opt.name, opt.momentum),
-        ring_bucket_mb=getattr(strategy, "bucket_mb", 25.0),
-        ps_servers=getattr(strategy, "num_servers", 1),
+        remainder=job.data.remainder_policy,
+        settings=job.strategy.model_dump(mode="json"),
     )
 
 
@@ -76,8 +81,8 @@ def evaluate_all(
     those `runs` refuses, skipped)."""
     rows = []
     for n in workers:
-        for candidate in enumerate_candidates(n, profile, kinds):
-            if shape.global_batch < candidate.data_parallel * shape.grad_accum_steps:
+        for candidate in enumerate_candidates(n, profile, shape, kinds):
+            if not candidate.batch_splits:
                 continue
             if not runs(candidate):
                 continue
@@ -98,13 +103,12 @@ def strategy_accepts(job: JobSpec) -> Callable[[Candidate], bool]:
     refuses gradient clipping, DeepSpeed ZeRO-3 a LoRA model, ...); memoised per section."""
     from roundhouse.parallel.registry import get_strategy_class
 
-    data = job.model_dump(mode="json")
     seen: dict[str, bool] = {}
 
     def accepts(c: Candidate) -> bool:
         key = f"{c.workers}:{sorted(c.strategy.items())}"
         if key not in seen:
-            spec = JobSpec.model_validate({**data, "strategy": c.strategy})
+            spec = job.with_strategy(c.strategy, source=f"plan row {c.label}")
             try:
                 get_strategy_class(spec.strategy).check_job(spec, c.workers)
                 seen[key] = True
@@ -119,7 +123,7 @@ def strategy_accepts(job: JobSpec) -> Callable[[Candidate], bool]:
 def _local_residuals(job: JobSpec, threads: int) -> dict[str, float]:
     """This machine's exchange residuals for `job`: its own, probed at 2 ranks where that is
     cheap, else the probe MLPs' fit; the probes' own plans are made without them."""
-    from roundhouse.planner.exchangecal import job_residuals, local_residuals
+    from roundhouse.calibration.exchange import job_residuals, local_residuals
 
     def plan_probe(probe: JobSpec, workers: int) -> Plan:
         return build_plan(probe, [workers], "cpu", residuals=False)
@@ -187,7 +191,7 @@ def suggest_fix(plan: Plan) -> str:
                 f"fits on {n} workers (pass --workers {n})"
             )
     for accum in (2**k for k in range(1, 12)):
-        bigger = JobShape(**{**shape.__dict__, "grad_accum_steps": shape.grad_accum_steps * accum})
+        bigger = dataclasses.replace(shape, grad_accum_steps=shape.grad_accum_steps * accum)
         rows = [r for r in evaluate_all(profile, target, bigger, [most], None, runs) if r.fits]
         if rows:
             micro = rows[0].micro_batch

@@ -14,15 +14,14 @@ from typing import Any
 import torch
 
 from roundhouse import models
+from roundhouse.calibration import cache as calibrate
+from roundhouse.calibration.loop import job_key, measure_in_child
+from roundhouse.calibration.trace import TRACE_BATCH, make_batch, profile_model
 from roundhouse.config import JobSpec
+from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
-from roundhouse.planner import calibrate
-from roundhouse.planner.calibrate import LinkRate, StepRate
-from roundhouse.planner.costs import Target
+from roundhouse.parallel.costs import LinkRate, ModelProfile, StepRate, Target, optimizer_moments
 from roundhouse.planner.devices import MFU, cpu_memory_bytes, get_accelerator
-from roundhouse.planner.loopcal import job_key, measure_in_child
-from roundhouse.planner.memory import optimizer_moments
-from roundhouse.planner.trace import TRACE_BATCH, ModelProfile, make_batch, profile_model
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +88,22 @@ def job_profile(jm: JobModel) -> ModelProfile:
 
 def calibration_sizes(job: JobSpec, max_workers: int) -> tuple[int, int]:
     """The largest and smallest micro-batch the plan uses (one worker, `max_workers`)."""
-    per_step = job.data.batch_size // job.trainer.grad_accum_steps
-    large = max(1, per_step)
-    small = max(1, per_step // max_workers)
+    large = Topology.of_section(None, 1, **batch_of(job)).micro_batch
+    small = Topology.of_section(None, max_workers, **batch_of(job)).micro_batch
     return (small if small < large else max(1, large // 2)), large
 
 
+def batch_of(job: JobSpec) -> dict[str, Any]:
+    """The job's batch arithmetic, as `Topology.of_section` takes it."""
+    return {
+        "global_batch": job.data.batch_size,
+        "grad_accum_steps": job.trainer.grad_accum_steps,
+        "remainder": job.data.remainder_policy,
+    }
+
+
 def loop_rate(job: JobSpec, device: str, threads: int, sizes: tuple[int, int]) -> StepRate:
-    """The job's own step through roundhouse's loop pieces (`loopcal.py`), cached."""
+    """The job's own step through roundhouse's loop pieces (`calibration/loop.py`), cached."""
     key = f"{device}/threads{threads}/loop/{job_key(job)}/{sizes[0]}-{sizes[1]}"
     figures = calibrate.cached(key, lambda: measure_in_child(job, device, threads, sizes))
     return StepRate.from_loop(figures, sizes)
@@ -126,7 +133,8 @@ def build_target(
     residuals: Callable[[int], dict[str, float]] | None = None,
 ) -> Target:
     """The `Target` for `--device` (see the module doc); `residuals(threads)` gives this
-    machine's probed exchange residuals for a local CPU plan (`exchangecal.py`; None: none)."""
+    machine's probed exchange residuals for a local CPU plan (`calibration/exchange.py`; None:
+    none)."""
     job = jm.job
     accelerator = get_accelerator(device)
     bf16_asked = job.trainer.precision == "bf16"
@@ -164,7 +172,7 @@ def build_target(
 
 
 def _local_link() -> LinkRate:
-    from roundhouse.planner.linkcal import local_link
+    from roundhouse.calibration.link import local_link
 
     return local_link()
 

@@ -15,15 +15,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from roundhouse.config import JobSpec
-from roundhouse.config.topology import Topology, compute_total_steps
+from roundhouse.config.topology import compute_total_steps
 from roundhouse.data import Splits, StepLoader
 from roundhouse.errors import CheckpointError, TrainingError
 from roundhouse.parallel.base import StepStats, Strategy, move_to
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
-from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
-from roundhouse.trainer.lora import AdapterCheckpoint
 from roundhouse.trainer.task import Task
+from roundhouse.weights.checkpoint import Checkpointer, get_rng_state, set_rng_state
+from roundhouse.weights.lora import AdapterCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -314,25 +314,22 @@ class Trainer:
 def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> StepLoader:
     """This rank's training loader over the job's `Topology` (its batch arithmetic)."""
     data = job.data
-    topology = Topology.of_job(job, strategy.ctx.world_size)
+    topology = strategy.topology  # the worker's one layout; the strategy gives the rank order
     if data.train is not None:  # streamed: the rank reads its own partition from storage
         return splits.train_loader(
             global_batch_size=topology.global_batch,
             rank=strategy.data_parallel_rank,
-            world_size=strategy.data_parallel_size,
+            world_size=topology.data_parallel,
             grad_accum_steps=topology.grad_accum_steps,
             num_workers=data.num_workers,
             augment=data.augment,
         )
-    return StepLoader(
+    return StepLoader.of_topology(
         splits.train,
-        global_batch_size=topology.global_batch,
+        topology,
         rank=strategy.data_parallel_rank,
-        world_size=strategy.data_parallel_size,
-        grad_accum_steps=topology.grad_accum_steps,
         seed=job.trainer.seed,
         shuffle=data.shuffle,
-        drop_last=topology.drop_last,
         num_workers=data.num_workers,
         augment=data.augment,
         mixup_alpha=data.augment.mixup_alpha,

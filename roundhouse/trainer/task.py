@@ -14,13 +14,15 @@ from torch import Tensor, nn
 
 from roundhouse.config import LossConfig
 from roundhouse.errors import ModelError
+from roundhouse.parallel.base import StepTask
 from roundhouse.trainer.losses import LossFn, build_loss, mixed_loss, topk_correct
 from roundhouse.trainer.tasks_diffusion import DiffusionTask, VAETask
 from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
 
 
-class Task(Protocol):
-    """What the trainer needs to know about a family of models."""
+class Task(StepTask, Protocol):
+    """What the trainer needs to know about a family of models (strategies use only the
+    `StepTask` part: `forward` and `loss`)."""
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """The model's outputs for `batch` (what `loss` and `eval_sums` take)."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.planner import exchangecal
-from roundhouse.planner.exchangecal import Probe
+from roundhouse.calibration import exchange as exchangecal
+from roundhouse.calibration.exchange import Probe
+from roundhouse.config.loading import validate_job
 
 
 @pytest.mark.timeout(180)

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.ps.manager import Address, connect_store, shard_manager
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ring_training import assert_close_weights, node_context
 from tests.distributed.test_ring_training import train as train_ring
 from tests.helpers.dist import run_distributed
@@ -43,7 +44,7 @@ def make_job(storage: Path, run_id: str, strategy: dict[str, Any], **trainer: An
 
 def ps_rank(rank: int, world_size: int, job: dict, address: Address, servers: int) -> dict:
     ctx = node_context(rank, world_size, 1)
-    ctx = type(ctx)(**{**ctx.__dict__, "parameter_store": connect_store(address, servers)})
+    ctx = type(ctx)(**{**ctx.__dict__, "services": {"ps": connect_store(address, servers)}})
     return run_worker(validate_job(job), ctx)
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.planner.candidates import Candidate
-from roundhouse.planner.costs import JobShape, estimate_memory
+from roundhouse.config.loading import validate_job
+from roundhouse.parallel.costs import JobShape
+from roundhouse.planner.candidates import candidate
 from roundhouse.planner.plan import job_shape
 from roundhouse.planner.target import JobModel, build_target, job_profile
 from roundhouse.trainer.optim import build_optimizer
@@ -38,8 +38,8 @@ def test_single_worker_peak_within_20_percent_of_cuda_max_memory_allocated() -> 
     profile = job_profile(jm)
     target = build_target(jm, profile, "cuda", 1e9, 1)
     shape: JobShape = job_shape(job)
-    single = Candidate("single", 1, {"kind": "single"})
-    predicted = estimate_memory(single, profile, target, shape, micro=16)
+    single = candidate("single", 1, {"kind": "single"}, shape)  # a micro-batch of 16
+    predicted = single.costs.memory(single, profile, target, shape)
 
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()

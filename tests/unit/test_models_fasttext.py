@@ -88,17 +88,17 @@ def _job(strategy: dict, **optimizer: object) -> dict:
 def test_sparse_gradients_need_a_sparse_optimizer_and_no_deepspeed(
     tmp_path, capsys: pytest.CaptureFixture
 ) -> None:
+    from roundhouse.config.loading import validate_job
     from roundhouse.errors import JobFileError
-    from roundhouse.launch.checks import check_names
     from roundhouse.launch.cli import main
-    from roundhouse.launch.jobfile import validate_job
     from roundhouse.parallel.deepspeed.config import check_job
+    from roundhouse.trainer.checks import check_sparse_optimizer
 
-    check_names(validate_job(_job({"kind": "ps"})))  # sgd: fine
+    check_sparse_optimizer(validate_job(_job({"kind": "ps"})))  # sgd: fine
     with pytest.raises(JobFileError, match=r"sparse gradients.*adam"):
-        check_names(validate_job(_job({"kind": "ps"}, name="adam")))
+        check_sparse_optimizer(validate_job(_job({"kind": "ps"}, name="adam")))
     with pytest.raises(JobFileError, match="weight_decay"):
-        check_names(validate_job(_job({"kind": "ring"}, weight_decay=0.1)))
+        check_sparse_optimizer(validate_job(_job({"kind": "ring"}, weight_decay=0.1)))
     deepspeed = validate_job(_job({"kind": "deepspeed", "zero_stage": 0}))
     with pytest.raises(JobFileError, match="deepspeed cannot carry"):
         check_job(deepspeed, 2)

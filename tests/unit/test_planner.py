@@ -15,18 +15,29 @@ import psutil
 import pytest
 import yaml
 
+from roundhouse.calibration import exchange as exchangecal
+from roundhouse.calibration.cache import cache_path, cached, remeasured
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.launch.auto import resolve_auto
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.planner import build_plan, exchangecal
-from roundhouse.planner.calibrate import LinkRate, StepRate, cache_path, cached, remeasured
-from roundhouse.planner.candidates import Candidate
-from roundhouse.planner.costs import JobShape, Target, busiest_stage_share, comm_time, evaluate
+from roundhouse.parallel.costs import (
+    Candidate,
+    JobShape,
+    LayerProfile,
+    LinkRate,
+    Memory,
+    ModelProfile,
+    StepRate,
+    Target,
+)
+from roundhouse.parallel.deepspeed.partition import busiest_stage_share
+from roundhouse.parallel.deepspeed.zero_memory import zero_states
+from roundhouse.planner import build_plan
+from roundhouse.planner.candidates import candidate
+from roundhouse.planner.costs import comm_time, evaluate
 from roundhouse.planner.devices import get_accelerator, parse_bandwidth
-from roundhouse.planner.memory import Memory, zero_states
 from roundhouse.planner.target import JobModel, job_profile
-from roundhouse.planner.trace import LayerProfile, ModelProfile
 
 GB = 1e9
 
@@ -54,30 +65,37 @@ def target(bandwidth: float = 1e9, latency: float = 0.0, overlap: bool = False) 
     return Target("test", 80 * GB, lambda: step, LinkRate(latency, bandwidth), overlap=overlap)
 
 
-SHAPE = JobShape(global_batch=64, grad_accum_steps=1, optimizer_moments=2, ring_bucket_mb=1e6)
+SHAPE = JobShape(
+    global_batch=64, grad_accum_steps=1, optimizer_moments=2, settings={"bucket_mb": 1e6}
+)
+
+
+def row_of(label: str, workers: int, strategy: dict, shape: JobShape = SHAPE) -> Candidate:
+    """The candidate for `strategy` on `workers` workers at `shape`'s batch."""
+    return candidate(label, workers, strategy, shape)
 
 
 @pytest.mark.parametrize("workers", [2, 4, 8])
 def test_ring_moves_2_n_minus_1_over_n_of_the_gradients(workers: int) -> None:
     p = profile()
-    ring = Candidate("ring", workers, {"kind": "ring"})
-    seconds = sum(comm_time(ring, p, target(bandwidth=1e9), SHAPE, micro=8))
+    ring = row_of("ring", workers, {"kind": "ring"})
+    seconds = sum(comm_time(ring, p, target(bandwidth=1e9), SHAPE))
     assert seconds == pytest.approx(2 * (workers - 1) / workers * 4 * p.num_params / 1e9)
 
 
 def test_zero3_moves_one_and_a_half_times_a_ring_and_ps_scales_with_workers() -> None:
     p, t = profile(), target()
-    ring = sum(comm_time(Candidate("ring", 4, {"kind": "ring"}), p, t, SHAPE, 16))
-    z3 = Candidate("z3", 4, {"kind": "deepspeed", "zero_stage": 3})
-    zero3 = sum(comm_time(z3, p, t, SHAPE, 16))
+    ring = sum(comm_time(row_of("ring", 4, {"kind": "ring"}), p, t, SHAPE))
+    z3 = row_of("z3", 4, {"kind": "deepspeed", "zero_stage": 3})
+    zero3 = sum(comm_time(z3, p, t, SHAPE))
     assert zero3 == pytest.approx(1.5 * ring)
-    ps2 = sum(comm_time(Candidate("ps", 2, {"kind": "ps"}), p, t, SHAPE, 32))
-    ps8 = sum(comm_time(Candidate("ps", 8, {"kind": "ps"}), p, t, SHAPE, 8))
+    ps2 = sum(comm_time(row_of("ps", 2, {"kind": "ps"}), p, t, SHAPE))
+    ps8 = sum(comm_time(row_of("ps", 8, {"kind": "ps"}), p, t, SHAPE))
     assert ps8 == pytest.approx(4 * ps2)  # the server's link carries every worker
 
 
 def test_overlap_hides_exchange_under_the_backward_pass_on_gpus() -> None:
-    p, ring = profile(), Candidate("ring", 8, {"kind": "ring"})
+    p, ring = profile(), row_of("ring", 8, {"kind": "ring"})
     exposed = evaluate(ring, p, target(bandwidth=1e12, overlap=True), SHAPE).comm_s
     assert exposed == 0.0
     assert evaluate(ring, p, target(bandwidth=1e12), SHAPE).comm_s > 0
@@ -103,20 +121,21 @@ def test_step_rate_from_the_loop_calibration_splits_overhead_and_engine_costs() 
     # the loop's work: 0.5 ms per sample (loading grows with the batch), nothing fixed
     assert (rate.loop_s, rate.loop_per_sample_s) == (0.0, pytest.approx(0.0005))
     assert rate.loop(16) == pytest.approx(0.008)
-    assert rate.zero_fwd_bwd_s == {2: pytest.approx(0.05), 3: pytest.approx(0.12)}
-    assert rate.zero_optimizer_s == {2: 0.1, 3: 0.12}
+    assert rate.engine_fwd_bwd_s == {"zero2": pytest.approx(0.05), "zero3": pytest.approx(0.12)}
+    assert rate.engine_optimizer_s == {"zero2": 0.1, "zero3": 0.12}
 
 
 def test_zero_rows_add_the_engines_costs_and_step_their_partition() -> None:
-    rate = StepRate(0.0, 1e-3, 0.04, 0.002, {2: 0.01, 3: 0.05}, {2: 0.08, 3: 0.12})
+    engines = {"zero2": 0.01, "zero3": 0.05}, {"zero2": 0.08, "zero3": 0.12}
+    rate = StepRate(0.0, 1e-3, 0.04, 0.002, *engines)
     t = Target("test", 80 * GB, lambda: rate, LinkRate(0.0, 1e12))
     p, micro = profile(), SHAPE.global_batch / 4
     base = rate.fwd_bwd(micro) + rate.loop_s
-    ring = evaluate(Candidate("ring", 4, {"kind": "ring"}), p, t, SHAPE)
+    ring = evaluate(row_of("ring", 4, {"kind": "ring"}), p, t, SHAPE)
     assert ring.compute_s == pytest.approx(base + 0.04)
-    z2 = evaluate(Candidate("z2", 4, {"kind": "deepspeed", "zero_stage": 2}), p, t, SHAPE)
+    z2 = evaluate(row_of("z2", 4, {"kind": "deepspeed", "zero_stage": 2}), p, t, SHAPE)
     assert z2.compute_s == pytest.approx(base + 0.01 + 0.08 / 4)
-    z3 = evaluate(Candidate("z3", 4, {"kind": "deepspeed", "zero_stage": 3}), p, t, SHAPE)
+    z3 = evaluate(row_of("z3", 4, {"kind": "deepspeed", "zero_stage": 3}), p, t, SHAPE)
     assert z3.compute_s == pytest.approx(base + 0.05 + 0.12 / 4)
 
 
@@ -136,7 +155,7 @@ def test_probed_residuals_are_added_per_family_and_scaled_to_the_row() -> None:
     p = ModelProfile(40, 10, 0.0, 4.0, 4.0, 1.0, layers=layers, param_modules=20)
 
     def extra(workers: int, strategy: dict, shape: JobShape = SHAPE) -> float:
-        c = Candidate("row", workers, strategy)
+        c = row_of("row", workers, strategy, shape)
         return evaluate(c, p, probed, shape).comm_s - evaluate(c, p, bare, shape).comm_s
 
     assert extra(1, {"kind": "single"}) == 0.0
@@ -144,12 +163,12 @@ def test_probed_residuals_are_added_per_family_and_scaled_to_the_row() -> None:
     assert extra(4, {"kind": "ring"}) == pytest.approx(3 * (0.01 + 20 * 0.001))  # N - 1 steps
     assert extra(8, {"kind": "ps"}) == pytest.approx(4 * (0.004 + 40 * 1e-4))  # N / 2 pushers
     two_servers = {"kind": "ps", "num_servers": 2}
-    shape2 = JobShape(64, 1, 2, 1e6, ps_servers=2)
+    shape2 = JobShape(64, 1, 2, settings={"bucket_mb": 1e6, "num_servers": 2})
     assert extra(2, two_servers, shape2) == pytest.approx(0.004 + 20 * 1e-4)
     assert extra(2, {"kind": "deepspeed", "zero_stage": 3}) == pytest.approx(20 * 0.002)
     assert extra(2, {"kind": "deepspeed", "zero_stage": 2}) == 0.0  # "zero" was not fitted
     pipe = {"kind": "deepspeed", "zero_stage": 1, "pipeline_stages": 2}
-    accum4 = JobShape(64, 4, 2, 1e6)
+    accum4 = JobShape(64, 4, 2, settings={"bucket_mb": 1e6})
     assert extra(2, pipe, accum4) == pytest.approx(0.003 * (4 + 1) / 2)  # per micro-batch slot
 
 
@@ -201,7 +220,7 @@ def test_the_jobs_own_probed_step_replaces_the_mlp_fit_and_never_lowers_a_row() 
     p = profile()
 
     def extra(workers: int, strategy: dict) -> float:
-        c = Candidate("row", workers, strategy)
+        c = row_of("row", workers, strategy)
         return evaluate(c, p, probed, SHAPE).comm_s - evaluate(c, p, bare, SHAPE).comm_s
 
     assert extra(2, {"kind": "ring"}) == pytest.approx(0.004)  # not 1.0 + modules x 1.0
@@ -217,7 +236,7 @@ class FakePlan:
         self.rows = []
         for label, step_s in steps.items():
             r = row()
-            r.candidate, r.step_s = Candidate(label, 2, {}), step_s
+            r.candidate, r.step_s = type("Candidate", (), {"label": label})(), step_s
             self.rows.append(r)
 
 
@@ -456,3 +475,36 @@ def test_auto_that_nothing_fits_is_a_one_line_error(tmp_path: Path, capsys) -> N
     assert main(["train", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: strategy.kind=auto: nothing fits 24 GB")
+
+
+def test_plan_json_is_the_only_thing_on_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """What a calibration writes to stdout goes to stderr under --json: a DeepSpeed JIT op
+    build writes from C and from ninja (a child process), and Python code prints. The stand-in
+    calibration below writes all three ways, then the real planner runs."""
+    import subprocess
+
+    import roundhouse.planner as planner
+
+    real_build_plan = planner.build_plan
+
+    def noisy_build_plan(*args, **kwargs):
+        print("Loading extension module cpu_adam...")
+        os.write(1, b"Time to load cpu_adam op: 0.1 seconds\n")
+        subprocess.run(["echo", "[1/3] c++ cpu_adam.o op built successfully"], check=True)
+        return real_build_plan(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "build_plan", noisy_build_plan)
+    argv = [
+        "plan",
+        str(Path(__file__).parents[2] / "configs" / "quickstart.yaml"),
+        "--device",
+        "H100-80GB",
+    ]
+    assert main([*argv, "--workers", "1,2", "--json", "tracking.wandb.mode=disabled"]) == 0
+    captured = capfd.readouterr()
+    plan = json.loads(captured.out)  # nothing but the JSON
+    assert plan["rows"] and plan["recommended"]
+    assert "op built successfully" in captured.err and "cpu_adam op" in captured.err
+    assert "Loading extension module" in captured.err

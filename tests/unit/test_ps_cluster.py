@@ -1,10 +1,12 @@
-"""Pure helpers of `roundhouse.cluster.ps`: what the server actors reserve and how they restart."""
+"""Pure helpers of `roundhouse.cluster.services` for the `ps` strategy's servers: what the actors
+reserve and how they restart (cluster/ knows only the strategy's `ServiceSpec`)."""
 
 from __future__ import annotations
 
-from roundhouse.cluster.ps import actor_options, server_cpus, server_name
 from roundhouse.cluster.runtime import embedded_resources
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.cluster.services import actor_options, job_services, service_cpus, service_name
+from roundhouse.config.loading import validate_job
+from roundhouse.parallel.ps import ShardServer
 
 
 def job(**strategy) -> object:
@@ -20,14 +22,19 @@ def job(**strategy) -> object:
 
 
 def test_actor_options_split_ps_resources_and_restart_forever() -> None:
-    options = actor_options(job(kind="ps", num_servers=2), 1)
+    ps = job(kind="ps", num_servers=2)
+    [spec] = job_services(ps)
+    assert (spec.name, spec.actor_class, spec.count) == ("ps", ShardServer, 2)
+    options = actor_options(ps, spec, 1)
     assert (options["num_cpus"], options["num_gpus"]) == (1.5, 1)
     assert options["resources"] == {"accel": 2}
     assert options["max_restarts"] == -1 and options["max_concurrency"] > 8
-    assert options["name"] == server_name(job(kind="ps"), 1) == "roundhouse-ps-j-r1-1"
+    assert options["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "1"}}
+    assert options["name"] == service_name(ps, spec, 1) == "roundhouse-ps-j-r1-1"
 
 
 def test_embedded_cluster_counts_the_servers_cpus() -> None:
     ps = job(kind="ps", num_servers=2)
-    assert server_cpus(ps) == 3.0 and server_cpus(job(kind="ring")) == 0.0
-    assert embedded_resources(ps.cluster, server_cpus(ps))["num_cpus"] >= 2 + 3
+    assert service_cpus(ps) == 3.0 and service_cpus(job(kind="ring")) == 0.0
+    assert job_services(job(kind="ring")) == []
+    assert embedded_resources(ps.cluster, service_cpus(ps))["num_cpus"] >= 2 + 3

@@ -129,17 +129,19 @@ def test_coalesced_rows_sums_repeated_lookups() -> None:
 
 
 def test_the_planner_prices_ps_by_the_rows_touched_and_ring_by_the_table() -> None:
-    from roundhouse.planner.candidates import Candidate
-    from roundhouse.planner.costs import JobShape, comm_time
+    from roundhouse.parallel.costs import JobShape
+    from roundhouse.planner.candidates import candidate
+    from roundhouse.planner.costs import comm_time
     from tests.unit.test_planner import profile, target
 
-    shape = JobShape(global_batch=64, grad_accum_steps=1, optimizer_moments=1, ring_bucket_mb=25)
-    ring, ps = Candidate("ring", 2, {"kind": "ring"}), Candidate("ps", 2, {"kind": "ps"})
+    shape = JobShape(global_batch=64, grad_accum_steps=1, optimizer_moments=1)
+    ring = candidate("ring", 2, {"kind": "ring"}, shape)
+    ps = candidate("ps", 2, {"kind": "ps"}, shape)
     dense, t = profile(33_000_000), target()
     sparse = dataclasses.replace(dense, row_params=32_999_000, row_elements_per_sample=511 * 18)
 
-    def seconds(c: Candidate, p: Any) -> float:
-        return sum(comm_time(c, p, t, shape, micro=32))
+    def seconds(c: Any, p: Any) -> float:
+        return sum(comm_time(c, p, t, shape))
 
     assert seconds(ring, sparse) == pytest.approx(seconds(ring, dense))  # the whole table
     assert seconds(ps, dense) > seconds(ring, dense)  # dense: ring wins
@@ -150,8 +152,8 @@ def test_the_planner_prices_ps_by_the_rows_touched_and_ring_by_the_table() -> No
 
 def test_the_trace_counts_row_lookups() -> None:
     from roundhouse import models
+    from roundhouse.calibration.trace import profile_model
     from roundhouse.config import LossConfig
-    from roundhouse.planner.trace import profile_model
     from roundhouse.trainer.task import build_task
 
     with torch.device("meta"):

@@ -204,16 +204,15 @@ def pipeline_partition(raw: dict[str, Any]) -> str:
     return method
 
 
-def check_layout(s: DeepSpeedStrategyConfig, world_size: int) -> None:
-    """Topology rules for DeepSpeed, with the arithmetic in the message."""
-    mp = s.model_parallel_size
+def check_layout(s: DeepSpeedStrategyConfig, topology: Topology) -> None:
+    """Layout rules for DeepSpeed on `topology`, with the arithmetic in the message."""
+    mp, world_size, dp = topology.model_parallel, topology.world_size, topology.data_parallel
     if world_size % mp:
         raise JobFileError(
             f"pipeline_stages x tensor_parallel = {s.pipeline_stages} x {s.tensor_parallel} = "
             f"{mp} does not divide the world size {world_size}",
             "make cluster.num_workers a multiple of pipeline_stages * tensor_parallel",
         )
-    dp = Topology(world_size, s.pipeline_stages, s.tensor_parallel, 1, 1, "drop").data_parallel
     if dp % s.expert_parallel:
         raise JobFileError(
             f"expert_parallel={s.expert_parallel} does not divide the data-parallel size "
@@ -268,8 +267,9 @@ def check_job(job: JobSpec, world_size: int) -> None:
     """
     strategy = job.strategy
     assert isinstance(strategy, DeepSpeedStrategyConfig)
-    check_layout(strategy, world_size)
-    build_ds_config(strategy, Topology.of_job(job, world_size), EngineOptions.of_job(job))
+    topology = Topology.of_job(job, world_size)
+    check_layout(strategy, topology)
+    build_ds_config(strategy, topology, EngineOptions.of_job(job))
     pipeline_partition(strategy.config)
     if strategy.expert_parallel > 1:
         check_experts(job, strategy.expert_parallel)

@@ -35,7 +35,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
-from roundhouse.config.topology import Topology
 from roundhouse.errors import TrainingError
 from roundhouse.parallel.base import StepStats, Strategy, TrainPlan, move_to
 from roundhouse.parallel.compile import compile_engine
@@ -46,6 +45,7 @@ from roundhouse.parallel.deepspeed.config import (
     check_layout,
 )
 from roundhouse.parallel.deepspeed.config import check_job as check_deepspeed_job
+from roundhouse.parallel.deepspeed.costs import DeepSpeedCosts
 from roundhouse.parallel.deepspeed.moe import (
     apply_deepspeed_moe,
     is_expert_name,
@@ -67,6 +67,7 @@ class DeepSpeedStrategy(Strategy):
     """Trains through a `DeepSpeedEngine`; see the module docstring for the contract."""
 
     kind = "deepspeed"
+    cost_model = DeepSpeedCosts
     config: DeepSpeedStrategyConfig
 
     @classmethod
@@ -81,7 +82,7 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, config: DeepSpeedStrategyConfig, ctx: WorkerContext) -> None:
         super().__init__(config, ctx)
-        check_layout(config, ctx.world_size)
+        check_layout(config, self.topology)
         self.owns_process_group = False
         self.engine: Any = None
         self.tp_group: Any = None
@@ -91,11 +92,6 @@ class DeepSpeedStrategy(Strategy):
     # --- topology ---------------------------------------------------------------------------
 
     @property
-    def model_parallel_size(self) -> int:
-        """Workers holding one copy of the model: `pipeline_stages * tensor_parallel`."""
-        return self.config.pipeline_stages * self.config.tensor_parallel
-
-    @property
     def data_parallel_rank(self) -> int:
         # Tensor parallel ranks are adjacent (rank = dp_rank * tp + tp_rank); pipeline stages
         # are the slow axis of DeepSpeed's topology (rank = stage * dp + dp_rank).
@@ -103,11 +99,6 @@ class DeepSpeedStrategy(Strategy):
         if self.config.pipeline_stages > 1:
             return self.ctx.rank % self.data_parallel_size
         return self.ctx.rank // self.config.tensor_parallel
-
-    @property
-    def data_parallel_size(self) -> int:
-        """Data-parallel replicas: the world size over the model-parallel size."""
-        return self.ctx.world_size // self.model_parallel_size
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -147,17 +138,9 @@ class DeepSpeedStrategy(Strategy):
         return model
 
     def ds_config(self, plan: TrainPlan) -> dict[str, Any]:
-        """The ds_config of this worker's job (batch arithmetic from `Topology`)."""
-        topology = Topology(
-            world_size=self.ctx.world_size,
-            pipeline_stages=self.config.pipeline_stages,
-            tensor_parallel=self.config.tensor_parallel,
-            global_batch=plan.global_batch_size or 1,
-            grad_accum_steps=plan.grad_accum_steps,
-            remainder="partial",  # the loader's business; no ds_config value depends on it
-        )
+        """The ds_config of this worker's job (batch arithmetic from its `topology`)."""
         options = EngineOptions(plan.grad_clip_norm, plan.autocast_dtype == torch.bfloat16)
-        return build_ds_config(self.config, topology, options)
+        return build_ds_config(self.config, self.topology, options)
 
     def param_groups(self, model: nn.Module) -> list[Any]:
         """Parameters for the optimizer factory (MoE: split as DeepSpeed requires)."""

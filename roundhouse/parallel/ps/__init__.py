@@ -1,7 +1,8 @@
 """The parameter server: shards, the store protocol, and the in-process store.
 
-Only the `ps` strategy uses this package; `roundhouse.cluster.ps` runs `ShardServer` as Ray
-actors behind the same `ParameterStore` protocol.
+Only the `ps` strategy uses this package. Its servers are a driver-side service
+(`remote.server_spec`): `roundhouse.cluster.services` runs `ShardServer` as Ray actors, and
+`remote.RemoteParameterStore` reaches them behind the same `ParameterStore` protocol.
 """
 
 from roundhouse.parallel.ps.local import LocalParameterStore

@@ -4,8 +4,9 @@ A `multiprocessing` manager process hosts `ShardServer` objects (the same class 
 actors); every rank connects and wraps proxies of them in a `LocalParameterStore`. Each proxy
 call runs in its own thread of the manager, so a pull that waits (sync, ssp) does not block
 other ranks' pushes. It runs the real server code without Ray's startup cost: the planner's
-exchange probe (`planner/exchangecal.py`), the multi-process ps tests and benchmarks use it;
-jobs use Ray actors (`cluster/ps.py`, covered by tests/integration/test_ps_ray.py).
+exchange probe (`calibration/exchange.py`), the multi-process ps tests and benchmarks use it;
+jobs use Ray actors (`ps/remote.py` and `cluster/services.py`, covered by
+tests/integration/test_ps_ray.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`ParameterStore`: how the `ps` strategy talks to its parameter servers.
 
-`roundhouse.cluster.ps.RayParameterStore` implements it with Ray actors; `LocalParameterStore`
+`roundhouse.parallel.ps.remote.RemoteParameterStore` implements it over the servers the
+cluster started (`Strategy.services`); `LocalParameterStore`
 (in `roundhouse.parallel.ps.local`) with `ShardServer` objects in this process. The strategy
 never knows which one it has.
 """

@@ -1,7 +1,7 @@
 """`ShardServer`: one parameter-server shard, its optimizer state and the job's lr schedule.
 
 The same class runs in this process (the in-process store of `--local`) and as a Ray actor
-(`roundhouse.cluster.ps` wraps it with `ray.remote`, as a threaded actor). Every method is
+(`roundhouse.cluster.services` wraps it with `ray.remote`, as a threaded actor). Every method is
 thread-safe: a pull that must wait (sync, ssp) blocks on a condition variable while pushes from
 other workers go on in other threads.
 

@@ -10,7 +10,7 @@ With `node_aggregation` the ranks of a node first sum their gradients onto the n
 (a torch.distributed group per node), only the leader pushes and pulls, and it broadcasts the
 parameters to its node: one push and one pull per node instead of per worker.
 
-The servers come from `ctx.parameter_store` (Ray actors, started by `roundhouse.cluster`);
+The servers come from `ctx.services["ps"]` (its `services()`, started by `roundhouse.cluster`);
 with one worker and none given, an in-process store is built (`--local`).
 
 Dynamic data assignment (`strategy.data_assignment`, the default for async/ssp): the workers
@@ -49,10 +49,13 @@ from roundhouse.parallel.ps import (
     used_shards,
 )
 from roundhouse.parallel.ps.client import PSClient, Pulled, PusherRole
+from roundhouse.parallel.ps.costs import PSCosts
+from roundhouse.parallel.ps.remote import SERVICE, RemoteParameterStore, server_spec
 from roundhouse.parallel.ps.rows import RowTables, sparse_modules
 from roundhouse.parallel.ps.shard_state import row_part
 from roundhouse.parallel.ring import build_node_groups
 from roundhouse.parallel.ring.strategy import broadcast_module, check_process_group
+from roundhouse.parallel.services import ServiceGroup, ServiceSpec
 from roundhouse.parallel.single import SingleDeviceStrategy
 
 logger = logging.getLogger(__name__)
@@ -75,9 +78,31 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     """Workers compute gradients; parameter-server shards own the parameters and update them."""
 
     kind = "ps"
+    cost_model = PSCosts
     max_world_size = None
-    needs_parameter_servers = True
     config: PSStrategyConfig
+
+    @classmethod
+    def services(cls, job: JobSpec) -> list[ServiceSpec]:
+        """Its `strategy.num_servers` shard servers (`remote.server_spec`)."""
+        return [server_spec(job)]
+
+    @classmethod
+    def local_services(cls) -> Any:
+        """Server shards in a manager process of this machine (`manager.shard_manager`)."""
+        from roundhouse.parallel.ps.manager import shard_manager
+
+        return shard_manager()
+
+    @classmethod
+    def attach_local_services(cls, ctx: WorkerContext, address: Any, config: Any) -> WorkerContext:
+        """`ctx` with a store over the manager's first `config.num_servers` shards."""
+        import dataclasses
+
+        from roundhouse.parallel.ps.manager import connect_store
+
+        store = connect_store(address, config.num_servers)
+        return dataclasses.replace(ctx, services={**ctx.services, SERVICE: store})
 
     @classmethod
     def check_job(cls, job: JobSpec, world_size: int) -> None:
@@ -369,10 +394,13 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
 
 def build_store(config: PSStrategyConfig, ctx: WorkerContext) -> ParameterStore:
-    """The context's store (Ray actors), or an in-process one for a single worker."""
-    store = getattr(ctx, "parameter_store", None)
-    if store is not None:
-        return store
+    """The servers the cluster started (`ctx.services`), a store attached locally, or an
+    in-process one for a single worker."""
+    service = ctx.services.get(SERVICE)
+    if isinstance(service, ServiceGroup):
+        return RemoteParameterStore(service)
+    if service is not None:
+        return service
     if ctx.world_size > 1:
         raise TrainingError(
             f"strategy.kind=ps with {ctx.world_size} workers needs parameter servers, "

@@ -25,6 +25,7 @@ from roundhouse.models.sparse import sparse_modules
 from roundhouse.parallel.base import StepStats, TrainPlan
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
+from roundhouse.parallel.ring.costs import RingCosts
 from roundhouse.parallel.ring.sparse import gather_sparse_grads
 from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.parallel.timeouts import group_timeout, named_collective
@@ -38,6 +39,7 @@ class RingStrategy(SingleDeviceStrategy):
     """Data parallel over all ranks; the single-device strategy plus gradient averaging."""
 
     kind = "ring"
+    cost_model = RingCosts
     max_world_size = None
     config: RingStrategyConfig
 

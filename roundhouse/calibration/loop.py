@@ -1,0 +1,141 @@
+"""Calibration of the job's own training step, through roundhouse's loop pieces (cached).
+
+`loop_rate` runs one spawned rank (`ranks.run_ranks`: its own one-rank process group and
+`cpus_per_worker` threads). There `build_trainer` builds
+the job as a worker would (data loader, model, task, strategy, optimizer, scheduler) and each
+step's pieces are timed as `Trainer.train_step` runs them:
+
+- the one-device reference strategy at two micro-batch sizes: the next batch from the loader
+  plus the finite-loss check (`loop_s`), `forward_backward` with the loss read back
+  (`fwd_bwd(B) = overhead_s + per_sample_s x B`), and `optimizer_step` with the gradient
+  norm (`optimizer_s`: norm, clip, optimizer, scheduler, zero_grad);
+- every engine a registered cost model names (`CostModel.engines`: DeepSpeed's ZeRO-2 and
+  ZeRO-3) on one rank at the smaller size: what the engine adds to `forward_backward` (its
+  gradient hooks) and its `optimizer_step`. At one rank the exchange is empty, so these are
+  the engine's own CPU costs; the collectives stay the link model's.
+
+The result is cached per host, device, thread count, model, optimizer and micro-batch sizes
+(`cache.cached`), so a second plan on the same machine measures nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from roundhouse.calibration.ranks import run_ranks
+from roundhouse.config import JobSpec
+from roundhouse.config.loading import validate_job
+from roundhouse.parallel.registry import REFERENCE_SECTION, cost_models
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_S = 300
+BUDGET_S = 2.5  # measured seconds per configuration (at least MIN_STEPS steps)
+WARMUP_STEPS, MIN_STEPS, MAX_STEPS = 2, 3, 12
+
+
+def job_key(job: JobSpec) -> str:
+    """What a calibration of `job`'s own step depends on: model, data, optimizer, precision."""
+    m, opt = job.model, job.trainer.optimizer
+    return (
+        f"{m.name}:{m.flavor}:{sorted(m.options.items())}:{job.data.source}:"
+        f"{sorted(job.data.options.items())}:{opt.name}:{job.trainer.precision}"
+    )
+
+
+def calibration_job(
+    job: JobSpec, storage: str, batch: int, strategy: dict[str, Any], workers: int = 1
+) -> JobSpec:
+    """The job as `workers` workers run it at global batch `batch` (one step, one micro-batch
+    each), with nothing written but a run."""
+    data = job.model_dump(mode="json")
+    data["data"]["batch_size"] = batch
+    data["strategy"] = strategy
+    data["trainer"].update(grad_accum_steps=1, max_steps=10**6, log_every_steps=1)
+    data["trainer"]["checkpoint"] = {"every_epoch": False, "keep_last": 1}
+    data["trainer"].pop("eval_every_steps", None)
+    data["cluster"].update(num_workers=workers, min_workers=None)
+    data["tracking"] = {"wandb": {"mode": "disabled"}, "console": "off"}
+    label = "-".join(str(v) for v in strategy.values())
+    data["storage"] = {"path": storage, "run_id": f"calibration-{label}-{batch}"}
+    return validate_job(data, source="loop calibration")
+
+
+def time_pieces(
+    trainer: Any, budget_s: float = BUDGET_S, max_steps: int = MAX_STEPS
+) -> dict[str, float]:
+    """Median seconds of a step's pieces (data + finite check, forward+backward, optimizer),
+    over at most `budget_s` seconds and `max_steps` steps after the warm-up (ranks of one group
+    pass `math.inf`: they must all stop at the same step)."""
+    strategy, loader = trainer.strategy, trainer.train_loader
+    strategy.train_mode(True)
+    steps = min(len(loader), max_steps + WARMUP_STEPS)
+    pieces: dict[str, list[float]] = {"loop_s": [], "fwd_bwd_s": [], "optimizer_s": []}
+    started = last = time.perf_counter()
+    for i, micro_batches in enumerate(loader):
+        t0 = time.perf_counter()
+        loss = strategy.forward_backward(micro_batches[0], loss_scale=1.0, sync=True)
+        strategy.all_true(bool(torch.isfinite(loss)))
+        t1 = time.perf_counter()
+        strategy.optimizer_step(need_grad_norm=True)
+        t2 = time.perf_counter()
+        if i >= WARMUP_STEPS:
+            pieces["fwd_bwd_s"].append(t1 - t0)
+            pieces["optimizer_s"].append(t2 - t1)
+            pieces["loop_s"].append(t0 - last)
+        last = t2
+        measured = len(pieces["fwd_bwd_s"])
+        if i + 1 >= steps or (measured >= MIN_STEPS and t2 - started > budget_s):
+            break
+    return {k: statistics.median(v) for k, v in pieces.items() if v}
+
+
+def measure(job: JobSpec, device: str, sizes: tuple[int, int]) -> dict[str, float]:
+    """Run every configuration (see the module doc) in this process; return the figures."""
+    from roundhouse.parallel.context import build_local_context
+    from roundhouse.runs.rundir import run_dir_of
+    from roundhouse.trainer.run import build_trainer
+    from roundhouse.weights.checkpoint import Checkpointer
+
+    runs = [("small", sizes[0], REFERENCE_SECTION), ("large", sizes[1], REFERENCE_SECTION)]
+    for costs in cost_models():
+        runs += [(name, sizes[0], section) for name, section in costs.engines.items()]
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, batch, strategy in runs:
+            spec = calibration_job(job, tmp, batch, strategy)
+            checkpointer = Checkpointer(run_dir_of(spec), keep_last=1, identity={})
+            torch.manual_seed(spec.trainer.seed)
+            trainer = build_trainer(spec, build_local_context(device), checkpointer, None)
+            try:
+                pieces = time_pieces(trainer)
+            finally:
+                trainer.strategy.close()
+                trainer.tracker.close()
+            out.update({f"{name}/{k}": v for k, v in pieces.items()})
+    return out
+
+
+def _measure_rank(rank: int, job_json: dict, device: str, sizes: tuple[int, int]) -> dict:
+    return measure(validate_job(job_json, source="loop calibration"), device, sizes)
+
+
+def measure_in_child(
+    job: JobSpec, device: str, threads: int, sizes: tuple[int, int]
+) -> dict[str, float]:
+    """`measure` in a spawned process (see the module doc)."""
+    return run_ranks(
+        _measure_rank,
+        (job.model_dump(mode="json"), device, sizes),
+        world_size=1,
+        threads=threads,
+        timeout_s=TIMEOUT_S,
+        what="step calibration",
+        backend="nccl" if device == "cuda" else "gloo",
+    )
