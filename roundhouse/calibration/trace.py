@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from roundhouse.models.sparse import sparse_modules
 from roundhouse.parallel.costs.profile import LayerProfile, ModelProfile
 
 logger = logging.getLogger(__name__)
@@ -161,8 +162,10 @@ def profile_model(
     counter = FlopCounterMode(display=False)
     traced = LayerChain(layers, meter, counter.get_total_flops) if layers else model
     num = batch["input"].shape[0]
+    lookups = RowLookups(model)
     with counter, torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
         run_loss(task, traced, batch)
+    lookups.close()
     tp_fraction, expert_params = split_fractions(model)
     input_shape = tuple(batch["input"].shape[1:])
     return ModelProfile(
@@ -183,4 +186,24 @@ def profile_model(
         param_modules=sum(
             1 for m in model.modules() if next(m.parameters(False), None) is not None
         ),
+        row_params=lookups.row_params,
+        row_elements_per_sample=lookups.elements / num,
     )
+
+
+class RowLookups:
+    """Counts the row elements a traced batch looks up in `model`'s row tables."""
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = sparse_modules(model)
+        self.row_params = sum(m.weight.numel() for m in modules)
+        self.elements = 0.0
+        self.handles = [m.register_forward_pre_hook(self._count) for m in modules]
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        self.elements += args[0].numel() * (module.weight.shape[1] + 2)
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self.handles:
+            handle.remove()

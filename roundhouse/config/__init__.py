@@ -117,7 +117,7 @@ class ParamGroupConfig(Section):
 class OptimizerConfig(Section):
     """Optimizer; defaults follow the notes (Adam lr 1e-3, betas 0.9/0.999, momentum 0.9)."""
 
-    name: str = Field("adam", description="sgd | rmsprop | adagrad | adam | adamw")
+    name: str = Field("adam", description="sgd | rmsprop | adagrad | adam | adamw | lazy_adam")
     lr: PositiveFloat = Field(1e-3, description="Learning rate (the schedule scales it).")
     weight_decay: Annotated[float, Field(ge=0)] = Field(
         0.0, description="Weight decay as torch applies it (decoupled for adamw)."
@@ -250,6 +250,11 @@ class RingStrategyConfig(StrategySection):
     algorithm: Literal["ring", "native"] = "ring"
     hierarchical: bool = False
     grad_dtype: Literal["fp32", "bf16"] = "fp32"
+    sparse_gradients: Literal["dense", "gather"] = Field(
+        "dense",
+        description="Sparse-gradient embeddings (`sparse=True`): all-reduce the whole table "
+        "(`dense`) or all-gather the touched rows (`gather`).",
+    )
 
 
 class SlowWorkerConfig(Section):

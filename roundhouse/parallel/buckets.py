@@ -49,8 +49,11 @@ class Bucket:
         return sum(p.numel() for p in self.params)
 
     def pack(self, dtype: torch.dtype) -> Tensor:
-        """The flat buffer: every gradient (zeros where missing), then the has-grad flags."""
-        parts = [p.grad.detach().reshape(-1) if p.grad is not None else None for p in self.params]
+        """The flat buffer: every gradient (zeros where missing), then the has-grad flags.
+
+        A sparse gradient (a `sparse=True` embedding) travels dense: the whole table.
+        """
+        parts = [dense_grad(p) for p in self.params]
         flags = [1.0 if part is not None else 0.0 for part in parts]
         device = self.params[0].device
         buffer = torch.empty(self.numel + len(self.params), dtype=dtype, device=device)
@@ -68,10 +71,19 @@ class Bucket:
         for p, flag in zip(self.params, flags, strict=True):
             if flag > 0:
                 grad = buffer[offset : offset + p.numel()].view_as(p).to(p.dtype)
-                p.grad = grad if p.grad is None else p.grad.copy_(grad)
+                keep = p.grad is not None and not p.grad.is_sparse
+                p.grad = p.grad.copy_(grad) if keep else grad
             else:
                 p.grad = None
             offset += p.numel()
+
+
+def dense_grad(p: nn.Parameter) -> Tensor | None:
+    """`p`'s gradient flat and dense (None if it has none)."""
+    if p.grad is None:
+        return None
+    grad = p.grad.detach()
+    return (grad.to_dense() if grad.is_sparse else grad).reshape(-1)
 
 
 def build_buckets(params: Sequence[nn.Parameter], bucket_mb: float) -> list[Bucket]:

@@ -25,6 +25,7 @@ from roundhouse.config import JobSpec
 from roundhouse.config.topology import Topology, compute_total_steps
 from roundhouse.data import DataInfo, Splits, build_splits
 from roundhouse.errors import JobFileError, ModelError
+from roundhouse.models.sparse import SPARSE_OPTIMIZERS, wants_sparse_gradients
 from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.trainer.distill import check_teacher, student_outputs
 from roundhouse.trainer.losses import LOSSES
@@ -87,6 +88,7 @@ def check_names(subject: JobUnderCheck) -> list[str]:
             f"valid flavors: {', '.join(spec.flavors)}",
         )
     check_optimizer(job.trainer.optimizer)
+    check_sparse_optimizer(job)
     check_scheduler(job.trainer.scheduler)
     if job.trainer.loss.name not in LOSSES:
         raise JobFileError(
@@ -94,6 +96,23 @@ def check_names(subject: JobUnderCheck) -> list[str]:
             f"valid: {', '.join(LOSSES)}",
         )
     return [f"job {job.name!r} is valid"]
+
+
+def check_sparse_optimizer(job: JobSpec) -> None:
+    """A model with sparse gradients needs an optimizer that steps on them, without weight
+    decay (torch's sgd and adagrad refuse sparse gradients with it)."""
+    model = job.model
+    if not wants_sparse_gradients(model.name, model.flavor, model.options):
+        return
+    optimizer = job.trainer.optimizer
+    if optimizer.name not in SPARSE_OPTIMIZERS or optimizer.weight_decay > 0:
+        raise JobFileError(
+            f"model {model.name!r} makes sparse gradients (model.options.sparse=true), which "
+            f"trainer.optimizer name={optimizer.name} weight_decay={optimizer.weight_decay} "
+            "cannot step on",
+            f"use trainer.optimizer.name {' or '.join(SPARSE_OPTIMIZERS)} with weight_decay=0, "
+            "or set model.options.sparse=false",
+        )
 
 
 def check_world(subject: JobUnderCheck) -> list[str]:

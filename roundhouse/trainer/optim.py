@@ -22,6 +22,7 @@ from torch import nn
 
 from roundhouse.config import JobSpec, OptimizerConfig, SchedulerConfig
 from roundhouse.errors import JobFileError
+from roundhouse.trainer.lazy_adam import LazyAdam
 from roundhouse.weights.pretrained import matches_any
 
 Params = Iterable[nn.Parameter] | Iterable[dict]
@@ -57,6 +58,10 @@ def _adamw(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
     )
 
 
+def _lazy_adam(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
+    return LazyAdam(params, lr=c.lr, betas=c.betas, eps=c.eps)
+
+
 def fused_or_default(params: Params) -> tuple[list, bool | None]:
     """`params` as a list, and `fused=True` where every tensor is a float on CUDA or CPU.
 
@@ -87,6 +92,7 @@ OPTIMIZERS: dict[str, Callable[[Params, OptimizerConfig], torch.optim.Optimizer]
     "adagrad": _adagrad,
     "adam": _adam,
     "adamw": _adamw,
+    "lazy_adam": _lazy_adam,  # sparse gradients: only the touched rows (no weight decay)
 }
 
 
@@ -96,6 +102,11 @@ def check_optimizer(config: OptimizerConfig) -> None:
         raise JobFileError(
             f"unknown optimizer trainer.optimizer.name={config.name!r}",
             f"valid: {', '.join(OPTIMIZERS)}",
+        )
+    if config.name == "lazy_adam" and config.weight_decay > 0:
+        raise JobFileError(
+            f"trainer.optimizer.name=lazy_adam has no weight decay, got {config.weight_decay}",
+            "set trainer.optimizer.weight_decay=0, or use adamw on a dense model",
         )
     if config.nesterov and config.name != "sgd":
         raise JobFileError(

@@ -21,6 +21,7 @@ from roundhouse.trainer.task import build_task
 from tests.helpers.dist import run_distributed
 
 TOKEN_TASKS = ("language_model", "masked_lm")
+TOKEN_CLASSIFIERS = ("fasttext",)  # classification over (T,) tokens
 SEQ_LEN = 16
 IMAGE = (1, 16, 16)  # digits upsampled, as the diffusion configs use them
 STEPS = 2
@@ -37,6 +38,9 @@ def zoo() -> list[str]:
 def example(spec: models.ModelSpec, rank: int) -> tuple[tuple[int, ...], int, dict]:
     """(input shape, classes, a per-rank batch of 4) for the model's task."""
     gen = torch.Generator().manual_seed(rank)
+    if spec.name in TOKEN_CLASSIFIERS:
+        tokens = torch.randint(0, 256, (4, SEQ_LEN), generator=gen)
+        return (SEQ_LEN,), 5, {"input": tokens, "target": torch.randint(0, 5, (4,), generator=gen)}
     if spec.loss in TOKEN_TASKS:
         tokens = torch.randint(0, 256, (4, SEQ_LEN + 1), generator=gen)
         return (SEQ_LEN,), VOCAB_SIZE, {"input": tokens[:, :-1], "target": tokens[:, 1:]}

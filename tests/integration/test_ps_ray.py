@@ -93,21 +93,39 @@ class ServerKiller(threading.Thread):
                 return
 
 
+# fasttext: a row table (sparse pushes and pulls, rows sharded over both servers) with sgd
+# momentum, whose per-row buffers the refill must restore; every rank pushes its own rows.
+MODELS = {
+    "mlp": ({}, 1),
+    "fasttext": (
+        {
+            "model": {"name": "fasttext", "flavor": "debug"},
+            "data": {"source": "builtin:pydoc-cls", "batch_size": 16, "options": {"seq_len": 64}},
+        },
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
 def test_server_death_recovers_from_checkpoint_with_exact_weights(
-    cluster: RayCluster, tmp_path: Path
+    cluster: RayCluster, tmp_path: Path, model: str
 ) -> None:
     storage = tmp_path / "runs"
+    sections, pushers = MODELS[model]
     job = make_job(
         "kill",
         storage,
         cluster.gcs_address,
         trainer__max_steps=40,
         trainer__checkpoint__every_steps=10,
+        trainer__optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9},
         cluster__max_failures=1,
         # Both workers share the one node: one pusher per step, through the node group.
         strategy__node_aggregation=True,
         strategy__slow_worker={"rank": 1, "factor": 10.0},  # paces the run; same arithmetic
     )
+    job.update(sections)
     killer = ServerKiller(storage / "kill", "roundhouse-ps-kill")
     killer.start()
     try:
@@ -118,6 +136,6 @@ def test_server_death_recovers_from_checkpoint_with_exact_weights(
     rank0 = json.loads((run / "ranks" / "rank_0.json").read_text())
     assert rank0["resume_step"] is not None  # the group restarted from a checkpoint
     state = torch.load(run / "checkpoints" / "step_40" / "state.pt", weights_only=True)
-    assert state["strategy"]["ps"]["num_pushers"] == 1
+    assert state["strategy"]["ps"]["num_pushers"] == pushers
     # The restarted servers were refilled from the checkpoint: no step lost or repeated.
     assert_close(final_weights(run), final_weights(train_single(job)))

@@ -40,6 +40,9 @@ class ModelProfile:
         tokens_per_sample: Sequence length for token models, else 1.
         hidden_dim: Width C of a transformer (the activations TP and EP exchange), else 0.
         param_modules: Modules owning parameters (ZeRO-3 gathers each one separately).
+        row_params: Parameters in row tables (sparse-gradient embeddings, `models.sparse`).
+        row_elements_per_sample: Elements of the rows one sample looks up in them (row ids
+            counted as two elements): what `ps` pushes and pulls of a table, per sample.
     """
 
     num_params: int
@@ -57,6 +60,8 @@ class ModelProfile:
     tokens_per_sample: int = 1
     hidden_dim: int = 0
     param_modules: int = 1
+    row_params: int = 0
+    row_elements_per_sample: float = 0.0
 
     @property
     def step_flops(self) -> float:

@@ -26,6 +26,7 @@ from roundhouse import models
 from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
 from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
+from roundhouse.models.sparse import wants_sparse_gradients
 from roundhouse.parallel.deepspeed.tensor_parallel import SUPPORTED_MODELS, autotp_section
 
 # Raw sections that roundhouse owns through the job file: (raw key, the job field to set instead).
@@ -280,6 +281,17 @@ def check_job(job: JobSpec, world_size: int) -> None:
         check_lora_layout(strategy)
     if job.trainer.optimizer.param_groups:
         check_param_groups_layout(strategy)
+    check_dense_gradients(job)
+
+
+def check_dense_gradients(job: JobSpec) -> None:
+    """DeepSpeed's engines flatten gradients into dense buffers: no sparse-gradient tables."""
+    if wants_sparse_gradients(job.model.name, job.model.flavor, job.model.options):
+        raise JobFileError(
+            f"model {job.model.name!r} makes sparse gradients (sparse=True embeddings), which "
+            "strategy.kind=deepspeed cannot carry",
+            "set model.options.sparse=false, or use strategy.kind=ps or ring",
+        )
 
 
 def check_param_groups_layout(strategy: DeepSpeedStrategyConfig) -> None:

@@ -13,8 +13,8 @@ from roundhouse.parallel.ps.server import (
     ServerResetError,
     ServerSetup,
     ShardServer,
-    consolidate_states,
 )
+from roundhouse.parallel.ps.shard_state import consolidate_states
 from roundhouse.parallel.ps.sharding import build_layout, shard_of, used_shards
 
 __all__ = [

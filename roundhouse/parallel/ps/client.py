@@ -78,6 +78,7 @@ class PSClient:
         role: PusherRole,
         *,
         bucket_mb: float,
+        shards: list[int] | None = None,
     ) -> None:
         self.params = list(params)
         self.store, self.layout, self.role = store, layout, role
@@ -88,7 +89,9 @@ class PSClient:
         index_of = {p: i for i, p in enumerate(self.params)}
         self.bucket_indices = [[index_of[p] for p in b.params] for b in self.buckets]
         self.shard_of = shard_of(layout)
-        self.used = used_shards(layout)
+        # The shards each pull asks: those with parameters here (or `shards`: every shard
+        # that holds row tables too, so the reported gradient norm covers them).
+        self.used = used_shards(layout) if shards is None else shards
         # The bucket whose push completes this worker's gradient on each shard: that push
         # also asks for the next step's parameters (`ParameterStore.push`'s `pull_step`).
         self.last_bucket = {

@@ -56,9 +56,15 @@ class PSCosts(CostModel):
         self, c: Candidate, p: ModelProfile, t: Target, shape: JobShape
     ) -> tuple[float, float]:
         """Push and pull through the servers, on the critical path (a sync pull waits)."""
-        n, grad_bytes = c.data_parallel, 4 * self.local_params(c, p)
+        n, grad_bytes = c.data_parallel, 4 * self.exchanged(c, p, shape)
         server_bytes = n * 2 * grad_bytes / self.servers(shape)
         return 0.0, 2 * t.link.latency_s + server_bytes / t.link.bytes_per_s
+
+    def exchanged(self, c: Candidate, p: ModelProfile, shape: JobShape) -> float:
+        """Elements a worker pushes (and pulls) per step: the dense parameters, and of the row
+        tables (sparse-gradient embeddings) only the rows its micro-batches look up."""
+        looked_up = c.micro_batch * shape.grad_accum_steps * p.row_elements_per_sample
+        return self.local_params(c, p) - p.row_params + min(looked_up, p.row_params)
 
     def family(self, c: Candidate) -> str | None:
         """Every ps row pays the `ps` residual."""
@@ -71,5 +77,5 @@ class PSCosts(CostModel):
         per_step = self.probed_step_s(family, c, p, shape, fitted)
         if f"{family}/step" not in fitted:
             per_param = fitted.get(f"{family}/per_param", 0.0)
-            per_step += per_param * p.num_params / self.servers(shape)
+            per_step += per_param * self.exchanged(c, p, shape) / self.servers(shape)
         return per_step * c.data_parallel / WORKERS_PROBED

@@ -62,6 +62,28 @@ class LocalParameterStore:
         """The parameters of `shards` for `step`, once every pusher's gradients arrived."""
         return [self.servers[s].pull(pusher, step) for s in shards]
 
+    def push_rows(
+        self,
+        shard: int,
+        pusher: int,
+        step: int,
+        table: int,
+        rows: np.ndarray,
+        values: np.ndarray,
+        weight: int,
+    ) -> None:
+        """Hand a pusher's gradients of some rows of a row table to their shard."""
+        self.servers[shard].push_rows(pusher, step, table, rows, values, weight)
+
+    def pull_rows(
+        self, shards: list[int], pusher: int, step: int, table: int, rows: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Rows of a row table from each of `shards`, once readable for `step`."""
+        return [
+            self.servers[s].pull_rows(pusher, step, table, r)
+            for s, r in zip(shards, rows, strict=True)
+        ]
+
     def claim(self, epoch: int, first: int, limit: int) -> int:
         """Claim the next chunk of the epoch's samples (dynamic data assignment)."""
         return self.servers[0].claim(epoch, first, limit)

@@ -38,7 +38,17 @@ class ShardManager(BaseManager):
 ShardManager.register(
     "get_shard",
     callable=_get_shard,
-    exposed=("ping", "initialize", "push", "pull", "claim", "set_idle", "state_dict"),
+    exposed=(
+        "ping",
+        "initialize",
+        "push",
+        "pull",
+        "push_rows",
+        "pull_rows",
+        "claim",
+        "set_idle",
+        "state_dict",
+    ),
 )
 
 Address = tuple[str, bytes]

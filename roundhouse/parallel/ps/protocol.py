@@ -63,6 +63,27 @@ class ParameterStore(Protocol):
         """
         ...
 
+    def push_rows(
+        self,
+        shard: int,
+        pusher: int,
+        step: int,
+        table: int,
+        rows: np.ndarray,
+        values: np.ndarray,
+        weight: int,
+    ) -> None:
+        """Send the gradient sums of some rows of a row table to the shard holding them
+        (`ShardServer.push_rows`); blocks until the shard has them."""
+        ...
+
+    def pull_rows(
+        self, shards: list[int], pusher: int, step: int, table: int, rows: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """`rows[i]`'s values of row table `table` from `shards[i]` (in parallel), per
+        `ShardServer.pull_rows`'s waiting rule."""
+        ...
+
     def claim(self, epoch: int, first: int, limit: int) -> int:
         """Dynamic data assignment: shard 0's `ShardServer.claim`."""
         ...

@@ -98,6 +98,30 @@ class RemoteParameterStore:
         pushes, self.in_flight = self.in_flight, []
         return self.group.get(pushes + pulls)[len(pushes) :]
 
+    def push_rows(
+        self,
+        shard: int,
+        pusher: int,
+        step: int,
+        table: int,
+        rows: np.ndarray,
+        values: np.ndarray,
+        weight: int,
+    ) -> None:
+        """Send gradients of some rows of a row table to their shard; waits for it."""
+        args = (pusher, step, table, rows, values, weight)
+        self.group.get([self.group.call(shard, "push_rows", *args)])
+
+    def pull_rows(
+        self, shards: list[int], pusher: int, step: int, table: int, rows: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Rows of a row table from each of `shards` for `step` (in parallel)."""
+        calls = [
+            self.group.call(s, "pull_rows", pusher, step, table, r)
+            for s, r in zip(shards, rows, strict=True)
+        ]
+        return self.group.get(calls)
+
     def claim(self, epoch: int, first: int, limit: int) -> int:
         """Claim the next chunk of the epoch's samples from shard 0 (dynamic data assignment)."""
         return self.group.get([self.group.call(0, "claim", epoch, first, limit)])[0]

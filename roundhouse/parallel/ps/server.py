@@ -36,11 +36,19 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from roundhouse.parallel.ps.shard_state import (
+    build_shard_optimizer,
+    load_shard_state,
+    row_part,
+    slice_table_state,
+    use_foreach,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,10 @@ class ServerSetup:
     build_optimizer: Callable[..., torch.optim.Optimizer]
     build_scheduler: Callable[..., Any]
     timeout_s: float = 600.0
+    # Row tables (sparse-gradient parameters): global index -> whole row count. Every shard
+    # holds rows `shard, shard + num_shards, ...` of each (`shard_state.row_part`).
+    row_tables: dict[int, int] = field(default_factory=dict)
+    num_shards: int = 1
 
 
 @dataclass
@@ -134,21 +146,21 @@ class ShardServer:
         with self.cond:
             self.generation += 1
             self.setup = setup
-            self.indices = list(indices)
-            self.offsets = np.cumsum([0] + [np.size(a) for a in arrays]).tolist()
-            # One flat vector; the parameters are views into it, so a pull copies it in one go.
-            self.flat = torch.zeros(self.offsets[-1], dtype=torch.float32)
-            self.params = []
-            for i, a in enumerate(arrays):
-                view = self.flat[self.offsets[i] : self.offsets[i + 1]].view(np.shape(a))
-                view.copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
-                self.params.append(view)
-            self.optimizer = build_shard_optimizer(setup, self.params, self.indices)
+            dense = [
+                (g, a) for g, a in zip(indices, arrays, strict=True) if g not in setup.row_tables
+            ]
+            self._build_dense(dense)
+            self._build_tables(setup, indices, arrays)
+            everything = self.params + self.tables
+            self.optimizer = build_shard_optimizer(setup, everything, self.all_indices)
             if self.optimizer is not None:
                 use_foreach(self.optimizer)
-            self.scheduler = setup.build_scheduler(self.optimizer) if self.params else None
-            if state is not None and self.params:
-                load_shard_state(self.optimizer, self.scheduler, self.indices, state, self.params)
+            self.scheduler = setup.build_scheduler(self.optimizer) if everything else None
+            if state is not None and everything:
+                state = slice_table_state(state, setup.row_tables, self.shard_id, setup.num_shards)
+                load_shard_state(
+                    self.optimizer, self.scheduler, self.all_indices, state, everything
+                )
             self.clocks = [step] * setup.num_pushers
             self.version = step if setup.mode == "sync" else 0
             self.updates = 0 if state is None else int(state.get("updates", 0))
@@ -159,6 +171,29 @@ class ShardServer:
             self.idle: set[int] = set()  # pushers with no data left in their epoch
             self.cond.notify_all()
         logger.info("ps shard %d: %d parameters, mode %s", self.shard_id, len(arrays), setup.mode)
+
+    def _build_dense(self, dense: list[tuple[int, np.ndarray]]) -> None:
+        """The dense parameters: views into one flat vector, so a pull copies it in one go."""
+        self.indices = [g for g, _ in dense]
+        self.offsets = np.cumsum([0] + [np.size(a) for _, a in dense]).tolist()
+        self.flat = torch.zeros(self.offsets[-1], dtype=torch.float32)
+        self.params = []
+        for i, (_, a) in enumerate(dense):
+            view = self.flat[self.offsets[i] : self.offsets[i + 1]].view(np.shape(a))
+            view.copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
+            self.params.append(view)
+
+    def _build_tables(self, setup: ServerSetup, indices: list[int], arrays: list) -> None:
+        """This shard's rows of each row table (`arrays` holds them already cut, or whole)."""
+        self.table_ids = [g for g in indices if g in setup.row_tables]
+        self.tables = []
+        for g, a in zip(indices, arrays, strict=True):
+            if g in setup.row_tables:
+                part = torch.as_tensor(np.asarray(a, dtype=np.float32))
+                if part.shape[0] == setup.row_tables[g] and setup.num_shards > 1:
+                    part = row_part(part, self.shard_id, setup.num_shards)
+                self.tables.append(part.clone().requires_grad_(True))
+        self.all_indices = self.indices + self.table_ids
 
     def _current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0
@@ -189,21 +224,46 @@ class ShardServer:
         self._store(pusher, step, self._unflatten(indices, flat, present), weight)
         return None if pull_step is None else self.pull(pusher, pull_step)
 
-    def _store(
-        self, pusher: int, step: int, grads: dict[int, np.ndarray | None], weight: int
+    def push_rows(
+        self,
+        pusher: int,
+        step: int,
+        table: int,
+        rows: np.ndarray,
+        values: np.ndarray,
+        weight: int = 1,
     ) -> None:
+        """Receive the gradient sums of row table `table` for `rows` (global row ids, all on
+        this shard; `values` `(len(rows), *row_shape)`; no rows: the pusher touched none).
+        Counts towards the pusher's gradient of `step` like any dense parameter."""
+        num_shards = self._ready().num_shards
+        local = torch.as_tensor(np.asarray(rows, dtype=np.int64)) // num_shards
+        grads = {table: (local, torch.as_tensor(np.asarray(values, dtype=np.float32)))}
+        self._store(pusher, step, grads, weight)
+
+    def pull_rows(self, pusher: int, step: int, table: int, rows: np.ndarray) -> np.ndarray:
+        """The values of `rows` (global ids, on this shard) of row table `table` for `step`,
+        once readable by `pull`'s waiting rule."""
+        with self.cond:
+            self._wait_readable(pusher, step)
+            part = self.tables[self.table_ids.index(table)]
+            local = torch.as_tensor(np.asarray(rows, dtype=np.int64)) // self.setup.num_shards
+            return part.detach()[local].numpy()
+
+    def _store(self, pusher: int, step: int, grads: dict[int, Any], weight: int) -> None:
         """Add a push to its pending update; apply the update once it is complete."""
         with self.cond:
             setup = self._ready()
             key = step if setup.mode == "sync" else (pusher, step)
             pending = self.pending.setdefault(key, _Pending())
             pending.add(pusher, grads, weight)
-            if not pending.complete(pusher, len(self.indices)):
+            size = len(self.all_indices)
+            if not pending.complete(pusher, size):
                 return
             self.clocks[pusher] = max(self.clocks[pusher], step + 1)
             if setup.mode != "sync":
                 self._apply(self.pending.pop(key), divisor=weight)
-            elif all(pending.complete(p, len(self.indices)) for p in range(setup.num_pushers)):
+            elif all(pending.complete(p, size) for p in range(setup.num_pushers)):
                 self._apply(self.pending.pop(key), divisor=setup.world_size)
                 self.version += 1
             self.cond.notify_all()
@@ -246,6 +306,7 @@ class ShardServer:
         for i, param in enumerate(self.params):
             view = flat[self.offsets[i] : self.offsets[i + 1]].view_as(param)
             param.grad = view if has_grad[i] else None
+        sq_norm += self._table_grads(pending, divisor)
         self.last_lr = self._current_lr()
         self.last_sq_norm = sq_norm
         if not math.isfinite(sq_norm):  # the loop skips (or stops at) this step; so do we
@@ -256,6 +317,23 @@ class ShardServer:
             if self._schedule_due():
                 self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _table_grads(self, pending: _Pending, divisor: int) -> float:
+        """Each row table's summed sparse gradient (`.grad`, coalesced); their squared norm.
+
+        A part none of whose rows a batch touched still gets an (empty) gradient: on one device
+        the whole table has one, so the optimizer counts the step and applies momentum to the
+        rows it holds, here as there.
+        """
+        sq_norm = 0.0
+        for g, table in zip(self.table_ids, self.tables, strict=True):
+            parts = [pending.grads[p][g] for p in sorted(pending.grads)]
+            rows = torch.cat([rows for rows, _ in parts])
+            values = torch.cat([values for _, values in parts]).div_(divisor)
+            grad = torch.sparse_coo_tensor(rows[None], values, table.shape).coalesce()
+            sq_norm += float(grad.values().double().square().sum())
+            table.grad = grad
+        return sq_norm
 
     def _schedule_due(self) -> bool:
         setup = self._ready()
@@ -297,19 +375,8 @@ class ShardServer:
         Waits until the pusher's own gradients of every earlier step arrived (so a pull may be
         sent while its pushes are still on the way), then per the mode.
         """
-        deadline = time.monotonic() + self._ready().timeout_s
         with self.cond:
-            generation = self.generation
-            while not self._may_read(pusher, step):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        f"ps shard {self.shard_id}: pusher {pusher} waited for step {step} "
-                        f"longer than {self._ready().timeout_s} s (clocks {self.clocks})"
-                    )
-                self.cond.wait(timeout=min(left, 1.0))
-                if self.generation != generation:
-                    raise ServerResetError(f"ps shard {self.shard_id} was re-initialized")
+            self._wait_readable(pusher, step)
             flat = self._flat_params()
             return PullReply(
                 flat=flat,
@@ -318,6 +385,21 @@ class ShardServer:
                 grad_sq_norm=self.last_sq_norm,
                 ahead=max(0, step - self._slowest_clock(step)),
             )
+
+    def _wait_readable(self, pusher: int, step: int) -> None:
+        """Block (the condition held) until `pusher` may read the parameters for `step`."""
+        deadline = time.monotonic() + self._ready().timeout_s
+        generation = self.generation
+        while not self._may_read(pusher, step):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"ps shard {self.shard_id}: pusher {pusher} waited for step {step} "
+                    f"longer than {self._ready().timeout_s} s (clocks {self.clocks})"
+                )
+            self.cond.wait(timeout=min(left, 1.0))
+            if self.generation != generation:
+                raise ServerResetError(f"ps shard {self.shard_id} was re-initialized")
 
     def _may_read(self, pusher: int, step: int) -> bool:
         setup = self._ready()
@@ -342,15 +424,18 @@ class ShardServer:
         """This shard's parameters and optimizer/scheduler state, keyed by global index."""
         with self.cond:
             self._ready()
-            params = {g: p.detach().clone() for g, p in zip(self.indices, self.params, strict=True)}
+            everything = self.params + self.tables
+            params = {
+                g: p.detach().clone() for g, p in zip(self.all_indices, everything, strict=True)
+            }
             if self.optimizer is None:
                 return {"params": params, "optimizer": {}, "scheduler": None, "updates": 0}
             opt = self.optimizer.state_dict()
             # state_dict numbers parameters group by group; map them back to global indices.
-            position = {id(p): i for i, p in enumerate(self.params)}
+            position = {id(p): i for i, p in enumerate(everything)}
             chain = [p for group in self.optimizer.param_groups for p in group["params"]]
             per_param = {
-                self.indices[position[id(p)]]: opt["state"][i]
+                self.all_indices[position[id(p)]]: opt["state"][i]
                 for i, p in enumerate(chain)
                 if i in opt["state"]
             }
@@ -363,67 +448,7 @@ class ShardServer:
                 "scheduler": self.scheduler.state_dict(),
                 "updates": self.updates,
                 "num_pushers": self.setup.num_pushers,
+                "tables": {g: self.setup.row_tables[g] for g in self.table_ids},
+                "shard": self.shard_id,
+                "num_shards": self.setup.num_shards,
             }
-
-
-def use_foreach(optimizer: torch.optim.Optimizer) -> None:
-    """The multi-tensor implementation, where the optimizer has one and the job left it open.
-
-    torch picks it by itself only for CUDA tensors; on CPU a shard's update otherwise costs one
-    round of Python-dispatched operations per parameter, on the step's critical path. A fused
-    optimizer (roundhouse's Adam/AdamW, `trainer.optim.fused_or_default`) is left as it is.
-    """
-    for group in optimizer.param_groups:
-        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
-            group["foreach"] = True
-
-
-def build_shard_optimizer(
-    setup: ServerSetup, params: list[torch.Tensor], indices: list[int]
-) -> torch.optim.Optimizer | None:
-    """The job's optimizer over this shard; a grouping factory also gets the global indices
-    (its parameter groups go by name, see `trainer.optim.OptimizerFactory`)."""
-    if not params:
-        return None
-    if hasattr(setup.build_optimizer, "groups_of"):
-        return setup.build_optimizer(params, indices=indices)
-    return setup.build_optimizer(params)
-
-
-def load_shard_state(
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    indices: list[int],
-    state: dict[str, Any],
-    params: list[torch.Tensor],
-) -> None:
-    """Load the consolidated optimizer/scheduler `state` for the parameters `indices`."""
-    opt = state["optimizer"]
-    per_param = {i: opt["state"][g] for i, g in enumerate(indices) if g in opt["state"]}
-    # Saved state is keyed by position in this shard; each live group lists its own positions.
-    position = {id(p): i for i, p in enumerate(params)}
-    groups = [
-        dict(saved, params=[position[id(p)] for p in mine["params"]])
-        for saved, mine in zip(opt["param_groups"], optimizer.param_groups, strict=True)
-    ]
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-    if state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-
-
-def consolidate_states(shard_states: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge shard `state_dict`s into one state keyed by global parameter index."""
-    used = [s for s in shard_states if s["params"]]
-    params: dict[int, torch.Tensor] = {}
-    per_param: dict[int, Any] = {}
-    for s in used:
-        params.update(s["params"])
-        per_param.update(s["optimizer"]["state"])
-    first = used[0] if used else {"optimizer": {"param_groups": []}, "scheduler": None}
-    return {
-        "params": params,
-        "optimizer": {"state": per_param, "param_groups": first["optimizer"]["param_groups"]},
-        "scheduler": first["scheduler"],
-        "updates": max((s["updates"] for s in used), default=0),
-        "num_pushers": max((s.get("num_pushers", 0) for s in used), default=0),
-    }

@@ -51,6 +51,8 @@ from roundhouse.parallel.ps import (
 from roundhouse.parallel.ps.client import PSClient, Pulled, PusherRole
 from roundhouse.parallel.ps.costs import PSCosts
 from roundhouse.parallel.ps.remote import SERVICE, RemoteParameterStore, server_spec
+from roundhouse.parallel.ps.rows import RowTables, sparse_modules
+from roundhouse.parallel.ps.shard_state import row_part
 from roundhouse.parallel.ring import build_node_groups
 from roundhouse.parallel.ring.strategy import broadcast_module, check_process_group
 from roundhouse.parallel.services import ServiceGroup, ServiceSpec
@@ -120,6 +122,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.client: PSClient | None = None
         self.clock = 0  # steps pushed by this worker (the tag of its next push)
         self.last: Pulled | None = None
+        self.rows: RowTables | None = None  # the sparse-gradient tables, if the model has any
+        self.logged = (0, 0)  # (clock, row bytes) at the last row-traffic report
         self.ahead: list[int] = []
         self.dynamic = config.data_assignment == "dynamic"
         self.idle = False  # dynamic assignment: this worker found its epoch's data used up
@@ -137,12 +141,31 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         check_no_grad_clip(plan.grad_clip_norm)  # a worker started without the launcher's checks
         self.plan = plan
         self.model = model.to(self.ctx.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        modules = sparse_modules(self.model)
+        tables = [m.weight for m in modules]
+        dense = [
+            p
+            for p in self.model.parameters()
+            if p.requires_grad and all(p is not t for t in tables)
+        ]
+        self.params = dense + tables  # a parameter's place here is its index on the servers
+        self.row_tables = {len(dense) + j: t.shape[0] for j, t in enumerate(tables)}
         if self.distributed:
             broadcast_module(self.model)  # buffers (and the servers' initial parameters)
-        self.layout = build_layout([p.numel() for p in self.params], self.store.num_servers)
-        self.role = build_role(self.config, self.ctx)
-        self.client = PSClient(self.params, self.store, self.layout, self.role, bucket_mb=BUCKET_MB)
+        num_servers = self.store.num_servers
+        self.layout = build_layout([p.numel() for p in dense], num_servers)
+        # Row tables go to every shard and are pushed per rank: no node aggregation for them.
+        self.role = build_role(self.config, self.ctx, aggregate=not tables)
+        self.client = PSClient(
+            dense,
+            self.store,
+            self.layout,
+            self.role,
+            bucket_mb=BUCKET_MB,
+            shards=list(range(num_servers)) if tables else None,
+        )
+        if tables:
+            self.rows = RowTables(modules, list(self.row_tables), self.store, self.role.pusher)
         self._initialize_servers(None)
 
     def _server_setup(self) -> ServerSetup:
@@ -157,6 +180,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             build_optimizer=self.plan.build_optimizer,
             build_scheduler=self.plan.build_scheduler,
             timeout_s=SERVER_WAIT_S,
+            row_tables=dict(self.row_tables),
+            num_shards=self.store.num_servers,
         )
 
     def _initialize_servers(self, state: dict[str, Any] | None) -> None:
@@ -164,10 +189,17 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self._barrier()
         if self.ctx.rank == 0:
             setup = self._server_setup()
-            arrays = [p.detach().cpu().numpy() for p in self.params]
-            for shard, indices in enumerate(self.layout):
+            arrays = [p.detach().cpu() for p in self.params]
+            for shard, dense in enumerate(self.layout):
+                indices = dense + list(self.row_tables)
+                parts = [
+                    row_part(arrays[g], shard, setup.num_shards)
+                    if g in self.row_tables
+                    else arrays[g]
+                    for g in indices
+                ]
                 self.store.initialize(
-                    shard, setup, indices, [arrays[g] for g in indices], state, self.clock
+                    shard, setup, indices, [a.numpy() for a in parts], state, self.clock
                 )
         self._barrier()
         self.last = None
@@ -181,6 +213,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     def _ensure_params(self) -> None:
         """Load the parameters of the current step into the model (pull if none in flight)."""
         assert self.client is not None
+        if self.rows is not None:
+            self.rows.step = self.clock  # the step whose rows the next lookups pull
         if self.last is not None and self.client.pull_future is None:
             return
         if self.client.pull_future is None:
@@ -200,10 +234,13 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         if sync:
             self.client.begin(self.clock)
         try:
-            return super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
+            loss = super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
         finally:
             if sync:
                 self.client.flush()
+        if sync and self.rows is not None:
+            self.rows.push(self.clock)
+        return loss
 
     def _maybe_straggle(self) -> None:
         """Straggler injection: the configured rank's steps take `factor` times as long.
@@ -238,6 +275,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         pulled = self.last
         stats = StepStats(grad_norm=pulled.grad_norm, lr=pulled.lr or 0.0)
         stats.extra.update(self._staleness_metrics())
+        stats.extra.update(self._row_metrics())
         return stats
 
     def _advance(self) -> None:
@@ -254,6 +292,18 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "train/ps_staleness_mean": float(np.mean(values)),
             "train/ps_staleness_max": float(max(values)),
         }
+
+    def _row_metrics(self) -> dict[str, float]:
+        """Row-table bytes (ids and values) this worker pushed and pulled per step since the
+        last log (`train/ps_row_bytes_per_step`); none without row tables."""
+        if self.rows is None:
+            return {}
+        traffic = self.rows.traffic
+        total = traffic.pushed + traffic.pulled
+        steps = max(1, self.clock - self.logged[0])
+        per_step = (total - self.logged[1]) / steps
+        self.logged = (self.clock, total)
+        return {"train/ps_row_bytes_per_step": float(per_step)}
 
     def zero_grad(self) -> None:
         # The gradients already reached the servers, which skip a non-finite update; the step
@@ -284,7 +334,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if self.ctx.rank != 0:
             return {"model": model}
-        server = consolidate_states(self.store.state_dicts(used_shards(self.layout)))
+        server = consolidate_states(self.store.state_dicts(self._state_shards()))
         names = {id(p): n for n, p in self.model.named_parameters()}
         for g, p in enumerate(self.params):
             model[names[id(p)]] = server["params"][g].view_as(p).clone()
@@ -303,9 +353,21 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self._initialize_servers(ps)
 
     def model_state_dict(self) -> dict[str, Tensor]:
-        """The model's weights (the parameters last pulled from the servers)."""
+        """The model's weights (the parameters last pulled from the servers, tables whole)."""
         self._ensure_params()
+        if self.rows is not None:
+            self.rows.pull_all()
         return self.model.state_dict()
+
+    def _state_shards(self) -> list[int]:
+        """The shards holding state: those with dense parameters, or all with row tables."""
+        return list(range(self.store.num_servers)) if self.rows else used_shards(self.layout)
+
+    def row_traffic(self) -> tuple[int, int] | None:
+        """Bytes of row-table ids and values this worker pushed and pulled (None: no tables)."""
+        if self.rows is None:
+            return None
+        return self.rows.traffic.pushed, self.rows.traffic.pulled
 
     def data_claimer(self) -> Callable[[int, int, int], int] | None:
         """With `data_assignment: dynamic`, the servers' shared chunk counter; else None."""
@@ -327,6 +389,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         if self.client is not None:
             self.client.close()
             self.client = None
+        if self.rows is not None:
+            self.rows.close()
 
 
 def build_store(config: PSStrategyConfig, ctx: WorkerContext) -> ParameterStore:
@@ -346,9 +410,14 @@ def build_store(config: PSStrategyConfig, ctx: WorkerContext) -> ParameterStore:
     return LocalParameterStore(config.num_servers)
 
 
-def build_role(config: PSStrategyConfig, ctx: WorkerContext) -> PusherRole:
-    """This rank's pusher: itself, or (node aggregation with >1 rank per node) its node."""
-    if not config.node_aggregation or ctx.world_size == ctx.num_nodes:
+def build_role(
+    config: PSStrategyConfig, ctx: WorkerContext, *, aggregate: bool = True
+) -> PusherRole:
+    """This rank's pusher: itself, or (node aggregation with >1 rank per node) its node.
+
+    `aggregate=False` (a model with row tables): every rank pushes for itself.
+    """
+    if not (aggregate and config.node_aggregation) or ctx.world_size == ctx.num_nodes:
         return PusherRole(pusher=ctx.rank, is_leader=True, weight=1, leader_rank=ctx.rank)
     groups = build_node_groups(ctx.node_rank, ctx.local_rank)  # collective on every rank
     size = dist.get_world_size(groups.node)

@@ -21,10 +21,12 @@ from torch import Tensor, nn
 
 from roundhouse.config import RingStrategyConfig
 from roundhouse.errors import TrainingError
+from roundhouse.models.sparse import sparse_modules
 from roundhouse.parallel.base import StepStats, TrainPlan
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
 from roundhouse.parallel.ring.costs import RingCosts
+from roundhouse.parallel.ring.sparse import gather_sparse_grads
 from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.parallel.timeouts import group_timeout, named_collective
 
@@ -44,6 +46,8 @@ class RingStrategy(SingleDeviceStrategy):
     def __init__(self, config: RingStrategyConfig, ctx: WorkerContext) -> None:
         super().__init__(config, ctx)
         self.comm: OverlappedAllReduce | None = None
+        self.gathered: list[nn.Parameter] = []  # sparse_gradients=gather: rows all-gathered
+        self.gathered_bytes = 0
         self.distributed = ctx.world_size > 1
         if self.distributed:
             check_process_group(ctx)
@@ -54,8 +58,11 @@ class RingStrategy(SingleDeviceStrategy):
         if not self.distributed:
             return
         broadcast_module(self.model)
+        if self.config.sparse_gradients == "gather":
+            self.gathered = [m.weight for m in sparse_modules(self.model)]
+        reduced = [p for p in self.params if all(p is not t for t in self.gathered)]
         self.comm = OverlappedAllReduce(
-            self.params, build_reducer(self.config, self.ctx), bucket_mb=self.config.bucket_mb
+            reduced, build_reducer(self.config, self.ctx), bucket_mb=self.config.bucket_mb
         )
 
     def forward_backward(
@@ -74,6 +81,8 @@ class RingStrategy(SingleDeviceStrategy):
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
         """Wait for the averaged gradients, then step as `single` (identical on every rank)."""
         self._wait()
+        if self.gathered:
+            self.gathered_bytes += gather_sparse_grads(self.gathered, self.ctx.world_size)
         return super().optimizer_step(need_grad_norm=need_grad_norm)
 
     def zero_grad(self) -> None:
