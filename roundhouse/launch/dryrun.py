@@ -14,7 +14,8 @@ from roundhouse.data import build_splits
 from roundhouse.errors import ModelError
 from roundhouse.launch.checks import check_runnable
 from roundhouse.trainer.adapt_checks import check_adaptation
-from roundhouse.trainer.finetune import check_finetune, group_counts
+from roundhouse.trainer.adapter_state import apply_adapter_state
+from roundhouse.trainer.finetune import group_counts
 from roundhouse.trainer.model_build import build_model_for
 
 
@@ -28,7 +29,7 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
         model = build_model_for(job, info.input_shape, info.num_classes)
         out_shape = _output_shape(job, model, info.input_shape, splits.input_dtype)
     num_params = sum(p.numel() for p in model.parameters())
-    loaded = check_finetune(job, model)  # init_from, freeze, param_groups (already checked)
+    loaded = apply_adapter_state(model, job)  # init_from, freeze, LoRA: the run's counts
     steps_per_epoch = topo.steps_per_epoch(info.num_samples["train"])
     total = compute_total_steps(job, steps_per_epoch)
     return [
