@@ -34,6 +34,7 @@ from roundhouse.trainer.lora import AdapterCheckpoint, apply_lora
 from roundhouse.trainer.model_build import build_model_for, seed_everything
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import Task, build_task
+from roundhouse.trainer.tasks_regression import resolve_job_task
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def build_trainer(
     splits = build_splits(job.data, seed=job.trainer.seed)
     task_kind = models.get(job.model.name).loss
     splits.check_task(task_kind, job.model.name)  # e.g. an image dataset for a language model
+    task_kind = resolve_job_task(job, splits.info)  # value targets: regression
     model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
     apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)

@@ -17,6 +17,7 @@ from roundhouse.errors import ModelError
 from roundhouse.trainer.losses import LossFn, build_loss, mixed_loss, topk_correct
 from roundhouse.trainer.tasks_diffusion import DiffusionTask, VAETask
 from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
+from roundhouse.trainer.tasks_regression import REGRESSION, build_regression_task
 
 
 class Task(Protocol):
@@ -74,6 +75,8 @@ def build_task(kind: str, loss: LossConfig) -> Task:
     """The task a model's `ModelSpec.loss` names."""
     if kind == "classification":
         return ClassificationTask(build_loss(loss))
+    if kind == REGRESSION:
+        return build_regression_task(loss)
     # Imported here: the text tasks pull in the tokenizer, which classification never needs.
 
     if kind == "language_model":
@@ -87,5 +90,5 @@ def build_task(kind: str, loss: LossConfig) -> Task:
         return DiffusionTask()
     raise ModelError(
         f"model task {kind!r} is not supported",
-        "valid: classification, language_model, masked_lm, vae, diffusion",
+        "valid: classification, regression, language_model, masked_lm, vae, diffusion",
     )
