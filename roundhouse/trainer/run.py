@@ -23,6 +23,7 @@ from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.compile import apply_compile
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.registry import build_strategy
+from roundhouse.parallel.sync_norm import apply_sync_batch_norm
 from roundhouse.runs.rundir import RunDir, job_folder, new_run_id, run_dir_of
 from roundhouse.runs.status import RunStatus
 from roundhouse.runs.tracking import Tracker, redact_secrets
@@ -192,6 +193,7 @@ def build_trainer(
     model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
     apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
+    apply_sync_batch_norm(model, job.model.options.get("norm"), ctx)  # global batch statistics
     task = build_distill_task(job, build_task(task_kind, job.trainer.loss), splits, ctx.device)
     strategy = build_strategy(job.strategy, ctx)
     loader = build_train_loader(job, splits, strategy)
