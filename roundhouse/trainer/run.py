@@ -29,7 +29,7 @@ from roundhouse.runs.status import RunStatus
 from roundhouse.runs.tracking import Tracker, redact_secrets
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
 from roundhouse.trainer.distill import build_distill_task
-from roundhouse.trainer.finetune import apply_finetune, build_optimizer_factory
+from roundhouse.trainer.finetune import apply_finetune, build_optimizer_factory, group_counts
 from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.lora import AdapterCheckpoint, apply_lora
 from roundhouse.trainer.model_build import build_model_for, seed_everything
@@ -194,6 +194,7 @@ def build_trainer(
     apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
     apply_sync_batch_norm(model, job.model.options.get("norm"), ctx)  # global batch statistics
+    logger.info("model %s: %s", job.model.name, group_counts(model, job.trainer.optimizer)[0])
     task = build_distill_task(job, build_task(task_kind, job.trainer.loss), splits, ctx.device)
     strategy = build_strategy(job.strategy, ctx)
     loader = build_train_loader(job, splits, strategy)
