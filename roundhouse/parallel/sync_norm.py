@@ -4,7 +4,8 @@ Under data parallelism each rank normalizes with its own small batch's mean and 
 (SEEDS S1:427-434, S3:753). `apply_sync_batch_norm` replaces every `BatchNorm2d` of the model
 with a `GlobalBatchNorm` before the strategy takes the model, on every strategy (ring, ps,
 DeepSpeed) alike: in training mode it all-reduces the per-channel sums over the process group,
-so each rank normalizes with the mean and (biased) variance of the whole global batch, and its
+so each rank normalizes with the mean and (biased) variance of the whole global batch (one
+all-reduce of the per-channel Σx, Σx² and count per layer, in float64), and its
 running statistics are the ones one process on the whole batch would keep.
 
 The all-reduce is `torch.distributed.nn.functional.all_reduce`, which is differentiable: its
@@ -43,15 +44,18 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         """Normalize `x` `(B, C, H, W)` with the global batch's per-channel statistics."""
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
-        dims = [0, 2, 3]
-        count = x.new_full((1,), x.numel() / max(x.shape[1], 1))
-        totals = all_reduce_sum(torch.cat([x.sum(dims), count]))  # (C + 1,)
+        dims, channels = [0, 2, 3], x.shape[1]
+        # One all-reduce of Σx, Σx² and the count, in float64: E[x²] - E[x]² then loses nothing
+        # that a second pass over the centred values would keep, at half the collectives.
+        wide = x.double()
+        count = wide.new_full((1,), x.numel() / max(channels, 1))
+        totals = all_reduce_sum(torch.cat([wide.sum(dims), wide.square().sum(dims), count]))
         n = totals[-1]
-        mean = totals[:-1] / n  # (C,)
-        centered = x - mean.view(1, -1, 1, 1)
-        var = all_reduce_sum(centered.square().sum(dims)) / n  # biased, as BatchNorm normalizes
-        self.update_running_stats(mean.detach(), var.detach(), float(n))
-        out = centered * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        mean = totals[:channels] / n  # (C,)
+        var = (totals[channels : 2 * channels] / n - mean.square()).clamp(min=0)  # biased
+        self.update_running_stats(mean.detach().to(x.dtype), var.detach().to(x.dtype), float(n))
+        scale = torch.rsqrt(var + self.eps).to(x.dtype)
+        out = (x - mean.to(x.dtype).view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
         if self.affine:
             out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
         return out
