@@ -146,11 +146,11 @@ class RecurrentStack(nn.Module):
 
 
 class RecurrentLM(nn.Module):
+    """Byte-level LM: embedding -> unidirectional stack -> linear to logits `(B, T, V)`."""
+
     # Its cells loop over time steps in Python: a trace (ONNX export) unrolls them, so the
     # exported graph holds the traced sequence length (see `export/graph.py`).
     unrolled_in_time = True
-
-    """Byte-level LM: embedding -> unidirectional stack -> linear to logits `(B, T, V)`."""
 
     def __init__(self, vocab_size: int, stack: RecurrentStack, embed_dim: int, hidden: int):
         super().__init__()
