@@ -85,7 +85,8 @@ def classifier_graph(model: nn.Module, info: DataInfo, dtype: torch.dtype) -> Ex
 
     # Regression outputs are values: no test accuracy to score.
     scored = not info.has_values
-    return ExportGraph(model, sample, ["input"], _batch_axes(["input"]), "classifier", scored)
+    kind = "classifier" if scored else "regressor"
+    return ExportGraph(model, sample, ["input"], _batch_axes(["input"]), kind, scored)
 
 
 def language_model_graph(model: nn.Module, info: DataInfo) -> ExportGraph:

@@ -94,11 +94,18 @@ def diabetes_job(storage: Path, **trainer: object) -> dict:
     }
 
 
-def test_an_mlp_learns_diabetes_and_logs_regression_metrics(tmp_path: Path) -> None:
-    final = read_metrics(train(diabetes_job(tmp_path)))[-1]
+def test_an_mlp_learns_diabetes_and_logs_regression_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = train(diabetes_job(tmp_path))
+    final = read_metrics(run)[-1]
     assert {"test/mse", "test/mae", "test/r2", "test/loss"} <= set(final)
     assert final["test/r2"] > 0.2  # a constant predictor scores about 0
     assert "test/accuracy" not in final
+    out = tmp_path / "reg.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "the regressor of mlp" in text and "accuracy" not in text
 
 
 def test_float_labels_for_a_classification_task_are_one_line(
