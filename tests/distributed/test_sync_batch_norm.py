@@ -111,3 +111,21 @@ def test_sync_batch_alone_warns_and_keeps_batch_norm(caplog: pytest.LogCaptureFi
         assert apply_sync_batch_norm(model, "sync_batch", build_local_context("cpu")) == 0
     assert "same as norm=batch" in caplog.text
     assert not any(isinstance(m, GlobalBatchNorm) for m in model.modules())
+
+
+@pytest.mark.timeout(600)
+def test_deepspeed_zero1_with_sync_batch_trains_the_weights_of_one_process(tmp_path: Path) -> None:
+    from tests.distributed.test_deepspeed_zero import ds_job
+    from tests.distributed.test_deepspeed_zero import train as train_ds
+
+    def job(run_id: str, kind: str) -> dict:
+        spec = ds_job(tmp_path / run_id, run_id, 1)
+        spec["model"] = {"name": "resnet", "flavor": "debug", "options": {"norm": "sync_batch"}}
+        spec["trainer"]["max_steps"] = 3
+        spec["strategy"] = (
+            {"kind": kind, "zero_stage": 1} if kind == "deepspeed" else {"kind": kind}
+        )
+        return spec
+
+    expected = final_weights(train_ds(job("single", "single"), 1))
+    assert_same(final_weights(train_ds(job("ds", "deepspeed"), 2)), expected)
