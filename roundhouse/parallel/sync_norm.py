@@ -53,7 +53,7 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         n = totals[-1]
         mean = totals[:channels] / n  # (C,)
         var = (totals[channels : 2 * channels] / n - mean.square()).clamp(min=0)  # biased
-        self.update_running_stats(mean.detach().to(x.dtype), var.detach().to(x.dtype), float(n))
+        self.update_running_stats(mean.detach(), var.detach(), n.detach())
         scale = torch.rsqrt(var + self.eps).to(x.dtype)
         out = (x - mean.to(x.dtype).view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
         if self.affine:
@@ -61,17 +61,19 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         return out
 
     @torch.no_grad()
-    def update_running_stats(self, mean: Tensor, var: Tensor, n: float) -> None:
-        """The running mean and unbiased variance, updated as `BatchNorm2d` updates them."""
+    def update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
+        """The running mean and unbiased variance, updated as `BatchNorm2d` updates them
+        (tensor arithmetic only: no host sync on a GPU)."""
         if not self.track_running_stats or self.running_mean is None:
             return
         self.num_batches_tracked.add_(1)
         momentum = self.momentum
         if momentum is None:  # a cumulative moving average
             momentum = 1.0 / float(self.num_batches_tracked)
-        unbiased = var * (n / max(n - 1.0, 1.0))
-        self.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        unbiased = var * (n / (n - 1.0).clamp(min=1.0))
+        dtype = self.running_mean.dtype
+        self.running_mean.mul_(1 - momentum).add_(mean.to(dtype), alpha=momentum)
+        self.running_var.mul_(1 - momentum).add_(unbiased.to(dtype), alpha=momentum)
 
 
 def to_global(module: nn.BatchNorm2d) -> GlobalBatchNorm:
