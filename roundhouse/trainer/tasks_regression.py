@@ -129,6 +129,19 @@ def resolve_job_task(job: JobSpec, info: DataInfo) -> str:
     return resolve_task_kind(models.get(job.model.name).loss, info, job.trainer.loss, source)
 
 
+def job_task_kind(job: JobSpec) -> str:
+    """The task a job trains (regression for value targets), opening the data only when a
+    classifier with a regression loss might meet value targets."""
+    kind = models.get(job.model.name).loss
+    if kind != "classification" or job.trainer.loss.name not in REGRESSION_LOSSES:
+        return kind
+    if job.data.source is not None and job.data.source not in VALUE_TARGET_SOURCES:
+        return kind
+    from roundhouse.data import build_splits
+
+    return resolve_job_task(job, build_splits(job.data, seed=job.trainer.seed).info)
+
+
 def check_job_targets(job: JobSpec) -> None:
     """Pre-flight: value targets need a regression loss and a model that can regress.
 
@@ -142,4 +155,8 @@ def check_job_targets(job: JobSpec) -> None:
         return
     from roundhouse.data import build_splits
 
-    resolve_job_task(job, build_splits(job.data, seed=job.trainer.seed).info)
+    try:
+        info = build_splits(job.data, seed=job.trainer.seed).info
+    except DataError:
+        return  # unreadable data: the data's own check reports it where it always did
+    resolve_job_task(job, info)

@@ -129,6 +129,14 @@ def test_float_labels_for_a_classification_task_are_one_line(
     assert "task language_model" in capsys.readouterr().err
 
 
+def test_tune_selects_on_regression_metrics(tmp_path: Path) -> None:
+    from roundhouse.launch.jobfile import validate_job
+    from roundhouse.launch.search_space import known_metrics
+
+    job = validate_job(diabetes_job(tmp_path))
+    assert known_metrics(job) == ["val/loss", "val/mae", "val/mse", "val/r2"]
+
+
 def prepare(source: Path, url: Path, *flags: str) -> int:
     return main(["data", "prepare", str(source), str(url), "--split", "0.6,0.2,0.2", *flags])
 
