@@ -147,15 +147,21 @@ class SchedulerConfig(Section):
 
 
 class LossConfig(Section):
-    """Training loss for classifiers (models with their own loss ignore it)."""
+    """Training loss for classifiers and regressors (models with their own loss ignore it)."""
 
-    name: str = Field("cross_entropy", description="cross_entropy | focal | mse | l1")
+    name: str = Field(
+        "cross_entropy",
+        description="cross_entropy | focal | mse | l1 | huber (mse, l1, huber also regression)",
+    )
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0, description="cross_entropy and language models: label smoothing."
     )
     focal_gamma: Annotated[float, Field(ge=0)] = Field(2.0, description="focal: gamma.")
     focal_alpha: Annotated[float, Field(ge=0, le=1)] | None = Field(
         0.25, description="focal: class weight alpha (null: none)."
+    )
+    huber_delta: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="Huber loss: quadratic below this error, linear above"
     )
 
 

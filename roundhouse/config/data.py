@@ -18,6 +18,21 @@ from .base import NonNegInt, Section
 # --- data --------------------------------------------------------------------------------------
 
 
+class NormalizeConfig(Section):
+    """Per-channel input normalization: `(x - mean) / std`, after augmentation."""
+
+    mean: list[float] = Field(description="One mean per input channel.")
+    std: list[Annotated[float, Field(gt=0)]] = Field(description="One std per input channel.")
+
+    @model_validator(mode="after")
+    def _same_length(self) -> NormalizeConfig:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(
+                f"data.normalize: mean {self.mean} and std {self.std} need one value per channel"
+            )
+        return self
+
+
 class AugmentConfig(Section):
     """Training-time augmentation (train split only). Zero or null turns a transform off."""
 
@@ -154,6 +169,11 @@ class DataConfig(Section):
         None, description="Resize images to this side length (e.g. 32 for digits on a VGG)."
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    normalize: Literal["imagenet", "none"] | NormalizeConfig | None = Field(
+        None,
+        description="Input normalization: {mean: [...], std: [...]} per channel, `imagenet`, "
+        "or `none`; default none, except `imagenet` for a torchvision init_from.",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Source options, e.g. synthetic: {shape: [3, 32, 32], num_samples: 1024}.",

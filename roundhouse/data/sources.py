@@ -1,8 +1,9 @@
 """In-memory data sources and their seeded train/val/test split (`ArrayDataset`s).
 
 Sources are a plain dict from name to a loader function. Each returns all samples as float32
-`(N, C, H, W)` inputs in [0, 1] and int64 `(N,)` labels; `build_splits` then resizes once,
-permutes with the run seed and cuts the permutation by `data.split`.
+`(N, C, H, W)` inputs in [0, 1] and int64 `(N,)` labels (or, for regression sources such as
+`builtin:diabetes`, float32 feature vectors and float32 value targets); `build_splits` then
+resizes once, permutes with the run seed and cuts the permutation by `data.split`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class _Loaded:
     targets: Tensor
     num_classes: int
     split_sizes: tuple[int, int, int] | None = None
+    target_shape: tuple[int, ...] | None = None  # float value targets (regression)
 
 
 def _no_options(source: str, options: dict[str, Any], allowed: Sequence[str]) -> None:
@@ -101,18 +103,56 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     start), so the CSV that `load_digits` parses is read directly; `load_digits` itself only if
     this scikit-learn keeps the file elsewhere.
     """
-    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            with gzip.open(path, "rt") as f:
-                data = np.loadtxt(f, delimiter=",")
-            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    path = _sklearn_data_file("digits.csv.gz")
+    if path is not None:
+        with gzip.open(path, "rt") as f:
+            data = np.loadtxt(f, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     return digits.images, digits.target
+
+
+def _sklearn_data_file(name: str) -> Path | None:
+    """A file scikit-learn bundles in `sklearn/datasets/data`, found without importing it
+    (importing scikit-learn costs more than a second in every worker)."""
+    spec = importlib.util.find_spec("sklearn")
+    for folder in list(spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _diabetes_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's diabetes: 442 patients, 10 raw features and a disease-progression value."""
+    data, target = (_sklearn_data_file(f) for f in DIABETES_FILES)
+    if data is None or target is None:
+        from sklearn.datasets import load_diabetes
+
+        raw = load_diabetes(scaled=False)
+        return raw.data, raw.target
+    return np.loadtxt(data), np.loadtxt(target)
+
+
+DIABETES_FILES = ("diabetes_data_raw.csv.gz", "diabetes_target.csv.gz")
+
+
+def _load_diabetes(options: dict[str, Any]) -> _Loaded:
+    """Regression: `(N, 10)` standardized features and one standardized target value.
+
+    Features and target are z-scores over the whole file (as scikit-learn's `scaled=True` does
+    for the features), so an MLP trains with its default learning rates; R² is unchanged by
+    this affine map of the target.
+    """
+    _no_options("builtin:diabetes", options, ())
+    data, target = _diabetes_arrays()
+    features = (data - data.mean(0)) / data.std(0)
+    values = (target - target.mean()) / target.std()
+    inputs = torch.as_tensor(features, dtype=torch.float32)
+    targets = torch.as_tensor(values, dtype=torch.float32)
+    return _Loaded(inputs, targets, num_classes=1, target_shape=())
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -185,7 +225,10 @@ SOURCES: dict[str, Callable[..., _Loaded]] = {
     "builtin:synthetic": _load_synthetic,
     "builtin:pytext": _load_pytext,
     "builtin:pydoc-cls": _load_pydoc_cls,
+    "builtin:diabetes": _load_diabetes,
 }
+# Sources whose targets are float values (regression), known without loading them.
+VALUE_TARGET_SOURCES = frozenset({"builtin:diabetes"})
 
 
 def _load(config: DataConfig, seed: int) -> _Loaded:
@@ -260,6 +303,7 @@ def build_source_splits(config: DataConfig, seed: int) -> Splits:
         input_shape=tuple(inputs.shape[1:]),
         num_classes=loaded.num_classes,
         num_samples=dict(zip(("train", "val", "test"), sizes, strict=True)),
+        target_shape=loaded.target_shape,
     )
     logger.info("data %s: %s, input shape %s", config.source, info.num_samples, info.input_shape)
     return Splits(*datasets, info=info)

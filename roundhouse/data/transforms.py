@@ -176,3 +176,50 @@ def apply_mixup(
         "target_b": partner["target"],
         "mix_lam": torch.tensor(lam, dtype=torch.float32),
     }
+
+
+# --- input normalization (data.normalize) ---------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InputNormalizer:
+    """`(x - mean) / std` per channel of `(B, C, ...)` inputs, as a forward pre-hook.
+
+    Registered on the model (`model.register_forward_pre_hook`), so it runs after augmentation
+    on every path that feeds the model (training, evaluation, export, sampling) and travels
+    into the exported ONNX graph; the model's state dict is unchanged.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """`x` normalized along dimension 1."""
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return (x - mean) / std
+
+    def __call__(self, module: Any, args: tuple) -> tuple:
+        """The forward pre-hook: the first positional input normalized."""
+        return (self.normalize(args[0]), *args[1:])
+
+
+def resolve_normalize(value: Any, num_channels: int) -> tuple[tuple, tuple] | None:
+    """`(mean, std)` for `data.normalize` (`imagenet`, `{mean, std}`, `none`/None: None).
+
+    Raises:
+        DataError: the values do not have one entry per input channel.
+    """
+    if value is None or value == "none":
+        return None
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if value == "imagenet" else (value.mean, value.std)
+    if len(mean) != num_channels:
+        raise DataError(
+            f"data.normalize has {len(mean)} channel values, the inputs have {num_channels} "
+            "channels",
+            "give one mean and std per input channel, or remove data.normalize",
+        )
+    return tuple(mean), tuple(std)

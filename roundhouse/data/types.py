@@ -81,10 +81,19 @@ class DataInfo:
 
     Attributes:
         input_shape: Per-sample input shape after resizing, e.g. `(C, H, W)`.
-        num_classes: Number of target classes.
+        num_classes: Number of target classes; for value targets, the number of model outputs
+            (the size of one sample's target).
         num_samples: Split sizes, `{"train": ..., "val": ..., "test": ...}`.
+        target_shape: None for class labels; the per-sample shape of float value targets
+            (`()` for one value, `(D,)` for a vector) for regression.
     """
 
     input_shape: tuple[int, ...]
     num_classes: int
     num_samples: dict[str, int]
+    target_shape: tuple[int, ...] | None = None
+
+    @property
+    def has_values(self) -> bool:
+        """Whether the targets are float values (regression) rather than class labels."""
+        return self.target_shape is not None

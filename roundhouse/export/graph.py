@@ -83,7 +83,10 @@ def classifier_graph(model: nn.Module, info: DataInfo, dtype: torch.dtype) -> Ex
             return (torch.rand((batch, *shape), generator=gen).to(dtype),)
         return (torch.randint(0, info.num_classes, (batch, *shape), generator=gen),)
 
-    return ExportGraph(model, sample, ["input"], _batch_axes(["input"]), "classifier", True)
+    # Regression outputs are values: no test accuracy to score.
+    scored = not info.has_values
+    kind = "classifier" if scored else "regressor"
+    return ExportGraph(model, sample, ["input"], _batch_axes(["input"]), kind, scored)
 
 
 def language_model_graph(model: nn.Module, info: DataInfo) -> ExportGraph:
@@ -91,10 +94,17 @@ def language_model_graph(model: nn.Module, info: DataInfo) -> ExportGraph:
     vocab = info.num_classes
     length = min(SAMPLE_SEQ_LEN, int(info.input_shape[0]))
 
+    fixed = getattr(model, "unrolled_in_time", False)  # recurrent: the traced length only
+
     def sample(batch: int, gen: torch.Generator, variant: int = 0) -> tuple[Tensor, ...]:
-        size = max(2, length - 5 * variant)  # checks run at other lengths than the trace's
+        size = length if fixed else max(2, length - 5 * variant)  # checks at other lengths
         return (torch.randint(0, min(vocab, 256), (batch, size), generator=gen),)
 
+    if fixed:
+        axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+        return ExportGraph(
+            model, sample, ["input"], axes, f"language model (length {length})", True
+        )
     axes = {"input": {0: "batch", 1: "sequence"}, "output": {0: "batch", 1: "sequence"}}
     return ExportGraph(model, sample, ["input"], axes, "language model", True)
 

@@ -31,7 +31,14 @@ def add_data_parser(commands: argparse._SubParsersAction, common: argparse.Argum
     prep.add_argument("--seed", type=int, default=0, help="seed of the row shuffle and split")
     prep.add_argument("--no-shuffle", action="store_true", help="keep the source's row order")
     prep.add_argument("--input-field", help="column/array holding the inputs")
-    prep.add_argument("--target-field", help="column/array holding the class labels")
+    prep.add_argument("--target-field", help="column/array holding the targets (labels/values)")
+    prep.add_argument(
+        "--target-kind",
+        choices=("auto", "class", "value"),
+        default="auto",
+        help="class ids, or float values for regression (auto: values when the targets are "
+        "vectors or have a fractional part)",
+    )
     prep.add_argument(
         "--option",
         "-o",
@@ -84,6 +91,7 @@ def _prepare(args: argparse.Namespace) -> int:
         shuffle=not args.no_shuffle,
         input_field=args.input_field,
         target_field=args.target_field,
+        target_kind=args.target_kind,
         source_options=_options(args.option),
         tokenizer=args.tokenizer,
         text_field=args.text_field,
@@ -110,13 +118,21 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes:.1f} GB"
 
 
+def _target_text(index: Any) -> str:
+    """`int64, K classes`, `float32 values [shape]` (regression) or `-` without targets."""
+    values = index.extra.get("target_shape")
+    if values is not None:
+        return f"float32 values {values}"
+    return f"int64, {index.num_classes} classes" if index.num_classes else "-"
+
+
 def _describe(url: str, index: Any) -> list[str]:
     schema = index.input
     lines = [
         f"dataset   {url}",
         f"format    version {index.format_version}, codec {index.codec}, source {index.source}",
         f"input     {schema.encoding} {schema.dtype} {list(schema.shape)}",
-        f"target    {f'int64, {index.num_classes} classes' if index.num_classes else '-'}",
+        f"target    {_target_text(index)}",
         f"total     {len(index.shards)} shards, {sum(index.splits.values())} rows, "
         f"{_size(sum(s.bytes for s in index.shards))}",
     ]
@@ -157,7 +173,7 @@ def _samples(url: str, index: Any, count: int) -> list[str]:
     lines = []
     for k in range(batch["input"].shape[0]):
         x = batch["input"][k]
-        target = f"target {int(batch['target'][k])}  " if "target" in batch else ""
+        target = f"target {batch['target'][k].tolist()}  " if "target" in batch else ""
         lines.append(
             f"sample    {first.name}[{k}]: {target}input {list(x.shape)} min {x.min():.3f} "
             f"max {x.max():.3f} mean {x.mean():.3f}"

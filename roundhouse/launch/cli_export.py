@@ -89,4 +89,8 @@ def load_source(args: argparse.Namespace):  # -> SavedModel
 
     job = load_job(args.source, [])
     model, lora, splits = build_job_model(job)
+    if lora is None:  # a LoRA model got its init_from under the adapters already
+        from roundhouse.weights.finetune import apply_finetune
+
+        apply_finetune(model, job)
     return SavedModel(job, model.eval(), splits, lora)

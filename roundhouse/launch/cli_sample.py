@@ -103,22 +103,19 @@ def read_run(ref: str) -> tuple[Any, Any, int | None]:
 def load_run(ref: str) -> LoadedRun:
     """Rebuilds the model of run `ref` from its `job.yaml` and loads its checkpoint.
 
+    The model is rebuilt with the run's adapter state (`saved_model.load_saved_model`): a LoRA
+    run's checkpoint holds only the adapters, so its base is rebuilt as training built it and
+    the adapters are folded into it (sampling needs no separate adapter layers).
+
     Raises:
         CheckpointError: No run or no checkpoint at `ref`, or a corrupt one.
     """
     from roundhouse import models
-    from roundhouse.weights.checkpoint import Checkpointer
-    from roundhouse.weights.model_build import build_model_with_data
+    from roundhouse.weights.saved_model import load_saved_model
 
-    job, target, step = read_run(ref)
-    identity = {"model": job.model.name, "flavor": job.model.flavor}
-    checkpointer = Checkpointer(target, keep_last=1, identity=identity)
-    step = checkpointer.latest_step() if step is None else step
-    state = checkpointer.load(step)  # CheckpointError when the run has none; sha256-checked
-    model, _ = build_model_with_data(job)  # built for the shapes it was trained on
-    model.load_state_dict(state["strategy"]["model"])
-    logger.info("loaded %s step %s", target.url, step)
-    return LoadedRun(job, model.eval(), models.get(job.model.name).loss, int(step or 0))
+    saved = load_saved_model(ref, merge=True)  # CheckpointError when the run has none
+    job = saved.job
+    return LoadedRun(job, saved.model.eval(), models.get(job.model.name).loss, int(saved.step or 0))
 
 
 def reject_flags(args: argparse.Namespace, flags: dict[str, str], kind: str, allow=()) -> None:

@@ -44,7 +44,7 @@ def summary_lines(args: argparse.Namespace, shape: tuple[int, ...]) -> list[str]
     """The summary table and the trainable/frozen lines for the parsed command line."""
     from roundhouse import models
     from roundhouse.config.loading import apply_overrides, validate_job
-    from roundhouse.trainer.checks import check_finetune
+    from roundhouse.trainer.adapter_state import apply_adapter_state
     from roundhouse.trainer.optim import group_counts
     from roundhouse.weights.model_build import build_model_for
 
@@ -54,8 +54,8 @@ def summary_lines(args: argparse.Namespace, shape: tuple[int, ...]) -> list[str]
     job = validate_job(data, source="models summary")
     with torch.device("meta"):
         model = build_model_for(job, shape, args.num_classes)
-    loaded = check_finetune(job, model)
     rows = models.summarize(model, shape, input_dtype(model))
+    loaded = apply_adapter_state(model, job)  # init_from, freeze, LoRA as the run applies them
     lines = [models.format_summary(rows, models.count_parameters(model))]
     lines += group_counts(model, job.trainer.optimizer)
     if loaded is not None:

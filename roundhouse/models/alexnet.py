@@ -125,5 +125,6 @@ SPEC = register(
         description="AlexNet (d2l): 5 convs + 3 max-pools, two 4096 FCs with dropout 0.5.",
         pipeline_layers=sequential_layers,
         flops_per_sample=meta_flops("alexnet"),
+        takes_norm=True,
     )
 )

@@ -68,15 +68,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         return RotateComplex.apply(x, rot)
     if cos.shape[-1] * 2 == x.shape[-1]:
         cos, sin = expand_angles(cos, sin)
-    return RotatePairs.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+    return rotate_pairs_of(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def use_complex(x: Tensor) -> bool:
-    """Whether `x` rotates as complex numbers: float32/float64, and not inside torch.compile."""
-    return x.dtype in COMPLEX_OF and not torch.compiler.is_compiling()
+    """Whether `x` rotates as complex numbers: float32/float64, and not inside torch.compile,
+    a trace or an ONNX export (neither inductor nor ONNX has complex kernels)."""
+    return x.dtype in COMPLEX_OF and not is_graph_capture()
+
+
+def is_graph_capture() -> bool:
+    """Whether the model runs under torch.compile, `torch.jit.trace` or `torch.onnx.export`.
+
+    These take the real-arithmetic pairs form without the autograd.Function wrapper, which the
+    exporters would otherwise have to inline.
+    """
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.onnx.is_in_onnx_export()
+    )
 
 
 def complex_rotate(x: Tensor, rot: Tensor) -> Tensor:
@@ -130,10 +145,20 @@ class RotatePairs(torch.autograd.Function):
         return rotate_pairs(grad, cos, -sin), None, None
 
 
+def rotate_pairs_of(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The pairs rotation: through `RotatePairs` when training, plainly under a trace or export
+    (an out-of-place multiply-add, which every exporter writes as ONNX Mul/Add)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        swapped = x.reshape(*x.shape[:-1], -1, 2).flip(-1).flatten(-2)
+        return x * cos + swapped * sin
+    return RotatePairs.apply(x, cos, sin)
+
+
 def expand_angles(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """`(T, D/2)` angles -> `(T, D)`: each repeated for its pair, `sin` signed `(-s, +s)`."""
     signed = torch.stack((-sin, sin), dim=-1).flatten(-2)  # (T, D)
-    return cos.repeat_interleave(2, dim=-1), signed
+    # stack/flatten rather than repeat_interleave: the ONNX exporter gives the latter a fixed length
+    return torch.stack((cos, cos), dim=-1).flatten(-2), signed
 
 
 class RopeTables:
@@ -156,8 +181,14 @@ class RopeTables:
         if use_complex(x):
             rot = self.rotation(length, offset, x.device, COMPLEX_OF[x.dtype])  # (T, D/2)
             return RotateComplex.apply(x, rot[:, None])
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # Fresh tables, so the exported graph computes them for its input's length.
+            cos, sin = expand_angles(
+                *rope_angles(length, self.head_dim, offset=offset, base=self.base, device=x.device)
+            )
+            return rotate_pairs_of(x, cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
         cos, sin = self.get(length, offset, x.device, x.dtype)
-        return RotatePairs.apply(x, cos[:, None], sin[:, None])
+        return rotate_pairs_of(x, cos[:, None], sin[:, None])
 
     def rotation(self, length: int, offset: int, device, dtype: torch.dtype) -> Tensor:
         """`e^(i m theta)` for positions `offset .. offset + length - 1`: `(length, D/2)`."""
@@ -184,9 +215,18 @@ class RopeTables:
         return cached[0][offset:end], cached[1][offset:end]
 
 
+def unflatten_heads(x: Tensor, num_heads: int) -> Tensor:
+    """`(B, T, C)` -> `(B, T, H, C / H)` (a view when contiguous).
+
+    Not `unflatten`: torch.onnx exports it with the traced sizes, which would fix the sequence
+    length of an exported RoPE model.
+    """
+    return x.reshape(*x.shape[:-1], num_heads, -1)
+
+
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """`(B, T, C)` -> `(B, H, T, C / H)`."""
-    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    return unflatten_heads(x, num_heads).transpose(1, 2)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -272,8 +312,8 @@ class MultiHeadAttention(nn.Module):
         contiguous `(B, T, H, D)` layout, which is faster than rotating the transposed heads.
         """
         source = x if context is None else context
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, -1))  # (B, T, H, D)
-        k = self.k_proj(source).unflatten(-1, (self.num_heads, -1))
+        q = unflatten_heads(self.q_proj(x), self.num_heads)  # (B, T, H, D)
+        k = unflatten_heads(self.k_proj(source), self.num_heads)
         if self.rope_tables is not None:
             q, k = self.rope_tables.rotate(q, offset), self.rope_tables.rotate(k, offset)
         v = split_heads(self.v_proj(source), self.num_heads)

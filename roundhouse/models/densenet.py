@@ -198,5 +198,6 @@ SPEC = register(
         description="DenseNet: dense blocks (BN-ReLU-conv, concatenation) and transitions.",
         pipeline_layers=sequential_layers,
         flops_per_sample=meta_flops("densenet"),
+        takes_norm=True,
     )
 )

@@ -192,5 +192,6 @@ SPEC = register(
         description="GoogLeNet (d2l, no aux heads): Inception blocks in 3 stages, GAP + FC.",
         pipeline_layers=sequential_layers,
         flops_per_sample=meta_flops("googlenet"),
+        takes_norm=True,
     )
 )

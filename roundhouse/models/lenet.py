@@ -115,5 +115,6 @@ SPEC = register(
         description="LeNet-5 (d2l): two 5x5 conv + 2x2 avg-pool stages, three FCs, sigmoid.",
         pipeline_layers=sequential_layers,
         flops_per_sample=meta_flops("lenet"),
+        takes_norm=True,
     )
 )

@@ -56,7 +56,19 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> in
     return max(1, math.ceil(factor * top_k * num_tokens / num_experts))
 
 
-def assign(probs: Tensor, top_k: int, slots: int) -> tuple[Tensor, Tensor, Tensor]:
+def is_tracing() -> bool:
+    """Whether the layer runs under `torch.jit.trace` or `torch.onnx.export`: sizes and
+    data-dependent branches must then stay in the graph, not become constants."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def traced_capacity(tokens: Tensor, num_experts: int, top_k: int, factor: float) -> Tensor:
+    """`capacity` as a tensor computed from `tokens` `(N, C)`, for traced graphs."""
+    count = torch.ones_like(tokens[:, 0]).sum()  # N, as a graph value
+    return (count * (factor * top_k / num_experts)).ceil().clamp(min=1)
+
+
+def assign(probs: Tensor, top_k: int, slots: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Routes N tokens to experts and applies the capacity limit.
 
     Args:
@@ -126,7 +138,10 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])  # (N, C)
         logits = self.router(tokens)  # (N, E)
         probs = logits.softmax(dim=-1)
-        slots = capacity(tokens.shape[0], len(self.experts), self.top_k, self.capacity_factor)
+        if is_tracing():  # the slots of the exported input's token count, not the traced one's
+            slots = traced_capacity(tokens, len(self.experts), self.top_k, self.capacity_factor)
+        else:
+            slots = capacity(tokens.shape[0], len(self.experts), self.top_k, self.capacity_factor)
         experts, weights, kept = assign(probs, self.top_k, slots)  # (N, k) each
         out = self.dispatch(tokens, experts, weights.to(x.dtype), kept)  # (N, C)
         self.record(logits, probs, experts, kept)
@@ -139,7 +154,7 @@ class MoELayer(nn.Module):
             return out
         for e, expert in enumerate(self.experts):
             rows, choice = torch.nonzero((experts == e) & kept, as_tuple=True)
-            if rows.numel() == 0:
+            if rows.numel() == 0 and not is_tracing():  # a trace keeps every expert's branch
                 continue
             result = expert(tokens[rows]) * weights[rows, choice].unsqueeze(-1)  # (n_e, C)
             out.index_add_(0, rows, result)

@@ -112,5 +112,6 @@ SPEC = register(
         description="Network in Network (d2l): NiN blocks with 1x1 convs, global average pool.",
         pipeline_layers=sequential_layers,
         flops_per_sample=meta_flops("nin"),
+        takes_norm=True,
     )
 )

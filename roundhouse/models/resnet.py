@@ -204,5 +204,6 @@ SPEC = register(
         description="ResNet: basic/bottleneck residual blocks with 1x1 projection shortcuts.",
         pipeline_layers=sequential_layers,
         flops_per_sample=meta_flops("resnet"),
+        takes_norm=True,
     )
 )

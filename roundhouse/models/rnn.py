@@ -148,6 +148,10 @@ class RecurrentStack(nn.Module):
 class RecurrentLM(nn.Module):
     """Byte-level LM: embedding -> unidirectional stack -> linear to logits `(B, T, V)`."""
 
+    # Its cells loop over time steps in Python: a trace (ONNX export) unrolls them, so the
+    # exported graph holds the traced sequence length (see `export/graph.py`).
+    unrolled_in_time = True
+
     def __init__(self, vocab_size: int, stack: RecurrentStack, embed_dim: int, hidden: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim)

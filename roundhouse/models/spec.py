@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from roundhouse.errors import ModelError
+from roundhouse.models.norms import apply_norm, check_norm
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class ModelSpec:
         pipeline_layers: Returns a flat list of modules whose sequential application equals
             `model.forward` (for pipeline parallelism), or None if the model has none.
         flops_per_sample: Approximate forward FLOPs of one sample (2 x multiply-adds), or None.
+        takes_norm: The model takes `options.norm` (see `models/norms.py`): the CNN zoo.
     """
 
     name: str
@@ -76,6 +78,7 @@ class ModelSpec:
     loss: str = "classification"
     pipeline_layers: Callable[[nn.Module], list[nn.Module]] | None = None
     flops_per_sample: Callable[[BuildConfig], int] | None = None
+    takes_norm: bool = False
 
     def __post_init__(self) -> None:
         if DEFAULT_FLAVOR not in self.flavors:
@@ -92,8 +95,12 @@ class ModelSpec:
                 not accepted by the builder (the message names it), or the model cannot take
                 `config.input_shape`.
         """
-        kwargs = {**self._flavor_kwargs(config.flavor), **config.options}
-        self._check_options(config.options)
+        options = dict(config.options)
+        norm = options.pop("norm", None) if self.takes_norm else None
+        kwargs = {**self._flavor_kwargs(config.flavor), **options}
+        self._check_options(options)
+        if norm is not None:
+            check_norm(norm, self.name)
         try:
             model = self.builder(
                 input_shape=tuple(config.input_shape), num_classes=config.num_classes, **kwargs
@@ -106,7 +113,7 @@ class ModelSpec:
                 "check the option names and value types in model.options",
             ) from err
         logger.debug("built %s:%s for input %s", self.name, config.flavor, config.input_shape)
-        return model
+        return model if norm is None else apply_norm(model, norm, self.name)
 
     def _flavor_kwargs(self, flavor: str) -> Mapping[str, Any]:
         if flavor not in self.flavors:
@@ -121,7 +128,8 @@ class ModelSpec:
         params = inspect.signature(self.builder).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return  # the builder takes anything; it reports bad options itself
-        valid = sorted(set(params) - {"input_shape", "num_classes"})
+        extra = {"norm"} if self.takes_norm else set()
+        valid = sorted((set(params) - {"input_shape", "num_classes"}) | extra)
         for option in options:
             if option not in valid:
                 raise ModelError(

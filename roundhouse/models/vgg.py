@@ -124,5 +124,6 @@ SPEC = register(
         description="VGG: blocks of 3x3 convs + 2x2 max-pool, two 4096 FCs with dropout.",
         pipeline_layers=sequential_layers,
         flops_per_sample=meta_flops("vgg"),
+        takes_norm=True,
     )
 )

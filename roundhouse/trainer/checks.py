@@ -36,9 +36,10 @@ from roundhouse.trainer.optim import (
     group_counts,
     trainable_names,
 )
+from roundhouse.trainer.tasks_regression import resolve_job_task
 from roundhouse.weights.finetune import apply_finetune
 from roundhouse.weights.hf_teacher import check_hf_teacher, is_hf_teacher, read_hf_teacher
-from roundhouse.weights.lora import check_targets
+from roundhouse.weights.lora import apply_lora, check_targets
 from roundhouse.weights.model_build import build_model_for
 from roundhouse.weights.pretrained import LoadReport
 
@@ -151,6 +152,7 @@ def check_task(subject: JobUnderCheck) -> list[str]:
     """The data fits the model's task (no images for a language model)."""
     job, info = subject.job, subject.info
     subject.splits.check_task(models.get(job.model.name).loss, job.model.name)
+    resolve_job_task(job, info)  # value targets need a regression loss and model
     lines = [
         f"data {job.data.source or job.data.train.url}: train {info.num_samples['train']}, "
         f"val {info.num_samples['val']}, test {info.num_samples['test']}"
@@ -198,6 +200,7 @@ def check_starting_weights(subject: JobUnderCheck) -> list[str]:
     """`init_from`, `freeze` and `param_groups` on the meta model; the per-group counts."""
     job = subject.job
     loaded = check_finetune(job, subject.model)
+    apply_lora(subject.model, job)  # LoRA freezes the base: the counts the run logs
     lines = group_counts(subject.model, job.trainer.optimizer)
     if loaded:
         lines.append(
@@ -244,8 +247,8 @@ CHECKS: dict[str, Check] = {
     "batch": check_batch,
     "task": check_task,
     "shapes": check_shapes,
+    "lora": check_lora,  # on the plain model: targets name its layers
     "finetune": check_starting_weights,
-    "lora": check_lora,
     "distill": check_distill,
 }
 # The checks of a job's own strategy and layout: skipped where the strategy is chosen later

@@ -1,7 +1,9 @@
-"""Classification losses: cross-entropy (with label smoothing), focal, MSE and L1.
+"""Losses: cross-entropy (with label smoothing), focal, MSE, L1 and Huber.
 
-Every loss maps (logits (B, K), integer targets (B,)) to a scalar mean over the batch, so the
-trainer can weight micro-batches by their size.
+Every loss maps (outputs, targets) to a scalar mean over the batch, so the trainer can weight
+micro-batches by their size. Classification passes logits `(B, K)` and integer targets `(B,)`
+(MSE, L1 and Huber then compare with one-hot rows); regression (`tasks_regression`) passes
+outputs and float targets of the same shape, compared as they are.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def focal_loss(
 
 
 def _one_hot(logits: Tensor, target: Tensor) -> Tensor:
+    """Integer labels as one-hot rows; float value targets (regression) as they are."""
+    if target.is_floating_point():
+        return target.to(logits.dtype)
     return F.one_hot(target, num_classes=logits.shape[-1]).to(logits.dtype)
 
 
@@ -45,6 +50,7 @@ LOSSES: dict[str, Callable[[LossConfig], LossFn]] = {
     "focal": lambda c: lambda x, y: focal_loss(x, y, c.focal_gamma, c.focal_alpha),
     "mse": lambda c: lambda x, y: F.mse_loss(x, _one_hot(x, y)),
     "l1": lambda c: lambda x, y: F.l1_loss(x, _one_hot(x, y)),
+    "huber": lambda c: lambda x, y: F.huber_loss(x, _one_hot(x, y), delta=c.huber_delta),
 }
 
 

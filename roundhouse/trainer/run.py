@@ -17,13 +17,20 @@ from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.compile import apply_compile
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.registry import build_strategy
+from roundhouse.parallel.sync_norm import apply_sync_batch_norm
 from roundhouse.runs.rundir import run_dir_of
 from roundhouse.runs.status import RunStatus
 from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.distill import build_distill_task
 from roundhouse.trainer.loop import Trainer, build_train_loader
-from roundhouse.trainer.optim import build_optimizer, build_optimizer_factory, build_scheduler
+from roundhouse.trainer.optim import (
+    build_optimizer,
+    build_optimizer_factory,
+    build_scheduler,
+    group_counts,
+)
 from roundhouse.trainer.task import Task, build_task
+from roundhouse.trainer.tasks_regression import resolve_job_task
 from roundhouse.weights.checkpoint import Checkpointer
 from roundhouse.weights.finetune import apply_finetune
 from roundhouse.weights.lora import AdapterCheckpoint, apply_lora
@@ -103,9 +110,11 @@ def build_trainer(
     if ctx.topology is None:
         ctx = ctx.with_topology(Topology.of_job(job, ctx.world_size))
     model, splits = build_model_with_data(job)  # the data fits the task, the model the data
-    task_kind = models.get(job.model.name).loss
+    task_kind = resolve_job_task(job, splits.info)  # value targets: regression
     apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
+    apply_sync_batch_norm(model, job.model.options.get("norm"), ctx)  # global batch statistics
+    logger.info("model %s: %s", job.model.name, group_counts(model, job.trainer.optimizer)[0])
     task = build_distill_task(job, build_task(task_kind, job.trainer.loss), splits, ctx.device)
     strategy = build_strategy(job.strategy, ctx)
     loader = build_train_loader(job, splits, strategy)

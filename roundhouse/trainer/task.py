@@ -18,6 +18,7 @@ from roundhouse.parallel.base import StepTask
 from roundhouse.trainer.losses import LossFn, build_loss, mixed_loss, topk_correct
 from roundhouse.trainer.tasks_diffusion import DiffusionTask, VAETask
 from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
+from roundhouse.trainer.tasks_regression import REGRESSION, build_regression_task
 
 
 class Task(StepTask, Protocol):
@@ -76,6 +77,8 @@ def build_task(kind: str, loss: LossConfig) -> Task:
     """The task a model's `ModelSpec.loss` names."""
     if kind == "classification":
         return ClassificationTask(build_loss(loss))
+    if kind == REGRESSION:
+        return build_regression_task(loss)
     # Imported here: the text tasks pull in the tokenizer, which classification never needs.
 
     if kind == "language_model":
@@ -89,5 +92,5 @@ def build_task(kind: str, loss: LossConfig) -> Task:
         return DiffusionTask()
     raise ModelError(
         f"model task {kind!r} is not supported",
-        "valid: classification, language_model, masked_lm, vae, diffusion",
+        "valid: classification, regression, language_model, masked_lm, vae, diffusion",
     )

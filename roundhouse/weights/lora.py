@@ -79,7 +79,12 @@ def check_targets(model: nn.Module, config: LoraConfig, model_name: str) -> list
 
 
 def base_sha256(model: nn.Module) -> str:
-    """sha256 over the model's parameters and buffers (names, dtypes, shapes and bytes)."""
+    """sha256 over the model's parameters and buffers (names, dtypes, shapes and bytes).
+
+    Empty for a model on the meta device (`--dry-run`, `models summary`): it has no bytes.
+    """
+    if any(t.is_meta for t in model.state_dict().values()):
+        return ""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()

@@ -3,6 +3,7 @@ teacher and the launch-time checks all build the same way (no import of the trai
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -12,7 +13,12 @@ import torch
 from roundhouse import models
 from roundhouse.config import JobSpec
 from roundhouse.data import Splits, build_splits
+from roundhouse.data.transforms import InputNormalizer, resolve_normalize
+from roundhouse.errors import DataError
+from roundhouse.models.spec import TORCHVISION_PREFIX
 from roundhouse.weights.finetune import resolve_build
+
+logger = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -45,7 +51,9 @@ def build_model_for(
         num_classes=num_classes,
         options=options,
     )
-    return models.build_model(job.model.name, config)
+    model = models.build_model(job.model.name, config)
+    apply_input_normalize(model, job, input_shape)
+    return model
 
 
 def build_model_with_data(job: JobSpec) -> tuple[torch.nn.Module, Splits]:
@@ -58,3 +66,37 @@ def build_model_with_data(job: JobSpec) -> tuple[torch.nn.Module, Splits]:
     splits.check_task(models.get(job.model.name).loss, job.model.name)
     model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
     return model, splits
+
+
+def is_torchvision_init(job: JobSpec) -> bool:
+    """Whether `model.init_from` holds torchvision's ImageNet weights: a `torchvision:` model
+    with an `init_from`, or a `.pth` file (torchvision's own weight files)."""
+    url = job.model.init_from
+    if url is None:
+        return False
+    return job.model.name.startswith(TORCHVISION_PREFIX) or url.endswith(".pth")
+
+
+def apply_input_normalize(
+    model: torch.nn.Module, job: JobSpec, input_shape: tuple[int, ...]
+) -> InputNormalizer | None:
+    """Register `data.normalize` on image models as a forward pre-hook (see `InputNormalizer`).
+
+    A torchvision `init_from` gets ImageNet's mean and std unless `data.normalize` says
+    otherwise (`none` turns it off); the choice is logged.
+    """
+    value = job.data.normalize
+    if value is None and is_torchvision_init(job) and len(input_shape) == 3:
+        value = "imagenet"
+        logger.info("data.normalize: imagenet (the default for a torchvision model.init_from)")
+    if value is not None and value != "none" and len(input_shape) != 3:
+        raise DataError(
+            f"data.normalize needs image inputs (C, H, W), got shape {tuple(input_shape)}",
+            "remove data.normalize",
+        )
+    stats = resolve_normalize(value, int(input_shape[0]))
+    if stats is None:
+        return None
+    normalizer = InputNormalizer(*stats)
+    model.register_forward_pre_hook(normalizer)
+    return normalizer

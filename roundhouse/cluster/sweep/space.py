@@ -137,6 +137,7 @@ def grid_size(params: list[SearchParam]) -> int:
 # The validation metrics each task logs at every evaluation (see trainer/task*.py).
 TASK_METRICS = {
     "classification": ("loss", "accuracy", "top5_accuracy"),
+    "regression": ("loss", "mse", "mae", "r2"),
     "language_model": ("loss", "perplexity", "bits_per_byte", "accuracy"),
     "masked_lm": ("loss", "perplexity", "bits_per_byte", "accuracy"),
     "vae": ("loss", "mse", "psnr", "kl"),
@@ -146,9 +147,9 @@ TASK_METRICS = {
 
 def known_metrics(job: JobSpec) -> list[str]:
     """The `val/` metrics the job's task logs at every evaluation."""
-    from roundhouse import models
+    from roundhouse.trainer.tasks_regression import job_task_kind
 
-    return sorted(f"val/{n}" for n in TASK_METRICS.get(models.get(job.model.name).loss, ("loss",)))
+    return sorted(f"val/{n}" for n in TASK_METRICS.get(job_task_kind(job), ("loss",)))
 
 
 def check_metric(job: JobSpec, metric: str) -> None:

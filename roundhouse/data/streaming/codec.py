@@ -115,8 +115,30 @@ def decode_arrays(table: pa.Table, schema: InputSchema) -> tuple[np.ndarray, np.
         values = np.stack([decode_png(v.as_py(), schema.shape) for v in column])
     targets = None
     if "target" in table.column_names:
-        targets = table.column("target").to_numpy().astype(np.int64)
+        targets = target_array(table.column("target"))
     return values, targets
+
+
+def target_column(targets: np.ndarray) -> pa.Array:
+    """The stored `target` column: int64 class ids, float32 values, or a fixed-size list of
+    float32 per row for vector values (regression)."""
+    targets = np.asarray(targets)
+    if targets.dtype.kind != "f":
+        return pa.array(targets.astype(np.int64))
+    flat = pa.array(targets.reshape(len(targets), -1).reshape(-1).astype(np.float32))
+    if targets.ndim == 1:
+        return flat
+    return pa.FixedSizeListArray.from_arrays(flat, int(np.prod(targets.shape[1:])))
+
+
+def target_array(column: pa.ChunkedArray) -> np.ndarray:
+    """A stored `target` column back: int64 `(N,)` class ids or float32 `(N,)`/`(N, D)` values."""
+    if pa.types.is_fixed_size_list(column.type):
+        values = column.combine_chunks()
+        flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        return flat.reshape(len(values), column.type.list_size)
+    values = column.to_numpy()
+    return values.astype(np.float32) if values.dtype.kind == "f" else values.astype(np.int64)
 
 
 def unit_float(images: np.ndarray) -> Tensor:
@@ -133,7 +155,8 @@ def unit_float(images: np.ndarray) -> Tensor:
 
 
 def to_batch(inputs: np.ndarray, targets: np.ndarray | None, schema: InputSchema) -> dict:
-    """Stored arrays to tensors: images/features `{"input": float32, "target": int64}` (uint8
+    """Stored arrays to tensors: images/features `{"input": float32, "target": int64 class ids
+    or float32 values}` (uint8
     scaled to [0, 1]); token rows (int32, `seq_len + 1` ids) to next-token pairs
     `{"input": (N, seq_len) int64, "target": (N, seq_len) int64}`.
 
@@ -148,7 +171,7 @@ def to_batch(inputs: np.ndarray, targets: np.ndarray | None, schema: InputSchema
         tensor = torch.from_numpy(np.array(inputs, copy=True, order="C"))
     batch = {"input": tensor}
     if targets is not None:
-        batch["target"] = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
+        batch["target"] = torch.from_numpy(np.array(targets, copy=True, order="C"))
     return batch
 
 

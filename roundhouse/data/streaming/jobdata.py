@@ -144,7 +144,9 @@ class StreamingSplits:
         else:
             classes = self.index.num_classes or 0
         sizes = {name: d.layout.num_rows for name, d in self.datasets.items()}
-        return DataInfo(input_shape=shape, num_classes=classes, num_samples=sizes)
+        values = self.index.extra.get("target_shape")  # float value targets (regression)
+        target_shape = None if values is None else tuple(values)
+        return DataInfo(shape, classes, sizes, target_shape)
 
     @property
     def input_dtype(self) -> torch.dtype:

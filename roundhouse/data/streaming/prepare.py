@@ -47,6 +47,7 @@ class PrepareOptions:
     shuffle: bool = True
     input_field: str | None = None
     target_field: str | None = None
+    target_kind: str = "auto"  # class | value | auto (see tabular.check_targets)
     source_options: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None  # text sources: `bytes` or a Hugging Face tokenizer
     text_field: str = "text"
@@ -112,10 +113,10 @@ def from_arrays(
         raise DataError(f"{len(inputs)} inputs but {len(targets)} targets")
     inputs = _to_stored(inputs, options)
     order = _permutation(len(inputs), options)
-    num_classes = None
+    num_classes, extra = None, {}
     if targets is not None:
-        targets = tabular.check_targets(np.asarray(targets), "target")
-        num_classes = int(targets.max()) + 1 if len(targets) else 0
+        targets = tabular.check_targets(np.asarray(targets), "target", options.target_kind)
+        num_classes, extra = target_description(targets)
 
     def chunks() -> Iterator[Chunk]:
         for start in range(0, len(order), _CHUNK_ROWS):
@@ -125,7 +126,16 @@ def from_arrays(
             )
 
     schema = _image_schema(inputs.shape[1:], str(inputs.dtype), options)
-    return Prepared(schema, num_classes, chunks(), len(inputs))
+    return Prepared(schema, num_classes, chunks(), len(inputs), extra)
+
+
+def target_description(targets: np.ndarray) -> tuple[int, dict[str, Any]]:
+    """`(num_classes, index extra)` of checked targets: class ids count their classes; float
+    values (regression) record `target_shape` and count the model outputs they need."""
+    if targets.dtype.kind == "f":
+        shape = list(targets.shape[1:])
+        return int(np.prod(shape)) if shape else 1, {"target_shape": shape}
+    return (int(targets.max()) + 1 if len(targets) else 0), {}
 
 
 def _builtin(name: str, options: PrepareOptions) -> Prepared:
@@ -142,9 +152,10 @@ def _builtin(name: str, options: PrepareOptions) -> Prepared:
             yield Chunk(split, _to_stored(dataset.inputs.numpy(), options), dataset.targets.numpy())
 
     schema = _image_schema(sample_shape, stored, options)
-    return Prepared(
-        schema, splits.info.num_classes, chunks(), sum(splits.info.num_samples.values())
-    )
+    values = splits.info.target_shape
+    extra = {} if values is None else {"target_shape": list(values)}
+    total = sum(splits.info.num_samples.values())
+    return Prepared(schema, splits.info.num_classes, chunks(), total, extra)
 
 
 def _numpy(path: Path, options: PrepareOptions) -> Prepared:
@@ -182,7 +193,7 @@ def _hf(path: Path, options: PrepareOptions) -> Prepared:
 
     classes = [p.num_classes for p in prepared.values() if p.num_classes is not None]
     total = sum(p.total or 0 for p in prepared.values())
-    return Prepared(first.schema, max(classes) if classes else None, chunks(), total)
+    return Prepared(first.schema, max(classes) if classes else None, chunks(), total, first.extra)
 
 
 def _one_split(options: PrepareOptions) -> PrepareOptions:
@@ -245,6 +256,7 @@ def _text_file(path: Path, options: PrepareOptions) -> Prepared:
 _BUILTINS: dict[str, Callable[[str, PrepareOptions], Prepared]] = {
     "builtin:digits": _builtin,
     "builtin:synthetic": _builtin,
+    "builtin:diabetes": _builtin,
     "builtin:pytext": _pytext,
 }
 

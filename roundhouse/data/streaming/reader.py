@@ -13,7 +13,7 @@ from torch import Tensor
 from roundhouse.errors import DataError
 
 from .cache import ShardCache
-from .codec import decode_arrays, to_batch
+from .codec import decode_arrays, target_array, to_batch
 from .fastraw import map_file, plain_values
 from .index import Index, ShardInfo
 from .order import Layout
@@ -90,7 +90,12 @@ class BlockReader:
         values = decoded[0][0]
         inputs = self._scratch((len(rows), *values.shape[1:]), values.dtype)
         has_labels = decoded[0][1] is not None
-        targets = np.empty(len(rows), dtype=np.int64) if has_labels else None
+        first_labels = decoded[0][1]
+        targets = (
+            np.empty((len(rows), *first_labels.shape[1:]), dtype=first_labels.dtype)
+            if has_labels
+            else None
+        )
         offsets = rows - self.starts[blocks]  # row within its block
         run_of_row = np.repeat(np.arange(len(runs)), np.diff(bounds))
         if all(block in self._raw for block in runs):
@@ -107,7 +112,7 @@ class BlockReader:
         if targets is not None:  # the runs' labels side by side, then one gather
             labels = [d[1] for d in decoded]
             first = np.cumsum([0] + [len(x) for x in labels[:-1]])
-            np.take(np.concatenate(labels), first[run_of_row] + offsets, out=targets)
+            np.take(np.concatenate(labels), first[run_of_row] + offsets, axis=0, out=targets)
         self._trim()
         return to_batch(inputs, targets, self.index.input), rows
 
@@ -186,7 +191,10 @@ class BlockReader:
 
     def _empty(self) -> dict[str, Tensor]:
         empty = np.zeros((0, *self.index.input.shape), dtype=self.index.input.dtype)
+        values = self.index.extra.get("target_shape")
         targets = np.zeros(0, dtype=np.int64) if self.index.num_classes is not None else None
+        if values is not None:  # float value targets (regression)
+            targets = np.zeros((0, *values), dtype=np.float32)
         return to_batch(empty, targets, self.index.input)
 
     def _block(self, block: int) -> _Decoded:
@@ -248,7 +256,7 @@ class BlockReader:
             labels = self._labels.get(shard)
             if labels is None:
                 table = file.read(columns=["target"])
-                labels = self._labels[shard] = table.column("target").to_numpy().astype(np.int64)
+                labels = self._labels[shard] = target_array(table.column("target"))
             first = int(self.starts[block] - self.starts[self.first_block[shard]])
             targets = labels[first : first + rows]
         return values, targets

@@ -34,12 +34,19 @@ def is_hf_dataset(path: Path) -> bool:
     return any((path / marker).exists() for marker in _HF_MARKERS)
 
 
-def check_targets(targets: np.ndarray, name: str) -> np.ndarray:
-    """Class ids as int64.
+def check_targets(targets: np.ndarray, name: str, kind: str = "auto") -> np.ndarray:
+    """Class ids as int64, or value targets (regression) as float32 `(N,)` or `(N, D)`.
+
+    `kind` is `class`, `value` or `auto`: values when the targets are vectors or floats with a
+    fractional part, class ids otherwise (see `data prepare --target-kind`).
 
     Raises:
-        DataError: For non-integer or negative labels, naming the field.
+        DataError: For non-numeric or negative class labels, naming the field.
     """
+    if targets.dtype == object and len(targets) and isinstance(targets[0], np.ndarray):
+        targets = np.stack([np.asarray(t, dtype=np.float32) for t in targets])  # list column
+    if targets.dtype.kind in "iuf" and is_value_targets(targets, kind):
+        return targets.astype(np.float32)
     if targets.dtype.kind == "f" and np.all(np.mod(targets, 1) == 0):
         targets = targets.astype(np.int64)
     if targets.dtype.kind not in "iu":
@@ -50,6 +57,14 @@ def check_targets(targets: np.ndarray, name: str) -> np.ndarray:
     if len(targets) and targets.min() < 0:
         raise DataError(f"field {name!r} has negative class labels", "use labels 0..K-1")
     return targets.astype(np.int64)
+
+
+def is_value_targets(targets: np.ndarray, kind: str) -> bool:
+    """Whether `targets` are regression values rather than class ids (see `check_targets`)."""
+    if kind != "auto":
+        return kind == "value"
+    fractional = targets.dtype.kind == "f" and not np.all(np.mod(targets, 1) == 0)
+    return targets.ndim > 1 or fractional
 
 
 def read_table(path: Path) -> pa.Table:
@@ -135,7 +150,8 @@ def table_arrays(table: pa.Table, options: Any) -> tuple[np.ndarray, np.ndarray 
     target = options.target_field or next((n for n in _TARGET_DEFAULTS if n in names), None)
     targets = None
     if target is not None:
-        targets = check_targets(table.column(target).to_numpy(zero_copy_only=False), target)
+        column = table.column(target).to_numpy(zero_copy_only=False)
+        targets = check_targets(column, target, options.target_kind)
     if options.input_field is not None:
         return _list_input(table.column(options.input_field), options.input_field), targets
     features = [n for n in names if n != target]

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from roundhouse.errors import DataError
 
-from .codec import check_schema, encode_inputs
+from .codec import check_schema, encode_inputs, target_column
 from .index import INDEX_NAME, Index, InputSchema, ShardInfo, write_index
 from .storage import join, open_url, storage_errors, write_atomic
 
@@ -189,7 +189,7 @@ class DatasetWriter:
         """Adds samples; full blocks are written as they fill up."""
         columns = {"input": encode_inputs(chunk.inputs, self.schema)}
         if chunk.targets is not None:
-            columns["target"] = pa.array(np.asarray(chunk.targets, dtype=np.int64))
+            columns["target"] = target_column(chunk.targets)
         pending = self._pending.setdefault(chunk.split, [])
         pending.append(pa.table(columns))
         self._flush(chunk.split, final=False)
