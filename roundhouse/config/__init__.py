@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    ConfigDict,
     Field,
     PositiveFloat,
     PositiveInt,
@@ -163,9 +164,20 @@ class EarlyStoppingConfig(Section):
 class CheckpointConfig(Section):
     """When checkpoints are written (always at the end of training)."""
 
+    # `async` is a Python keyword: the field is `async_`, read and written as `async`.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True
+    )
+
     every_steps: PositiveInt | None = Field(None, description="Every N optimizer steps.")
     every_epoch: bool = Field(True, description="At the end of each epoch.")
     keep_last: PositiveInt = Field(3, description="How many step_<N> folders to keep.")
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="Snapshot the state to CPU memory and write it in a background thread; "
+        "the loop waits only for the snapshot (and for the previous save to finish).",
+    )
 
 
 class TrainerConfig(Section):
@@ -201,6 +213,12 @@ class TrainerConfig(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     early_stopping: EarlyStoppingConfig | None = None
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ledger: bool = Field(
+        False,
+        description="Every rank appends the sample indices it trained per step to the run "
+        "folder's ledger/; `roundhouse runs verify RUN` checks each epoch trained every sample "
+        "exactly once.",
+    )
     distill: DistillConfig | None = Field(None, description="Distil from a teacher run.")
     freeze: list[str] = Field(
         default_factory=list,
@@ -328,6 +346,16 @@ class ClusterConfig(Section):
     max_failures: NonNegInt = 0
     min_workers: PositiveInt | None = Field(None, description="Elastic lower bound.")
     collective_timeout_s: PositiveFloat = 600.0
+    recovery: Literal["restart", "live"] = Field(
+        "restart",
+        description="restart: a lost worker restarts the group from the latest checkpoint; "
+        "live: the survivors re-form and redo the step at once (ring only).",
+    )
+    preempt_grace_s: PositiveFloat = Field(
+        30.0,
+        description="On SIGTERM, write a checkpoint at the next step boundary within this "
+        "many seconds, then exit.",
+    )
     schedule_timeout_s: PositiveFloat = 120.0
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     ps_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})

@@ -9,6 +9,7 @@ from roundhouse.errors import JobFileError, ModelError
 from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.trainer.losses import LOSSES
 from roundhouse.trainer.optim import check_optimizer, check_scheduler
+from roundhouse.trainer.sample_ledger import check_ledger_job
 
 
 def check_names(job: JobSpec) -> None:
@@ -51,6 +52,7 @@ def check_runnable(job: JobSpec, *, local: bool) -> Topology:
     strategy.check_world_size(world_size)
     topology = check_topology(job, world_size)
     check_finetune_job(job)
+    check_ledger_job(job)
     return topology
 
 

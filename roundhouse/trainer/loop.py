@@ -23,6 +23,7 @@ from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
 from roundhouse.trainer.lora import AdapterCheckpoint
+from roundhouse.trainer.sample_ledger import StepLedger
 from roundhouse.trainer.task import Task
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Trainer:
         checkpointer: Checkpointer,
         train_loader: StepLoader,
         adapters: AdapterCheckpoint | None = None,
+        ledger: StepLedger | None = None,
     ) -> None:
         self.job, self.ctx, self.strategy, self.task = job, ctx, strategy, task
         self.splits, self.tracker, self.checkpointer = splits, tracker, checkpointer
@@ -81,6 +83,7 @@ class Trainer:
         self.window = Window()
         self.last_checkpoint_step: int | None = None
         self.last_val_metrics: dict[str, float] = {}
+        self.ledger = ledger  # trainer.ledger: what this rank trained, step by step
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -117,6 +120,8 @@ class Trainer:
         self.train_loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.last_checkpoint_step = self.state.step
+        if self.ledger is not None:
+            self.ledger.resumed(self.state.step)
         logger.info("resumed at step %d, epoch %d", self.state.step, self.state.epoch)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -182,6 +187,12 @@ class Trainer:
         stats = self.strategy.optimizer_step(need_grad_norm=need_norm)
         self.state.step += 1
         self.state.step_epoch = self.state.epoch
+        if self.ledger is not None:
+            self.ledger.committed(
+                epoch=self.state.epoch,
+                global_step=self.state.step,
+                world=self.strategy.data_parallel_size,
+            )
         self.window.loss_sum += loss_sum / max(samples, 1)
         self.window.steps += 1
         self.window.samples += step_size

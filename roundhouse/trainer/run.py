@@ -33,6 +33,7 @@ from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.lora import AdapterCheckpoint, apply_lora
 from roundhouse.trainer.model_build import build_model_for, seed_everything
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
+from roundhouse.trainer.sample_ledger import build_step_ledger
 from roundhouse.trainer.task import Task, build_task
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ def run_worker(
         raise
     finally:
         trainer.strategy.close()
+        if trainer.ledger is not None:
+            trainer.ledger.close()
     trainer.tracker.close()
     status.end()
     return metrics
@@ -217,4 +220,5 @@ def build_trainer(
         checkpointer=checkpointer,
         train_loader=loader,
         adapters=AdapterCheckpoint(lora) if lora is not None else None,
+        ledger=build_step_ledger(job, checkpointer.run_dir, ctx.rank, loader),
     )
