@@ -75,9 +75,7 @@ class LedgerWriter:
 
     def record(self, entry: dict[str, Any]) -> None:
         """One committed step: `entry` holds `e, s, gs, n, w, i` (see the module docstring)."""
-        line = json.dumps(
-            {**entry, "r": self.rank, "t": time.time()}, separators=(",", ":")
-        )
+        line = json.dumps({**entry, "r": self.rank, "t": time.time()}, separators=(",", ":"))
         if self.file is not None:
             self.file.write(line + "\n")
             self.file.flush()  # a killed process keeps every committed step's line

@@ -108,5 +108,5 @@ def test_the_ledger_refuses_streamed_data_before_launch(tmp_path: Path) -> None:
     job = make_job(tmp_path)
     shards = str(tmp_path / "shards")
     job["data"] = {"batch_size": 8, **{s: {"url": shards} for s in ("train", "val", "test")}}
-    with pytest.raises(JobFileError, match="trainer.ledger=true needs an in-memory"):
+    with pytest.raises(JobFileError, match=r"trainer\.ledger=true needs an in-memory"):
         check_runnable(validate_job(job), local=True)
