@@ -187,7 +187,8 @@ class Checkpointer:
     def _bad_file(self, step: int, what: str) -> CheckpointError:
         earlier = [s for s in self.complete_steps() if s < step]
         if earlier:
-            fix = f"resume from the previous complete checkpoint: --resume {self.url_of(earlier[-1])}"
+            previous = self.url_of(earlier[-1])
+            fix = f"resume from the previous complete checkpoint: --resume {previous}"
         else:
             fix = "no earlier complete checkpoint in this run; start a new run without --resume"
         return CheckpointError(what, fix)

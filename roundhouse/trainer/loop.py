@@ -21,6 +21,7 @@ from roundhouse.errors import CheckpointError, TrainingError
 from roundhouse.parallel.base import StepStats, Strategy, move_to
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
+from roundhouse.trainer.async_checkpoint import build_saver
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
 from roundhouse.trainer.lora import AdapterCheckpoint
 from roundhouse.trainer.sample_ledger import StepLedger
@@ -84,6 +85,8 @@ class Trainer:
         self.last_checkpoint_step: int | None = None
         self.last_val_metrics: dict[str, float] = {}
         self.ledger = ledger  # trainer.ledger: what this rank trained, step by step
+        # trainer.checkpoint.async: the loop waits only for a CPU snapshot of the state
+        self.saver = build_saver(checkpointer, job.trainer.checkpoint.async_)
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -100,7 +103,7 @@ class Trainer:
         if self.adapters is not None:
             state = self.adapters.pack(state)
         if self.strategy.is_main_process:
-            self.checkpointer.save(self.state.step, state, {"epoch": self.state.epoch})
+            self.saver.save(self.state.step, state, {"epoch": self.state.epoch})
             self.tracker.flush()
         self.last_checkpoint_step = self.state.step
 

@@ -26,6 +26,7 @@ from roundhouse.parallel.registry import build_strategy
 from roundhouse.runs.rundir import RunDir, job_folder, new_run_id, run_dir_of
 from roundhouse.runs.status import RunStatus
 from roundhouse.runs.tracking import Tracker, redact_secrets
+from roundhouse.trainer.async_checkpoint import SyncSaver
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
 from roundhouse.trainer.distill import build_distill_task
 from roundhouse.trainer.finetune import apply_finetune, build_optimizer_factory
@@ -173,7 +174,9 @@ def run_worker(
         if resume:
             trainer.restore(resume_step)
         metrics = trainer.fit()
+        trainer.saver.close()  # the run ends once its last checkpoint is committed
     except BaseException as exc:
+        close_quietly(trainer.saver)  # an earlier save in flight still commits
         trainer.tracker.close(failed=True)
         status.end(exc)
         raise
@@ -184,6 +187,14 @@ def run_worker(
     trainer.tracker.close()
     status.end()
     return metrics
+
+
+def close_quietly(saver: SyncSaver) -> None:
+    """Wait for a checkpoint in flight while another error is on its way up; log its failure."""
+    try:
+        saver.close()
+    except Exception:
+        logger.exception("the checkpoint in flight failed too")
 
 
 def build_trainer(
