@@ -24,6 +24,7 @@ from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.async_checkpoint import build_saver
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
 from roundhouse.trainer.lora import AdapterCheckpoint
+from roundhouse.trainer.preemption import PreemptionGuard
 from roundhouse.trainer.sample_ledger import StepLedger
 from roundhouse.trainer.task import Task
 
@@ -87,6 +88,7 @@ class Trainer:
         self.ledger = ledger  # trainer.ledger: what this rank trained, step by step
         # trainer.checkpoint.async: the loop waits only for a CPU snapshot of the state
         self.saver = build_saver(checkpointer, job.trainer.checkpoint.async_)
+        self.preempt = PreemptionGuard(job.cluster.preempt_grace_s)  # SIGTERM: save and stop
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -133,9 +135,13 @@ class Trainer:
         """Train until max_steps/max_epochs or early stopping; return the final metrics."""
         self.window.reset()
         stop = self.state.step >= self.total_steps
-        while not stop and self.state.epoch < self.max_epochs:
-            stop = self.run_epoch()
-        return self.finish()
+        self.preempt.install()
+        try:
+            while not stop and self.state.epoch < self.max_epochs:
+                stop = self.run_epoch()
+            return self.finish()
+        finally:
+            self.preempt.uninstall()
 
     @property
     def max_epochs(self) -> int:
@@ -183,7 +189,7 @@ class Trainer:
         # micro-batch's at once would leave the device idle while the next one is launched.
         loss_sum = sum(float(loss) * n for loss, n in losses)
         samples = sum(n for _, n in losses)
-        if not self.strategy.all_true(math.isfinite(loss_sum)):
+        if not self.preempt.agree(self.strategy.all_true, math.isfinite(loss_sum)):
             self.on_nonfinite_loss(loss_sum)
             return
         need_norm = (self.state.step + 1) % self.cfg.log_every_steps == 0
@@ -224,6 +230,8 @@ class Trainer:
     def after_step(self) -> bool:
         """Periodic work after an optimizer step; True means stop training."""
         step = self.state.step
+        if self.preempt.stop:
+            self.stop_preempted()
         if self.cfg.eval_every_steps and step % self.cfg.eval_every_steps == 0:
             if self.validate_and_check_early_stop():
                 return True
@@ -234,6 +242,15 @@ class Trainer:
         # trainer.max_epochs ends the run at an epoch end (in `fit`): with dynamic data
         # assignment a rank's own step count says nothing about the epoch.
         return self.cfg.max_steps is not None and step >= self.cfg.max_steps
+
+    def stop_preempted(self) -> None:
+        """SIGTERM reached some rank: a complete checkpoint of this step, then `Preempted`."""
+        if self.last_checkpoint_step != self.state.step:
+            self.save_checkpoint()
+        self.saver.wait()
+        self.tracker.flush()
+        url = self.checkpointer.url_of(self.state.step)
+        raise self.preempt.preempted(self.state.step, url)
 
     # --- metrics ----------------------------------------------------------------------------
 

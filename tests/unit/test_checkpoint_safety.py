@@ -137,3 +137,51 @@ def test_a_kill_during_an_async_save_leaves_latest_on_the_previous_checkpoint(
     ckpt.verify(4)
     run_main("train", str(job), "--local", "--resume", "latest")
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_12"
+
+
+def reached_step(tmp_path: Path, step: int) -> bool:
+    runs = tmp_path / "runs" / "safety"
+    metrics = [run / "metrics.jsonl" for run in runs.glob("*")]
+    if not metrics or not metrics[0].exists():
+        return False
+    try:
+        return any(row["step"] >= step for row in read_metrics(metrics[0].parent))
+    except ValueError:  # a line being written
+        return False
+
+
+def test_sigterm_writes_a_checkpoint_and_the_resumed_run_is_bit_identical(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM mid-run: a complete checkpoint at the next step boundary, one line, exit 143;
+    `--resume latest` then ends with the weights of an uninterrupted run."""
+    slow = {"name": "tests.helpers.models:slow_mlp", "flavor": "default"}
+    jobs = []
+    for name in ("whole", "preempted"):
+        job = write_job(tmp_path / name, max_steps=30, checkpoint={"every_epoch": False})
+        job.write_text(yaml.safe_dump({**yaml.safe_load(job.read_text()), "model": slow}))
+        jobs.append(job)
+    reference, job = jobs
+    run_main("train", str(reference), "--local")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-m", "roundhouse.launch.cli", "train", str(job), "--local"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not reached_step(tmp_path / "preempted", 4):
+            assert proc.poll() is None and time.monotonic() < deadline, "no step 4"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    run = only_run(tmp_path / "preempted")
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.removeprefix("step_"))
+    assert 4 <= step < 30
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"preempted at step {step}: checkpoint" in lines[0], err
+    assert "--resume latest" in lines[0]
+    run_main("train", str(job), "--local", "--resume", "latest")
+    assert_same_weights(final_weights(only_run(tmp_path / "whole")), final_weights(run))
