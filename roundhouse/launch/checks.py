@@ -7,6 +7,7 @@ from roundhouse.config import JobSpec
 from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError, ModelError
 from roundhouse.parallel.registry import get_strategy_class
+from roundhouse.trainer.live_recovery import check_live_recovery
 from roundhouse.trainer.losses import LOSSES
 from roundhouse.trainer.optim import check_optimizer, check_scheduler
 from roundhouse.trainer.sample_ledger import check_ledger_job
@@ -50,6 +51,7 @@ def check_runnable(job: JobSpec, *, local: bool) -> Topology:
     strategy = get_strategy_class(job.strategy)
     world_size = 1 if local else job.cluster.num_workers
     strategy.check_world_size(world_size)
+    check_live_recovery(job, strategy, local=local)
     topology = check_topology(job, world_size)
     check_finetune_job(job)
     check_ledger_job(job)

@@ -81,6 +81,7 @@ class Strategy(ABC):
     kind: ClassVar[str] = ""
     max_world_size: ClassVar[int | None] = None
     needs_parameter_servers: ClassVar[bool] = False
+    supports_live_recovery: ClassVar[bool] = False  # `regroup` works (cluster.recovery: live)
 
     def __init__(self, config: Any, ctx: WorkerContext) -> None:
         """Bind the strategy to its `strategy` job section and this worker's context.
@@ -195,6 +196,14 @@ class Strategy(ABC):
         """`trainer.compile`: torch.compile the set-up model in place (see parallel/compile.py)."""
 
         compile_module(self.model, mode)
+
+    def regroup(self, ctx: WorkerContext) -> None:
+        """Go on in a re-formed default process group (`ctx`: the new rank and world size).
+
+        Called by live recovery after `close()`, with the model and optimizer state kept.
+        Only strategies with `supports_live_recovery` implement it.
+        """
+        raise NotImplementedError(f"strategy.kind={self.kind} cannot re-form its group")
 
     def close(self) -> None:
         """Release resources (process groups, actors)."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from roundhouse.config import JobSpec
 from roundhouse.config.topology import Topology, compute_total_steps
@@ -23,12 +24,15 @@ from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.async_checkpoint import build_saver
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
+from roundhouse.trainer.live_recovery import LiveRecovery
 from roundhouse.trainer.lora import AdapterCheckpoint
 from roundhouse.trainer.preemption import PreemptionGuard
 from roundhouse.trainer.sample_ledger import StepLedger
 from roundhouse.trainer.task import Task
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Trainer:
         train_loader: StepLoader,
         adapters: AdapterCheckpoint | None = None,
         ledger: StepLedger | None = None,
+        recovery: LiveRecovery | None = None,
     ) -> None:
         self.job, self.ctx, self.strategy, self.task = job, ctx, strategy, task
         self.splits, self.tracker, self.checkpointer = splits, tracker, checkpointer
@@ -89,6 +94,7 @@ class Trainer:
         # trainer.checkpoint.async: the loop waits only for a CPU snapshot of the state
         self.saver = build_saver(checkpointer, job.trainer.checkpoint.async_)
         self.preempt = PreemptionGuard(job.cluster.preempt_grace_s)  # SIGTERM: save and stop
+        self.recovery = recovery  # cluster.recovery: live (None: a lost peer ends the run)
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -138,10 +144,14 @@ class Trainer:
         self.preempt.install()
         try:
             while not stop and self.state.epoch < self.max_epochs:
-                stop = self.run_epoch()
-            return self.finish()
+                stop = self.guarded(self.run_epoch)
+            return self.guarded(self.finish)
         finally:
             self.preempt.uninstall()
+
+    def guarded(self, fn: Callable[[], T]) -> T:
+        """`fn()`, redone after live recovery when a peer is lost (`cluster.recovery: live`)."""
+        return fn() if self.recovery is None else self.recovery.guard(self, fn)
 
     @property
     def max_epochs(self) -> int:
@@ -175,6 +185,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> None:
         """One optimizer step over this rank's micro-batches (skipped when a loss is non-finite)."""
+        if self.recovery is not None:
+            self.recovery.begin_step(self)
         step_size = self.train_loader.last_step_size
         dp = self.strategy.data_parallel_size
         losses: list[tuple[Any, int]] = []

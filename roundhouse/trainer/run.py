@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import yaml
@@ -30,6 +31,7 @@ from roundhouse.trainer.async_checkpoint import SyncSaver
 from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST, MANIFEST, Checkpointer
 from roundhouse.trainer.distill import build_distill_task
 from roundhouse.trainer.finetune import apply_finetune, build_optimizer_factory
+from roundhouse.trainer.live_recovery import LiveRecovery
 from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.lora import AdapterCheckpoint, apply_lora
 from roundhouse.trainer.model_build import build_model_for, seed_everything
@@ -235,4 +237,12 @@ def build_trainer(
         train_loader=loader,
         adapters=AdapterCheckpoint(lora) if lora is not None else None,
         ledger=build_step_ledger(job, checkpointer.run_dir, ctx.rank, loader),
+        recovery=build_live_recovery(job, ctx, splits),
     )
+
+
+def build_live_recovery(job: JobSpec, ctx: WorkerContext, splits: Any) -> LiveRecovery | None:
+    """Live recovery when the job asks for it and the launcher gave a re-formable group."""
+    if job.cluster.recovery != "live" or ctx.rendezvous is None:
+        return None
+    return LiveRecovery(ctx.rendezvous, functools.partial(build_train_loader, job, splits))

@@ -37,6 +37,7 @@ class RingStrategy(SingleDeviceStrategy):
 
     kind = "ring"
     max_world_size = None
+    supports_live_recovery = True
     config: RingStrategyConfig
 
     def __init__(self, config: RingStrategyConfig, ctx: WorkerContext) -> None:
@@ -55,6 +56,16 @@ class RingStrategy(SingleDeviceStrategy):
         self.comm = OverlappedAllReduce(
             self.params, build_reducer(self.config, self.ctx), bucket_mb=self.config.bucket_mb
         )
+
+    def regroup(self, ctx: WorkerContext) -> None:
+        """After live recovery re-formed the default group: new rank, world and buckets."""
+        self.close()
+        self.ctx, self.distributed = ctx, ctx.world_size > 1
+        if self.distributed:
+            check_process_group(ctx)
+            self.comm = OverlappedAllReduce(
+                self.params, build_reducer(self.config, ctx), bucket_mb=self.config.bucket_mb
+            )
 
     def forward_backward(
         self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool

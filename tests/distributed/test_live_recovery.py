@@ -1,0 +1,181 @@
+"""`cluster.recovery: live` at the process level: 3 ranks on a shared TCPStore, one SIGKILLed
+mid-step; the two survivors re-form, redo the step and finish. The ledger shows every sample
+trained once, and the weights equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import queue
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from roundhouse.errors import JobFileError
+from roundhouse.launch.checks import check_runnable
+from roundhouse.launch.jobfile import validate_job
+from roundhouse.parallel.net import free_port
+from roundhouse.parallel.rendezvous import ElasticGroup
+from roundhouse.runs.ledger import verify_ledger
+from roundhouse.runs.rundir import RunDir
+from roundhouse.trainer import WorkerContext, prepare_run, run_worker
+from tests.helpers.dist import PRELOAD, _loopback_interface
+from tests.helpers.runs import final_weights
+
+TIMEOUT_S = 180
+WORLD = 3
+
+
+class KillerMLP(nn.Module):
+    """An MLP whose worker launched as `kill_rank` SIGKILLs itself at training forward
+    `at_call` (mid-step: its peers are already waiting for its gradients)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, kill_rank: int,
+                 at_call: int, delay_s: float) -> None:  # fmt: skip
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(math.prod(input_shape), 32),
+            nn.ReLU(),
+            nn.Linear(32, num_classes),
+        )
+        self.member = int(os.environ.get("ROUNDHOUSE_TEST_MEMBER", "-1"))
+        self.kill_rank, self.at_call, self.delay_s, self.calls = kill_rank, at_call, delay_s, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            time.sleep(self.delay_s)
+            if self.calls == self.at_call and self.member == self.kill_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.net(x)
+
+
+def killer_mlp(input_shape: tuple[int, ...], num_classes: int, kill_rank: int = 2,
+               at_call: int = 0, delay_s: float = 0.02) -> nn.Module:  # fmt: skip
+    return KillerMLP(input_shape, num_classes, kill_rank, at_call, delay_s)
+
+
+def make_job(storage: Path, at_call: int) -> dict:
+    return {
+        "name": "live",
+        "model": {
+            "name": f"{__name__}:killer_mlp",
+            "flavor": "default",
+            "options": {"kill_rank": 2, "at_call": at_call},
+        },
+        "data": {"source": "builtin:digits", "batch_size": 120},
+        "trainer": {
+            "max_epochs": 1,
+            "log_every_steps": 4,
+            "device": "cpu",
+            "ledger": True,
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "checkpoint": {"every_epoch": False},
+        },
+        "strategy": {"kind": "ring", "bucket_mb": 0.002},
+        "cluster": {
+            "num_workers": WORLD,
+            "recovery": "live",
+            "collective_timeout_s": 60,
+        },
+        "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
+        "storage": {"path": str(storage)},
+    }
+
+
+def member_main(member: int, world: int, port: int, job: dict, results: Any) -> None:
+    os.environ.update(OMP_NUM_THREADS="1", ROUNDHOUSE_TEST_MEMBER=str(member))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+    torch.set_num_threads(1)
+    try:
+        store = dist.TCPStore(
+            "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60)
+        )
+        group = ElasticGroup(store, member, list(range(world)), timeout_s=60)
+        group.init()
+        ctx = WorkerContext(rank=member, world_size=world, node_rank=member, num_nodes=world,
+                            rendezvous=group)  # fmt: skip
+        run_worker(validate_job(job), ctx)
+        results.put((member, True, (group.generation, group.world_size, group.reform_s)))
+    except BaseException as exc:
+        results.put((member, False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_members(job: dict, world: int, expect_dead: set[int]) -> dict[int, Any]:
+    """Run `world` members on a store held here; return the survivors' results."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=member_main, args=(m, world, port, job, results), daemon=True)
+        for m in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    got: dict[int, Any] = {}
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while len(got) < world - len(expect_dead):
+            try:
+                member, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                missing = sorted(set(range(world)) - set(got) - expect_dead)
+                raise AssertionError(f"members {missing} hung") from None
+            assert ok, f"member {member}: {value}"
+            got[member] = value
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.join(timeout=10)
+        del store
+    assert {m for m, p in enumerate(procs) if p.exitcode == -signal.SIGKILL} >= expect_dead
+    return got
+
+
+def train(job: dict, expect_dead: set[int]) -> tuple[Path, dict[int, Any]]:
+    prepared = prepare_run(validate_job(job))
+    job = prepared.job.model_dump(mode="json")
+    return Path(prepared.run_dir.url), run_members(job, WORLD, expect_dead)
+
+
+def test_survivors_redo_the_step_and_lose_no_sample(tmp_path: Path) -> None:
+    reference, _ = train(make_job(tmp_path / "whole", at_call=0), set())
+    run, survivors = train(make_job(tmp_path / "killed", at_call=5), {2})
+    assert sorted(survivors) == [0, 1]
+    for generation, world, reform_s in survivors.values():
+        assert (generation, world) == (1, 2)
+        assert reform_s[0] < 5.0
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok, report.as_dict()
+    assert report.epochs[0].steps == 12
+    ours, theirs = final_weights(run), final_weights(reference)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [{"kind": "ps"}, {"kind": "deepspeed"}, {"kind": "deepspeed", "pipeline_stages": 3}],
+)
+def test_live_recovery_with_a_strategy_that_cannot_is_refused_before_launch(
+    tmp_path: Path, strategy: dict
+) -> None:
+    job = make_job(tmp_path, at_call=0)
+    job["strategy"] = strategy
+    job["model"] = {"name": "mlp", "flavor": "debug"}
+    with pytest.raises(JobFileError, match=r"cluster\.recovery=live: strategy\.kind="):
+        check_runnable(validate_job(job), local=False)
