@@ -47,7 +47,8 @@ class KillerMLP(nn.Module):
             nn.ReLU(),
             nn.Linear(32, num_classes),
         )
-        self.member = int(os.environ.get("ROUNDHOUSE_TEST_MEMBER", "-1"))
+        # Built once, in generation 0, where the rank is the worker's launch rank.
+        self.member = dist.get_rank() if dist.is_initialized() else 0
         self.kill_rank, self.at_call, self.delay_s, self.calls = kill_rank, at_call, delay_s, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def make_job(storage: Path, at_call: int) -> dict:
 
 
 def member_main(member: int, world: int, port: int, job: dict, results: Any) -> None:
-    os.environ.update(OMP_NUM_THREADS="1", ROUNDHOUSE_TEST_MEMBER=str(member))
+    os.environ.update(OMP_NUM_THREADS="1")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     torch.set_num_threads(1)
     try:
