@@ -29,10 +29,6 @@ def train_with_ray(
     prepared = prepare_run(job, resume)
     logger.info("run folder: %s", prepared.run_dir.url)
     with ray_runtime(job.cluster, address, extra_cpus=server_cpus(job)):
-        if job.cluster.recovery == "live":  # roundhouse's own actor group (survivors go on)
-            from roundhouse.cluster.live_group import train_live_on_ray
-
-            return train_live_on_ray(prepared, resume=resume is not None)
         return train_on_ray(
             prepared, resume=resume is not None, strategy_by_size=strategy_by_size or {}
         )
