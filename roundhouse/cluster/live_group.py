@@ -74,13 +74,16 @@ class LiveWorker:
                 dist.destroy_process_group()
 
 
-def train_live_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float]:
-    """Run the job on `cluster.num_workers` live actors; return rank 0's final metrics."""
+def train_live_on_ray(
+    prepared: PreparedRun, *, resume: bool, env: dict[str, str]
+) -> dict[str, float]:
+    """Run the job on `cluster.num_workers` live actors; return rank 0's final metrics.
+
+    `env` is set in every worker before anything reads it (`workers.worker_env`).
+    """
     import ray
     import torch.distributed as dist
     from ray.util.placement_group import placement_group, remove_placement_group
-
-    from roundhouse.cluster.workers import worker_env
 
     job, cluster = prepared.job, prepared.job.cluster
     wait_for_capacity(cluster)
@@ -99,7 +102,7 @@ def train_live_on_ray(prepared: PreparedRun, *, resume: bool) -> dict[str, float
         )
     config = {
         "job": job.model_dump(mode="json"),
-        "env": worker_env(job),
+        "env": env,
         "resume": resume,
         "resume_step": prepared.resume_step,
     }

@@ -120,7 +120,7 @@ def train_on_ray(
     if prepared.job.cluster.recovery == "live":  # roundhouse's own actor group: survivors go on
         from roundhouse.cluster.live_group import train_live_on_ray
 
-        return train_live_on_ray(prepared, resume=resume)
+        return train_live_on_ray(prepared, resume=resume, env=worker_env(prepared.job))
     job = prepared.job
     cluster = job.cluster
     wait_for_capacity(cluster)
