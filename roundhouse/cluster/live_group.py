@@ -43,8 +43,16 @@ PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD
 class LiveWorker:
     """One worker process of the live group (a Ray actor; see the module docstring)."""
 
-    def run(self, member: int, world: int, store_addr: tuple[str, int], config: dict) -> dict:
-        """Join generation 0 as `member` of `world` and train; return the final metrics."""
+    def run(
+        self,
+        member: int,
+        world: int,
+        store_addr: tuple[str, int],
+        config: dict,
+        joining: bool = False,
+    ) -> dict:
+        """Join generation 0 as `member` of `world` (or, `joining`, the running group at its
+        next step boundary) and train; return the final metrics."""
         import torch
         import torch.distributed as dist
 
@@ -59,9 +67,10 @@ class LiveWorker:
         group = ElasticGroup(
             store, member, list(range(world)), timeout_s=job.cluster.collective_timeout_s
         )
-        group.init()
+        group.join() if joining else group.init()
+        rank, size = group.rank, group.world_size
         ctx = WorkerContext(
-            rank=member, world_size=world, node_rank=member, num_nodes=world, rendezvous=group
+            rank=rank, world_size=size, node_rank=rank, num_nodes=size, rendezvous=group
         )
         quiet = job.model_copy(deep=True)
         quiet.tracking.console = "off"  # the driver owns the console (RunMonitor)
@@ -106,58 +115,99 @@ def train_live_on_ray(
         "resume": resume,
         "resume_step": prepared.resume_step,
     }
-    actors = start_actors(group, cluster)
+    workers = LiveWorkers(group, cluster, (host, port), config)
     try:
         with RunMonitor(job, prepared.run_dir, time.time()):
-            wait_for_survivors(actors, (host, port), config)
+            workers.run()
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        workers.kill()
         remove_placement_group(group)
         del store
     return read_final_metrics(prepared.run_dir)
 
 
-def start_actors(group: Any, cluster: Any) -> list[Any]:
-    """One `LiveWorker` actor per bundle of the placement group."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+class LiveWorkers:
+    """The driver's view of the live group: starts, replaces and awaits the actors.
 
-    remote = ray.remote(LiveWorker)
-    return [
-        remote.options(
-            num_cpus=cluster.cpus_per_worker,
-            num_gpus=cluster.gpus_per_worker,
-            max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=i
-            ),
-        ).remote()
-        for i in range(cluster.num_workers)
-    ]
+    A lost actor (its process died) is replaced once per loss, at most `num_workers` times in
+    a run, by a new actor in the freed bundle that joins at the members' next step boundary.
+    Once a worker finishes, the others get `FINISH_GRACE_S` to finish too; a replacement
+    still waiting to join then is stopped.
+    """
 
+    FINISH_GRACE_S = 60.0
 
-def wait_for_survivors(actors: list[Any], store_addr: tuple[str, int], config: dict) -> None:
-    """Run every actor; a lost actor is logged, a raising one ends the run with its error."""
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    def __init__(self, group: Any, cluster: Any, store_addr: tuple[str, int], config: dict) -> None:
+        self.group, self.cluster, self.store_addr, self.config = group, cluster, store_addr, config
+        self.actors: list[Any] = []
+        self.pending: dict[Any, tuple[int, int]] = {}  # task -> (member id, bundle)
+        self.replacements = 0
 
-    world = len(actors)
-    pending = {actor.run.remote(i, world, store_addr, config): i for i, actor in enumerate(actors)}
-    finished, lost = [], []
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        member = pending.pop(done[0])
+    def start(self, member: int, bundle: int, joining: bool) -> None:
+        """One `LiveWorker` actor in `bundle`, running as `member`."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        actor = (
+            ray.remote(LiveWorker)
+            .options(
+                num_cpus=self.cluster.cpus_per_worker,
+                num_gpus=self.cluster.gpus_per_worker,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.group, placement_group_bundle_index=bundle
+                ),
+            )
+            .remote()
+        )
+        world = self.cluster.num_workers
+        task = actor.run.remote(member, world, self.store_addr, self.config, joining)
+        self.actors.append(actor)
+        self.pending[task] = (member, bundle)
+
+    def run(self) -> None:
+        """Start every worker and wait for the survivors (see the class docstring)."""
+        import ray
+
+        world = self.cluster.num_workers
+        for member in range(world):
+            self.start(member, member, joining=False)
+        finished: list[int] = []
+        while self.pending:
+            timeout = self.FINISH_GRACE_S if finished else None
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+            if not done:
+                break  # the run is over; what still waits is a replacement never admitted
+            if self.collect(done[0]):
+                finished.append(self.pending.pop(done[0])[0])
+        if not finished:
+            raise ClusterError("every worker of the live group was lost")
+
+    def collect(self, task: Any) -> bool:
+        """True when `task` finished (still pending); a lost worker is dropped from `pending`
+        and replaced; a failed one raises its error."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
         try:
-            ray.get(done[0])
-            finished.append(member)
+            ray.get(task)
+            return True
         except RayActorError:
-            lost.append(member)
+            member, bundle = self.pending.pop(task)
             logger.warning("worker %d was lost; the others go on without it", member)
+            if self.replacements < self.cluster.num_workers:
+                self.replacements += 1
+                self.start(self.cluster.num_workers - 1 + self.replacements, bundle, True)
+            return False
         except RayTaskError as exc:
             raise worker_error(exc) from exc
-    if not finished:
-        raise ClusterError(f"every worker of the live group was lost ({lost})")
+
+    def kill(self) -> None:
+        """Stop every actor this group started."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 def worker_error(exc: Exception) -> Exception:

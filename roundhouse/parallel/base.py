@@ -197,11 +197,13 @@ class Strategy(ABC):
 
         compile_module(self.model, mode)
 
-    def regroup(self, ctx: WorkerContext) -> None:
+    def regroup(self, ctx: WorkerContext, *, joining: bool = False) -> None:
         """Go on in a re-formed default process group (`ctx`: the new rank and world size).
 
         Called by live recovery after `close()`, with the model and optimizer state kept.
-        Only strategies with `supports_live_recovery` implement it.
+        `joining`: a replacement worker joins this generation and runs `setup` there, so the
+        members run the same collectives `setup` runs. Only strategies with
+        `supports_live_recovery` implement it.
         """
         raise NotImplementedError(f"strategy.kind={self.kind} cannot re-form its group")
 

@@ -18,6 +18,12 @@ When a collective fails because a peer died, each survivor destroys its process 
 A member that arrives after the list was written is not in it and raises `LeftBehind`. gloo
 notices a dead peer's closed connection at once, so survivors arrive within milliseconds of
 each other; a stalled (not dead) peer is noticed after the group's collective timeout.
+
+Joining: a replacement worker calls `join()`: it takes a slot (`join/count`, then
+`join/slot/<k>` = its id) and blocks until it is admitted. Rank 0 polls for waiting joiners
+(`waiting_joiners`); at a step boundary the members agree to admit them and call `advance()`:
+rank 0 writes the next generation's members (the current ones, then the joiners) and tells
+each joiner its generation in `join/<id>/gen`; everyone then forms that generation.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class ElasticGroup:
     settle_s: float = SETTLE_S
     generation: int = 0
     reform_s: list[float] = field(default_factory=list)  # how long each re-forming took
+    joined_late: bool = False  # this worker joined a running group (it needs the state)
+    joins_seen: int = 0  # rank 0: join slots already admitted
 
     @property
     def rank(self) -> int:
@@ -115,6 +123,44 @@ class ElasticGroup:
             self.rank,
             self.reform_s[-1],
         )
+
+    def join(self) -> None:
+        """As a replacement: wait to be admitted at a step boundary, then join that generation."""
+        slot = self.store.add("join/count", 1)
+        self.store.set(f"join/slot/{slot}", str(self.member_id))
+        self.generation = int(self.store.get(f"join/{self.member_id}/gen"))
+        self.members = json.loads(self.store.get(f"gen{self.generation}/members"))
+        self.joined_late = True
+        self.init()
+        logger.warning(
+            "joined generation %d as rank %d of %d", self.generation, self.rank, self.world_size
+        )
+
+    def waiting_joiners(self) -> list[int]:
+        """Rank 0: the ids of replacements waiting to join (cheap: one store round trip)."""
+        count = self.store.add("join/count", 0)
+        return [
+            int(self.store.get(f"join/slot/{k}")) for k in range(self.joins_seen + 1, count + 1)
+        ]
+
+    def advance(self, joiners: list[int]) -> None:
+        """Form the next generation with `joiners` added (every member calls it; rank 0's
+        `joiners` are the ones admitted, the others' are ignored)."""
+        started = time.perf_counter()
+        coordinator = self.rank == 0
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.generation += 1
+        key = f"gen{self.generation}"
+        if coordinator:
+            self.joins_seen += len(joiners)
+            self.store.set(f"{key}/members", json.dumps(self.members + joiners))
+            for joiner in joiners:
+                self.store.set(f"join/{joiner}/gen", str(self.generation))
+        self.members = json.loads(self.store.get(f"{key}/members"))
+        self.init()
+        self.reform_s.append(time.perf_counter() - started)
+        logger.warning("generation %d: %d workers after a join", self.generation, self.world_size)
 
     def _coordinate(self, key: str, settle_s: float) -> None:
         expected = len(self.members)

@@ -40,6 +40,13 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+JOIN_POLL_S = 1.0  # how often rank 0 looks for a waiting replacement
+
+
+class JoinPending(Exception):
+    """The members agreed at this step boundary to admit waiting replacements."""
+
+
 # What gloo says when a peer's process is gone (its sockets closed) or stopped answering.
 PEER_LOSS_MARKERS = (
     "connection closed",
@@ -74,6 +81,8 @@ class LiveRecovery:
         self.mark: tuple[int, int] | None = None  # (committed steps, epoch step) at step start
         self.step_started: float | None = None
         self.step_s = 0.0  # the last step's wall time: survivors wait ~2 steps for each other
+        self.joiners: list[int] = []  # rank 0: replacements found waiting at the last poll
+        self.next_poll = 0.0
         self.stalls_s: list[float] = []  # failure noticed -> group re-formed and state agreed
 
     def begin_step(self, trainer: Any) -> None:
@@ -88,12 +97,42 @@ class LiveRecovery:
         while True:
             try:
                 return fn()
+            except JoinPending:
+                self.admit(trainer)
+                continue
             except Exception as exc:
                 if not is_peer_loss(exc):
                     raise
                 reason = str(exc).splitlines()[0][:200]
             # Outside the `except`: the error's frames hold the broken groups (see `recover`).
             self.recover(trainer, reason)
+
+    def join_waiting(self) -> bool:
+        """Rank 0, at most every `JOIN_POLL_S`: whether a replacement waits to join."""
+        if self.group.rank != 0 or time.monotonic() < self.next_poll:
+            return False
+        self.next_poll = time.monotonic() + JOIN_POLL_S
+        self.joiners = self.group.waiting_joiners()
+        return bool(self.joiners)
+
+    def admit(self, trainer: Any) -> None:
+        """Every member: form the next generation with the waiting replacements and hand
+        them the state (after the step just committed)."""
+        position = {
+            "epoch": trainer.state.epoch,
+            "steps_done": trainer.train_loader.state_dict()["steps_done"],
+        }
+        trainer.strategy.close()
+        self.group.advance(self.joiners)
+        self.joiners = []
+        self.rebind(trainer, joining=True)
+        self.send_state(trainer, 0, position)
+        self.reload(trainer, position)
+
+    def join_running(self, trainer: Any) -> None:
+        """A replacement, once built in its new generation: take the members' state."""
+        self.reload(trainer, self.send_state(trainer, 0, None))
+        logger.warning("joined at step %d", trainer.state.step)
 
     def recover(self, trainer: Any, reason: str) -> None:
         """Re-form with the survivors and set the trainer up to redo the uncommitted step."""
@@ -114,24 +153,32 @@ class LiveRecovery:
                 "keeps training only while it lives",
                 "continue with --resume latest",
             )
-        ctx = rebind_context(trainer.ctx, self.group)
-        trainer.ctx = ctx
-        trainer.strategy.regroup(ctx)
+        self.rebind(trainer, joining=False)
         position = self.agree(trainer, position)
-        trainer.train_loader = self.build_loader(trainer.strategy)
-        trainer.train_loader.load_state_dict(position)
+        self.reload(trainer, position)
         if trainer.ledger is not None:
-            trainer.ledger.rebind(ctx.rank, trainer.train_loader)
             trainer.ledger.resumed(trainer.state.step)
-        trainer.strategy.train_mode(True)
         self.stalls_s.append(time.perf_counter() - started)
         logger.warning(
             "live recovery: %d workers go on from step %d (epoch %d, step %d of the epoch)",
-            ctx.world_size,
+            trainer.ctx.world_size,
             trainer.state.step,
             position["epoch"],
             position["steps_done"],
         )
+
+    def rebind(self, trainer: Any, *, joining: bool) -> None:
+        """The trainer's context and strategy on the group's current generation."""
+        trainer.ctx = rebind_context(trainer.ctx, self.group)
+        trainer.strategy.regroup(trainer.ctx, joining=joining)
+
+    def reload(self, trainer: Any, position: dict[str, int]) -> None:
+        """A training loader for the new rank and world size, at `position`."""
+        trainer.train_loader = self.build_loader(trainer.strategy)
+        trainer.train_loader.load_state_dict(position)
+        if trainer.ledger is not None:
+            trainer.ledger.rebind(trainer.ctx.rank, trainer.train_loader)
+        trainer.strategy.train_mode(True)
 
     def position(self, trainer: Any) -> dict[str, int]:
         """The loader position of the first uncommitted step."""
@@ -148,21 +195,27 @@ class LiveRecovery:
         if all(tuple(v) == mine for v in views):
             return position
         src = max(range(len(views)), key=lambda r: (views[r][0], -r))
+        logger.warning("taking step %d from rank %d (it had committed it)", views[src][0], src)
+        return self.send_state(trainer, src, position)
+
+    def send_state(self, trainer: Any, src: int, position: dict[str, int] | None) -> dict[str, int]:
+        """Broadcast rank `src`'s strategy state, loop state and data position; return it."""
         payload: list[Any] = [None]
         if dist.get_rank() == src:
             state = {
                 "strategy": trainer.strategy.state_dict(),
                 "trainer": dataclasses.asdict(trainer.state),
+                "data": position,
             }
             payload = [serialize(state)]
         dist.broadcast_object_list(payload, src=src)
-        if dist.get_rank() != src:
-            state = deserialize(payload[0])
-            trainer.strategy.load_state_dict(state["strategy"])
-            trainer.state = type(trainer.state)(**state["trainer"])
-        step, epoch, steps_done = views[src]
-        logger.warning("took step %d from rank %d (it had committed it)", step, src)
-        return {"epoch": epoch, "steps_done": steps_done}
+        if dist.get_rank() == src:
+            assert position is not None
+            return position
+        state = deserialize(payload[0])
+        trainer.strategy.load_state_dict(state["strategy"])
+        trainer.state = type(trainer.state)(**state["trainer"])
+        return state["data"]
 
 
 def check_live_recovery(job: Any, strategy_class: Any, *, local: bool) -> None:

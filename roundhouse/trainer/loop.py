@@ -24,7 +24,7 @@ from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.async_checkpoint import build_saver
 from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
-from roundhouse.trainer.live_recovery import LiveRecovery
+from roundhouse.trainer.live_recovery import JoinPending, LiveRecovery
 from roundhouse.trainer.lora import AdapterCheckpoint
 from roundhouse.trainer.preemption import PreemptionGuard
 from roundhouse.trainer.sample_ledger import StepLedger
@@ -201,7 +201,8 @@ class Trainer:
         # micro-batch's at once would leave the device idle while the next one is launched.
         loss_sum = sum(float(loss) * n for loss, n in losses)
         samples = sum(n for _, n in losses)
-        if not self.preempt.agree(self.strategy.all_true, math.isfinite(loss_sum)):
+        hold = self.recovery is not None and self.recovery.join_waiting()
+        if not self.preempt.agree(self.strategy.all_true, math.isfinite(loss_sum), hold):
             self.on_nonfinite_loss(loss_sum)
             return
         need_norm = (self.state.step + 1) % self.cfg.log_every_steps == 0
@@ -253,7 +254,11 @@ class Trainer:
             self.save_checkpoint()
         # trainer.max_epochs ends the run at an epoch end (in `fit`): with dynamic data
         # assignment a rank's own step count says nothing about the epoch.
-        return self.cfg.max_steps is not None and step >= self.cfg.max_steps
+        done = self.cfg.max_steps is not None and step >= self.cfg.max_steps
+        if self.preempt.pause and self.recovery is not None and not done:
+            self.preempt.pause = False
+            raise JoinPending  # `guard` admits the waiting replacements, then goes on
+        return done
 
     def stop_preempted(self) -> None:
         """SIGTERM reached some rank: a complete checkpoint of this step, then `Preempted`."""

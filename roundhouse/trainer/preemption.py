@@ -46,6 +46,7 @@ class PreemptionGuard:
         self.grace_s = grace_s
         self.signalled_at: float | None = None  # when this process got SIGTERM
         self.stop = False  # some rank was signalled: stop after this step
+        self.pause = False  # some rank asked to hold the group after this step (a join)
         self.previous: Any = None
         self.installed = False
         self.watchdog: threading.Timer | None = None
@@ -83,18 +84,22 @@ class PreemptionGuard:
         )
         os._exit(EXIT_PREEMPTED)
 
-    def agree(self, all_true: Any, finite: bool) -> bool:
+    def agree(self, all_true: Any, finite: bool, hold: bool = False) -> bool:
         """The loop's per-step vote: True when every rank's loss is finite.
 
-        `all_true` is the strategy's all-reduce of a flag. A signalled rank votes false; when
-        the vote fails, a second vote on the losses alone tells the two apart, and a failed
-        vote with finite losses everywhere sets `stop`.
+        `all_true` is the strategy's all-reduce of a flag. A signalled rank, or one that asks
+        to `hold` the group after this step (live recovery: a replacement waits to join),
+        votes false; when the vote fails, a second vote on the losses alone tells a
+        non-finite loss apart, and a third tells a SIGTERM (`stop`) from a hold (`pause`).
         """
-        if all_true(finite and self.signalled_at is None):
+        if all_true(finite and self.signalled_at is None and not hold):
             return True
         if not all_true(finite):
             return False
-        self.stop = True
+        if all_true(self.signalled_at is None):
+            self.pause = True
+        else:
+            self.stop = True
         return True
 
     def preempted(self, step: int, checkpoint_url: str) -> Preempted:

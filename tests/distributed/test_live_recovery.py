@@ -5,6 +5,7 @@ trained once, and the weights equal an uninterrupted run's."""
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import queue
@@ -39,7 +40,7 @@ class KillerMLP(nn.Module):
     `at_call` (mid-step: its peers are already waiting for its gradients)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, kill_rank: int,
-                 at_call: int, delay_s: float) -> None:  # fmt: skip
+                 at_call: int, delay_s: float, marker: str | None) -> None:  # fmt: skip
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
@@ -50,19 +51,30 @@ class KillerMLP(nn.Module):
         # Built once, in generation 0, where the rank is the worker's launch rank.
         self.member = dist.get_rank() if dist.is_initialized() else 0
         self.kill_rank, self.at_call, self.delay_s, self.calls = kill_rank, at_call, delay_s, 0
+        self.marker = Path(marker) if marker else None  # kill once per run (not a replacement)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.calls += 1
             time.sleep(self.delay_s)
             if self.calls == self.at_call and self.member == self.kill_rank:
+                if self.marker is not None:
+                    if self.marker.exists():
+                        return self.net(x)
+                    self.marker.write_text("killed")
                 os.kill(os.getpid(), signal.SIGKILL)
         return self.net(x)
 
 
-def killer_mlp(input_shape: tuple[int, ...], num_classes: int, kill_rank: int = 2,
-               at_call: int = 0, delay_s: float = 0.02) -> nn.Module:  # fmt: skip
-    return KillerMLP(input_shape, num_classes, kill_rank, at_call, delay_s)
+def killer_mlp(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    kill_rank: int = 2,
+    at_call: int = 0,
+    delay_s: float = 0.02,
+    marker: str | None = None,
+) -> nn.Module:
+    return KillerMLP(input_shape, num_classes, kill_rank, at_call, delay_s, marker)
 
 
 def make_job(storage: Path, at_call: int) -> dict:
@@ -93,7 +105,9 @@ def make_job(storage: Path, at_call: int) -> dict:
     }
 
 
-def member_main(member: int, world: int, port: int, job: dict, results: Any) -> None:
+def member_main(
+    member: int, world: int, port: int, job: dict, results: Any, joining: bool = False
+) -> None:
     os.environ.update(OMP_NUM_THREADS="1")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     torch.set_num_threads(1)
@@ -102,8 +116,9 @@ def member_main(member: int, world: int, port: int, job: dict, results: Any) -> 
             "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60)
         )
         group = ElasticGroup(store, member, list(range(world)), timeout_s=60)
-        group.init()
-        ctx = WorkerContext(rank=member, world_size=world, node_rank=member, num_nodes=world,
+        group.join() if joining else group.init()
+        rank, size = group.rank, group.world_size
+        ctx = WorkerContext(rank=rank, world_size=size, node_rank=rank, num_nodes=size,
                             rendezvous=group)  # fmt: skip
         run_worker(validate_job(job), ctx)
         results.put((member, True, (group.generation, group.world_size, group.reform_s)))
@@ -114,8 +129,12 @@ def member_main(member: int, world: int, port: int, job: dict, results: Any) -> 
             dist.destroy_process_group()
 
 
-def run_members(job: dict, world: int, expect_dead: set[int]) -> dict[int, Any]:
-    """Run `world` members on a store held here; return the survivors' results."""
+def run_members(
+    job: dict, world: int, expect_dead: set[int], replace: bool = False
+) -> dict[int, Any]:
+    """Run `world` members on a store held here; return the survivors' results.
+
+    `replace`: once a member died, start member `world` as its replacement (it joins)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     port = free_port()
@@ -129,11 +148,18 @@ def run_members(job: dict, world: int, expect_dead: set[int]) -> dict[int, Any]:
         proc.start()
     got: dict[int, Any] = {}
     deadline = time.monotonic() + TIMEOUT_S
+    expected = world - len(expect_dead) + (1 if replace else 0)
     try:
-        while len(got) < world - len(expect_dead):
+        while len(got) < expected:
+            if replace and len(procs) == world and any(p.exitcode is not None for p in procs):
+                joiner = (world, world, port, job, results, True)
+                procs.append(ctx.Process(target=member_main, args=joiner, daemon=True))
+                procs[-1].start()
             try:
-                member, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
+                member, ok, value = results.get(timeout=0.2)
             except queue.Empty:
+                if time.monotonic() < deadline:
+                    continue
                 missing = sorted(set(range(world)) - set(got) - expect_dead)
                 raise AssertionError(f"members {missing} hung") from None
             assert ok, f"member {member}: {value}"
@@ -147,10 +173,10 @@ def run_members(job: dict, world: int, expect_dead: set[int]) -> dict[int, Any]:
     return got
 
 
-def train(job: dict, expect_dead: set[int]) -> tuple[Path, dict[int, Any]]:
+def train(job: dict, expect_dead: set[int], replace: bool = False) -> tuple[Path, dict[int, Any]]:
     prepared = prepare_run(validate_job(job))
     job = prepared.job.model_dump(mode="json")
-    return Path(prepared.run_dir.url), run_members(job, WORLD, expect_dead)
+    return Path(prepared.run_dir.url), run_members(job, WORLD, expect_dead, replace)
 
 
 def test_survivors_redo_the_step_and_lose_no_sample(tmp_path: Path) -> None:
@@ -163,6 +189,26 @@ def test_survivors_redo_the_step_and_lose_no_sample(tmp_path: Path) -> None:
     report = verify_ledger(RunDir(str(run)))
     assert report.ok, report.as_dict()
     assert report.epochs[0].steps == 12
+    ours, theirs = final_weights(run), final_weights(reference)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+def test_a_replacement_joins_at_a_step_boundary(tmp_path: Path) -> None:
+    """3 -> 2 -> 3 workers: the replacement gets the members' state by broadcast and the
+    run ends with the uninterrupted run's weights; the ledger shows every sample once."""
+    options = {"delay_s": 0.05, "marker": str(tmp_path / "killed")}
+    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("j", 5))]
+    for job in jobs:
+        job["trainer"]["max_epochs"] = 2
+        job["model"]["options"].update(options)
+    reference, _ = train(jobs[0], set())
+    run, members = train(jobs[1], {2}, replace=True)
+    assert sorted(members) == [0, 1, 3]
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
+    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
+    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
     ours, theirs = final_weights(run), final_weights(reference)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)

@@ -57,12 +57,18 @@ class RingStrategy(SingleDeviceStrategy):
             self.params, build_reducer(self.config, self.ctx), bucket_mb=self.config.bucket_mb
         )
 
-    def regroup(self, ctx: WorkerContext) -> None:
-        """After live recovery re-formed the default group: new rank, world and buckets."""
+    def regroup(self, ctx: WorkerContext, *, joining: bool = False) -> None:
+        """After live recovery re-formed the default group: new rank, world and buckets.
+
+        `joining`: a replacement runs `setup` in this generation; match its collectives (the
+        weights broadcast, then the gradient group).
+        """
         self.close()
         self.ctx, self.distributed = ctx, ctx.world_size > 1
         if self.distributed:
             check_process_group(ctx)
+            if joining:
+                broadcast_module(self.model)
             self.comm = OverlappedAllReduce(
                 self.params, build_reducer(self.config, ctx), bucket_mb=self.config.bucket_mb
             )
