@@ -250,6 +250,14 @@ class RingStrategyConfig(StrategySection):
     algorithm: Literal["ring", "native"] = "ring"
     hierarchical: bool = False
     grad_dtype: Literal["fp32", "bf16"] = "fp32"
+    exact: bool = Field(
+        False,
+        description="Sum the gradients of `virtual_shards` fixed shards of each global batch in "
+        "a fixed order: the weights do not depend on the number of workers (bit for bit).",
+    )
+    virtual_shards: PositiveInt = Field(
+        8, description="exact: shards per global batch (at least cluster.num_workers)."
+    )
 
 
 class SlowWorkerConfig(Section):

@@ -105,6 +105,9 @@ class StepLoader:
         augment: Per-sample augmentation; None or all-off for none.
         mixup_alpha: Beta(alpha, alpha) mixup; 0 falls back to `augment.mixup_alpha`.
         claim: Dynamic assignment's shared chunk counter (see above); None for static.
+        virtual_shards: Exact mode: cut each global batch into this many micro-batches
+            whatever the world size; this rank takes its contiguous run of them
+            (`chunk_bounds(virtual_shards, world_size)[rank]`) instead of `grad_accum_steps`.
 
     Raises:
         DataError: On bad sizes, including a global batch smaller than
@@ -126,9 +129,10 @@ class StepLoader:
         augment: AugmentConfig | None = None,
         mixup_alpha: float = 0.0,
         claim: ClaimFn | None = None,
+        virtual_shards: int | None = None,
     ) -> None:
         self.plan = BatchPlan(
-            len(dataset), global_batch_size, world_size, grad_accum_steps, drop_last
+            len(dataset), global_batch_size, world_size, grad_accum_steps, drop_last, virtual_shards
         )
         _check_rank(rank, world_size)
         self._check_options(num_workers, mixup_alpha)

@@ -192,6 +192,11 @@ class Strategy(ABC):
         rank trains on its fixed share of each global step."""
         return None
 
+    def virtual_shards(self) -> int | None:
+        """Exact mode's fixed number of micro-batches per global step (see `StepLoader`), or
+        None: the loader cuts `world_size * grad_accum_steps` of them."""
+        return None
+
     def compile(self, mode: str) -> None:
         """`trainer.compile`: torch.compile the set-up model in place (see parallel/compile.py)."""
 

@@ -385,4 +385,5 @@ def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> Step
         augment=data.augment,
         mixup_alpha=data.augment.mixup_alpha,
         claim=strategy.data_claimer(),
+        virtual_shards=strategy.virtual_shards(),
     )

@@ -27,9 +27,9 @@ from roundhouse.parallel.net import free_port
 from roundhouse.parallel.rendezvous import ElasticGroup
 from roundhouse.runs.ledger import verify_ledger
 from roundhouse.runs.rundir import RunDir
-from roundhouse.trainer import WorkerContext, prepare_run, run_worker
+from roundhouse.trainer import WorkerContext, build_local_context, prepare_run, run_worker
 from tests.helpers.dist import PRELOAD, _loopback_interface
-from tests.helpers.runs import final_weights
+from tests.helpers.runs import assert_same_weights, final_weights
 
 TIMEOUT_S = 180
 WORLD = 3
@@ -212,6 +212,30 @@ def test_a_replacement_joins_at_a_step_boundary(tmp_path: Path) -> None:
     ours, theirs = final_weights(run), final_weights(reference)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+def test_exact_mode_through_3_2_3_workers_is_bit_identical_to_one_process(
+    tmp_path: Path,
+) -> None:
+    """strategy.exact: losing a worker and getting a replacement changes no bit."""
+    options = {"delay_s": 0.05, "marker": str(tmp_path / "killed")}
+    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("one", 0), ("j", 5))]
+    for job in jobs:
+        job["trainer"]["max_epochs"] = 2
+        job["model"]["options"].update(options)
+        job["strategy"].update(exact=True, virtual_shards=6)
+    prepared = prepare_run(validate_job(jobs[0]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the members: other thread counts add in other orders
+    try:
+        run_worker(prepared.job, build_local_context("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    run, members = train(jobs[1], {2}, replace=True)
+    assert sorted(members) == [0, 1, 3]
+    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
+    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
+    assert_same_weights(final_weights(Path(prepared.run_dir.url)), final_weights(run))
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from roundhouse.config import RingStrategyConfig
-from roundhouse.errors import TrainingError
+from roundhouse.config import JobSpec, RingStrategyConfig
+from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.parallel.base import StepStats, TrainPlan
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
+from roundhouse.parallel.ring.exact import ExactShardSum
 from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.parallel.timeouts import group_timeout, named_collective
 
@@ -43,19 +44,60 @@ class RingStrategy(SingleDeviceStrategy):
     def __init__(self, config: RingStrategyConfig, ctx: WorkerContext) -> None:
         super().__init__(config, ctx)
         self.comm: OverlappedAllReduce | None = None
+        self.exact: ExactShardSum | None = None  # strategy.exact: fixed-order shard sums
         self.distributed = ctx.world_size > 1
         if self.distributed:
             check_process_group(ctx)
 
+    @classmethod
+    def check_job(cls, job: JobSpec, world_size: int) -> None:
+        """Exact mode: enough virtual shards, no accumulation, in-memory data.
+
+        Raises:
+            JobFileError: an exact-mode setting that cannot work (the field and the fix).
+        """
+        config = job.strategy
+        if not config.exact:
+            return
+        if config.virtual_shards < world_size:
+            raise JobFileError(
+                f"strategy.virtual_shards={config.virtual_shards} is below the "
+                f"{world_size} workers",
+                f"set strategy.virtual_shards to at least {world_size}",
+            )
+        if job.trainer.grad_accum_steps != 1:
+            raise JobFileError(
+                "strategy.exact=true cuts each global batch into strategy.virtual_shards "
+                f"micro-batches, so trainer.grad_accum_steps={job.trainer.grad_accum_steps} "
+                "has no meaning",
+                "set trainer.grad_accum_steps=1 (raise virtual_shards for smaller micro-batches)",
+            )
+        if job.data.train is not None:
+            raise JobFileError(
+                "strategy.exact=true needs an in-memory training split, but data.train streams",
+                "set strategy.exact=false, or use a data.source the loader holds in memory",
+            )
+
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
         """Set up as `single`, then broadcast rank 0's weights and hook the gradient buckets."""
         super().setup(model, plan)
+        if self.config.exact:
+            self.exact = ExactShardSum(self.params, self.config.virtual_shards)
         if not self.distributed:
             return
         broadcast_module(self.model)
-        self.comm = OverlappedAllReduce(
-            self.params, build_reducer(self.config, self.ctx), bucket_mb=self.config.bucket_mb
-        )
+        self.comm = self.build_comm()
+
+    def build_comm(self) -> OverlappedAllReduce | None:
+        """The overlapped bucket all-reduce (none in exact mode: shards are gathered)."""
+        if self.exact is not None:
+            return None
+        reducer = build_reducer(self.config, self.ctx)
+        return OverlappedAllReduce(self.params, reducer, bucket_mb=self.config.bucket_mb)
+
+    def virtual_shards(self) -> int | None:
+        """`strategy.virtual_shards` in exact mode."""
+        return self.config.virtual_shards if self.config.exact else None
 
     def regroup(self, ctx: WorkerContext, *, joining: bool = False) -> None:
         """After live recovery re-formed the default group: new rank, world and buckets.
@@ -69,14 +111,14 @@ class RingStrategy(SingleDeviceStrategy):
             check_process_group(ctx)
             if joining:
                 broadcast_module(self.model)
-            self.comm = OverlappedAllReduce(
-                self.params, build_reducer(self.config, ctx), bucket_mb=self.config.bucket_mb
-            )
+            self.comm = self.build_comm()
 
     def forward_backward(
         self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
     ) -> Tensor:
         """Forward and backward; the `sync` micro-batch averages its buckets over the ranks."""
+        if self.exact is not None:
+            return self._exact_forward_backward(batch, sync=sync)
         if self.comm is None or not sync:
             return super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
         self.comm.begin()
@@ -86,6 +128,15 @@ class RingStrategy(SingleDeviceStrategy):
             # Even if backward failed, launch what is left: the other ranks' rings need it.
             self.comm.flush()
 
+    def _exact_forward_backward(self, batch: dict[str, Tensor], *, sync: bool) -> Tensor:
+        # The shard's own mean loss, unscaled: the shards are weighted when they are summed.
+        assert self.exact is not None
+        loss = super().forward_backward(batch, loss_scale=1.0, sync=sync)
+        self.exact.stash(int(batch["target"].shape[0]))
+        if sync:
+            self.exact.reduce(self.ctx.rank, self.ctx.world_size)
+        return loss
+
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
         """Wait for the averaged gradients, then step as `single` (identical on every rank)."""
         self._wait()
@@ -94,6 +145,8 @@ class RingStrategy(SingleDeviceStrategy):
     def zero_grad(self) -> None:
         """Wait for buckets in flight, then drop the gradients."""
         self._wait()  # a bucket still in flight would write its gradients back afterwards
+        if self.exact is not None:
+            self.exact.clear()
         super().zero_grad()
 
     def _wait(self) -> None:
