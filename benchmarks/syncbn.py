@@ -76,7 +76,7 @@ def train(job: dict) -> Path:
     """Run `job` on `WORLD` spawned ranks; returns its run folder."""
     from roundhouse.config.loading import validate_job
     from roundhouse.parallel.net import free_port
-    from roundhouse.trainer import prepare_run
+    from roundhouse.weights.run_folder import prepare_run
 
     prepared = prepare_run(validate_job(job))
     mp.spawn(rank_main, args=(job, free_port()), nprocs=WORLD, join=True)

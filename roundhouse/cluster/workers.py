@@ -119,6 +119,10 @@ def train_on_ray(
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if prepared.job.cluster.recovery == "live":  # roundhouse's own actor group: survivors go on
+        from roundhouse.cluster.live_group import train_live_on_ray
+
+        return train_live_on_ray(prepared, resume=resume, env=worker_env(prepared.job))
     job = prepared.job
     cluster = job.cluster
     wait_for_capacity(cluster)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    ConfigDict,
     Field,
     PositiveFloat,
     PositiveInt,
@@ -179,9 +180,20 @@ class EarlyStoppingConfig(Section):
 class CheckpointConfig(Section):
     """When checkpoints are written (always at the end of training)."""
 
+    # `async` is a Python keyword: the field is `async_`, read and written as `async`.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True
+    )
+
     every_steps: PositiveInt | None = Field(None, description="Every N optimizer steps.")
     every_epoch: bool = Field(True, description="At the end of each epoch.")
     keep_last: PositiveInt = Field(3, description="How many step_<N> folders to keep.")
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="Snapshot the state to CPU memory and write it in a background thread; "
+        "the loop waits only for the snapshot (and for the previous save to finish).",
+    )
 
 
 class TrainerConfig(Section):
@@ -225,6 +237,12 @@ class TrainerConfig(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     early_stopping: EarlyStoppingConfig | None = None
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ledger: bool = Field(
+        False,
+        description="Every rank appends the sample indices it trained per step to the run "
+        "folder's ledger/; `roundhouse runs verify RUN` checks each epoch trained every sample "
+        "exactly once.",
+    )
     distill: DistillConfig | None = Field(None, description="Distil from a teacher run.")
     freeze: list[str] = Field(
         default_factory=list,
@@ -260,6 +278,14 @@ class RingStrategyConfig(StrategySection):
         "dense",
         description="Sparse-gradient embeddings (`sparse=True`): all-reduce the whole table "
         "(`dense`) or all-gather the touched rows (`gather`).",
+    )
+    exact: bool = Field(
+        False,
+        description="Sum the gradients of `virtual_shards` fixed shards of each global batch in "
+        "a fixed order: the weights do not depend on the number of workers (bit for bit).",
+    )
+    virtual_shards: PositiveInt = Field(
+        8, description="exact: shards per global batch (at least cluster.num_workers)."
     )
 
 
@@ -387,6 +413,16 @@ class ClusterConfig(Section):
     max_failures: NonNegInt = 0
     min_workers: PositiveInt | None = Field(None, description="Elastic lower bound.")
     collective_timeout_s: PositiveFloat = 600.0
+    recovery: Literal["restart", "live"] = Field(
+        "restart",
+        description="restart: a lost worker restarts the group from the latest checkpoint; "
+        "live: the survivors re-form and redo the step at once (ring only).",
+    )
+    preempt_grace_s: PositiveFloat = Field(
+        30.0,
+        description="On SIGTERM, write a checkpoint at the next step boundary within this "
+        "many seconds, then exit.",
+    )
     schedule_timeout_s: PositiveFloat = 120.0
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     ps_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})

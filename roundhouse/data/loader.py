@@ -47,6 +47,13 @@ class _StepPlan:
     lam: float | None
     chunk: int  # step * world_size + rank: which rank's share of the step this is
 
+    @property
+    def own_indices(self) -> list[int]:
+        """The samples this share trains (without mixup partners), in micro-batch order."""
+        if self.lam is None:
+            return [i for micro in self.micro_indices for i in micro]
+        return [i for micro in self.micro_indices for i in micro[: len(micro) // 2]]
+
 
 def _identity(batch: Batch) -> Batch:
     # Module level so DataLoader workers can pickle it; __getitems__ already built the batch.
@@ -66,7 +73,8 @@ class StepLoader:
     `[i * B, (i + 1) * B)` of the epoch order (a permutation seeded by (seed, epoch), or the
     identity without shuffle); the global batch is cut into `world_size * grad_accum_steps`
     near-equal chunks in order and this rank gets chunks `rank * A .. rank * A + A - 1`.
-    `last_step_size` holds the global batch size of the step just yielded.
+    `last_step_size` holds the global batch size of the step just yielded, `last_indices` the
+    dataset indices this rank trains in it.
 
     Remainder policy: a last, partial global batch is dropped with `drop_last=True`; with
     `drop_last=False` it is kept if it has at least `world_size * grad_accum_steps` samples (so no
@@ -98,6 +106,9 @@ class StepLoader:
         augment: Per-sample augmentation; None or all-off for none.
         mixup_alpha: Beta(alpha, alpha) mixup; 0 falls back to `augment.mixup_alpha`.
         claim: Dynamic assignment's shared chunk counter (see above); None for static.
+        virtual_shards: Exact mode: cut each global batch into this many micro-batches
+            whatever the world size; this rank takes its contiguous run of them
+            (`chunk_bounds(virtual_shards, world_size)[rank]`) instead of `grad_accum_steps`.
 
     Raises:
         DataError: On bad sizes, including a global batch smaller than
@@ -119,9 +130,10 @@ class StepLoader:
         augment: AugmentConfig | None = None,
         mixup_alpha: float = 0.0,
         claim: ClaimFn | None = None,
+        virtual_shards: int | None = None,
     ) -> None:
         self.plan = BatchPlan(
-            len(dataset), global_batch_size, world_size, grad_accum_steps, drop_last
+            len(dataset), global_batch_size, world_size, grad_accum_steps, drop_last, virtual_shards
         )
         _check_rank(rank, world_size)
         self._check_options(num_workers, mixup_alpha)
@@ -133,6 +145,8 @@ class StepLoader:
         )
         self.dataset = dataset.with_transform(transform, seed)
         self.last_step_size = 0
+        self.last_indices: list[int] = []  # the samples of the step just yielded (the ledger)
+        self.last_step = -1  # its step number in the epoch
         self._epoch, self._steps_done, self._resume_at = 0, 0, 0
 
     @classmethod
@@ -209,6 +223,7 @@ class StepLoader:
             rest = [next(fetched) for _ in plan.micro_indices[1:]]
             micro_batches = [self._finish(batch, plan) for batch in [first, *rest]]
             self._steps_done, self.last_step_size = plan.step + 1, plan.step_size
+            self.last_indices, self.last_step = plan.own_indices, plan.step
             if self.claim is not None:
                 self._steps_done = plan.chunk // self.world_size
             yield micro_batches

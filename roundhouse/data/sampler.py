@@ -118,6 +118,9 @@ class BatchPlan:
     world_size: int
     grad_accum_steps: int
     drop_last: bool
+    # Exact mode: the global batch is cut into this many shards whatever the world size, and
+    # each rank takes a contiguous run of them (`chunk_bounds(V, world_size)`).
+    virtual_shards: int | None = None
 
     @classmethod
     def of_topology(cls, num_samples: int, topology: Topology) -> BatchPlan:
@@ -134,6 +137,11 @@ class BatchPlan:
         for name in ("global_batch_size", "world_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise DataError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.virtual_shards is not None and self.virtual_shards < self.world_size:
+            raise DataError(
+                f"{self.virtual_shards} virtual shards cannot feed {self.world_size} ranks",
+                "raise strategy.virtual_shards to at least the number of workers",
+            )
         if self.global_batch_size < self.num_chunks:
             raise DataError(
                 f"global batch size {self.global_batch_size} is smaller than world_size * "
@@ -143,8 +151,8 @@ class BatchPlan:
 
     @property
     def num_chunks(self) -> int:
-        """Micro-batches per global step over all ranks."""
-        return self.world_size * self.grad_accum_steps
+        """Micro-batches per global step over all ranks (the virtual shards, if set)."""
+        return self.virtual_shards or self.world_size * self.grad_accum_steps
 
     @property
     def num_steps(self) -> int:
@@ -161,7 +169,11 @@ class BatchPlan:
         """Positions in the epoch order of `rank`'s micro-batches at global step `step`."""
         start, end = self.step_bounds(step)
         chunks = chunk_bounds(end - start, self.num_chunks)
-        mine = chunks[rank * self.grad_accum_steps : (rank + 1) * self.grad_accum_steps]
+        if self.virtual_shards is not None:
+            lo, hi = chunk_bounds(self.virtual_shards, self.world_size)[rank]
+            mine = chunks[lo:hi]
+        else:
+            mine = chunks[rank * self.grad_accum_steps : (rank + 1) * self.grad_accum_steps]
         return [(start + lo, start + hi) for lo, hi in mine]
 
 

@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc.one_line()}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)  # e.g. 143 for a preempted run
     except KeyboardInterrupt:
         print("error: interrupted (the last complete checkpoint is kept)", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
     roundhouse runs list [STORAGE] [--name JOB]
     roundhouse runs compare RUN RUN ... [--storage STORAGE]
     roundhouse runs plot RUN ... --metrics train/loss,val/accuracy --out curves.png [--x step|time]
+    roundhouse runs verify RUN [--json]   (the sample ledger: exit 1 on a duplicate or a miss)
 
 A RUN is a run folder (path or URL) or a run id found under `--storage` (default ./runs).
 """
@@ -41,10 +42,16 @@ def add_runs_parser(commands: argparse._SubParsersAction, common: argparse.Argum
     plot.add_argument("--out", default="curves.png", help="PNG file to write")
     plot.add_argument("--x", choices=("step", "time"), default="step", help="x axis")
     plot.add_argument("--storage", default=DEFAULT_STORAGE, help="where run ids are looked up")
+    verify = sub.add_parser("verify", parents=[common], help="check a run's sample ledger")
+    verify.add_argument("run", metavar="RUN")
+    verify.add_argument("--storage", default=DEFAULT_STORAGE, help="where run ids are looked up")
+    verify.add_argument("--json", action="store_true", help="the report as JSON on stdout")
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """Run one `runs` subcommand and print its table (or the PNG written)."""
+    if args.runs_command == "verify":
+        return cmd_verify(args)
     if args.runs_command == "list":
         lines = list_table(list_runs(args.storage, args.name))
     elif args.runs_command == "compare":
@@ -58,6 +65,37 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`runs verify RUN`: per-epoch duplicate and missing counts; 1 when any is non-zero."""
+    import json
+
+    from roundhouse.runs.ledger import verify_ledger
+    from roundhouse.runs.rundir import RunDir
+
+    report = verify_ledger(RunDir(resolve_run_url(args.run, args.storage)))
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return 0 if report.ok else 1
+    table = [["epoch", "steps", "trained", "duplicates", "missing"]]
+    for e in report.epochs:
+        table.append([str(v) for v in (e.epoch, e.steps, e.trained, e.duplicates, e.missing)])
+    for line in align(table):
+        print(line)
+    verdict = "ok" if report.ok else "FAILED"
+    print(f"{verdict}: {report.duplicates} duplicates, {report.missing} missing")
+    return 0 if report.ok else 1
+
+
+def resolve_run_url(ref: str, storage: str) -> str:
+    """The folder URL of a run named by its path/URL or its run id under `storage`."""
+    from roundhouse.runs.ledger import LEDGER, META
+    from roundhouse.runs.rundir import RunDir
+
+    if RunDir(ref).exists(LEDGER, META):
+        return ref
+    return resolve_run(ref, storage).url
 
 
 def fmt(value: Any) -> str:

@@ -92,6 +92,7 @@ class Strategy(ABC):
     kind: ClassVar[str] = ""
     max_world_size: ClassVar[int | None] = None
     cost_model: ClassVar[type[CostModel] | None] = None
+    supports_live_recovery: ClassVar[bool] = False  # `regroup` works (cluster.recovery: live)
 
     def __init__(self, config: Any, ctx: WorkerContext) -> None:
         """Bind the strategy to its `strategy` job section and this worker's context.
@@ -232,10 +233,25 @@ class Strategy(ABC):
         rank trains on its fixed share of each global step."""
         return None
 
+    def virtual_shards(self) -> int | None:
+        """Exact mode's fixed number of micro-batches per global step (see `StepLoader`), or
+        None: the loader cuts `world_size * grad_accum_steps` of them."""
+        return None
+
     def compile(self, mode: str) -> None:
         """`trainer.compile`: torch.compile the set-up model in place (see parallel/compile.py)."""
 
         compile_module(self.model, mode)
+
+    def regroup(self, ctx: WorkerContext, *, joining: bool = False) -> None:
+        """Go on in a re-formed default process group (`ctx`: the new rank and world size).
+
+        Called by live recovery after `close()`, with the model and optimizer state kept.
+        `joining`: a replacement worker joins this generation and runs `setup` there, so the
+        members run the same collectives `setup` runs. Only strategies with
+        `supports_live_recovery` implement it.
+        """
+        raise NotImplementedError(f"strategy.kind={self.kind} cannot re-form its group")
 
     def close(self) -> None:
         """Release resources (process groups, actors)."""

@@ -33,6 +33,9 @@ class WorkerContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     services: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     topology: Topology | None = field(default=None, compare=False)
+    # `cluster.recovery: live`: this worker's re-formable group (`parallel.rendezvous`); None:
+    # the launcher's fixed process group.
+    rendezvous: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.world_size, (self.rank, self.world_size)

@@ -28,6 +28,7 @@ from roundhouse.errors import JobFileError, ModelError
 from roundhouse.models.sparse import SPARSE_OPTIMIZERS, wants_sparse_gradients
 from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.trainer.distill import check_teacher, student_outputs
+from roundhouse.trainer.live_recovery import check_live_recovery
 from roundhouse.trainer.losses import LOSSES
 from roundhouse.trainer.optim import (
     check_optimizer,
@@ -36,6 +37,7 @@ from roundhouse.trainer.optim import (
     group_counts,
     trainable_names,
 )
+from roundhouse.trainer.sample_ledger import check_ledger_job
 from roundhouse.trainer.tasks_regression import resolve_job_task
 from roundhouse.weights.finetune import apply_finetune
 from roundhouse.weights.hf_teacher import check_hf_teacher, is_hf_teacher, read_hf_teacher
@@ -133,6 +135,24 @@ def check_strategy(subject: JobUnderCheck) -> list[str]:
     job = subject.job
     get_strategy_class(job.strategy).check_job(job, subject.world_size)
     return []
+
+
+def check_recovery(subject: JobUnderCheck) -> list[str]:
+    """`cluster.recovery: live` only with a strategy that can re-form its group."""
+    job = subject.job
+    strategy_class = get_strategy_class(job.strategy)
+    check_live_recovery(job, strategy_class, local=subject.world_size == 1)
+    return [f"recovery: {job.cluster.recovery}"] if job.cluster.recovery == "live" else []
+
+
+def check_ledger(subject: JobUnderCheck) -> list[str]:
+    """`trainer.ledger` only with in-memory training data and plain data parallel."""
+    check_ledger_job(subject.job)
+    return (
+        ["ledger: every rank records the samples of each step"]
+        if subject.job.trainer.ledger
+        else []
+    )
 
 
 def check_batch(subject: JobUnderCheck) -> list[str]:
@@ -244,7 +264,9 @@ CHECKS: dict[str, Check] = {
     "world": check_world,
     "layout": check_layout,
     "strategy": check_strategy,
+    "recovery": check_recovery,
     "batch": check_batch,
+    "ledger": check_ledger,
     "task": check_task,
     "shapes": check_shapes,
     "lora": check_lora,  # on the plain model: targets name its layers
@@ -253,4 +275,4 @@ CHECKS: dict[str, Check] = {
 }
 # The checks of a job's own strategy and layout: skipped where the strategy is chosen later
 # (`strategy.kind: auto` on submit) or per row (`plan`).
-STRATEGY_CHECKS = ("world", "layout", "strategy", "batch")
+STRATEGY_CHECKS = ("world", "layout", "strategy", "recovery", "batch")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from roundhouse.config import JobSpec
 from roundhouse.config.topology import compute_total_steps
@@ -21,11 +22,17 @@ from roundhouse.errors import CheckpointError, TrainingError
 from roundhouse.parallel.base import StepStats, Strategy, move_to
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
+from roundhouse.trainer.async_checkpoint import build_saver
+from roundhouse.trainer.live_recovery import JoinPending, LiveRecovery
+from roundhouse.trainer.preemption import PreemptionGuard
+from roundhouse.trainer.sample_ledger import StepLedger
 from roundhouse.trainer.task import Task
 from roundhouse.weights.checkpoint import Checkpointer, get_rng_state, set_rng_state
 from roundhouse.weights.lora import AdapterCheckpoint
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,6 +77,8 @@ class Trainer:
         checkpointer: Checkpointer,
         train_loader: StepLoader,
         adapters: AdapterCheckpoint | None = None,
+        ledger: StepLedger | None = None,
+        recovery: LiveRecovery | None = None,
     ) -> None:
         self.job, self.ctx, self.strategy, self.task = job, ctx, strategy, task
         self.splits, self.tracker, self.checkpointer = splits, tracker, checkpointer
@@ -81,6 +90,11 @@ class Trainer:
         self.window = Window()
         self.last_checkpoint_step: int | None = None
         self.last_val_metrics: dict[str, float] = {}
+        self.ledger = ledger  # trainer.ledger: what this rank trained, step by step
+        # trainer.checkpoint.async: the loop waits only for a CPU snapshot of the state
+        self.saver = build_saver(checkpointer, job.trainer.checkpoint.async_)
+        self.preempt = PreemptionGuard(job.cluster.preempt_grace_s)  # SIGTERM: save and stop
+        self.recovery = recovery  # cluster.recovery: live (None: a lost peer ends the run)
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -97,7 +111,7 @@ class Trainer:
         if self.adapters is not None:
             state = self.adapters.pack(state)
         if self.strategy.is_main_process:
-            self.checkpointer.save(self.state.step, state, {"epoch": self.state.epoch})
+            self.saver.save(self.state.step, state, {"epoch": self.state.epoch})
             self.tracker.flush()
         self.last_checkpoint_step = self.state.step
 
@@ -117,6 +131,8 @@ class Trainer:
         self.train_loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.last_checkpoint_step = self.state.step
+        if self.ledger is not None:
+            self.ledger.resumed(self.state.step)
         logger.info("resumed at step %d, epoch %d", self.state.step, self.state.epoch)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -125,9 +141,17 @@ class Trainer:
         """Train until max_steps/max_epochs or early stopping; return the final metrics."""
         self.window.reset()
         stop = self.state.step >= self.total_steps
-        while not stop and self.state.epoch < self.max_epochs:
-            stop = self.run_epoch()
-        return self.finish()
+        self.preempt.install()
+        try:
+            while not stop and self.state.epoch < self.max_epochs:
+                stop = self.guarded(self.run_epoch)
+            return self.guarded(self.finish)
+        finally:
+            self.preempt.uninstall()
+
+    def guarded(self, fn: Callable[[], T]) -> T:
+        """`fn()`, redone after live recovery when a peer is lost (`cluster.recovery: live`)."""
+        return fn() if self.recovery is None else self.recovery.guard(self, fn)
 
     @property
     def max_epochs(self) -> int:
@@ -161,6 +185,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> None:
         """One optimizer step over this rank's micro-batches (skipped when a loss is non-finite)."""
+        if self.recovery is not None:
+            self.recovery.begin_step(self)
         step_size = self.train_loader.last_step_size
         dp = self.strategy.data_parallel_size
         losses: list[tuple[Any, int]] = []
@@ -175,13 +201,20 @@ class Trainer:
         # micro-batch's at once would leave the device idle while the next one is launched.
         loss_sum = sum(float(loss) * n for loss, n in losses)
         samples = sum(n for _, n in losses)
-        if not self.strategy.all_true(math.isfinite(loss_sum)):
+        hold = self.recovery is not None and self.recovery.join_waiting()
+        if not self.preempt.agree(self.strategy.all_true, math.isfinite(loss_sum), hold):
             self.on_nonfinite_loss(loss_sum)
             return
         need_norm = (self.state.step + 1) % self.cfg.log_every_steps == 0
         stats = self.strategy.optimizer_step(need_grad_norm=need_norm)
         self.state.step += 1
         self.state.step_epoch = self.state.epoch
+        if self.ledger is not None:
+            self.ledger.committed(
+                epoch=self.state.epoch,
+                global_step=self.state.step,
+                world=self.strategy.data_parallel_size,
+            )
         self.window.loss_sum += loss_sum / max(samples, 1)
         self.window.steps += 1
         self.window.samples += step_size
@@ -210,6 +243,8 @@ class Trainer:
     def after_step(self) -> bool:
         """Periodic work after an optimizer step; True means stop training."""
         step = self.state.step
+        if self.preempt.stop:
+            self.stop_preempted()
         if self.cfg.eval_every_steps and step % self.cfg.eval_every_steps == 0:
             if self.validate_and_check_early_stop():
                 return True
@@ -219,7 +254,20 @@ class Trainer:
             self.save_checkpoint()
         # trainer.max_epochs ends the run at an epoch end (in `fit`): with dynamic data
         # assignment a rank's own step count says nothing about the epoch.
-        return self.cfg.max_steps is not None and step >= self.cfg.max_steps
+        done = self.cfg.max_steps is not None and step >= self.cfg.max_steps
+        if self.preempt.pause and self.recovery is not None and not done:
+            self.preempt.pause = False
+            raise JoinPending  # `guard` admits the waiting replacements, then goes on
+        return done
+
+    def stop_preempted(self) -> None:
+        """SIGTERM reached some rank: a complete checkpoint of this step, then `Preempted`."""
+        if self.last_checkpoint_step != self.state.step:
+            self.save_checkpoint()
+        self.saver.wait()
+        self.tracker.flush()
+        url = self.checkpointer.url_of(self.state.step)
+        raise self.preempt.preempted(self.state.step, url)
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -334,4 +382,5 @@ def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> Step
         augment=data.augment,
         mixup_alpha=data.augment.mixup_alpha,
         claim=strategy.data_claimer(),
+        virtual_shards=strategy.virtual_shards(),
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import torch
 
@@ -21,7 +22,9 @@ from roundhouse.parallel.sync_norm import apply_sync_batch_norm
 from roundhouse.runs.rundir import run_dir_of
 from roundhouse.runs.status import RunStatus
 from roundhouse.runs.tracking import Tracker
+from roundhouse.trainer.async_checkpoint import SyncSaver
 from roundhouse.trainer.distill import build_distill_task
+from roundhouse.trainer.live_recovery import LiveRecovery
 from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.optim import (
     build_optimizer,
@@ -29,6 +32,7 @@ from roundhouse.trainer.optim import (
     build_scheduler,
     group_counts,
 )
+from roundhouse.trainer.sample_ledger import build_step_ledger
 from roundhouse.trainer.task import Task, build_task
 from roundhouse.trainer.tasks_regression import resolve_job_task
 from roundhouse.weights.checkpoint import Checkpointer
@@ -87,16 +91,30 @@ def run_worker(
     try:
         if resume:
             trainer.restore(resume_step)
+        if trainer.recovery is not None and ctx.rendezvous.joined_late:
+            trainer.recovery.join_running(trainer)  # a replacement: the members' state
         metrics = trainer.fit()
+        trainer.saver.close()  # the run ends once its last checkpoint is committed
     except BaseException as exc:
+        close_quietly(trainer.saver)  # an earlier save in flight still commits
         trainer.tracker.close(failed=True)
         status.end(exc)
         raise
     finally:
         trainer.strategy.close()
+        if trainer.ledger is not None:
+            trainer.ledger.close()
     trainer.tracker.close()
     status.end()
     return metrics
+
+
+def close_quietly(saver: SyncSaver) -> None:
+    """Wait for a checkpoint in flight while another error is on its way up; log its failure."""
+    try:
+        saver.close()
+    except Exception:
+        logger.exception("the checkpoint in flight failed too")
 
 
 def build_trainer(
@@ -142,4 +160,13 @@ def build_trainer(
         checkpointer=checkpointer,
         train_loader=loader,
         adapters=AdapterCheckpoint(lora) if lora is not None else None,
+        ledger=build_step_ledger(job, checkpointer.run_dir, ctx.rank, loader),
+        recovery=build_live_recovery(job, ctx, splits),
     )
+
+
+def build_live_recovery(job: JobSpec, ctx: WorkerContext, splits: Any) -> LiveRecovery | None:
+    """Live recovery when the job asks for it and the launcher gave a re-formable group."""
+    if job.cluster.recovery != "live" or ctx.rendezvous is None:
+        return None
+    return LiveRecovery(ctx.rendezvous, functools.partial(build_train_loader, job, splits))

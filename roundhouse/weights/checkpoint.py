@@ -155,14 +155,47 @@ class Checkpointer:
         folder = f"{CHECKPOINTS}/{step_folder(step)}"
         manifest = self.manifest(step)
         self._check_identity(manifest, folder)
-        data = self.run_dir.read_bytes(folder, STATE_FILE)
-        expected = manifest["files"][STATE_FILE]["sha256"]
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise CheckpointError(
-                f"checkpoint {self.run_dir.url_of(folder)} is corrupt (sha256 mismatch)",
-                "resume from an earlier step_<N> folder with --resume PATH",
-            )
-        return deserialize(data)
+        return deserialize(self.verified_files(step, manifest)[STATE_FILE])
+
+    def verify(self, step: int) -> None:
+        """Check every file of checkpoint `step` against its manifest's size and sha256.
+
+        Raises:
+            CheckpointError: one line naming the first missing or corrupt file, and offering
+                the previous complete checkpoint when there is one.
+        """
+        self.verified_files(step, self.manifest(step))
+
+    def verified_files(self, step: int, manifest: dict[str, Any]) -> dict[str, bytes]:
+        """The bytes of every file in `manifest`, each checked against its sha256."""
+        folder = f"{CHECKPOINTS}/{step_folder(step)}"
+        files = {}
+        for name, expected in manifest["files"].items():
+            url = self.run_dir.url_of(folder, name)
+            if not self.run_dir.exists(folder, name):
+                raise self._bad_file(step, f"checkpoint file {url} is missing")
+            data = self.run_dir.read_bytes(folder, name)
+            if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+                raise self._bad_file(
+                    step,
+                    f"checkpoint file {url} is corrupt (sha256 does not match its manifest; "
+                    f"{len(data)} bytes, {expected['bytes']} written)",
+                )
+            files[name] = data
+        return files
+
+    def _bad_file(self, step: int, what: str) -> CheckpointError:
+        earlier = [s for s in self.complete_steps() if s < step]
+        if earlier:
+            previous = self.url_of(earlier[-1])
+            fix = f"resume from the previous complete checkpoint: --resume {previous}"
+        else:
+            fix = "no earlier complete checkpoint in this run; start a new run without --resume"
+        return CheckpointError(what, fix)
+
+    def url_of(self, step: int) -> str:
+        """The URL of checkpoint `step`'s folder."""
+        return self.run_dir.url_of(CHECKPOINTS, step_folder(step))
 
     def _check_identity(self, manifest: dict[str, Any], folder: str) -> None:
         theirs = manifest.get("identity", {})

@@ -43,6 +43,9 @@ def prepare_run(job: JobSpec, resume: str | None = None) -> PreparedRun:
     else:
         prepared = find_resume_point(job, resume)
     prepared.run_dir = run_dir_of(prepared.job)
+    if resume is not None and prepared.resume_step is not None:
+        # Before anything starts: a corrupt checkpoint is one line naming the file.
+        Checkpointer(prepared.run_dir, keep_last=1, identity={}).verify(prepared.resume_step)
     prepared.run_dir.ensure_writable()
     write_job_yaml(prepared.run_dir, prepared.job)
     return prepared

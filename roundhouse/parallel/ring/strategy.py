@@ -19,13 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from roundhouse.config import RingStrategyConfig
-from roundhouse.errors import TrainingError
+from roundhouse.config import JobSpec, RingStrategyConfig
+from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.models.sparse import sparse_modules
 from roundhouse.parallel.base import StepStats, TrainPlan
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
 from roundhouse.parallel.ring.costs import RingCosts
+from roundhouse.parallel.ring.exact import ExactShardSum
 from roundhouse.parallel.ring.sparse import gather_sparse_grads
 from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.parallel.timeouts import group_timeout, named_collective
@@ -41,6 +42,7 @@ class RingStrategy(SingleDeviceStrategy):
     kind = "ring"
     cost_model = RingCosts
     max_world_size = None
+    supports_live_recovery = True
     config: RingStrategyConfig
 
     def __init__(self, config: RingStrategyConfig, ctx: WorkerContext) -> None:
@@ -48,27 +50,90 @@ class RingStrategy(SingleDeviceStrategy):
         self.comm: OverlappedAllReduce | None = None
         self.gathered: list[nn.Parameter] = []  # sparse_gradients=gather: rows all-gathered
         self.gathered_bytes = 0
+        self.exact: ExactShardSum | None = None  # strategy.exact: fixed-order shard sums
         self.distributed = ctx.world_size > 1
         if self.distributed:
             check_process_group(ctx)
 
+    @classmethod
+    def check_job(cls, job: JobSpec, world_size: int) -> None:
+        """Exact mode: enough virtual shards, no accumulation, in-memory data.
+
+        Raises:
+            JobFileError: an exact-mode setting that cannot work (the field and the fix).
+        """
+        config = job.strategy
+        if not config.exact:
+            return
+        if config.virtual_shards < world_size:
+            raise JobFileError(
+                f"strategy.virtual_shards={config.virtual_shards} is below the "
+                f"{world_size} workers",
+                f"set strategy.virtual_shards to at least {world_size}",
+            )
+        if job.trainer.grad_accum_steps != 1:
+            raise JobFileError(
+                "strategy.exact=true cuts each global batch into strategy.virtual_shards "
+                f"micro-batches, so trainer.grad_accum_steps={job.trainer.grad_accum_steps} "
+                "has no meaning",
+                "set trainer.grad_accum_steps=1 (raise virtual_shards for smaller micro-batches)",
+            )
+        if config.sparse_gradients == "gather":
+            raise JobFileError(
+                "strategy.exact=true sums every gradient densely in shard order, so "
+                "strategy.sparse_gradients=gather has no meaning",
+                "set strategy.sparse_gradients=dense (or strategy.exact=false)",
+            )
+        if job.data.train is not None:
+            raise JobFileError(
+                "strategy.exact=true needs an in-memory training split, but data.train streams",
+                "set strategy.exact=false, or use a data.source the loader holds in memory",
+            )
+
     def setup(self, model: nn.Module, plan: TrainPlan) -> None:
         """Set up as `single`, then broadcast rank 0's weights and hook the gradient buckets."""
         super().setup(model, plan)
+        if self.config.exact:
+            self.exact = ExactShardSum(self.params, self.config.virtual_shards)
         if not self.distributed:
             return
         broadcast_module(self.model)
         if self.config.sparse_gradients == "gather":
             self.gathered = [m.weight for m in sparse_modules(self.model)]
+        self.comm = self.build_comm()
+
+    def build_comm(self) -> OverlappedAllReduce | None:
+        """The overlapped bucket all-reduce (none in exact mode: shards are gathered)."""
+        if self.exact is not None:
+            return None
+        reducer = build_reducer(self.config, self.ctx)
         reduced = [p for p in self.params if all(p is not t for t in self.gathered)]
-        self.comm = OverlappedAllReduce(
-            reduced, build_reducer(self.config, self.ctx), bucket_mb=self.config.bucket_mb
-        )
+        return OverlappedAllReduce(reduced, reducer, bucket_mb=self.config.bucket_mb)
+
+    def virtual_shards(self) -> int | None:
+        """`strategy.virtual_shards` in exact mode."""
+        return self.config.virtual_shards if self.config.exact else None
+
+    def regroup(self, ctx: WorkerContext, *, joining: bool = False) -> None:
+        """After live recovery re-formed the default group: new rank, world and buckets.
+
+        `joining`: a replacement runs `setup` in this generation; match its collectives (the
+        weights broadcast, then the gradient group).
+        """
+        self.close()
+        self.ctx, self.distributed = ctx, ctx.world_size > 1
+        if self.distributed:
+            check_process_group(ctx)
+            if joining:
+                broadcast_module(self.model)
+            self.comm = self.build_comm()
 
     def forward_backward(
         self, batch: dict[str, Tensor], *, loss_scale: float, sync: bool
     ) -> Tensor:
         """Forward and backward; the `sync` micro-batch averages its buckets over the ranks."""
+        if self.exact is not None:
+            return self._exact_forward_backward(batch, sync=sync)
         if self.comm is None or not sync:
             return super().forward_backward(batch, loss_scale=loss_scale, sync=sync)
         self.comm.begin()
@@ -77,6 +142,15 @@ class RingStrategy(SingleDeviceStrategy):
         finally:
             # Even if backward failed, launch what is left: the other ranks' rings need it.
             self.comm.flush()
+
+    def _exact_forward_backward(self, batch: dict[str, Tensor], *, sync: bool) -> Tensor:
+        # The shard's own mean loss, unscaled: the shards are weighted when they are summed.
+        assert self.exact is not None
+        loss = super().forward_backward(batch, loss_scale=1.0, sync=sync)
+        self.exact.stash(int(batch["target"].shape[0]))
+        if sync:
+            self.exact.reduce(self.ctx.rank, self.ctx.world_size)
+        return loss
 
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
         """Wait for the averaged gradients, then step as `single` (identical on every rank)."""
@@ -88,6 +162,8 @@ class RingStrategy(SingleDeviceStrategy):
     def zero_grad(self) -> None:
         """Wait for buckets in flight, then drop the gradients."""
         self._wait()  # a bucket still in flight would write its gradients back afterwards
+        if self.exact is not None:
+            self.exact.clear()
         super().zero_grad()
 
     def _wait(self) -> None:

@@ -1,0 +1,131 @@
+"""Live recovery and async checkpoints, measured (the quick, process-level part of issue 34).
+
+(a) stall: 3 ring ranks on one TCPStore (the process-level live group of
+    `tests/distributed/test_live_recovery.py`); rank 2 SIGKILLs itself mid-step. Ours: the
+    time from the kill (written by the dying rank just before) to the survivors' next
+    committed step (the ledger's timestamps), under `recovery: live`. Baseline: the restart
+    path's floor without Ray Train's group setup: 2 fresh processes spawned at the kill that
+    resume from the latest checkpoint, to their first committed step. Ray Train's own group
+    setup (20-25 s on this machine) would come on top of the baseline.
+(b) goodput: committed samples/s of the live run (kill included) over an uninterrupted run's at
+    the same number of live workers (2 ranks).
+(c) async_checkpoint_block: how long the loop waits in one save of a gpt-sized state (~50 MB):
+    `trainer.checkpoint.async` (the CPU snapshot) against a synchronous save.
+
+The full issue-34 trace (5 minutes, a multi-node Ray cluster, a kill every 30 s) is not
+implemented here; `--quick` (the default and only mode) runs each figure once or a few times.
+
+    python benchmarks/elastic.py --quick
+
+Prints `RESULT <name> ours=... baseline=... ratio=... unit=...` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from roundhouse.runs.rundir import RunDir  # noqa: E402
+from roundhouse.trainer.async_checkpoint import AsyncSaver, SyncSaver  # noqa: E402
+from roundhouse.weights.checkpoint import Checkpointer  # noqa: E402
+from tests.distributed import test_live_recovery as live  # noqa: E402
+
+
+def result(name: str, ours: float, baseline: float, unit: str) -> str:
+    """One RESULT line."""
+    ratio = ours / baseline
+    return f"RESULT {name} ours={ours:.4g} baseline={baseline:.4g} ratio={ratio:.3f} unit={unit}"
+
+
+def ledger_times(run: Path, rank: int = 0) -> list[tuple[int, float, int]]:
+    """(global step, time, world size) of each committed step of `rank`."""
+    lines = (run / "ledger" / f"rank_{rank}.jsonl").read_text().split()
+    return [(r["gs"], r["t"], r["w"]) for r in map(json.loads, lines)]
+
+
+def job(storage: Path, at_call: int, epochs: int) -> dict:
+    spec = live.make_job(storage, at_call=at_call)
+    spec["trainer"]["max_epochs"] = epochs
+    spec["model"]["options"].update(delay_s=0.02, marker=str(storage / "killed"))
+    return spec
+
+
+def live_stall(tmp: Path) -> tuple[float, float]:
+    """(seconds from the kill to the next committed step, live goodput ratio)."""
+    run, _ = live.train(job(tmp / "live", at_call=8, epochs=2), {2})
+    killed_at = (tmp / "live" / "killed").stat().st_mtime
+    times = ledger_times(run)
+    after = min(t for _, t, w in times if w == 2)
+    live_rate = len(times) / (times[-1][1] - times[0][1])
+    # The same job on 2 ranks from the start: the failure-free rate at 2 live workers.
+    spec = job(tmp / "two", at_call=0, epochs=2)
+    live.WORLD, saved = 2, live.WORLD
+    try:
+        two, _ = live.train(spec, set())
+    finally:
+        live.WORLD = saved
+    ref = ledger_times(two)
+    ref_rate = len(ref) / (ref[-1][1] - ref[0][1])
+    return after - killed_at, live_rate / ref_rate
+
+
+def restart_floor(tmp: Path) -> float:
+    """Seconds from spawning 2 fresh ranks that resume a checkpoint to their first step."""
+    spec = job(tmp / "restart", at_call=0, epochs=1)
+    spec["trainer"]["checkpoint"] = {"every_steps": 4, "every_epoch": False}
+    spec["trainer"]["max_epochs"], spec["trainer"]["max_steps"] = None, 4
+    run, _ = live.train(spec, set())
+    spec["trainer"]["max_steps"] = 8
+    spec["storage"]["run_id"] = run.name
+    spec["cluster"]["recovery"] = "restart"
+    started = time.time()
+    from tests.distributed.test_ring_training import train as ring_train
+
+    live_ranks = 2
+    ring_train(spec, live_ranks, resume=True)
+    first = min(t for gs, t, _ in ledger_times(run) if gs == 5)
+    return first - started
+
+
+def checkpoint_block(tmp: Path, rounds: int = 5) -> tuple[float, float]:
+    """Median seconds the loop waits per save: async (snapshot) and synchronous."""
+    state = {"model": {f"w{i}": torch.randn(1024, 1024) for i in range(12)}}  # ~50 MB
+    waits: dict[str, list[float]] = {"async": [], "sync": []}
+    for i in range(rounds):
+        for name, cls in (("async", AsyncSaver), ("sync", SyncSaver)):
+            ckpt = Checkpointer(RunDir(str(tmp / f"ckpt_{name}")), keep_last=2, identity={})
+            saver = cls(ckpt)
+            started = time.perf_counter()
+            saver.save(i, state, {})
+            waits[name].append(time.perf_counter() - started)
+            saver.close()
+    return statistics.median(waits["async"]), statistics.median(waits["sync"])
+
+
+def main() -> None:
+    """Run the quick figures and print the RESULT lines."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the quick mode (the default)")
+    parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        stall, goodput = live_stall(tmp)
+        floor = restart_floor(tmp)
+        print(result("survivor_stall", stall, floor, "s"))
+        print(result("live_goodput", goodput, 1.0, "ratio"))
+        block_async, block_sync = checkpoint_block(tmp)
+        print(result("async_checkpoint_block", block_async, block_sync, "s"))
+
+
+if __name__ == "__main__":
+    main()

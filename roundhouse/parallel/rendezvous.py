@@ -1,0 +1,171 @@
+"""`ElasticGroup`: a default process group that the survivors of a lost worker re-form.
+
+Every generation `n` of the group lives under the key prefix `gen<n>/` of one shared store (a
+`TCPStore` that outlives any worker: the driver's, or a test's). Generation 0 is the launch.
+When a collective fails because a peer died, each survivor destroys its process group and calls
+`reform()`:
+
+1. it announces itself under `gen<n+1>/member/<id>` (`id` is its rank at launch, a stable
+   name) and counts itself in `gen<n+1>/arrived`;
+2. the first to arrive coordinates: it waits until every member of the old generation arrived
+   or the settle time passed since it arrived (at least `settle_s`; the loop passes about two
+   steps' time, as a survivor deep in a step notices the loss only at its next collective),
+   then writes the sorted list of arrived ids to
+   `gen<n+1>/members`;
+3. everyone reads that list (a blocking `get`), takes its index as its new rank, and joins
+   `init_process_group` on `PrefixStore("gen<n+1>", store)` at the new world size.
+
+A member that arrives after the list was written is not in it and raises `LeftBehind`. gloo
+notices a dead peer's closed connection at once, so survivors arrive within milliseconds of
+each other; a stalled (not dead) peer is noticed after the group's collective timeout.
+
+Joining: a replacement worker calls `join()`: it takes a slot (`join/count`, then
+`join/slot/<k>` = its id) and blocks until it is admitted. Rank 0 polls for waiting joiners
+(`waiting_joiners`); at a step boundary the members agree to admit them and call `advance()`:
+rank 0 writes the next generation's members (the current ones, then the joiners) and tells
+each joiner its generation in `join/<id>/gen`; everyone then forms that generation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from roundhouse.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+SETTLE_S = 0.2  # the least time a coordinator waits for survivors beyond the first
+POLL_S = 0.005
+
+
+class LeftBehind(TrainingError):
+    """This worker reached a new generation after it had formed without it."""
+
+
+@dataclass
+class ElasticGroup:
+    """One worker's handle on the re-formable default process group.
+
+    Args:
+        store: the shared store (outlives every worker).
+        member_id: this worker's stable name (its rank at launch).
+        members: the ids of generation 0, in rank order.
+        timeout_s: the process groups' collective timeout.
+        settle_s: how long a coordinator waits for late survivors.
+    """
+
+    store: dist.Store
+    member_id: int
+    members: list[int]
+    timeout_s: float = 600.0
+    settle_s: float = SETTLE_S
+    generation: int = 0
+    reform_s: list[float] = field(default_factory=list)  # how long each re-forming took
+    joined_late: bool = False  # this worker joined a running group (it needs the state)
+    joins_seen: int = 0  # rank 0: join slots already admitted
+
+    @property
+    def rank(self) -> int:
+        """This worker's rank in the current generation."""
+        return self.members.index(self.member_id)
+
+    @property
+    def world_size(self) -> int:
+        """Workers in the current generation."""
+        return len(self.members)
+
+    def init(self) -> None:
+        """Join the current generation's default process group (gloo)."""
+        prefixed = dist.PrefixStore(f"gen{self.generation}", self.store)
+        dist.init_process_group(
+            "gloo",
+            store=prefixed,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=self.timeout_s),
+        )
+
+    def reform(self, settle_s: float | None = None) -> None:
+        """Leave the broken group and form the next generation with whoever is alive.
+
+        Args:
+            settle_s: how long the coordinator waits for the other survivors (default: the
+                group's `settle_s`). A survivor busy in a long step notices the loss only at
+                its next collective, so the caller passes about two steps' time.
+        """
+        started = time.perf_counter()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.generation += 1
+        key = f"gen{self.generation}"
+        self.store.set(f"{key}/member/{self.member_id}", "1")
+        if self.store.add(f"{key}/arrived", 1) == 1:
+            self._coordinate(key, max(self.settle_s, settle_s or 0.0))
+        members = json.loads(self.store.get(f"{key}/members"))
+        if self.member_id not in members:
+            raise LeftBehind(
+                f"worker {self.member_id} reached generation {self.generation} after it formed",
+                "the survivors train on without it; a replacement joins as a new worker",
+            )
+        self.members = members
+        self.init()
+        self.reform_s.append(time.perf_counter() - started)
+        logger.warning(
+            "re-formed generation %d: %d workers (rank %d) in %.3f s",
+            self.generation,
+            self.world_size,
+            self.rank,
+            self.reform_s[-1],
+        )
+
+    def join(self) -> None:
+        """As a replacement: wait to be admitted at a step boundary, then join that generation."""
+        slot = self.store.add("join/count", 1)
+        self.store.set(f"join/slot/{slot}", str(self.member_id))
+        self.generation = int(self.store.get(f"join/{self.member_id}/gen"))
+        self.members = json.loads(self.store.get(f"gen{self.generation}/members"))
+        self.joined_late = True
+        self.init()
+        logger.warning(
+            "joined generation %d as rank %d of %d", self.generation, self.rank, self.world_size
+        )
+
+    def waiting_joiners(self) -> list[int]:
+        """Rank 0: the ids of replacements waiting to join (cheap: one store round trip)."""
+        count = self.store.add("join/count", 0)
+        return [
+            int(self.store.get(f"join/slot/{k}")) for k in range(self.joins_seen + 1, count + 1)
+        ]
+
+    def advance(self, joiners: list[int]) -> None:
+        """Form the next generation with `joiners` added (every member calls it; rank 0's
+        `joiners` are the ones admitted, the others' are ignored)."""
+        started = time.perf_counter()
+        coordinator = self.rank == 0
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.generation += 1
+        key = f"gen{self.generation}"
+        if coordinator:
+            self.joins_seen += len(joiners)
+            self.store.set(f"{key}/members", json.dumps(self.members + joiners))
+            for joiner in joiners:
+                self.store.set(f"join/{joiner}/gen", str(self.generation))
+        self.members = json.loads(self.store.get(f"{key}/members"))
+        self.init()
+        self.reform_s.append(time.perf_counter() - started)
+        logger.warning("generation %d: %d workers after a join", self.generation, self.world_size)
+
+    def _coordinate(self, key: str, settle_s: float) -> None:
+        expected = len(self.members)
+        deadline = time.monotonic() + settle_s
+        while self.store.add(f"{key}/arrived", 0) < expected and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        arrived = [m for m in self.members if self.store.check([f"{key}/member/{m}"])]
+        self.store.set(f"{key}/members", json.dumps(arrived))

@@ -1,0 +1,258 @@
+"""`cluster.recovery: live`: the survivors of a lost worker re-form and redo the step.
+
+The loop runs each epoch (and its end) inside `LiveRecovery.guard`. When a collective fails
+because a peer is gone (gloo raises at once on a closed connection; a stalled peer raises
+after `cluster.collective_timeout_s`), every survivor:
+
+1. drains its gradient thread and drops the step's partial gradients (the optimizer has not
+   stepped: the step is uncommitted);
+2. re-forms the process group with the other survivors (`ElasticGroup.reform`: a new
+   generation of the shared store, a new world size, new ranks);
+3. rebinds the strategy to the new group (`Strategy.regroup`);
+4. agrees with the others on the last committed step: if a survivor committed a step that
+   another did not (the peer died after the all-reduce reached some ranks only), the state
+   of the one that is ahead is broadcast to the rest;
+5. rebuilds its training loader for its new rank and world size at that step.
+
+Training then goes on with the uncommitted step: the same global batch (the epoch order and
+the batch arithmetic depend only on the seed, the epoch and the global batch size), now cut
+into one share per survivor. So data order, global batch and learning-rate schedule are
+unchanged and no sample is dropped or repeated; the ledger (`trainer.ledger`) shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from roundhouse.errors import JobFileError, TrainingError
+from roundhouse.parallel.rendezvous import ElasticGroup
+from roundhouse.parallel.timeouts import CollectiveTimeoutError
+from roundhouse.weights.checkpoint import deserialize, serialize
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+JOIN_POLL_S = 1.0  # how often rank 0 looks for a waiting replacement
+
+
+class JoinPending(Exception):
+    """The members agreed at this step boundary to admit waiting replacements."""
+
+
+# What gloo says when a peer's process is gone (its sockets closed) or stopped answering.
+PEER_LOSS_MARKERS = (
+    "connection closed",
+    "connection reset",
+    "broken pipe",
+    "connection refused",
+    "timed out",
+    "timeout",
+    "socket",
+)
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another worker is gone or stalled."""
+    if isinstance(exc, CollectiveTimeoutError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in PEER_LOSS_MARKERS)
+
+
+class LiveRecovery:
+    """The loop's side of live recovery (see the module docstring).
+
+    Args:
+        group: this worker's re-formable process group.
+        build_loader: builds the training loader for a strategy's rank and world size.
+    """
+
+    def __init__(self, group: ElasticGroup, build_loader: Callable[[Any], Any]) -> None:
+        self.group = group
+        self.build_loader = build_loader
+        self.mark: tuple[int, int] | None = None  # (committed steps, epoch step) at step start
+        self.step_started: float | None = None
+        self.step_s = 0.0  # the last step's wall time: survivors wait ~2 steps for each other
+        self.joiners: list[int] = []  # rank 0: replacements found waiting at the last poll
+        self.next_poll = 0.0
+        self.stalls_s: list[float] = []  # failure noticed -> group re-formed and state agreed
+
+    def begin_step(self, trainer: Any) -> None:
+        """Note where the step about to run starts (the loader has just yielded it)."""
+        now = time.perf_counter()
+        if self.step_started is not None:
+            self.step_s = now - self.step_started
+        self.mark, self.step_started = (trainer.state.step, trainer.train_loader.last_step), now
+
+    def guard(self, trainer: Any, fn: Callable[[], T]) -> T:
+        """Run `fn`; after each peer loss, recover and run it again from where it stopped."""
+        while True:
+            try:
+                return fn()
+            except JoinPending:
+                self.admit(trainer)
+                continue
+            except Exception as exc:
+                if not is_peer_loss(exc):
+                    raise
+                reason = str(exc).splitlines()[0][:200]
+            # Outside the `except`: the error's frames hold the broken groups (see `recover`).
+            self.recover(trainer, reason)
+
+    def join_waiting(self) -> bool:
+        """Rank 0, at most every `JOIN_POLL_S`: whether a replacement waits to join."""
+        if self.group.rank != 0 or time.monotonic() < self.next_poll:
+            return False
+        self.next_poll = time.monotonic() + JOIN_POLL_S
+        self.joiners = self.group.waiting_joiners()
+        return bool(self.joiners)
+
+    def admit(self, trainer: Any) -> None:
+        """Every member: form the next generation with the waiting replacements and hand
+        them the state (after the step just committed)."""
+        position = {
+            "epoch": trainer.state.epoch,
+            "steps_done": trainer.train_loader.state_dict()["steps_done"],
+        }
+        trainer.strategy.close()
+        self.group.advance(self.joiners)
+        self.joiners = []
+        self.rebind(trainer, joining=True)
+        self.send_state(trainer, 0, position)
+        self.reload(trainer, position)
+
+    def join_running(self, trainer: Any) -> None:
+        """A replacement, once built in its new generation: take the members' state."""
+        self.reload(trainer, self.send_state(trainer, 0, None))
+        logger.warning("joined at step %d", trainer.state.step)
+
+    def recover(self, trainer: Any, reason: str) -> None:
+        """Re-form with the survivors and set the trainer up to redo the uncommitted step."""
+        started = time.perf_counter()
+        logger.warning("lost a peer (%s): re-forming", reason)
+        position = self.position(trainer)
+        trainer.strategy.close()  # drain the gradient thread: its buckets fail fast now
+        trainer.strategy.zero_grad()  # a partial, uncommitted step's gradients
+        # The failed collectives' tracebacks (reference cycles) keep the old process groups,
+        # and so their sockets, alive; collect them so the other survivors' waits on this
+        # worker fail at once instead of at the collective timeout.
+        gc.collect(1)  # young cycles only: a full collection takes ~0.5 s in a big process
+        self.group.reform(settle_s=2 * self.step_s)
+        self.step_started = None  # the step being redone is not a measure of step time
+        if 0 not in self.group.members:
+            raise TrainingError(
+                "the run's writer (the worker launched as rank 0) was lost; live recovery "
+                "keeps training only while it lives",
+                "continue with --resume latest",
+            )
+        self.rebind(trainer, joining=False)
+        position = self.agree(trainer, position)
+        self.reload(trainer, position)
+        if trainer.ledger is not None:
+            trainer.ledger.resumed(trainer.state.step)
+        self.stalls_s.append(time.perf_counter() - started)
+        logger.warning(
+            "live recovery: %d workers go on from step %d (epoch %d, step %d of the epoch)",
+            trainer.ctx.world_size,
+            trainer.state.step,
+            position["epoch"],
+            position["steps_done"],
+        )
+
+    def rebind(self, trainer: Any, *, joining: bool) -> None:
+        """The trainer's context and strategy on the group's current generation."""
+        trainer.ctx = rebind_context(trainer.ctx, self.group)
+        trainer.strategy.regroup(trainer.ctx, joining=joining)
+
+    def reload(self, trainer: Any, position: dict[str, int]) -> None:
+        """A training loader for the new rank and world size, at `position`."""
+        trainer.train_loader = self.build_loader(trainer.strategy)
+        trainer.train_loader.load_state_dict(position)
+        if trainer.ledger is not None:
+            trainer.ledger.rebind(trainer.ctx.rank, trainer.train_loader)
+        trainer.strategy.train_mode(True)
+
+    def position(self, trainer: Any) -> dict[str, int]:
+        """The loader position of the first uncommitted step."""
+        done = trainer.train_loader.state_dict()["steps_done"]
+        if self.mark is not None and trainer.state.step == self.mark[0]:
+            done = self.mark[1]  # the step that failed was yielded but never applied
+        return {"epoch": trainer.state.epoch, "steps_done": done}
+
+    def agree(self, trainer: Any, position: dict[str, int]) -> dict[str, int]:
+        """Make every survivor hold the most advanced committed state; return its position."""
+        mine = (trainer.state.step, position["epoch"], position["steps_done"])
+        views: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(views, mine)
+        if all(tuple(v) == mine for v in views):
+            return position
+        src = max(range(len(views)), key=lambda r: (views[r][0], -r))
+        logger.warning("taking step %d from rank %d (it had committed it)", views[src][0], src)
+        return self.send_state(trainer, src, position)
+
+    def send_state(self, trainer: Any, src: int, position: dict[str, int] | None) -> dict[str, int]:
+        """Broadcast rank `src`'s strategy state, loop state and data position; return it."""
+        payload: list[Any] = [None]
+        if dist.get_rank() == src:
+            state = {
+                "strategy": trainer.strategy.state_dict(),
+                "trainer": dataclasses.asdict(trainer.state),
+                "data": position,
+            }
+            payload = [serialize(state)]
+        dist.broadcast_object_list(payload, src=src)
+        if dist.get_rank() == src:
+            assert position is not None
+            return position
+        state = deserialize(payload[0])
+        trainer.strategy.load_state_dict(state["strategy"])
+        trainer.state = type(trainer.state)(**state["trainer"])
+        return state["data"]
+
+
+def check_live_recovery(job: Any, strategy_class: Any, *, local: bool) -> None:
+    """`cluster.recovery: live` needs a strategy that can re-form its group, flat.
+
+    Raises:
+        JobFileError: the strategy keeps the restart path (DeepSpeed, pipeline, ps, single).
+    """
+    if job.cluster.recovery != "live" or local:
+        return
+    if not strategy_class.supports_live_recovery:
+        raise JobFileError(
+            f"cluster.recovery=live: strategy.kind={job.strategy.kind} cannot re-form its "
+            "group with the survivors of a lost worker (only ring can)",
+            "set cluster.recovery=restart (a lost worker restarts the group from the latest "
+            "checkpoint), or use strategy.kind=ring",
+        )
+    if getattr(job.strategy, "hierarchical", False):
+        raise JobFileError(
+            "cluster.recovery=live re-forms a flat ring, but strategy.hierarchical=true",
+            "set strategy.hierarchical=false, or cluster.recovery=restart",
+        )
+
+
+def rebind_context(ctx: Any, group: ElasticGroup) -> Any:
+    """`ctx` at the group's new rank and world size (each worker its own node), its layout
+    (`Topology`) resized to the survivors: the same global batch over fewer ranks."""
+    topology = ctx.topology
+    if topology is not None:
+        topology = dataclasses.replace(topology, world_size=group.world_size)
+    return dataclasses.replace(
+        ctx,
+        topology=topology,
+        rank=group.rank,
+        world_size=group.world_size,
+        local_rank=0,
+        local_world_size=1,
+        node_rank=group.rank,
+        num_nodes=group.world_size,
+    )

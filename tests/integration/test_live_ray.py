@@ -1,0 +1,49 @@
+"""`cluster.recovery: live` through `roundhouse train` on Ray: roundhouse's own actor group.
+One worker SIGKILLs itself mid-step; the two survivors re-form and go on, a replacement actor
+joins at a step boundary, and the ledger shows every sample trained exactly once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from roundhouse.launch.cli import main
+from roundhouse.runs.ledger import verify_ledger
+from roundhouse.runs.rundir import RunDir
+from tests.distributed.test_live_recovery import make_job
+from tests.helpers.ray_cluster import RayCluster, start_cluster
+from tests.helpers.runs import only_run, read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    ray_cluster = start_cluster(head_cpus=3, extra_nodes=())
+    try:
+        with ray_cluster.as_default():
+            yield ray_cluster
+    finally:
+        ray_cluster.stop()
+
+
+def test_roundhouse_train_keeps_the_survivors_training(cluster: RayCluster, tmp_path: Path) -> None:
+    job = make_job(tmp_path / "runs", at_call=5)
+    job["cluster"]["address"] = cluster.gcs_address
+    job["model"]["options"].update(kill_rank=2, delay_s=0.1, marker=str(tmp_path / "killed"))
+    job["trainer"]["max_epochs"] = 8  # long enough for a new actor to start and join
+    path = tmp_path / "live.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path)]) == 0
+    run = only_run(tmp_path / "runs", "live")
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12] * 8, report.as_dict()
+    lines = (run / "ledger" / "rank_0.jsonl").read_text().splitlines()
+    worlds = [json.loads(line)["w"] for line in lines]
+    # Trained at 3 workers, then at 2, then at 3 again once the replacement actor joined.
+    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3, worlds
+    assert max(r["step"] for r in read_metrics(run)) == 96
