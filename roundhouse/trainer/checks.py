@@ -262,9 +262,9 @@ def check_distill(subject: JobUnderCheck) -> list[str]:
 CHECKS: dict[str, Check] = {
     "names": check_names,
     "world": check_world,
+    "recovery": check_recovery,  # before the layout: names the first thing a user must change
     "layout": check_layout,
     "strategy": check_strategy,
-    "recovery": check_recovery,
     "batch": check_batch,
     "ledger": check_ledger,
     "task": check_task,
