@@ -29,6 +29,7 @@ import ast
 import functools
 import hashlib
 import logging
+import re
 import sysconfig
 from collections import Counter
 from collections.abc import Sequence
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from roundhouse.errors import DataError
 
-from .text import PAD_ID, VOCAB_SIZE, encode
+from .text import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, encode
 
 logger = logging.getLogger(__name__)
 
@@ -222,12 +223,88 @@ def load_pydoc_classification(
     return splits, names
 
 
+PYDOC_PAIRS_OPTIONS = ("src_len", "tgt_len")
+DEFAULT_SRC_LEN = 64
+DEFAULT_TGT_LEN = 64
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+
+
+def first_sentence(docstring: str) -> str:
+    """The docstring's summary: its first paragraph's first sentence, on one line.
+
+    `"Serialize obj to a JSON formatted str.\n\nIf skipkeys..."` ->
+    `"Serialize obj to a JSON formatted str."`.
+    """
+    paragraph = " ".join(docstring.strip().split("\n\n", 1)[0].split())
+    return _SENTENCE_END.split(paragraph, maxsplit=1)[0]
+
+
+def encode_targets(texts: Sequence[str], tgt_len: int) -> Tensor:
+    """`(N, tgt_len + 1)`: `BOS`, the text's bytes (cut to leave room), `EOS`, then `PAD`.
+
+    A decoder reads `[:, :-1]` and predicts `[:, 1:]` (teacher forcing).
+    """
+    out = torch.full((len(texts), tgt_len + 1), PAD_ID, dtype=torch.int64)
+    for row, text in enumerate(texts):
+        ids = [BOS_ID, *encode(text)[: tgt_len - 1], EOS_ID]
+        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return out
+
+
+def pydoc_pairs(records: Sequence[DocRecord]) -> list[list[tuple[str, str]]]:
+    """`(signature, first sentence)` pairs of train, val and test (the fixed hash split).
+
+    A pair whose signature and summary both occur earlier in the corpus is dropped (the
+    same overridden method documented twice), so no pair is in two splits.
+    """
+    parts: list[list[tuple[str, str]]] = [[], [], []]
+    seen: set[tuple[str, str]] = set()
+    for record in records:
+        pair = (record.signature, first_sentence(record.docstring))
+        if pair[1] and pair not in seen:
+            seen.add(pair)
+            parts[split_of(record.key)].append(pair)
+    return parts
+
+
+def load_pydoc_pairs(options: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+    """`builtin:pydoc-pairs`: signature bytes `(N, src_len)` -> summary `(N, tgt_len + 1)`.
+
+    Args:
+        options: `src_len` and `tgt_len` (default 64 each).
+
+    Returns:
+        `[(inputs, targets)]` for train, val and test (the same fixed hash split as pydoc-cls).
+    """
+    unknown = sorted(set(options) - set(PYDOC_PAIRS_OPTIONS))
+    if unknown:
+        raise DataError(
+            f"unknown option {unknown[0]!r} for source builtin:pydoc-pairs",
+            f"valid options: {', '.join(PYDOC_PAIRS_OPTIONS)}",
+        )
+    src_len = _int_option(options, "src_len", DEFAULT_SRC_LEN)
+    tgt_len = _int_option(options, "tgt_len", DEFAULT_TGT_LEN)
+    parts = pydoc_pairs(stdlib_docstrings())
+    logger.info("pydoc-pairs: split sizes %s", [len(p) for p in parts])
+    return [
+        (
+            encode_padded([s for s, _ in part], src_len),
+            encode_targets([t for _, t in part], tgt_len),
+        )
+        for part in parts
+    ]
+
+
 __all__ = [
     "VOCAB_SIZE",
     "DocRecord",
     "class_names",
     "encode_padded",
+    "encode_targets",
+    "first_sentence",
     "load_pydoc_classification",
+    "load_pydoc_pairs",
+    "pydoc_pairs",
     "split_of",
     "stdlib_docstrings",
 ]

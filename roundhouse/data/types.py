@@ -81,10 +81,14 @@ class DataInfo:
 
     Attributes:
         input_shape: Per-sample input shape after resizing, e.g. `(C, H, W)`.
-        num_classes: Number of target classes.
+        num_classes: Number of target classes. For language-model text (targets are tokens)
+            this is the vocabulary size; for labelled text the number of labels.
         num_samples: Split sizes, `{"train": ..., "val": ..., "test": ...}`.
+        vocab_size: Token vocabulary of text inputs (None for images): what a text model's
+            embedding is built for, whatever its outputs are.
     """
 
     input_shape: tuple[int, ...]
     num_classes: int
     num_samples: dict[str, int]
+    vocab_size: int | None = None

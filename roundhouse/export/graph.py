@@ -44,6 +44,7 @@ class ExportGraph:
     dynamic_axes: dict[str, dict[int, str]]
     kind: str
     scored: bool
+    part: str | None = None  # a model exported as several files: this file's name suffix
 
 
 class Denoiser(nn.Module):

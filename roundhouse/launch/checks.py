@@ -68,5 +68,5 @@ def check_finetune_job(job: JobSpec) -> None:
 
     info = build_splits(job.data, seed=job.trainer.seed).info
     with torch.device("meta"):
-        model = build_model_for(job, info.input_shape, info.num_classes)
+        model = build_model_for(job, info.input_shape, info.num_classes, info.vocab_size)
     check_finetune(job, model)

@@ -25,7 +25,7 @@ def dry_run(job: JobSpec, *, local: bool) -> list[str]:
     splits = build_splits(job.data, seed=job.trainer.seed)
     info = splits.info
     with torch.device("meta"):
-        model = build_model_for(job, info.input_shape, info.num_classes)
+        model = build_model_for(job, info.input_shape, info.num_classes, info.vocab_size)
         out_shape = _output_shape(job, model, info.input_shape, splits.input_dtype)
     num_params = sum(p.numel() for p in model.parameters())
     loaded = check_finetune(job, model)  # init_from, freeze, param_groups (already checked)

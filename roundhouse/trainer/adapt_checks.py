@@ -38,7 +38,7 @@ def check_lora(job: JobSpec, info: DataInfo) -> None:
     from roundhouse.trainer.model_build import build_model_for
 
     with torch.device("meta"):
-        model = build_model_for(job, info.input_shape, info.num_classes)
+        model = build_model_for(job, info.input_shape, info.num_classes, info.vocab_size)
     check_targets(model, job.model.lora, job.model.name)
 
 

@@ -187,7 +187,9 @@ def build_trainer(
     splits = build_splits(job.data, seed=job.trainer.seed)
     task_kind = models.get(job.model.name).loss
     splits.check_task(task_kind, job.model.name)  # e.g. an image dataset for a language model
-    model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
+    model = build_model_for(
+        job, splits.info.input_shape, splits.info.num_classes, splits.info.vocab_size
+    )
     apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
     task = build_distill_task(job, build_task(task_kind, job.trainer.loss), splits, ctx.device)

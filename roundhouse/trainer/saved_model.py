@@ -120,7 +120,9 @@ def build_job_model(job: JobSpec) -> tuple[nn.Module, LoraState | None, Splits]:
     with preserved_rng():
         seed_everything(job.trainer.seed, False, torch.device("cpu"))
         splits = build_splits(job.data, seed=job.trainer.seed)
-        model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
+        model = build_model_for(
+            job, splits.info.input_shape, splits.info.num_classes, splits.info.vocab_size
+        )
         if job.model.lora is not None:
             apply_finetune(model, job)
         lora = apply_lora(model, job)
