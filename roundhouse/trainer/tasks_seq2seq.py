@@ -5,8 +5,8 @@ Batches are `{"input": (B, S) source ids, "target": (B, T + 1) = BOS y1 .. yn EO
 (padding ignored). Evaluation also decodes every source greedily (the model in eval mode) and
 scores the decodes against the references with sacrebleu's corpus BLEU (its default `13a`
 tokenisation and `exp` smoothing, as `sacrebleu.corpus_bleu`). BLEU is built from n-gram
-match and total counts and the hypothesis/reference lengths; those add up over batches and ranks, so the BLEU every
-strategy reports is the corpus BLEU of the whole split, exactly.
+match and total counts and the hypothesis/reference lengths; those add up over batches and
+ranks, so the BLEU every strategy reports is the corpus BLEU of the whole split, exactly.
 
 Metrics: `loss` (nats per target token), `perplexity`, `accuracy` (teacher-forced next token)
 and `bleu` (0-100).
