@@ -6,6 +6,9 @@ and collects each public function and method that has a docstring: its top-level
 (`json`, `email`, `asyncio`, ...; a single-file module is its own package), its qualified name,
 its signature line (`def dumps(obj, *, skipkeys=False, ...):`) and its docstring.
 
+`builtin:pydoc-pairs` is the same records as a translation task: the signature line -> the
+docstring's first sentence (3,074 / 393 / 407 pairs after dropping repeats, same split).
+
 `builtin:pydoc-cls` is text classification over that corpus: the input is the docstring, the
 label is the package it belongs to. Only packages with at least `min_per_class` documented
 functions are kept (the defaults keep a few dozen classes). The split is fixed and independent
@@ -16,21 +19,29 @@ and padded with `PAD_ID`.
 
 Tests, demos, private modules (`_pydecimal` restates `decimal`) and generated modules (`test`,
 `tests`, `idlelib`, `lib2to3`, `turtledemo`, `__phello__`, `site-packages`) are skipped: they are
-not the library's documentation. On CPython 3.11 the corpus holds 4,017 records, and the default
-`min_per_class=50` keeps 20 packages (asyncio, datetime, distutils, email, http, imaplib,
-importlib, inspect, logging, mailbox, multiprocessing, operator, pathlib, pydoc, tarfile,
-tkinter, turtle, unittest, urllib, xml): 1,978 / 230 / 262 train/val/test docstrings, from
-38 (operator) to 472 (tkinter) per class in train.
+not the library's documentation. Parsing takes seconds, so the records are cached as JSON in the
+temp folder under a name that hashes the stdlib files' paths, sizes and mtimes (never stale).
+
+On CPython 3.11 the corpus holds 4,017 records, and the default `min_per_class=50` keeps 20
+packages (asyncio, datetime, distutils, email, http, imaplib, importlib, inspect, logging,
+mailbox, multiprocessing, operator, pathlib, pydoc, tarfile, tkinter, turtle, unittest, urllib,
+xml): 1,978 / 230 / 262 train/val/test docstrings, from 38 (operator) to 472 (tkinter) per
+class in train.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import hashlib
+import json
 import logging
+import os
 import re
+import sys
 import sysconfig
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,12 +147,42 @@ def stdlib_docstrings(root: str | None = None) -> tuple[DocRecord, ...]:
         The records, sorted by file path then position in the file.
     """
     base = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
+    files = sorted(base.rglob("*.py"))
+    cache = _cache_file(base, files)
+    try:
+        return tuple(DocRecord(*row) for row in json.loads(cache.read_text("utf-8")))
+    except (OSError, ValueError, TypeError):
+        pass  # no cache yet (or a foreign/corrupt one): parse
     records: list[DocRecord] = []
-    for path in sorted(base.rglob("*.py")):
+    for path in files:
         module = _module_name(path, base)
         if module is not None:
             records.extend(_records_of(path, module))
+    _write_cache(cache, records)
     return tuple(records)
+
+
+CACHE_VERSION = 1  # bump when the parsing rules change
+
+
+def _cache_file(base: Path, files: list[Path]) -> Path:
+    """A temp-folder file named by the stdlib's path, its files' sizes and mtimes, the Python
+    version and the parsing rules: any change gives another name, so it is never stale."""
+    digest = hashlib.sha256(f"{CACHE_VERSION} {sys.version} {base}".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return Path(tempfile.gettempdir()) / f"roundhouse-pydoc-{digest.hexdigest()[:20]}.json"
+
+
+def _write_cache(cache: Path, records: list[DocRecord]) -> None:
+    """Writes the records atomically (parsing takes seconds; every process would pay it)."""
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps([dataclasses.astuple(r) for r in records]), "utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        logger.debug("could not cache the pydoc corpus at %s", cache)
 
 
 def split_of(key: str, fractions: Sequence[float] = SPLIT_FRACTIONS) -> int:

@@ -135,8 +135,11 @@ class Seq2Seq(nn.Module):
             x = block(x, memory, padding)
         return self.proj(self.dec_norm(x))
 
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """Teacher forcing: logits `(B, T, V)` of the shifted-right target `tgt`."""
+    def forward(self, src: Tensor, tgt: Tensor | None = None) -> Tensor:
+        """Teacher forcing: logits `(B, T, V)` of the shifted-right target `tgt` (default the
+        `BOS` column alone: the first token's logits, `(B, 1, V)`)."""
+        if tgt is None:
+            tgt = torch.full((src.shape[0], 1), BOS_ID, dtype=torch.long, device=src.device)
         memory, padding = self.encode(src)
         return self.decode(tgt, memory, padding)
 

@@ -66,11 +66,10 @@ class _Encoder(nn.Module):
 
     def encode(self, tokens: Tensor) -> Tensor:
         """Contextual states `(B, T, C)` of `tokens` `(B, T)`, padding masked out of attention."""
-        padding = tokens == self.pad_id  # (B, T)
-        mask = padding if bool(padding.any()) else None
+        padding = tokens == self.pad_id  # (B, T); no data-dependent branch (meta, tracing)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, key_padding_mask=mask)
+            x = block(x, key_padding_mask=padding)
         return self.norm(x)
 
 
