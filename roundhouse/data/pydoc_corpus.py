@@ -7,7 +7,8 @@ and collects each public function and method that has a docstring: its top-level
 its signature line (`def dumps(obj, *, skipkeys=False, ...):`) and its docstring.
 
 `builtin:pydoc-pairs` is the same records as a translation task: the signature line -> the
-docstring's first sentence (3,074 / 393 / 407 pairs after dropping repeats, same split).
+docstring's first sentence (3,155 / 349 / 370 pairs after dropping repeats; split by a hash of
+the signature line, so no signature is in two splits).
 
 `builtin:pydoc-cls` is text classification over that corpus: the input is the docstring, the
 label is the package it belongs to. Only packages with at least `min_per_class` documented
@@ -61,7 +62,7 @@ SKIPPED_PARTS = frozenset(
     {"test", "tests", "idlelib", "lib2to3", "turtledemo", "__phello__", "site-packages"}
 )
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-PYDOC_CLS_OPTIONS = ("seq_len", "min_per_class")
+PYDOC_CLS_OPTIONS = ("seq_len", "min_per_class", "label_fraction")
 DEFAULT_CLS_SEQ_LEN = 256
 DEFAULT_MIN_PER_CLASS = 50
 
@@ -208,6 +209,21 @@ def encode_padded(texts: Sequence[str], seq_len: int) -> Tensor:
     return out
 
 
+def _unit_hash(key: str) -> float:
+    """A fixed value in [0, 1) from the SHA-256 of `key`."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def _fraction_option(options: dict[str, Any], name: str) -> float:
+    value = options.get(name, 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise DataError(
+            f"data.options.{name} must be a fraction in (0, 1], got {value!r}",
+            f"set data.options.{name} to e.g. 0.1",
+        )
+    return float(value)
+
+
 def _int_option(options: dict[str, Any], name: str, default: int) -> int:
     value = options.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -224,7 +240,9 @@ def load_pydoc_classification(
     """`builtin:pydoc-cls`: docstring bytes `(N, seq_len)` labelled by package `(N,)`.
 
     Args:
-        options: `seq_len` (default 256) and `min_per_class` (default 50).
+        options: `seq_len` (default 256), `min_per_class` (default 50) and `label_fraction`
+            (default 1): keep that fraction of the training docstrings (a fixed hash of each
+            function's name picks them; val and test stay whole), for few-label fine-tuning.
 
     Returns:
         `[(inputs, targets)]` for train, val and test (the fixed hash split), and the class
@@ -241,6 +259,7 @@ def load_pydoc_classification(
         )
     seq_len = _int_option(options, "seq_len", DEFAULT_CLS_SEQ_LEN)
     min_per_class = _int_option(options, "min_per_class", DEFAULT_MIN_PER_CLASS)
+    fraction = _fraction_option(options, "label_fraction")
     records = stdlib_docstrings()
     names = class_names(records, min_per_class)
     if len(names) < 2:
@@ -253,6 +272,7 @@ def load_pydoc_classification(
     for record in records:
         if record.package in label:
             parts[split_of(record.key)].append(record)
+    parts[0] = [r for r in parts[0] if _unit_hash(f"labelled:{r.key}") < fraction]
     splits = [
         (
             encode_padded([r.docstring for r in part], seq_len),
@@ -293,10 +313,12 @@ def encode_targets(texts: Sequence[str], tgt_len: int) -> Tensor:
 
 
 def pydoc_pairs(records: Sequence[DocRecord]) -> list[list[tuple[str, str]]]:
-    """`(signature, first sentence)` pairs of train, val and test (the fixed hash split).
+    """`(signature, first sentence)` pairs of train, val and test.
 
-    A pair whose signature and summary both occur earlier in the corpus is dropped (the
-    same overridden method documented twice), so no pair is in two splits.
+    The split hashes the signature line (not the function's name, as pydoc-cls does): the same
+    signature (`def close(self):`, on dozens of classes) never appears in two splits, so a test
+    source cannot be answered by looking its exact twin up in train. A pair whose signature and
+    summary both occur earlier in the corpus is dropped (a method documented twice).
     """
     parts: list[list[tuple[str, str]]] = [[], [], []]
     seen: set[tuple[str, str]] = set()
@@ -304,7 +326,7 @@ def pydoc_pairs(records: Sequence[DocRecord]) -> list[list[tuple[str, str]]]:
         pair = (record.signature, first_sentence(record.docstring))
         if pair[1] and pair not in seen:
             seen.add(pair)
-            parts[split_of(record.key)].append(pair)
+            parts[split_of(pair[0])].append(pair)
     return parts
 
 
