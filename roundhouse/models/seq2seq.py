@@ -35,17 +35,18 @@ from roundhouse.models.gpt import MLP, TransformerBlock, init_transformer, seque
 from roundhouse.models.registry import BuildConfig, ModelSpec, register
 
 POSITIONS = ("sinusoidal", "rope")
-MAX_POSITIONS = 1024  # rows of the sinusoidal table
 
 
-def sinusoidal_table(num_positions: int, dim: int) -> Tensor:
-    """The paper's `PE[p, 2i] = sin(p / 10000^(2i/d))`, `PE[p, 2i+1] = cos(...)`: `(P, C)`."""
-    positions = torch.arange(num_positions, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(num_positions, dim)
-    table[:, 0::2] = torch.sin(positions * freq)
-    table[:, 1::2] = torch.cos(positions * freq)[:, : dim // 2]
-    return table
+def sinusoidal_table(num_positions: int, dim: int, device: torch.device | None = None) -> Tensor:
+    """The paper's `PE[p, 2i] = sin(p / 10000^(2i/d))`, `PE[p, 2i+1] = cos(...)`: `(P, C)`.
+
+    Computed per call (a few thousand sin/cos), not kept as a buffer: no strategy then has to
+    know that a state-dict entry is not a weight, and any length works.
+    """
+    positions = torch.arange(num_positions, dtype=torch.float32, device=device)[:, None]
+    steps = torch.arange(0, dim, 2, dtype=torch.float32, device=device)
+    angles = positions * torch.exp(steps * (-math.log(10000.0) / dim))  # (P, C/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)[:, :dim]
 
 
 class Embedding(nn.Module):
@@ -55,20 +56,14 @@ class Embedding(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(vocab_size, dim)
         self.scale = math.sqrt(dim)
-        table = sinusoidal_table(MAX_POSITIONS, dim) if sinusoidal else torch.zeros(0, dim)
-        self.register_buffer("pe", table, persistent=False)
+        self.sinusoidal = sinusoidal
         self.drop = nn.Dropout(dropout)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """`(B, T)` ids -> `(B, T, C)`."""
         x = self.tok(tokens) * self.scale
-        if self.pe.shape[0]:
-            if tokens.shape[1] > self.pe.shape[0]:
-                raise ModelError(
-                    f"{tokens.shape[1]} positions exceed the sinusoidal table's {MAX_POSITIONS}",
-                    "use shorter sequences",
-                )
-            x = x + self.pe[: tokens.shape[1]]
+        if self.sinusoidal:
+            x = x + sinusoidal_table(tokens.shape[1], x.shape[-1], x.device).to(x.dtype)
         return self.drop(x)
 
 

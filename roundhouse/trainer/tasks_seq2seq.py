@@ -74,8 +74,9 @@ class Seq2SeqTask:
         target = batch["target"]
         logits = model(batch["input"], target[:, :-1])
         self.decoded = None
-        if not model.training:
-            ids = unwrap(model).greedy(batch["input"], max_len=target.shape[1] - 1)
+        inner = unwrap(model)  # DeepSpeed's engine.train(False) leaves engine.training alone
+        if not inner.training:
+            ids = inner.greedy(batch["input"], max_len=target.shape[1] - 1)
             self.decoded = texts(ids)
         return logits
 
