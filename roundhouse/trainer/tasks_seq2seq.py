@@ -57,7 +57,9 @@ def texts(ids: Tensor) -> list[str]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The `Seq2Seq` inside a DeepSpeed engine / DDP wrapper (or the model itself)."""
-    while not hasattr(model, "greedy") and hasattr(model, "module"):
+    # Not `hasattr(model, "greedy")`: DeepSpeed's engine forwards unknown attributes to its
+    # module, so it would pass for the model itself (and its `training` is its own).
+    while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
 
@@ -74,7 +76,7 @@ class Seq2SeqTask:
         target = batch["target"]
         logits = model(batch["input"], target[:, :-1])
         self.decoded = None
-        inner = unwrap(model)  # DeepSpeed's engine.train(False) leaves engine.training alone
+        inner = unwrap(model)
         if not inner.training:
             ids = inner.greedy(batch["input"], max_len=target.shape[1] - 1)
             self.decoded = texts(ids)
