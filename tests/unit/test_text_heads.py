@@ -187,3 +187,17 @@ def test_the_cli_reports_a_tokenizer_mismatch_in_one_line(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "ships its own tokenizer" in err[0]
+
+
+def test_a_text_classifier_exports_to_onnx_and_keeps_its_int8_accuracy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_local(pydoc_job(tmp_path, "bert_classifier"))
+    run = only_run(tmp_path / "runs", "bert_classifier")
+    out = tmp_path / "cls.onnx"
+    assert (
+        main(["export", str(run), "--format", "onnx", "--quantize", "int8", "--out", str(out)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "the classifier of bert_classifier:debug" in printed and "test accuracy" in printed
+    assert out.is_file()
