@@ -6,9 +6,9 @@ a docstring in `builtin:pydoc-cls`). `token_classification`: logits `(B, T, K)` 
 (padding, continuation pieces).
 
 Metrics: `loss`, `accuracy`, `macro_f1` (the unweighted mean over classes of each class's F1, so
-a rare class counts as much as a common one) and per class `class<i>_f1`, `class<i>_precision`,
-`class<i>_recall` and `class<i>_support`. They come from per-class true-positive /
-false-positive / false-negative counts, which add up over batches and ranks, so the figures are
+a rare class counts as much as a common one) and per class `class<i>_f1` (`f1_metrics(...,
+detail=True)` adds precision, recall and support, for reports outside the training log). They
+come from per-class true-positive / false-positive / false-negative counts, which add up over batches and ranks, so the figures are
 exact under every strategy.
 
 A label outside `0..K-1` is a `DataError` (one line), not a CUDA assert or a silent wrong loss.
@@ -52,8 +52,9 @@ def class_counts(pred: Tensor, target: Tensor, num_classes: int) -> dict[str, Te
     return sums
 
 
-def f1_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """`macro_f1` and the per-class F1, precision, recall and support from `class_counts` sums.
+def f1_metrics(sums: dict[str, float], detail: bool = False) -> dict[str, float]:
+    """`macro_f1` and the per-class F1 (with `detail`, also precision, recall and support)
+    from `class_counts` sums.
 
     Classes absent from both the labels and the predictions are left out of the macro mean.
     """
@@ -67,12 +68,13 @@ def f1_metrics(sums: dict[str, float]) -> dict[str, float]:
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
         if tp + fp + fn:
             f1s.append(f1)
-        metrics |= {
-            f"class{i}_f1": f1,
-            f"class{i}_precision": precision,
-            f"class{i}_recall": recall,
-            f"class{i}_support": tp + fn,
-        }
+        metrics[f"class{i}_f1"] = f1
+        if detail:
+            metrics |= {
+                f"class{i}_precision": precision,
+                f"class{i}_recall": recall,
+                f"class{i}_support": tp + fn,
+            }
         i += 1
     return {"macro_f1": sum(f1s) / len(f1s) if f1s else 0.0} | metrics
 

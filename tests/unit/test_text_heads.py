@@ -17,7 +17,7 @@ from roundhouse.launch.jobfile import validate_job
 from roundhouse.launch.local import train_local
 from roundhouse.trainer.finetune import apply_init_from
 from roundhouse.trainer.model_build import build_model_for
-from roundhouse.trainer.tasks_text import IGNORE_LABEL, TextClassificationTask
+from roundhouse.trainer.tasks_text import IGNORE_LABEL, TextClassificationTask, f1_metrics
 from tests.helpers.runs import only_run
 
 transformers = pytest.importorskip("transformers")
@@ -119,7 +119,8 @@ def test_macro_f1_and_per_class_figures() -> None:
     f1 = [2 / 3, 2 / 3, 1.0]  # class 0: P 1/2 R 1; class 1: P 1 R 1/2; class 2: perfect
     assert [metrics[f"class{i}_f1"] for i in range(3)] == pytest.approx(f1)
     assert metrics["macro_f1"] == pytest.approx(sum(f1) / 3)
-    assert metrics["class1_support"] == 2.0
+    detail = f1_metrics(sums, detail=True)
+    assert detail["class1_support"] == 2.0 and detail["class0_precision"] == 0.5
 
 
 def pydoc_job(tmp_path: Path, name: str, **extra: Any) -> JobSpec:
