@@ -8,8 +8,8 @@ a docstring in `builtin:pydoc-cls`). `token_classification`: logits `(B, T, K)` 
 Metrics: `loss`, `accuracy`, `macro_f1` (the unweighted mean over classes of each class's F1, so
 a rare class counts as much as a common one) and per class `class<i>_f1` (`f1_metrics(...,
 detail=True)` adds precision, recall and support, for reports outside the training log). They
-come from per-class true-positive / false-positive / false-negative counts, which add up over batches and ranks, so the figures are
-exact under every strategy.
+come from per-class true-positive / false-positive / false-negative counts, which add up over
+batches and ranks, so the figures are exact under every strategy.
 
 A label outside `0..K-1` is a `DataError` (one line), not a CUDA assert or a silent wrong loss.
 """
