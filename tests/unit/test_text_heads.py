@@ -202,3 +202,14 @@ def test_a_text_classifier_exports_to_onnx_and_keeps_its_int8_accuracy(
     printed = capsys.readouterr().out
     assert "the classifier of bert_classifier:debug" in printed and "test accuracy" in printed
     assert out.is_file()
+
+
+def test_gpt_classifier_loads_a_gpt_lm_without_its_output_map(tmp_path: Path) -> None:
+    lm = build_model_for(job_with("gpt"), (16,), 260)
+    torch.save(lm.state_dict(), tmp_path / "lm.pt")
+    job = job_with("gpt_classifier", init_from=str(tmp_path / "lm.pt"))
+    model = build_model_for(job, (16,), 3, vocab_size=260)
+    report = apply_init_from(model, job)
+    assert report is not None and report.skipped == 1  # score.weight: new
+    torch.testing.assert_close(model.head.norm.weight, lm.head.norm.weight)
+    torch.testing.assert_close(model.embed.tok.weight, lm.embed.tok.weight)
