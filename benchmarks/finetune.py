@@ -1,5 +1,8 @@
 """Starting from weights: what fine-tuning buys over training from scratch.
 
+The transfer figure on language, where pretraining can pay, is `benchmarks/transfer.py`; the
+digits transfer below stays as the record of why it could not pass here.
+
 Transfer (issue 19): `resnet:debug` is pretrained on the digits 0-4 (all of their samples).
 Then a 5-way classifier of the digits 5-9 is trained from only 20 labelled samples per class:
 

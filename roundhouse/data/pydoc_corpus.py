@@ -6,6 +6,10 @@ and collects each public function and method that has a docstring: its top-level
 (`json`, `email`, `asyncio`, ...; a single-file module is its own package), its qualified name,
 its signature line (`def dumps(obj, *, skipkeys=False, ...):`) and its docstring.
 
+`builtin:pydoc-pairs` is the same records as a translation task: the signature line -> the
+docstring's first sentence (3,155 / 349 / 370 pairs after dropping repeats; split by a hash of
+the signature line, so no signature is in two splits).
+
 `builtin:pydoc-cls` is text classification over that corpus: the input is the docstring, the
 label is the package it belongs to. Only packages with at least `min_per_class` documented
 functions are kept (the defaults keep a few dozen classes). The split is fixed and independent
@@ -16,20 +20,29 @@ and padded with `PAD_ID`.
 
 Tests, demos, private modules (`_pydecimal` restates `decimal`) and generated modules (`test`,
 `tests`, `idlelib`, `lib2to3`, `turtledemo`, `__phello__`, `site-packages`) are skipped: they are
-not the library's documentation. On CPython 3.11 the corpus holds 4,017 records, and the default
-`min_per_class=50` keeps 20 packages (asyncio, datetime, distutils, email, http, imaplib,
-importlib, inspect, logging, mailbox, multiprocessing, operator, pathlib, pydoc, tarfile,
-tkinter, turtle, unittest, urllib, xml): 1,978 / 230 / 262 train/val/test docstrings, from
-38 (operator) to 472 (tkinter) per class in train.
+not the library's documentation. Parsing takes seconds, so the records are cached as JSON in the
+temp folder under a name that hashes the stdlib files' paths, sizes and mtimes (never stale).
+
+On CPython 3.11 the corpus holds 4,017 records, and the default `min_per_class=50` keeps 20
+packages (asyncio, datetime, distutils, email, http, imaplib, importlib, inspect, logging,
+mailbox, multiprocessing, operator, pathlib, pydoc, tarfile, tkinter, turtle, unittest, urllib,
+xml): 1,978 / 230 / 262 train/val/test docstrings, from 38 (operator) to 472 (tkinter) per
+class in train.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import hashlib
+import json
 import logging
+import os
+import re
+import sys
 import sysconfig
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +54,7 @@ from torch import Tensor
 
 from roundhouse.errors import DataError
 
-from .text import PAD_ID, VOCAB_SIZE, encode
+from .text import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, encode
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +62,7 @@ SKIPPED_PARTS = frozenset(
     {"test", "tests", "idlelib", "lib2to3", "turtledemo", "__phello__", "site-packages"}
 )
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-PYDOC_CLS_OPTIONS = ("seq_len", "min_per_class")
+PYDOC_CLS_OPTIONS = ("seq_len", "min_per_class", "label_fraction")
 DEFAULT_CLS_SEQ_LEN = 256
 DEFAULT_MIN_PER_CLASS = 50
 
@@ -135,12 +148,42 @@ def stdlib_docstrings(root: str | None = None) -> tuple[DocRecord, ...]:
         The records, sorted by file path then position in the file.
     """
     base = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
+    files = sorted(base.rglob("*.py"))
+    cache = _cache_file(base, files)
+    try:
+        return tuple(DocRecord(*row) for row in json.loads(cache.read_text("utf-8")))
+    except (OSError, ValueError, TypeError):
+        pass  # no cache yet (or a foreign/corrupt one): parse
     records: list[DocRecord] = []
-    for path in sorted(base.rglob("*.py")):
+    for path in files:
         module = _module_name(path, base)
         if module is not None:
             records.extend(_records_of(path, module))
+    _write_cache(cache, records)
     return tuple(records)
+
+
+CACHE_VERSION = 1  # bump when the parsing rules change
+
+
+def _cache_file(base: Path, files: list[Path]) -> Path:
+    """A temp-folder file named by the stdlib's path, its files' sizes and mtimes, the Python
+    version and the parsing rules: any change gives another name, so it is never stale."""
+    digest = hashlib.sha256(f"{CACHE_VERSION} {sys.version} {base}".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return Path(tempfile.gettempdir()) / f"roundhouse-pydoc-{digest.hexdigest()[:20]}.json"
+
+
+def _write_cache(cache: Path, records: list[DocRecord]) -> None:
+    """Writes the records atomically (parsing takes seconds; every process would pay it)."""
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps([dataclasses.astuple(r) for r in records]), "utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        logger.debug("could not cache the pydoc corpus at %s", cache)
 
 
 def split_of(key: str, fractions: Sequence[float] = SPLIT_FRACTIONS) -> int:
@@ -166,6 +209,21 @@ def encode_padded(texts: Sequence[str], seq_len: int) -> Tensor:
     return out
 
 
+def _unit_hash(key: str) -> float:
+    """A fixed value in [0, 1) from the SHA-256 of `key`."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def _fraction_option(options: dict[str, Any], name: str) -> float:
+    value = options.get(name, 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise DataError(
+            f"data.options.{name} must be a fraction in (0, 1], got {value!r}",
+            f"set data.options.{name} to e.g. 0.1",
+        )
+    return float(value)
+
+
 def _int_option(options: dict[str, Any], name: str, default: int) -> int:
     value = options.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -182,7 +240,9 @@ def load_pydoc_classification(
     """`builtin:pydoc-cls`: docstring bytes `(N, seq_len)` labelled by package `(N,)`.
 
     Args:
-        options: `seq_len` (default 256) and `min_per_class` (default 50).
+        options: `seq_len` (default 256), `min_per_class` (default 50) and `label_fraction`
+            (default 1): keep that fraction of the training docstrings (a fixed hash of each
+            function's name picks them; val and test stay whole), for few-label fine-tuning.
 
     Returns:
         `[(inputs, targets)]` for train, val and test (the fixed hash split), and the class
@@ -199,6 +259,7 @@ def load_pydoc_classification(
         )
     seq_len = _int_option(options, "seq_len", DEFAULT_CLS_SEQ_LEN)
     min_per_class = _int_option(options, "min_per_class", DEFAULT_MIN_PER_CLASS)
+    fraction = _fraction_option(options, "label_fraction")
     records = stdlib_docstrings()
     names = class_names(records, min_per_class)
     if len(names) < 2:
@@ -211,6 +272,7 @@ def load_pydoc_classification(
     for record in records:
         if record.package in label:
             parts[split_of(record.key)].append(record)
+    parts[0] = [r for r in parts[0] if _unit_hash(f"labelled:{r.key}") < fraction]
     splits = [
         (
             encode_padded([r.docstring for r in part], seq_len),
@@ -222,12 +284,90 @@ def load_pydoc_classification(
     return splits, names
 
 
+PYDOC_PAIRS_OPTIONS = ("src_len", "tgt_len")
+DEFAULT_SRC_LEN = 64
+DEFAULT_TGT_LEN = 64
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+
+
+def first_sentence(docstring: str) -> str:
+    """The docstring's summary: its first paragraph's first sentence, on one line.
+
+    `"Serialize obj to a JSON formatted str.\n\nIf skipkeys..."` ->
+    `"Serialize obj to a JSON formatted str."`.
+    """
+    paragraph = " ".join(docstring.strip().split("\n\n", 1)[0].split())
+    return _SENTENCE_END.split(paragraph, maxsplit=1)[0]
+
+
+def encode_targets(texts: Sequence[str], tgt_len: int) -> Tensor:
+    """`(N, tgt_len + 1)`: `BOS`, the text's bytes (cut to leave room), `EOS`, then `PAD`.
+
+    A decoder reads `[:, :-1]` and predicts `[:, 1:]` (teacher forcing).
+    """
+    out = torch.full((len(texts), tgt_len + 1), PAD_ID, dtype=torch.int64)
+    for row, text in enumerate(texts):
+        ids = [BOS_ID, *encode(text)[: tgt_len - 1], EOS_ID]
+        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return out
+
+
+def pydoc_pairs(records: Sequence[DocRecord]) -> list[list[tuple[str, str]]]:
+    """`(signature, first sentence)` pairs of train, val and test.
+
+    The split hashes the signature line (not the function's name, as pydoc-cls does): the same
+    signature (`def close(self):`, on dozens of classes) never appears in two splits, so a test
+    source cannot be answered by looking its exact twin up in train. A pair whose signature and
+    summary both occur earlier in the corpus is dropped (a method documented twice).
+    """
+    parts: list[list[tuple[str, str]]] = [[], [], []]
+    seen: set[tuple[str, str]] = set()
+    for record in records:
+        pair = (record.signature, first_sentence(record.docstring))
+        if pair[1] and pair not in seen:
+            seen.add(pair)
+            parts[split_of(pair[0])].append(pair)
+    return parts
+
+
+def load_pydoc_pairs(options: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+    """`builtin:pydoc-pairs`: signature bytes `(N, src_len)` -> summary `(N, tgt_len + 1)`.
+
+    Args:
+        options: `src_len` and `tgt_len` (default 64 each).
+
+    Returns:
+        `[(inputs, targets)]` for train, val and test (the same fixed hash split as pydoc-cls).
+    """
+    unknown = sorted(set(options) - set(PYDOC_PAIRS_OPTIONS))
+    if unknown:
+        raise DataError(
+            f"unknown option {unknown[0]!r} for source builtin:pydoc-pairs",
+            f"valid options: {', '.join(PYDOC_PAIRS_OPTIONS)}",
+        )
+    src_len = _int_option(options, "src_len", DEFAULT_SRC_LEN)
+    tgt_len = _int_option(options, "tgt_len", DEFAULT_TGT_LEN)
+    parts = pydoc_pairs(stdlib_docstrings())
+    logger.info("pydoc-pairs: split sizes %s", [len(p) for p in parts])
+    return [
+        (
+            encode_padded([s for s, _ in part], src_len),
+            encode_targets([t for _, t in part], tgt_len),
+        )
+        for part in parts
+    ]
+
+
 __all__ = [
     "VOCAB_SIZE",
     "DocRecord",
     "class_names",
     "encode_padded",
+    "encode_targets",
+    "first_sentence",
     "load_pydoc_classification",
+    "load_pydoc_pairs",
+    "pydoc_pairs",
     "split_of",
     "stdlib_docstrings",
 ]

@@ -26,9 +26,9 @@ from roundhouse.errors import DataError
 
 from .folds import rotate_fold
 from .loader import build_eval_loader
-from .pydoc_corpus import load_pydoc_classification
+from .pydoc_corpus import load_pydoc_classification, load_pydoc_pairs
 from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
-from .text import load_pytext_splits
+from .text import VOCAB_SIZE, load_pytext_splits
 from .types import ArrayDataset, DataInfo
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class _Loaded:
     num_classes: int
     split_sizes: tuple[int, int, int] | None = None
     target_shape: tuple[int, ...] | None = None  # float value targets (regression)
+    vocab_size: int | None = None
 
 
 def _no_options(source: str, options: dict[str, Any], allowed: Sequence[str]) -> None:
@@ -201,7 +202,7 @@ def _load_pytext(options: dict[str, Any], split: Sequence[float], seed: int) -> 
     sizes = tuple(inputs.shape[0] for inputs, _ in parts)
     inputs = torch.cat([inputs for inputs, _ in parts])
     targets = torch.cat([targets for _, targets in parts])
-    return _Loaded(inputs, targets, vocab_size, split_sizes=sizes)  # type: ignore[arg-type]
+    return _Loaded(inputs, targets, vocab_size, split_sizes=sizes, vocab_size=vocab_size)  # type: ignore[arg-type]
 
 
 # Sources that split themselves get the split fractions and the run seed too.
@@ -215,10 +216,34 @@ def _load_pydoc_cls(options: dict[str, Any], split: Sequence[float], seed: int) 
     sizes = tuple(inputs.shape[0] for inputs, _ in parts)
     inputs = torch.cat([inputs for inputs, _ in parts])
     targets = torch.cat([targets for _, targets in parts])
-    return _Loaded(inputs, targets, len(names), split_sizes=sizes)  # type: ignore[arg-type]
+    return _Loaded(
+        inputs,
+        targets,
+        len(names),
+        split_sizes=sizes,
+        vocab_size=VOCAB_SIZE,  # type: ignore[arg-type]
+    )
 
 
 _load_pydoc_cls.splits_itself = True  # type: ignore[attr-defined]
+
+
+def _load_pydoc_pairs(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
+    del split, seed  # the fixed hash split of pydoc_corpus, as pydoc-cls
+    parts = load_pydoc_pairs(options)
+    sizes = tuple(inputs.shape[0] for inputs, _ in parts)
+    inputs = torch.cat([inputs for inputs, _ in parts])
+    targets = torch.cat([targets for _, targets in parts])
+    return _Loaded(
+        inputs,
+        targets,
+        VOCAB_SIZE,
+        split_sizes=sizes,
+        vocab_size=VOCAB_SIZE,  # type: ignore[arg-type]
+    )
+
+
+_load_pydoc_pairs.splits_itself = True  # type: ignore[attr-defined]
 
 SOURCES: dict[str, Callable[..., _Loaded]] = {
     "builtin:digits": _load_digits,
@@ -226,6 +251,7 @@ SOURCES: dict[str, Callable[..., _Loaded]] = {
     "builtin:pytext": _load_pytext,
     "builtin:pydoc-cls": _load_pydoc_cls,
     "builtin:diabetes": _load_diabetes,
+    "builtin:pydoc-pairs": _load_pydoc_pairs,
 }
 # Sources whose targets are float values (regression), known without loading them.
 VALUE_TARGET_SOURCES = frozenset({"builtin:diabetes"})
@@ -304,6 +330,7 @@ def build_source_splits(config: DataConfig, seed: int) -> Splits:
         num_classes=loaded.num_classes,
         num_samples=dict(zip(("train", "val", "test"), sizes, strict=True)),
         target_shape=loaded.target_shape,
+        vocab_size=loaded.vocab_size,
     )
     logger.info("data %s: %s, input shape %s", config.source, info.num_samples, info.input_shape)
     return Splits(*datasets, info=info)

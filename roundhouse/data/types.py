@@ -86,12 +86,15 @@ class DataInfo:
         num_samples: Split sizes, `{"train": ..., "val": ..., "test": ...}`.
         target_shape: None for class labels; the per-sample shape of float value targets
             (`()` for one value, `(D,)` for a vector) for regression.
+        vocab_size: Token vocabulary of text inputs (None for images): what a text model's
+            embedding is built for, whatever its outputs are.
     """
 
     input_shape: tuple[int, ...]
     num_classes: int
     num_samples: dict[str, int]
     target_shape: tuple[int, ...] | None = None
+    vocab_size: int | None = None
 
     @property
     def has_values(self) -> bool:

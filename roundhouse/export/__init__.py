@@ -27,6 +27,7 @@ from roundhouse.export.onnx_file import (
     run_session,
     session,
 )
+from roundhouse.export.seq2seq_graph import seq2seq_graphs
 from roundhouse.weights.lora import merge_lora
 from roundhouse.weights.saved_model import SavedModel
 
@@ -87,14 +88,37 @@ def export_model(saved: SavedModel, options: ExportOptions) -> list[str]:
         size = write_safetensors(weights, options.out)
         count = sum(t.numel() for t in weights.values())
         return [f"wrote {options.out}: {len(weights)} tensors, {count:,} values, {size:,} bytes"]
-    graph = build_graph(
-        saved.model, saved.job.model.name, saved.splits.info, saved.splits.input_dtype
-    )
+    graphs = build_graphs(saved)
+    lines, written = [], []
     with tempfile.TemporaryDirectory(prefix="roundhouse-export-") as tmp:
-        lines, final = write_onnx(saved, graph, options, tmp)
-        with open(final, "rb") as src, fsspec.open(options.out, "wb") as dst:
-            dst.write(src.read())
-    return [*lines, f"wrote {options.out}: {file_size_text(options.out)}"]
+        for part in graphs:  # every part is checked before any is published
+            folder = os.path.join(tmp, part.part or "model")
+            os.makedirs(folder)
+            part_lines, final = write_onnx(saved, part, options, folder)
+            lines += part_lines
+            written.append((final, part_url(options.out, part.part)))
+        for final, out in written:
+            with open(final, "rb") as src, fsspec.open(out, "wb") as dst:
+                dst.write(src.read())
+    return [*lines, *(f"wrote {out}: {file_size_text(out)}" for _, out in written)]
+
+
+def build_graphs(saved: SavedModel) -> list[ExportGraph]:
+    """The graphs to export: one, or an encoder-decoder's encoder and decoder step."""
+    from roundhouse import models
+
+    if models.get(saved.job.model.name).loss == "seq2seq":
+        return seq2seq_graphs(saved.model.eval(), saved.splits.info)
+    info, dtype = saved.splits.info, saved.splits.input_dtype
+    return [build_graph(saved.model, saved.job.model.name, info, dtype)]
+
+
+def part_url(out: str, part: str | None) -> str:
+    """`model.onnx` for a one-file export; `model.encoder.onnx` for its `encoder` part."""
+    if part is None:
+        return out
+    stem, dot, ext = out.rpartition(".")
+    return f"{stem}.{part}.{ext}" if dot else f"{out}.{part}"
 
 
 def write_onnx(

@@ -44,6 +44,7 @@ class ExportGraph:
     dynamic_axes: dict[str, dict[int, str]]
     kind: str
     scored: bool
+    part: str | None = None  # a model exported as several files: this file's name suffix
 
 
 class Denoiser(nn.Module):
@@ -81,7 +82,8 @@ def classifier_graph(model: nn.Module, info: DataInfo, dtype: torch.dtype) -> Ex
     def sample(batch: int, gen: torch.Generator, variant: int = 0) -> tuple[Tensor, ...]:
         if dtype.is_floating_point:
             return (torch.rand((batch, *shape), generator=gen).to(dtype),)
-        return (torch.randint(0, info.num_classes, (batch, *shape), generator=gen),)
+        vocab = info.vocab_size or info.num_classes  # text: token ids, not labels
+        return (torch.randint(0, min(vocab, 256), (batch, *shape), generator=gen),)
 
     # Regression outputs are values: no test accuracy to score.
     scored = not info.has_values
@@ -146,7 +148,7 @@ def build_graph(
     """The part of `model` (a `model_name` model for data `info`) that is exported."""
     task = models.get(model_name).loss
     model.eval()
-    if task == "classification":
+    if task in ("classification", "text_classification"):
         return classifier_graph(model, info, input_dtype)
     if task in ("language_model", "masked_lm"):
         return language_model_graph(model, info)

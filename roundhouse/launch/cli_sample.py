@@ -41,6 +41,7 @@ TEXT_FLAGS = {
     "temperature": "--temperature",
     "top_k": "--top-k",
 }
+BEAM_FLAG = {"beam": "--beam"}  # seq2seq only
 IMAGE_TASKS = ("diffusion", "vae")
 TEXT_TASKS = ("language_model",)
 
@@ -65,6 +66,7 @@ def add_sample_parser(
     text.add_argument("--max-new-tokens", type=int, help="bytes to generate (default 200)")
     text.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
     text.add_argument("--top-k", type=int, help="sample among the k most likely bytes")
+    text.add_argument("--beam", type=int, help="seq2seq: beam width (default 1: greedy)")
 
 
 @dataclass
@@ -134,9 +136,15 @@ def check_flags(args: argparse.Namespace) -> str:
     name, task = f"{job.model.name}:{job.model.flavor}", models.get(job.model.name).loss
     if task in IMAGE_TASKS:
         text_condition = job.model.options.get("condition", "class") == "text"
-        reject_flags(args, TEXT_FLAGS, f"image model {name}", ("--prompt",) * text_condition)
+        reject_flags(
+            args, TEXT_FLAGS | BEAM_FLAG, f"image model {name}", ("--prompt",) * text_condition
+        )
     elif task in TEXT_TASKS:
-        reject_flags(args, IMAGE_FLAGS, f"language model {name}")
+        reject_flags(args, IMAGE_FLAGS | BEAM_FLAG, f"language model {name}")
+    elif task == "seq2seq":
+        from roundhouse.launch.seq2seq_sample import reject_other_flags
+
+        reject_other_flags(args, IMAGE_FLAGS | TEXT_FLAGS, name)
     else:
         raise JobFileError(
             f"model {name} ({task}) cannot sample",
@@ -155,7 +163,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         write_png_grid(images, path)
         print(f"wrote {images.shape[0]} samples ({tuple(images.shape[1:])}) to {path}")
         return 0
-    text = sample_text(run.model, args)
+    if task == "seq2seq":
+        from roundhouse.launch.seq2seq_sample import sample_seq2seq
+
+        text = sample_seq2seq(run.model, args, int(run.job.data.options.get("src_len", 64)))
+    else:
+        text = sample_text(run.model, args)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:

@@ -3,6 +3,7 @@
 `get(name)` returns a `ModelSpec`; `spec.build(BuildConfig(...))` returns an `nn.Module`.
 Importing this package registers every built-in family: mlp, lenet, alexnet, vgg, nin,
 googlenet, resnet, densenet; rnn_lm, gru_lm, lstm_lm, rnn_classifier, gpt, bert, moe;
+bert_classifier, bert_tagger, gpt_classifier (fine-tuning heads); seq2seq;
 vae, ddpm, ldm, dit; fasttext.
 `torchvision:<name>` and `package.module:callable` resolve through `adapters.py`.
 """
@@ -21,6 +22,8 @@ from roundhouse.models import (  # noqa: F401  (imported to register their specs
     nin,
     resnet,
     rnn,
+    seq2seq,
+    text_heads,
     vae,
     vgg,
 )

@@ -25,6 +25,7 @@ from roundhouse.models.gpt import (
     TransformerBlock,
     build_activation,
     check_choices,
+    check_positions,
     flavor_flops,
     init_transformer,
     sequence_length,
@@ -57,6 +58,9 @@ class BERT(nn.Module):
     `encode` returns the encoder's `(B, T, C)` outputs (position 0 is the `[CLS]` slot for a
     fine-tuning classifier).
     """
+
+    # A Hugging Face BertModel/BertFor*Classification folder's heads (see `models.text_heads`).
+    ignored_weights = ("pooler.", "classifier.")
 
     def __init__(
         self, embed: TokenEmbedding, blocks: list[nn.Module], norm: nn.Module, head: MLMHead
@@ -103,6 +107,7 @@ def build_bert(
     """
     seq_len = sequence_length("bert", input_shape)
     check_choices("bert", positions, norm)
+    check_positions("bert", seq_len, max_len, positions)
     dropout = check_dropout(dropout)
     build_activation(activation)
     learned = positions == "learned"

@@ -251,6 +251,16 @@ def sequence_length(model_name: str, input_shape: tuple[int, ...]) -> int:
     return int(input_shape[0])
 
 
+def check_positions(model_name: str, seq_len: int, max_len: int | None, positions: str) -> None:
+    """Raises `ModelError` when the data's sequences are longer than a learned position table."""
+    if positions == "learned" and max_len is not None and seq_len > max_len:
+        raise ModelError(
+            f"{model_name}: {seq_len} positions exceed the learned table's {max_len} "
+            "(the data's sequences are longer than the model's position table)",
+            f"set data.options.seq_len <= {max_len}",
+        )
+
+
 def check_choices(model_name: str, positions: str, norm: str) -> None:
     """Raises `ModelError` for an unknown `positions` or `norm` option."""
     if positions not in POSITIONS or norm not in NORMS:
@@ -311,6 +321,7 @@ def build_gpt(
     """
     seq_len = sequence_length("gpt", input_shape)
     check_choices("gpt", positions, norm)
+    check_positions("gpt", seq_len, max_len, positions)
     dropout = check_dropout(dropout)
     build_activation(activation)  # rejects an unknown name before anything is built
     make_ffn = make_ffn or (lambda _i: MLP(dim, mlp_ratio * dim, dropout, activation=activation))

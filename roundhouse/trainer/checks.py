@@ -75,7 +75,9 @@ class JobUnderCheck:
     def model(self) -> torch.nn.Module:
         """The job's model on the meta device (no memory, no compute)."""
         with torch.device("meta"):
-            return build_model_for(self.job, self.info.input_shape, self.info.num_classes)
+            return build_model_for(
+                self.job, self.info.input_shape, self.info.num_classes, self.info.vocab_size
+            )
 
 
 Check = Callable[[JobUnderCheck], list[str]]

@@ -19,6 +19,8 @@ from roundhouse.trainer.losses import LossFn, build_loss, mixed_loss, topk_corre
 from roundhouse.trainer.tasks_diffusion import DiffusionTask, VAETask
 from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
 from roundhouse.trainer.tasks_regression import REGRESSION, build_regression_task
+from roundhouse.trainer.tasks_seq2seq import Seq2SeqTask
+from roundhouse.trainer.tasks_text import TextClassificationTask, TokenClassificationTask
 
 
 class Task(StepTask, Protocol):
@@ -86,11 +88,18 @@ def build_task(kind: str, loss: LossConfig) -> Task:
     if kind == "masked_lm":
         return MaskedLMTask(label_smoothing=loss.label_smoothing)
 
+    if kind == "text_classification":
+        return TextClassificationTask(label_smoothing=loss.label_smoothing)
+    if kind == "token_classification":
+        return TokenClassificationTask(label_smoothing=loss.label_smoothing)
+    if kind == "seq2seq":
+        return Seq2SeqTask(label_smoothing=loss.label_smoothing)
     if kind == "vae":
         return VAETask()
     if kind == "diffusion":
         return DiffusionTask()
     raise ModelError(
         f"model task {kind!r} is not supported",
-        "valid: classification, regression, language_model, masked_lm, vae, diffusion",
+        "valid: classification, regression, language_model, masked_lm, text_classification, "
+        "token_classification, seq2seq, vae, diffusion",
     )

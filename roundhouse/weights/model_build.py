@@ -38,13 +38,14 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
 
 
 def build_model_for(
-    job: JobSpec, input_shape: tuple[int, ...], num_classes: int
+    job: JobSpec, input_shape: tuple[int, ...], num_classes: int, vocab_size: int | None = None
 ) -> torch.nn.Module:
     """The job's model for inputs of `input_shape` (per sample) and `num_classes` outputs.
 
-    A Hugging Face `model.init_from` adds its architecture to the options (see `finetune`).
+    `vocab_size` is the data's token vocabulary (`DataInfo.vocab_size`) for text. A Hugging
+    Face `model.init_from` adds its architecture to the options (see `finetune`).
     """
-    options, num_classes = resolve_build(job, job.model.options, num_classes)
+    options, num_classes = resolve_build(job, job.model.options, num_classes, vocab_size)
     config = models.BuildConfig(
         flavor=job.model.flavor,
         input_shape=input_shape,
@@ -64,7 +65,8 @@ def build_model_with_data(job: JobSpec) -> tuple[torch.nn.Module, Splits]:
     """
     splits = build_splits(job.data, seed=job.trainer.seed)
     splits.check_task(models.get(job.model.name).loss, job.model.name)
-    model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
+    info = splits.info
+    model = build_model_for(job, info.input_shape, info.num_classes, info.vocab_size)
     return model, splits
 
 

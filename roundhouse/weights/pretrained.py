@@ -40,7 +40,9 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_MODELS = {"gpt2": "gpt", "bert": "bert"}  # config.json model_type -> zoo model
 # Buffers Hugging Face checkpoints carry that have no counterpart (masks, position ids).
 HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids")
-HF_IGNORED_PREFIXES = ("pooler.", "cls.seq_relationship.")  # BertModel / pre-training heads
+HF_IGNORED_PREFIXES = ("cls.seq_relationship.",)  # BERT's next-sentence pre-training head
+# Zoo models that load their family's folders (BERT's `pooler.`/`classifier.` load into them).
+HF_FAMILIES = {"bert_classifier": "bert", "bert_tagger": "bert", "gpt_classifier": "gpt"}
 SHOWN = 3  # names listed per kind of mismatch
 
 
@@ -132,8 +134,8 @@ def read_hf_weights(url: str) -> dict[str, Tensor]:
 def hf_model_type(config: Mapping[str, Any], url: str, model_name: str) -> str:
     """The zoo model config.json describes; another architecture is a `CheckpointError`."""
     kind = config.get("model_type")
-    if HF_MODELS.get(kind) != model_name:
-        wanted = [k for k, v in HF_MODELS.items() if v == model_name]
+    if HF_MODELS.get(kind) != HF_FAMILIES.get(model_name, model_name):
+        wanted = [k for k, v in HF_MODELS.items() if v == HF_FAMILIES.get(model_name, model_name)]
         raise CheckpointError(
             f"model.init_from {url!r} is a Hugging Face {kind!r} model, not one for "
             f"model.name={model_name!r}",

@@ -22,6 +22,7 @@ from tests.helpers.dist import run_distributed
 
 TOKEN_TASKS = ("language_model", "masked_lm")
 TOKEN_CLASSIFIERS = ("fasttext",)  # classification over (T,) tokens
+TEXT_LABEL_TASKS = ("text_classification", "token_classification")
 SEQ_LEN = 16
 IMAGE = (1, 16, 16)  # digits upsampled, as the diffusion configs use them
 STEPS = 2
@@ -44,6 +45,14 @@ def example(spec: models.ModelSpec, rank: int) -> tuple[tuple[int, ...], int, di
     if spec.loss in TOKEN_TASKS:
         tokens = torch.randint(0, 256, (4, SEQ_LEN + 1), generator=gen)
         return (SEQ_LEN,), VOCAB_SIZE, {"input": tokens[:, :-1], "target": tokens[:, 1:]}
+    if spec.loss in TEXT_LABEL_TASKS:  # 3 labels per text, or per token
+        tokens = torch.randint(0, 256, (4, SEQ_LEN), generator=gen)
+        shape = (4,) if spec.loss == "text_classification" else (4, SEQ_LEN)
+        return (SEQ_LEN,), 3, {"input": tokens, "target": torch.randint(0, 3, shape, generator=gen)}
+    if spec.loss == "seq2seq":
+        tokens = torch.randint(0, 256, (4, 2 * SEQ_LEN + 1), generator=gen)
+        pair = {"input": tokens[:, :SEQ_LEN], "target": tokens[:, SEQ_LEN:]}
+        return (SEQ_LEN,), VOCAB_SIZE, pair
     images = torch.rand(4, *IMAGE, generator=gen)
     return IMAGE, 10, {"input": images, "target": torch.randint(0, 10, (4,), generator=gen)}
 

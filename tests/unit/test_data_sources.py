@@ -98,7 +98,11 @@ def test_synthetic_defaults():
 
 
 def test_unknown_source_lists_valid_ones():
-    with pytest.raises(DataError, match="builtin:digits, builtin:pytext, builtin:synthetic") as err:
+    with pytest.raises(
+        DataError,
+        match="builtin:digits, builtin:pydoc-cls, builtin:pydoc-pairs, builtin:pytext, "
+        "builtin:synthetic",
+    ) as err:
         build_splits(DataConfig(source="builtin:mnist"), seed=0)
     assert "builtin:mnist" in str(err.value)
 

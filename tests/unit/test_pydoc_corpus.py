@@ -1,4 +1,4 @@
-"""`builtin:pydoc-cls`: the standard library's docstrings labelled by package, split by hash."""
+"""`builtin:pydoc-cls` and `builtin:pydoc-pairs`: stdlib docstrings, split by hash."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from roundhouse.data.pydoc_corpus import (
     class_names,
     encode_padded,
     load_pydoc_classification,
+    pydoc_pairs,
     split_of,
     stdlib_docstrings,
 )
@@ -68,3 +69,21 @@ def test_bad_options_are_data_errors() -> None:
         load_pydoc_classification({"vocab": 3})
     with pytest.raises(DataError, match=r"lower data\.options\.min_per_class"):
         load_pydoc_classification({"min_per_class": 100_000})
+
+
+def test_label_fraction_keeps_a_fixed_share_of_train_only() -> None:
+    full, _ = load_pydoc_classification({"seq_len": 16})
+    tenth, _ = load_pydoc_classification({"seq_len": 16, "label_fraction": 0.1})
+    assert 0.07 < tenth[0][0].shape[0] / full[0][0].shape[0] < 0.13
+    for part in (1, 2):  # val and test stay whole
+        assert torch.equal(tenth[part][0], full[part][0])
+    with pytest.raises(DataError, match=r"label_fraction must be a fraction in \(0, 1\]"):
+        load_pydoc_classification({"label_fraction": 0})
+
+
+def test_pydoc_pairs_keep_every_signature_in_one_split() -> None:
+    parts = pydoc_pairs(stdlib_docstrings())
+    signatures = [{s for s, _ in part} for part in parts]
+    assert not signatures[0] & signatures[1] and not signatures[0] & signatures[2]
+    assert all(t and "\n" not in t for part in parts for _, t in part)
+    assert 0.75 < len(parts[0]) / sum(map(len, parts)) < 0.85

@@ -1,0 +1,125 @@
+"""The `seq2seq` task: teacher-forced cross-entropy, and BLEU of greedy decodes on evaluation.
+
+Batches are `{"input": (B, S) source ids, "target": (B, T + 1) = BOS y1 .. yn EOS PAD..}` (see
+`builtin:pydoc-pairs`). Training: the model reads `target[:, :-1]` and predicts `target[:, 1:]`
+(padding ignored). Evaluation also decodes every source greedily (the model in eval mode) and
+scores the decodes against the references with sacrebleu's corpus BLEU (its default `13a`
+tokenisation and `exp` smoothing, as `sacrebleu.corpus_bleu`). BLEU is built from n-gram
+match and total counts and the hypothesis/reference lengths; those add up over batches and
+ranks, so the BLEU every strategy reports is the corpus BLEU of the whole split, exactly.
+
+Metrics: `loss` (nats per target token), `perplexity`, `accuracy` (teacher-forced next token)
+and `bleu` (0-100).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from roundhouse.data.text import PAD_ID, decode
+
+NGRAMS = 4
+
+
+def bleu_stats(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """sacrebleu's corpus statistics: `bleu_correct<n>`, `bleu_total<n>`, `bleu_sys/ref`."""
+    from sacrebleu.metrics import BLEU
+
+    score = BLEU().corpus_score(hypotheses, [references])
+    stats = {f"bleu_correct{n}": float(c) for n, c in enumerate(score.counts)}
+    stats |= {f"bleu_total{n}": float(t) for n, t in enumerate(score.totals)}
+    return stats | {"bleu_sys": float(score.sys_len), "bleu_ref": float(score.ref_len)}
+
+
+def bleu_from_stats(sums: dict[str, float]) -> float:
+    """Corpus BLEU (0-100) from summed `bleu_stats`."""
+    from sacrebleu.metrics import BLEU
+
+    correct = [int(sums[f"bleu_correct{n}"]) for n in range(NGRAMS)]
+    total = [int(sums[f"bleu_total{n}"]) for n in range(NGRAMS)]
+    sys_len, ref_len = int(sums["bleu_sys"]), int(sums["bleu_ref"])
+    bleu = BLEU.compute_bleu(correct, total, sys_len, ref_len, smooth_method="exp")
+    return float(bleu.score)
+
+
+def texts(ids: Tensor) -> list[str]:
+    """Each row's text up to its first `EOS`/`PAD` (specials dropped)."""
+    out = []
+    for row in ids.tolist():
+        end = next((i for i, t in enumerate(row) if t >= PAD_ID), len(row))
+        out.append(decode(row[:end]))
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The `Seq2Seq` inside a DeepSpeed engine / DDP wrapper (or the model itself)."""
+    # Not `hasattr(model, "greedy")`: DeepSpeed's engine forwards unknown attributes to its
+    # module, so it would pass for the model itself (and its `training` is its own).
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+class Seq2SeqTask:
+    """Teacher-forced CE; evaluation adds corpus BLEU of greedy decodes."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+        self.decoded: list[str] | None = None
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Logits `(B, T, V)` of the shifted-right target; in eval mode also greedy decodes."""
+        target = batch["target"]
+        logits = model(batch["input"], target[:, :-1])
+        self.decoded = None
+        inner = unwrap(model)
+        if not inner.training:
+            ids = inner.greedy(batch["input"], max_len=target.shape[1] - 1)
+            self.decoded = texts(ids)
+        return logits
+
+    def token_losses(self, outputs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Summed CE over the real target tokens, and their number."""
+        target = batch["target"][:, 1:]
+        loss = F.cross_entropy(
+            outputs.float().flatten(0, 1),
+            target.flatten(),
+            ignore_index=PAD_ID,
+            reduction="sum",
+            label_smoothing=self.label_smoothing,
+        )
+        return loss, (target != PAD_ID).sum()
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Mean CE per target token."""
+        total, count = self.token_losses(outputs, batch)
+        return total / count.clamp(min=1)
+
+    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Summed loss, tokens, hits and the BLEU statistics of the batch's greedy decodes."""
+        total, count = self.token_losses(outputs, batch)
+        target = batch["target"][:, 1:]
+        correct = ((outputs.argmax(-1) == target) & (target != PAD_ID)).sum()
+        sums = {"loss": total.detach(), "count": count.float(), "correct": correct.float()}
+        if self.decoded is not None:
+            refs = texts(target)
+            stats = bleu_stats(self.decoded, refs)
+            sums |= {k: torch.tensor(v, device=outputs.device) for k, v in stats.items()}
+        return sums
+
+    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Loss, perplexity, accuracy and (when decoded) BLEU over every batch and rank."""
+        n = max(float(sums["count"]), 1.0)
+        loss = float(sums["loss"]) / n
+        metrics = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "accuracy": float(sums["correct"]) / n,
+        }
+        if "bleu_sys" in sums:
+            metrics["bleu"] = bleu_from_stats(sums)
+        return metrics
