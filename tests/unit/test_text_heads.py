@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from roundhouse.trainer.finetune import apply_init_from
 
 from roundhouse.config import JobSpec
 from roundhouse.config.loading import validate_job
@@ -17,6 +16,7 @@ from roundhouse.errors import CheckpointError, DataError, ModelError
 from roundhouse.launch.cli import main
 from roundhouse.launch.local import train_local
 from roundhouse.trainer.tasks_text import IGNORE_LABEL, TextClassificationTask, f1_metrics
+from roundhouse.weights.finetune import apply_init_from
 from roundhouse.weights.model_build import build_model_for
 from tests.helpers.runs import only_run
 
