@@ -31,6 +31,7 @@ from .data import (
     StreamCacheConfig,
     StreamSplitConfig,
 )
+from .task import TaskConfig, TaskOptimizerConfig
 from .strategy_section import (
     StrategyConfig,
     StrategySection,
@@ -39,6 +40,8 @@ from .strategy_section import (
 )
 
 __all__ = [
+    "TaskConfig",
+    "TaskOptimizerConfig",
     "AugmentConfig",
     "AutoStrategyConfig",
     "CheckpointConfig",
@@ -384,6 +387,9 @@ class JobSpec(Section):
         description="Job name; also the run folder's parent."
     )
     model: ModelConfig
+    task: TaskConfig = Field(
+        default_factory=TaskConfig, description="The objective: a task name or module:Class."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     strategy: StrategyConfig = Field(default_factory=SingleStrategyConfig)

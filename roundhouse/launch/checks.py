@@ -8,6 +8,7 @@ from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError, ModelError
 from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.trainer.losses import LOSSES
+from roundhouse.trainer.multi_optim import check_task_job
 from roundhouse.trainer.optim import check_optimizer, check_scheduler
 
 
@@ -51,6 +52,7 @@ def check_runnable(job: JobSpec, *, local: bool) -> Topology:
     strategy.check_world_size(world_size)
     topology = check_topology(job, world_size)
     check_finetune_job(job)
+    check_task_job(job)  # the task loads; its optimizers fit the model and the strategy
     return topology
 
 

@@ -16,6 +16,7 @@ gradient of the mean loss over the whole global batch, however it was split.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -63,6 +64,18 @@ class StepStats:
     grad_norm: float | None
     lr: float
     extra: dict[str, float] = field(default_factory=dict)  # more `train/*` metrics to log
+
+
+@dataclass
+class Phase:
+    """One optimizer's turn in a training step (a task with several optimizers has several).
+
+    The loop enters `active()`, runs the step's micro-batches through `strategy` and steps it.
+    """
+
+    name: str
+    strategy: Strategy
+    active: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 class Strategy(ABC):
@@ -117,6 +130,19 @@ class Strategy(ABC):
         Raises:
             JobFileError: The job cannot run with this strategy (the field and the fix named).
         """
+
+    @classmethod
+    def check_optimizers(cls, job: JobSpec, names: list[str]) -> None:
+        """Refuse a task that steps the optimizers `names` in turn, where this strategy cannot.
+
+        Raises:
+            JobFileError: The layout cannot hold several optimizers (the fix named).
+        """
+
+    @classmethod
+    def split_context(cls, ctx: WorkerContext, index: int, count: int) -> WorkerContext:
+        """The context of optimizer `index` of `count` (a task with several): the same."""
+        return ctx
 
     @classmethod
     def parameter_server_cpus(cls, job: JobSpec) -> float:
@@ -185,6 +211,13 @@ class Strategy(ABC):
     @abstractmethod
     def model_state_dict(self) -> dict[str, Tensor]:
         """The plain model weights (consolidated), as `model.state_dict()` names them."""
+
+    def phases(self) -> list[Phase]:
+        """The optimizer steps of one training step, in order: this strategy's one optimizer."""
+        return [Phase("main", self)]
+
+    def sync_parameters(self) -> None:
+        """Make the local parameters current (a strategy that updates them remotely waits)."""
 
     def data_claimer(self) -> Callable[[int, int, int], int] | None:
         """Dynamic data assignment's shared chunk counter (see `StepLoader`), or None: every

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from roundhouse.config import JobSpec
@@ -49,10 +49,12 @@ class Window:
     steps: int = 0
     samples: int = 0
     started: float = 0.0
+    turn_loss: dict[str, float] = field(default_factory=dict)  # per optimizer, when several
 
     def reset(self) -> None:
         """Start a new logging window now."""
         self.loss_sum, self.steps, self.samples, self.started = 0.0, 0, 0, time.perf_counter()
+        self.turn_loss = {}
 
 
 class Trainer:
@@ -81,6 +83,7 @@ class Trainer:
         self.window = Window()
         self.last_checkpoint_step: int | None = None
         self.last_val_metrics: dict[str, float] = {}
+        self.phases = strategy.phases()  # one per optimizer, in the task's order
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -160,14 +163,42 @@ class Trainer:
         return stop
 
     def train_step(self, micro_batches: list[dict]) -> None:
-        """One optimizer step over this rank's micro-batches (skipped when a loss is non-finite)."""
+        """One optimizer step over this rank's micro-batches (skipped when a loss is non-finite).
+
+        A task with several optimizers steps each in turn (`Strategy.phases`, in its order):
+        each turn runs the micro-batches and steps that optimizer before the next begins.
+        """
         step_size = self.train_loader.last_step_size
+        need_norm = (self.state.step + 1) % self.cfg.log_every_steps == 0
+        turns: list[tuple[str, float, StepStats]] = []
+        for phase in self.phases:
+            with phase.active():
+                turn = self.run_turn(phase.strategy, micro_batches, step_size, need_norm)
+            if turn is None:
+                return
+            turns.append((phase.name, *turn))
+        self.state.step += 1
+        self.state.step_epoch = self.state.epoch
+        self.window.loss_sum += sum(loss for _, loss, _ in turns)
+        self.window.steps += 1
+        self.window.samples += step_size
+        if len(turns) > 1:
+            for name, loss, _ in turns:
+                self.window.turn_loss[name] = self.window.turn_loss.get(name, 0.0) + loss
+        if need_norm:
+            self.log_train(turns[0][2] if len(turns) == 1 else merge_turn_stats(turns))
+
+    def run_turn(
+        self, strategy: Strategy, micro_batches: list[dict], step_size: int, need_norm: bool
+    ) -> tuple[float, StepStats] | None:
+        """Forward/backward every micro-batch and step `strategy`'s optimizer: the mean loss
+        and the step's stats, or None when the loss was non-finite (the step skipped)."""
         dp = self.strategy.data_parallel_size
         losses: list[tuple[Any, int]] = []
         for i, batch in enumerate(micro_batches):
             n = batch["target"].shape[0]
             scale = n / step_size * dp
-            loss = self.strategy.forward_backward(
+            loss = strategy.forward_backward(
                 batch, loss_scale=scale, sync=i == len(micro_batches) - 1
             )
             losses.append((loss, n))
@@ -175,20 +206,13 @@ class Trainer:
         # micro-batch's at once would leave the device idle while the next one is launched.
         loss_sum = sum(float(loss) * n for loss, n in losses)
         samples = sum(n for _, n in losses)
-        if not self.strategy.all_true(math.isfinite(loss_sum)):
-            self.on_nonfinite_loss(loss_sum)
-            return
-        need_norm = (self.state.step + 1) % self.cfg.log_every_steps == 0
-        stats = self.strategy.optimizer_step(need_grad_norm=need_norm)
-        self.state.step += 1
-        self.state.step_epoch = self.state.epoch
-        self.window.loss_sum += loss_sum / max(samples, 1)
-        self.window.steps += 1
-        self.window.samples += step_size
-        if need_norm:
-            self.log_train(stats)
+        if not strategy.all_true(math.isfinite(loss_sum)):
+            self.on_nonfinite_loss(loss_sum, strategy)
+            return None
+        stats = strategy.optimizer_step(need_grad_norm=need_norm)
+        return loss_sum / max(samples, 1), stats
 
-    def on_nonfinite_loss(self, loss_sum: float) -> None:
+    def on_nonfinite_loss(self, loss_sum: float, strategy: Strategy | None = None) -> None:
         """Skip the step, or raise `TrainingError` unless `trainer.skip_nonfinite_steps`."""
         step = self.state.step + 1
         if not self.cfg.skip_nonfinite_steps:
@@ -204,7 +228,7 @@ class Trainer:
                 "or set trainer.skip_nonfinite_steps=true",
             )
         logger.warning("skipping step %d: loss is %s", step, loss_sum)
-        self.strategy.zero_grad()
+        (strategy or self.strategy).zero_grad()
         self.state.skipped_steps += 1
 
     def after_step(self) -> bool:
@@ -233,6 +257,8 @@ class Trainer:
         }
         if stats.grad_norm is not None:
             metrics["train/grad_norm"] = stats.grad_norm
+        for name, total in self.window.turn_loss.items():
+            metrics[f"train/loss_{name}"] = total / max(self.window.steps, 1)
         metrics.update(stats.extra)  # strategy metrics, e.g. train/ps_staleness_max
         metrics.update(self.splits.metrics())  # e.g. data/corrupt_shards_skipped
         self.tracker.log(metrics, step=self.state.step, epoch=self.state.step_epoch)
@@ -338,3 +364,18 @@ def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> Step
         mixup_alpha=data.augment.mixup_alpha,
         claim=strategy.data_claimer(),
     )
+
+
+def merge_turn_stats(turns: list[tuple[str, float, StepStats]]) -> StepStats:
+    """One step's stats from each optimizer's turn: the first's lr, the total gradient norm,
+    and each turn's lr and norm as `train/lr_<name>` and `train/grad_norm_<name>`."""
+    extra: dict[str, float] = {}
+    norms = []
+    for name, _, stats in turns:
+        extra[f"train/lr_{name}"] = stats.lr
+        if stats.grad_norm is not None:
+            extra[f"train/grad_norm_{name}"] = stats.grad_norm
+            norms.append(stats.grad_norm)
+        extra.update(stats.extra)
+    grad_norm = math.sqrt(sum(n * n for n in norms)) if norms else None
+    return StepStats(grad_norm=grad_norm, lr=turns[0][2].lr, extra=extra)

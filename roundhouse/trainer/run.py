@@ -22,7 +22,6 @@ from roundhouse.errors import CheckpointError
 from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.compile import apply_compile
 from roundhouse.parallel.context import WorkerContext
-from roundhouse.parallel.registry import build_strategy
 from roundhouse.runs.rundir import RunDir, job_folder, new_run_id, run_dir_of
 from roundhouse.runs.status import RunStatus
 from roundhouse.runs.tracking import Tracker, redact_secrets
@@ -33,7 +32,8 @@ from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.lora import AdapterCheckpoint, apply_lora
 from roundhouse.trainer.model_build import build_model_for, seed_everything
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
-from roundhouse.trainer.task import Task, build_task
+from roundhouse.trainer.multi_optim import build_task_strategy
+from roundhouse.trainer.task import Task, build_job_task
 
 logger = logging.getLogger(__name__)
 
@@ -190,13 +190,25 @@ def build_trainer(
     model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
     apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
-    task = build_distill_task(job, build_task(task_kind, job.trainer.loss), splits, ctx.device)
-    strategy = build_strategy(job.strategy, ctx)
+    task = build_distill_task(job, build_job_task(job), splits, ctx.device)
+    sizes: dict[str, int] = {}
+
+    def plan_of(part_job: JobSpec, part_task: Task) -> TrainPlan:
+        plan = build_plan(
+            part_job,
+            part_task,
+            ctx.device,
+            steps_per_epoch=sizes["steps"],
+            total_steps=sizes["total"],
+        )
+        plan.build_optimizer = build_optimizer_factory(part_job, model)  # with param_groups
+        return plan
+
+    strategy = build_task_strategy(job, ctx, task, model, plan_of)
     loader = build_train_loader(job, splits, strategy)
     total = compute_total_steps(job, len(loader))
-    plan = build_plan(job, task, ctx.device, steps_per_epoch=len(loader), total_steps=total)
-    plan.build_optimizer = build_optimizer_factory(job, model)  # with param_groups
-    strategy.setup(model, plan)
+    sizes.update(steps=len(loader), total=total)
+    strategy.setup(model, plan_of(job, task))
     apply_compile(strategy, job.trainer.compile, job.trainer.compile_mode)
     tracker = Tracker(
         job,

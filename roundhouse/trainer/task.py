@@ -1,41 +1,31 @@
-"""Tasks: how a model's outputs become a loss and evaluation metrics.
+"""The task registry: the job's `task:` (a name or `package.module:Class`) -> its `Task`.
 
-A `ModelSpec.loss` names its task. The CNN zoo is `classification`; sequence and diffusion models
-bring their own tasks. Strategies call `forward` and `loss`; the evaluation loop sums
-`eval_sums` over batches and ranks, then `finalize` turns sums into metrics.
+Without `task:` a model's `ModelSpec.loss` names its task, as before tasks were open: the CNN
+zoo is `classification`; sequence, diffusion and GAN models bring their own. The base class
+and its contract are in `roundhouse.trainer.task_api`. A new built-in task is a module and one
+line in `TASKS`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import importlib
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from roundhouse.config import LossConfig
+from roundhouse import models
+from roundhouse.config import JobSpec, LossConfig
 from roundhouse.errors import ModelError
 from roundhouse.trainer.losses import LossFn, build_loss, mixed_loss, topk_correct
+from roundhouse.trainer.task_api import OptimizerSpec, Task, TaskError
 from roundhouse.trainer.tasks_diffusion import DiffusionTask, VAETask
 from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
 
 
-class Task(Protocol):
-    """What the trainer needs to know about a family of models."""
-
-    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """The model's outputs for `batch` (what `loss` and `eval_sums` take)."""
-
-    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """The scalar training loss of one micro-batch (a mean over its samples)."""
-
-    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Metric sums of one evaluation batch; they add up over batches and ranks."""
-
-    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
-        """Metrics (`loss`, `accuracy`, ...) from the sums over every batch and rank."""
-
-
-class ClassificationTask:
+class ClassificationTask(Task):
     """Logits (B, K) against integer targets (B,); metrics: loss, top-1 and top-5 accuracy."""
 
     def __init__(self, loss_fn: LossFn) -> None:
@@ -70,22 +60,95 @@ class ClassificationTask:
         }
 
 
+TaskFactory = Callable[[JobSpec, dict[str, Any]], Task]
+
+
+def _classification(job: JobSpec, options: dict[str, Any]) -> Task:
+    return ClassificationTask(build_loss(job.trainer.loss))
+
+
+def _language_model(job: JobSpec, options: dict[str, Any]) -> Task:
+    return LanguageModelTask(label_smoothing=job.trainer.loss.label_smoothing)
+
+
+def _masked_lm(job: JobSpec, options: dict[str, Any]) -> Task:
+    return MaskedLMTask(label_smoothing=job.trainer.loss.label_smoothing)
+
+
+def _gan(job: JobSpec, options: dict[str, Any]) -> Task:
+    from roundhouse.trainer.tasks_gan import GANTask  # only GAN jobs need it
+
+    return GANTask.from_job(job, **options)
+
+
+# Registered tasks: name -> factory. A new built-in task is one line here.
+TASKS: dict[str, TaskFactory] = {
+    "classification": _classification,
+    "language_model": _language_model,
+    "masked_lm": _masked_lm,
+    "vae": lambda job, options: VAETask(),
+    "diffusion": lambda job, options: DiffusionTask(),
+    "gan": _gan,
+}
+
+
+def task_name(job: JobSpec) -> str:
+    """The job's task: `task.name`, or the model's own (`ModelSpec.loss`)."""
+    return job.task.name or models.get(job.model.name).loss
+
+
+def build_job_task(job: JobSpec) -> Task:
+    """The `Task` of `job` (its `task:` section, or its model's task), with its options.
+
+    Raises:
+        TaskError: The name is neither registered nor an importable `module:Class`, or the
+            class is not a `Task`.
+    """
+    name = task_name(job)
+    if name in TASKS:
+        return TASKS[name](job, dict(job.task.options))
+    cls = load_task_class(name)
+    return cls.from_job(job, **job.task.options)
+
+
+def load_task_class(path: str) -> type[Task]:
+    """The `Task` subclass that `package.module:Class` names.
+
+    Raises:
+        TaskError: Not registered, not importable, no such attribute, or not a `Task`.
+    """
+    valid = ", ".join(TASKS)
+    if ":" not in path:
+        raise TaskError(
+            f"task {path!r} is not registered", f"valid: {valid}, or package.module:Class"
+        )
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure of a user's module is a job-file error
+        raise TaskError(
+            f"task {path!r} does not import: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            "check the module path and that it is on PYTHONPATH",
+        ) from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TaskError(
+            f"task {path!r} is not a Task class (it is {cls!r})",
+            "name a subclass of roundhouse.trainer.task_api.Task",
+        )
+    return cls
+
+
 def build_task(kind: str, loss: LossConfig) -> Task:
-    """The task a model's `ModelSpec.loss` names."""
-    if kind == "classification":
-        return ClassificationTask(build_loss(loss))
-    # Imported here: the text tasks pull in the tokenizer, which classification never needs.
+    """The built-in task `kind` with the job's loss settings (the planner's cost model).
 
-    if kind == "language_model":
-        return LanguageModelTask(label_smoothing=loss.label_smoothing)
-    if kind == "masked_lm":
-        return MaskedLMTask(label_smoothing=loss.label_smoothing)
+    Raises:
+        ModelError: `kind` is not a registered task.
+    """
+    if kind not in TASKS:
+        raise ModelError(f"model task {kind!r} is not supported", f"valid: {', '.join(TASKS)}")
+    job = SimpleNamespace(trainer=SimpleNamespace(loss=loss))
+    return TASKS[kind](job, {})  # type: ignore[arg-type]
 
-    if kind == "vae":
-        return VAETask()
-    if kind == "diffusion":
-        return DiffusionTask()
-    raise ModelError(
-        f"model task {kind!r} is not supported",
-        "valid: classification, language_model, masked_lm, vae, diffusion",
-    )
+
+__all__ = ["OptimizerSpec", "Task", "TaskError", "build_job_task", "build_task", "task_name"]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from roundhouse.trainer.task_api import Task
 from roundhouse.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def _find(model: nn.Module, attr: str) -> nn.Module:
     raise ModelError(f"the model has no {attr!r}", "use a model whose task this is")
 
 
-class VAETask:
+class VAETask(Task):
     """Reconstruction + weighted KL; see the module docstring."""
 
     def __init__(self) -> None:
@@ -91,7 +92,7 @@ def eval_generator(images: Tensor) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class DiffusionTask:
+class DiffusionTask(Task):
     """Noise-prediction MSE with condition dropout; see the module docstring."""
 
     def __init__(self) -> None:
