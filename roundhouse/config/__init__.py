@@ -31,17 +31,15 @@ from .data import (
     StreamCacheConfig,
     StreamSplitConfig,
 )
-from .task import TaskConfig, TaskOptimizerConfig
 from .strategy_section import (
     StrategyConfig,
     StrategySection,
     on_section_registered,
     strategy_sections,
 )
+from .task import TaskConfig, TaskOptimizerConfig
 
 __all__ = [
-    "TaskConfig",
-    "TaskOptimizerConfig",
     "AugmentConfig",
     "AutoStrategyConfig",
     "CheckpointConfig",
@@ -68,6 +66,8 @@ __all__ = [
     "StrategySection",
     "StreamCacheConfig",
     "StreamSplitConfig",
+    "TaskConfig",
+    "TaskOptimizerConfig",
     "TrackingConfig",
     "TrainerConfig",
     "WandbConfig",

@@ -31,8 +31,8 @@ from roundhouse.trainer.finetune import apply_finetune, build_optimizer_factory
 from roundhouse.trainer.loop import Trainer, build_train_loader
 from roundhouse.trainer.lora import AdapterCheckpoint, apply_lora
 from roundhouse.trainer.model_build import build_model_for, seed_everything
-from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.multi_optim import build_task_strategy
+from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.task import Task, build_job_task
 
 logger = logging.getLogger(__name__)

@@ -126,8 +126,9 @@ def load_task_class(path: str) -> type[Task]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import failure of a user's module is a job-file error
+        first = (str(exc).splitlines() or [""])[0]
         raise TaskError(
-            f"task {path!r} does not import: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            f"task {path!r} does not import: {type(exc).__name__}: {first}",
             "check the module path and that it is on PYTHONPATH",
         ) from exc
     cls = getattr(module, attr, None)

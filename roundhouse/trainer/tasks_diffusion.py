@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from roundhouse.trainer.task_api import Task
 from roundhouse.errors import ModelError
+from roundhouse.trainer.task_api import Task
 
 logger = logging.getLogger(__name__)
 
