@@ -206,7 +206,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
     def sync_parameters(self) -> None:
         """Load the servers' parameters of the latest step (another optimizer's turn reads them)."""
-        self._ensure_params()
+        if self.client is not None:  # set up
+            self._ensure_params()
 
     def _maybe_straggle(self) -> None:
         """Straggler injection: the configured rank's steps take `factor` times as long.
