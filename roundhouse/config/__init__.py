@@ -157,8 +157,10 @@ class LossConfig(Section):
 class EarlyStoppingConfig(Section):
     """Stop when `metric` has not improved for `patience` evaluations."""
 
-    metric: str = "val/loss"
-    mode: Literal["min", "max"] = "min"
+    metric: str | None = Field(None, description="A val/ metric (default: the task's own).")
+    mode: Literal["min", "max"] | None = Field(
+        None, description="min | max (default: the task's direction for its metric, else min)."
+    )
     patience: PositiveInt = 5
     min_delta: Annotated[float, Field(ge=0)] = 0.0
 

@@ -300,20 +300,21 @@ class Trainer:
         rule = self.cfg.early_stopping
         if rule is None:
             return False
-        if rule.metric not in metrics:
+        metric, mode = selection_metric(self.task, rule.metric, rule.mode)
+        if metric not in metrics:
             raise TrainingError(
-                f"trainer.early_stopping.metric={rule.metric!r} is not a validation metric",
+                f"trainer.early_stopping.metric={metric!r} is not a validation metric",
                 f"valid: {', '.join(sorted(metrics))}",
             )
-        value, best = metrics[rule.metric], self.state.best_metric
-        sign = 1.0 if rule.mode == "min" else -1.0
+        value, best = metrics[metric], self.state.best_metric
+        sign = 1.0 if mode == "min" else -1.0
         if best is None or sign * (best - value) > rule.min_delta:
             self.state.best_metric, self.state.evals_without_improvement = value, 0
             return False
         self.state.evals_without_improvement += 1
         if self.state.evals_without_improvement >= rule.patience:
             logger.info(
-                "early stopping at step %d: %s did not improve", self.state.step, rule.metric
+                "early stopping at step %d: %s did not improve", self.state.step, metric
             )
             return True
         return False
@@ -379,3 +380,13 @@ def merge_turn_stats(turns: list[tuple[str, float, StepStats]]) -> StepStats:
         extra.update(stats.extra)
     grad_norm = math.sqrt(sum(n * n for n in norms)) if norms else None
     return StepStats(grad_norm=grad_norm, lr=turns[0][2].lr, extra=extra)
+
+
+def selection_metric(task: Task, metric: str | None, mode: str | None) -> tuple[str, str]:
+    """The metric early stopping watches and its direction: the job's, else the task's own
+    (`Task.metric`, `Task.metric_mode`)."""
+    own = f"val/{task.metric}"
+    metric = metric or own
+    if mode is None:
+        mode = getattr(task, "metric_mode", "min") if metric == own else "min"
+    return metric, mode
