@@ -3,7 +3,7 @@
 `get(name)` returns a `ModelSpec`; `spec.build(BuildConfig(...))` returns an `nn.Module`.
 Importing this package registers every built-in family: mlp, lenet, alexnet, vgg, nin,
 googlenet, resnet, densenet; rnn_lm, gru_lm, lstm_lm, rnn_classifier, gpt, bert, moe;
-vae, ddpm, ldm, dit.
+vae, ddpm, ldm, dit; dcgan.
 `torchvision:<name>` and `package.module:callable` resolve through `adapters.py`.
 """
 
@@ -12,6 +12,7 @@ from roundhouse.models import (  # noqa: F401  (imported to register their specs
     bert,
     densenet,
     diffusion,
+    gan,
     googlenet,
     gpt,
     lenet,

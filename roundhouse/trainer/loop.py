@@ -313,9 +313,7 @@ class Trainer:
             return False
         self.state.evals_without_improvement += 1
         if self.state.evals_without_improvement >= rule.patience:
-            logger.info(
-                "early stopping at step %d: %s did not improve", self.state.step, metric
-            )
+            logger.info("early stopping at step %d: %s did not improve", self.state.step, metric)
             return True
         return False
 

@@ -113,6 +113,10 @@ class Task:
         """The module `export` writes (the whole model by default; a GAN writes its generator)."""
         return model
 
+    def export_inputs(self, model: nn.Module, batch_size: int) -> ExampleInputs | None:
+        """Inputs of `export_module` when they differ from the model's (None: the same)."""
+        return None
+
     def sample(self, model: nn.Module, num: int, generator: torch.Generator) -> Tensor:
         """`num` samples from the model (images `(N, C, H, W)` in [0, 1] for image tasks).
 

@@ -113,8 +113,7 @@ def exchanged_parameters(rank: int, world_size: int, job: dict, address: Any) ->
     names = {id(p): n for n, p in strategy.model.named_parameters()}
     try:
         return {
-            name: sorted(names[id(p)] for p in part.params)
-            for name, part in strategy.parts.items()
+            name: sorted(names[id(p)] for p in part.params) for name, part in strategy.parts.items()
         }
     finally:
         strategy.close()

@@ -104,9 +104,7 @@ REFUSED_LAYOUTS = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED_LAYOUTS))
-def test_layouts_that_cannot_step_several_optimizers_are_refused(
-    tmp_path: Path, case: str
-) -> None:
+def test_layouts_that_cannot_step_several_optimizers_are_refused(tmp_path: Path, case: str) -> None:
     strategy, message = REFUSED_LAYOUTS[case]
     job = job_dict(tmp_path, strategy=strategy)
     with pytest.raises(Exception, match=message):
