@@ -29,7 +29,7 @@ from roundhouse.models.spec import ModelSpec
 
 def num_doublings(size: int) -> int:
     """How many 2x steps lead from 4x4 to `size` (a power of two >= 8)."""
-    steps = int(round(math.log2(size / 4))) if size >= 8 else 0
+    steps = round(math.log2(size / 4)) if size >= 8 else 0
     if size < 8 or 4 * 2**steps != size:
         raise ModelError(
             f"dcgan needs square images of side 8, 16, 32, ... (got {size})",

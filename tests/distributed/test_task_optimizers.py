@@ -13,8 +13,8 @@ import torch
 
 from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.ps.manager import connect_store, shard_manager
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
 from roundhouse.runs.rundir import run_dir_of
+from roundhouse.trainer import build_local_context, prepare_run, run_worker
 from roundhouse.trainer.checkpoint import Checkpointer
 from roundhouse.trainer.run import build_trainer
 from tests.distributed.test_ring_training import assert_close_weights, make_job, node_context

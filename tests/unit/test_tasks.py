@@ -16,7 +16,6 @@ from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer import build_local_context, prepare_run, run_worker
 from roundhouse.trainer.multi_optim import check_task_job
 from roundhouse.trainer.task import ClassificationTask, build_job_task
-from roundhouse.trainer.task_api import TaskError
 from tests.helpers.runs import final_weights, read_metrics
 
 EXAMPLE = "examples.my_task"
