@@ -111,6 +111,7 @@ class DCGAN(nn.Module):
         """Realness logits `(B,)` of images `x`."""
         return self.discriminator(x)
 
+    @torch.no_grad()
     def sample(self, num: int, generator: torch.Generator | None = None) -> Tensor:
         """`num` images in [0, 1] from noise drawn with `generator`."""
         device = next(self.parameters()).device

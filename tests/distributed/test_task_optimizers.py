@@ -144,3 +144,32 @@ def test_resume_holds_every_optimizer(tmp_path: Path) -> None:
     assert set(state["strategy"]["optimizers"]) == {"body", "decoder"}
     assert "state" in state["strategy"]["optimizers"]["body"]["optimizer"]  # adam moments
     assert_close_weights(final_weights(run), full)
+
+
+GAN_STRATEGIES = {
+    "ring": {"kind": "ring"},
+    "ps": {"kind": "ps", "num_servers": 2, "node_aggregation": False},
+    "deepspeed zero2": {"kind": "deepspeed", "zero_stage": 2},
+}
+
+
+@pytest.mark.parametrize("name", list(GAN_STRATEGIES))
+def test_gan_trains_under_every_strategy(tmp_path: Path, name: str) -> None:
+    """configs/gan_digits.yaml's task on dcgan:debug: both players step under each strategy."""
+    job = make_job(
+        tmp_path,
+        "gan",
+        model={"name": "dcgan", "flavor": "debug", "options": {"spectral_norm": True}},
+        task={"name": "gan"},
+        trainer__max_steps=2,
+        trainer__log_every_steps=1,
+        trainer__optimizer={"name": "adam", "lr": 0.001, "betas": [0.5, 0.999]},
+        data__batch_size=16,
+    )
+    job["strategy"] = GAN_STRATEGIES[name]
+    run = train(job)
+    rows = [r for r in read_metrics(run) if "train/loss_generator" in r]
+    assert len(rows) == 2
+    assert all(torch.isfinite(torch.tensor(r["train/loss_discriminator"])) for r in rows)
+    state = torch.load(run / "checkpoints" / "step_2" / "state.pt", weights_only=True)
+    assert set(state["strategy"]["optimizers"]) == {"discriminator", "generator"}
