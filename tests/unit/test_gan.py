@@ -54,7 +54,7 @@ def test_generator_and_discriminator_shapes(size: int) -> None:
     model = get("dcgan").build(BuildConfig(input_shape=(1, size, size), options={}))
     images = model.sample(5, torch.Generator().manual_seed(0))
     assert images.shape == (5, 1, size, size)
-    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    assert float(images.min()) >= 0 and float(images.max()) <= 1
     assert model(images).shape == (5,)
 
 
