@@ -89,7 +89,9 @@ def main() -> None:
         test, pool = splits.test.inputs, splits.train.inputs
         real = pool[torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))]
         floor = torchmetrics_fid(features, test, real[: args.samples])
-        untrained = samples_of(train({**job, "trainer": {**job["trainer"], "max_steps": 0}}), args.samples)
+        untrained = samples_of(
+            train({**job, "trainer": {**job["trainer"], "max_steps": 0}}), args.samples
+        )
         ceiling = torchmetrics_fid(features, test, untrained)
         fake = samples_of(train(job), args.samples)
         fid = torchmetrics_fid(features, test, fake)

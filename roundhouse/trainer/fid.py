@@ -111,3 +111,34 @@ def torchmetrics_fid(features: ClassifierFeatures, real: Tensor, fake: Tensor) -
     for start in range(0, fake.shape[0], 256):
         metric.update(fake[start : start + 256], real=False)
     return float(metric.compute())
+
+
+class FIDStatistics:
+    """`val/fid` for a generative task: feature statistics of each evaluation batch's real and
+    generated images (`sums`), the Fréchet distance of their totals (`add_fid`).
+
+    Args:
+        classifier: The classifier run (`task.options.fid_classifier`); loaded on first use.
+    """
+
+    def __init__(self, classifier: str) -> None:
+        self.classifier = classifier
+        self.features: ClassifierFeatures | None = None
+
+    def sums(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """Scalar sums of one batch (they add over batches and ranks)."""
+        if self.features is None:
+            self.features = load_classifier_features(self.classifier, real.device)
+        return {
+            **feature_sums(self.features(real), "fid_r_"),
+            **feature_sums(self.features(fake.detach()), "fid_f_"),
+        }
+
+    @staticmethod
+    def add_fid(sums: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
+        """`metrics` with `fid` from the totals (when the evaluation had any batch)."""
+        if "fid_r_n" in sums:
+            dim = sum(1 for k in sums if k.startswith("fid_r_s"))
+            real, fake = gaussian_of(sums, "fid_r_", dim), gaussian_of(sums, "fid_f_", dim)
+            metrics["fid"] = frechet_distance(*real, *fake)
+        return metrics

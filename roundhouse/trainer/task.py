@@ -86,8 +86,8 @@ TASKS: dict[str, TaskFactory] = {
     "classification": _classification,
     "language_model": _language_model,
     "masked_lm": _masked_lm,
-    "vae": lambda job, options: VAETask(),
-    "diffusion": lambda job, options: DiffusionTask(),
+    "vae": lambda job, options: VAETask(**options),
+    "diffusion": lambda job, options: DiffusionTask(**options),
     "gan": _gan,
 }
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from roundhouse.trainer.fid import FIDStatistics
 from roundhouse.trainer.task_api import ExampleInputs, OptimizerSpec, Task, unwrap
 
 
@@ -31,9 +32,8 @@ class GANTask(Task):
     can_sample = True
 
     def __init__(self, fid_classifier: str | None = None) -> None:
-        self.fid_classifier = fid_classifier
-        self.features: Any = None  # ClassifierFeatures, loaded on first use
-        if fid_classifier is not None:
+        self.fid = FIDStatistics(fid_classifier) if fid_classifier else None
+        if self.fid is not None:
             self.metric = "fid"  # type: ignore[misc]  # the instance's selection metric
 
     def optimizers(self) -> list[OptimizerSpec]:
@@ -83,20 +83,9 @@ class GANTask(Task):
             "d_fake_hits": (d_fake < 0).float().sum(),
             "count": torch.tensor(float(d_real.shape[0])),
         }
-        if self.fid_classifier is not None:
-            sums.update(self.fid_sums(batch["input"], self.fake))
+        if self.fid is not None:
+            sums.update(self.fid.sums(batch["input"], self.fake))
         return sums
-
-    def fid_sums(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
-        """Feature statistics of the real and generated images of one batch."""
-        from roundhouse.trainer.fid import feature_sums, load_classifier_features
-
-        if self.features is None:
-            self.features = load_classifier_features(self.fid_classifier, real.device)
-        return {
-            **feature_sums(self.features(real), "fid_r_"),
-            **feature_sums(self.features(fake.detach()), "fid_f_"),
-        }
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
         """Means over every batch and rank; `fid` from the summed feature statistics."""
@@ -109,13 +98,7 @@ class GANTask(Task):
             "d_real_acc": float(sums["d_real_hits"]) / n,
             "d_fake_acc": float(sums["d_fake_hits"]) / n,
         }
-        if self.fid_classifier is not None and "fid_r_n" in sums:
-            from roundhouse.trainer.fid import frechet_distance, gaussian_of
-
-            dim = sum(1 for k in sums if k.startswith("fid_r_s"))
-            real, fake = gaussian_of(sums, "fid_r_", dim), gaussian_of(sums, "fid_f_", dim)
-            metrics["fid"] = frechet_distance(*real, *fake)
-        return metrics
+        return FIDStatistics.add_fid(sums, metrics)
 
     def sample(self, model: nn.Module, num: int, generator: torch.Generator) -> Tensor:
         """`num` generated images `(N, C, H, W)` in [0, 1]."""

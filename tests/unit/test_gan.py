@@ -135,3 +135,19 @@ def test_fid_is_a_validation_metric_and_the_tasks_metric(tmp_path: Path) -> None
     assert len(evals) == 2 and all(r["val/fid"] > 0 for r in evals)
     out = tmp_path / "s.png"
     assert main(["sample", str(run), "--num", "64", "--out", str(out), "--score", str(clf)]) == 0
+
+
+@pytest.mark.parametrize("model", ["vae", "ddpm"])
+def test_fid_is_an_optional_validation_metric_of_vae_and_diffusion(
+    tmp_path: Path, model: str
+) -> None:
+    clf = classifier_run(tmp_path)
+    job = gan_job(tmp_path, model, max_steps=2)
+    job["model"] = {"name": model, "flavor": "debug"}
+    job["task"] = {
+        "options": {"fid_classifier": str(clf), **({"fid_steps": 2} if model == "ddpm" else {})}
+    }
+    job["trainer"]["early_stopping"] = {"patience": 5}
+    run = train(job)
+    final = read_metrics(run)[-1]
+    assert final["val/fid"] > 0 and final["test/fid"] > 0
