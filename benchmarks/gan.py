@@ -55,8 +55,9 @@ def classifier_job(storage: str, size: int) -> dict[str, Any]:
     return common(job, storage, size, 600)
 
 
-def gan_job(storage: str, size: int, steps: int, lr: float) -> dict[str, Any]:
+def gan_job(storage: str, size: int, steps: int, lr: float, sn: bool) -> dict[str, Any]:
     job = common(read_yaml(str(CONFIG)), storage, size, steps)
+    job["model"]["options"]["spectral_norm"] = sn
     for name in ("discriminator", "generator"):
         job["task"]["optimizers"][name]["optimizer"]["lr"] = lr
     return job
@@ -79,12 +80,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--spectral-norm", action="store_true", help="spectral-norm D")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as storage:
         clf = train(classifier_job(storage, args.image_size))
         features = load_classifier_features(clf)
-        job = gan_job(storage, args.image_size, args.steps, args.lr)
+        job = gan_job(storage, args.image_size, args.steps, args.lr, args.spectral_norm)
         splits = build_splits(validate_job(job).data, seed=0)
         test, pool = splits.test.inputs, splits.train.inputs
         real = pool[torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))]
