@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_SILENT ?= true
 
-.PHONY: demo test test-fast bench lint format clean venv gpu-check
+.PHONY: demo test test-fast bench lint format clean venv gpu-check docs
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
+# The user guide (mkdocs-material) into site/; --strict: a broken link or anchor fails it. The CLI
+# and job-schema references are generated from the code by docs/hooks.py at build time.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # On a CUDA machine, with any python that has torch (no .venv): `make gpu-check PY=python3`.
 gpu-check:
 	scripts/gpu_check.sh $(or $(PY),$(BIN)/python)
@@ -44,4 +49,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix roundhouse tests benchmarks
 
 clean:
-	rm -rf $(VENV) .cache runs .pytest_cache
+	rm -rf $(VENV) .cache runs .pytest_cache site

@@ -23,8 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.config.loading import validate_job
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 
 PYTEXT = {"source": "builtin:pytext", "options": {"seq_len": 256, "max_bytes": 2_000_000}}
 FAMILIES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

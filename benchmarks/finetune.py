@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
+from roundhouse.config.loading import validate_job
 from roundhouse.data import sources
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.launch.local import train_local
 
 logger = logging.getLogger("finetune")

@@ -40,14 +40,15 @@ from typing import Any
 import torch
 
 from roundhouse.config import ModelConfig
+from roundhouse.config.loading import validate_job
 from roundhouse.export import ExportOptions, export_model
 from roundhouse.export.graph import build_graph
 from roundhouse.export.onnx_file import export_onnx, quantize_int8, run_session, session
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.buckets import OverlappedAllReduce
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
-from roundhouse.trainer import run as run_module
-from roundhouse.trainer.saved_model import load_saved_model
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights import model_build as run_module  # where build_model_for is looked up
+from roundhouse.weights.run_folder import prepare_run
+from roundhouse.weights.saved_model import load_saved_model
 
 logger = logging.getLogger(__name__)
 

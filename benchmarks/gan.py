@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
+from roundhouse.config.loading import read_yaml, validate_job
 from roundhouse.data import build_splits
-from roundhouse.launch.jobfile import read_yaml, validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.fid import load_classifier_features, torchmetrics_fid
-from roundhouse.trainer.saved_model import load_saved_model
 from roundhouse.trainer.task import build_job_task
+from roundhouse.weights.run_folder import prepare_run
+from roundhouse.weights.saved_model import load_saved_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gan_digits.yaml"
 

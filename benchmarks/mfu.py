@@ -41,8 +41,9 @@ import torch
 import yaml
 
 from roundhouse import models
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.config.loading import validate_job
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 
 logger = logging.getLogger("mfu")
 

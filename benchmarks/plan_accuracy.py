@@ -43,13 +43,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.ps.manager import connect_store, shard_manager
 from roundhouse.planner import build_plan
 from roundhouse.planner.calibrate import cache_path
 from roundhouse.planner.memory import zero_states
 from roundhouse.planner.target import JobModel
-from roundhouse.trainer import prepare_run, run_worker
+from roundhouse.trainer import run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ring_training import node_context
 from tests.helpers.dist import run_distributed
 

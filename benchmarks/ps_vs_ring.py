@@ -45,11 +45,11 @@ from typing import Any
 from roundhouse.cluster.ps import server_cpus
 from roundhouse.cluster.runtime import ray_runtime
 from roundhouse.cluster.workers import train_on_ray
+from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import prepare_run
-from roundhouse.trainer.model_build import build_model_for
+from roundhouse.weights.model_build import build_model_with_data
+from roundhouse.weights.run_folder import prepare_run
 
 logger = logging.getLogger("ps_vs_ring")
 
@@ -121,8 +121,7 @@ def exchange_floor(job: Any, calls: int = 200) -> tuple[float, float]:
     import numpy as np
     import ray
 
-    info = build_splits(job.data, seed=job.trainer.seed).info
-    model = build_model_for(job, info.input_shape, info.num_classes)
+    model, _ = build_model_with_data(job)
     flat = np.ones(sum(p.numel() for p in model.parameters()), dtype=np.float32)
     actor = ray.remote(Echo).options(num_cpus=0).remote()
     try:

@@ -32,10 +32,11 @@ from typing import Any
 import torch
 
 from roundhouse import models
+from roundhouse.config.loading import validate_job
 from roundhouse.launch.cli_sample import load_run
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.models.diffusion import SamplerConfig
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 
 logger = logging.getLogger(__name__)
 

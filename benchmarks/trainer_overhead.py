@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from roundhouse import models
+from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 
 WINDOW = 10
 

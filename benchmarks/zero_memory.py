@@ -144,7 +144,7 @@ def worker(rank: int, world: int, port: int, job: dict, results: Any) -> None:
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")  # e.g. the scheduler's note on the wrapped step()
-    from roundhouse.launch.jobfile import validate_job
+    from roundhouse.config.loading import validate_job
     from roundhouse.trainer import WorkerContext, run_worker
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -166,8 +166,8 @@ def worker(rank: int, world: int, port: int, job: dict, results: Any) -> None:
 
 def run(world: int, steps: int, strategy: dict[str, Any]) -> tuple[float, list[dict]]:
     """Steps/s of one job on `world` processes, and what every rank measured."""
-    from roundhouse.launch.jobfile import validate_job
-    from roundhouse.trainer import prepare_run
+    from roundhouse.config.loading import validate_job
+    from roundhouse.weights.run_folder import prepare_run
 
     with tempfile.TemporaryDirectory() as storage:
         prepared = prepare_run(validate_job(make_job(storage, steps, strategy)))

@@ -83,14 +83,3 @@ def read_rank_record(run_dir: RunDir, rank: int) -> dict[str, Any] | None:
         return json.loads(run_dir.read_text(rank_file(rank)))
     except (FileNotFoundError, OSError, json.JSONDecodeError):
         return None
-
-
-def read_topology(run_dir: RunDir) -> list[dict[str, Any]]:
-    """Every rank record of the run folder, ordered by rank."""
-    records = []
-    for name in run_dir.listdir(RANKS_DIR):
-        rank = _rank_of(name)
-        record = None if rank is None else read_rank_record(run_dir, rank)
-        if record is not None:
-            records.append(record)
-    return sorted(records, key=lambda r: r["rank"])

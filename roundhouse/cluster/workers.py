@@ -25,11 +25,13 @@ from roundhouse.cluster.quiet import configure_worker_logging
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.cluster.topology import describe_rank, write_rank_record
 from roundhouse.config import ClusterConfig, JobSpec
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import RoundhouseError
 from roundhouse.runs.metrics_file import read_final_metrics
 from roundhouse.runs.rundir import run_dir_of
-from roundhouse.trainer import PreparedRun, WorkerContext, run_worker
-from roundhouse.trainer.checkpoint import Checkpointer
+from roundhouse.trainer import WorkerContext, run_worker
+from roundhouse.weights.checkpoint import Checkpointer
+from roundhouse.weights.run_folder import PreparedRun
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +234,7 @@ def worker_main(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    job = JobSpec.model_validate(config["job"])
+    job = validate_job(config["job"], source="worker")
     ctx = build_worker_context(ray.train.get_context(), job)
     job = strategy_for_size(job, config.get("strategy_by_size", {}), ctx.world_size)
     ctx = attach_parameter_store(ctx, config)  # the ps strategy's servers, if any
@@ -255,7 +257,7 @@ def strategy_for_size(job: JobSpec, by_size: dict[str, Any], world_size: int) ->
     if planned is None or planned == job.strategy.model_dump(exclude_defaults=True):
         return job
     logger.warning("world size %d: running the strategy planned for it, %s", world_size, planned)
-    return JobSpec.model_validate({**job.model_dump(mode="json"), "strategy": planned})
+    return job.with_strategy(planned, source="elastic resize")
 
 
 def worker_job(job: JobSpec) -> JobSpec:

@@ -13,6 +13,7 @@ another world size).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -38,6 +39,7 @@ from .strategy_section import (
     strategy_sections,
 )
 from .task import TaskConfig, TaskOptimizerConfig
+from .validation import validate_model
 
 __all__ = [
     "AugmentConfig",
@@ -119,13 +121,15 @@ class OptimizerConfig(Section):
     """Optimizer; defaults follow the notes (Adam lr 1e-3, betas 0.9/0.999, momentum 0.9)."""
 
     name: str = Field("adam", description="sgd | rmsprop | adagrad | adam | adamw")
-    lr: PositiveFloat = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr: PositiveFloat = Field(1e-3, description="Learning rate (the schedule scales it).")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Weight decay as torch applies it (decoupled for adamw)."
+    )
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD and RMSprop.")
     nesterov: bool = Field(False, description="SGD only.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam and AdamW.")
     alpha: Annotated[float, Field(gt=0, lt=1)] = Field(0.99, description="RMSprop decay.")
-    eps: PositiveFloat = 1e-8
+    eps: PositiveFloat = Field(1e-8, description="Denominator term: rmsprop, adagrad, adam(w).")
     param_groups: list[ParamGroupConfig] = Field(
         default_factory=list,
         description="Per-parameter settings by name glob, first match wins; the rest keep "
@@ -149,20 +153,30 @@ class LossConfig(Section):
     """Training loss for classifiers (models with their own loss ignore it)."""
 
     name: str = Field("cross_entropy", description="cross_entropy | focal | mse | l1")
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    focal_gamma: Annotated[float, Field(ge=0)] = 2.0
-    focal_alpha: Annotated[float, Field(ge=0, le=1)] | None = 0.25
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="cross_entropy and language models: label smoothing."
+    )
+    focal_gamma: Annotated[float, Field(ge=0)] = Field(2.0, description="focal: gamma.")
+    focal_alpha: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        0.25, description="focal: class weight alpha (null: none)."
+    )
 
 
 class EarlyStoppingConfig(Section):
     """Stop when `metric` has not improved for `patience` evaluations."""
 
-    metric: str | None = Field(None, description="A val/ metric (default: the task's own).")
-    mode: Literal["min", "max"] | None = Field(
-        None, description="min | max (default: the task's direction for its metric, else min)."
+    metric: str | None = Field(
+        None, description="The metric watched, e.g. val/accuracy (default: the task's own)."
     )
-    patience: PositiveInt = 5
-    min_delta: Annotated[float, Field(ge=0)] = 0.0
+    mode: Literal["min", "max"] | None = Field(
+        None,
+        description="min: lower is better; max: higher (default: the task's direction for "
+        "its own metric, else min).",
+    )
+    patience: PositiveInt = Field(5, description="Evaluations without improvement, then stop.")
+    min_delta: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="The smallest change that counts as an improvement."
+    )
 
 
 class CheckpointConfig(Section):
@@ -176,11 +190,13 @@ class CheckpointConfig(Section):
 class TrainerConfig(Section):
     """The training loop."""
 
-    max_epochs: PositiveInt | None = 10
+    max_epochs: PositiveInt | None = Field(
+        10, description="Stop after this many epochs (or max_steps, whichever comes first)."
+    )
     max_steps: NonNegInt | None = Field(
         None, description="Stops first if set; 0 only converts (init_from -> a step-0 checkpoint)."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the weights, data order, augmentation and most splits.")
     device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda | cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
@@ -192,15 +208,21 @@ class TrainerConfig(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode, with compile: true."
     )
-    grad_accum_steps: PositiveInt = 1
-    grad_clip_norm: PositiveFloat | None = None
+    grad_accum_steps: PositiveInt = Field(
+        1, description="Micro-batches per optimizer step on each data-parallel rank."
+    )
+    grad_clip_norm: PositiveFloat | None = Field(
+        None, description="Clip the global gradient norm to this (not with strategy ps)."
+    )
     skip_nonfinite_steps: bool = Field(
         False, description="Skip a step whose loss is NaN/inf instead of stopping."
     )
     eval_every_steps: PositiveInt | None = Field(
         None, description="Validate every N steps (and always at each epoch end)."
     )
-    log_every_steps: PositiveInt = 10
+    log_every_steps: PositiveInt = Field(
+        10, description="Log train metrics (W&B, metrics.jsonl, console) every N steps."
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -351,10 +373,10 @@ class WandbConfig(Section):
     """Weights & Biases. `auto`: online when WANDB_API_KEY is set, else offline."""
 
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = "roundhouse"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    project: str = Field("roundhouse", description="W&B project.")
+    entity: str | None = Field(None, description="W&B user or team (default: the key's).")
+    group: str | None = Field(None, description="W&B group (a sweep sets tune-<id>).")
+    tags: list[str] = Field(default_factory=list, description="W&B tags.")
 
 
 class TrackingConfig(Section):
@@ -375,7 +397,7 @@ class TrackingConfig(Section):
 class StorageConfig(Section):
     """Where run folders go: `<path>/<job name>/<run id>/` on any fsspec URL."""
 
-    path: str = "./runs"
+    path: str = Field("./runs", description="Root of the run folders: a path or fsspec URL.")
     run_id: str | None = Field(None, description="Default: a new timestamped id.")
 
 
@@ -398,6 +420,25 @@ class JobSpec(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    def with_strategy(
+        self, section: Mapping[str, Any] | Section, source: str = "strategy"
+    ) -> JobSpec:
+        """This job with its `strategy` section replaced, validated like a job file.
+
+        Args:
+            section: the new `strategy` section, as a dict (`{"kind": "ring", ...}`) or a
+                section object.
+            source: what a validation error names as the job's origin.
+
+        Raises:
+            JobFileError: the job does not validate with that section.
+        """
+        data = self.model_dump(mode="json")
+        if isinstance(section, Section):
+            section = section.model_dump(mode="json")
+        data["strategy"] = dict(section)
+        return validate_model(JobSpec, data, source)
 
     @model_validator(mode="after")
     def _compile_needs_no_pipeline(self) -> JobSpec:

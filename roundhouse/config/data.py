@@ -60,7 +60,7 @@ def _byte_size(value: Any) -> Any:
 
 
 class StreamSplitConfig(Section):
-    """One split of a dataset written by `roundhouse data prepare` (see README, datasets)."""
+    """One split of a dataset written by `roundhouse data prepare` (see docs/data.md)."""
 
     url: Annotated[str, Field(min_length=1)] = Field(
         description="Dataset folder holding index.json: s3://bucket/digits/, gs://..., a path."
@@ -105,8 +105,9 @@ class DataConfig(Section):
 
     source: str | None = Field(
         None,
-        description="`builtin:digits` (the default without data.train), `builtin:synthetic` "
-        "or `builtin:pytext` (stdlib text), held in memory.",
+        description="`builtin:digits` (the default without data.train), `builtin:synthetic`, "
+        "`builtin:pytext` (stdlib text) or `builtin:pydoc-cls` (stdlib docstrings labelled by "
+        "package), held in memory.",
     )
     train: StreamSplitConfig | None = Field(
         None, description="Stream training data from a prepared dataset (excludes data.source)."
@@ -146,7 +147,7 @@ class DataConfig(Section):
     )
     batch_size: PositiveInt = Field(64, description="Global samples per optimizer step.")
     eval_batch_size: PositiveInt = Field(256, description="Samples per evaluation batch.")
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="Shuffle the training samples every epoch (seeded).")
     drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
     num_workers: NonNegInt = Field(0, description="DataLoader worker processes per rank.")
     image_size: PositiveInt | None = Field(

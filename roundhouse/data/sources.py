@@ -25,6 +25,7 @@ from roundhouse.errors import DataError
 
 from .folds import rotate_fold
 from .loader import build_eval_loader
+from .pydoc_corpus import load_pydoc_classification
 from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
 from .text import load_pytext_splits
 from .types import ArrayDataset, DataInfo
@@ -166,10 +167,24 @@ def _load_pytext(options: dict[str, Any], split: Sequence[float], seed: int) -> 
 # Sources that split themselves get the split fractions and the run seed too.
 _load_pytext.splits_itself = True  # type: ignore[attr-defined]
 
+
+def _load_pydoc_cls(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
+    # The split is fixed by a hash of each function's name (see pydoc_corpus), not by `seed`.
+    del split, seed
+    parts, names = load_pydoc_classification(options)
+    sizes = tuple(inputs.shape[0] for inputs, _ in parts)
+    inputs = torch.cat([inputs for inputs, _ in parts])
+    targets = torch.cat([targets for _, targets in parts])
+    return _Loaded(inputs, targets, len(names), split_sizes=sizes)  # type: ignore[arg-type]
+
+
+_load_pydoc_cls.splits_itself = True  # type: ignore[attr-defined]
+
 SOURCES: dict[str, Callable[..., _Loaded]] = {
     "builtin:digits": _load_digits,
     "builtin:synthetic": _load_synthetic,
     "builtin:pytext": _load_pytext,
+    "builtin:pydoc-cls": _load_pydoc_cls,
 }
 
 

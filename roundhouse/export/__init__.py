@@ -27,8 +27,8 @@ from roundhouse.export.onnx_file import (
     run_session,
     session,
 )
-from roundhouse.trainer.lora import merge_lora
-from roundhouse.trainer.saved_model import SavedModel
+from roundhouse.weights.lora import merge_lora
+from roundhouse.weights.saved_model import SavedModel
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ import logging
 from typing import Any
 
 from roundhouse.config import AutoStrategyConfig, JobSpec
-from roundhouse.launch.jobfile import validate_job
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +58,23 @@ def choose_strategy(
     return dict(plan.best.candidate.strategy)
 
 
-def with_strategy(job: JobSpec, strategy: dict[str, Any]) -> JobSpec:
-    """`job` with its strategy section replaced (validated like a job file)."""
-    data = job.model_dump(mode="json")
-    data["strategy"] = strategy
-    return validate_job(data, source="strategy auto")
+def is_auto(job: JobSpec) -> bool:
+    """Whether the job leaves its strategy to the planner (`strategy.kind: auto`)."""
+    return isinstance(job.strategy, AutoStrategyConfig)
 
 
-def elastic_kinds(auto: AutoStrategyConfig, chosen: str) -> tuple[str, ...]:
-    """Kinds a shrunken group may switch to: checkpoints move between single, ring and
-    deepspeed layouts, but parameter servers exist only when `ps` was chosen at launch."""
-    if chosen == "ps":
-        return ("ps",)
-    allowed = auto.candidates or ["single", "ring", "deepspeed"]
-    return tuple(k for k in allowed if k != "ps") or (chosen,)
+def elastic_kinds(auto: AutoStrategyConfig, chosen: JobSpec) -> tuple[str, ...]:
+    """Kinds a shrunken group may switch to: checkpoints move between the layouts of every
+    strategy the registry runs without driver-side servers, but servers (ps) exist only when
+    the strategy chosen at launch started them, so such a group keeps that strategy."""
+    from roundhouse.parallel.registry import STRATEGIES, available_kinds, get_strategy_class
+
+    chosen_class = get_strategy_class(chosen.strategy)
+    if chosen_class.needs_parameter_servers:
+        return (chosen_class.kind,)
+    movable = [k for k in available_kinds() if not STRATEGIES[k].needs_parameter_servers]
+    allowed = auto.candidates or movable
+    return tuple(k for k in allowed if k in movable) or (chosen_class.kind,)
 
 
 def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[str, Any]]]:
@@ -84,10 +86,11 @@ def resolve_auto(job: JobSpec, *, local: bool) -> tuple[JobSpec, dict[int, dict[
         return job, {}
     world_size = 1 if local else job.cluster.num_workers
     chosen = choose_strategy(job, world_size, local)
+    resolved = job.with_strategy(chosen, source="strategy auto")
     by_size = {world_size: chosen}
     low = job.cluster.min_workers
     if not local and low is not None and low < world_size:
-        kinds = elastic_kinds(job.strategy, chosen["kind"])
+        kinds = elastic_kinds(job.strategy, resolved)
         for size in range(low, world_size):
             by_size[size] = choose_strategy(job, size, local, kinds=kinds)
-    return with_strategy(job, chosen), by_size
+    return resolved, by_size

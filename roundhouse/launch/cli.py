@@ -113,21 +113,20 @@ def add_models_parser(
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`roundhouse train`: check the job, then dry-run it or train it (locally or on Ray)."""
+    from roundhouse.config.loading import load_job
     from roundhouse.launch.auto import resolve_auto
-    from roundhouse.launch.checks import check_runnable
-    from roundhouse.launch.jobfile import load_job
-    from roundhouse.trainer.adapt_checks import check_adaptation
+    from roundhouse.trainer.preflight import preflight
 
     job = load_job(args.job, args.overrides)
-    job, strategy_by_size = resolve_auto(job, local=args.local)  # strategy.kind: auto
-    if args.dry_run:
-        from roundhouse.launch.dryrun import dry_run
+    if args.folds is not None:  # the command's own arguments first, before any data is read
+        from roundhouse.launch.folds import check_folds
 
-        for line in dry_run(job, local=args.local):
-            print(line)
+        check_folds(job, args.folds)
+    job, strategy_by_size = resolve_auto(job, local=args.local)  # strategy.kind: auto
+    report = preflight(job, 1 if args.local else job.cluster.num_workers)
+    if args.dry_run:
+        print(report.text())
         return 0
-    check_runnable(job, local=args.local)
-    check_adaptation(job)  # lora targets, distillation teacher: before anything is written
     if args.folds is not None:
         return train_folds_and_report(job, args)
     if args.local:

@@ -48,7 +48,7 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
 
 def load_model_weights(ref: str, step: int | None) -> dict[str, torch.Tensor]:
     """The consolidated model weights of checkpoint `step` (None: latest) of run `ref`."""
-    from roundhouse.trainer.saved_model import load_model_weights as load
+    from roundhouse.weights.saved_model import load_model_weights as load
 
     return load(ref, step)
 

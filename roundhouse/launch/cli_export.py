@@ -66,7 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def print_plain_weights(args: argparse.Namespace, options: object) -> bool:
     """A checkpoint without adapters goes to safetensors as saved (no model rebuilt)."""
     from roundhouse.export import write_safetensors
-    from roundhouse.trainer.saved_model import load_checkpoint_state, read_run_job
+    from roundhouse.weights.saved_model import load_checkpoint_state, read_run_job
 
     run_dir, _, state = load_checkpoint_state(args.source, args.step)
     if "lora" in state:
@@ -81,11 +81,11 @@ def print_plain_weights(args: argparse.Namespace, options: object) -> bool:
 
 def load_source(args: argparse.Namespace):  # -> SavedModel
     """The model to export: a run's checkpoint loaded onto its model, or a job's new model."""
-    from roundhouse.trainer.saved_model import SavedModel, build_job_model, load_saved_model
+    from roundhouse.weights.saved_model import SavedModel, build_job_model, load_saved_model
 
     if not is_job_file(args.source):
         return load_saved_model(args.source, args.step)
-    from roundhouse.launch.jobfile import load_job
+    from roundhouse.config.loading import load_job
 
     job = load_job(args.source, [])
     model, lora, splits = build_job_model(job)

@@ -95,16 +95,14 @@ def add_jobs_parser(commands: argparse._SubParsersAction, common: argparse.Argum
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Validates the job here, then submits it; with --wait, follows it to the end."""
-    from roundhouse.config import AutoStrategyConfig
-    from roundhouse.launch.checks import check_names, check_runnable
-    from roundhouse.launch.jobfile import load_job
+    from roundhouse.config.loading import load_job
+    from roundhouse.launch.auto import is_auto
     from roundhouse.launch.submission import build_submission, storage_warning
+    from roundhouse.trainer.preflight import STRATEGY_CHECKS, preflight
 
     job = load_job(args.job, args.overrides)
-    if isinstance(job.strategy, AutoStrategyConfig):  # planned where it runs, by its `train`
-        check_names(job)
-    else:
-        check_runnable(job, local=False)
+    # `strategy.kind: auto` is planned where it runs, by its `train`: no layout to check here.
+    preflight(job, skip=STRATEGY_CHECKS if is_auto(job) else ())
     submission = build_submission(
         job, Path(args.job), args.overrides, Path(args.working_dir), os.environ, args.env
     )

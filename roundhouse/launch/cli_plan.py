@@ -5,7 +5,8 @@
                     [--recalibrate]
 
 Exit 0 with a recommendation, 2 when no row fits (the table is still printed, then one line
-saying what would fit).
+saying what would fit). With `--json` the JSON is the only thing on stdout: whatever the
+calibration writes there (DeepSpeed's JIT op builds, ninja, a spawned rank) goes to stderr.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 
 from roundhouse.errors import JobFileError
 
@@ -72,19 +75,22 @@ def parse_workers(text: str) -> list[int]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan the job at every worker count and print the table (or JSON) and the recommendation."""
-    from roundhouse.launch.jobfile import load_job
+    from roundhouse.config.loading import load_job
     from roundhouse.planner import build_plan, default_workers
     from roundhouse.planner.calibrate import remeasured
     from roundhouse.planner.devices import get_accelerator, parse_bandwidth
     from roundhouse.planner.report import format_plan, plan_json
+    from roundhouse.trainer.preflight import STRATEGY_CHECKS, preflight
 
     get_accelerator(args.device)  # an unknown device fails before anything is built
     bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else None
     job = load_job(args.job, args.overrides)
     workers = parse_workers(args.workers) if args.workers else default_workers(job)
     kinds = tuple(k.strip() for k in args.strategies.split(",")) if args.strategies else None
-    with remeasured() if args.recalibrate else contextlib.nullcontext():
-        plan = build_plan(job, workers, args.device, bandwidth, kinds)
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():
+        preflight(job, max(workers), skip=STRATEGY_CHECKS)  # each row checks its own strategy
+        with remeasured() if args.recalibrate else contextlib.nullcontext():
+            plan = build_plan(job, workers, args.device, bandwidth, kinds)
     if args.json:
         print(json.dumps(plan_json(plan), indent=1))
     else:
@@ -94,3 +100,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: {plan.reason}", file=sys.stderr)
         return EXIT_NO_FIT
     return 0
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout inside the block to stderr: Python's `print`, C code
+    writing to file descriptor 1, and child processes (they inherit the descriptor). DeepSpeed
+    builds and loads its ops (ninja, "op built successfully") that way during calibration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -90,11 +90,9 @@ def read_run(ref: str) -> tuple[Any, Any, int | None]:
     Raises:
         CheckpointError: No run at `ref`.
     """
-    import yaml
-
-    from roundhouse.launch.jobfile import validate_job
+    from roundhouse.config.loading import parse_job_text
     from roundhouse.runs.rundir import RunDir
-    from roundhouse.trainer.checkpoint import MANIFEST
+    from roundhouse.weights.checkpoint import MANIFEST
 
     target, step = RunDir(ref.rstrip("/")), None
     if target.exists(MANIFEST):  # a checkpoints/step_<N> folder
@@ -105,7 +103,7 @@ def read_run(ref: str) -> tuple[Any, Any, int | None]:
             f"no run at {ref!r} (no job.yaml)",
             "pass a run folder such as runs/<job name>/<run id>, or a checkpoints/step_<N> folder",
         )
-    job = validate_job(yaml.safe_load(target.read_text("job.yaml")), source=f"{ref}/job.yaml")
+    job = parse_job_text(target.read_text("job.yaml"), source=f"{ref}/job.yaml")
     return job, target, step
 
 
@@ -116,17 +114,15 @@ def load_run(ref: str) -> LoadedRun:
         CheckpointError: No run or no checkpoint at `ref`, or a corrupt one.
     """
     from roundhouse import models
-    from roundhouse.data import build_splits
-    from roundhouse.trainer.checkpoint import Checkpointer
-    from roundhouse.trainer.model_build import build_model_for
+    from roundhouse.weights.checkpoint import Checkpointer
+    from roundhouse.weights.model_build import build_model_with_data
 
     job, target, step = read_run(ref)
     identity = {"model": job.model.name, "flavor": job.model.flavor}
     checkpointer = Checkpointer(target, keep_last=1, identity=identity)
     step = checkpointer.latest_step() if step is None else step
     state = checkpointer.load(step)  # CheckpointError when the run has none; sha256-checked
-    info = build_splits(job.data, seed=job.trainer.seed).info  # the shapes the model was built for
-    model = build_model_for(job, info.input_shape, info.num_classes)
+    model, _ = build_model_with_data(job)  # built for the shapes it was trained on
     model.load_state_dict(state["strategy"]["model"])
     logger.info("loaded %s step %s", target.url, step)
     return LoadedRun(job, model.eval(), models.get(job.model.name).loss, int(step or 0))

@@ -43,9 +43,10 @@ def input_dtype(model: nn.Module) -> torch.dtype:
 def summary_lines(args: argparse.Namespace, shape: tuple[int, ...]) -> list[str]:
     """The summary table and the trainable/frozen lines for the parsed command line."""
     from roundhouse import models
-    from roundhouse.launch.jobfile import apply_overrides, validate_job
-    from roundhouse.trainer.finetune import check_finetune, group_counts
-    from roundhouse.trainer.model_build import build_model_for
+    from roundhouse.config.loading import apply_overrides, validate_job
+    from roundhouse.trainer.checks import check_finetune
+    from roundhouse.trainer.optim import group_counts
+    from roundhouse.weights.model_build import build_model_for
 
     name, flavor = models.parse_model_ref(args.model)
     data = apply_overrides({"name": "summary", "model": {"name": name, "flavor": flavor}}, [])

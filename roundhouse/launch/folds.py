@@ -72,7 +72,7 @@ def _train_on_ray(jobs: list[JobSpec], address: str | None) -> list[dict[str, fl
     from roundhouse.cluster.ps import server_cpus
     from roundhouse.cluster.runtime import ray_runtime
     from roundhouse.cluster.workers import train_on_ray
-    from roundhouse.trainer import prepare_run
+    from roundhouse.weights.run_folder import prepare_run
 
     results = []
     with ray_runtime(jobs[0].cluster, address, extra_cpus=server_cpus(jobs[0])):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from roundhouse.config import JobSpec
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from roundhouse.config import JobSpec
-from roundhouse.trainer import prepare_run
+from roundhouse.weights.run_folder import prepare_run
 
 logger = logging.getLogger(__name__)
 

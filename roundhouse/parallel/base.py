@@ -20,7 +20,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,17 @@ from roundhouse.errors import JobFileError
 from roundhouse.parallel.compile import compile_module
 from roundhouse.parallel.context import WorkerContext
 
-if TYPE_CHECKING:  # the loop's task; parallel/ never imports trainer/
-    from roundhouse.trainer.task import Task
+
+class StepTask(Protocol):
+    """What a strategy needs of the loop's task (`trainer.task.Task` extends it): the model's
+    outputs for a batch and their loss. Defined here, so that parallel/ never imports trainer/."""
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The model's outputs for `batch`."""
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The scalar training loss of one micro-batch (a mean over its samples)."""
+
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -41,7 +50,7 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 class TrainPlan:
     """What a strategy needs from the job to train a model."""
 
-    task: Task
+    task: StepTask
     build_optimizer: OptimizerFactory
     build_scheduler: SchedulerFactory
     grad_clip_norm: float | None = None

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from roundhouse.config import JobSpec
+from roundhouse.config.loading import validate_job
 from roundhouse.planner.calibrate import run_spawned
 from roundhouse.planner.costs import WORKERS_PROBED
 from roundhouse.planner.loopcal import MAX_STEPS, WARMUP_STEPS, calibration_job, job_key
@@ -80,7 +81,7 @@ def probes_of(family: str) -> list[str]:
 
 def probe_job(threads: int, probe: str, storage: str = ".") -> JobSpec:
     """A probe job: the MLP `probe` of `PROBE_MODELS`, 2 workers of `threads` CPUs each."""
-    return JobSpec.model_validate(
+    return validate_job(
         {
             "name": "exchange-probe",
             "model": {"name": "mlp", "options": {"hidden_sizes": PROBE_MODELS[probe]}},
@@ -139,8 +140,8 @@ def measure_rank(rank: int, threads: int, shards: Any, probes: list[Probe]) -> d
     from roundhouse.parallel.ps.manager import connect_store
     from roundhouse.planner.loopcal import calibration_job, time_pieces
     from roundhouse.runs.rundir import run_dir_of
-    from roundhouse.trainer.checkpoint import Checkpointer
     from roundhouse.trainer.run import build_trainer
+    from roundhouse.weights.checkpoint import Checkpointer
 
     base = WorkerContext(rank=rank, world_size=WORKERS, local_rank=rank, local_world_size=WORKERS)
     samples: dict[str, list[float]] = {}
@@ -149,7 +150,7 @@ def measure_rank(rank: int, threads: int, shards: Any, probes: list[Probe]) -> d
             for probe in probes:  # state set for later engines
                 if family not in probe.strategies:
                     continue
-                job, strategy = JobSpec.model_validate(probe.job), probe.strategies[family]
+                job, strategy = validate_job(probe.job, "probe"), probe.strategies[family]
                 for _ in range(ROUNDS):
                     ctx = base
                     if family == "ps":

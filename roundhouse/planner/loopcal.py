@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from roundhouse.config import JobSpec
+from roundhouse.config.loading import validate_job
 from roundhouse.planner.calibrate import run_spawned
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def calibration_job(
     data["tracking"] = {"wandb": {"mode": "disabled"}, "console": "off"}
     label = "-".join(str(v) for v in strategy.values())
     data["storage"] = {"path": storage, "run_id": f"calibration-{label}-{batch}"}
-    return JobSpec.model_validate(data)
+    return validate_job(data, source="loop calibration")
 
 
 def time_pieces(
@@ -102,8 +103,8 @@ def measure(job: JobSpec, device: str, sizes: tuple[int, int], zero: bool) -> di
     """Run every configuration (see the module doc) in this process; return the figures."""
     from roundhouse.parallel.context import build_local_context
     from roundhouse.runs.rundir import run_dir_of
-    from roundhouse.trainer.checkpoint import Checkpointer
     from roundhouse.trainer.run import build_trainer
+    from roundhouse.weights.checkpoint import Checkpointer
 
     runs = [("small", sizes[0], {"kind": "single"}), ("large", sizes[1], {"kind": "single"})]
     if zero:
@@ -140,7 +141,9 @@ def _child(job_json: dict, device: str, threads: int, sizes: tuple, zero: bool, 
         backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
     try:
-        queue.put(("ok", measure(JobSpec.model_validate(job_json), device, sizes, zero)))
+        queue.put(
+            ("ok", measure(validate_job(job_json, source="loop calibration"), device, sizes, zero))
+        )
     except BaseException as exc:  # the parent re-raises it
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
     finally:

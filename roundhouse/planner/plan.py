@@ -98,13 +98,12 @@ def strategy_accepts(job: JobSpec) -> Callable[[Candidate], bool]:
     refuses gradient clipping, DeepSpeed ZeRO-3 a LoRA model, ...); memoised per section."""
     from roundhouse.parallel.registry import get_strategy_class
 
-    data = job.model_dump(mode="json")
     seen: dict[str, bool] = {}
 
     def accepts(c: Candidate) -> bool:
         key = f"{c.workers}:{sorted(c.strategy.items())}"
         if key not in seen:
-            spec = JobSpec.model_validate({**data, "strategy": c.strategy})
+            spec = job.with_strategy(c.strategy, source=f"plan row {c.label}")
             try:
                 get_strategy_class(spec.strategy).check_job(spec, c.workers)
                 seen[key] = True

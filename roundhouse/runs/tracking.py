@@ -374,11 +374,6 @@ class Tracker:
         """The W&B run id, or None when W&B is off (or on non-main ranks)."""
         return None if self._wandb is None else self._wandb.plan.run_id
 
-    @property
-    def wandb_dir(self) -> Path | None:
-        """The local folder holding this run's `wandb/` folder, or None when W&B is off."""
-        return None if self._wandb is None else self._wandb.plan.dir
-
     def log(self, metrics: dict[str, float], *, step: int, epoch: int) -> None:
         """Record metrics at an optimizer step.
 

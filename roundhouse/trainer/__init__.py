@@ -1,10 +1,10 @@
-"""The training loop, strategies, optimizers, checkpoints and tracking.
+"""The training loop, the Task seam and built-in tasks, optimizers and losses.
 
-Public entry points: `run_worker(job, ctx)` trains one worker; `prepare_run(job, resume)` binds
-a job to its run folder (called once per job by the launcher).
+Public entry point: `run_worker(job, ctx)` trains one worker. The run folder a job writes to
+(`prepare_run`), its checkpoints and the weights a run starts from live in `roundhouse.weights`.
 """
 
 from roundhouse.parallel.context import WorkerContext, build_local_context
-from roundhouse.trainer.run import PreparedRun, prepare_run, run_worker
+from roundhouse.trainer.run import run_worker
 
-__all__ = ["PreparedRun", "WorkerContext", "build_local_context", "prepare_run", "run_worker"]
+__all__ = ["WorkerContext", "build_local_context", "run_worker"]

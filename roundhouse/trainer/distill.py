@@ -27,13 +27,13 @@ from roundhouse import models
 from roundhouse.config import DistillConfig, JobSpec
 from roundhouse.data import DataInfo, Splits
 from roundhouse.errors import JobFileError
-from roundhouse.trainer.hf_teacher import (
+from roundhouse.trainer.task import Task
+from roundhouse.weights.hf_teacher import (
     build_hf_teacher,
     check_hf_teacher,
     is_hf_teacher,
     read_hf_teacher,
 )
-from roundhouse.trainer.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def load_teacher(job: JobSpec, student: DataInfo, device: torch.device) -> nn.Mo
     if is_hf_teacher(url):
         teacher, described = load_hf_teacher(job, student), "Hugging Face"
     else:
-        from roundhouse.trainer.saved_model import load_saved_model
+        from roundhouse.weights.saved_model import load_saved_model
 
         saved = load_saved_model(url, merge=True)
         check_teacher(job, saved.job, student, saved.splits.info)
@@ -168,7 +168,7 @@ def load_teacher(job: JobSpec, student: DataInfo, device: torch.device) -> nn.Mo
 
 def student_outputs(job: JobSpec, student: DataInfo) -> int:
     """The student's logits per position (a Hugging Face `init_from` brings its vocabulary)."""
-    from roundhouse.trainer.finetune import resolve_build
+    from roundhouse.weights.finetune import resolve_build
 
     return resolve_build(job, job.model.options, student.num_classes)[1]
 

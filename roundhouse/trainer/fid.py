@@ -59,7 +59,7 @@ def load_classifier_features(ref: str, device: torch.device | str = "cpu") -> Cl
     Raises:
         CheckpointError: No run or checkpoint at `ref`.
     """
-    from roundhouse.trainer.saved_model import load_saved_model  # reads checkpoints
+    from roundhouse.weights.saved_model import load_saved_model  # reads checkpoints
 
     saved = load_saved_model(ref, merge=True)
     return ClassifierFeatures(saved.model.to(device))

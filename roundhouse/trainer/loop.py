@@ -21,9 +21,9 @@ from roundhouse.errors import CheckpointError, TrainingError
 from roundhouse.parallel.base import StepStats, Strategy, move_to
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
-from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
-from roundhouse.trainer.lora import AdapterCheckpoint
 from roundhouse.trainer.task import Task
+from roundhouse.weights.checkpoint import Checkpointer, get_rng_state, set_rng_state
+from roundhouse.weights.lora import AdapterCheckpoint
 
 logger = logging.getLogger(__name__)
 

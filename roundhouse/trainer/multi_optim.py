@@ -179,33 +179,27 @@ def with_group(job: JobSpec, group: OptimizerGroup) -> JobSpec:
     return job.model_copy(update={"trainer": trainer})
 
 
-def check_task_job(job: JobSpec) -> Task:
-    """Pre-flight: the job's task loads, and its optimizers fit the model and the strategy.
-
-    The model is built on the meta device only when the task (or the job) names several
-    optimizers or their parameters.
+def check_task_optimizers(job: JobSpec, model: nn.Module) -> list[str]:
+    """Pre-flight: the job's task loads, and its optimizers fit `model` (meta is fine, with
+    `trainer.freeze` applied) and the job's strategy; report lines for `--dry-run`.
 
     Raises:
         TaskError: The task does not import or is not a `Task`.
         JobFileError: An optimizer names parameters of another optimizer or of none, or the
             strategy cannot step several optimizers in its layout.
     """
-    from roundhouse.trainer.task import build_job_task  # the registry imports every task
+    from roundhouse.trainer.task import build_job_task, task_name  # imports every task
 
     task = build_job_task(job)
-    specs = optimizer_specs(task, job)
-    if len(specs) == 1 and not job.task.optimizers:
-        return task
-    import torch
-
-    from roundhouse.data import build_splits
-    from roundhouse.trainer.finetune import apply_freeze
-    from roundhouse.trainer.model_build import build_model_for
-
-    info = build_splits(job.data, seed=job.trainer.seed).info
-    with torch.device("meta"):
-        model = build_model_for(job, info.input_shape, info.num_classes)
-    apply_freeze(model, job.trainer.freeze)
     groups = resolve_optimizers(task, job, model)
-    get_strategy_class(job.strategy).check_optimizers(job, [g.name for g in groups])
-    return task
+    if len(groups) == 1 and not job.task.optimizers:
+        return [f"task {task_name(job)}"]
+    try:
+        strategy = get_strategy_class(job.strategy)
+    except JobFileError:  # `auto`: the strategy is chosen later, and checked then
+        strategy = None
+    if strategy is not None:
+        strategy.check_optimizers(job, [g.name for g in groups])
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    turns = ", then ".join(f"{g.name} ({sum(sizes[n] for n in g.names):,})" for g in groups)
+    return [f"task {task_name(job)}: optimizers {turns} parameters, each step"]

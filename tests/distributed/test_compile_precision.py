@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import prepare_run
+from roundhouse.config.loading import validate_job
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_deepspeed_zero import ds_rank
 from tests.distributed.test_ps_training import make_job as ps_job
 from tests.distributed.test_ps_training import train as ps_train

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import torch
 
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
-from roundhouse.launch.checks import check_runnable
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.deepspeed.moe import (
     is_expert_name,
     merge_expert_groups,
     widen_groups,
 )
+from roundhouse.trainer.preflight import preflight
 from tests.distributed.test_deepspeed_zero import checkpoint_copy, losses, train
 from tests.distributed.test_ring_training import initial_weights, make_job
 from tests.helpers.dist import run_distributed
@@ -154,7 +154,7 @@ def test_expert_parallel_job_checks(tmp_path: Path, change: dict, message: str) 
     for section, values in change.items():
         job[section] = {**job[section], **values}
     with pytest.raises(JobFileError, match=message):
-        check_runnable(validate_job(job), local=False)
+        preflight(validate_job(job))
 
 
 def test_expert_names_and_merged_groups() -> None:

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
-from roundhouse.launch.checks import check_topology
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.trainer.preflight import preflight
 from tests.distributed.test_deepspeed_zero import checkpoint_copy, losses, train
 from tests.distributed.test_ring_training import assert_close_weights, initial_weights, make_job
 from tests.helpers.dist import run_distributed
@@ -181,8 +181,8 @@ def test_unsupported_model_is_rejected_before_training(tmp_path: Path) -> None:
     job = tp_job(tmp_path, "cnn", model={"name": "lenet", "flavor": "debug"})
     job["data"] = {"source": "builtin:digits", "batch_size": 8}
     with pytest.raises(JobFileError) as error:
-        check_topology(validate_job(job), 2)
+        preflight(validate_job(job), 2)
     assert "tensor_parallel=2" in str(error.value) and "lenet" in str(error.value)
     odd_heads = tp_job(tmp_path, "heads", model__options={"num_heads": 1})
     with pytest.raises(JobFileError, match="num_heads=1 is not divisible"):
-        check_topology(validate_job(odd_heads), 2)
+        preflight(validate_job(odd_heads), 2)

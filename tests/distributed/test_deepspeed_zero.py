@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.config.loading import validate_job
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ring_training import assert_close_weights, initial_weights, make_job
 from tests.helpers.dist import run_distributed
 from tests.helpers.runs import final_weights, read_metrics

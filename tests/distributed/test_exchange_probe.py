@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.planner import exchangecal
 from roundhouse.planner.exchangecal import Probe
 

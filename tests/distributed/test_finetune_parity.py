@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.config.loading import validate_job
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed import test_deepspeed_zero as zero
 from tests.distributed import test_ps_training as ps
 from tests.distributed import test_ring_training as ring

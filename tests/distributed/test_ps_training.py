@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import torch
 
+from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.ps.manager import Address, connect_store, shard_manager
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ring_training import make_job as ring_job
 from tests.distributed.test_ring_training import node_context
 from tests.helpers.dist import run_distributed

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.config.loading import validate_job
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ring_training import (
     TIMEOUT_S,
     assert_close_weights,

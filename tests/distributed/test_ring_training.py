@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
+from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import WorkerContext, build_local_context, prepare_run, run_worker
-from roundhouse.trainer.model_build import build_model_for, seed_everything
+from roundhouse.trainer import WorkerContext, build_local_context, run_worker
+from roundhouse.weights.model_build import build_model_for, seed_everything
+from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.dist import run_distributed
 from tests.helpers.runs import final_weights
 

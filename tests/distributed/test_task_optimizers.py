@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.ps.manager import connect_store, shard_manager
 from roundhouse.runs.rundir import run_dir_of
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
-from roundhouse.trainer.checkpoint import Checkpointer
+from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.run import build_trainer
+from roundhouse.weights.checkpoint import Checkpointer
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ring_training import assert_close_weights, make_job, node_context
 from tests.helpers.dist import run_distributed
 from tests.helpers.runs import final_weights, read_metrics

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.planner.candidates import Candidate
 from roundhouse.planner.costs import JobShape, estimate_memory
 from roundhouse.planner.plan import job_shape

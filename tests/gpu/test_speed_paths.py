@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.deepspeed.strategy import init_deepspeed_dist
 from roundhouse.parallel.ring import OverlappedAllReduce
-from roundhouse.trainer import WorkerContext, build_local_context, prepare_run, run_worker
+from roundhouse.trainer import WorkerContext, build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.runs import final_weights, read_metrics
 
 pytestmark = pytest.mark.gpu

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from roundhouse.config.loading import load_job
 from roundhouse.data import build_splits
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import load_job
-from roundhouse.trainer.model_build import build_model_for
+from roundhouse.weights.model_build import build_model_for
 from tests.helpers.ray_cluster import RayCluster, start_cluster
 from tests.helpers.runs import final_weights, only_run, read_metrics
 

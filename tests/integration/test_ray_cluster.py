@@ -273,7 +273,7 @@ def test_restart_is_counted_from_rank_0_records(tmp_path: Path) -> None:
     """The driver's monitor: a second rank-0 record after the job started is one restart."""
     from roundhouse.cluster.progress import RunMonitor
     from roundhouse.cluster.topology import write_rank_record
-    from roundhouse.launch.jobfile import validate_job
+    from roundhouse.config.loading import validate_job
     from roundhouse.runs.rundir import RunDir
 
     job = validate_job(yaml.safe_load(write_job(tmp_path, "mon", {"name": "mlp"}).read_text()))
@@ -309,7 +309,7 @@ def test_worker_environment_travels_without_a_runtime_env_but_secrets_do_not(
     """The worker env goes in the train loop's config (Ray's prestarted workers stay usable);
     only a secret needs a runtime env, and it never enters that config."""
     from roundhouse.cluster.workers import worker_env, worker_runtime_env
-    from roundhouse.launch.jobfile import validate_job
+    from roundhouse.config.loading import validate_job
 
     job = validate_job({"name": "env", "model": {"name": "mlp"}, "cluster": {"cpus_per_worker": 2}})
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

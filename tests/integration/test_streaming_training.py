@@ -13,10 +13,11 @@ import pytest
 import torch
 import yaml
 
+from roundhouse.config.loading import validate_job
 from roundhouse.data.streaming import PrepareOptions, WriteConfig, prepare
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import WorkerContext, prepare_run, run_worker
+from roundhouse.trainer import WorkerContext, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.dist import run_distributed
 from tests.helpers.runs import assert_same_weights, final_weights, only_run, read_metrics
 

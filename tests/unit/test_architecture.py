@@ -11,23 +11,43 @@ from typing import Literal
 import pytest
 
 from roundhouse.config import JobSpec, StrategySection
+from roundhouse.config.loading import load_job
 from roundhouse.errors import JobFileError
-from roundhouse.launch.checks import check_runnable
-from roundhouse.launch.jobfile import load_job
 from roundhouse.launch.local import train_local
 from roundhouse.parallel import registry
 from roundhouse.parallel.base import StepStats
 from roundhouse.parallel.single import SingleDeviceStrategy
-from tests.helpers.imports import find_cycles, import_graph
+from roundhouse.trainer.preflight import preflight
+from tests.helpers.imports import find_cycles, import_graph, module_name
 from tests.helpers.runs import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "roundhouse"
-# A test of a strategy's kind: `strategy.kind == ...`, `config.kind != ...`, `kind == "ps"`.
+STRATEGY_NAMES = r"single|ring|ps|deepspeed"
+# A test of a strategy's kind: `strategy.kind == ...`, `config.kind != ...`, `kind == "ps"`,
+# a `["kind"]` lookup (not the schema's own `model_fields["kind"]`), a comparison with "ps" or
+# "deepspeed", and `isinstance(..., <Kind>StrategyConfig)`.
 KIND_TEST = re.compile(
     r"(\b(strategy|config)\.kind\s*(==|!=|\bin\b|\bnot in\b))"
-    r"|(\bkind\s*(==|!=)\s*['\"](single|ring|ps|deepspeed)['\"])"
+    rf"|(\bkind\s*(==|!=)\s*['\"]({STRATEGY_NAMES})['\"])"
+    r"|((?<!model_fields)\[['\"]kind['\"]\])"
+    r"|((==|!=|\bin\b)[^#]*['\"](ps|deepspeed)['\"])|(['\"](ps|deepspeed)['\"]\s*(==|!=|\bin\b))"
+    r"|(isinstance\([^)]*StrategyConfig\b)"
 )
+# Where a strategy's kind may be tested: the registry, each strategy's own package (its own
+# name only), and `kind: auto`'s resolution (its own section only).
+KIND_HOMES: dict[str, str] = {
+    "roundhouse/parallel/registry.py": STRATEGY_NAMES,
+    "roundhouse/parallel/single.py": "single",
+    "roundhouse/parallel/ring/": "ring",
+    "roundhouse/parallel/ps/": "ps",
+    "roundhouse/parallel/deepspeed/": "deepspeed",
+    "roundhouse/launch/auto.py": "auto",
+}
+# Not yet moved: the planner helper of issue 31 (item 1: every strategy owns its cost model,
+# and its job-file section moves into its package) removes these; the lead drops the entries
+# after merging that work.
+KIND_TESTS_PENDING = ("roundhouse/planner/", "roundhouse/config/__init__.py")
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
@@ -75,20 +95,136 @@ def test_every_public_function_and_method_has_a_docstring() -> None:
 
 
 def test_the_kind_pattern_matches_kind_tests() -> None:
-    for line in ('if job.strategy.kind == "ps":', "if config.kind != 'ring':", 'kind == "single"'):
+    for line in (
+        'if job.strategy.kind == "ps":',
+        "if config.kind != 'ring':",
+        'kind == "single"',
+        'plan = EXCHANGE[c.strategy["kind"]]',
+        'if chosen == "ps":',
+        'return tuple(k for k in allowed if k != "deepspeed")',
+        'if "ps" in kinds:',
+        "if isinstance(job.strategy, PSStrategyConfig):",
+    ):
         assert KIND_TEST.search(line), line
-    assert not KIND_TEST.search('if kind == "classification":')
+    for line in (
+        'if kind == "classification":',
+        'kinds = typing.get_args(cls.model_fields["kind"].annotation)',
+        'if param.kind == "grid":',
+        'return {"model": model, "ps": state}',
+    ):
+        assert not KIND_TEST.search(line), line
 
 
-def test_no_strategy_kind_tests_outside_the_registry() -> None:
-    found = [
-        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-        for path in sorted(PACKAGE.rglob("*.py"))
-        if path != PACKAGE / "parallel" / "registry.py"
-        for number, line in enumerate(path.read_text().splitlines(), 1)
-        if KIND_TEST.search(line)
-    ]
+def kind_test_allowed(relative: str, line: str) -> bool:
+    """Whether `line` of the file `relative` may test a strategy kind (see `KIND_HOMES`)."""
+    if relative.startswith(KIND_TESTS_PENDING):
+        return True
+    for home, names in KIND_HOMES.items():
+        if relative.startswith(home):
+            others = set(STRATEGY_NAMES.split("|")) - set(names.split("|"))
+            return not any(re.search(rf"['\"]{n}['\"]", line) for n in others)
+    return False
+
+
+def test_no_strategy_kind_tests_outside_their_own_package() -> None:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = str(path.relative_to(ROOT))
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if KIND_TEST.search(line) and not kind_test_allowed(relative, line):
+                found.append(f"{relative}:{number}: {line.strip()}")
     assert found == []
+
+
+# --- layering: launch -> cluster -> trainer -> weights -> parallel -> models, data ---------------
+
+SHARED = {"config", "runs", "errors"}  # usable from every layer (config and runs themselves below)
+# Room -> the rooms it may import. A room missing here is a failure: place it in the layering.
+MAY_IMPORT: dict[str, set[str]] = {
+    "protocols": {"trainer", "weights", "parallel", "models", "data"},  # imported by no room
+    "launch": {"cluster", "planner", "export", "trainer", "weights", "parallel", "models", "data"},
+    "cluster": {"planner", "trainer", "weights", "parallel", "models", "data"},
+    "planner": {"trainer", "weights", "parallel", "models", "data"},
+    "export": {"weights", "models", "data"},
+    "trainer": {"weights", "parallel", "models", "data"},
+    "weights": {"models", "data"},
+    "parallel": {"models", "data"},
+    "models": {"data"},
+    "data": set(),
+    "runs": {"config"},
+    "config": set(),
+    "errors": set(),
+}
+# Imports against the layering, listed while a change removes them (none now).
+KNOWN_VIOLATIONS: set[str] = set()
+
+
+def room_of(module: str) -> str:
+    """`roundhouse.trainer.loop` -> `trainer`; `roundhouse.errors` -> `errors`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imported_rooms(path: Path) -> set[str]:
+    """The roundhouse rooms a file imports anywhere, in functions and under TYPE_CHECKING too."""
+    rooms = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("roundhouse.") and name.count(".") >= 1:
+                rooms.add(room_of(name))
+    return rooms
+
+
+def test_every_room_is_placed_in_the_layering() -> None:
+    rooms = {room_of(module_name(p, PACKAGE)) for p in PACKAGE.rglob("*.py")} - {"__init__"}
+    assert rooms - MAY_IMPORT.keys() == set()
+
+
+def test_no_import_against_the_layering() -> None:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        room = room_of(module_name(path, PACKAGE))
+        if room == "__init__":
+            continue
+        allowed = MAY_IMPORT[room] | SHARED | {room}
+        for other in sorted(imported_rooms(path) - allowed):
+            found.append(f"{path.relative_to(ROOT)} -> {other}")
+    assert sorted(set(found) - KNOWN_VIOLATIONS) == []
+
+
+def test_the_layering_check_sees_type_checking_imports(tmp_path: Path) -> None:
+    source = tmp_path / "x.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from roundhouse.trainer.task import Task\n"
+    )
+    assert imported_rooms(source) == {"trainer"}
+
+
+# --- the seams -------------------------------------------------------------------------------
+
+
+def test_the_protocols_module_names_every_extension_point() -> None:
+    import roundhouse.protocols as protocols
+
+    for name in ("Strategy", "StrategySection", "ModelSpec", "Task", "ParameterStore", "Tracker"):
+        assert name in protocols.__all__ and f"`{name}`" in (protocols.__doc__ or ""), name
+    assert all(hasattr(protocols, name) for name in protocols.__all__)
+    assert issubclass(TinyStrategy, protocols.Strategy)
+    assert issubclass(TinyStrategyConfig, protocols.StrategySection)
+
+
+def test_the_dead_functions_are_gone() -> None:
+    source = "\n".join(path.read_text() for path in PACKAGE.rglob("*.py"))
+    for name in ("def read_topology", "def wandb_dir", "def base_state_dict"):
+        assert name not in source, name
 
 
 # --- a new strategy: one class, one registry line ----------------------------------------------
@@ -135,7 +271,7 @@ def test_a_registered_tiny_strategy_trains_the_quickstart_job(
     monkeypatch.setitem(registry.STRATEGIES, "tiny", TinyStrategy)  # the one registry line
     job = quickstart_with("tiny", tmp_path)
     assert isinstance(job.strategy, TinyStrategyConfig)  # the schema took the new section
-    check_runnable(job, local=True)
+    preflight(job, 1)
     summary = train_local(job)
     rows = read_metrics(only_run(tmp_path / "runs", "quickstart"))
     tiny = [r["train/tiny_steps"] for r in rows if "train/tiny_steps" in r]
@@ -152,4 +288,4 @@ def test_the_new_section_is_validated_like_a_built_in_one() -> None:
 def test_an_unregistered_kind_is_a_clear_error(tmp_path: Path) -> None:
     job = quickstart_with("tiny", tmp_path)
     with pytest.raises(JobFileError, match=r"strategy\.kind='tiny' is not available.*available: "):
-        check_runnable(job, local=True)
+        preflight(job, 1)

@@ -11,7 +11,7 @@ import torch
 
 from roundhouse.errors import CheckpointError
 from roundhouse.runs.rundir import RunDir
-from roundhouse.trainer.checkpoint import Checkpointer, get_rng_state, set_rng_state
+from roundhouse.weights.checkpoint import Checkpointer, get_rng_state, set_rng_state
 
 IDENTITY = {"model": "mlp", "flavor": "debug"}
 

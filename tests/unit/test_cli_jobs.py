@@ -14,9 +14,9 @@ import yaml
 
 from roundhouse.cluster.jobs import EXIT_CODES, JobsClient, dashboard_address, exit_code
 from roundhouse.cluster.runtime import ClusterError
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.launch.submission import (
     DEFAULT_EXCLUDES,
     build_entrypoint,

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from roundhouse.config.loading import validate_job
 from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
-from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.deepspeed.config import EngineOptions, build_ds_config
+from roundhouse.trainer.preflight import preflight
 
 
 def job(strategy: dict | None = None, **sections) -> dict:
@@ -119,14 +119,14 @@ def test_topology_errors_before_anything_starts(
     data = job(strategy, cluster={"num_workers": workers}, model={"name": model})
     data["trainer"]["grad_accum_steps"] = 1
     with pytest.raises(JobFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check_runnable(validate_job(data), local=False)
+        preflight(validate_job(data))
 
 
 def test_expert_parallel_message_has_the_arithmetic() -> None:
     data = job({"expert_parallel": 4, "tensor_parallel": 2}, model={"name": "moe"})
     data["trainer"]["grad_accum_steps"] = 1
     with pytest.raises(JobFileError) as err:
-        check_runnable(validate_job(data), local=False)
+        preflight(validate_job(data))
     assert "data-parallel size 2 (= world 4 / (pipeline_stages 1 x tensor_parallel 2))" in str(
         err.value
     )

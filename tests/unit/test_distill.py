@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.trainer.distill import distill_loss, load_teacher
 from tests.helpers.hf import save_random_gpt2
 from tests.helpers.runs import read_metrics

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
-from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.parallel.ps.server import ServerSetup, ShardServer
-from roundhouse.trainer.finetune import apply_freeze, build_optimizer_factory
-from roundhouse.trainer.model_build import build_model_for
-from roundhouse.trainer.optim import build_scheduler
+from roundhouse.trainer.optim import build_optimizer_factory, build_scheduler
+from roundhouse.trainer.preflight import preflight
+from roundhouse.weights.finetune import apply_freeze
+from roundhouse.weights.model_build import build_model_for
 
 GROUPS = [
     {"match": "head.*", "lr_scale": 0.1},
@@ -192,4 +192,4 @@ def test_param_groups_with_deepspeed_pipeline_are_refused_by_its_job_check() -> 
         }
     )
     with pytest.raises(JobFileError, match="pipeline or expert parallel"):
-        check_runnable(job, local=False)
+        preflight(job)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import ModelError
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.models import BuildConfig, get
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.fid import (
     ClassifierFeatures,
     feature_sums,
@@ -21,6 +21,7 @@ from roundhouse.trainer.fid import (
     gaussian_of,
     torchmetrics_fid,
 )
+from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.runs import read_metrics
 
 

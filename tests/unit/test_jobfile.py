@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from roundhouse.config import JobSpec, RingStrategyConfig
+from roundhouse.config.loading import apply_overrides, load_job, read_yaml, validate_job
 from roundhouse.errors import JobFileError
-from roundhouse.launch.jobfile import apply_overrides, load_job, read_yaml, validate_job
 
 MINIMAL = {"name": "t", "model": {"name": "mlp"}}
 
@@ -139,3 +139,28 @@ def test_ps_data_assignment_defaults_and_conflicts() -> None:
     with pytest.raises(JobFileError, match=r"trainer\.eval_every_steps") as info:
         ps("async", "dynamic", eval_every_steps=5)
     assert "\n" not in str(info.value)
+
+
+def test_with_strategy_replaces_the_section_and_keeps_the_rest() -> None:
+    job = validate_job({**MINIMAL, "trainer": {"max_epochs": 2}})
+    ring = job.with_strategy({"kind": "ring", "bucket_mb": 4})
+    assert isinstance(ring.strategy, RingStrategyConfig) and ring.strategy.bucket_mb == 4
+    assert ring.trainer.max_epochs == 2 and job.strategy.kind == "single"  # job is unchanged
+    assert job.with_strategy(ring.strategy).strategy == ring.strategy  # a section object too
+
+
+def test_with_strategy_gives_the_one_line_error() -> None:
+    job = validate_job(dict(MINIMAL))
+    with pytest.raises(JobFileError, match=r"^elastic: unknown key 'strategy.nope'.*valid keys"):
+        job.with_strategy({"kind": "ring", "nope": 1}, source="elastic")
+
+
+def test_a_run_folder_job_yaml_is_read_with_the_one_line_errors(tmp_path: Path) -> None:
+    from roundhouse.runs.rundir import RunDir
+    from roundhouse.weights.saved_model import read_run_job
+
+    write(tmp_path, {**MINIMAL, "trainer": {"max_epochs": "many"}})
+    with pytest.raises(JobFileError, match=r"job.yaml: trainer.max_epochs: .*'many'.*this version"):
+        read_run_job(RunDir(str(tmp_path)))
+    write(tmp_path, MINIMAL)
+    assert read_run_job(RunDir(str(tmp_path))).name == "t"

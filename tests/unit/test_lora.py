@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from roundhouse import models
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import CheckpointError, JobFileError
-from roundhouse.launch.checks import check_runnable
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
-from roundhouse.trainer.lora import apply_lora, match_targets, merge_lora
-from roundhouse.trainer.saved_model import load_saved_model
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.trainer.preflight import preflight
+from roundhouse.weights.lora import apply_lora, match_targets, merge_lora
+from roundhouse.weights.run_folder import prepare_run
+from roundhouse.weights.saved_model import load_saved_model
 from tests.helpers.runs import final_weights
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["fc1", "head"]}
@@ -149,7 +150,7 @@ def test_zero3_is_refused() -> None:
         }
     )
     with pytest.raises(JobFileError, match="ZeRO stages 0-2"):
-        check_runnable(job, local=False)  # the DeepSpeed strategy's own job check
+        preflight(job)  # the DeepSpeed strategy's own job check
 
 
 def test_a_lora_run_loads_back_merged_or_not(tmp_path: Path) -> None:

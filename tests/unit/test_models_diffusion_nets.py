@@ -17,8 +17,8 @@ from roundhouse.models.diffusion.blocks import SpatialTransformer
 from roundhouse.models.diffusion.conditioning import PAD_ID, encode_captions
 from roundhouse.models.diffusion.ldm import LatentDiffusionModel
 from roundhouse.runs.rundir import RunDir
-from roundhouse.trainer.checkpoint import Checkpointer
 from roundhouse.trainer.task import build_task
+from roundhouse.weights.checkpoint import Checkpointer
 
 
 def digits(num: int = 32, size: int = 8) -> dict[str, torch.Tensor]:

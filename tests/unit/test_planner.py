@@ -15,10 +15,10 @@ import psutil
 import pytest
 import yaml
 
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.launch.auto import resolve_auto
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.planner import build_plan, exchangecal
 from roundhouse.planner.calibrate import LinkRate, StepRate, cache_path, cached, remeasured
 from roundhouse.planner.candidates import Candidate
@@ -456,3 +456,36 @@ def test_auto_that_nothing_fits_is_a_one_line_error(tmp_path: Path, capsys) -> N
     assert main(["train", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: strategy.kind=auto: nothing fits 24 GB")
+
+
+def test_plan_json_is_the_only_thing_on_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """What a calibration writes to stdout goes to stderr under --json: a DeepSpeed JIT op
+    build writes from C and from ninja (a child process), and Python code prints. The stand-in
+    calibration below writes all three ways, then the real planner runs."""
+    import subprocess
+
+    import roundhouse.planner as planner
+
+    real_build_plan = planner.build_plan
+
+    def noisy_build_plan(*args, **kwargs):
+        print("Loading extension module cpu_adam...")
+        os.write(1, b"Time to load cpu_adam op: 0.1 seconds\n")
+        subprocess.run(["echo", "[1/3] c++ cpu_adam.o op built successfully"], check=True)
+        return real_build_plan(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "build_plan", noisy_build_plan)
+    argv = [
+        "plan",
+        str(Path(__file__).parents[2] / "configs" / "quickstart.yaml"),
+        "--device",
+        "H100-80GB",
+    ]
+    assert main([*argv, "--workers", "1,2", "--json", "tracking.wandb.mode=disabled"]) == 0
+    captured = capfd.readouterr()
+    plan = json.loads(captured.out)  # nothing but the JSON
+    assert plan["rows"] and plan["recommended"]
+    assert "op built successfully" in captured.err and "cpu_adam op" in captured.err
+    assert "Loading extension module" in captured.err

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from roundhouse.config import JobSpec
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import CheckpointError
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer.finetune import apply_init_from
-from roundhouse.trainer.model_build import build_model_for
+from roundhouse.weights.finetune import apply_init_from
+from roundhouse.weights.model_build import build_model_for
 from tests.helpers.hf import save_random_gpt2
 
 transformers = pytest.importorskip("transformers")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from roundhouse.cluster.ps import actor_options, server_cpus, server_name
 from roundhouse.cluster.runtime import embedded_resources
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 
 
 def job(**strategy) -> object:

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from roundhouse.config import OptimizerConfig, SchedulerConfig
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.ps import ServerSetup, ShardServer, build_layout, consolidate_states
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
+from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.runs import final_weights, read_metrics
 
 STEPS = 12
@@ -93,13 +94,13 @@ def test_resume_at_another_number_of_servers_continues_exactly(tmp_path: Path) -
 
 def test_grad_clipping_is_refused(tmp_path: Path) -> None:
     from roundhouse.errors import JobFileError
-    from roundhouse.launch.checks import check_runnable
+    from roundhouse.trainer.preflight import preflight
 
     job = make_job(tmp_path, "clip", {"kind": "ps"}, grad_clip_norm=1.0)
     with pytest.raises(JobFileError, match="grad_clip_norm"):
         train(job)
     with pytest.raises(JobFileError, match="grad_clip_norm"):  # by the launcher, before a start
-        check_runnable(validate_job(job), local=False)
+        preflight(validate_job(job))
 
 
 # --- sharding and the server's rules -------------------------------------------------------

@@ -12,7 +12,7 @@ HIDDEN = [
     "max_restarts > 0. If the arguments are spilled to disk or lost, the actor may fail.",
     "Requesting resources: {'CPU': 1.0} * 2",
     "Setting up process group for: env:// [rank=0, world_size=2]",
-    "INFO roundhouse.trainer.checkpoint: checkpoint /runs/q/1/checkpoints/step_23 written",
+    "INFO roundhouse.weights.checkpoint: checkpoint /runs/q/1/checkpoints/step_23 written",
     "INFO roundhouse.data.sources: data builtin:digits: {'train': 1438}",
 ]
 SHOWN = [

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from roundhouse import models
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
-from roundhouse.launch.jobfile import validate_job
 from roundhouse.models.attention import RopeTables, RotatePairs, apply_rope, rope_angles
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
+from roundhouse.config.loading import validate_job
 from roundhouse.launch.cli import main
-from roundhouse.launch.jobfile import validate_job
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
-from roundhouse.trainer.multi_optim import check_task_job
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.trainer.preflight import preflight
 from roundhouse.trainer.task import ClassificationTask, build_job_task
+from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.runs import final_weights, read_metrics
 
 EXAMPLE = "examples.my_task"
@@ -86,7 +87,7 @@ def test_optimizer_globs_must_name_parameters_of_their_own(tmp_path: Path, case:
     job = job_dict(tmp_path, task={"name": f"{EXAMPLE}:ClassifyAndReconstruct"})
     job["task"]["optimizers"] = optimizers
     with pytest.raises(Exception, match=message) as info:
-        check_task_job(validate_job(job))
+        preflight(validate_job(job), 1)
     assert len(str(info.value).splitlines()) == 1
     assert run_cli(tmp_path, job) == 2
     assert not (tmp_path / "runs").exists()
@@ -107,13 +108,13 @@ def test_layouts_that_cannot_step_several_optimizers_are_refused(tmp_path: Path,
     strategy, message = REFUSED_LAYOUTS[case]
     job = job_dict(tmp_path, strategy=strategy)
     with pytest.raises(Exception, match=message):
-        check_task_job(validate_job(job))
+        preflight(validate_job(job), 1)
 
 
 def test_a_one_optimizer_task_is_not_a_task_error_for_those_layouts(tmp_path: Path) -> None:
     job = job_dict(tmp_path, model={"name": "mlp"}, strategy={"kind": "deepspeed", "zero_stage": 3})
     del job["task"]
-    check_task_job(validate_job(job))
+    preflight(validate_job(job), 1)
 
 
 def train_local(job: dict, resume: bool = False) -> Path:

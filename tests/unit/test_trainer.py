@@ -10,16 +10,17 @@ import torch
 from torch import nn
 
 from roundhouse.config import LossConfig, OptimizerConfig, SchedulerConfig, SingleStrategyConfig
-from roundhouse.launch.jobfile import validate_job
+from roundhouse.config.loading import validate_job
 from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.registry import build_strategy
 from roundhouse.runs.rundir import run_dir_of
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
-from roundhouse.trainer.checkpoint import Checkpointer
+from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.losses import build_loss
 from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.trainer.run import build_trainer
 from roundhouse.trainer.task import ClassificationTask
+from roundhouse.weights.checkpoint import Checkpointer
+from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.runs import final_weights, read_metrics
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
+from roundhouse.cluster.sweep.space import SearchError, check_params, parse_search
 from roundhouse.config import JobSpec
 from roundhouse.data import build_splits
 from roundhouse.data.folds import rotate_fold
 from roundhouse.launch.cli import main
 from roundhouse.launch.folds import summarize_folds
-from roundhouse.launch.search_space import SearchError, check_params, parse_search
 
 JOB = {
     "name": "t",

@@ -135,9 +135,10 @@ def calibrate_latent_scale(vae: nn.Module, stage1_job: dict[str, Any]) -> float:
     if next(vae.parameters()).is_meta:
         return 1.0
     from roundhouse.config import DataConfig
+    from roundhouse.config.validation import validate_model
     from roundhouse.data import build_splits  # lazy: the data layer is only needed here
 
-    data = DataConfig.model_validate(stage1_job.get("data") or {})
+    data = validate_model(DataConfig, stage1_job.get("data") or {}, "stage-1 job.yaml: data")
     seed = int((stage1_job.get("trainer") or {}).get("seed", 0))
     images = build_splits(data, seed=seed).val.inputs[:MAX_CALIBRATION_IMAGES]
     mean, _ = vae.encode(images.float())

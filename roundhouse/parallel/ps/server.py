@@ -382,7 +382,7 @@ def build_shard_optimizer(
     setup: ServerSetup, params: list[torch.Tensor], indices: list[int]
 ) -> torch.optim.Optimizer | None:
     """The job's optimizer over this shard; a grouping factory also gets the global indices
-    (its parameter groups go by name, see `trainer.finetune.OptimizerFactory`)."""
+    (its parameter groups go by name, see `trainer.optim.OptimizerFactory`)."""
     if not params:
         return None
     if hasattr(setup.build_optimizer, "groups_of"):

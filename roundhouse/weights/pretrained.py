@@ -1,7 +1,7 @@
 """Pretrained weights from outside roundhouse: files, Hugging Face folders, torchvision dicts.
 
 `model.init_from` names the weights a run starts from. This module reads the ones that are
-not roundhouse runs (those need the trainer's checkpoint reader, `trainer/finetune.py`):
+not roundhouse runs (those need the trainer's checkpoint reader, `weights/finetune.py`):
 
 - a `.safetensors` file, or any other file as a torch state dict (`weights_only=True`);
 - a Hugging Face model folder (`config.json` + `model.safetensors`, else `pytorch_model.bin`):

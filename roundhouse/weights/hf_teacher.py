@@ -2,7 +2,7 @@
 
 A folder with `config.json` and `model.safetensors` (or `pytorch_model.bin`), as
 `save_pretrained` writes it, of a GPT-2 (`model_type: gpt2`) or BERT (`model_type: bert`)
-model teaches a `gpt` or `bert` student. `models.pretrained` reads it exactly as
+model teaches a `gpt` or `bert` student. `weights.pretrained` reads it exactly as
 `model.init_from` does: config.json gives the zoo model's architecture
 (`hf_build_options`), the weights are renamed onto the zoo's names (GPT-2's Conv1D weights
 transposed), and every tensor must fit.
@@ -23,8 +23,8 @@ from torch import nn
 from roundhouse import models
 from roundhouse.config import JobSpec
 from roundhouse.errors import CheckpointError, JobFileError
-from roundhouse.models import pretrained
 from roundhouse.models.spec import DEFAULT_FLAVOR
+from roundhouse.weights import pretrained
 
 logger = logging.getLogger(__name__)
 

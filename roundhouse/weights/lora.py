@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 
 # The layer types peft's LoRA wraps (peft also has Embedding; the brief is Linear and Conv).
 LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-ADAPTER_MARK = ".lora_"
-BASE_LAYER = ".base_layer"
 
 
 @dataclass
@@ -138,13 +136,6 @@ def apply_lora(model: nn.Module, job: JobSpec) -> LoraState | None:
         f"{trainable + sum(t.numel() for t in frozen.values()):,}",
     )
     return state
-
-
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of a LoRA model as the plain model names it (adapters left out)."""
-    return {
-        k.replace(BASE_LAYER, ""): v for k, v in model.state_dict().items() if ADAPTER_MARK not in k
-    }
 
 
 @torch.no_grad()

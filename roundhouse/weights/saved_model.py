@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import yaml
 from torch import nn
 
 from roundhouse.config import JobSpec
-from roundhouse.data import Splits, build_splits
+from roundhouse.config.loading import parse_job_text
+from roundhouse.data import Splits
 from roundhouse.errors import CheckpointError, JobFileError
 from roundhouse.runs.rundir import RunDir
-from roundhouse.trainer.checkpoint import (
+from roundhouse.weights.checkpoint import (
     CHECKPOINTS,
     LATEST,
     MANIFEST,
@@ -30,9 +30,9 @@ from roundhouse.trainer.checkpoint import (
     get_rng_state,
     set_rng_state,
 )
-from roundhouse.trainer.finetune import apply_finetune
-from roundhouse.trainer.lora import LoraState, apply_lora, check_same_base, fill_base, merge_lora
-from roundhouse.trainer.model_build import build_model_for, seed_everything
+from roundhouse.weights.finetune import apply_finetune
+from roundhouse.weights.lora import LoraState, apply_lora, check_same_base, fill_base, merge_lora
+from roundhouse.weights.model_build import build_model_with_data, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +91,10 @@ def read_run_job(run_dir: RunDir) -> JobSpec:
             f"{run_dir.url} has no job.yaml", "pass a roundhouse run folder or its step folder"
         )
     try:
-        return JobSpec.model_validate(yaml.safe_load(run_dir.read_text("job.yaml")))
-    except ValueError as exc:
+        return parse_job_text(run_dir.read_text("job.yaml"), f"{run_dir.url}/job.yaml")
+    except JobFileError as exc:
         raise JobFileError(
-            f"{run_dir.url}/job.yaml does not fit this version of roundhouse: "
-            f"{str(exc).splitlines()[0]}",
+            f"{exc.what}: the run does not fit this version of roundhouse",
             "export with the roundhouse version that trained the run",
         ) from None
 
@@ -119,8 +118,7 @@ def build_job_model(job: JobSpec) -> tuple[nn.Module, LoraState | None, Splits]:
     """
     with preserved_rng():
         seed_everything(job.trainer.seed, False, torch.device("cpu"))
-        splits = build_splits(job.data, seed=job.trainer.seed)
-        model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
+        model, splits = build_model_with_data(job)
         if job.model.lora is not None:
             apply_finetune(model, job)
         lora = apply_lora(model, job)

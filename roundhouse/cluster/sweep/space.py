@@ -2,7 +2,7 @@
 
 Expressions: `uniform(lo,hi)`, `loguniform(lo,hi)`, `randint(lo,hi)` (hi excluded),
 `choice(a,b,...)` and `grid(a,b,...)`. Values are Python literals (numbers, strings, lists).
-`cluster/tune.py` turns a `SearchParam` into Ray Tune's search space; this module imports no
+`tuner.py` turns a `SearchParam` into Ray Tune's search space; this module imports no
 Ray, so a bad search is a one-line error before anything starts.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from roundhouse.config import JobSpec
+from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError, RoundhouseError
-from roundhouse.launch.jobfile import validate_job
 
 KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None, "grid": None}
 EXPRESSION = re.compile(r"^\s*([a-z]+)\s*\((.*)\)\s*$", re.DOTALL)

@@ -11,7 +11,8 @@ import torch
 
 from roundhouse import models
 from roundhouse.config import JobSpec
-from roundhouse.trainer.finetune import resolve_build
+from roundhouse.data import Splits, build_splits
+from roundhouse.weights.finetune import resolve_build
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -45,3 +46,15 @@ def build_model_for(
         options=options,
     )
     return models.build_model(job.model.name, config)
+
+
+def build_model_with_data(job: JobSpec) -> tuple[torch.nn.Module, Splits]:
+    """The job's data splits and its model built for their shapes, on the current device.
+
+    Raises:
+        DataError: the data does not fit the model's task (images for a language model).
+    """
+    splits = build_splits(job.data, seed=job.trainer.seed)
+    splits.check_task(models.get(job.model.name).loss, job.model.name)
+    model = build_model_for(job, splits.info.input_shape, splits.info.num_classes)
+    return model, splits

@@ -25,8 +25,10 @@ from typing import Any
 
 from roundhouse.cluster.progress import MetricsTail
 from roundhouse.cluster.runtime import ClusterError, scoped_env
+from roundhouse.cluster.sweep.space import apply_params
 from roundhouse.config import JobSpec
-from roundhouse.trainer.run import run_dir_of
+from roundhouse.config.loading import validate_job
+from roundhouse.runs.rundir import run_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -272,9 +274,7 @@ class SweepMonitor:
 
 def trial_job(settings: dict[str, Any], values: dict[str, Any], trial_id: str) -> JobSpec:
     """The base job with this trial's values, run folder `<name>/tune-<id>/<trial id>`."""
-    from roundhouse.launch.search_space import apply_params
-
-    job = apply_params(JobSpec.model_validate(settings["job"]), values)
+    job = apply_params(validate_job(settings["job"], source="sweep"), values)
     job.storage.run_id = f"{settings['sweep_id']}/{trial_id}"
     job.tracking.wandb.group = settings["sweep_id"]  # W&B runs grouped by sweep
     job.tracking.console = "off"  # the sweep driver owns the console
@@ -283,9 +283,8 @@ def trial_job(settings: dict[str, Any], values: dict[str, Any], trial_id: str) -
 
 def prepare_trial(job: JobSpec) -> tuple[Any, bool]:
     """The trial's run folder: resumed from its latest checkpoint when it has one."""
-    from roundhouse.trainer import PreparedRun, prepare_run
-    from roundhouse.trainer.checkpoint import CHECKPOINTS, LATEST
-    from roundhouse.trainer.run import write_job_yaml
+    from roundhouse.weights.checkpoint import CHECKPOINTS, LATEST
+    from roundhouse.weights.run_folder import PreparedRun, prepare_run, write_job_yaml
 
     run_dir = run_dir_of(job)
     if run_dir.exists(CHECKPOINTS, LATEST):
