@@ -4,11 +4,12 @@
    the feature space (roundhouse/trainer/fid.py), so no Inception weights are needed.
 2. The floor: FID of as many training images as samples against the test images (what real
    digits score). The ceiling: FID of an untrained generator's samples.
-3. Train `configs/gan_digits.yaml`'s task and model (through `run_worker`, `--local`), draw
+3. Train `configs/gan_digits.yaml`'s task and model (through `run_worker`, `--local`; spectral
+   norm on the discriminator unless `--batch-norm`; both players at `--lr`), draw
    `--samples` images, and report their FID, the share of the ceiling-to-floor gap they close
    (target >= 0.8), and the classifier's label distribution over them (each digit 5-15%).
 
-    python benchmarks/gan.py [--steps 1500] [--samples 1000] [--image-size 8]
+    python benchmarks/gan.py [--steps 4000] [--samples 1000] [--image-size 8] [--batch-norm]
 
 The digits are 8x8 (16x16 with `--image-size 16`, as the config; four times the work). One
 CPU thread: on a shared machine torch's thread pool contends with everyone else.
@@ -70,6 +71,17 @@ def samples_of(run: str, num: int) -> torch.Tensor:
     return task.sample(saved.model, num, torch.Generator().manual_seed(1))
 
 
+def label_shares(features: Any, images: torch.Tensor) -> torch.Tensor:
+    """The share of each class among the classifier's predictions for `images`."""
+    features(images)
+    labels = features.last_logits.argmax(1)
+    return torch.bincount(labels, minlength=10).float() / labels.numel()
+
+
+def format_shares(shares: torch.Tensor) -> str:
+    return " ".join(f"{d}:{s:.3f}" for d, s in enumerate(shares.tolist()))
+
+
 def result(name: str, ours: float, baseline: float, unit: str) -> None:
     ratio = ours / baseline if baseline else float("nan")
     print(f"RESULT {name} ours={ours:.4g} baseline={baseline:.4g} ratio={ratio:.4g} unit={unit}")
@@ -77,17 +89,19 @@ def result(name: str, ours: float, baseline: float, unit: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--spectral-norm", action="store_true", help="spectral-norm D")
+    parser.add_argument(
+        "--batch-norm", action="store_true", help="batch-norm D instead of spectral norm"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as storage:
         clf = train(classifier_job(storage, args.image_size))
         features = load_classifier_features(clf)
-        job = gan_job(storage, args.image_size, args.steps, args.lr, args.spectral_norm)
+        job = gan_job(storage, args.image_size, args.steps, args.lr, not args.batch_norm)
         splits = build_splits(validate_job(job).data, seed=0)
         test, pool = splits.test.inputs, splits.train.inputs
         real = pool[torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))]
@@ -98,10 +112,9 @@ def main() -> None:
         ceiling = torchmetrics_fid(features, test, untrained)
         fake = samples_of(train(job), args.samples)
         fid = torchmetrics_fid(features, test, fake)
-        features(fake)
-        labels = features.last_logits.argmax(1)
-    shares = torch.bincount(labels, minlength=10).float() / labels.numel()
-    print("label shares over samples:", " ".join(f"{d}:{s:.3f}" for d, s in enumerate(shares)))
+        shares = label_shares(features, fake)
+        print("label shares, training images:", format_shares(label_shares(features, real)))
+    print("label shares, samples:", format_shares(shares))
     result("gan_fid_trained_vs_untrained", fid, ceiling, "fid")
     result("gan_fid_trained_vs_train_images", fid, floor, "fid")
     closed = (ceiling - fid) / (ceiling - floor)
