@@ -51,6 +51,10 @@ class ClassifyAndReconstruct(Task):
             OptimizerSpec("decoder", ["decoder.*"]),
         ]
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns (tune may select on them)."""
+        return ("loss", "accuracy")
+
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Cross-entropy of the logits."""
         return F.cross_entropy(outputs.float(), batch["target"])

@@ -39,6 +39,10 @@ class ClassificationTask(Task):
         """The job's loss of logits `(B, K)` against targets `(B,)`."""
         return mixed_loss(self.loss_fn, outputs.float(), batch)
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", "accuracy", "top5_accuracy")
+
     def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Summed loss, top-1 and top-5 hits and the count of one evaluation batch."""
         target = batch["target"]

@@ -100,6 +100,11 @@ class Task:
         """Metrics (`loss`, ...) from the sums over every batch and rank."""
         return {"loss": float(sums["loss"]) / max(float(sums["count"]), 1.0)}
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns (what `tune --metric` may name, as `val/<name>`);
+        empty: not declared (tune falls back to its table by model family)."""
+        return ()
+
     # --- what the commands ask --------------------------------------------------------------
 
     def example_inputs(

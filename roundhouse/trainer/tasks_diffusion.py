@@ -49,6 +49,10 @@ class VAETask(Task):
         if self.fid is not None:
             self.metric = "fid"  # type: ignore[misc]
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", "mse", "psnr", "kl", *(("fid",) if self.fid is not None else ()))
+
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """The reconstruction; the model's KL term is kept for `loss` (in evaluation with a
         FID classifier, also as many decoded prior samples as the batch has images)."""
@@ -121,6 +125,10 @@ class DiffusionTask(Task):
         self.fake: Tensor | None = None
         if self.fid is not None:
             self.metric = "fid"  # type: ignore[misc]
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", *(("fid",) if self.fid is not None else ()))
 
     def draw(
         self, model: nn.Module, batch: dict[str, Tensor]

@@ -36,6 +36,11 @@ class GANTask(Task):
         if self.fid is not None:
             self.metric = "fid"  # type: ignore[misc]  # the instance's selection metric
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        fid = ("fid",) if self.fid is not None else ()
+        return ("loss", "d_loss", "g_loss", "d_real_acc", "d_fake_acc", *fid)
+
     def optimizers(self) -> list[OptimizerSpec]:
         """The discriminator, then the generator, each over its own parameters."""
         return [

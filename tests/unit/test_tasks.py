@@ -154,3 +154,14 @@ def test_early_stopping_selects_on_the_tasks_metric(tmp_path: Path) -> None:
     evals = [r for r in read_metrics(run) if "val/accuracy" in r]
     # accuracy never rises by 0.5 between two evaluations: stopped at the second one
     assert evals[0]["step"] == 2 and evals[-1]["step"] == 4
+
+
+def test_tune_may_select_on_the_metrics_a_task_declares(tmp_path: Path) -> None:
+    from roundhouse.cluster.sweep.space import known_metrics
+
+    assert known_metrics(validate_job(job_dict(tmp_path))) == ["val/accuracy", "val/loss"]
+    gan = job_dict(tmp_path, model={"name": "dcgan"}, task={"options": {"fid_classifier": "x"}})
+    assert "val/fid" in known_metrics(validate_job(gan))
+    plain = job_dict(tmp_path, model={"name": "mlp"})
+    del plain["task"]
+    assert "val/top5_accuracy" in known_metrics(validate_job(plain))

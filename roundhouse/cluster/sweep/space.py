@@ -145,10 +145,14 @@ TASK_METRICS = {
 
 
 def known_metrics(job: JobSpec) -> list[str]:
-    """The `val/` metrics the job's task logs at every evaluation."""
+    """The `val/` metrics the job's task logs at every evaluation (what it declares, else
+    this table's entry for the model's task)."""
     from roundhouse import models
+    from roundhouse.trainer.task import build_job_task
 
-    return sorted(f"val/{n}" for n in TASK_METRICS.get(models.get(job.model.name).loss, ("loss",)))
+    names = build_job_task(job).metric_names()
+    names = names or TASK_METRICS.get(models.get(job.model.name).loss, ("loss",))
+    return sorted(f"val/{n}" for n in names)
 
 
 def check_metric(job: JobSpec, metric: str) -> None:
