@@ -39,6 +39,7 @@ from .strategy_section import (
     on_section_registered,
     strategy_sections,
 )
+from .task import TaskConfig, TaskOptimizerConfig
 from .validation import validate_model
 
 __all__ = [
@@ -68,6 +69,8 @@ __all__ = [
     "StrategySection",
     "StreamCacheConfig",
     "StreamSplitConfig",
+    "TaskConfig",
+    "TaskOptimizerConfig",
     "TrackingConfig",
     "TrainerConfig",
     "WandbConfig",
@@ -169,8 +172,14 @@ class LossConfig(Section):
 class EarlyStoppingConfig(Section):
     """Stop when `metric` has not improved for `patience` evaluations."""
 
-    metric: str = Field("val/loss", description="The metric watched, e.g. val/accuracy.")
-    mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher.")
+    metric: str | None = Field(
+        None, description="The metric watched, e.g. val/accuracy (default: the task's own)."
+    )
+    mode: Literal["min", "max"] | None = Field(
+        None,
+        description="min: lower is better; max: higher (default: the task's direction for "
+        "its own metric, else min).",
+    )
     patience: PositiveInt = Field(5, description="Evaluations without improvement, then stop.")
     min_delta: Annotated[float, Field(ge=0)] = Field(
         0.0, description="The smallest change that counts as an improvement."
@@ -479,6 +488,9 @@ class JobSpec(Section):
         description="Job name; also the run folder's parent."
     )
     model: ModelConfig
+    task: TaskConfig = Field(
+        default_factory=TaskConfig, description="The objective: a task name or module:Class."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     strategy: StrategyConfig = Field(default_factory=SingleStrategyConfig)

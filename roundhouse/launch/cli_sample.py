@@ -43,6 +43,7 @@ TEXT_FLAGS = {
 }
 BEAM_FLAG = {"beam": "--beam"}  # seq2seq only
 IMAGE_TASKS = ("diffusion", "vae")
+TASK_SAMPLES = "task"  # the job's task samples (`Task.sample`)
 TEXT_TASKS = ("language_model",)
 
 
@@ -67,6 +68,12 @@ def add_sample_parser(
     text.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
     text.add_argument("--top-k", type=int, help="sample among the k most likely bytes")
     text.add_argument("--beam", type=int, help="seq2seq: beam width (default 1: greedy)")
+    sample.add_argument(
+        "--score",
+        metavar="CLASSIFIER_RUN",
+        help="also print the FID of the images against the test split, in the features of "
+        "this classifier run (trained on the same data)",
+    )
 
 
 @dataclass
@@ -130,10 +137,10 @@ def reject_flags(args: argparse.Namespace, flags: dict[str, str], kind: str, all
 
 def check_flags(args: argparse.Namespace) -> str:
     """Rejects flags of the other kind of model from `job.yaml` alone; returns the task."""
-    from roundhouse import models
+    from roundhouse.trainer.task import task_name
 
     job, _, _ = read_run(args.run)
-    name, task = f"{job.model.name}:{job.model.flavor}", models.get(job.model.name).loss
+    name, task = f"{job.model.name}:{job.model.flavor}", task_name(job)
     if task in IMAGE_TASKS:
         text_condition = job.model.options.get("condition", "class") == "text"
         reject_flags(
@@ -145,6 +152,10 @@ def check_flags(args: argparse.Namespace) -> str:
         from roundhouse.launch.seq2seq_sample import reject_other_flags
 
         reject_other_flags(args, IMAGE_FLAGS | TEXT_FLAGS, name)
+    elif task_can_sample(job):  # any other task that samples images itself (a GAN)
+        flags = {k: v for k, v in IMAGE_FLAGS.items() if k != "num"}
+        reject_flags(args, {**flags, **TEXT_FLAGS}, f"model {name} ({task})")
+        return TASK_SAMPLES
     else:
         raise JobFileError(
             f"model {name} ({task}) cannot sample",
@@ -157,11 +168,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Entry point of `roundhouse sample`."""
     task = check_flags(args)  # before the (slower) model and data loading
     run = load_run(args.run)
-    if task in IMAGE_TASKS:
+    if task in (*IMAGE_TASKS, TASK_SAMPLES):
         path = args.out or "samples.png"
-        images = sample_images(run.model, args)
+        images = task_images(run, args) if task == TASK_SAMPLES else sample_images(run.model, args)
         write_png_grid(images, path)
         print(f"wrote {images.shape[0]} samples ({tuple(images.shape[1:])}) to {path}")
+        if args.score:
+            print(f"fid {score_images(run, images, args.score):.4f} (classifier {args.score})")
         return 0
     if task == "seq2seq":
         from roundhouse.launch.seq2seq_sample import sample_seq2seq
@@ -270,3 +283,33 @@ def sample_text(model: torch.nn.Module, args: argparse.Namespace) -> str:
                     [out, pick_next_token(logits, temperature, args.top_k, generator)], dim=1
                 )
     return decode(out[0])
+
+
+def task_can_sample(job: Any) -> bool:
+    """Whether the job's task draws samples itself (`Task.can_sample`)."""
+    from roundhouse.trainer.task import build_job_task
+
+    return build_job_task(job).can_sample
+
+
+def task_images(run: LoadedRun, args: argparse.Namespace) -> Tensor:
+    """`--num` images from the run's task (`Task.sample`)."""
+    from roundhouse.trainer.task import build_job_task
+
+    num = args.num if args.num is not None else 64
+    if num < 1:
+        raise JobFileError(f"--num {num} must be >= 1", "e.g. --num 64")
+    generator = torch.Generator().manual_seed(args.seed)
+    return build_job_task(run.job).sample(run.model, num, generator)
+
+
+def score_images(run: LoadedRun, images: Tensor, classifier: str) -> float:
+    """FID of `images` against the run's test images, in `classifier`'s features."""
+    from roundhouse.data import build_splits
+    from roundhouse.trainer.fid import load_classifier_features, torchmetrics_fid
+
+    splits = build_splits(run.job.data, seed=run.job.trainer.seed)
+    real = splits.test.inputs if hasattr(splits.test, "inputs") else None
+    if real is None:
+        raise JobFileError("--score needs an in-memory image data set", "drop --score")
+    return torchmetrics_fid(load_classifier_features(classifier), real, images.float())

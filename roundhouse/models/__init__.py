@@ -4,7 +4,7 @@
 Importing this package registers every built-in family: mlp, lenet, alexnet, vgg, nin,
 googlenet, resnet, densenet; rnn_lm, gru_lm, lstm_lm, rnn_classifier, gpt, bert, moe;
 bert_classifier, bert_tagger, gpt_classifier (fine-tuning heads); seq2seq;
-vae, ddpm, ldm, dit; fasttext.
+vae, ddpm, ldm, dit; fasttext, dcgan.
 `torchvision:<name>` and `package.module:callable` resolve through `adapters.py`.
 """
 
@@ -14,6 +14,7 @@ from roundhouse.models import (  # noqa: F401  (imported to register their specs
     densenet,
     diffusion,
     fasttext,
+    gan,
     googlenet,
     gpt,
     lenet,

@@ -76,6 +76,18 @@ class StepStats:
     extra: dict[str, float] = field(default_factory=dict)  # more `train/*` metrics to log
 
 
+@dataclass
+class Phase:
+    """One optimizer's turn in a training step (a task with several optimizers has several).
+
+    The loop enters `active()`, runs the step's micro-batches through `strategy` and steps it.
+    """
+
+    name: str
+    strategy: Strategy
+    active: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
 class Strategy(ABC):
     """One way of computing gradients and updating parameters on one worker.
 
@@ -155,6 +167,19 @@ class Strategy(ABC):
         section `config` uses them; unchanged by default."""
         return ctx
 
+    @classmethod
+    def check_optimizers(cls, job: JobSpec, names: list[str]) -> None:
+        """Refuse a task that steps the optimizers `names` in turn, where this strategy cannot.
+
+        Raises:
+            JobFileError: The layout cannot hold several optimizers (the fix named).
+        """
+
+    @classmethod
+    def split_context(cls, ctx: WorkerContext, index: int, count: int) -> WorkerContext:
+        """The context of optimizer `index` of `count` (a task with several): the same."""
+        return ctx
+
     @property
     def is_main_process(self) -> bool:
         """Whether this worker writes the run folder (logs, checkpoints): global rank 0."""
@@ -227,6 +252,13 @@ class Strategy(ABC):
     @abstractmethod
     def model_state_dict(self) -> dict[str, Tensor]:
         """The plain model weights (consolidated), as `model.state_dict()` names them."""
+
+    def phases(self) -> list[Phase]:
+        """The optimizer steps of one training step, in order: this strategy's one optimizer."""
+        return [Phase("main", self)]
+
+    def sync_parameters(self) -> None:
+        """Make the local parameters current (a strategy that updates them remotely waits)."""
 
     def data_claimer(self) -> Callable[[int, int, int], int] | None:
         """Dynamic data assignment's shared chunk counter (see `StepLoader`), or None: every

@@ -30,6 +30,7 @@ from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.trainer.distill import check_teacher, student_outputs
 from roundhouse.trainer.live_recovery import check_live_recovery
 from roundhouse.trainer.losses import LOSSES
+from roundhouse.trainer.multi_optim import check_task_optimizers
 from roundhouse.trainer.optim import (
     check_optimizer,
     check_param_groups,
@@ -273,6 +274,7 @@ CHECKS: dict[str, Check] = {
     "shapes": check_shapes,
     "lora": check_lora,  # on the plain model: targets name its layers
     "finetune": check_starting_weights,
+    "optimizers": lambda subject: check_task_optimizers(subject.job, subject.model),
     "distill": check_distill,
 }
 # The checks of a job's own strategy and layout: skipped where the strategy is chosen later

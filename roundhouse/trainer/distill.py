@@ -68,7 +68,7 @@ def token_mask(outputs: Tensor, batch: dict[str, Tensor]) -> Tensor | None:
     return batch["target"] != PAD_ID
 
 
-class DistillTask:
+class DistillTask(Task):
     """The student's task with a teacher's soft targets mixed into the training loss."""
 
     def __init__(self, task: Task, teacher: nn.Module, config: DistillConfig) -> None:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from roundhouse.config import JobSpec
@@ -56,10 +56,12 @@ class Window:
     steps: int = 0
     samples: int = 0
     started: float = 0.0
+    turn_loss: dict[str, float] = field(default_factory=dict)  # per optimizer, when several
 
     def reset(self) -> None:
         """Start a new logging window now."""
         self.loss_sum, self.steps, self.samples, self.started = 0.0, 0, 0, time.perf_counter()
+        self.turn_loss = {}
 
 
 class Trainer:
@@ -95,6 +97,7 @@ class Trainer:
         self.saver = build_saver(checkpointer, job.trainer.checkpoint.async_)
         self.preempt = PreemptionGuard(job.cluster.preempt_grace_s)  # SIGTERM: save and stop
         self.recovery = recovery  # cluster.recovery: live (None: a lost peer ends the run)
+        self.phases = strategy.phases()  # one per optimizer, in the task's order
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -184,29 +187,22 @@ class Trainer:
         return stop
 
     def train_step(self, micro_batches: list[dict]) -> None:
-        """One optimizer step over this rank's micro-batches (skipped when a loss is non-finite)."""
+        """One optimizer step over this rank's micro-batches (skipped when a loss is non-finite).
+
+        A task with several optimizers steps each in turn (`Strategy.phases`, in its order):
+        each turn runs the micro-batches and steps that optimizer before the next begins.
+        """
         if self.recovery is not None:
             self.recovery.begin_step(self)
         step_size = self.train_loader.last_step_size
-        dp = self.strategy.data_parallel_size
-        losses: list[tuple[Any, int]] = []
-        for i, batch in enumerate(micro_batches):
-            n = batch["target"].shape[0]
-            scale = n / step_size * dp
-            loss = self.strategy.forward_backward(
-                batch, loss_scale=scale, sync=i == len(micro_batches) - 1
-            )
-            losses.append((loss, n))
-        # Read back only now: on a GPU, reading a loss waits for its kernels, and reading each
-        # micro-batch's at once would leave the device idle while the next one is launched.
-        loss_sum = sum(float(loss) * n for loss, n in losses)
-        samples = sum(n for _, n in losses)
-        hold = self.recovery is not None and self.recovery.join_waiting()
-        if not self.preempt.agree(self.strategy.all_true, math.isfinite(loss_sum), hold):
-            self.on_nonfinite_loss(loss_sum)
-            return
         need_norm = (self.state.step + 1) % self.cfg.log_every_steps == 0
-        stats = self.strategy.optimizer_step(need_grad_norm=need_norm)
+        turns: list[tuple[str, float, StepStats]] = []
+        for phase in self.phases:
+            with phase.active():
+                turn = self.run_turn(phase.strategy, micro_batches, step_size, need_norm)
+            if turn is None:
+                return
+            turns.append((phase.name, *turn))
         self.state.step += 1
         self.state.step_epoch = self.state.epoch
         if self.ledger is not None:
@@ -215,13 +211,41 @@ class Trainer:
                 global_step=self.state.step,
                 world=self.strategy.data_parallel_size,
             )
-        self.window.loss_sum += loss_sum / max(samples, 1)
+        self.window.loss_sum += sum(loss for _, loss, _ in turns)
         self.window.steps += 1
         self.window.samples += step_size
+        if len(turns) > 1:
+            for name, loss, _ in turns:
+                self.window.turn_loss[name] = self.window.turn_loss.get(name, 0.0) + loss
         if need_norm:
-            self.log_train(stats)
+            self.log_train(turns[0][2] if len(turns) == 1 else merge_turn_stats(turns))
 
-    def on_nonfinite_loss(self, loss_sum: float) -> None:
+    def run_turn(
+        self, strategy: Strategy, micro_batches: list[dict], step_size: int, need_norm: bool
+    ) -> tuple[float, StepStats] | None:
+        """Forward/backward every micro-batch and step `strategy`'s optimizer: the mean loss
+        and the step's stats, or None when the loss was non-finite (the step skipped)."""
+        dp = self.strategy.data_parallel_size
+        losses: list[tuple[Any, int]] = []
+        for i, batch in enumerate(micro_batches):
+            n = batch["target"].shape[0]
+            scale = n / step_size * dp
+            loss = strategy.forward_backward(
+                batch, loss_scale=scale, sync=i == len(micro_batches) - 1
+            )
+            losses.append((loss, n))
+        # Read back only now: on a GPU, reading a loss waits for its kernels, and reading each
+        # micro-batch's at once would leave the device idle while the next one is launched.
+        loss_sum = sum(float(loss) * n for loss, n in losses)
+        samples = sum(n for _, n in losses)
+        hold = self.recovery is not None and self.recovery.join_waiting()
+        if not self.preempt.agree(strategy.all_true, math.isfinite(loss_sum), hold):
+            self.on_nonfinite_loss(loss_sum, strategy)
+            return None
+        stats = strategy.optimizer_step(need_grad_norm=need_norm)
+        return loss_sum / max(samples, 1), stats
+
+    def on_nonfinite_loss(self, loss_sum: float, strategy: Strategy | None = None) -> None:
         """Skip the step, or raise `TrainingError` unless `trainer.skip_nonfinite_steps`."""
         step = self.state.step + 1
         if not self.cfg.skip_nonfinite_steps:
@@ -237,7 +261,7 @@ class Trainer:
                 "or set trainer.skip_nonfinite_steps=true",
             )
         logger.warning("skipping step %d: loss is %s", step, loss_sum)
-        self.strategy.zero_grad()
+        (strategy or self.strategy).zero_grad()
         self.state.skipped_steps += 1
 
     def after_step(self) -> bool:
@@ -281,6 +305,8 @@ class Trainer:
         }
         if stats.grad_norm is not None:
             metrics["train/grad_norm"] = stats.grad_norm
+        for name, total in self.window.turn_loss.items():
+            metrics[f"train/loss_{name}"] = total / max(self.window.steps, 1)
         metrics.update(stats.extra)  # strategy metrics, e.g. train/ps_staleness_max
         metrics.update(self.splits.metrics())  # e.g. data/corrupt_shards_skipped
         self.tracker.log(metrics, step=self.state.step, epoch=self.state.step_epoch)
@@ -322,21 +348,20 @@ class Trainer:
         rule = self.cfg.early_stopping
         if rule is None:
             return False
-        if rule.metric not in metrics:
+        metric, mode = selection_metric(self.task, rule.metric, rule.mode)
+        if metric not in metrics:
             raise TrainingError(
-                f"trainer.early_stopping.metric={rule.metric!r} is not a validation metric",
+                f"trainer.early_stopping.metric={metric!r} is not a validation metric",
                 f"valid: {', '.join(sorted(metrics))}",
             )
-        value, best = metrics[rule.metric], self.state.best_metric
-        sign = 1.0 if rule.mode == "min" else -1.0
+        value, best = metrics[metric], self.state.best_metric
+        sign = 1.0 if mode == "min" else -1.0
         if best is None or sign * (best - value) > rule.min_delta:
             self.state.best_metric, self.state.evals_without_improvement = value, 0
             return False
         self.state.evals_without_improvement += 1
         if self.state.evals_without_improvement >= rule.patience:
-            logger.info(
-                "early stopping at step %d: %s did not improve", self.state.step, rule.metric
-            )
+            logger.info("early stopping at step %d: %s did not improve", self.state.step, metric)
             return True
         return False
 
@@ -384,3 +409,28 @@ def build_train_loader(job: JobSpec, splits: Splits, strategy: Strategy) -> Step
         claim=strategy.data_claimer(),
         virtual_shards=strategy.virtual_shards(),
     )
+
+
+def merge_turn_stats(turns: list[tuple[str, float, StepStats]]) -> StepStats:
+    """One step's stats from each optimizer's turn: the first's lr, the total gradient norm,
+    and each turn's lr and norm as `train/lr_<name>` and `train/grad_norm_<name>`."""
+    extra: dict[str, float] = {}
+    norms = []
+    for name, _, stats in turns:
+        extra[f"train/lr_{name}"] = stats.lr
+        if stats.grad_norm is not None:
+            extra[f"train/grad_norm_{name}"] = stats.grad_norm
+            norms.append(stats.grad_norm)
+        extra.update(stats.extra)
+    grad_norm = math.sqrt(sum(n * n for n in norms)) if norms else None
+    return StepStats(grad_norm=grad_norm, lr=turns[0][2].lr, extra=extra)
+
+
+def selection_metric(task: Task, metric: str | None, mode: str | None) -> tuple[str, str]:
+    """The metric early stopping watches and its direction: the job's, else the task's own
+    (`Task.metric`, `Task.metric_mode`)."""
+    own = f"val/{task.metric}"
+    metric = metric or own
+    if mode is None:
+        mode = getattr(task, "metric_mode", "min") if metric == own else "min"
+    return metric, mode

@@ -17,7 +17,6 @@ from roundhouse.config.topology import Topology, compute_total_steps
 from roundhouse.parallel.base import TrainPlan
 from roundhouse.parallel.compile import apply_compile
 from roundhouse.parallel.context import WorkerContext
-from roundhouse.parallel.registry import build_strategy
 from roundhouse.parallel.sync_norm import apply_sync_batch_norm
 from roundhouse.runs.rundir import run_dir_of
 from roundhouse.runs.status import RunStatus
@@ -26,6 +25,7 @@ from roundhouse.trainer.async_checkpoint import SyncSaver
 from roundhouse.trainer.distill import build_distill_task
 from roundhouse.trainer.live_recovery import LiveRecovery
 from roundhouse.trainer.loop import Trainer, build_train_loader
+from roundhouse.trainer.multi_optim import build_task_strategy
 from roundhouse.trainer.optim import (
     build_optimizer,
     build_optimizer_factory,
@@ -33,8 +33,7 @@ from roundhouse.trainer.optim import (
     group_counts,
 )
 from roundhouse.trainer.sample_ledger import build_step_ledger
-from roundhouse.trainer.task import Task, build_task
-from roundhouse.trainer.tasks_regression import resolve_job_task
+from roundhouse.trainer.task import Task, build_job_task
 from roundhouse.weights.checkpoint import Checkpointer
 from roundhouse.weights.finetune import apply_finetune
 from roundhouse.weights.lora import AdapterCheckpoint, apply_lora
@@ -128,18 +127,29 @@ def build_trainer(
     if ctx.topology is None:
         ctx = ctx.with_topology(Topology.of_job(job, ctx.world_size))
     model, splits = build_model_with_data(job)  # the data fits the task, the model the data
-    task_kind = resolve_job_task(job, splits.info)  # value targets: regression
     apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
     apply_sync_batch_norm(model, job.model.options.get("norm"), ctx)  # global batch statistics
     logger.info("model %s: %s", job.model.name, group_counts(model, job.trainer.optimizer)[0])
-    task = build_distill_task(job, build_task(task_kind, job.trainer.loss), splits, ctx.device)
-    strategy = build_strategy(job.strategy, ctx)
+    task = build_distill_task(job, build_job_task(job, splits.info), splits, ctx.device)
+    sizes: dict[str, int] = {}
+
+    def plan_of(part_job: JobSpec, part_task: Task) -> TrainPlan:
+        plan = build_plan(
+            part_job,
+            part_task,
+            ctx.device,
+            steps_per_epoch=sizes["steps"],
+            total_steps=sizes["total"],
+        )
+        plan.build_optimizer = build_optimizer_factory(part_job, model)  # with param_groups
+        return plan
+
+    strategy = build_task_strategy(job, ctx, task, model, plan_of)
     loader = build_train_loader(job, splits, strategy)
     total = compute_total_steps(job, len(loader))
-    plan = build_plan(job, task, ctx.device, steps_per_epoch=len(loader), total_steps=total)
-    plan.build_optimizer = build_optimizer_factory(job, model)  # with param_groups
-    strategy.setup(model, plan)
+    sizes.update(steps=len(loader), total=total)
+    strategy.setup(model, plan_of(job, task))
     apply_compile(strategy, job.trainer.compile, job.trainer.compile_mode)
     tracker = Tracker(
         job,

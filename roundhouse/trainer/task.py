@@ -1,46 +1,35 @@
-"""Tasks: how a model's outputs become a loss and evaluation metrics.
+"""The task registry: the job's `task:` (a name or `package.module:Class`) -> its `Task`.
 
-A `ModelSpec.loss` names its task. The CNN zoo is `classification`; sequence and diffusion models
-bring their own tasks. Strategies call `forward` and `loss`; the evaluation loop sums
-`eval_sums` over batches and ranks, then `finalize` turns sums into metrics.
+Without `task:` a model's `ModelSpec.loss` names its task, as before tasks were open: the CNN
+zoo is `classification`; sequence, diffusion and GAN models bring their own. The base class
+and its contract are in `roundhouse.trainer.task_api`. A new built-in task is a module and one
+line in `TASKS`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import importlib
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from roundhouse.config import LossConfig
+from roundhouse import models
+from roundhouse.config import JobSpec, LossConfig
+from roundhouse.data import DataInfo
 from roundhouse.errors import ModelError
-from roundhouse.parallel.base import StepTask
 from roundhouse.trainer.losses import LossFn, build_loss, mixed_loss, topk_correct
+from roundhouse.trainer.task_api import OptimizerSpec, Task, TaskError
 from roundhouse.trainer.tasks_diffusion import DiffusionTask, VAETask
 from roundhouse.trainer.tasks_lm import LanguageModelTask, MaskedLMTask
-from roundhouse.trainer.tasks_regression import REGRESSION, build_regression_task
+from roundhouse.trainer.tasks_regression import build_regression_task, resolve_job_task
 from roundhouse.trainer.tasks_seq2seq import Seq2SeqTask
 from roundhouse.trainer.tasks_text import TextClassificationTask, TokenClassificationTask
 
 
-class Task(StepTask, Protocol):
-    """What the trainer needs to know about a family of models (strategies use only the
-    `StepTask` part: `forward` and `loss`)."""
-
-    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """The model's outputs for `batch` (what `loss` and `eval_sums` take)."""
-
-    def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """The scalar training loss of one micro-batch (a mean over its samples)."""
-
-    def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Metric sums of one evaluation batch; they add up over batches and ranks."""
-
-    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
-        """Metrics (`loss`, `accuracy`, ...) from the sums over every batch and rank."""
-
-
-class ClassificationTask:
+class ClassificationTask(Task):
     """Logits (B, K) against integer targets (B,); metrics: loss, top-1 and top-5 accuracy."""
 
     def __init__(self, loss_fn: LossFn) -> None:
@@ -53,6 +42,10 @@ class ClassificationTask:
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """The job's loss of logits `(B, K)` against targets `(B,)`."""
         return mixed_loss(self.loss_fn, outputs.float(), batch)
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", "accuracy", "top5_accuracy")
 
     def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Summed loss, top-1 and top-5 hits and the count of one evaluation batch."""
@@ -75,31 +68,121 @@ class ClassificationTask:
         }
 
 
+TaskFactory = Callable[[JobSpec, dict[str, Any]], Task]
+
+
+def _classification(job: JobSpec, options: dict[str, Any]) -> Task:
+    return ClassificationTask(build_loss(job.trainer.loss))
+
+
+def _language_model(job: JobSpec, options: dict[str, Any]) -> Task:
+    return LanguageModelTask(label_smoothing=job.trainer.loss.label_smoothing)
+
+
+def _masked_lm(job: JobSpec, options: dict[str, Any]) -> Task:
+    return MaskedLMTask(label_smoothing=job.trainer.loss.label_smoothing)
+
+
+def _gan(job: JobSpec, options: dict[str, Any]) -> Task:
+    from roundhouse.trainer.tasks_gan import GANTask  # only GAN jobs need it
+
+    return GANTask.from_job(job, **options)
+
+
+# Registered tasks: name -> factory. A new built-in task is one line here.
+TASKS: dict[str, TaskFactory] = {
+    "classification": _classification,
+    "language_model": _language_model,
+    "masked_lm": _masked_lm,
+    "vae": lambda job, options: VAETask(**options),
+    "diffusion": lambda job, options: DiffusionTask(**options),
+    "gan": _gan,
+    "regression": lambda job, options: build_regression_task(job.trainer.loss),
+    "text_classification": lambda job, options: TextClassificationTask(
+        label_smoothing=job.trainer.loss.label_smoothing
+    ),
+    "token_classification": lambda job, options: TokenClassificationTask(
+        label_smoothing=job.trainer.loss.label_smoothing
+    ),
+    "seq2seq": lambda job, options: Seq2SeqTask(label_smoothing=job.trainer.loss.label_smoothing),
+}
+
+
+def task_name(job: JobSpec, info: DataInfo | None = None) -> str:
+    """The job's task: `task.name`, else the model's own (`ModelSpec.loss`), which value
+    targets in the data (`info`, where known) turn into `regression`."""
+    if job.task.name:
+        return job.task.name
+    if info is not None:
+        return resolve_job_task(job, info)
+    return models.get(job.model.name).loss
+
+
+def build_job_task(job: JobSpec, info: DataInfo | None = None) -> Task:
+    """The `Task` of `job` (its `task:` section, or its model's task), with its options.
+
+    Raises:
+        TaskError: The name is neither registered nor an importable `module:Class`, or the
+            class is not a `Task`.
+    """
+    return build_named_task(job, task_name(job, info))
+
+
+def build_named_task(job: JobSpec, name: str) -> Task:
+    """The task `name` (registered, or `package.module:Class`) built for `job`."""
+    if name in TASKS:
+        return TASKS[name](job, dict(job.task.options))
+    cls = load_task_class(name)
+    return cls.from_job(job, **job.task.options)
+
+
+def load_task_class(path: str) -> type[Task]:
+    """The `Task` subclass that `package.module:Class` names.
+
+    Raises:
+        TaskError: Not registered, not importable, no such attribute, or not a `Task`.
+    """
+    valid = ", ".join(TASKS)
+    if ":" not in path:
+        raise TaskError(
+            f"task {path!r} is not registered", f"valid: {valid}, or package.module:Class"
+        )
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure of a user's module is a job-file error
+        first = (str(exc).splitlines() or [""])[0]
+        raise TaskError(
+            f"task {path!r} does not import: {type(exc).__name__}: {first}",
+            "check the module path and that it is on PYTHONPATH",
+        ) from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TaskError(
+            f"task {path!r} is not a Task class (it is {cls!r})",
+            "name a subclass of roundhouse.trainer.task_api.Task",
+        )
+    return cls
+
+
 def build_task(kind: str, loss: LossConfig) -> Task:
-    """The task a model's `ModelSpec.loss` names."""
-    if kind == "classification":
-        return ClassificationTask(build_loss(loss))
-    if kind == REGRESSION:
-        return build_regression_task(loss)
-    # Imported here: the text tasks pull in the tokenizer, which classification never needs.
+    """The built-in task `kind` with the job's loss settings (the planner's cost model).
 
-    if kind == "language_model":
-        return LanguageModelTask(label_smoothing=loss.label_smoothing)
-    if kind == "masked_lm":
-        return MaskedLMTask(label_smoothing=loss.label_smoothing)
+    Raises:
+        ModelError: `kind` is not a registered task.
+    """
+    if kind not in TASKS:
+        raise ModelError(f"model task {kind!r} is not supported", f"valid: {', '.join(TASKS)}")
+    job = SimpleNamespace(trainer=SimpleNamespace(loss=loss))
+    return TASKS[kind](job, {})  # type: ignore[arg-type]
 
-    if kind == "text_classification":
-        return TextClassificationTask(label_smoothing=loss.label_smoothing)
-    if kind == "token_classification":
-        return TokenClassificationTask(label_smoothing=loss.label_smoothing)
-    if kind == "seq2seq":
-        return Seq2SeqTask(label_smoothing=loss.label_smoothing)
-    if kind == "vae":
-        return VAETask()
-    if kind == "diffusion":
-        return DiffusionTask()
-    raise ModelError(
-        f"model task {kind!r} is not supported",
-        "valid: classification, regression, language_model, masked_lm, text_classification, "
-        "token_classification, seq2seq, vae, diffusion",
-    )
+
+__all__ = [
+    "OptimizerSpec",
+    "Task",
+    "TaskError",
+    "build_job_task",
+    "build_named_task",
+    "build_task",
+    "task_name",
+]

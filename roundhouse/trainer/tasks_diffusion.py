@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from roundhouse.errors import ModelError
+from roundhouse.trainer.fid import FIDStatistics
+from roundhouse.trainer.task_api import Task
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +38,29 @@ def _find(model: nn.Module, attr: str) -> nn.Module:
     raise ModelError(f"the model has no {attr!r}", "use a model whose task this is")
 
 
-class VAETask:
+class VAETask(Task):
     """Reconstruction + weighted KL; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, fid_classifier: str | None = None) -> None:
         self.kl: Tensor | None = None
         self.kl_weight = 0.0
+        self.fid = FIDStatistics(fid_classifier) if fid_classifier else None
+        self.fake: Tensor | None = None
+        if self.fid is not None:
+            self.metric = "fid"  # type: ignore[misc]
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", "mse", "psnr", "kl", *(("fid",) if self.fid is not None else ()))
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """The reconstruction; the model's KL term is kept for `loss`."""
+        """The reconstruction; the model's KL term is kept for `loss` (in evaluation with a
+        FID classifier, also as many decoded prior samples as the batch has images)."""
         recon = model(batch["input"])  # (B, C, H, W)
         vae = _find(model, "kl_loss")
         self.kl, self.kl_weight = vae.kl_loss, float(vae.kl_weight)
+        if self.fid is not None and not vae.training:
+            self.fake = vae.sample(recon.shape[0], eval_generator(batch["input"]))
         return recon
 
     @staticmethod
@@ -71,18 +84,25 @@ class VAETask:
             "pixels": torch.tensor(float(outputs[0].numel()), device=outputs.device) * count,
             "kl": self.kl.detach().float().sum(),
             "count": count,
-        }
+        } | self.fid_sums(batch)
+
+    def fid_sums(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """FID statistics of the batch and its generated images (none without a classifier)."""
+        if self.fid is None or self.fake is None:
+            return {}
+        return self.fid.sums(batch["input"], self.fake)
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
         """Means from sums over every rank."""
         n = max(float(sums["count"]), 1.0)
         mse = float(sums["sq_err"]) / max(float(sums["pixels"]), 1.0)
-        return {
+        metrics = {
             "loss": float(sums["loss"]) / n,
             "mse": mse,
             "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
             "kl": float(sums["kl"]) / n,
         }
+        return FIDStatistics.add_fid(sums, metrics)
 
 
 def eval_generator(images: Tensor) -> torch.Generator:
@@ -91,11 +111,24 @@ def eval_generator(images: Tensor) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class DiffusionTask:
-    """Noise-prediction MSE with condition dropout; see the module docstring."""
+class DiffusionTask(Task):
+    """Noise-prediction MSE with condition dropout; see the module docstring.
 
-    def __init__(self) -> None:
+    With `fid_classifier`, evaluation also draws as many images as each batch has (DDIM,
+    `fid_steps` steps, the batch's labels as the condition) for `fid`, the task's metric then.
+    """
+
+    def __init__(self, fid_classifier: str | None = None, fid_steps: int = 20) -> None:
         self.noise: Tensor | None = None
+        self.fid = FIDStatistics(fid_classifier) if fid_classifier else None
+        self.fid_steps = fid_steps
+        self.fake: Tensor | None = None
+        if self.fid is not None:
+            self.metric = "fid"  # type: ignore[misc]
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", *(("fid",) if self.fid is not None else ()))
 
     def draw(
         self, model: nn.Module, batch: dict[str, Tensor]
@@ -117,7 +150,18 @@ class DiffusionTask:
         """Predicted noise for the batch at freshly drawn timesteps, noise and condition dropout."""
         t, noise, cond = self.draw(model, batch)
         self.noise = noise
+        dm = _find(model, "cond_encoder")
+        if self.fid is not None and not dm.training:
+            self.fake = self.generate(dm, batch)
         return model(batch["input"], t, cond, noise)  # (B, *latent) predicted noise
+
+    def generate(self, dm: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Images for FID, conditioned on the batch's labels, from pixel-seeded noise."""
+        from roundhouse.models.diffusion import SamplerConfig
+
+        cond = dm.cond_encoder.from_labels(batch["target"])
+        config = SamplerConfig(sampler="ddim", num_steps=self.fid_steps)
+        return dm.sample(batch["input"].shape[0], config, cond, eval_generator(batch["input"]))
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Mean squared error of the predicted noise."""
@@ -127,8 +171,12 @@ class DiffusionTask:
     def eval_sums(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Summed noise-prediction loss and the count of one evaluation batch."""
         count = torch.tensor(float(outputs.shape[0]), device=outputs.device)
-        return {"loss": self.loss(outputs, batch).detach() * count, "count": count}
+        sums = {"loss": self.loss(outputs, batch).detach() * count, "count": count}
+        if self.fid is not None and self.fake is not None:
+            sums.update(self.fid.sums(batch["input"], self.fake))
+        return sums
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
-        """The mean loss from sums over every rank."""
-        return {"loss": float(sums["loss"]) / max(float(sums["count"]), 1.0)}
+        """The mean loss (and `fid`) from sums over every rank."""
+        loss = float(sums["loss"]) / max(float(sums["count"]), 1.0)
+        return FIDStatistics.add_fid(sums, {"loss": loss})

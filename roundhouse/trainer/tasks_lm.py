@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from roundhouse.data.text import MASK_ID, NUM_BYTES, PAD_ID
+from roundhouse.trainer.task_api import Task
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class _Aux:
     dropped: Tensor | None = None
 
 
-class LanguageModelTask:
+class LanguageModelTask(Task):
     """Next-token cross-entropy over all positions; `PAD` targets are ignored.
 
     Metrics: `loss` (nats per token), `perplexity` (`exp(loss)`, S3:1841), `bits_per_byte`

@@ -21,6 +21,7 @@ from roundhouse.data import DataInfo
 from roundhouse.data.sources import VALUE_TARGET_SOURCES
 from roundhouse.errors import DataError, JobFileError
 from roundhouse.trainer.losses import LossFn, build_loss
+from roundhouse.trainer.task_api import Task
 
 REGRESSION_LOSSES = ("mse", "l1", "huber")
 REGRESSION = "regression"
@@ -31,7 +32,7 @@ def as_values(outputs: Tensor, target: Tensor) -> Tensor:
     return outputs.float().reshape(target.shape)
 
 
-class RegressionTask:
+class RegressionTask(Task):
     """Float outputs against float targets; metrics: loss, MSE, MAE and R²."""
 
     def __init__(self, loss_fn: LossFn) -> None:

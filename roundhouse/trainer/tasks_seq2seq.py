@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from roundhouse.data.text import PAD_ID, decode
+from roundhouse.trainer.task_api import Task
 
 NGRAMS = 4
 
@@ -64,7 +65,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class Seq2SeqTask:
+class Seq2SeqTask(Task):
     """Teacher-forced CE; evaluation adds corpus BLEU of greedy decodes."""
 
     def __init__(self, label_smoothing: float = 0.0) -> None:

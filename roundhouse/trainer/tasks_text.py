@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from roundhouse.errors import DataError
+from roundhouse.trainer.task_api import Task
 
 IGNORE_LABEL = -100
 
@@ -79,7 +80,7 @@ def f1_metrics(sums: dict[str, float], detail: bool = False) -> dict[str, float]
     return {"macro_f1": sum(f1s) / len(f1s) if f1s else 0.0} | metrics
 
 
-class TextClassificationTask:
+class TextClassificationTask(Task):
     """Label logits `(B, K)` (or `(B, T, K)` per token) against labels; cross-entropy."""
 
     def __init__(self, label_smoothing: float = 0.0) -> None:

@@ -107,6 +107,7 @@ def test_schema_covers_every_section() -> None:
     assert set(schema["properties"]) == {
         "name",
         "model",
+        "task",
         "data",
         "trainer",
         "strategy",

@@ -146,10 +146,14 @@ TASK_METRICS = {
 
 
 def known_metrics(job: JobSpec) -> list[str]:
-    """The `val/` metrics the job's task logs at every evaluation."""
+    """The `val/` metrics the job's task logs at every evaluation (what it declares, else
+    this table's entry for the task)."""
+    from roundhouse.trainer.task import build_named_task
     from roundhouse.trainer.tasks_regression import job_task_kind
 
-    return sorted(f"val/{n}" for n in TASK_METRICS.get(job_task_kind(job), ("loss",)))
+    kind = job.task.name or job_task_kind(job)
+    names = build_named_task(job, kind).metric_names() or TASK_METRICS.get(kind, ("loss",))
+    return sorted(f"val/{n}" for n in names)
 
 
 def check_metric(job: JobSpec, metric: str) -> None:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
-from roundhouse.errors import TrainingError
+from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.parallel.base import StepStats, Strategy, TrainPlan, move_to
 from roundhouse.parallel.compile import compile_engine
 from roundhouse.parallel.context import WorkerContext
@@ -79,6 +79,40 @@ class DeepSpeedStrategy(Strategy):
             ModelError: The model lacks what the layout needs (pipeline layers, experts).
         """
         check_deepspeed_job(job, world_size)
+
+    @classmethod
+    def check_optimizers(cls, job: JobSpec, names: list[str]) -> None:
+        """Several optimizers: one engine each over a shared module, ZeRO stages 0-2 only.
+
+        ZeRO-3 gathers parameters in the engine's forward hooks (a task calling a submodule
+        directly would see empty tensors, and two engines would partition the same module
+        twice); pipeline, tensor and expert parallel engines own the whole model's layout;
+        offload has not been verified with several engines.
+
+        Raises:
+            JobFileError: The layout is one of those.
+        """
+        if len(names) < 2:
+            return
+        s = job.strategy
+        refused = [
+            (s.zero_stage == 3, "strategy.zero_stage=3", "zero_stage 0, 1 or 2"),
+            (s.pipeline_stages > 1, "strategy.pipeline_stages>1", "pipeline_stages=1"),
+            (s.tensor_parallel > 1, "strategy.tensor_parallel>1", "tensor_parallel=1"),
+            (s.expert_parallel > 1, "strategy.expert_parallel>1", "expert_parallel=1"),
+            (
+                s.offload_optimizer != "none" or s.offload_params != "none",
+                "strategy offload",
+                "offload_optimizer=none and offload_params=none",
+            ),
+        ]
+        for bad, what, fix in refused:
+            if bad:
+                raise JobFileError(
+                    f"{what} does not work with a task that steps several optimizers "
+                    f"({', '.join(names)})",
+                    f"use {fix}, or strategy.kind=ring",
+                )
 
     def __init__(self, config: DeepSpeedStrategyConfig, ctx: WorkerContext) -> None:
         super().__init__(config, ctx)

@@ -26,6 +26,7 @@ schedule), so they load at another number of workers or servers: the shards are 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from roundhouse.parallel.ps.costs import PSCosts
 from roundhouse.parallel.ps.remote import SERVICE, RemoteParameterStore, server_spec
 from roundhouse.parallel.ps.rows import RowTables, sparse_modules
 from roundhouse.parallel.ps.shard_state import row_part
+from roundhouse.parallel.ps.subset import ShardSubset
 from roundhouse.parallel.ring import build_node_groups
 from roundhouse.parallel.ring.strategy import broadcast_module, check_process_group
 from roundhouse.parallel.services import ServiceGroup, ServiceSpec
@@ -112,6 +114,31 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             JobFileError: `trainer.grad_clip_norm` is set.
         """
         check_no_grad_clip(job.trainer.grad_clip_norm)
+
+    @classmethod
+    def check_optimizers(cls, job: JobSpec, names: list[str]) -> None:
+        """Each optimizer trains on its own servers: at least one server per optimizer.
+
+        Raises:
+            JobFileError: `strategy.num_servers` is below the number of optimizers.
+        """
+        if len(names) > job.strategy.num_servers:
+            raise JobFileError(
+                f"the task steps {len(names)} optimizers ({', '.join(names)}) but "
+                f"strategy.num_servers={job.strategy.num_servers}",
+                f"set strategy.num_servers to at least {len(names)} (one share per optimizer)",
+            )
+
+    @classmethod
+    def split_context(cls, ctx: WorkerContext, index: int, count: int) -> WorkerContext:
+        """Optimizer `index` of `count` pushes and pulls on its own share of the servers."""
+        service = ctx.services.get(SERVICE)
+        if service is None:
+            return ctx  # one worker: each optimizer builds its own in-process store
+        store = RemoteParameterStore(service) if isinstance(service, ServiceGroup) else service
+        return dataclasses.replace(
+            ctx, services={**ctx.services, SERVICE: ShardSubset(store, index, count)}
+        )
 
     def __init__(self, config: PSStrategyConfig, ctx: WorkerContext) -> None:
         super().__init__(config, ctx)
@@ -241,6 +268,11 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         if sync and self.rows is not None:
             self.rows.push(self.clock)
         return loss
+
+    def sync_parameters(self) -> None:
+        """Load the servers' parameters of the latest step (another optimizer's turn reads them)."""
+        if self.client is not None:  # set up
+            self._ensure_params()
 
     def _maybe_straggle(self) -> None:
         """Straggler injection: the configured rank's steps take `factor` times as long.

@@ -1,0 +1,149 @@
+"""DCGAN: a generator and a discriminator for small images (SEEDS A21: S3:2231-2348, S2:132-138).
+
+The generator maps noise `z ~ N(0, I)` to an image: a linear layer to a 4x4 feature map, then
+transposed convolutions that double the size (batch norm and ReLU between them), and a 3x3
+convolution with tanh to the image channels. The discriminator is a CNN that outputs one
+scalar per image, higher meaning "more real": strided 4x4 convolutions with LeakyReLU(0.2)
+halve the size down to 4x4, then a linear layer. `spectral_norm: true` wraps every
+discriminator weight in spectral normalization (a Lipschitz bound that steadies training,
+SEEDS S1:434); otherwise the discriminator uses batch norm after its first layer, as DCGAN.
+
+Images are in [0, 1] at the model's boundary (as the data pipeline gives them): the generator
+returns `(tanh + 1) / 2`, the discriminator scales its input to [-1, 1]. `forward(x)` is the
+discriminator's logit `(B,)`; the `gan` task (roundhouse/trainer/tasks_gan.py) calls
+`generator` and `discriminator` itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from roundhouse.errors import ModelError
+from roundhouse.models.common import image_shape
+from roundhouse.models.registry import register
+from roundhouse.models.spec import ModelSpec
+
+
+def num_doublings(size: int) -> int:
+    """How many 2x steps lead from 4x4 to `size` (a power of two >= 8)."""
+    steps = round(math.log2(size / 4)) if size >= 8 else 0
+    if size < 8 or 4 * 2**steps != size:
+        raise ModelError(
+            f"dcgan needs square images of side 8, 16, 32, ... (got {size})",
+            "set data.image_size to a power of two >= 8 (the digits: 8 or 16)",
+        )
+    return steps
+
+
+class Generator(nn.Module):
+    """`z (B, latent_dim)` -> images `(B, C, H, W)` in [0, 1]."""
+
+    def __init__(self, image: tuple[int, int, int], latent_dim: int, channels: int) -> None:
+        super().__init__()
+        c, h, _ = image
+        steps = num_doublings(h)
+        self.latent_dim = latent_dim
+        width = channels * 2 ** (steps - 1) if steps else channels
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, width * 16, bias=False), nn.BatchNorm1d(width * 16), nn.ReLU()
+        )
+        self.width = width
+        layers: list[nn.Module] = []
+        for _ in range(steps):
+            out = max(width // 2, channels)
+            layers += [
+                nn.ConvTranspose2d(width, out, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(),
+            ]
+            width = out
+        self.upsample = nn.Sequential(*layers)
+        self.to_image = nn.Conv2d(width, c, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Images in [0, 1] for noise `z`."""
+        x = self.project(z).view(z.shape[0], self.width, 4, 4)  # (B, W, 4, 4)
+        x = self.upsample(x)  # (B, channels, H, W)
+        return (torch.tanh(self.to_image(x)) + 1) / 2  # (B, C, H, W)
+
+
+class Discriminator(nn.Module):
+    """Images `(B, C, H, W)` in [0, 1] -> realness logits `(B,)`."""
+
+    def __init__(self, image: tuple[int, int, int], channels: int, spectral_norm: bool) -> None:
+        super().__init__()
+        c, h, _ = image
+        steps = num_doublings(h)
+        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
+        layers: list[nn.Module] = []
+        width_in, width = c, channels
+        for i in range(steps):
+            layers.append(sn(nn.Conv2d(width_in, width, 4, stride=2, padding=1)))
+            if i > 0 and not spectral_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.LeakyReLU(0.2))
+            width_in, width = width, width * 2
+        self.features = nn.Sequential(*layers)
+        self.head = sn(nn.Linear(width_in * 16, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """One logit per image, higher = more real."""
+        h = self.features(x * 2 - 1)  # (B, W, 4, 4)
+        return self.head(h.flatten(1)).squeeze(1)  # (B,)
+
+
+class DCGAN(nn.Module):
+    """The pair; `forward` is the discriminator (what summaries and shape checks see)."""
+
+    def __init__(
+        self, image: tuple[int, int, int], latent_dim: int, channels: int, spectral_norm: bool
+    ) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.image = image
+        self.generator = Generator(image, latent_dim, channels)
+        self.discriminator = Discriminator(image, channels, spectral_norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Realness logits `(B,)` of images `x`."""
+        return self.discriminator(x)
+
+    @torch.no_grad()
+    def sample(self, num: int, generator: torch.Generator | None = None) -> Tensor:
+        """`num` images in [0, 1] from noise drawn with `generator`."""
+        device = next(self.parameters()).device
+        z = torch.randn(num, self.latent_dim, generator=generator).to(device)
+        return self.generator(z)
+
+
+def build_dcgan(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    latent_dim: int = 64,
+    channels: int = 32,
+    spectral_norm: bool = False,
+) -> DCGAN:
+    """A DCGAN for `(C, H, W)` images with H = W a power of two >= 8."""
+    del num_classes  # unconditional
+    image = image_shape("dcgan", input_shape)
+    if image[1] != image[2]:
+        raise ModelError(f"dcgan needs square images, got {image[1]}x{image[2]}", "resize")
+    return DCGAN(image, latent_dim, channels, spectral_norm)
+
+
+SPEC = register(
+    ModelSpec(
+        name="dcgan",
+        flavors={
+            "debug": {"latent_dim": 16, "channels": 8},
+            "small": {"latent_dim": 64, "channels": 32},
+            "base": {"latent_dim": 100, "channels": 64},
+        },
+        builder=build_dcgan,
+        description="DCGAN generator + discriminator (non-saturating loss; optional spectral norm)",
+        loss="gan",
+    )
+)
