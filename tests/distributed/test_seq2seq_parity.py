@@ -11,7 +11,8 @@ import pytest
 
 from roundhouse.config.loading import validate_job
 from roundhouse.parallel.ps.manager import shard_manager
-from roundhouse.trainer import build_local_context, prepare_run, run_worker
+from roundhouse.trainer import build_local_context, run_worker
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_ps_training import train_rank as ps_rank
 from tests.distributed.test_ring_training import assert_close_weights, make_job, node_context
 from tests.helpers.dist import run_distributed

@@ -5,6 +5,7 @@ rule 5); each strategy exchanges only the stepped optimizer's gradients; resume 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from roundhouse.config.loading import validate_job
 from roundhouse.parallel.ps.manager import connect_store, shard_manager
+from roundhouse.parallel.ps.remote import SERVICE
 from roundhouse.runs.rundir import run_dir_of
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.run import build_trainer
@@ -52,7 +54,7 @@ def rank_main(rank: int, world_size: int, job: dict, address: Any, resume: bool)
     ctx = node_context(rank, world_size, 1)
     if address is not None:
         store = connect_store(address, 4)
-        ctx = type(ctx)(**{**ctx.__dict__, "parameter_store": store})
+        ctx = dataclasses.replace(ctx, services={**ctx.services, SERVICE: store})
     run_worker(validate_job(job), ctx, resume=resume)
 
 
@@ -106,7 +108,8 @@ def exchanged_parameters(rank: int, world_size: int, job: dict, address: Any) ->
     """Which parameters each optimizer's part exchanges, from the built strategy."""
     ctx = node_context(rank, world_size, 1)
     if address is not None:
-        ctx = type(ctx)(**{**ctx.__dict__, "parameter_store": connect_store(address, 4)})
+        store = connect_store(address, 4)
+        ctx = dataclasses.replace(ctx, services={**ctx.services, SERVICE: store})
     spec = validate_job(job)
     checkpointer = Checkpointer(run_dir_of(spec), keep_last=1, identity={})
     trainer = build_trainer(spec, ctx, checkpointer, None)
