@@ -138,15 +138,16 @@ class StreamingSplits:
     @property
     def info(self) -> DataInfo:
         """Input shape and class count (vocabulary size for text) from the index."""
-        shape = tuple(self.index.input.shape)
+        shape, vocab = tuple(self.index.input.shape), None
         if self.is_text:  # rows hold seq_len + 1 tokens: input and shifted target
-            shape, classes = (shape[0] - 1,), int(self.index.extra.get("vocab_size", 0))
+            vocab = int(self.index.extra.get("vocab_size", 0))
+            shape, classes = (shape[0] - 1,), vocab
         else:
             classes = self.index.num_classes or 0
         sizes = {name: d.layout.num_rows for name, d in self.datasets.items()}
         values = self.index.extra.get("target_shape")  # float value targets (regression)
         target_shape = None if values is None else tuple(values)
-        return DataInfo(shape, classes, sizes, target_shape)
+        return DataInfo(shape, classes, sizes, target_shape, vocab_size=vocab)
 
     @property
     def input_dtype(self) -> torch.dtype:
