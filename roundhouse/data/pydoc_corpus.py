@@ -54,7 +54,7 @@ from torch import Tensor
 
 from roundhouse.errors import DataError
 
-from .text import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, encode
+from .text import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, encode, positive_int_option
 
 logger = logging.getLogger(__name__)
 
@@ -224,16 +224,6 @@ def _fraction_option(options: dict[str, Any], name: str) -> float:
     return float(value)
 
 
-def _int_option(options: dict[str, Any], name: str, default: int) -> int:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DataError(
-            f"data.options.{name} must be a positive integer, got {value!r}",
-            f"set data.options.{name} to e.g. {default}",
-        )
-    return value
-
-
 def load_pydoc_classification(
     options: dict[str, Any],
 ) -> tuple[list[tuple[Tensor, Tensor]], list[str]]:
@@ -257,8 +247,8 @@ def load_pydoc_classification(
             f"unknown option {unknown[0]!r} for source builtin:pydoc-cls",
             f"valid options: {', '.join(PYDOC_CLS_OPTIONS)}",
         )
-    seq_len = _int_option(options, "seq_len", DEFAULT_CLS_SEQ_LEN)
-    min_per_class = _int_option(options, "min_per_class", DEFAULT_MIN_PER_CLASS)
+    seq_len = positive_int_option(options, "seq_len", DEFAULT_CLS_SEQ_LEN)
+    min_per_class = positive_int_option(options, "min_per_class", DEFAULT_MIN_PER_CLASS)
     fraction = _fraction_option(options, "label_fraction")
     records = stdlib_docstrings()
     names = class_names(records, min_per_class)
@@ -345,8 +335,8 @@ def load_pydoc_pairs(options: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
             f"unknown option {unknown[0]!r} for source builtin:pydoc-pairs",
             f"valid options: {', '.join(PYDOC_PAIRS_OPTIONS)}",
         )
-    src_len = _int_option(options, "src_len", DEFAULT_SRC_LEN)
-    tgt_len = _int_option(options, "tgt_len", DEFAULT_TGT_LEN)
+    src_len = positive_int_option(options, "src_len", DEFAULT_SRC_LEN)
+    tgt_len = positive_int_option(options, "tgt_len", DEFAULT_TGT_LEN)
     parts = pydoc_pairs(stdlib_docstrings())
     logger.info("pydoc-pairs: split sizes %s", [len(p) for p in parts])
     return [

@@ -118,7 +118,12 @@ def pack_documents(docs: list[bytes], seq_len: int) -> tuple[Tensor, Tensor]:
     return chunks[:, :-1].contiguous(), chunks[:, 1:].contiguous()  # (N, T), (N, T)
 
 
-def _option(options: dict[str, Any], name: str, default: int) -> int:
+def positive_int_option(options: dict[str, Any], name: str, default: int) -> int:
+    """`data.options[name]` (default `default`), which must be a positive integer.
+
+    Raises:
+        DataError: Not a positive integer (the option and an example named).
+    """
     value = options.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DataError(
@@ -150,8 +155,8 @@ def load_pytext_splits(
             f"unknown option {unknown[0]!r} for source builtin:pytext",
             f"valid options: {', '.join(PYTEXT_OPTIONS)}",
         )
-    seq_len = _option(options, "seq_len", DEFAULT_SEQ_LEN)
-    max_bytes = _option(options, "max_bytes", DEFAULT_MAX_BYTES)
+    seq_len = positive_int_option(options, "seq_len", DEFAULT_SEQ_LEN)
+    max_bytes = positive_int_option(options, "max_bytes", DEFAULT_MAX_BYTES)
     chosen = select_files(stdlib_files(), max_bytes, seed)
     docs = split_by_bytes([data for _, data in chosen], split)
     packed = [pack_documents(part, seq_len) for part in docs]
