@@ -301,12 +301,15 @@ def default_text(field: Any) -> str:
 
 
 def models_in(annotation: Any) -> list[tuple[type, str]]:
-    """The section classes a field's type holds, each with a path suffix (`[]` for lists)."""
+    """The section classes a field's type holds, each with a path suffix (`[]` for lists,
+    `.<name>` for the values of a mapping such as `task.optimizers`)."""
     origin = typing.get_origin(annotation)
     if is_model(annotation):
         return [(annotation, "")]
     if origin is list:
         return [(m, "[]" + s) for m, s in models_in(typing.get_args(annotation)[0])]
+    if origin is dict and len(typing.get_args(annotation)) == 2:
+        return [(m, ".<name>" + s) for m, s in models_in(typing.get_args(annotation)[1])]
     if origin in (typing.Union, types.UnionType, typing.Annotated):
         found = []
         for arg in typing.get_args(annotation)[: 1 if origin is typing.Annotated else None]:
