@@ -65,7 +65,9 @@ def shard_manager() -> Iterator[Address]:
     authkey = b"roundhouse-ps-test"
     folder = tempfile.mkdtemp(prefix="rhps", dir="/tmp")
     address = os.path.join(folder, "shards.sock")
-    manager = ShardManager(address=address, authkey=authkey, ctx=mp.get_context("fork"))
+    # Spawned, not forked: a forked child that runs torch's intra-op pool after the parent
+    # used it fails with "Invalid thread pool" (the sparse row updates hit it).
+    manager = ShardManager(address=address, authkey=authkey, ctx=mp.get_context("spawn"))
     manager.start()
     try:
         yield manager.address, authkey
