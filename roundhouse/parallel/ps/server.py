@@ -152,7 +152,9 @@ class ShardServer:
             self._build_dense(dense)
             self._build_tables(setup, indices, arrays)
             everything = self.params + self.tables
-            self.optimizer = build_shard_optimizer(setup, everything, self.all_indices)
+            self.optimizer = build_shard_optimizer(
+                setup.build_optimizer, everything, self.all_indices
+            )
             if self.optimizer is not None:
                 use_foreach(self.optimizer)
             self.scheduler = setup.build_scheduler(self.optimizer) if everything else None

@@ -9,12 +9,10 @@ so they load at another number of shards.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:  # server.py imports this module
-    from roundhouse.parallel.ps.server import ServerSetup
 
 
 def row_part(full: torch.Tensor, shard: int, num_shards: int) -> torch.Tensor:
@@ -51,15 +49,18 @@ def use_foreach(optimizer: torch.optim.Optimizer) -> None:
 
 
 def build_shard_optimizer(
-    setup: ServerSetup, params: list[torch.Tensor], indices: list[int]
+    build_optimizer: Callable[..., torch.optim.Optimizer],
+    params: list[torch.Tensor],
+    indices: list[int],
 ) -> torch.optim.Optimizer | None:
-    """The job's optimizer over this shard; a grouping factory also gets the global indices
-    (its parameter groups go by name, see `trainer.optim.OptimizerFactory`)."""
+    """The job's optimizer (`ServerSetup.build_optimizer`) over this shard; a grouping factory
+    also gets the global indices (its parameter groups go by name, see
+    `trainer.optim.OptimizerFactory`)."""
     if not params:
         return None
-    if hasattr(setup.build_optimizer, "groups_of"):
-        return setup.build_optimizer(params, indices=indices)
-    return setup.build_optimizer(params)
+    if hasattr(build_optimizer, "groups_of"):
+        return build_optimizer(params, indices=indices)
+    return build_optimizer(params)
 
 
 def load_shard_state(
