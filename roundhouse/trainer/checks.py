@@ -274,7 +274,7 @@ CHECKS: dict[str, Check] = {
     "shapes": check_shapes,
     "lora": check_lora,  # on the plain model: targets name its layers
     "finetune": check_starting_weights,
-    "optimizers": lambda subject: check_task_optimizers(subject.job, subject.model),
+    "optimizers": lambda subject: check_task_optimizers(subject.job, subject.model, subject.info),
     "distill": check_distill,
 }
 # The checks of a job's own strategy and layout: skipped where the strategy is chosen later

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from roundhouse.config import JobSpec, OptimizerConfig, SchedulerConfig
+from roundhouse.data import DataInfo
 from roundhouse.errors import JobFileError
 from roundhouse.parallel.base import Strategy, TrainPlan
 from roundhouse.parallel.context import WorkerContext
@@ -179,9 +180,12 @@ def with_group(job: JobSpec, group: OptimizerGroup) -> JobSpec:
     return job.model_copy(update={"trainer": trainer})
 
 
-def check_task_optimizers(job: JobSpec, model: nn.Module) -> list[str]:
+def check_task_optimizers(
+    job: JobSpec, model: nn.Module, info: DataInfo | None = None
+) -> list[str]:
     """Pre-flight: the job's task loads, and its optimizers fit `model` (meta is fine, with
-    `trainer.freeze` applied) and the job's strategy; report lines for `--dry-run`.
+    `trainer.freeze` applied) and the job's strategy; report lines for `--dry-run`. `info`
+    (the data's `DataInfo`) lets value targets name the task `regression`, as training does.
 
     Raises:
         TaskError: The task does not import or is not a `Task`.
@@ -190,10 +194,11 @@ def check_task_optimizers(job: JobSpec, model: nn.Module) -> list[str]:
     """
     from roundhouse.trainer.task import build_job_task, task_name  # imports every task
 
-    task = build_job_task(job)
+    name = task_name(job, info)
+    task = build_job_task(job, info)
     groups = resolve_optimizers(task, job, model)
     if len(groups) == 1 and not job.task.optimizers:
-        return [f"task {task_name(job)}"]
+        return [f"task {name}"]
     try:
         strategy = get_strategy_class(job.strategy)
     except JobFileError:  # `auto`: the strategy is chosen later, and checked then
@@ -202,4 +207,4 @@ def check_task_optimizers(job: JobSpec, model: nn.Module) -> list[str]:
         strategy.check_optimizers(job, [g.name for g in groups])
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     turns = ", then ".join(f"{g.name} ({sum(sizes[n] for n in g.names):,})" for g in groups)
-    return [f"task {task_name(job)}: optimizers {turns} parameters, each step"]
+    return [f"task {name}: optimizers {turns} parameters, each step"]
