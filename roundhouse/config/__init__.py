@@ -134,7 +134,9 @@ class OptimizerConfig(Section):
     weight_decay: Annotated[float, Field(ge=0)] = Field(
         0.0, description="Weight decay as torch applies it (decoupled for adamw)."
     )
-    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD and RMSprop.")
+    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.9, description="SGD only (RMSprop runs without momentum, as in the notes)."
+    )
     nesterov: bool = Field(False, description="SGD only.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam and AdamW.")
     alpha: Annotated[float, Field(gt=0, lt=1)] = Field(0.99, description="RMSprop decay.")

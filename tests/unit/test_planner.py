@@ -30,6 +30,7 @@ from roundhouse.parallel.costs import (
     ModelProfile,
     StepRate,
     Target,
+    optimizer_moments,
 )
 from roundhouse.parallel.deepspeed.partition import busiest_stage_share
 from roundhouse.parallel.deepspeed.zero_memory import zero_states
@@ -508,3 +509,20 @@ def test_plan_json_is_the_only_thing_on_stdout(
     assert plan["rows"] and plan["recommended"]
     assert "op built successfully" in captured.err and "cpu_adam op" in captured.err
     assert "Loading extension module" in captured.err
+
+
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adagrad", "adam", "adamw"])
+def test_optimizer_moments_count_the_tensors_the_built_optimizer_keeps(name: str) -> None:
+    """The memory model's per-parameter state tensors equal what the job's optimizer holds."""
+    import torch
+
+    from roundhouse.trainer.optim import build_optimizer
+
+    job = validate_job(job_dict(trainer={"max_steps": 2, "optimizer": {"name": name}}))
+    weight = torch.nn.Parameter(torch.ones(4, 3))
+    optimizer = build_optimizer([weight], job.trainer.optimizer)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    kept = [v for v in optimizer.state[weight].values() if v.shape == weight.shape]
+    opt = job.trainer.optimizer
+    assert optimizer_moments(opt.name, opt.momentum) == len(kept)

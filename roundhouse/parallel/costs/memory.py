@@ -47,9 +47,7 @@ def optimizer_moments(name: str, momentum: float) -> int:
     """fp32 tensors the torch optimizer keeps per parameter (Adam's two moments, ...)."""
     if name in ("adam", "adamw"):
         return 2
-    if name == "rmsprop":
-        return 1 + (momentum > 0)
-    if name == "adagrad":
+    if name in ("rmsprop", "adagrad"):  # square averages / sums (RMSprop is built without momentum)
         return 1
     return 1 if momentum > 0 else 0
 
