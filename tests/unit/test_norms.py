@@ -111,3 +111,22 @@ def test_a_torchvision_init_from_defaults_to_imagenet_and_logs_it(
     assert len(model._forward_pre_hooks) == 1
     off = job.model_copy(update={"data": job.data.model_copy(update={"normalize": "none"})})
     assert len(build_model_for(off, (3, 8, 8), 10)._forward_pre_hooks) == 0
+
+
+def test_sync_batch_is_refused_under_deepspeed_pipeline_stages() -> None:
+    """A pipeline stage's BatchNorm all-reduce would wait for ranks of other stages (a hang)."""
+    from roundhouse.trainer.preflight import preflight
+
+    job = validate_job(
+        {
+            "name": "syncbn-pipe",
+            "model": {"name": "vgg", "flavor": "debug", "options": {"norm": "sync_batch"}},
+            "data": {"source": "builtin:digits", "batch_size": 8},
+            "trainer": {"max_steps": 1},
+            "strategy": {"kind": "deepspeed", "zero_stage": 0, "pipeline_stages": 2},
+            "cluster": {"num_workers": 2},
+            "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
+        }
+    )
+    with pytest.raises(JobFileError, match="sync_batch needs data parallelism only"):
+        preflight(job, 2)

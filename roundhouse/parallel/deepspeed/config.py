@@ -28,6 +28,7 @@ from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
 from roundhouse.models.sparse import wants_sparse_gradients
 from roundhouse.parallel.deepspeed.tensor_parallel import SUPPORTED_MODELS, autotp_section
+from roundhouse.parallel.sync_norm import SYNC_BATCH
 
 # Raw sections that roundhouse owns through the job file: (raw key, the job field to set instead).
 OWNED_SECTIONS = {
@@ -281,6 +282,8 @@ def check_job(job: JobSpec, world_size: int) -> None:
         check_lora_layout(strategy)
     if job.trainer.optimizer.param_groups:
         check_param_groups_layout(strategy)
+    if job.model.options.get("norm") == SYNC_BATCH:
+        check_sync_batch_layout(strategy)
     check_dense_gradients(job)
 
 
@@ -301,6 +304,18 @@ def check_param_groups_layout(strategy: DeepSpeedStrategyConfig) -> None:
             "trainer.optimizer.param_groups do not work with pipeline or expert parallel "
             "DeepSpeed jobs yet",
             "drop param_groups, or use pipeline_stages=1 and expert_parallel=1",
+        )
+
+
+def check_sync_batch_layout(strategy: DeepSpeedStrategyConfig) -> None:
+    """`sync_batch` all-reduces BatchNorm statistics over every rank: with pipeline stages the
+    ranks of other stages never reach that layer (a hang), and tensor-parallel ranks hold the
+    same samples (counted twice)."""
+    if strategy.pipeline_stages > 1 or strategy.tensor_parallel > 1:
+        raise JobFileError(
+            "model.options.norm=sync_batch needs data parallelism only: pipeline and tensor "
+            "parallel ranks do not hold distinct shares of the batch",
+            "use pipeline_stages=1 and tensor_parallel=1, or norm batch/group",
         )
 
 
