@@ -192,3 +192,27 @@ def test_lazy_adam_matches_sparse_adam_on_rows_and_adam_on_dense() -> None:
     torch.testing.assert_close(ours[1].detach(), ref_dense.detach())
     untouched = [0, 2, 3, 5, 6, 8, 9]
     assert torch.equal(ours[0].detach()[untouched], table[untouched])
+
+
+def test_a_shard_subset_carries_row_tables_over_its_own_shards() -> None:
+    """One optimizer's share of the servers (a task stepping several) holds its row tables too:
+    the rows are cut over the subset's shards, and the other shards never see them."""
+    from roundhouse.parallel.ps.local import LocalParameterStore
+    from roundhouse.parallel.ps.subset import ShardSubset
+
+    store = LocalParameterStore(num_servers=4)
+    subset = ShardSubset(store, index=1, count=2)  # shards 1 and 3
+    table = np.arange(30, dtype=np.float32).reshape(10, 3)
+    for s in range(subset.num_servers):
+        subset.initialize(s, table_setup(2), [0], [table], None, 0)
+    for pusher in (0, 1):
+        for s in range(subset.num_servers):
+            rows = np.array([r for r in (2, 3) if r % 2 == s])
+            subset.push_rows(s, pusher, 0, 0, rows, np.ones((len(rows), 3), np.float32), 1)
+    got = subset.pull_rows([0, 1], 0, 1, 0, [np.array([2]), np.array([3])])
+    np.testing.assert_allclose(np.concatenate(got), table[[2, 3]] - 0.1, atol=1e-6)
+    assert store.servers[0].setup is None and store.servers[2].setup is None
+    expected = table.copy()
+    expected[[2, 3]] -= 0.1
+    merged = consolidate_states(subset.state_dicts([0, 1]))
+    np.testing.assert_allclose(merged["params"][0].numpy(), expected, atol=1e-6)

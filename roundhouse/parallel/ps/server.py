@@ -76,6 +76,9 @@ class ServerSetup:
     # holds rows `shard, shard + num_shards, ...` of each (`shard_state.row_part`).
     row_tables: dict[int, int] = field(default_factory=dict)
     num_shards: int = 1
+    # The shard's place among the `num_shards` that cut the row tables: its own id, unless the
+    # store is one optimizer's share of the servers (`ShardSubset`).
+    row_shard: int | None = None
 
 
 @dataclass
@@ -159,7 +162,7 @@ class ShardServer:
                 use_foreach(self.optimizer)
             self.scheduler = setup.build_scheduler(self.optimizer) if everything else None
             if state is not None and everything:
-                state = slice_table_state(state, setup.row_tables, self.shard_id, setup.num_shards)
+                state = slice_table_state(state, setup.row_tables, self.row_shard, setup.num_shards)
                 load_shard_state(
                     self.optimizer, self.scheduler, self.all_indices, state, everything
                 )
@@ -193,12 +196,18 @@ class ShardServer:
             if g in setup.row_tables:
                 part = torch.as_tensor(np.asarray(a, dtype=np.float32))
                 if part.shape[0] == setup.row_tables[g] and setup.num_shards > 1:
-                    part = row_part(part, self.shard_id, setup.num_shards)
+                    part = row_part(part, self.row_shard, setup.num_shards)
                 self.tables.append(part.clone().requires_grad_(True))
         self.all_indices = self.indices + self.table_ids
 
     def _current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0
+
+    @property
+    def row_shard(self) -> int:
+        """This shard's place among those that cut the row tables (`ServerSetup.row_shard`)."""
+        place = self.setup.row_shard if self.setup is not None else None
+        return self.shard_id if place is None else place
 
     def _ready(self) -> ServerSetup:
         if self.setup is None:
@@ -451,6 +460,6 @@ class ShardServer:
                 "updates": self.updates,
                 "num_pushers": self.setup.num_pushers,
                 "tables": {g: self.setup.row_tables[g] for g in self.table_ids},
-                "shard": self.shard_id,
+                "shard": self.row_shard,
                 "num_shards": self.setup.num_shards,
             }

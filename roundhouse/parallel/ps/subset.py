@@ -3,11 +3,14 @@
 Each optimizer of a task (a GAN's discriminator and generator) trains through its own `ps`
 client over its own shards, so a push or pull of one optimizer's turn touches only the servers
 that hold its parameters and optimizer state. Optimizer `index` of `count` gets every shard
-`s` with `s % count == index` (`strategy.num_servers` must be at least `count`).
+`s` with `s % count == index` (`strategy.num_servers` must be at least `count`). Row tables
+(sparse-gradient embeddings) are cut by row index over the subset's shards, as over a whole
+store.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -40,7 +43,8 @@ class ShardSubset:
         state: dict[str, Any] | None,
         step: int,
     ) -> None:
-        """(Re)start this subset's shard `shard`."""
+        """(Re)start this subset's shard `shard` (its row-table rows are the subset's cut)."""
+        setup = dataclasses.replace(setup, row_shard=shard)
         self.store.initialize(self.shards[shard], setup, indices, arrays, state, step)
 
     def push(
@@ -60,6 +64,25 @@ class ShardSubset:
     def pull(self, shards: list[int], pusher: int, step: int) -> list[PullReply]:
         """Pull this subset's `shards`."""
         return self.store.pull([self.shards[s] for s in shards], pusher, step)
+
+    def push_rows(
+        self,
+        shard: int,
+        pusher: int,
+        step: int,
+        table: int,
+        rows: np.ndarray,
+        values: np.ndarray,
+        weight: int,
+    ) -> None:
+        """Push rows of a row table to this subset's shard `shard` (rows cut over the subset)."""
+        self.store.push_rows(self.shards[shard], pusher, step, table, rows, values, weight)
+
+    def pull_rows(
+        self, shards: list[int], pusher: int, step: int, table: int, rows: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Pull rows of a row table from this subset's `shards`."""
+        return self.store.pull_rows([self.shards[s] for s in shards], pusher, step, table, rows)
 
     def claim(self, epoch: int, first: int, limit: int) -> int:
         """The whole store's data counter (one per job)."""
