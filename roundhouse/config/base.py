@@ -1,15 +1,8 @@
-"""The base of every job-file section."""
+"""The base of every job-file section (it lives in `roundhouse.sections`, below config, so that
+the strategies' own section modules can build on it; re-exported here)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from roundhouse.sections import NonNegInt, Section
 
-from pydantic import BaseModel, ConfigDict, Field
-
-NonNegInt = Annotated[int, Field(ge=0)]
-
-
-class Section(BaseModel):
-    """Base of every job-file section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["NonNegInt", "Section"]

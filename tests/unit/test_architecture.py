@@ -4,7 +4,10 @@ new strategy is one class plus one registry line (a tiny one trains the quicksta
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -38,8 +41,9 @@ KIND_TEST = re.compile(
 # name only), and `kind: auto`'s resolution (its own section only).
 KIND_HOMES: dict[str, str] = {
     "roundhouse/parallel/registry.py": STRATEGY_NAMES,
-    "roundhouse/config/strategy_section.py": STRATEGY_NAMES,  # the section registry's lookup
+    "roundhouse/sections.py": STRATEGY_NAMES,  # the section registry's lookup
     "roundhouse/parallel/single.py": "single",
+    "roundhouse/parallel/single_section.py": "single",
     "roundhouse/parallel/ring/": "ring",
     "roundhouse/parallel/ps/": "ps",
     "roundhouse/parallel/deepspeed/": "deepspeed",
@@ -139,7 +143,17 @@ def test_no_strategy_kind_tests_outside_their_own_package() -> None:
 
 # --- layering: launch -> cluster -> trainer -> weights -> parallel -> models, data ---------------
 
-SHARED = {"config", "runs", "errors"}  # usable from every layer (config and runs themselves below)
+# The strategies' torch-free job-file sections (`parallel/<name>/section.py`, and
+# `parallel/single_section.py` beside the one-module `single`): the one part of parallel/ that
+# config may import, so that the job schema knows every built-in kind. They import only pydantic
+# and `roundhouse.sections`, so they count as a shared room of their own.
+SECTION_MODULES = {
+    module_name(p, PACKAGE)
+    for p in [*PACKAGE.glob("parallel/*/section.py"), *PACKAGE.glob("parallel/*_section.py")]
+}
+SECTION_ROOM = "parallel sections"
+# Usable from every layer (config, sections and runs themselves below).
+SHARED = {"config", "sections", SECTION_ROOM, "runs", "errors"}
 # Room -> the rooms it may import. A room missing here is a failure: place it in the layering.
 MAY_IMPORT: dict[str, set[str]] = {
     "protocols": {"trainer", "weights", "parallel", "models", "data"},  # imported by no room
@@ -166,6 +180,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "data": set(),
     "runs": {"config"},
     "config": set(),
+    "sections": set(),  # the base of every job-file section: pydantic only
     "errors": set(),
 }
 # Imports against the layering, listed while a change removes them (none now).
@@ -176,6 +191,13 @@ def room_of(module: str) -> str:
     """`roundhouse.trainer.loop` -> `trainer`; `roundhouse.errors` -> `errors`."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imported_room(name: str) -> str:
+    """The room of an imported name: a strategy's section module (or a name in it) counts as
+    `SECTION_ROOM`, anything else as its `room_of`."""
+    module = name.rsplit(".", 1)[0]
+    return SECTION_ROOM if SECTION_MODULES & {name, module} else room_of(name)
 
 
 def imported_rooms(path: Path) -> set[str]:
@@ -190,7 +212,7 @@ def imported_rooms(path: Path) -> set[str]:
             continue
         for name in names:
             if name.startswith("roundhouse.") and name.count(".") >= 1:
-                rooms.add(room_of(name))
+                rooms.add(imported_room(name))
     return rooms
 
 
@@ -219,6 +241,84 @@ def test_the_layering_check_sees_type_checking_imports(tmp_path: Path) -> None:
         "    from roundhouse.trainer.task import Task\n"
     )
     assert imported_rooms(source) == {"trainer"}
+
+
+# --- the strategies' sections: in their packages, torch-free, the job schema's ----------------
+
+BUILT_IN_SECTIONS = ["single", "ring", "ps", "deepspeed", "auto"]  # the schema's order
+
+
+def test_config_may_import_a_strategys_section_and_nothing_else_of_parallel(
+    tmp_path: Path,
+) -> None:
+    assert {
+        "roundhouse.parallel.single_section",
+        "roundhouse.parallel.ring.section",
+        "roundhouse.parallel.ps.section",
+        "roundhouse.parallel.deepspeed.section",
+    } <= SECTION_MODULES
+    source = tmp_path / "x.py"
+    source.write_text(
+        "import roundhouse.parallel.single_section\n"
+        "from roundhouse.parallel.ring.section import RingStrategyConfig\n"
+    )
+    assert imported_rooms(source) == {SECTION_ROOM}
+    source.write_text("from roundhouse.parallel.ring.costs import RingCosts\n")
+    assert imported_rooms(source) == {"parallel"}
+
+
+def test_a_strategys_section_builds_only_on_pydantic_and_the_section_base() -> None:
+    def allowed(name: str) -> bool:
+        roots = {"__future__", "typing", "collections", "pydantic"}
+        return name == "roundhouse.sections" or name.split(".")[0] in roots
+
+    found = []
+    for module in sorted(SECTION_MODULES):
+        path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or "."] if node.level == 0 else ["(relative import)"]
+            else:
+                continue
+            found += [f"{module}: {name}" for name in names if not allowed(name)]
+    assert found == []
+
+
+def run_python(code: str) -> str:
+    """`code` in a fresh interpreter on this tree; its stdout (its failure raised)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_job_schema_knows_every_built_in_kind_without_importing_torch() -> None:
+    code = (
+        "import sys\n"
+        "from roundhouse.config import JobSpec, strategy_sections\n"
+        "job = {'name': 'x', 'model': {'name': 'mlp'}, 'data': {'source': 'builtin:digits'}}\n"
+        "for kind in strategy_sections():\n"
+        "    JobSpec.model_validate({**job, 'strategy': {'kind': kind}})\n"
+        "print(*strategy_sections(), 'torch' in sys.modules)\n"
+    )
+    assert run_python(code).split() == [*BUILT_IN_SECTIONS, "False"]
+
+
+@pytest.mark.parametrize("module", sorted(SECTION_MODULES))
+def test_a_strategys_section_imports_first_without_torch(module: str) -> None:
+    """Imported before anything else (its package's `__init__` runs first, and config after
+    it), a section module loads without a cycle and without torch."""
+    code = (
+        f"import sys, {module}\n"
+        "from roundhouse.config import strategy_sections\n"
+        "print(*strategy_sections(), 'torch' in sys.modules)\n"
+    )
+    *kinds, torch_loaded = run_python(code).split()
+    assert sorted(kinds) == sorted(BUILT_IN_SECTIONS) and torch_loaded == "False"
 
 
 # --- the seams -------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from roundhouse.parallel.costs import (
     Target,
     optimizer_moments,
 )
-from roundhouse.parallel.deepspeed.partition import busiest_stage_share
+from roundhouse.parallel.deepspeed.partition import busiest_stage_share, pipeline_step_share
 from roundhouse.parallel.deepspeed.zero_memory import zero_states
 from roundhouse.planner import build_plan
 from roundhouse.planner.candidates import candidate
@@ -287,6 +287,29 @@ def test_a_pipeline_stage_runs_its_share_of_the_flops_as_deepspeed_splits_by_par
     assert busiest_stage_share(p, 2) == pytest.approx(4 / 6)  # layers 0-1 | 2-3
     even = [LayerProfile(10, 1.0, 1.0, 2.0) for _ in range(4)]
     assert busiest_stage_share(ModelProfile(40, 10, 0.0, 8.0, 4.0, 1.0, layers=even), 4) == 0.25
+
+
+def test_a_pipeline_step_is_the_whole_model_once_then_its_busiest_stage_per_micro_batch() -> None:
+    even = ModelProfile(40, 10, 0.0, 8.0, 4.0, 1.0, layers=[LayerProfile(10, 1.0, 1.0, 2.0)] * 4)
+    for stages, micro in ((2, 1), (2, 8), (4, 4)):  # balanced: GPipe's (m + s - 1) / s
+        assert pipeline_step_share(even, stages, micro) == pytest.approx(
+            (micro + stages - 1) / stages
+        )
+    # an LSTM LM: embedding | recurrence (one layer, nearly all the FLOPs) | head
+    lstm = [
+        LayerProfile(16, 1.0, 1.0, 0.1),
+        LayerProfile(850, 1.0, 1.0, 9.3),
+        LayerProfile(66, 1.0, 1.0, 0.6),
+    ]
+    p = ModelProfile(932, 850, 0.0, 10.0, 3.0, 1.0, layers=lstm)
+    assert busiest_stage_share(p, 2) == pytest.approx(0.94)
+    assert pipeline_step_share(p, 2, 1) == 1.0  # one micro-batch: the stages take turns
+    assert pipeline_step_share(p, 2, 4) == pytest.approx(1 + 3 * 0.94)
+    shape = JobShape(global_batch=16, grad_accum_steps=1, optimizer_moments=2)
+    pipe = candidate("pipeline2", 2, {"kind": "deepspeed", "pipeline_stages": 2}, shape)
+    step = StepRate(0.0, 0.01, 0.0)
+    t = Target("cpu", 1e12, lambda: step, LinkRate(0.0, 1e12), overlap=False)
+    assert pipe.costs.compute_s(pipe, p, t, shape) == pytest.approx(step.fwd_bwd(16))
 
 
 def test_freed_gradients_count_with_the_optimizer_step_not_with_the_activations() -> None:

@@ -1,17 +1,20 @@
-"""A strategy package owns everything about itself: a new one is one module plus one registry
-line, and it trains, dry-runs, shows in `plan` and can be chosen by `strategy.kind: auto`; the
-planner and the calibration room name no strategy; each strategy prices its own rows."""
+"""A strategy package owns everything about itself: a new one is one package (its torch-free
+section, its Strategy and cost model: tests/helpers/solo) plus one registry line, and it
+trains, dry-runs, shows in `plan` and can be chosen by `strategy.kind: auto`; the planner and
+the calibration room name no strategy; each strategy prices its own rows."""
 
 from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Literal
 
 import pytest
 
-from roundhouse.config import JobSpec, StrategySection
+from roundhouse.config import JobSpec
 from roundhouse.config.loading import load_job, validate_job
 from roundhouse.config.topology import Topology
 from roundhouse.data.sampler import BatchPlan
@@ -20,19 +23,18 @@ from roundhouse.launch.auto import resolve_auto
 from roundhouse.launch.cli import main
 from roundhouse.launch.local import train_local
 from roundhouse.parallel import registry
-from roundhouse.parallel.base import StepStats
 from roundhouse.parallel.context import build_local_context
 from roundhouse.parallel.costs import (
-    Candidate,
     JobShape,
     LinkRate,
     ModelProfile,
     StepRate,
     Target,
 )
-from roundhouse.parallel.single import SingleCosts, SingleDeviceStrategy
 from roundhouse.planner.candidates import candidate, enumerate_candidates
 from tests.helpers.runs import only_run, read_metrics
+from tests.helpers.solo.section import SoloStrategyConfig
+from tests.helpers.solo.strategy import SoloStrategy
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -40,35 +42,7 @@ PURE_ROOMS = [ROOT / "roundhouse" / "planner", ROOT / "roundhouse" / "calibratio
 BUILT_IN_KINDS = {"single", "ring", "ps", "deepspeed"}
 H100 = ["--device", "H100-80GB", "--bandwidth", "25GB/s"]
 
-# --- a new strategy: this module is its package; `registry.STRATEGIES["solo"]` its one line ----
-
-
-class SoloStrategyConfig(StrategySection):
-    """The `strategy` section of the solo strategy (defining it adds `solo` to the schema)."""
-
-    kind: Literal["solo"]
-
-
-class SoloCosts(SingleCosts):
-    """One device, priced as twice as fast as `single` (so `auto` has a reason to pick it)."""
-
-    def compute_s(self, c: Candidate, p: ModelProfile, t: Target, shape: JobShape) -> float:
-        """Half the one-device step."""
-        return super().compute_s(c, p, t, shape) / 2
-
-
-class SoloStrategy(SingleDeviceStrategy):
-    """One device, counting its own optimizer steps (proof that it is the one running)."""
-
-    kind = "solo"
-    cost_model = SoloCosts
-
-    def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
-        """The single-device step, reporting `train/solo_steps`."""
-        stats = super().optimizer_step(need_grad_norm=need_grad_norm)
-        self.steps = getattr(self, "steps", 0) + 1
-        stats.extra["train/solo_steps"] = float(self.steps)
-        return stats
+# --- a new strategy: tests/helpers/solo is its package; `registry.STRATEGIES["solo"]` its line --
 
 
 @pytest.fixture
@@ -87,6 +61,23 @@ def overrides(tmp_path: Path, kind: str) -> list[str]:
         "tracking.console=off",
         f"storage.path={tmp_path / 'runs'}",
     ]
+
+
+def test_a_new_strategy_brings_its_own_section_without_torch() -> None:
+    """Its torch-free section module alone teaches the job schema the new kind."""
+    code = (
+        "import sys\n"
+        "import tests.helpers.solo.section\n"
+        "from roundhouse.config.loading import load_job\n"
+        f"job = load_job({str(QUICKSTART)!r}, ['strategy.kind=solo'])\n"
+        "print(type(job.strategy).__name__, 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["SoloStrategyConfig", "False"]
 
 
 def test_a_new_strategy_dry_runs(solo: None, tmp_path: Path, capsys) -> None:

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from roundhouse import models
-from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
+from roundhouse.config import JobSpec
 from roundhouse.config.topology import Topology
 from roundhouse.errors import JobFileError
 from roundhouse.models.sparse import wants_sparse_gradients
+from roundhouse.parallel.deepspeed.section import DeepSpeedStrategyConfig
 from roundhouse.parallel.deepspeed.tensor_parallel import SUPPORTED_MODELS, autotp_section
 from roundhouse.parallel.sync_norm import SYNC_BATCH
 

@@ -3,7 +3,8 @@ and expert parallel where the model allows them.
 
 Memory: ZeRO stage k partitions the optimizer (k >= 1), gradients (k >= 2) and parameters
 (k = 3) over the data-parallel ranks (`zero_states`, DeepSpeed's own estimators). Compute: the
-model's step on this rank's share (a pipeline's busiest stage, with its fill-and-drain bubble),
+model's step on this rank's share (a pipeline: the whole model once, its fill and drain, then
+its busiest stage per further micro-batch),
 plus what the ZeRO engine's hooks add (calibrated on one rank: the `zero2` engine for stages
 0-2, which share its bucketed gradient path, and `zero3`), and the optimizer over the states
 this rank owns. Exchange: ZeRO-0/1/2 reduce each bucket to its partition's owner and gather the
@@ -32,7 +33,7 @@ from roundhouse.parallel.costs import (
     optimizer_scratch,
     tensor_parallel_activation_share,
 )
-from roundhouse.parallel.deepspeed.partition import busiest_stage_share, stage_saved, stage_sums
+from roundhouse.parallel.deepspeed.partition import pipeline_step_share, stage_saved, stage_sums
 from roundhouse.parallel.deepspeed.zero_memory import DS_REDUCE_BUCKET, zero_buffers, zero_states
 
 
@@ -158,8 +159,7 @@ class DeepSpeedCosts(CostModel):
         share = self.local_params(c, p) / p.num_params
         fwd_bwd = rate.fwd_bwd(micro)
         if c.pipeline_stages > 1:
-            s = c.pipeline_stages
-            compute = fwd_bwd * busiest_stage_share(p, s) * (accum + s - 1)
+            compute = fwd_bwd * pipeline_step_share(p, c.pipeline_stages, accum)
         elif c.tensor_parallel > 1:
             compute = accum * fwd_bwd * share
         else:

@@ -41,6 +41,17 @@ def busiest_stage_share(p: ModelProfile, stages: int) -> float:
     return max(sum(flops[i] for i in group) for group in groups) / sum(flops)
 
 
+def pipeline_step_share(p: ModelProfile, stages: int, micro_batches: int) -> float:
+    """A pipeline step's compute in units of one micro-batch's whole-model forward+backward:
+    the first micro-batch passes every stage in turn (the fill and drain: the whole model,
+    `1`), and each further one adds the busiest stage's share (the stage that paces the
+    schedule): `1 + (micro_batches - 1) x busiest`. With balanced stages this is GPipe's
+    `(micro_batches + stages - 1) / stages`; with unbalanced ones (an LSTM whose recurrence is
+    one layer) it is less than that formula's `(micro_batches + stages - 1) x busiest`, which
+    pays the busiest stage in every slot of the fill and drain too."""
+    return 1.0 + (micro_batches - 1) * busiest_stage_share(p, stages)
+
+
 def stage_saved(p: ModelProfile, stages: int) -> float:
     """Saved bytes per sample of the busiest pipeline stage (split by parameters, as DeepSpeed's
     default `partition_method: parameters`)."""

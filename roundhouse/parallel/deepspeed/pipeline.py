@@ -37,11 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from roundhouse.config import DeepSpeedStrategyConfig
 from roundhouse.errors import JobFileError, ModelError
 from roundhouse.parallel.base import StepStats, TrainPlan
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.deepspeed.config import pipeline_partition
+from roundhouse.parallel.deepspeed.section import DeepSpeedStrategyConfig
 from roundhouse.parallel.deepspeed.state import ZeroState, merge_named
 from roundhouse.parallel.deepspeed.strategy import (
     DeepSpeedStrategy,

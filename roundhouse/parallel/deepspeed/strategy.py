@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from roundhouse.config import DeepSpeedStrategyConfig, JobSpec
+from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.parallel.base import StepStats, Strategy, TrainPlan, move_to
 from roundhouse.parallel.compile import compile_engine
@@ -52,6 +52,7 @@ from roundhouse.parallel.deepspeed.moe import (
     merge_expert_groups,
     widen_groups,
 )
+from roundhouse.parallel.deepspeed.section import DeepSpeedStrategyConfig
 from roundhouse.parallel.deepspeed.state import (
     ZeroState,
     from_torch_layout,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from roundhouse.config import PSStrategyConfig
 from roundhouse.parallel.costs import (
     WORKERS_PROBED,
     Candidate,
@@ -21,6 +20,7 @@ from roundhouse.parallel.costs import (
     ModelProfile,
     Target,
 )
+from roundhouse.parallel.ps.section import PSStrategyConfig
 
 
 class PSCosts(CostModel):

@@ -1,11 +1,13 @@
 """Gradient communication for data parallelism: the ring all-reduce, buckets, node layouts.
 
-Imports `torch.distributed`; only trainer strategies use this package.
+The package loads lazily: the job schema imports its torch-free `section.py`, which runs this
+`__init__` first, so the names below (which import `torch.distributed`) load on first use.
+Only trainer strategies use them.
 """
 
-from roundhouse.parallel.buckets import OverlappedAllReduce, build_buckets
-from roundhouse.parallel.ring.collectives import native_all_reduce_, ring_all_reduce_
-from roundhouse.parallel.ring.reducer import GradientReducer, NodeGroups, build_node_groups
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "GradientReducer",
@@ -16,3 +18,16 @@ __all__ = [
     "native_all_reduce_",
     "ring_all_reduce_",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The names of `__all__`, imported on first use (PEP 562)."""
+    if name in ("OverlappedAllReduce", "build_buckets"):
+        from roundhouse.parallel import buckets as module
+    elif name in ("native_all_reduce_", "ring_all_reduce_"):
+        from roundhouse.parallel.ring import collectives as module
+    elif name in ("GradientReducer", "NodeGroups", "build_node_groups"):
+        from roundhouse.parallel.ring import reducer as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from roundhouse.config import RingStrategyConfig
 from roundhouse.parallel.costs import (
     Candidate,
     CostModel,
@@ -20,6 +19,7 @@ from roundhouse.parallel.costs import (
     Target,
     collective_s,
 )
+from roundhouse.parallel.ring.section import RingStrategyConfig
 
 
 class RingCosts(CostModel):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from roundhouse.config import JobSpec, RingStrategyConfig
+from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.models.sparse import sparse_modules
 from roundhouse.parallel.base import StepStats, TrainPlan
@@ -27,6 +27,7 @@ from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
 from roundhouse.parallel.ring.costs import RingCosts
 from roundhouse.parallel.ring.exact import ExactShardSum
+from roundhouse.parallel.ring.section import RingStrategyConfig
 from roundhouse.parallel.ring.sparse import gather_sparse_grads
 from roundhouse.parallel.single import SingleDeviceStrategy
 from roundhouse.parallel.timeouts import group_timeout, named_collective
