@@ -37,10 +37,12 @@ model passes 1.2x is not measured here; it needs far more than a few CPU minutes
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,21 +76,26 @@ def nearest_neighbour_bleu() -> tuple[float, int]:
 def s2s_job(args: argparse.Namespace, storage: str, **trainer: Any) -> dict:
     return {
         "name": "s2s_bench",
-        "model": {"name": "seq2seq", "flavor": args.flavor},
+        "model": {"name": "seq2seq", "flavor": args.flavor, "options": {"dropout": args.dropout}},
         "data": {
             "source": "builtin:pydoc-pairs",
-            "options": {"src_len": args.src_len, "tgt_len": args.tgt_len},
+            "options": {
+                "src_len": args.src_len,
+                "tgt_len": args.tgt_len,
+                "tokenizer": args.tokenizer,
+            },
             "batch_size": args.batch_size,
             "eval_batch_size": 512,
         },
         "trainer": {
             "max_epochs": 1000,
             "max_steps": args.steps,
-            "eval_every_steps": args.steps,
+            "eval_every_steps": args.eval_every or args.steps,
             "log_every_steps": 50,
             "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": 0.01},
             "scheduler": {"name": "cosine", "warmup_steps": min(100, args.steps // 10)},
             "grad_clip_norm": 1.0,
+            "loss": {"label_smoothing": args.label_smoothing},
             **trainer,
         },
         "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
@@ -102,6 +109,10 @@ def model_bleu(args: argparse.Namespace, storage: str) -> float:
     summary = train_local(validate_job(s2s_job(args, storage)))
     logger.info("trained %d steps in %.0f s: %s", args.steps, time.perf_counter() - started,
                 {k: round(v, 3) for k, v in summary.items() if k.startswith("test/")})  # fmt: skip
+    for path in Path(storage).glob("*/*/metrics.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        curve = [(r["step"], round(r["val/bleu"], 2)) for r in rows if "val/bleu" in r]
+        logger.info("val BLEU by step: %s", curve)
     return float(summary["test/bleu"])
 
 
@@ -175,20 +186,42 @@ def main() -> None:
     parser.add_argument("--src-len", type=int, default=48)
     parser.add_argument("--tgt-len", type=int, default=64)
     parser.add_argument("--tp-steps", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, help="val BLEU every N steps (default: end)")
+    parser.add_argument("--tokenizer", choices=("words", "bytes"), default="words")
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--part",
+        choices=("both", "bleu", "throughput"),
+        default="both",
+        help="run one part (tokens/s is timing: run it alone under the bench lock)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.steps, args.tp_steps = min(args.steps, 400), min(args.tp_steps, 8)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
+    if args.part != "throughput":
+        bleu(args)
+    if args.part != "bleu":
+        tokens_per_s(args)
+
+
+def bleu(args: argparse.Namespace) -> None:
+    """The quality RESULT line: the model's test BLEU against the retrieval baseline's."""
     baseline, num_test = nearest_neighbour_bleu()
     with tempfile.TemporaryDirectory() as storage:
         ours = model_bleu(args, storage)
     print(
         f"RESULT seq2seq_bleu_vs_nearest_neighbour ours={ours:.2f} baseline={baseline:.2f} "
         f"ratio={ours / max(baseline, 1e-9):.2f} unit=bleu test_pairs={num_test} "
-        f"steps={args.steps} flavor={args.flavor}",
+        f"steps={args.steps} flavor={args.flavor} tokenizer={args.tokenizer}",
         flush=True,
     )
+
+
+def tokens_per_s(args: argparse.Namespace) -> None:
+    """The throughput RESULT line: ring on 2 ranks against single, tokens per second."""
     single, ring = throughput(args)
     print(
         f"RESULT seq2seq_ring2_vs_single_tokens_per_s ours={ring:.0f} baseline={single:.0f} "
