@@ -48,11 +48,12 @@ from typing import Any
 import torch
 
 from roundhouse.config.loading import validate_job
-from roundhouse.data.pydoc_corpus import pydoc_pairs, stdlib_docstrings
+from roundhouse.data.pydoc_corpus import text_pairs
 from roundhouse.launch.local import train_local
 from roundhouse.trainer.tasks_seq2seq import bleu_from_stats, bleu_stats
 
 logger = logging.getLogger("seq2seq")
+SOURCE = "builtin:unicode-pairs"
 WORD = re.compile(r"[A-Za-z]+|\d+")
 
 
@@ -61,9 +62,9 @@ def words(text: str) -> set[str]:
     return {w.lower() for w in WORD.findall(text)}
 
 
-def nearest_neighbour_bleu() -> tuple[float, int]:
+def nearest_neighbour_bleu(source: str) -> tuple[float, int]:
     """Corpus BLEU on the test split of the retrieval baseline, and the number of test pairs."""
-    train, _, test = pydoc_pairs(stdlib_docstrings())
+    train, _, test = text_pairs(source)
     train_words = [words(s) for s, _ in train]
     hyps = []
     for source, _ in test:
@@ -78,11 +79,12 @@ def s2s_job(args: argparse.Namespace, storage: str, **trainer: Any) -> dict:
         "name": "s2s_bench",
         "model": {"name": "seq2seq", "flavor": args.flavor, "options": {"dropout": args.dropout}},
         "data": {
-            "source": "builtin:pydoc-pairs",
+            "source": args.source,
             "options": {
                 "src_len": args.src_len,
                 "tgt_len": args.tgt_len,
                 "tokenizer": args.tokenizer,
+                **({"min_count": args.min_count} if args.tokenizer == "words" else {}),
             },
             "batch_size": args.batch_size,
             "eval_batch_size": 512,
@@ -178,16 +180,20 @@ def throughput(args: argparse.Namespace) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--source", choices=("builtin:pydoc-pairs", "builtin:unicode-pairs"), default=SOURCE
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps (a few minutes)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--flavor", default="tiny")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--src-len", type=int, default=48)
-    parser.add_argument("--tgt-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--src-len", type=int, default=32)
+    parser.add_argument("--tgt-len", type=int, default=32)
     parser.add_argument("--tp-steps", type=int, default=20)
     parser.add_argument("--eval-every", type=int, help="val BLEU every N steps (default: end)")
     parser.add_argument("--tokenizer", choices=("words", "bytes"), default="words")
+    parser.add_argument("--min-count", type=int, default=4, help="words: a piece's min count")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument(
@@ -209,13 +215,14 @@ def main() -> None:
 
 def bleu(args: argparse.Namespace) -> None:
     """The quality RESULT line: the model's test BLEU against the retrieval baseline's."""
-    baseline, num_test = nearest_neighbour_bleu()
+    baseline, num_test = nearest_neighbour_bleu(args.source)
     with tempfile.TemporaryDirectory() as storage:
         ours = model_bleu(args, storage)
     print(
         f"RESULT seq2seq_bleu_vs_nearest_neighbour ours={ours:.2f} baseline={baseline:.2f} "
         f"ratio={ours / max(baseline, 1e-9):.2f} unit=bleu test_pairs={num_test} "
-        f"steps={args.steps} flavor={args.flavor} tokenizer={args.tokenizer}",
+        f"steps={args.steps} flavor={args.flavor} tokenizer={args.tokenizer} "
+        f"source={args.source}",
         flush=True,
     )
 

@@ -70,6 +70,7 @@ from .text import (
     pack_documents,
     positive_int_option,
 )
+from .unicode_pairs import unicode_pairs
 from .word_tokens import WordPieces
 
 logger = logging.getLogger(__name__)
@@ -353,22 +354,32 @@ def _tokenizer_option(options: dict[str, Any]) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=4)
-def _word_pieces(min_count: int) -> WordPieces:
-    train = pydoc_pairs(stdlib_docstrings())[0]
+def text_pairs(source: str) -> Sequence[Sequence[tuple[str, str]]]:
+    """The `(source, target)` texts of train, val and test of a pair source: `builtin:pydoc-pairs`
+    or `builtin:unicode-pairs` (`roundhouse.data.unicode_pairs`)."""
+    if source == "builtin:unicode-pairs":
+        return unicode_pairs()
+    return pydoc_pairs(stdlib_docstrings())
+
+
+@functools.lru_cache(maxsize=8)
+def _word_pieces(source: str, min_count: int) -> WordPieces:
+    train = text_pairs(source)[0]
     return WordPieces.build([text for pair in train for text in pair], min_count=min_count)
 
 
-def pairs_tokenizer(options: dict[str, Any]) -> WordPieces | None:
-    """The tokenizer `builtin:pydoc-pairs` uses with these options: None for bytes, else the
-    word pieces of the training split's signatures and summaries (seen `min_count`+ times).
+def pairs_tokenizer(
+    options: dict[str, Any], source: str = "builtin:pydoc-pairs"
+) -> WordPieces | None:
+    """The tokenizer a pair source uses with these options: None for bytes, else the word
+    pieces of its training split's sources and targets (seen `min_count`+ times).
 
     Raises:
         DataError: An unknown tokenizer or a bad `min_count`.
     """
     if _tokenizer_option(options) == "bytes":
         return None
-    return _word_pieces(positive_int_option(options, "min_count", 2))
+    return _word_pieces(source, positive_int_option(options, "min_count", 2))
 
 
 def pairs_encoder(tokenizer: WordPieces | None) -> Callable[[str], list[int]]:
@@ -381,8 +392,11 @@ def pairs_decoder(tokenizer: WordPieces | None) -> Callable[[Sequence[int]], str
     return decode if tokenizer is None else tokenizer.decode
 
 
-def load_pydoc_pairs(options: dict[str, Any]) -> tuple[list[tuple[Tensor, Tensor]], int]:
-    """`builtin:pydoc-pairs`: signature ids `(N, src_len)` -> summary `(N, tgt_len + 1)`.
+def load_pydoc_pairs(
+    options: dict[str, Any], source: str = "builtin:pydoc-pairs"
+) -> tuple[list[tuple[Tensor, Tensor]], int]:
+    """`builtin:pydoc-pairs`: signature ids `(N, src_len)` -> summary `(N, tgt_len + 1)` (and
+    `builtin:unicode-pairs`, name -> decomposition, with the same options).
 
     Args:
         options: `src_len` and `tgt_len` (default 64 each, in tokens), `tokenizer` (`bytes`,
@@ -396,15 +410,15 @@ def load_pydoc_pairs(options: dict[str, Any]) -> tuple[list[tuple[Tensor, Tensor
     unknown = sorted(set(options) - set(PYDOC_PAIRS_OPTIONS))
     if unknown:
         raise DataError(
-            f"unknown option {unknown[0]!r} for source builtin:pydoc-pairs",
+            f"unknown option {unknown[0]!r} for source {source}",
             f"valid options: {', '.join(PYDOC_PAIRS_OPTIONS)}",
         )
     src_len = positive_int_option(options, "src_len", DEFAULT_SRC_LEN)
     tgt_len = positive_int_option(options, "tgt_len", DEFAULT_TGT_LEN)
-    tokenizer = pairs_tokenizer(options)
+    tokenizer = pairs_tokenizer(options, source)
     encoder = pairs_encoder(tokenizer)
-    parts = pydoc_pairs(stdlib_docstrings())
-    logger.info("pydoc-pairs: split sizes %s", [len(p) for p in parts])
+    parts = text_pairs(source)
+    logger.info("%s: split sizes %s", source, [len(p) for p in parts])
     encoded = [
         (
             encode_padded([s for s, _ in part], src_len, encoder),
@@ -465,4 +479,5 @@ __all__ = [
     "pydoc_pairs",
     "split_of",
     "stdlib_docstrings",
+    "text_pairs",
 ]

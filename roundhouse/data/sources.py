@@ -228,9 +228,11 @@ def _load_pydoc_cls(options: dict[str, Any], split: Sequence[float], seed: int) 
 _load_pydoc_cls.splits_itself = True  # type: ignore[attr-defined]
 
 
-def _load_pydoc_pairs(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
+def _load_pydoc_pairs(
+    options: dict[str, Any], split: Sequence[float], seed: int, source: str = "builtin:pydoc-pairs"
+) -> _Loaded:
     del split, seed  # the fixed hash split of pydoc_corpus, as pydoc-cls
-    parts, vocab_size = load_pydoc_pairs(options)
+    parts, vocab_size = load_pydoc_pairs(options, source)
     sizes = tuple(inputs.shape[0] for inputs, _ in parts)
     inputs = torch.cat([inputs for inputs, _ in parts])
     targets = torch.cat([targets for _, targets in parts])
@@ -244,6 +246,13 @@ def _load_pydoc_pairs(options: dict[str, Any], split: Sequence[float], seed: int
 
 
 _load_pydoc_pairs.splits_itself = True  # type: ignore[attr-defined]
+
+
+def _load_unicode_pairs(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
+    return _load_pydoc_pairs(options, split, seed, "builtin:unicode-pairs")
+
+
+_load_unicode_pairs.splits_itself = True  # type: ignore[attr-defined]
 
 
 def _load_pydoc_text(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
@@ -265,6 +274,7 @@ SOURCES: dict[str, Callable[..., _Loaded]] = {
     "builtin:diabetes": _load_diabetes,
     "builtin:pydoc-pairs": _load_pydoc_pairs,
     "builtin:pydoc-text": _load_pydoc_text,
+    "builtin:unicode-pairs": _load_unicode_pairs,
 }
 # Sources whose targets are float values (regression), known without loading them.
 VALUE_TARGET_SOURCES = frozenset({"builtin:diabetes"})

@@ -180,7 +180,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from roundhouse.launch.seq2seq_sample import sample_seq2seq
 
         options = dict(run.job.data.options)
-        text = sample_seq2seq(run.model, args, int(options.get("src_len", 64)), options)
+        src_len = int(options.get("src_len", 64))
+        text = sample_seq2seq(run.model, args, src_len, options, run.job.data.source)
     else:
         text = sample_text(run.model, args)
     print(text)

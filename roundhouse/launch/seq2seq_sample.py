@@ -17,7 +17,11 @@ SEQ2SEQ_FLAGS = ("prompt", "max_new_tokens", "beam")
 
 
 def sample_seq2seq(
-    model: torch.nn.Module, args: argparse.Namespace, src_len: int, options: dict | None = None
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    src_len: int,
+    options: dict | None = None,
+    source: str = "builtin:pydoc-pairs",
 ) -> str:
     """The decoded text for `--prompt` (greedy, or a beam search of width `--beam`), in the
     tokenizer of the run's data (`options`: its `data.options`; bytes unless `tokenizer:
@@ -29,7 +33,7 @@ def sample_seq2seq(
         pairs_tokenizer,
     )
 
-    tokenizer = pairs_tokenizer(dict(options or {}))
+    tokenizer = pairs_tokenizer(dict(options or {}), source)
 
     beam = 1 if args.beam is None else args.beam
     if beam < 1:

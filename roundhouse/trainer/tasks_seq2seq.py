@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from roundhouse.config import JobSpec
 
 NGRAMS = 4
+PAIR_SOURCES = ("builtin:pydoc-pairs", "builtin:unicode-pairs")  # whose `tokenizer` we decode
 
 
 def bleu_stats(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -93,8 +94,8 @@ class Seq2SeqTask(Task):
         `builtin:pydoc-pairs` with `tokenizer: words`, else bytes)."""
         tokenizer = None
         data = getattr(job, "data", None)  # `build_task` passes the loss settings only
-        if data is not None and data.source == "builtin:pydoc-pairs":
-            tokenizer = pairs_tokenizer(dict(data.options))
+        if data is not None and data.source in PAIR_SOURCES:
+            tokenizer = pairs_tokenizer(dict(data.options), data.source)
         smoothing = job.trainer.loss.label_smoothing
         return cls(label_smoothing=smoothing, decoder=pairs_decoder(tokenizer), **options)
 

@@ -14,6 +14,7 @@ from roundhouse.data.pydoc_corpus import load_pydoc_text, pairs_tokenizer, pydoc
 from roundhouse.data.pydoc_corpus import stdlib_docstrings as records
 from roundhouse.data.sources import build_source_splits
 from roundhouse.data.text import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from roundhouse.data.unicode_pairs import unicode_pairs
 from roundhouse.data.word_tokens import FIRST_PIECE_ID, WordPieces, split_pieces
 from roundhouse.errors import DataError
 from roundhouse.launch.cli import main
@@ -109,3 +110,23 @@ def test_a_word_piece_run_trains_reports_bleu_and_samples_text(
     assert main(["sample", str(run), "--prompt", "def get_name(self):", "--beam", "2"]) == 0
     printed = capsys.readouterr().out.strip()
     assert len(printed.splitlines()) <= 1 and "\ufffd" not in printed  # whole pieces, not bytes
+
+
+def test_unicode_pairs_are_names_to_decomposition_names_with_a_fixed_split() -> None:
+    train, val, test = unicode_pairs()
+    assert len(train) > 3000 and len(val) > 300 and len(test) > 300
+    every = dict(pair for part in (train, val, test) for pair in part)
+    assert (
+        every["LATIN SMALL LETTER E WITH ACUTE"] == "LATIN SMALL LETTER E + COMBINING ACUTE ACCENT"
+    )
+    assert every["CIRCLED DIGIT ONE"] == "<circle> DIGIT ONE"
+    assert not any(name.startswith("HANGUL SYLLABLE") for name in every)
+    names = [{s for s, _ in part} for part in (train, val, test)]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    config = DataConfig(
+        source="builtin:unicode-pairs", options={"tokenizer": "words", "src_len": 8, "tgt_len": 8}
+    )
+    splits = build_source_splits(config, seed=0)
+    tok = pairs_tokenizer({"tokenizer": "words"}, "builtin:unicode-pairs")
+    assert tok is not None and splits.info.vocab_size == tok.vocab_size < 2000
+    assert splits.info.num_samples == {"train": len(train), "val": len(val), "test": len(test)}
