@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from roundhouse.config import DataConfig
 from roundhouse.config.loading import validate_job
@@ -130,3 +131,23 @@ def test_unicode_pairs_are_names_to_decomposition_names_with_a_fixed_split() -> 
     tok = pairs_tokenizer({"tokenizer": "words"}, "builtin:unicode-pairs")
     assert tok is not None and splits.info.vocab_size == tok.vocab_size < 2000
     assert splits.info.num_samples == {"train": len(train), "val": len(val), "test": len(test)}
+
+
+def test_init_from_a_byte_run_into_word_pieces_is_refused_in_preflight(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = {
+        "name": "s2s_bytes",
+        "model": {"name": "seq2seq", "flavor": "debug"},
+        "data": {"source": "builtin:unicode-pairs", "options": {"src_len": 8, "tgt_len": 8}},
+        "trainer": {"max_steps": 1, "log_every_steps": 1},
+        "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
+        "storage": {"path": str(tmp_path)},
+    }
+    train_local(validate_job(job))
+    job["model"]["init_from"] = str(only_run(tmp_path, "s2s_bytes"))
+    job["data"]["options"]["tokenizer"] = "words"
+    path = tmp_path / "words.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path), "--local", "--dry-run"]) == 2
+    assert "tokenizer mismatch" in capsys.readouterr().err
