@@ -8,7 +8,12 @@ its signature line (`def dumps(obj, *, skipkeys=False, ...):`) and its docstring
 
 `builtin:pydoc-pairs` is the same records as a translation task: the signature line -> the
 docstring's first sentence (3,155 / 349 / 370 pairs after dropping repeats; split by a hash of
-the signature line, so no signature is in two splits).
+the signature line, so no signature is in two splits). Its ids are bytes (`tokenizer: bytes`)
+or word pieces with byte fallback learned from the training split only (`tokenizer: words`,
+`roundhouse.data.word_tokens`: some 3,200 pieces, a summary ~17 ids instead of ~52 bytes).
+
+`builtin:pydoc-text` is the docstrings alone as a byte language-model corpus (the same hash
+split; `fraction` keeps part of the training docstrings), for language-model fine-tuning.
 
 `builtin:pydoc-cls` is text classification over that corpus: the input is the docstring, the
 label is the package it belongs to. Only packages with at least `min_per_class` documented
@@ -44,7 +49,7 @@ import sys
 import sysconfig
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +59,19 @@ from torch import Tensor
 
 from roundhouse.errors import DataError
 
-from .text import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, encode, positive_int_option
+from .text import (
+    BOS_ID,
+    DEFAULT_SEQ_LEN,
+    EOS_ID,
+    PAD_ID,
+    VOCAB_SIZE,
+    decode,
+    encode,
+    pack_documents,
+    positive_int_option,
+)
+from .unicode_pairs import unicode_pairs
+from .word_tokens import WordPieces
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +217,14 @@ def class_names(records: Sequence[DocRecord], min_per_class: int) -> list[str]:
     return sorted(p for p, n in counts.items() if n >= min_per_class)
 
 
-def encode_padded(texts: Sequence[str], seq_len: int) -> Tensor:
-    """Byte ids of each text, cut to `seq_len` and right-padded with `PAD_ID`: `(N, seq_len)`."""
+def encode_padded(
+    texts: Sequence[str], seq_len: int, encoder: Callable[[str], list[int]] = encode
+) -> Tensor:
+    """Ids of each text (`encoder`, default bytes), cut to `seq_len` and right-padded with
+    `PAD_ID`: `(N, seq_len)`."""
     out = torch.full((len(texts), seq_len), PAD_ID, dtype=torch.int64)
     for row, text in enumerate(texts):
-        ids = encode(text)[:seq_len]
+        ids = encoder(text)[:seq_len]
         out[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
     return out
 
@@ -274,9 +294,10 @@ def load_pydoc_classification(
     return splits, names
 
 
-PYDOC_PAIRS_OPTIONS = ("src_len", "tgt_len")
+PYDOC_PAIRS_OPTIONS = ("src_len", "tgt_len", "tokenizer", "min_count")
 DEFAULT_SRC_LEN = 64
 DEFAULT_TGT_LEN = 64
+TOKENIZERS = ("bytes", "words")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
 
@@ -290,14 +311,17 @@ def first_sentence(docstring: str) -> str:
     return _SENTENCE_END.split(paragraph, maxsplit=1)[0]
 
 
-def encode_targets(texts: Sequence[str], tgt_len: int) -> Tensor:
-    """`(N, tgt_len + 1)`: `BOS`, the text's bytes (cut to leave room), `EOS`, then `PAD`.
+def encode_targets(
+    texts: Sequence[str], tgt_len: int, encoder: Callable[[str], list[int]] = encode
+) -> Tensor:
+    """`(N, tgt_len + 1)`: `BOS`, the text's ids (cut to leave room), `EOS`, then `PAD`.
 
-    A decoder reads `[:, :-1]` and predicts `[:, 1:]` (teacher forcing).
+    A decoder reads `[:, :-1]` and predicts `[:, 1:]` (teacher forcing). `encoder` turns a text
+    into ids (default the byte tokenizer).
     """
     out = torch.full((len(texts), tgt_len + 1), PAD_ID, dtype=torch.int64)
     for row, text in enumerate(texts):
-        ids = [BOS_ID, *encode(text)[: tgt_len - 1], EOS_ID]
+        ids = [BOS_ID, *encoder(text)[: tgt_len - 1], EOS_ID]
         out[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
     return out
 
@@ -320,32 +344,123 @@ def pydoc_pairs(records: Sequence[DocRecord]) -> list[list[tuple[str, str]]]:
     return parts
 
 
-def load_pydoc_pairs(options: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
-    """`builtin:pydoc-pairs`: signature bytes `(N, src_len)` -> summary `(N, tgt_len + 1)`.
+def _tokenizer_option(options: dict[str, Any]) -> str:
+    name = options.get("tokenizer", "bytes")
+    if name not in TOKENIZERS:
+        raise DataError(
+            f"data.options.tokenizer must be one of {', '.join(TOKENIZERS)}, got {name!r}",
+            "use tokenizer: words (word pieces of the training split) or bytes",
+        )
+    return name
+
+
+def text_pairs(source: str) -> Sequence[Sequence[tuple[str, str]]]:
+    """The `(source, target)` texts of train, val and test of a pair source: `builtin:pydoc-pairs`
+    or `builtin:unicode-pairs` (`roundhouse.data.unicode_pairs`)."""
+    if source == "builtin:unicode-pairs":
+        return unicode_pairs()
+    return pydoc_pairs(stdlib_docstrings())
+
+
+@functools.lru_cache(maxsize=8)
+def _word_pieces(source: str, min_count: int) -> WordPieces:
+    train = text_pairs(source)[0]
+    return WordPieces.build([text for pair in train for text in pair], min_count=min_count)
+
+
+def pairs_tokenizer(
+    options: dict[str, Any], source: str = "builtin:pydoc-pairs"
+) -> WordPieces | None:
+    """The tokenizer a pair source uses with these options: None for bytes, else the word
+    pieces of its training split's sources and targets (seen `min_count`+ times).
+
+    Raises:
+        DataError: An unknown tokenizer or a bad `min_count`.
+    """
+    if _tokenizer_option(options) == "bytes":
+        return None
+    return _word_pieces(source, positive_int_option(options, "min_count", 2))
+
+
+def pairs_encoder(tokenizer: WordPieces | None) -> Callable[[str], list[int]]:
+    """Text -> ids for `tokenizer` (bytes when None)."""
+    return encode if tokenizer is None else tokenizer.encode
+
+
+def pairs_decoder(tokenizer: WordPieces | None) -> Callable[[Sequence[int]], str]:
+    """Ids -> text for `tokenizer` (bytes when None); specials dropped."""
+    return decode if tokenizer is None else tokenizer.decode
+
+
+def load_pydoc_pairs(
+    options: dict[str, Any], source: str = "builtin:pydoc-pairs"
+) -> tuple[list[tuple[Tensor, Tensor]], int]:
+    """`builtin:pydoc-pairs`: signature ids `(N, src_len)` -> summary `(N, tgt_len + 1)` (and
+    `builtin:unicode-pairs`, name -> decomposition, with the same options).
 
     Args:
-        options: `src_len` and `tgt_len` (default 64 each).
+        options: `src_len` and `tgt_len` (default 64 each, in tokens), `tokenizer` (`bytes`,
+            the default, or `words`: `WordPieces` built from the training split) and, for
+            words, `min_count` (default 2).
 
     Returns:
-        `[(inputs, targets)]` for train, val and test (the same fixed hash split as pydoc-cls).
+        `[(inputs, targets)]` for train, val and test (the same fixed hash split as
+        pydoc-cls), and the vocabulary size.
     """
     unknown = sorted(set(options) - set(PYDOC_PAIRS_OPTIONS))
     if unknown:
         raise DataError(
-            f"unknown option {unknown[0]!r} for source builtin:pydoc-pairs",
+            f"unknown option {unknown[0]!r} for source {source}",
             f"valid options: {', '.join(PYDOC_PAIRS_OPTIONS)}",
         )
     src_len = positive_int_option(options, "src_len", DEFAULT_SRC_LEN)
     tgt_len = positive_int_option(options, "tgt_len", DEFAULT_TGT_LEN)
-    parts = pydoc_pairs(stdlib_docstrings())
-    logger.info("pydoc-pairs: split sizes %s", [len(p) for p in parts])
-    return [
+    tokenizer = pairs_tokenizer(options, source)
+    encoder = pairs_encoder(tokenizer)
+    parts = text_pairs(source)
+    logger.info("%s: split sizes %s", source, [len(p) for p in parts])
+    encoded = [
         (
-            encode_padded([s for s, _ in part], src_len),
-            encode_targets([t for _, t in part], tgt_len),
+            encode_padded([s for s, _ in part], src_len, encoder),
+            encode_targets([t for _, t in part], tgt_len, encoder),
         )
         for part in parts
     ]
+    return encoded, VOCAB_SIZE if tokenizer is None else tokenizer.vocab_size
+
+
+PYDOC_TEXT_OPTIONS = ("seq_len", "fraction")
+
+
+def load_pydoc_text(options: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+    """`builtin:pydoc-text`: the docstrings as a byte language-model corpus.
+
+    Every docstring of the corpus goes to train/val/test by the fixed hash of `module.qualname`
+    (the split of pydoc-cls); each split's docstrings are joined with `EOS` and cut into
+    chunks, as `builtin:pytext` does (`input = chunk[:-1]`, `target = chunk[1:]`).
+
+    Args:
+        options: `seq_len` (default 128) and `fraction` (default 1): keep that fraction of the
+            training docstrings (a fixed hash picks them; val and test stay whole).
+
+    Returns:
+        `[(inputs, targets)]` for train, val and test, each `(N, seq_len)`.
+    """
+    unknown = sorted(set(options) - set(PYDOC_TEXT_OPTIONS))
+    if unknown:
+        raise DataError(
+            f"unknown option {unknown[0]!r} for source builtin:pydoc-text",
+            f"valid options: {', '.join(PYDOC_TEXT_OPTIONS)}",
+        )
+    seq_len = positive_int_option(options, "seq_len", DEFAULT_SEQ_LEN)
+    fraction = _fraction_option(options, "fraction")
+    parts: list[list[bytes]] = [[], [], []]
+    for record in stdlib_docstrings():
+        part = split_of(record.key)
+        if part or _unit_hash(f"text:{record.key}") < fraction:
+            parts[part].append(record.docstring.encode("utf-8"))
+    logger.info("pydoc-text: docstrings per split %s", [len(p) for p in parts])
+    return [pack_documents(part, seq_len) for part in parts]
 
 
 __all__ = [
@@ -357,7 +472,12 @@ __all__ = [
     "first_sentence",
     "load_pydoc_classification",
     "load_pydoc_pairs",
+    "load_pydoc_text",
+    "pairs_decoder",
+    "pairs_encoder",
+    "pairs_tokenizer",
     "pydoc_pairs",
     "split_of",
     "stdlib_docstrings",
+    "text_pairs",
 ]

@@ -26,7 +26,7 @@ from roundhouse.errors import DataError
 
 from .folds import rotate_fold
 from .loader import build_eval_loader
-from .pydoc_corpus import load_pydoc_classification, load_pydoc_pairs
+from .pydoc_corpus import load_pydoc_classification, load_pydoc_pairs, load_pydoc_text
 from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
 from .text import VOCAB_SIZE, load_pytext_splits
 from .types import ArrayDataset, DataInfo
@@ -228,22 +228,43 @@ def _load_pydoc_cls(options: dict[str, Any], split: Sequence[float], seed: int) 
 _load_pydoc_cls.splits_itself = True  # type: ignore[attr-defined]
 
 
-def _load_pydoc_pairs(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
+def _load_pydoc_pairs(
+    options: dict[str, Any], split: Sequence[float], seed: int, source: str = "builtin:pydoc-pairs"
+) -> _Loaded:
     del split, seed  # the fixed hash split of pydoc_corpus, as pydoc-cls
-    parts = load_pydoc_pairs(options)
+    parts, vocab_size = load_pydoc_pairs(options, source)
     sizes = tuple(inputs.shape[0] for inputs, _ in parts)
     inputs = torch.cat([inputs for inputs, _ in parts])
     targets = torch.cat([targets for _, targets in parts])
     return _Loaded(
         inputs,
         targets,
-        VOCAB_SIZE,
+        vocab_size,
         split_sizes=sizes,
-        vocab_size=VOCAB_SIZE,  # type: ignore[arg-type]
+        vocab_size=vocab_size,  # type: ignore[arg-type]
     )
 
 
 _load_pydoc_pairs.splits_itself = True  # type: ignore[attr-defined]
+
+
+def _load_unicode_pairs(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
+    return _load_pydoc_pairs(options, split, seed, "builtin:unicode-pairs")
+
+
+_load_unicode_pairs.splits_itself = True  # type: ignore[attr-defined]
+
+
+def _load_pydoc_text(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
+    del split, seed  # the fixed hash split of pydoc_corpus
+    parts = load_pydoc_text(options)
+    sizes = tuple(inputs.shape[0] for inputs, _ in parts)
+    inputs = torch.cat([inputs for inputs, _ in parts])
+    targets = torch.cat([targets for _, targets in parts])
+    return _Loaded(inputs, targets, VOCAB_SIZE, split_sizes=sizes, vocab_size=VOCAB_SIZE)  # type: ignore[arg-type]
+
+
+_load_pydoc_text.splits_itself = True  # type: ignore[attr-defined]
 
 SOURCES: dict[str, Callable[..., _Loaded]] = {
     "builtin:digits": _load_digits,
@@ -252,6 +273,8 @@ SOURCES: dict[str, Callable[..., _Loaded]] = {
     "builtin:pydoc-cls": _load_pydoc_cls,
     "builtin:diabetes": _load_diabetes,
     "builtin:pydoc-pairs": _load_pydoc_pairs,
+    "builtin:pydoc-text": _load_pydoc_text,
+    "builtin:unicode-pairs": _load_unicode_pairs,
 }
 # Sources whose targets are float values (regression), known without loading them.
 VALUE_TARGET_SOURCES = frozenset({"builtin:diabetes"})

@@ -179,7 +179,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if task == "seq2seq":
         from roundhouse.launch.seq2seq_sample import sample_seq2seq
 
-        text = sample_seq2seq(run.model, args, int(run.job.data.options.get("src_len", 64)))
+        options = dict(run.job.data.options)
+        src_len = int(options.get("src_len", 64))
+        text = sample_seq2seq(run.model, args, src_len, options, run.job.data.source)
     else:
         text = sample_text(run.model, args)
     print(text)

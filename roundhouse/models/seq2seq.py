@@ -9,9 +9,10 @@ it (`y1 .. yn EOS`) at every position in parallel.
 
 Positions: `"sinusoidal"` (the paper's fixed `sin/cos` table added to the embeddings, default)
 or `"rope"` (rotary, in the self-attention of both stacks; cross-attention has no positions of
-its own). Tokens are the byte vocabulary; one embedding is shared by source, target and the
-output map (`tie_weights`), as in the paper. `PAD` in the source is masked out of every
-attention over it.
+its own). Tokens are the data's vocabulary (bytes, or word pieces whose ids extend the bytes';
+either way `PAD`/`BOS`/`EOS` are the byte tokenizer's ids); one embedding is shared by source,
+target and the output map (`tie_weights`), as in the paper. `PAD` in the source is masked out
+of every attention over it.
 
 Decoding: `greedy` (argmax each step) and `beam_search` (keep the `beam` best prefixes by
 summed log-probability, a finished hypothesis scored by its length-normalised log-probability).
@@ -211,11 +212,11 @@ def build_seq2seq(
     dropout: float = 0.0,
     tie_weights: bool = True,
 ) -> Seq2Seq:
-    """An encoder-decoder Transformer for `(S,)` sources over a byte vocabulary.
+    """An encoder-decoder Transformer for `(S,)` sources over a token vocabulary.
 
     Args:
         input_shape: `(S,)`, the source length.
-        num_classes: The output vocabulary (the data's; equal to `vocab_size` for bytes).
+        num_classes: The output vocabulary (the data's; equal to `vocab_size` for text).
         vocab_size: The token vocabulary of source and target.
         dim, num_heads, mlp_ratio: Width, heads, MLP ratio of every block.
         num_layers: Encoder blocks; `num_decoder_layers` decoder blocks (default the same).

@@ -104,7 +104,7 @@ TASKS: dict[str, TaskFactory] = {
     "token_classification": lambda job, options: TokenClassificationTask(
         label_smoothing=job.trainer.loss.label_smoothing
     ),
-    "seq2seq": lambda job, options: Seq2SeqTask(label_smoothing=job.trainer.loss.label_smoothing),
+    "seq2seq": lambda job, options: Seq2SeqTask.from_job(job),
 }
 
 

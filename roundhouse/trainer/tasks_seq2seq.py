@@ -15,15 +15,22 @@ and `bleu` (0-100).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from roundhouse.data.text import PAD_ID, decode
+from roundhouse.data.pydoc_corpus import pairs_decoder, pairs_tokenizer
+from roundhouse.data.text import EOS_ID, PAD_ID, decode
 from roundhouse.trainer.task_api import Task
 
+if TYPE_CHECKING:
+    from roundhouse.config import JobSpec
+
 NGRAMS = 4
+PAIR_SOURCES = ("builtin:pydoc-pairs", "builtin:unicode-pairs")  # whose `tokenizer` we decode
 
 
 def bleu_stats(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -47,12 +54,13 @@ def bleu_from_stats(sums: dict[str, float]) -> float:
     return float(bleu.score)
 
 
-def texts(ids: Tensor) -> list[str]:
-    """Each row's text up to its first `EOS`/`PAD` (specials dropped)."""
+def texts(ids: Tensor, decoder: Callable[[Sequence[int]], str] = decode) -> list[str]:
+    """Each row's text up to its first `EOS`/`PAD` (`decoder` turns ids into text; bytes by
+    default)."""
     out = []
     for row in ids.tolist():
-        end = next((i for i, t in enumerate(row) if t >= PAD_ID), len(row))
-        out.append(decode(row[:end]))
+        end = next((i for i, t in enumerate(row) if t in (PAD_ID, EOS_ID)), len(row))
+        out.append(decoder(row[:end]))
     return out
 
 
@@ -66,11 +74,30 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class Seq2SeqTask(Task):
-    """Teacher-forced CE; evaluation adds corpus BLEU of greedy decodes."""
+    """Teacher-forced CE; evaluation adds corpus BLEU of greedy decodes.
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    Args:
+        label_smoothing: Of the cross-entropy.
+        decoder: Ids -> text, the data's tokenizer (bytes by default); BLEU scores text.
+    """
+
+    def __init__(
+        self, label_smoothing: float = 0.0, decoder: Callable[[Sequence[int]], str] = decode
+    ) -> None:
         self.label_smoothing = label_smoothing
+        self.decoder = decoder
         self.decoded: list[str] | None = None
+
+    @classmethod
+    def from_job(cls, job: JobSpec, **options: Any) -> Seq2SeqTask:
+        """The task with the job's label smoothing and its data's tokenizer (word pieces of
+        `builtin:pydoc-pairs` with `tokenizer: words`, else bytes)."""
+        tokenizer = None
+        data = getattr(job, "data", None)  # `build_task` passes the loss settings only
+        if data is not None and data.source in PAIR_SOURCES:
+            tokenizer = pairs_tokenizer(dict(data.options), data.source)
+        smoothing = job.trainer.loss.label_smoothing
+        return cls(label_smoothing=smoothing, decoder=pairs_decoder(tokenizer), **options)
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Logits `(B, T, V)` of the shifted-right target; in eval mode also greedy decodes."""
@@ -80,7 +107,7 @@ class Seq2SeqTask(Task):
         inner = unwrap(model)
         if not inner.training:
             ids = inner.greedy(batch["input"], max_len=target.shape[1] - 1)
-            self.decoded = texts(ids)
+            self.decoded = texts(ids, self.decoder)
         return logits
 
     def token_losses(self, outputs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -107,7 +134,7 @@ class Seq2SeqTask(Task):
         correct = ((outputs.argmax(-1) == target) & (target != PAD_ID)).sum()
         sums = {"loss": total.detach(), "count": count.float(), "correct": correct.float()}
         if self.decoded is not None:
-            refs = texts(target)
+            refs = texts(target, self.decoder)
             stats = bleu_stats(self.decoded, refs)
             sums |= {k: torch.tensor(v, device=outputs.device) for k, v in stats.items()}
         return sums

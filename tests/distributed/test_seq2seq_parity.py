@@ -80,3 +80,18 @@ def test_seq2seq_on_two_ranks_equals_single(
     assert_close_weights(final_weights(run), final_weights(reference))
     assert summary["test/bleu"] == pytest.approx(reference_summary["test/bleu"], abs=1e-3)
     assert summary["test/loss"] == pytest.approx(reference_summary["test/loss"], abs=1e-4)
+
+
+def test_word_pieces_on_two_ring_ranks_equal_single(tmp_path: Path) -> None:
+    runs = []
+    for name, strategy in (("single", {"kind": "single"}), ("ring", STRATEGIES["ring"])):
+        job = s2s_job(tmp_path / name, name, strategy)
+        job["data"]["source"] = "builtin:unicode-pairs"
+        # tgt_len 2: every target row is full (one piece + EOS). The loss is a mean over each
+        # rank's own target tokens, so ranks holding different token counts would weigh them
+        # differently from `single` (see the guide); full rows keep the counts equal.
+        job["data"]["options"] = {"src_len": 12, "tgt_len": 2, "tokenizer": "words"}
+        runs.append(train(job))
+    (run, summary), (reference, reference_summary) = runs[1], runs[0]
+    assert_close_weights(final_weights(run), final_weights(reference))
+    assert summary["test/bleu"] == pytest.approx(reference_summary["test/bleu"], abs=1e-3)

@@ -100,8 +100,8 @@ def test_synthetic_defaults():
 def test_unknown_source_lists_valid_ones():
     with pytest.raises(
         DataError,
-        match="builtin:digits, builtin:pydoc-cls, builtin:pydoc-pairs, builtin:pytext, "
-        "builtin:synthetic",
+        match="builtin:digits, builtin:pydoc-cls, builtin:pydoc-pairs, builtin:pydoc-text, "
+        "builtin:pytext, builtin:synthetic, builtin:unicode-pairs",
     ) as err:
         build_splits(DataConfig(source="builtin:mnist"), seed=0)
     assert "builtin:mnist" in str(err.value)
