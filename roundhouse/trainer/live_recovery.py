@@ -84,6 +84,7 @@ class LiveRecovery:
         self.joiners: list[int] = []  # rank 0: replacements found waiting at the last poll
         self.next_poll = 0.0
         self.stalls_s: list[float] = []  # failure noticed -> group re-formed and state agreed
+        self.failed_world = group.world_size  # the world size of the step that failed
 
     def begin_step(self, trainer: Any) -> None:
         """Note where the step about to run starts (the loader has just yielded it)."""
@@ -139,6 +140,7 @@ class LiveRecovery:
         started = time.perf_counter()
         logger.warning("lost a peer (%s): re-forming", reason)
         position = self.position(trainer)
+        self.failed_world = trainer.strategy.data_parallel_size  # the lost step's world size
         trainer.strategy.close()  # drain the gradient thread: its buckets fail fast now
         trainer.strategy.zero_grad()  # a partial, uncommitted step's gradients
         # The failed collectives' tracebacks (reference cycles) keep the old process groups,
@@ -188,22 +190,38 @@ class LiveRecovery:
         return {"epoch": trainer.state.epoch, "steps_done": done}
 
     def agree(self, trainer: Any, position: dict[str, int]) -> dict[str, int]:
-        """Make every survivor hold the most advanced committed state; return its position."""
-        mine = (trainer.state.step, position["epoch"], position["steps_done"])
+        """Make every survivor hold the most advanced committed state; return its position.
+
+        A survivor one step behind (its vote on the step failed, but the step was applied: by
+        the others, or by the ps servers, `Strategy.live_lag`) had its share in that update,
+        so its ledger records the step before it takes the state of one that is ahead; where
+        no survivor is ahead (only the servers applied the step), each moves on by itself.
+        """
+        lag = trainer.strategy.live_lag()
+        mine = (trainer.state.step, position["epoch"], position["steps_done"], lag)
         views: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(views, mine)
-        if all(tuple(v) == mine for v in views):
+        target = max(v[0] + v[3] for v in views)
+        if all(tuple(v) == mine for v in views) and lag == 0:
             return position
-        src = max(range(len(views)), key=lambda r: (views[r][0], -r))
-        logger.warning("taking step %d from rank %d (it had committed it)", views[src][0], src)
-        return self.send_state(trainer, src, position)
+        if trainer.state.step < target and trainer.ledger is not None:
+            trainer.ledger.committed(
+                epoch=trainer.state.epoch, global_step=target, world=self.failed_world
+            )
+        sources = [r for r, v in enumerate(views) if v[0] == target]
+        if not sources:  # only the servers hold the step: every survivor counts it itself
+            logger.warning("the servers had applied step %d: going on after it", target)
+            trainer.state.step, trainer.state.step_epoch = target, trainer.state.epoch
+            return {**position, "steps_done": position["steps_done"] + 1}
+        logger.warning("taking step %d from rank %d (it had committed it)", target, sources[0])
+        return self.send_state(trainer, sources[0], position)
 
     def send_state(self, trainer: Any, src: int, position: dict[str, int] | None) -> dict[str, int]:
         """Broadcast rank `src`'s strategy state, loop state and data position; return it."""
         payload: list[Any] = [None]
         if dist.get_rank() == src:
             state = {
-                "strategy": trainer.strategy.state_dict(),
+                "strategy": trainer.strategy.peer_state_dict(),
                 "trainer": dataclasses.asdict(trainer.state),
                 "data": position,
             }
@@ -213,23 +231,25 @@ class LiveRecovery:
             assert position is not None
             return position
         state = deserialize(payload[0])
-        trainer.strategy.load_state_dict(state["strategy"])
+        trainer.strategy.load_peer_state_dict(state["strategy"])
         trainer.state = type(trainer.state)(**state["trainer"])
         return state["data"]
 
 
 def check_live_recovery(job: Any, strategy_class: Any, *, local: bool) -> None:
-    """`cluster.recovery: live` needs a strategy that can re-form its group, flat.
+    """`cluster.recovery: live` needs a strategy that can re-form its group: a flat ring, or
+    ps in sync mode with static data assignment.
 
     Raises:
-        JobFileError: the strategy keeps the restart path (DeepSpeed, pipeline, ps, single).
+        JobFileError: the strategy keeps the restart path (DeepSpeed, pipeline, single, ps
+            async/ssp).
     """
     if job.cluster.recovery != "live" or local:
         return
     if not strategy_class.supports_live_recovery:
         raise JobFileError(
             f"cluster.recovery=live: strategy.kind={job.strategy.kind} cannot re-form its "
-            "group with the survivors of a lost worker (only ring can)",
+            "group with the survivors of a lost worker (only ring and ps can)",
             "set cluster.recovery=restart (a lost worker restarts the group from the latest "
             "checkpoint), or use strategy.kind=ring",
         )
@@ -237,6 +257,27 @@ def check_live_recovery(job: Any, strategy_class: Any, *, local: bool) -> None:
         raise JobFileError(
             "cluster.recovery=live re-forms a flat ring, but strategy.hierarchical=true",
             "set strategy.hierarchical=false, or cluster.recovery=restart",
+        )
+    check_live_ps(job)
+
+
+def check_live_ps(job: Any) -> None:
+    """ps re-forms in sync mode only: async/ssp workers never vote on a step together, so a
+    lost one's step could not be redone; dynamic assignment has no fixed shares to re-cut."""
+    if job.strategy.kind != "ps":
+        return
+    if job.strategy.mode != "sync":
+        raise JobFileError(
+            f"cluster.recovery=live with strategy.kind=ps needs strategy.mode=sync, not "
+            f"{job.strategy.mode} (async/ssp workers never agree on a step, so a lost "
+            "worker's step could not be redone)",
+            "set strategy.mode=sync, or cluster.recovery=restart",
+        )
+    if job.strategy.data_assignment == "dynamic":
+        raise JobFileError(
+            "cluster.recovery=live with strategy.kind=ps needs strategy.data_assignment=static "
+            "(a lost worker's claimed batches cannot be re-cut among the survivors)",
+            "set strategy.data_assignment=static, or cluster.recovery=restart",
         )
 
 
