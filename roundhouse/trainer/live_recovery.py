@@ -31,9 +31,11 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from roundhouse.errors import JobFileError, TrainingError
+from roundhouse.errors import JobFileError
 from roundhouse.parallel.rendezvous import ElasticGroup
 from roundhouse.parallel.timeouts import CollectiveTimeoutError
+from roundhouse.runs.status import RUNNING, write_status
+from roundhouse.runs.tracking import Tracker
 from roundhouse.weights.checkpoint import deserialize, serialize
 
 logger = logging.getLogger(__name__)
@@ -149,15 +151,12 @@ class LiveRecovery:
         gc.collect(1)  # young cycles only: a full collection takes ~0.5 s in a big process
         self.group.reform(settle_s=2 * self.step_s)
         self.step_started = None  # the step being redone is not a measure of step time
-        if 0 not in self.group.members:
-            raise TrainingError(
-                "the run's writer (the worker launched as rank 0) was lost; live recovery "
-                "keeps training only while it lives",
-                "continue with --resume latest",
-            )
+        was_main = trainer.ctx.is_main
         self.rebind(trainer, joining=False)
         position = self.agree(trainer, position)
         self.reload(trainer, position)
+        if trainer.ctx.is_main and not was_main:
+            promote(trainer)
         if trainer.ledger is not None:
             trainer.ledger.resumed(trainer.state.step)
         self.stalls_s.append(time.perf_counter() - started)
@@ -236,13 +235,37 @@ class LiveRecovery:
         return state["data"]
 
 
+def promote(trainer: Any) -> None:
+    """This survivor is the new rank 0 (the lowest surviving launch rank; the old one was
+    lost): it takes over the run folder's metrics (rows the lost writer logged after the
+    agreed step are dropped, as on a resume), W&B (the same run id) and status. Checkpoints,
+    the ledger's resume points and the admission of replacements follow the rank by
+    themselves."""
+    run_dir = trainer.checkpointer.run_dir
+    old, trainer.tracker = (
+        trainer.tracker,
+        Tracker(
+            trainer.job,
+            run_dir,
+            is_main=True,
+            resumed=True,
+            resume_step=trainer.state.step,
+            total_steps=trainer.total_steps,
+        ),
+    )
+    old.close()
+    write_status(run_dir, RUNNING, world_size=trainer.ctx.world_size)
+    logger.warning(
+        "this worker (rank 0 now) writes the run folder from step %d", trainer.state.step
+    )
+
+
 def check_live_recovery(job: Any, strategy_class: Any, *, local: bool) -> None:
-    """`cluster.recovery: live` needs a strategy that can re-form its group: a flat ring, or
-    ps in sync mode with static data assignment.
+    """`cluster.recovery: live` needs a strategy that can re-form its group, flat (the
+    strategy's own `check_job` refuses what it cannot re-form, e.g. ps async/ssp).
 
     Raises:
-        JobFileError: the strategy keeps the restart path (DeepSpeed, pipeline, single, ps
-            async/ssp).
+        JobFileError: the strategy keeps the restart path (DeepSpeed, pipeline, single).
     """
     if job.cluster.recovery != "live" or local:
         return
@@ -257,27 +280,6 @@ def check_live_recovery(job: Any, strategy_class: Any, *, local: bool) -> None:
         raise JobFileError(
             "cluster.recovery=live re-forms a flat ring, but strategy.hierarchical=true",
             "set strategy.hierarchical=false, or cluster.recovery=restart",
-        )
-    check_live_ps(job)
-
-
-def check_live_ps(job: Any) -> None:
-    """ps re-forms in sync mode only: async/ssp workers never vote on a step together, so a
-    lost one's step could not be redone; dynamic assignment has no fixed shares to re-cut."""
-    if job.strategy.kind != "ps":
-        return
-    if job.strategy.mode != "sync":
-        raise JobFileError(
-            f"cluster.recovery=live with strategy.kind=ps needs strategy.mode=sync, not "
-            f"{job.strategy.mode} (async/ssp workers never agree on a step, so a lost "
-            "worker's step could not be redone)",
-            "set strategy.mode=sync, or cluster.recovery=restart",
-        )
-    if job.strategy.data_assignment == "dynamic":
-        raise JobFileError(
-            "cluster.recovery=live with strategy.kind=ps needs strategy.data_assignment=static "
-            "(a lost worker's claimed batches cannot be re-cut among the survivors)",
-            "set strategy.data_assignment=static, or cluster.recovery=restart",
         )
 
 

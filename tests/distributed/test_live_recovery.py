@@ -32,7 +32,7 @@ from roundhouse.trainer import WorkerContext, build_local_context, run_worker
 from roundhouse.trainer.preflight import preflight
 from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.dist import PRELOAD, _loopback_interface
-from tests.helpers.runs import assert_same_weights, final_weights
+from tests.helpers.runs import assert_same_weights, final_weights, read_metrics
 
 TIMEOUT_S = 180
 WORLD = 3
@@ -269,3 +269,22 @@ def test_live_recovery_with_a_strategy_that_cannot_is_refused_before_launch(
     job["model"] = {"name": "mlp", "flavor": "debug"}
     with pytest.raises(JobFileError, match=r"cluster\.recovery=live: strategy\.kind="):
         preflight(validate_job(job))
+
+
+def test_losing_rank_0_makes_the_lowest_survivor_the_writer(tmp_path: Path) -> None:
+    """The worker launched as rank 0 dies mid-step: the store lives outside it (here, in the
+    test; under Ray, in the driver), so the survivors re-form, member 1 becomes rank 0 and
+    writes the metrics, the checkpoints and the status; nothing is lost or repeated."""
+    reference, _ = train(make_job(tmp_path / "whole", at_call=0), set())
+    job = make_job(tmp_path / "killed", at_call=5)
+    job["model"]["options"]["kill_rank"] = 0
+    run, survivors = train(job, {0})
+    assert sorted(survivors) == [1, 2]
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and report.epochs[0].steps == 12, report.as_dict()
+    rows = read_metrics(run)
+    assert rows[-1]["step"] == 12 and "test/accuracy" in rows[-1], rows[-1]
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    ours, theirs = final_weights(run), final_weights(reference)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)

@@ -125,3 +125,14 @@ def test_resize_after_a_step_some_shard_applied_keeps_it() -> None:
     push(server, tags[0], 0, 50.0)  # the survivors redo step 0: this shard had it already
     reply = server.pull(tags[0], 1)
     np.testing.assert_allclose(reply.flat, [-2.0, -2.0])
+
+
+def test_ps_losing_rank_0_goes_on_under_the_lowest_survivor(tmp_path: Path) -> None:
+    reference, _ = train(ps_job(tmp_path / "whole", at_call=0), set())
+    job = ps_job(tmp_path / "killed", at_call=5)
+    job["model"]["options"]["kill_rank"] = 0
+    run, survivors = train(job, {0})
+    assert sorted(survivors) == [1, 2]
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and report.epochs[0].steps == 12, report.as_dict()
+    assert_close_weights(run, reference)

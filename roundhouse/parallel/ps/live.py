@@ -26,12 +26,37 @@ from typing import Any
 
 import torch.distributed as dist
 
-from roundhouse.errors import TrainingError
+from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ps.client import PSClient
 from roundhouse.parallel.ps.resize import pusher_tag
 from roundhouse.parallel.ps.rows import RowTables
 from roundhouse.parallel.ring.strategy import broadcast_module
+
+
+def check_live_job(job: Any, world_size: int) -> None:
+    """`cluster.recovery: live` re-forms ps in sync mode only: async/ssp workers never vote on
+    a step together, so a lost one's step could not be redone; dynamic assignment has no fixed
+    shares to re-cut.
+
+    Raises:
+        JobFileError: live recovery with a mode or data assignment it cannot re-form.
+    """
+    if job.cluster.recovery != "live" or world_size == 1:
+        return
+    if job.strategy.mode != "sync":
+        raise JobFileError(
+            f"cluster.recovery=live with strategy.kind=ps needs strategy.mode=sync, not "
+            f"{job.strategy.mode} (async/ssp workers never agree on a step, so a lost "
+            "worker's step could not be redone)",
+            "set strategy.mode=sync, or cluster.recovery=restart",
+        )
+    if job.strategy.data_assignment == "dynamic":
+        raise JobFileError(
+            "cluster.recovery=live with strategy.kind=ps needs strategy.data_assignment=static "
+            "(a lost worker's claimed batches cannot be re-cut among the survivors)",
+            "set strategy.data_assignment=static, or cluster.recovery=restart",
+        )
 
 
 def generation_of(ctx: WorkerContext) -> int:

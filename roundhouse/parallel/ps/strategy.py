@@ -110,12 +110,14 @@ class ParameterServerStrategy(live.LiveServersMixin, SingleDeviceStrategy):
 
     @classmethod
     def check_job(cls, job: JobSpec, world_size: int) -> None:
-        """Gradient clipping needs the whole gradient's norm, which no server sees.
+        """Gradient clipping needs the whole gradient's norm, which no server sees; live
+        recovery needs sync mode (`live.check_live_job`).
 
         Raises:
-            JobFileError: `trainer.grad_clip_norm` is set.
+            JobFileError: `trainer.grad_clip_norm` is set, or live recovery cannot re-form.
         """
         check_no_grad_clip(job.trainer.grad_clip_norm)
+        live.check_live_job(job, world_size)
 
     @classmethod
     def check_optimizers(cls, job: JobSpec, names: list[str]) -> None:
