@@ -63,8 +63,8 @@ PEER_LOSS_MARKERS = (
 
 def is_peer_loss(exc: BaseException) -> bool:
     """Whether `exc` is a collective failing because another worker is gone or stalled."""
-    if isinstance(exc, CollectiveTimeoutError):
-        return True
+    if isinstance(exc, CollectiveTimeoutError | TimeoutError):
+        return True  # TimeoutError: a ps pull waited the collective timeout (`ps/live.py`)
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(m in text for m in PEER_LOSS_MARKERS)
 

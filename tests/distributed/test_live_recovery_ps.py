@@ -20,6 +20,7 @@ from roundhouse.parallel.ps import ServerResetError, ServerSetup, ShardServer
 from roundhouse.parallel.ps.resize import pusher_tag
 from roundhouse.runs.ledger import verify_ledger
 from roundhouse.runs.rundir import RunDir
+from roundhouse.trainer.live_recovery import is_peer_loss
 from roundhouse.trainer.preflight import preflight
 from tests.distributed.test_live_recovery import make_job, train
 from tests.helpers.runs import final_weights
@@ -82,7 +83,7 @@ def test_ps_live_recovery_needs_sync(tmp_path: Path, strategy: dict, match: str)
 # --- the shard's side, in process ------------------------------------------------------------
 
 
-def sync_shard(num_pushers: int) -> ShardServer:
+def sync_shard(num_pushers: int, timeout_s: float = 600.0) -> ShardServer:
     server = ShardServer(0)
     setup = ServerSetup(
         mode="sync",
@@ -91,6 +92,7 @@ def sync_shard(num_pushers: int) -> ShardServer:
         world_size=num_pushers,
         build_optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
         build_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+        timeout_s=timeout_s,
     )
     server.initialize(setup, [0], [np.zeros(2, dtype=np.float32)])
     return server
@@ -136,3 +138,14 @@ def test_ps_losing_rank_0_goes_on_under_the_lowest_survivor(tmp_path: Path) -> N
     report = verify_ledger(RunDir(str(run)))
     assert report.ok and report.epochs[0].steps == 12, report.as_dict()
     assert_close_weights(run, reference)
+
+
+def test_a_pull_waiting_for_a_lost_pusher_is_a_peer_loss() -> None:
+    """Under live recovery the servers wait `collective_timeout_s` (`live.server_wait_s`): a
+    worker lost after its vote but before its pushes arrived shows as this timeout, which
+    live recovery treats as a lost peer."""
+    server = sync_shard(2, timeout_s=0.2)
+    push(server, 0, 0, 1.0)
+    with pytest.raises(TimeoutError) as info:
+        server.pull(0, 1)
+    assert is_peer_loss(info.value)

@@ -69,6 +69,13 @@ def joined_late(ctx: WorkerContext) -> bool:
     return bool(getattr(ctx.rendezvous, "joined_late", False))
 
 
+def server_wait_s(ctx: WorkerContext, default: float) -> float:
+    """How long a pull may wait for the other workers: under live recovery the collective
+    timeout (a worker lost right after its vote shows as a pull that times out, which live
+    recovery treats as a lost peer); else `default`."""
+    return float(ctx.rendezvous.timeout_s) if ctx.rendezvous is not None else default
+
+
 def tag_of(ctx: WorkerContext) -> int:
     """This worker's pusher id in its current generation."""
     return pusher_tag(generation_of(ctx), ctx.rank)

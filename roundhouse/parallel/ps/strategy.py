@@ -215,7 +215,7 @@ class ParameterServerStrategy(live.LiveServersMixin, SingleDeviceStrategy):
             world_size=self.ctx.world_size,
             build_optimizer=self.plan.build_optimizer,
             build_scheduler=self.plan.build_scheduler,
-            timeout_s=SERVER_WAIT_S,
+            timeout_s=live.server_wait_s(self.ctx, SERVER_WAIT_S),
             row_tables=dict(self.row_tables),
             num_shards=self.store.num_servers,
         )
