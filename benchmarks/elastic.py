@@ -92,7 +92,14 @@ def live_stall(tmp: Path, strategy: dict | None = None) -> tuple[float, float]:
     rates = {w: step_rate(tmp / f"{name}_ref{w}", w, strategy) for w in (3, 2)}
     steps = [w for _, _, w in times[1:]]  # each step after the first, at its world size
     expected = sum(1.0 / rates[w] for w in steps)
-    return after - killed_at, expected / (times[-1][1] - times[0][1])
+    took = times[-1][1] - times[0][1]
+    print(
+        f"{name}: {len(steps)} steps in {took:.2f} s (uninterrupted at the same worlds: "
+        f"{expected:.2f} s; steps/s at 3 and 2 ranks: {rates[3]:.2f}, {rates[2]:.2f}), "
+        f"kill to next commit {after - killed_at:.2f} s",
+        flush=True,
+    )
+    return after - killed_at, expected / took
 
 
 def restart_floor(tmp: Path) -> float:
