@@ -70,7 +70,9 @@ def train(config):
         with open(config["out"], "w") as f:
             f.write(str(time.time()))
 
-if len(sys.argv) > 3:  # a warm cluster's address
+if len(sys.argv) > 3:  # a warm cluster's address, bound to 127.0.0.1
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False  # keep the loopback address (as roundhouse does)
     ray.init(address=sys.argv[3], logging_level="WARNING")
 else:
     ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", num_cpus=2,
