@@ -18,6 +18,11 @@ Training then goes on with the uncommitted step: the same global batch (the epoc
 the batch arithmetic depend only on the seed, the epoch and the global batch size), now cut
 into one share per survivor. So data order, global batch and learning-rate schedule are
 unchanged and no sample is dropped or repeated; the ledger (`trainer.ledger`) shows it.
+
+Under `ps` the state lives on the servers: peers hand each other only the step counter
+(`Strategy.peer_state_dict`) and the servers are resized (`roundhouse.parallel.ps.live`). If
+the worker launched as rank 0 is lost, the lowest survivor becomes rank 0 and takes over the
+run folder (`promote`): the store lives outside every worker.
 """
 
 from __future__ import annotations
