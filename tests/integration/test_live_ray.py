@@ -66,3 +66,26 @@ def test_ps_survivors_go_on_with_the_servers_on_ray(cluster: RayCluster, tmp_pat
     lines = (run / "ledger" / "rank_0.jsonl").read_text().splitlines()
     worlds = [json.loads(line)["w"] for line in lines]
     assert worlds[0] == 3 and 2 in worlds, worlds
+
+
+def test_losing_rank_0_on_ray_hands_the_run_folder_to_a_survivor(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The driver holds the store, so the actor launched as rank 0 may die too: a survivor
+    becomes rank 0 and the run ends with its final metrics (the driver reads them back)."""
+    job = make_job(tmp_path / "runs", at_call=5)
+    job["cluster"]["address"] = cluster.gcs_address
+    job["model"]["options"].update(kill_rank=0, delay_s=0.1, marker=str(tmp_path / "killed"))
+    job["trainer"]["max_epochs"] = 3
+    path = tmp_path / "live0.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path)]) == 0
+    run = only_run(tmp_path / "runs", "live")
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12] * 3, report.as_dict()
+    assert (tmp_path / "killed").exists()
+    lines = [json.loads(line) for line in (run / "ledger" / "rank_0.jsonl").read_text().split()]
+    assert {line["w"] for line in lines} >= {2, 3}, lines  # trained at 3, and at 2 after the kill
+    rows = read_metrics(run)
+    assert rows[-1]["step"] == 36 and "test/accuracy" in rows[-1], rows[-1]
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
