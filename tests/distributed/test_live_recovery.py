@@ -288,3 +288,17 @@ def test_losing_rank_0_makes_the_lowest_survivor_the_writer(tmp_path: Path) -> N
     ours, theirs = final_weights(run), final_weights(reference)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+def test_live_recovery_with_several_optimizers_is_refused_before_launch(tmp_path: Path) -> None:
+    """The task steps two optimizers in turn (a strategy each): live recovery re-forms one."""
+    from tests.unit.test_tasks import EXAMPLE, job_dict
+
+    job = job_dict(tmp_path, task={"name": f"{EXAMPLE}:ClassifyAndReconstruct"})
+    job["task"]["optimizers"] = {"decoder": {"optimizer": {"name": "sgd", "lr": 0.5}}}
+    job["strategy"] = {"kind": "ring"}
+    job["cluster"] = {"num_workers": 3, "recovery": "live"}
+    with pytest.raises(JobFileError, match=r"cluster\.recovery=live re-forms one optimizer"):
+        preflight(validate_job(job))
+    job["cluster"]["recovery"] = "restart"
+    assert "optimizers" in preflight(validate_job(job)).checks
