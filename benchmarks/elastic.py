@@ -7,10 +7,16 @@
     path's floor without Ray Train's group setup: 2 fresh processes spawned at the kill that
     resume from the latest checkpoint, to their first committed step. Ray Train's own group
     setup (20-25 s on this machine) would come on top of the baseline.
-(b) goodput: committed samples/s of the live run (kill included) over an uninterrupted run's at
-    the same number of live workers (2 ranks).
+(b) goodput: the time uninterrupted runs at the same number of live workers (3 ranks, then
+    2) would take for the live run's committed steps, over the time the live run took (kill
+    and recovery included). A run of 60 steps of ~0.45 s (a sleep in the model's forward
+    stands for a heavier step) with one kill: one failure per ~30 s of training, as in the
+    issue's trace. On the stall run's 30 ms steps the same single kill would weigh ten times
+    more than one failure per 30 s does.
+(a', b') the same under `strategy.kind: ps` (sync; the shards in a manager process).
 (c) async_checkpoint_block: how long the loop waits in one save of a gpt-sized state (~50 MB):
-    `trainer.checkpoint.async` (the CPU snapshot) against a synchronous save.
+    `trainer.checkpoint.async` (the CPU snapshot, into the last snapshot's buffers) against a
+    synchronous save; one saver each for 5 saves, as in the loop.
 
 The full issue-34 trace (5 minutes, a multi-node Ray cluster, a kill every 30 s) is not
 implemented here; `--quick` (the default and only mode) runs each figure once or a few times.
@@ -53,35 +59,71 @@ def ledger_times(run: Path, rank: int = 0) -> list[tuple[int, float, int]]:
     return [(r["gs"], r["t"], r["w"]) for r in map(json.loads, lines)]
 
 
-def job(storage: Path, at_call: int, epochs: int) -> dict:
+SHORT = (0.02, 2)  # (seconds of sleep per forward, epochs): the stall run, steps of ~30 ms
+# The goodput run: ~0.45 s steps, 60 of them; one kill in ~27 s of training stands for the
+# issue's trace (a kill every 30 s) in one short run.
+LONG = (0.4, 5)
+
+
+def job(
+    storage: Path, at_call: int, shape: tuple[float, int], strategy: dict | None = None
+) -> dict:
     spec = live.make_job(storage, at_call=at_call)
-    spec["trainer"]["max_epochs"] = epochs
-    spec["model"]["options"].update(delay_s=0.02, marker=str(storage / "killed"))
+    if strategy is not None:
+        spec["strategy"] = strategy
+    spec["trainer"]["max_epochs"] = shape[1]
+    spec["model"]["options"].update(delay_s=shape[0], marker=str(storage / "killed"))
     return spec
 
 
-def live_stall(tmp: Path) -> tuple[float, float]:
-    """(seconds from the kill to the next committed step, live goodput ratio)."""
-    run, _ = live.train(job(tmp / "live", at_call=8, epochs=2), {2})
-    killed_at = (tmp / "live" / "killed").stat().st_mtime
-    times = ledger_times(run)
-    after = min(t for _, t, w in times if w == 2)
-    live_rate = len(times) / (times[-1][1] - times[0][1])
-    # The same job on 2 ranks from the start: the failure-free rate at 2 live workers.
-    spec = job(tmp / "two", at_call=0, epochs=2)
-    live.WORLD, saved = 2, live.WORLD
+def step_rate(storage: Path, world: int, shape: tuple[float, int], strategy: dict | None) -> float:
+    """Committed steps/s of an uninterrupted run on `world` ranks (the failure-free rate)."""
+    spec = job(storage, at_call=0, shape=shape, strategy=strategy)
+    live.WORLD, saved = world, live.WORLD
     try:
-        two, _ = live.train(spec, set())
+        run, _ = live.train(spec, set())
     finally:
         live.WORLD = saved
-    ref = ledger_times(two)
-    ref_rate = len(ref) / (ref[-1][1] - ref[0][1])
-    return after - killed_at, live_rate / ref_rate
+    times = ledger_times(run)
+    return (len(times) - 1) / (times[-1][1] - times[0][1])
+
+
+def killed_run(tmp: Path, name: str, shape: tuple[float, int], strategy: dict | None) -> tuple:
+    """A live run on 3 ranks whose rank 2 dies at its 8th training forward: (the ledger's
+    commit times, the kill's time)."""
+    run, _ = live.train(job(tmp / name, at_call=8, shape=shape, strategy=strategy), {2})
+    return ledger_times(run), (tmp / name / "killed").stat().st_mtime
+
+
+def live_stall(tmp: Path, strategy: dict | None = None) -> float:
+    """Seconds from the kill to the survivors' next committed step (the redone step's time
+    included), on the short run."""
+    name = "stall" if strategy is None else f"stall_{strategy['kind']}"
+    times, killed_at = killed_run(tmp, name, SHORT, strategy)
+    return min(t for _, t, w in times if w == 2) - killed_at
+
+
+def live_goodput(tmp: Path, strategy: dict | None = None) -> float:
+    """The time an uninterrupted run at the same number of live workers would take for the
+    steps committed at each world size (3, then 2), over the time the live run took, kill and
+    recovery included (the long run)."""
+    name = "goodput" if strategy is None else f"goodput_{strategy['kind']}"
+    times, _ = killed_run(tmp, name, LONG, strategy)
+    rates = {w: step_rate(tmp / f"{name}_ref{w}", w, LONG, strategy) for w in (3, 2)}
+    steps = [w for _, _, w in times[1:]]  # each step after the first, at its world size
+    expected = sum(1.0 / rates[w] for w in steps)
+    took = times[-1][1] - times[0][1]
+    print(
+        f"{name}: {len(steps)} steps in {took:.2f} s (uninterrupted at the same worlds: "
+        f"{expected:.2f} s; steps/s at 3 and 2 ranks: {rates[3]:.3f}, {rates[2]:.3f})",
+        flush=True,
+    )
+    return expected / took
 
 
 def restart_floor(tmp: Path) -> float:
     """Seconds from spawning 2 fresh ranks that resume a checkpoint to their first step."""
-    spec = job(tmp / "restart", at_call=0, epochs=1)
+    spec = job(tmp / "restart", at_call=0, shape=(SHORT[0], 1))
     spec["trainer"]["checkpoint"] = {"every_steps": 4, "every_epoch": False}
     spec["trainer"]["max_epochs"], spec["trainer"]["max_steps"] = None, 4
     run, _ = live.train(spec, set())
@@ -98,17 +140,25 @@ def restart_floor(tmp: Path) -> float:
 
 
 def checkpoint_block(tmp: Path, rounds: int = 5) -> tuple[float, float]:
-    """Median seconds the loop waits per save: async (snapshot) and synchronous."""
+    """Median seconds the loop waits per save: async (snapshot) and synchronous.
+
+    One saver per kind for the whole run, as in the loop; between saves the previous commit
+    is awaited outside the timed part (the steps between two saves outlast a commit).
+    """
     state = {"model": {f"w{i}": torch.randn(1024, 1024) for i in range(12)}}  # ~50 MB
     waits: dict[str, list[float]] = {"async": [], "sync": []}
+    savers = {
+        name: cls(Checkpointer(RunDir(str(tmp / f"ckpt_{name}")), keep_last=2, identity={}))
+        for name, cls in (("async", AsyncSaver), ("sync", SyncSaver))
+    }
     for i in range(rounds):
-        for name, cls in (("async", AsyncSaver), ("sync", SyncSaver)):
-            ckpt = Checkpointer(RunDir(str(tmp / f"ckpt_{name}")), keep_last=2, identity={})
-            saver = cls(ckpt)
+        for name, saver in savers.items():
             started = time.perf_counter()
             saver.save(i, state, {})
             waits[name].append(time.perf_counter() - started)
-            saver.close()
+            saver.wait()
+    for saver in savers.values():
+        saver.close()
     return statistics.median(waits["async"]), statistics.median(waits["sync"])
 
 
@@ -119,10 +169,14 @@ def main() -> None:
     parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        stall, goodput = live_stall(tmp)
+        ps = {"kind": "ps", "mode": "sync", "num_servers": 2}
+        stall, stall_ps = live_stall(tmp), live_stall(tmp, ps)
+        goodput, goodput_ps = live_goodput(tmp), live_goodput(tmp, ps)
         floor = restart_floor(tmp)
         print(result("survivor_stall", stall, floor, "s"))
         print(result("live_goodput", goodput, 1.0, "ratio"))
+        print(result("survivor_stall_ps", stall_ps, floor, "s"))
+        print(result("live_goodput_ps", goodput_ps, 1.0, "ratio"))
         block_async, block_sync = checkpoint_block(tmp)
         print(result("async_checkpoint_block", block_async, block_sync, "s"))
 

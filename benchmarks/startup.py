@@ -13,9 +13,15 @@
     first window, with warm-up, excluded). The ratio shows what running under Ray (the worker
     environment, the driver's progress channel) costs per step.
 
+(c) `--warm`: startup on a warm cluster (one `ray start` cluster for every run): ours is
+    `roundhouse train` with `cluster.address` and `recovery: live` (roundhouse's own Ray core
+    actor group), the baseline the same bare `TorchTrainer` script connecting to that cluster.
+    Both start their workers anew each run (roundhouse does not keep actors between runs).
+
 Rounds alternate ours/baseline to share the machine's noise; medians are reported.
 
     python benchmarks/startup.py [--rounds 3] [--steps 3000]
+    python benchmarks/startup.py --warm [--rounds 3]
 
 Prints `RESULT startup ours=<s> baseline=<s> ratio=... unit=s` and
 `RESULT ray_step_rate ours=<samples/s> baseline=<samples/s> ratio=... unit=samples/s`.
@@ -64,8 +70,13 @@ def train(config):
         with open(config["out"], "w") as f:
             f.write(str(time.time()))
 
-ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", num_cpus=2,
-         logging_level="WARNING")
+if len(sys.argv) > 3:  # a warm cluster's address, bound to 127.0.0.1
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False  # keep the loopback address (as roundhouse does)
+    ray.init(address=sys.argv[3], logging_level="WARNING")
+else:
+    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", num_cpus=2,
+             logging_level="WARNING")
 TorchTrainer(train, train_loop_config={"out": OUT},
              scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
              run_config=RunConfig(storage_path=sys.argv[2])).fit()
@@ -92,11 +103,13 @@ def make_job(storage: str, *, steps: int, workers: int, log_every: int) -> dict:
     }
 
 
-def run_roundhouse(job: dict, folder: Path, *extra: str) -> tuple[float, list[dict]]:
+def run_roundhouse(
+    job: dict, folder: Path, *extra: str, base_env: dict | None = None
+) -> tuple[float, list[dict]]:
     """Launch `roundhouse train`; return (launch time, metrics rows)."""
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**(base_env or os.environ), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "roundhouse.launch.cli", "train", str(path), *extra]
     launched = time.time()
     subprocess.run(command, check=True, env=env, capture_output=True, cwd=folder)
@@ -112,13 +125,25 @@ def startup_ours() -> float:
         return first["time"] - launched
 
 
-def startup_baseline() -> float:
+def startup_warm_ours(address: str, env: dict) -> float:
+    """`roundhouse train` on the warm cluster with `recovery: live` (roundhouse's own actor
+    group, no Ray Train): launch to the end of the first step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = make_job(f"{tmp}/runs", steps=1, workers=2, log_every=1)
+        job["cluster"].update(address=address, recovery="live")
+        launched, rows = run_roundhouse(job, Path(tmp), base_env=env)
+        first = next(row for row in rows if row["step"] == 1 and "train/loss" in row)
+        return first["time"] - launched
+
+
+def startup_baseline(address: str | None = None, env: dict | None = None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         script, out = Path(tmp) / "bare.py", Path(tmp) / "first_step"
         script.write_text(BASELINE)
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
         launched = time.time()
         command = [sys.executable, str(script), str(out), f"{tmp}/ray"]
+        command += [address] if address else []
         subprocess.run(command, check=True, env=env, capture_output=True, cwd=tmp)
         return float(out.read_text()) - launched
 
@@ -140,7 +165,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument(
+        "--warm", action="store_true", help="only the warm-cluster startup figure (below)"
+    )
     args = parser.parse_args()
+    if args.warm:
+        warm(args.rounds)
+        return
     ours, base, ray_rate, local_rate = [], [], [], []
     for i in range(args.rounds):
         ours.append(startup_ours())
@@ -154,6 +185,24 @@ def main() -> None:
         )
     print(result("startup", ours, base, "s"))
     print(result("ray_step_rate", ray_rate, local_rate, "samples/s"))
+
+
+def warm(rounds: int) -> None:
+    """Startup on a warm cluster: one Ray cluster (`ray start`, 3 CPUs) for every run; ours
+    (`recovery: live`, 2 workers) and bare `TorchTrainer` (2 workers) connect to it in turn."""
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers.ray_cluster import start_cluster
+
+    cluster = start_cluster(head_cpus=3, extra_nodes=())
+    ours, base = [], []
+    try:
+        for i in range(rounds):
+            ours.append(startup_warm_ours(cluster.gcs_address, cluster.env))
+            base.append(startup_baseline(cluster.gcs_address, cluster.env))
+            print(f"round {i}: warm startup {ours[-1]:.2f}s vs {base[-1]:.2f}s", flush=True)
+    finally:
+        cluster.stop()
+    print(result("startup_warm", ours, base, "s"))
 
 
 if __name__ == "__main__":

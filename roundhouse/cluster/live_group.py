@@ -4,7 +4,8 @@ Ray Train tears the whole group down when one worker dies; live recovery needs t
 to keep their processes. So for `recovery: live` the driver:
 
 1. holds the rendezvous store itself (a `TCPStore` in the driver process, which outlives any
-   worker) on this node's address;
+   worker) on this node's address, and starts the strategy's services (the ps shard servers,
+   which keep the parameters while workers come and go);
 2. reserves one placement-group bundle per worker (`cluster.placement`) and starts one
    `LiveWorker` actor in each;
 3. runs `trainer.run_worker` on every actor with an `ElasticGroup` on that store, so the
@@ -29,6 +30,8 @@ from roundhouse.cluster.capacity import wait_for_capacity, worker_resources
 from roundhouse.cluster.progress import RunMonitor
 from roundhouse.cluster.quiet import configure_worker_logging
 from roundhouse.cluster.runtime import ClusterError
+from roundhouse.cluster.services import CONFIG_KEY as SERVICES_CONFIG_KEY
+from roundhouse.cluster.services import attach_services, services_stopped_at_exit, start_services
 from roundhouse.config import JobSpec
 from roundhouse.errors import RoundhouseError
 from roundhouse.parallel.net import free_port
@@ -73,6 +76,7 @@ class LiveWorker:
         ctx = WorkerContext(
             rank=rank, world_size=size, node_rank=rank, num_nodes=size, rendezvous=group
         )
+        ctx = attach_services(ctx, config)  # ps: the shard servers, which outlive any worker
         quiet = job.model_copy(deep=True)
         quiet.tracking.console = "off"  # the driver owns the console (RunMonitor)
         try:
@@ -110,15 +114,21 @@ def train_live_on_ray(
             f"scheduled within cluster.schedule_timeout_s={cluster.schedule_timeout_s:g} s",
             "free or add resources, lower the request, or raise cluster.schedule_timeout_s",
         )
+    try:
+        services = start_services(job)  # ps: the shard servers (outlive every worker)
+    except BaseException:
+        remove_placement_group(group)
+        raise
     config = {
         "job": job.model_dump(mode="json"),
         "env": env,
         "resume": resume,
         "resume_step": prepared.resume_step,
+        SERVICES_CONFIG_KEY: services,
     }
     workers = LiveWorkers(group, cluster, (host, port), config)
     try:
-        with RunMonitor(job, prepared.run_dir, time.time()):
+        with RunMonitor(job, prepared.run_dir, time.time()), services_stopped_at_exit(services):
             workers.run()
     finally:
         workers.kill()

@@ -285,6 +285,20 @@ class Strategy(ABC):
         """
         raise NotImplementedError(f"strategy.kind={self.kind} cannot re-form its group")
 
+    def peer_state_dict(self) -> dict[str, Any]:
+        """What a live peer hands another worker (live recovery: agreeing on the committed
+        step, or a replacement joining): `state_dict()` unless the state lives elsewhere."""
+        return self.state_dict()
+
+    def load_peer_state_dict(self, state: dict[str, Any]) -> None:
+        """Take what a live peer's `peer_state_dict` returned."""
+        self.load_state_dict(state)
+
+    def live_lag(self) -> int:
+        """After `regroup`: steps that the state held outside the workers (ps servers) has
+        committed beyond this worker's own count; 0 where the workers hold the state."""
+        return 0
+
     def close(self) -> None:
         """Release resources (process groups, actors)."""
 

@@ -21,7 +21,8 @@ each other; a stalled (not dead) peer is noticed after the group's collective ti
 
 Joining: a replacement worker calls `join()`: it takes a slot (`join/count`, then
 `join/slot/<k>` = its id) and blocks until it is admitted. Rank 0 polls for waiting joiners
-(`waiting_joiners`); at a step boundary the members agree to admit them and call `advance()`:
+(`waiting_joiners`; the admitted ones are counted in the store, so whichever worker is rank 0
+knows them); at a step boundary the members agree to admit them and call `advance()`:
 rank 0 writes the next generation's members (the current ones, then the joiners) and tells
 each joiner its generation in `join/<id>/gen`; everyone then forms that generation.
 """
@@ -68,7 +69,6 @@ class ElasticGroup:
     generation: int = 0
     reform_s: list[float] = field(default_factory=list)  # how long each re-forming took
     joined_late: bool = False  # this worker joined a running group (it needs the state)
-    joins_seen: int = 0  # rank 0: join slots already admitted
 
     @property
     def rank(self) -> int:
@@ -139,9 +139,9 @@ class ElasticGroup:
     def waiting_joiners(self) -> list[int]:
         """Rank 0: the ids of replacements waiting to join (cheap: one store round trip)."""
         count = self.store.add("join/count", 0)
-        return [
-            int(self.store.get(f"join/slot/{k}")) for k in range(self.joins_seen + 1, count + 1)
-        ]
+        # Admitted slots are counted in the store: a new rank 0 (the old one lost) knows them.
+        admitted = self.store.add("join/admitted", 0)
+        return [int(self.store.get(f"join/slot/{k}")) for k in range(admitted + 1, count + 1)]
 
     def advance(self, joiners: list[int]) -> None:
         """Form the next generation with `joiners` added (every member calls it; rank 0's
@@ -153,7 +153,7 @@ class ElasticGroup:
         self.generation += 1
         key = f"gen{self.generation}"
         if coordinator:
-            self.joins_seen += len(joiners)
+            self.store.add("join/admitted", len(joiners))
             self.store.set(f"{key}/members", json.dumps(self.members + joiners))
             for joiner in joiners:
                 self.store.set(f"join/{joiner}/gen", str(self.generation))

@@ -67,6 +67,7 @@ class LedgerWriter:
         if run_dir.is_local:
             path = run_dir.join(LEDGER, f"rank_{rank}.jsonl")
             run_dir.fs.makedirs(run_dir.join(LEDGER), exist_ok=True)
+            drop_cut_line(path)  # a worker killed mid-line wrote this rank's file before
             self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def write_meta(self, plan: EpochPlan) -> None:
@@ -109,6 +110,29 @@ class LedgerWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def drop_cut_line(path: str) -> None:
+    """Cut a last line left without its newline (its writer was killed mid-line: that step
+    never committed), so that lines appended now start on a line of their own. Live recovery
+    hands a lost worker's rank, and so its file, to another process."""
+    try:
+        f = open(path, "rb+")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return
+    with f:
+        end = f.seek(0, 2)
+        if end == 0 or (f.seek(end - 1), f.read(1))[1] == b"\n":
+            return
+        start = end
+        while start > 0:  # back, a block at a time, to the last newline (or the file's start)
+            start = max(0, start - 65536)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+        f.truncate(0)
 
 
 @dataclass

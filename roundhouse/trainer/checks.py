@@ -30,7 +30,7 @@ from roundhouse.parallel.registry import get_strategy_class
 from roundhouse.trainer.distill import check_teacher, student_outputs
 from roundhouse.trainer.live_recovery import check_live_recovery
 from roundhouse.trainer.losses import LOSSES
-from roundhouse.trainer.multi_optim import check_task_optimizers
+from roundhouse.trainer.multi_optim import check_task_optimizers, resolve_optimizers
 from roundhouse.trainer.optim import (
     check_optimizer,
     check_param_groups,
@@ -146,6 +146,25 @@ def check_recovery(subject: JobUnderCheck) -> list[str]:
     strategy_class = get_strategy_class(job.strategy)
     check_live_recovery(job, strategy_class, local=subject.world_size == 1)
     return [f"recovery: {job.cluster.recovery}"] if job.cluster.recovery == "live" else []
+
+
+def check_live_optimizers(subject: JobUnderCheck) -> list[str]:
+    """`cluster.recovery: live` re-forms one strategy; a task stepping several optimizers in
+    turn (each its own strategy) keeps the restart path."""
+    job = subject.job
+    if job.cluster.recovery != "live" or subject.world_size == 1:
+        return []
+    from roundhouse.trainer.task import build_job_task  # imports every task
+
+    groups = resolve_optimizers(build_job_task(job, subject.info), job, subject.model)
+    if len(groups) > 1:
+        raise JobFileError(
+            f"cluster.recovery=live re-forms one optimizer's strategy, but the task steps "
+            f"{len(groups)} optimizers ({', '.join(g.name for g in groups)})",
+            "set cluster.recovery=restart (a lost worker restarts the group from the latest "
+            "checkpoint)",
+        )
+    return []
 
 
 def check_ledger(subject: JobUnderCheck) -> list[str]:
@@ -275,8 +294,9 @@ CHECKS: dict[str, Check] = {
     "lora": check_lora,  # on the plain model: targets name its layers
     "finetune": check_starting_weights,
     "optimizers": lambda subject: check_task_optimizers(subject.job, subject.model, subject.info),
+    "live_optimizers": check_live_optimizers,  # after the optimizers' own check
     "distill": check_distill,
 }
 # The checks of a job's own strategy and layout: skipped where the strategy is chosen later
 # (`strategy.kind: auto` on submit) or per row (`plan`).
-STRATEGY_CHECKS = ("world", "layout", "strategy", "recovery", "batch")
+STRATEGY_CHECKS = ("world", "layout", "strategy", "recovery", "batch", "live_optimizers")

@@ -18,6 +18,11 @@ Training then goes on with the uncommitted step: the same global batch (the epoc
 the batch arithmetic depend only on the seed, the epoch and the global batch size), now cut
 into one share per survivor. So data order, global batch and learning-rate schedule are
 unchanged and no sample is dropped or repeated; the ledger (`trainer.ledger`) shows it.
+
+Under `ps` the state lives on the servers: peers hand each other only the step counter
+(`Strategy.peer_state_dict`) and the servers are resized (`roundhouse.parallel.ps.live`). If
+the worker launched as rank 0 is lost, the lowest survivor becomes rank 0 and takes over the
+run folder (`promote`): the store lives outside every worker.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from roundhouse.errors import JobFileError, TrainingError
+from roundhouse.errors import JobFileError
 from roundhouse.parallel.rendezvous import ElasticGroup
 from roundhouse.parallel.timeouts import CollectiveTimeoutError
+from roundhouse.runs.status import RUNNING, write_status
+from roundhouse.runs.tracking import Tracker
 from roundhouse.weights.checkpoint import deserialize, serialize
 
 logger = logging.getLogger(__name__)
@@ -61,8 +68,8 @@ PEER_LOSS_MARKERS = (
 
 def is_peer_loss(exc: BaseException) -> bool:
     """Whether `exc` is a collective failing because another worker is gone or stalled."""
-    if isinstance(exc, CollectiveTimeoutError):
-        return True
+    if isinstance(exc, CollectiveTimeoutError | TimeoutError):
+        return True  # TimeoutError: a ps pull waited the collective timeout (`ps/live.py`)
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(m in text for m in PEER_LOSS_MARKERS)
 
@@ -84,6 +91,7 @@ class LiveRecovery:
         self.joiners: list[int] = []  # rank 0: replacements found waiting at the last poll
         self.next_poll = 0.0
         self.stalls_s: list[float] = []  # failure noticed -> group re-formed and state agreed
+        self.failed_world = group.world_size  # the world size of the step that failed
 
     def begin_step(self, trainer: Any) -> None:
         """Note where the step about to run starts (the loader has just yielded it)."""
@@ -139,6 +147,7 @@ class LiveRecovery:
         started = time.perf_counter()
         logger.warning("lost a peer (%s): re-forming", reason)
         position = self.position(trainer)
+        self.failed_world = trainer.strategy.data_parallel_size  # the lost step's world size
         trainer.strategy.close()  # drain the gradient thread: its buckets fail fast now
         trainer.strategy.zero_grad()  # a partial, uncommitted step's gradients
         # The failed collectives' tracebacks (reference cycles) keep the old process groups,
@@ -147,15 +156,12 @@ class LiveRecovery:
         gc.collect(1)  # young cycles only: a full collection takes ~0.5 s in a big process
         self.group.reform(settle_s=2 * self.step_s)
         self.step_started = None  # the step being redone is not a measure of step time
-        if 0 not in self.group.members:
-            raise TrainingError(
-                "the run's writer (the worker launched as rank 0) was lost; live recovery "
-                "keeps training only while it lives",
-                "continue with --resume latest",
-            )
+        was_main = trainer.ctx.is_main
         self.rebind(trainer, joining=False)
         position = self.agree(trainer, position)
         self.reload(trainer, position)
+        if trainer.ctx.is_main and not was_main:
+            promote(trainer)
         if trainer.ledger is not None:
             trainer.ledger.resumed(trainer.state.step)
         self.stalls_s.append(time.perf_counter() - started)
@@ -188,22 +194,38 @@ class LiveRecovery:
         return {"epoch": trainer.state.epoch, "steps_done": done}
 
     def agree(self, trainer: Any, position: dict[str, int]) -> dict[str, int]:
-        """Make every survivor hold the most advanced committed state; return its position."""
-        mine = (trainer.state.step, position["epoch"], position["steps_done"])
+        """Make every survivor hold the most advanced committed state; return its position.
+
+        A survivor one step behind (its vote on the step failed, but the step was applied: by
+        the others, or by the ps servers, `Strategy.live_lag`) had its share in that update,
+        so its ledger records the step before it takes the state of one that is ahead; where
+        no survivor is ahead (only the servers applied the step), each moves on by itself.
+        """
+        lag = trainer.strategy.live_lag()
+        mine = (trainer.state.step, position["epoch"], position["steps_done"], lag)
         views: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(views, mine)
-        if all(tuple(v) == mine for v in views):
+        target = max(v[0] + v[3] for v in views)
+        if all(tuple(v) == mine for v in views) and lag == 0:
             return position
-        src = max(range(len(views)), key=lambda r: (views[r][0], -r))
-        logger.warning("taking step %d from rank %d (it had committed it)", views[src][0], src)
-        return self.send_state(trainer, src, position)
+        if trainer.state.step < target and trainer.ledger is not None:
+            trainer.ledger.committed(
+                epoch=trainer.state.epoch, global_step=target, world=self.failed_world
+            )
+        sources = [r for r, v in enumerate(views) if v[0] == target]
+        if not sources:  # only the servers hold the step: every survivor counts it itself
+            logger.warning("the servers had applied step %d: going on after it", target)
+            trainer.state.step, trainer.state.step_epoch = target, trainer.state.epoch
+            return {**position, "steps_done": position["steps_done"] + 1}
+        logger.warning("taking step %d from rank %d (it had committed it)", target, sources[0])
+        return self.send_state(trainer, sources[0], position)
 
     def send_state(self, trainer: Any, src: int, position: dict[str, int] | None) -> dict[str, int]:
         """Broadcast rank `src`'s strategy state, loop state and data position; return it."""
         payload: list[Any] = [None]
         if dist.get_rank() == src:
             state = {
-                "strategy": trainer.strategy.state_dict(),
+                "strategy": trainer.strategy.peer_state_dict(),
                 "trainer": dataclasses.asdict(trainer.state),
                 "data": position,
             }
@@ -213,23 +235,49 @@ class LiveRecovery:
             assert position is not None
             return position
         state = deserialize(payload[0])
-        trainer.strategy.load_state_dict(state["strategy"])
+        trainer.strategy.load_peer_state_dict(state["strategy"])
         trainer.state = type(trainer.state)(**state["trainer"])
         return state["data"]
 
 
+def promote(trainer: Any) -> None:
+    """This survivor is the new rank 0 (the lowest surviving launch rank; the old one was
+    lost): it takes over the run folder's metrics (rows the lost writer logged after the
+    agreed step are dropped, as on a resume), W&B (the same run id) and status. Checkpoints,
+    the ledger's resume points and the admission of replacements follow the rank by
+    themselves."""
+    run_dir = trainer.checkpointer.run_dir
+    old, trainer.tracker = (
+        trainer.tracker,
+        Tracker(
+            trainer.job,
+            run_dir,
+            is_main=True,
+            resumed=True,
+            resume_step=trainer.state.step,
+            total_steps=trainer.total_steps,
+        ),
+    )
+    old.close()
+    write_status(run_dir, RUNNING, world_size=trainer.ctx.world_size)
+    logger.warning(
+        "this worker (rank 0 now) writes the run folder from step %d", trainer.state.step
+    )
+
+
 def check_live_recovery(job: Any, strategy_class: Any, *, local: bool) -> None:
-    """`cluster.recovery: live` needs a strategy that can re-form its group, flat.
+    """`cluster.recovery: live` needs a strategy that can re-form its group, flat (the
+    strategy's own `check_job` refuses what it cannot re-form, e.g. ps async/ssp).
 
     Raises:
-        JobFileError: the strategy keeps the restart path (DeepSpeed, pipeline, ps, single).
+        JobFileError: the strategy keeps the restart path (DeepSpeed, pipeline, single).
     """
     if job.cluster.recovery != "live" or local:
         return
     if not strategy_class.supports_live_recovery:
         raise JobFileError(
             f"cluster.recovery=live: strategy.kind={job.strategy.kind} cannot re-form its "
-            "group with the survivors of a lost worker (only ring can)",
+            "group with the survivors of a lost worker (only ring and ps can)",
             "set cluster.recovery=restart (a lost worker restarts the group from the latest "
             "checkpoint), or use strategy.kind=ring",
         )

@@ -97,6 +97,7 @@ def run_worker(
     except BaseException as exc:
         close_quietly(trainer.saver)  # an earlier save in flight still commits
         trainer.tracker.close(failed=True)
+        status.enabled = trainer.ctx.is_main  # live recovery may have made this rank 0
         status.end(exc)
         raise
     finally:
@@ -104,6 +105,7 @@ def run_worker(
         if trainer.ledger is not None:
             trainer.ledger.close()
     trainer.tracker.close()
+    status.enabled = trainer.ctx.is_main
     status.end()
     return metrics
 

@@ -4,6 +4,7 @@ trained once, and the weights equal an uninterrupted run's."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -23,6 +24,7 @@ from torch import nn
 from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.parallel.net import free_port
+from roundhouse.parallel.ps.manager import connect_store, shard_manager
 from roundhouse.parallel.rendezvous import ElasticGroup
 from roundhouse.runs.ledger import verify_ledger
 from roundhouse.runs.rundir import RunDir
@@ -30,7 +32,7 @@ from roundhouse.trainer import WorkerContext, build_local_context, run_worker
 from roundhouse.trainer.preflight import preflight
 from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.dist import PRELOAD, _loopback_interface
-from tests.helpers.runs import assert_same_weights, final_weights
+from tests.helpers.runs import assert_same_weights, final_weights, read_metrics
 
 TIMEOUT_S = 180
 WORLD = 3
@@ -107,7 +109,13 @@ def make_job(storage: Path, at_call: int) -> dict:
 
 
 def member_main(
-    member: int, world: int, port: int, job: dict, results: Any, joining: bool = False
+    member: int,
+    world: int,
+    port: int,
+    job: dict,
+    results: Any,
+    joining: bool = False,
+    servers: Any = None,
 ) -> None:
     os.environ.update(OMP_NUM_THREADS="1")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
@@ -121,6 +129,9 @@ def member_main(
         rank, size = group.rank, group.world_size
         ctx = WorkerContext(rank=rank, world_size=size, node_rank=rank, num_nodes=size,
                             rendezvous=group)  # fmt: skip
+        if servers is not None:  # strategy.kind=ps: the shards in a manager process
+            store = connect_store(servers, job["strategy"].get("num_servers", 1))
+            ctx = dataclasses.replace(ctx, services={"ps": store})
         run_worker(validate_job(job), ctx)
         results.put((member, True, (group.generation, group.world_size, group.reform_s)))
     except BaseException as exc:
@@ -131,18 +142,21 @@ def member_main(
 
 
 def run_members(
-    job: dict, world: int, expect_dead: set[int], replace: bool = False
+    job: dict, world: int, expect_dead: set[int], replace: bool = False, servers: Any = None
 ) -> dict[int, Any]:
     """Run `world` members on a store held here; return the survivors' results.
 
-    `replace`: once a member died, start member `world` as its replacement (it joins)."""
+    `replace`: once a member died, start member `world` as its replacement (it joins).
+    `servers`: the address of ps shards (`shard_manager`) for every member."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=member_main, args=(m, world, port, job, results), daemon=True)
+        ctx.Process(
+            target=member_main, args=(m, world, port, job, results, False, servers), daemon=True
+        )
         for m in range(world)
     ]
     for proc in procs:
@@ -153,7 +167,7 @@ def run_members(
     try:
         while len(got) < expected:
             if replace and len(procs) == world and any(p.exitcode is not None for p in procs):
-                joiner = (world, world, port, job, results, True)
+                joiner = (world, world, port, job, results, True, servers)
                 procs.append(ctx.Process(target=member_main, args=joiner, daemon=True))
                 procs[-1].start()
             try:
@@ -177,7 +191,11 @@ def run_members(
 def train(job: dict, expect_dead: set[int], replace: bool = False) -> tuple[Path, dict[int, Any]]:
     prepared = prepare_run(validate_job(job))
     job = prepared.job.model_dump(mode="json")
-    return Path(prepared.run_dir.url), run_members(job, WORLD, expect_dead, replace)
+    if job["strategy"]["kind"] != "ps":
+        return Path(prepared.run_dir.url), run_members(job, WORLD, expect_dead, replace)
+    with shard_manager() as servers:
+        got = run_members(job, WORLD, expect_dead, replace, servers)
+    return Path(prepared.run_dir.url), got
 
 
 def test_survivors_redo_the_step_and_lose_no_sample(tmp_path: Path) -> None:
@@ -241,7 +259,7 @@ def test_exact_mode_through_3_2_3_workers_is_bit_identical_to_one_process(
 
 @pytest.mark.parametrize(
     "strategy",
-    [{"kind": "ps"}, {"kind": "deepspeed"}, {"kind": "deepspeed", "pipeline_stages": 3}],
+    [{"kind": "deepspeed"}, {"kind": "deepspeed", "pipeline_stages": 3}],
 )
 def test_live_recovery_with_a_strategy_that_cannot_is_refused_before_launch(
     tmp_path: Path, strategy: dict
@@ -251,3 +269,36 @@ def test_live_recovery_with_a_strategy_that_cannot_is_refused_before_launch(
     job["model"] = {"name": "mlp", "flavor": "debug"}
     with pytest.raises(JobFileError, match=r"cluster\.recovery=live: strategy\.kind="):
         preflight(validate_job(job))
+
+
+def test_losing_rank_0_makes_the_lowest_survivor_the_writer(tmp_path: Path) -> None:
+    """The worker launched as rank 0 dies mid-step: the store lives outside it (here, in the
+    test; under Ray, in the driver), so the survivors re-form, member 1 becomes rank 0 and
+    writes the metrics, the checkpoints and the status; nothing is lost or repeated."""
+    reference, _ = train(make_job(tmp_path / "whole", at_call=0), set())
+    job = make_job(tmp_path / "killed", at_call=5)
+    job["model"]["options"]["kill_rank"] = 0
+    run, survivors = train(job, {0})
+    assert sorted(survivors) == [1, 2]
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and report.epochs[0].steps == 12, report.as_dict()
+    rows = read_metrics(run)
+    assert rows[-1]["step"] == 12 and "test/accuracy" in rows[-1], rows[-1]
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    ours, theirs = final_weights(run), final_weights(reference)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+def test_live_recovery_with_several_optimizers_is_refused_before_launch(tmp_path: Path) -> None:
+    """The task steps two optimizers in turn (a strategy each): live recovery re-forms one."""
+    from tests.unit.test_tasks import EXAMPLE, job_dict
+
+    job = job_dict(tmp_path, task={"name": f"{EXAMPLE}:ClassifyAndReconstruct"})
+    job["task"]["optimizers"] = {"decoder": {"optimizer": {"name": "sgd", "lr": 0.5}}}
+    job["strategy"] = {"kind": "ring"}
+    job["cluster"] = {"num_workers": 3, "recovery": "live"}
+    with pytest.raises(JobFileError, match=r"cluster\.recovery=live re-forms one optimizer"):
+        preflight(validate_job(job))
+    job["cluster"]["recovery"] = "restart"
+    assert "optimizers" in preflight(validate_job(job)).checks

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    ray_cluster = start_cluster(head_cpus=3, extra_nodes=())
+    ray_cluster = start_cluster(head_cpus=4, extra_nodes=())  # ps: 3 workers + 1 server
     try:
         with ray_cluster.as_default():
             yield ray_cluster
@@ -47,3 +47,45 @@ def test_roundhouse_train_keeps_the_survivors_training(cluster: RayCluster, tmp_
     # Trained at 3 workers, then at 2, then at 3 again once the replacement actor joined.
     assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3, worlds
     assert max(r["step"] for r in read_metrics(run)) == 96
+
+
+def test_ps_survivors_go_on_with_the_servers_on_ray(cluster: RayCluster, tmp_path: Path) -> None:
+    """ps (sync) on the live actor group: the shard servers are Ray actors that outlive the
+    lost worker; the survivors redo its step and a replacement actor joins from the servers."""
+    job = make_job(tmp_path / "runs", at_call=5)
+    job["strategy"] = {"kind": "ps", "mode": "sync", "num_servers": 1}
+    job["cluster"].update(address=cluster.gcs_address, ps_resources={"CPU": 1})
+    job["model"]["options"].update(kill_rank=2, delay_s=0.1, marker=str(tmp_path / "killed"))
+    job["trainer"]["max_epochs"] = 6
+    path = tmp_path / "live_ps.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path)]) == 0
+    run = only_run(tmp_path / "runs", "live")
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12] * 6, report.as_dict()
+    lines = (run / "ledger" / "rank_0.jsonl").read_text().splitlines()
+    worlds = [json.loads(line)["w"] for line in lines]
+    assert worlds[0] == 3 and 2 in worlds, worlds
+
+
+def test_losing_rank_0_on_ray_hands_the_run_folder_to_a_survivor(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The driver holds the store, so the actor launched as rank 0 may die too: a survivor
+    becomes rank 0 and the run ends with its final metrics (the driver reads them back)."""
+    job = make_job(tmp_path / "runs", at_call=5)
+    job["cluster"]["address"] = cluster.gcs_address
+    job["model"]["options"].update(kill_rank=0, delay_s=0.1, marker=str(tmp_path / "killed"))
+    job["trainer"]["max_epochs"] = 3
+    path = tmp_path / "live0.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path)]) == 0
+    run = only_run(tmp_path / "runs", "live")
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12] * 3, report.as_dict()
+    assert (tmp_path / "killed").exists()
+    lines = [json.loads(line) for line in (run / "ledger" / "rank_0.jsonl").read_text().split()]
+    assert {line["w"] for line in lines} >= {2, 3}, lines  # trained at 3, and at 2 after the kill
+    rows = read_metrics(run)
+    assert rows[-1]["step"] == 36 and "test/accuracy" in rows[-1], rows[-1]
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"

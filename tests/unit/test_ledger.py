@@ -10,7 +10,7 @@ import pytest
 from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.launch.cli import main
-from roundhouse.runs.ledger import LedgerError, verify_ledger
+from roundhouse.runs.ledger import LedgerError, LedgerWriter, drop_cut_line, verify_ledger
 from roundhouse.runs.rundir import RunDir
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.preflight import preflight
@@ -111,3 +111,26 @@ def test_the_ledger_refuses_streamed_data_before_launch(tmp_path: Path) -> None:
     job["data"] = {"batch_size": 8, **{s: {"url": shards} for s in ("train", "val", "test")}}
     with pytest.raises(JobFileError, match=r"trainer\.ledger=true needs an in-memory"):
         preflight(validate_job(job), 1)
+
+
+def test_a_line_cut_by_a_kill_is_dropped_before_another_process_appends(tmp_path: Path) -> None:
+    """Live recovery hands a lost worker's rank (and its file) to another process: the line
+    the lost one left half-written must not swallow the next one."""
+    run_dir = RunDir(str(tmp_path))
+    writer = LedgerWriter(run_dir, 0)
+    writer.record({"e": 0, "s": 0, "gs": 1, "n": 2, "w": 1, "i": [0, 1]})
+    writer.close()
+    path = tmp_path / "ledger" / "rank_0.jsonl"
+    whole = path.read_text()
+    with open(path, "a") as f:
+        f.write('{"e": 0, "s": 1, "gs": 2, "n"')  # killed mid-line
+    writer = LedgerWriter(run_dir, 0)
+    writer.record({"e": 0, "s": 1, "gs": 2, "n": 2, "w": 1, "i": [2, 3]})
+    writer.close()
+    lines = path.read_text().splitlines()
+    assert path.read_text().startswith(whole) and len(lines) == 2
+    assert [json.loads(line)["gs"] for line in lines] == [1, 2]
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"x" * 70000)  # no newline at all: nothing of it was committed
+    drop_cut_line(str(cut))
+    assert cut.read_bytes() == b""

@@ -96,3 +96,7 @@ class LocalParameterStore:
     def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
         """Each of `shards`' parameters and optimizer state, for a checkpoint."""
         return [self.servers[s].state_dict() for s in shards]
+
+    def resize(self, shard: int, pushers: list[int], world_size: int) -> int:
+        """Live recovery: shard `shard` takes pushes from `pushers` now (`ShardServer.resize`)."""
+        return self.servers[shard].resize(pushers, world_size)

@@ -48,6 +48,7 @@ ShardManager.register(
         "claim",
         "set_idle",
         "state_dict",
+        "resize",
     ),
 )
 

@@ -95,3 +95,7 @@ class ParameterStore(Protocol):
     def state_dicts(self, shards: list[int]) -> list[dict[str, Any]]:
         """Each shard's `ShardServer.state_dict()`."""
         ...
+
+    def resize(self, shard: int, pushers: list[int], world_size: int) -> int:
+        """Live recovery: `ShardServer.resize` on one shard; its steps applied so far."""
+        ...

@@ -138,3 +138,7 @@ class RemoteParameterStore:
     def shards(self) -> range:
         """Every shard's index."""
         return range(self.group.size)
+
+    def resize(self, shard: int, pushers: list[int], world_size: int) -> int:
+        """Live recovery: shard `shard` takes pushes from `pushers` now (`ShardServer.resize`)."""
+        return self.group.get([self.group.call(shard, "resize", pushers, world_size)])[0]

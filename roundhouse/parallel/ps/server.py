@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from roundhouse.parallel.ps.resize import ResizableShard, ServerResetError
 from roundhouse.parallel.ps.shard_state import (
     build_shard_optimizer,
     load_shard_state,
@@ -51,10 +52,6 @@ from roundhouse.parallel.ps.shard_state import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class ServerResetError(RuntimeError):
-    """The shard was re-initialized (a restarted job) while this call waited."""
 
 
 class ServerNotReadyError(RuntimeError):
@@ -110,7 +107,7 @@ class _Pending:
         return len(self.grads.get(pusher, ())) == size
 
 
-class ShardServer:
+class ShardServer(ResizableShard):
     """One shard of the parameters with its optimizer and scheduler.
 
     Args:
@@ -166,7 +163,8 @@ class ShardServer:
                 load_shard_state(
                     self.optimizer, self.scheduler, self.all_indices, state, everything
                 )
-            self.clocks = [step] * setup.num_pushers
+            # Steps each pusher has pushed in full, by pusher id (`resize` changes the ids).
+            self.clocks = {p: step for p in range(setup.num_pushers)}
             self.version = step if setup.mode == "sync" else 0
             self.updates = 0 if state is None else int(state.get("updates", 0))
             self.pending: dict[Any, _Pending] = {}
@@ -265,6 +263,8 @@ class ShardServer:
         """Add a push to its pending update; apply the update once it is complete."""
         with self.cond:
             setup = self._ready()
+            if self._stale_push(pusher, step):
+                return
             key = step if setup.mode == "sync" else (pusher, step)
             pending = self.pending.setdefault(key, _Pending())
             pending.add(pusher, grads, weight)
@@ -274,7 +274,7 @@ class ShardServer:
             self.clocks[pusher] = max(self.clocks[pusher], step + 1)
             if setup.mode != "sync":
                 self._apply(self.pending.pop(key), divisor=weight)
-            elif all(pending.complete(p, size) for p in range(setup.num_pushers)):
+            elif all(pending.complete(p, size) for p in self.clocks):
                 self._apply(self.pending.pop(key), divisor=setup.world_size)
                 self.version += 1
             self.cond.notify_all()
@@ -401,6 +401,7 @@ class ShardServer:
         """Block (the condition held) until `pusher` may read the parameters for `step`."""
         deadline = time.monotonic() + self._ready().timeout_s
         generation = self.generation
+        self._check_pusher(pusher)
         while not self._may_read(pusher, step):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -424,7 +425,7 @@ class ShardServer:
 
     def _slowest_clock(self, step: int) -> int:
         """The lowest clock among pushers that still train (`step` if none does)."""
-        return min((c for p, c in enumerate(self.clocks) if p not in self.idle), default=step)
+        return min((c for p, c in self.clocks.items() if p not in self.idle), default=step)
 
     def _flat_params(self) -> np.ndarray:
         return self.flat.numpy().copy()

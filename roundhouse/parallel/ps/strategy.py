@@ -47,6 +47,7 @@ from roundhouse.parallel.ps import (
     ServerSetup,
     build_layout,
     consolidate_states,
+    live,
     used_shards,
 )
 from roundhouse.parallel.ps.client import PSClient, Pulled, PusherRole
@@ -76,12 +77,13 @@ def check_no_grad_clip(grad_clip_norm: float | None) -> None:
         )
 
 
-class ParameterServerStrategy(SingleDeviceStrategy):
+class ParameterServerStrategy(live.LiveServersMixin, SingleDeviceStrategy):
     """Workers compute gradients; parameter-server shards own the parameters and update them."""
 
     kind = "ps"
     cost_model = PSCosts
     max_world_size = None
+    supports_live_recovery = True  # sync mode (`ps/live.py`; the recovery check refuses others)
     config: PSStrategyConfig
 
     @classmethod
@@ -108,12 +110,14 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
     @classmethod
     def check_job(cls, job: JobSpec, world_size: int) -> None:
-        """Gradient clipping needs the whole gradient's norm, which no server sees.
+        """Gradient clipping needs the whole gradient's norm, which no server sees; live
+        recovery needs sync mode (`live.check_live_job`).
 
         Raises:
-            JobFileError: `trainer.grad_clip_norm` is set.
+            JobFileError: `trainer.grad_clip_norm` is set, or live recovery cannot re-form.
         """
         check_no_grad_clip(job.trainer.grad_clip_norm)
+        live.check_live_job(job, world_size)
 
     @classmethod
     def check_optimizers(cls, job: JobSpec, names: list[str]) -> None:
@@ -152,6 +156,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.rows: RowTables | None = None  # the sparse-gradient tables, if the model has any
         self.logged = (0, 0)  # (clock, row bytes) at the last row-traffic report
         self.ahead: list[int] = []
+        self.loaded_clock = -1  # the step whose parameters the model holds
+        self.lag = 0  # live recovery: steps the servers applied beyond this worker's view
         self.dynamic = config.data_assignment == "dynamic"
         self.idle = False  # dynamic assignment: this worker found its epoch's data used up
         self.step_started: float | None = None  # straggler injection: when this step began
@@ -193,7 +199,10 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         )
         if tables:
             self.rows = RowTables(modules, list(self.row_tables), self.store, self.role.pusher)
-        self._initialize_servers(None)
+        if live.joined_late(self.ctx):  # a replacement: the servers hold the run's state
+            live.settle_clock(self, live.resize_servers(self), joining=True)
+        else:
+            self._initialize_servers(None)
 
     def _server_setup(self) -> ServerSetup:
         num_pushers = (
@@ -206,7 +215,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             world_size=self.ctx.world_size,
             build_optimizer=self.plan.build_optimizer,
             build_scheduler=self.plan.build_scheduler,
-            timeout_s=SERVER_WAIT_S,
+            timeout_s=live.server_wait_s(self.ctx, SERVER_WAIT_S),
             row_tables=dict(self.row_tables),
             num_shards=self.store.num_servers,
         )
@@ -249,6 +258,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         pulled = self.client.wait_pull()
         assert pulled is not None
         self.client.load(pulled.flat)
+        self.loaded_clock = self.clock
         if pulled.ahead is not None:
             self.ahead.append(pulled.ahead)
         self.last = pulled
@@ -341,6 +351,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         # The gradients already reached the servers, which skip a non-finite update; the step
         # still counts (every pusher's clock moves on), so the next pull is for the next step.
         """Drop local gradients; the servers skip the non-finite update and the clock moves on."""
+        if self.client is None:
+            return  # closed by live recovery: the step is redone (`live.regroup` drops grads)
         self._advance()
         self._ensure_params()
 
@@ -348,6 +360,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         """True only if `flag` is true on every rank."""
         if not self.distributed or self.config.mode != "sync":
             return flag  # async/ssp workers never wait for each other here
+        if self.ctx.rendezvous is not None:  # live: a passed vote means every push was sent
+            self.client.wait_pushes()
         value = torch.tensor([int(flag)], dtype=torch.int32, device=self.ctx.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
@@ -414,13 +428,21 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             self.store.set_idle(self.ctx.rank, self.idle)
         return chunk
 
+    def regroup(self, ctx: WorkerContext, *, joining: bool = False) -> None:
+        """The workers re-formed: new pusher id, servers resized to the live workers."""
+        self.close()  # (live recovery closed it already: the closed client is `retired`)
+        self.ctx, self.distributed = ctx, ctx.world_size > 1
+        self.store = build_store(self.config, ctx)  # a fresh one: no replies owed from before
+        self.role = build_role(self.config, ctx)
+        live.regroup(self, self.retired, BUCKET_MB, joining=joining)
+
     def close(self) -> None:
         # No waiting for a pull still in flight: after a failure it may wait for a worker or a
         # server that is gone, and the error that matters was already raised.
         """Stop the client (hooks, its thread); a pull in flight is abandoned."""
         if self.client is not None:
             self.client.close()
-            self.client = None
+            self.retired, self.client = self.client, None
         if self.rows is not None:
             self.rows.close()
 
@@ -450,7 +472,7 @@ def build_role(
     `aggregate=False` (a model with row tables): every rank pushes for itself.
     """
     if not (aggregate and config.node_aggregation) or ctx.world_size == ctx.num_nodes:
-        return PusherRole(pusher=ctx.rank, is_leader=True, weight=1, leader_rank=ctx.rank)
+        return PusherRole(pusher=live.tag_of(ctx), is_leader=True, weight=1, leader_rank=ctx.rank)
     groups = build_node_groups(ctx.node_rank, ctx.local_rank)  # collective on every rank
     size = dist.get_world_size(groups.node)
     return PusherRole(
