@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ from roundhouse.parallel.ps.wire import (
     WireClosedError,
     WireConnection,
     WireListener,
+    node_host,
     recv_exact,
     send_buffers,
 )
@@ -134,7 +136,7 @@ def test_a_call_to_an_uninitialized_shard_raises_server_not_ready() -> None:
 def test_a_wrong_token_is_refused() -> None:
     listener = WireListener(initialized("async", 1), host="127.0.0.1")
     try:
-        wrong = WireAddress(("127.0.0.1",), listener.address.port, b"x" * 16)
+        wrong = WireAddress("127.0.0.1", listener.address.port, b"x" * 16)
         with pytest.raises(ConnectionError):
             WireConnection(wrong)
     finally:
@@ -182,7 +184,7 @@ class Unreachable(ShardServer):
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
         closed.close()
-        return WireAddress(("127.0.0.1",), port, b"0" * 16)
+        return WireAddress("127.0.0.1", port, b"0" * 16)
 
 
 def test_an_unreachable_listener_falls_back_to_service_calls() -> None:
@@ -193,3 +195,15 @@ def test_an_unreachable_listener_falls_back_to_service_calls() -> None:
     reply = store.pull([0], 0, 1)[0]
     np.testing.assert_allclose(reply.flat, [-0.5, -0.5, 0.0])
     assert store.links[0] is None
+
+
+def test_the_listener_binds_the_node_ip_ray_reports_else_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["default_worker.py", "--node-ip-address=10.1.2.3"])
+    assert node_host() == "10.1.2.3"
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert node_host() == "127.0.0.1"
+    server = initialized("async", 1)
+    assert server.wire_address().host == "127.0.0.1"
+    assert server.wire_address() == server.wire_address()  # one listener per shard

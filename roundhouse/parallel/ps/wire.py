@@ -32,6 +32,7 @@ import logging
 import secrets
 import socket
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ _HELLO = struct.Struct(f"<4sB{TOKEN_BYTES}s")
 _WELCOME = struct.Struct("<4sB")
 _REQUEST = struct.Struct("<BqqqqqQ")
 _REPLY = struct.Struct("<BqddBqQ")
+NODE_IP_FLAG = "--node-ip-address="
 CONNECT_TIMEOUT_S = 5.0
 # A reply may legitimately take as long as a sync pull waits for the slowest worker (the
 # server fails such a pull itself after `ServerSetup.timeout_s`); this only bounds a server
@@ -66,9 +68,9 @@ class WireRemoteError(RuntimeError):
 
 @dataclass(frozen=True)
 class WireAddress:
-    """Where a shard listens: candidate hosts (tried in order), the port and the token."""
+    """Where a shard listens, and the token a client must present."""
 
-    hosts: tuple[str, ...]
+    host: str
     port: int
     token: bytes
 
@@ -133,25 +135,14 @@ def _tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
-def local_hosts() -> tuple[str, ...]:
-    """This machine's addresses other machines may reach it at, then loopback.
-
-    The first is the source address of the default route (what Ray also takes as a node's IP
-    unless told otherwise; no packet is sent); the token check makes a wrong guess harmless.
-    """
-    hosts: list[str] = []
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect(("10.254.254.254", 1))
-        hosts.append(probe.getsockname()[0])
-    except OSError:
-        pass  # no route: a machine on its own
-    finally:
-        probe.close()
-    with contextlib.suppress(OSError):
-        hosts.append(socket.gethostbyname(socket.gethostname()))
-    hosts.append("127.0.0.1")
-    return tuple(dict.fromkeys(h for h in hosts if h and h != "0.0.0.0"))
+def node_host() -> str:
+    """The address this machine has in its cluster: the IP Ray reports for the node (Ray
+    starts its worker processes, actors included, with `--node-ip-address=`; 127.0.0.1 for
+    roundhouse's embedded single-machine cluster), or loopback outside Ray."""
+    for arg in sys.argv:
+        if arg.startswith(NODE_IP_FLAG):
+            return arg[len(NODE_IP_FLAG) :]
+    return "127.0.0.1"
 
 
 # --- server side ----------------------------------------------------------------------------
@@ -164,14 +155,14 @@ class WireListener:
         handler: The shard: `push(pusher, step, indices, flat, present, weight, pull_step)`
             and `pull(pusher, step)`, returning a reply with `flat, version, lr,
             grad_sq_norm, ahead` (or None for a push without `pull_step`).
-        host: The interface to bind (all of them by default).
+        host: The address to listen at (`node_host()` by default).
     """
 
-    def __init__(self, handler: Any, host: str = "0.0.0.0") -> None:
+    def __init__(self, handler: Any, host: str | None = None) -> None:
         self.handler = handler
         self.token = secrets.token_bytes(TOKEN_BYTES)
-        self.sock = socket.create_server((host, 0), backlog=128)
-        self.hosts = local_hosts() if host == "0.0.0.0" else (host,)
+        self.host = host or node_host()
+        self.sock = socket.create_server((self.host, 0), backlog=128)
         self.closed = False
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
@@ -180,7 +171,7 @@ class WireListener:
     @property
     def address(self) -> WireAddress:
         """Where clients connect (`WireConnection`)."""
-        return WireAddress(self.hosts, self.sock.getsockname()[1], self.token)
+        return WireAddress(self.host, self.sock.getsockname()[1], self.token)
 
     def close(self) -> None:
         """Stop listening and drop every connection (their clients get `WireClosedError`)."""
@@ -268,17 +259,16 @@ class WireConnection:
     """One worker's connection to one shard: send requests, read their replies in order.
 
     Args:
-        address: The shard's `WireAddress`; hosts are tried in order.
+        address: The shard's `WireAddress`.
         errors: Exception classes by name, to re-raise a shard's failures as themselves
             (others become `WireRemoteError`).
 
     Raises:
-        ConnectionError: no host of `address` answered as the shard.
+        ConnectionError: nothing answered at `address` as the shard.
     """
 
     def __init__(self, address: WireAddress, errors: dict[str, type] | None = None) -> None:
         self.errors = dict(errors or {})
-        self.pending = 0  # requests sent whose replies are still unread
         self.sock = _connect(address)
 
     def send_push(
@@ -308,7 +298,6 @@ class WireConnection:
             send_buffers(self.sock, buffers)
         except OSError as error:
             raise WireClosedError(f"sending to a parameter server failed: {error}") from error
-        self.pending += 1
 
     def read_reply(self) -> WireReply:
         """The reply to the oldest unread request; re-raises the shard's failure."""
@@ -320,7 +309,6 @@ class WireConnection:
             if isinstance(error, WireClosedError):
                 raise
             raise WireClosedError(f"reading from a parameter server failed: {error}") from error
-        self.pending -= 1
         if kind == REPLY_ERROR:
             failure = json.loads(payload.tobytes())
             raise self.errors.get(failure["type"], WireRemoteError)(failure["message"])
@@ -334,16 +322,13 @@ class WireConnection:
 
 
 def _connect(address: WireAddress) -> socket.socket:
-    """A connected, greeted socket to the first host of `address` that answers as the shard."""
-    failures = []
-    for host in address.hosts:
-        try:
-            return _greet(
-                socket.create_connection((host, address.port), CONNECT_TIMEOUT_S), address
-            )
-        except OSError as error:
-            failures.append(f"{host}:{address.port}: {error}")
-    raise ConnectionError("no parameter server answered at " + "; ".join(failures))
+    """A connected, greeted socket to the shard at `address`."""
+    target = (address.host, address.port)
+    try:
+        sock = socket.create_connection(target, CONNECT_TIMEOUT_S)
+    except OSError as error:
+        raise ConnectionError(f"no parameter server answered at {target}: {error}") from error
+    return _greet(sock, address)
 
 
 def _greet(sock: socket.socket, address: WireAddress) -> socket.socket:
