@@ -4,10 +4,13 @@
 instances (each reserving `cluster.ps_resources`, many calls at once: a waiting pull holds a
 thread, pushes must still get through). Every worker then finds them, started, in
 `WorkerContext.services["ps"]` (a `ServiceGroup`) and wraps them in a `RemoteParameterStore`.
-Gradients and parameters travel as numpy arrays.
+Dense gradients and parameters travel over one TCP connection per shard (`ps/wire.py`: raw
+float32 bytes, no pickling, no object store); control calls (initialize, checkpoints, claims,
+idle marks) and row tables are service calls.
 
 Failures: the cluster restarts a dead instance empty behind the same handle. The workers'
-calls to it raise, so the worker group fails and is restarted; the restarted group resumes from
+calls to it raise (a socket to it closes at once: `WireClosedError`, a `ConnectionError`),
+so the worker group fails and is restarted; the restarted group resumes from
 the run's latest checkpoint, and its rank 0 re-initializes every shard from it before anyone
 pulls. A call reaching a restarted, not yet initialized shard fails too
 (`ServerNotReadyError`), never trains on garbage.
