@@ -305,15 +305,22 @@ class ShardServer:
         parameters' gradients are views into it): per-parameter small operations would cost
         as much as the optimizer step itself.
         """
-        total = np.zeros(self.offsets[-1], dtype=np.float32)
+        total = np.empty(self.offsets[-1], dtype=np.float32)
         has_grad = [False] * len(self.params)
         for pusher in sorted(pending.grads):
             grads = pending.grads[pusher]
             for i, g in enumerate(self.indices):
                 part = grads[g]
-                if part is not None:
-                    total[self.offsets[i] : self.offsets[i + 1]] += part
+                if part is not None:  # the first part is copied: no pass over zeros
+                    window = total[self.offsets[i] : self.offsets[i + 1]]
+                    if has_grad[i]:
+                        np.add(window, part, out=window)
+                    else:
+                        np.copyto(window, part)
                     has_grad[i] = True
+        for i, has in enumerate(has_grad):
+            if not has:
+                total[self.offsets[i] : self.offsets[i + 1]] = 0.0
         flat = torch.from_numpy(total).div_(divisor)
         # One float32 dot product (no float64 copy): the loop's own norms are float32 too.
         sq_norm = float(torch.dot(flat, flat)) if len(flat) else 0.0
