@@ -6,12 +6,15 @@ new connection and refuses as not ready until it is initialized again.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from roundhouse.cluster.quiet import set_verbose
 from roundhouse.cluster.runtime import ray_runtime
 from roundhouse.cluster.services import (
     RayServiceGroup,
@@ -41,6 +44,18 @@ def ps_job(storage: Path) -> object:
     )
 
 
+@contextlib.contextmanager
+def verbose_console() -> Iterator[None]:
+    """Ray's notices on the plain log while this test's runtime starts: after a CLI run in this
+    process, the quiet console's hidden-lines file still names that run's (deleted) session
+    folder (`cluster/quiet.py`), and the token notice of this `ray.init` would fail there."""
+    set_verbose(True)
+    try:
+        yield
+    finally:
+        set_verbose(False)
+
+
 def wait_until_back(handle: object, timeout_s: float = 60.0) -> None:
     """Until the restarted actor answers (calls fail while it restarts, as with Ray calls)."""
     import ray
@@ -63,7 +78,7 @@ def test_a_shard_actor_serves_the_socket_and_its_death_fails_the_pull_at_once(
 
     job = ps_job(tmp_path)
     params = [np.zeros(2, dtype=np.float32), np.ones(1, dtype=np.float32)]
-    with ray_runtime(job.cluster, extra_cpus=service_cpus(job)):
+    with verbose_console(), ray_runtime(job.cluster, extra_cpus=service_cpus(job)):
         started = start_services(job)
         with services_stopped_at_exit(started):
             store = RemoteParameterStore(RayServiceGroup(started["ps"]))
