@@ -34,6 +34,7 @@ RESULT lines: `ps_sync_vs_ring` (target >= 0.8), `ps_async_vs_sync_slowed` and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -43,15 +44,20 @@ from pathlib import Path
 from typing import Any
 
 from roundhouse.cluster.runtime import ray_runtime
-from roundhouse.cluster.services import service_cpus
+from roundhouse.cluster.services import RayServiceGroup, service_cpus
 from roundhouse.cluster.workers import train_on_ray
+from roundhouse.config import OptimizerConfig, SchedulerConfig
 from roundhouse.config.loading import validate_job
 from roundhouse.data import build_splits
 from roundhouse.data.sampler import BatchPlan
+from roundhouse.parallel.ps import ServerSetup, ShardServer
+from roundhouse.parallel.ps.remote import RemoteParameterStore
+from roundhouse.trainer.optim import build_optimizer, build_scheduler
 from roundhouse.weights.model_build import build_model_with_data
 from roundhouse.weights.run_folder import prepare_run
 
 logger = logging.getLogger("ps_vs_ring")
+ADAM = OptimizerConfig(name="adam", lr=0.002)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "ring": {"kind": "ring"},
@@ -116,8 +122,11 @@ class Echo:
         return None
 
 
-def exchange_floor(job: Any, calls: int = 200) -> tuple[float, float]:
-    """(ms per actor call carrying the model's size both ways, ms per empty call)."""
+def exchange_floor(job: Any, calls: int = 200) -> tuple[float, float, float]:
+    """(ms per Ray actor call carrying the model's size both ways, ms per empty call, ms per
+    ps step through `RemoteParameterStore`: one push of the model's gradient asking for the
+    next step's parameters, and the pull collecting them, from a `ShardServer` actor that
+    applies Adam; over the socket data path, or Ray calls where the code has none)."""
     import numpy as np
     import ray
 
@@ -125,16 +134,49 @@ def exchange_floor(job: Any, calls: int = 200) -> tuple[float, float]:
     flat = np.ones(sum(p.numel() for p in model.parameters()), dtype=np.float32)
     actor = ray.remote(Echo).options(num_cpus=0).remote()
     try:
-        timings = []
-        for call in (lambda: actor.echo.remote(flat), actor.empty.remote):
-            ray.get([call() for _ in range(5)])  # warm up
-            start = time.perf_counter()
-            for _ in range(calls):
-                ray.get(call())
-            timings.append((time.perf_counter() - start) / calls * 1e3)
-        return timings[0], timings[1]
+        timings = [time_calls(lambda: ray.get(actor.echo.remote(flat)), calls)]
+        timings.append(time_calls(lambda: ray.get(actor.empty.remote()), calls))
     finally:
         ray.kill(actor)
+    server = ray.remote(ShardServer).options(num_cpus=0, max_concurrency=8).remote(0, 1)
+    try:
+        store = RemoteParameterStore(RayServiceGroup([server]))
+        store.initialize(0, adam_setup(), [0], [flat], None, 0)
+        clock = iter(range(10**6))
+
+        def step() -> None:
+            t = next(clock)
+            store.push(0, 0, t, [0], flat, [True], 1, pull_step=t + 1)
+            store.pull([0], 0, t + 1)
+
+        timings.append(time_calls(step, calls))
+    finally:
+        ray.kill(server)
+    return timings[0], timings[1], timings[2]
+
+
+def adam_setup() -> ServerSetup:
+    """One pusher, sync, the benchmark's Adam: a shard as the jobs' sync runs have it."""
+    return ServerSetup(
+        mode="sync",
+        staleness=0,
+        num_pushers=1,
+        world_size=1,
+        build_optimizer=functools.partial(build_optimizer, config=ADAM),
+        build_scheduler=functools.partial(
+            build_scheduler, config=SchedulerConfig(), steps_per_epoch=1, total_steps=10**6
+        ),
+    )
+
+
+def time_calls(call: Any, calls: int) -> float:
+    """ms per `call()`, after 5 warm-up calls."""
+    for _ in range(5):
+        call()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - start) / calls * 1e3
 
 
 def result(name: str, ours: float, baseline: float, unit: str) -> None:
@@ -148,11 +190,15 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch")
+    parser.add_argument(
+        "--only-sync", action="store_true", help="ring and ps sync only (no straggler runs)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
     storage = tempfile.mkdtemp(prefix="ps_vs_ring-")
-    jobs = {name: build_job(name, v, args, storage) for name, v in VARIANTS.items()}
+    chosen = {n: v for n, v in VARIANTS.items() if not (args.only_sync and v.get("slow"))}
+    jobs = {name: build_job(name, v, args, storage) for name, v in chosen.items()}
     any_ps = next(j for j in jobs.values() if j.strategy.kind == "ps")
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
     with ray_runtime(any_ps.cluster, extra_cpus=service_cpus(any_ps)):
@@ -160,19 +206,20 @@ def main() -> None:
             for name, job in jobs.items():  # alternated, so every variant sees the same noise
                 runs[name].append(measure(job))
                 logger.info("%s: %.1f samples/s, test accuracy %.3f", name, *runs[name][-1])
-        model_call, empty_call = exchange_floor(any_ps)
+        model_call, empty_call, wire_step = exchange_floor(any_ps)
     speed = {n: statistics.median(r[0] for r in rs) for n, rs in runs.items()}
     accuracy = {n: statistics.median(r[1] for r in rs) for n, rs in runs.items()}
     result("ps_sync_vs_ring", speed["ps_sync"], speed["ring"], "samples/s")
-    for mode in ("async", "ssp"):
+    for mode in () if args.only_sync else ("async", "ssp"):
         name, sync = f"ps_{mode}_slowed", "ps_sync_slowed"
         result(f"ps_{mode}_vs_sync_slowed", speed[name], speed[sync], "samples/s")
-    for mode in ("sync", "async", "ssp"):
+    for mode in () if args.only_sync else ("sync", "async", "ssp"):
         name = f"ps_{mode}_slowed"
         result(f"{name}_accuracy", accuracy[name], accuracy["ps_sync_slowed"], "accuracy")
     step_ms = {n: args.batch_size / s * 1e3 for n, s in speed.items()}
     logger.info("ms per global step: %s", ", ".join(f"{n} {ms:.1f}" for n, ms in step_ms.items()))
     result("ps_model_call_vs_empty_call", model_call, empty_call, "ms")
+    result("ps_store_step_vs_model_call", wire_step, model_call, "ms")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ ShardManager.register(
     callable=_get_shard,
     exposed=(
         "ping",
+        "wire_address",
         "initialize",
         "push",
         "pull",

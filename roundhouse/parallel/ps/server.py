@@ -50,6 +50,7 @@ from roundhouse.parallel.ps.shard_state import (
     slice_table_state,
     use_foreach,
 )
+from roundhouse.parallel.ps.wire import WireAddress, WireListener
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +123,22 @@ class ShardServer(ResizableShard):
         self.cond = threading.Condition()
         self.generation = 0
         self.setup: ServerSetup | None = None
+        self.listener: WireListener | None = None  # the data path, once a worker asks for it
+        self.listener_lock = threading.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def ping(self) -> int:
         """Liveness check; returns the shard id."""
         return self.shard_id
+
+    def wire_address(self) -> WireAddress:
+        """Where this shard serves dense pushes and pulls over TCP (`ps/wire.py`); the
+        listener starts on the first call and lives as long as the shard."""
+        with self.listener_lock:
+            if self.listener is None:
+                self.listener = WireListener(self)
+            return self.listener.address
 
     def initialize(
         self,
@@ -303,17 +314,25 @@ class ShardServer(ResizableShard):
         parameters' gradients are views into it): per-parameter small operations would cost
         as much as the optimizer step itself.
         """
-        total = np.zeros(self.offsets[-1], dtype=np.float32)
+        total = np.empty(self.offsets[-1], dtype=np.float32)
         has_grad = [False] * len(self.params)
         for pusher in sorted(pending.grads):
             grads = pending.grads[pusher]
             for i, g in enumerate(self.indices):
                 part = grads[g]
-                if part is not None:
-                    total[self.offsets[i] : self.offsets[i + 1]] += part
+                if part is not None:  # the first part is copied: no pass over zeros
+                    window = total[self.offsets[i] : self.offsets[i + 1]]
+                    if has_grad[i]:
+                        np.add(window, part, out=window)
+                    else:
+                        np.copyto(window, part)
                     has_grad[i] = True
+        for i, has in enumerate(has_grad):
+            if not has:
+                total[self.offsets[i] : self.offsets[i + 1]] = 0.0
         flat = torch.from_numpy(total).div_(divisor)
-        sq_norm = float(flat.double().square().sum())
+        # One float32 dot product (no float64 copy): the loop's own norms are float32 too.
+        sq_norm = float(torch.dot(flat, flat)) if len(flat) else 0.0
         for i, param in enumerate(self.params):
             view = flat[self.offsets[i] : self.offsets[i + 1]].view_as(param)
             param.grad = view if has_grad[i] else None
