@@ -81,12 +81,22 @@ def shown_lines(lines: list[str]) -> list[str]:
 
 
 def write_hidden(lines: list[str]) -> None:
-    """Append lines to the hidden-lines log file (when known)."""
+    """Append lines to the hidden-lines log file (when known; held until the next session's
+    file is known when that file's session folder is gone)."""
     path = _state["path"]
     if path is None or not lines:
         return
-    with _lock, open(path, "a", encoding="utf-8") as f:
-        f.writelines(line.rstrip("\n") + "\n" for line in lines)
+    try:
+        with _lock, open(path, "a", encoding="utf-8") as f:
+            f.writelines(line.rstrip("\n") + "\n" for line in lines)
+    except FileNotFoundError:  # the Ray session that owned the folder ended and removed it
+        forget_session_log()
+        _state["held"].extend(lines)
+
+
+def forget_session_log() -> None:
+    """The Ray session ended: hold hidden lines again until the next session's file is known."""
+    _state["path"] = None
 
 
 def _filtered(handler: Callable[[dict], None]) -> Callable[[dict], None]:

@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Iterator
 
-from roundhouse.cluster.quiet import install_console_filter
+from roundhouse.cluster.quiet import forget_session_log, install_console_filter
 from roundhouse.config import ClusterConfig
 from roundhouse.errors import RoundhouseError
 
@@ -70,6 +70,7 @@ def ray_runtime(
             yield target
         finally:
             ray.shutdown()  # stops an embedded cluster; only disconnects from an external one
+            forget_session_log()  # its session folder (and log file) may be gone now
 
 
 # Ray Train settings for a one-machine cluster, inherited by every Ray process it starts (a

@@ -48,3 +48,20 @@ def test_a_noise_lines_traceback_is_hidden_but_a_later_error_is_shown() -> None:
         "ValueError: bad shape",
     ]
     assert shown_lines(batch) == batch[5:]
+
+
+def test_a_line_hidden_after_its_session_folder_is_gone_is_held_for_the_next(tmp_path) -> None:
+    """A later Ray session in the same process must not crash on the last one's deleted log."""
+    from roundhouse.cluster import quiet
+
+    saved = dict(quiet._state)
+    try:
+        quiet._state.update(path=str(tmp_path / "gone" / quiet.LOG_NAME), held=[])
+        quiet.write_hidden(["a notice"])  # no FileNotFoundError
+        assert quiet._state["path"] is None and quiet._state["held"] == ["a notice"]
+        quiet._state["path"] = str(tmp_path / quiet.LOG_NAME)
+        quiet.write_hidden(quiet._state["held"] + ["next"])
+        assert (tmp_path / quiet.LOG_NAME).read_text() == "a notice\nnext\n"
+    finally:
+        quiet._state.clear()
+        quiet._state.update(saved)
