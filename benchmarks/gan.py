@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from roundhouse.config.loading import read_yaml, validate_job
+from roundhouse.config.loading import apply_overrides, read_yaml, validate_job
 from roundhouse.data import build_splits
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.fid import load_classifier_features, torchmetrics_fid
@@ -57,12 +57,14 @@ def classifier_job(storage: str, size: int) -> dict[str, Any]:
     return common(job, storage, size, 600)
 
 
-def gan_job(storage: str, size: int, steps: int, lr: float, sn: bool) -> dict[str, Any]:
+def gan_job(
+    storage: str, size: int, steps: int, lr: float, sn: bool, overrides: list[str]
+) -> dict[str, Any]:
     job = common(read_yaml(str(CONFIG)), storage, size, steps)
     job["model"]["options"]["spectral_norm"] = sn
     for name in ("discriminator", "generator"):
         job["task"]["optimizers"][name]["optimizer"]["lr"] = lr
-    return job
+    return apply_overrides(job, overrides)
 
 
 def samples_of(run: str, num: int) -> torch.Tensor:
@@ -96,12 +98,16 @@ def main() -> None:
     parser.add_argument(
         "--batch-norm", action="store_true", help="batch-norm D instead of spectral norm"
     )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="job overrides of the GAN run"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as storage:
         clf = train(classifier_job(storage, args.image_size))
         features = load_classifier_features(clf)
-        job = gan_job(storage, args.image_size, args.steps, args.lr, not args.batch_norm)
+        sn = not args.batch_norm
+        job = gan_job(storage, args.image_size, args.steps, args.lr, sn, args.set)
         splits = build_splits(validate_job(job).data, seed=0)
         test, pool = splits.test.inputs, splits.train.inputs
         real = pool[torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))]

@@ -70,10 +70,28 @@ class Generator(nn.Module):
         return (torch.tanh(self.to_image(x)) + 1) / 2  # (B, C, H, W)
 
 
+class MinibatchStd(nn.Module):
+    """Appends one channel: the mean over features of the standard deviation across the batch
+    (ProGAN's minibatch standard deviation). A generator that draws every sample alike gives
+    itself away by a small value, so D can punish low diversity (mode collapse, S3:2283-2289).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`(B, C, H, W)` -> `(B, C + 1, H, W)`."""
+        std = x.float().var(dim=0, unbiased=False).add(1e-8).sqrt().mean()  # one sample: 1e-4
+        return torch.cat([x, std.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:])], dim=1)
+
+
 class Discriminator(nn.Module):
     """Images `(B, C, H, W)` in [0, 1] -> realness logits `(B,)`."""
 
-    def __init__(self, image: tuple[int, int, int], channels: int, spectral_norm: bool) -> None:
+    def __init__(
+        self,
+        image: tuple[int, int, int],
+        channels: int,
+        spectral_norm: bool,
+        minibatch_std: bool = False,
+    ) -> None:
         super().__init__()
         c, h, _ = image
         steps = num_doublings(h)
@@ -86,6 +104,9 @@ class Discriminator(nn.Module):
                 layers.append(nn.BatchNorm2d(width))
             layers.append(nn.LeakyReLU(0.2))
             width_in, width = width, width * 2
+        if minibatch_std:
+            layers.append(MinibatchStd())
+            width_in += 1
         self.features = nn.Sequential(*layers)
         self.head = sn(nn.Linear(width_in * 16, 1))
 
@@ -99,13 +120,18 @@ class DCGAN(nn.Module):
     """The pair; `forward` is the discriminator (what summaries and shape checks see)."""
 
     def __init__(
-        self, image: tuple[int, int, int], latent_dim: int, channels: int, spectral_norm: bool
+        self,
+        image: tuple[int, int, int],
+        latent_dim: int,
+        channels: int,
+        spectral_norm: bool,
+        minibatch_std: bool = False,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.image = image
         self.generator = Generator(image, latent_dim, channels)
-        self.discriminator = Discriminator(image, channels, spectral_norm)
+        self.discriminator = Discriminator(image, channels, spectral_norm, minibatch_std)
 
     def forward(self, x: Tensor) -> Tensor:
         """Realness logits `(B,)` of images `x`."""
@@ -125,13 +151,15 @@ def build_dcgan(
     latent_dim: int = 64,
     channels: int = 32,
     spectral_norm: bool = False,
+    minibatch_std: bool = False,
 ) -> DCGAN:
-    """A DCGAN for `(C, H, W)` images with H = W a power of two >= 8."""
+    """A DCGAN for `(C, H, W)` images with H = W a power of two >= 8 (`minibatch_std`: D also
+    sees the batch's diversity, see `MinibatchStd`)."""
     del num_classes  # unconditional
     image = image_shape("dcgan", input_shape)
     if image[1] != image[2]:
         raise ModelError(f"dcgan needs square images, got {image[1]}x{image[2]}", "resize")
-    return DCGAN(image, latent_dim, channels, spectral_norm)
+    return DCGAN(image, latent_dim, channels, spectral_norm, minibatch_std)
 
 
 SPEC = register(

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from roundhouse.data import DataInfo
 from roundhouse.data.text import PAD_ID, decode
-from roundhouse.trainer.task_api import Task
+from roundhouse.trainer.task_api import ExampleInputs, ExportGraph, Task
 
 NGRAMS = 4
 
@@ -66,7 +67,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class Seq2SeqTask(Task):
-    """Teacher-forced CE; evaluation adds corpus BLEU of greedy decodes."""
+    """Teacher-forced CE; evaluation adds corpus BLEU of greedy decodes. `export` writes two
+    files: the encoder and one decoder step (`roundhouse/trainer/seq2seq_export.py`)."""
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
@@ -124,3 +126,18 @@ class Seq2SeqTask(Task):
         if "bleu_sys" in sums:
             metrics["bleu"] = bleu_from_stats(sums)
         return metrics
+
+    def example_inputs(
+        self, input_shape: tuple[int, ...], dtype: torch.dtype, batch_size: int, device: object
+    ) -> ExampleInputs:
+        """Source ids `(B, S)` and a target prefix `(B, S)` (what `forward` feeds the model)."""
+        ids = torch.zeros((batch_size, *input_shape), dtype=torch.long, device=device)
+        return ExampleInputs((ids, ids.clone()), names=("src", "tgt"))
+
+    def export_graphs(
+        self, model: nn.Module, info: DataInfo, dtype: torch.dtype
+    ) -> list[ExportGraph]:
+        """The encoder and the decoder step, each its own file."""
+        from roundhouse.trainer.seq2seq_export import seq2seq_graphs
+
+        return seq2seq_graphs(unwrap(model).eval(), info)
