@@ -29,6 +29,13 @@ from roundhouse.trainer.fid import FIDStatistics
 from roundhouse.trainer.task_api import ExampleInputs, OptimizerSpec, Task, TaskError, unwrap
 
 
+def drawing_generator(net: nn.Module) -> nn.Module:
+    """The generator that samples, evaluations and export use (a model's weight average, when
+    it keeps one: `sampling_generator`)."""
+    pick = getattr(net, "sampling_generator", None)
+    return pick() if callable(pick) else net.generator
+
+
 class GANTask(Task):
     """Non-saturating GAN objective over a model with `generator` and `discriminator`."""
 
@@ -67,6 +74,8 @@ class GANTask(Task):
         """D's turn: real vs generated cross-entropy. G's turn: the non-saturating loss."""
         net = unwrap(model)
         real = batch["input"]
+        if optimizer == "generator" and net.training and hasattr(net, "update_ema"):
+            net.update_ema()  # towards the weights the last generator step left
         fake = net.generator(self.noise(net, real.shape[0], real.device))
         if optimizer == "discriminator":
             d_real, d_fake = net.discriminator(real).float(), net.discriminator(fake.detach())
@@ -83,7 +92,7 @@ class GANTask(Task):
         real = batch["input"]
         seed = int((real.double().sum() * 1000).round().item()) % (2**63 - 1)
         z = self.noise(net, real.shape[0], real.device, torch.Generator().manual_seed(seed))
-        self.fake = net.generator(z)
+        self.fake = drawing_generator(net)(z)
         return torch.cat([net.discriminator(real), net.discriminator(self.fake)])
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
@@ -123,11 +132,11 @@ class GANTask(Task):
         net = unwrap(model).eval()
         with torch.no_grad():
             device = next(net.parameters()).device
-            return net.generator(self.noise(net, num, device, generator))
+            return drawing_generator(net)(self.noise(net, num, device, generator))
 
     def export_module(self, model: nn.Module) -> nn.Module:
-        """`export` writes the generator (noise in, images out)."""
-        return unwrap(model).generator
+        """`export` writes the generator (noise in, images out; the averaged one if any)."""
+        return drawing_generator(unwrap(model))
 
     def export_inputs(
         self,

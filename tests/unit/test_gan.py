@@ -105,6 +105,31 @@ def test_one_sided_label_smoothing_of_the_real_images() -> None:
         GANTask(real_label=0.3)
 
 
+def test_the_averaged_generator_follows_training_and_is_what_samples_draw_from(
+    tmp_path: Path,
+) -> None:
+    options = {"channels": 4, "ema_decay": 0.5}
+    model = get("dcgan").build(BuildConfig(input_shape=(1, 8, 8), options=options)).train()
+    params = dict(model.named_parameters())
+    assert not any(name.startswith("generator_ema") for name in params)  # buffers: no optimizer
+    before = model.generator_ema.to_image.weight.clone()
+    with torch.no_grad():
+        model.generator.to_image.weight.add_(1.0)
+    batch = {"input": torch.rand(4, 1, 8, 8), "target": torch.zeros(4, dtype=torch.long)}
+    GANTask().step_loss(model, batch, "generator")  # the generator's turn moves the average
+    torch.testing.assert_close(model.generator_ema.to_image.weight, before + 0.5)
+    GANTask().step_loss(model, batch, "discriminator")  # D's turn does not
+    torch.testing.assert_close(model.generator_ema.to_image.weight, before + 0.5)
+    z = torch.randn(3, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    drawn = GANTask().sample(model, 3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(drawn, model.generator_ema(z))
+    assert GANTask().export_module(model) is model.generator_ema
+    job = gan_job(tmp_path, "ema")  # trains, checkpoints and samples through the CLI
+    job["model"]["options"]["ema_decay"] = 0.9
+    run = train(job)
+    assert main(["sample", str(run), "--num", "4", "--out", str(tmp_path / "g.png")]) == 0
+
+
 def test_a_size_that_is_not_a_power_of_two_is_refused() -> None:
     with pytest.raises(ModelError, match="power of two"):
         get("dcgan").build(BuildConfig(input_shape=(1, 12, 12), options={}))
