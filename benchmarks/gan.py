@@ -5,11 +5,13 @@
 2. The floor: FID of as many training images as samples against the test images (what real
    digits score). The ceiling: FID of an untrained generator's samples.
 3. Train `configs/gan_digits.yaml`'s task and model (through `run_worker`, `--local`; spectral
-   norm on the discriminator unless `--batch-norm`; both players at `--lr`), draw
-   `--samples` images, and report their FID, the share of the ceiling-to-floor gap they close
-   (target >= 0.8), and the classifier's label distribution over them (each digit 5-15%).
+   norm on the discriminator unless `--batch-norm`; both players at `--lr`; the config's
+   generator weight average, `ema_decay`, is what samples), draw `--samples` images, and
+   report their FID, the share of the ceiling-to-floor gap they close (target >= 0.8), and the
+   classifier's label distribution over them (each digit 5-15%).
 
-    python benchmarks/gan.py [--steps 6000] [--samples 1000] [--image-size 8] [--batch-norm]
+    python benchmarks/gan.py [--steps 12000] [--samples 1000] [--image-size 8] [--batch-norm]
+        [--set model.options.ema_decay=0 ...]   # job overrides of the GAN run
 
 The digits are 8x8 (16x16 with `--image-size 16`, as the config; four times the work). One
 CPU thread: on a shared machine torch's thread pool contends with everyone else.
@@ -91,7 +93,7 @@ def result(name: str, ours: float, baseline: float, unit: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
