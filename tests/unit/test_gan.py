@@ -92,7 +92,7 @@ def test_one_sided_label_smoothing_of_the_real_images() -> None:
     for label in (1.0, 0.9):
         torch.manual_seed(0)  # the same generated images
         task = GANTask(real_label=label)
-        losses[label] = task.step_loss(model.eval(), batch, "discriminator")
+        losses[label] = task.step_loss(model.eval(), batch, "discriminator").detach()
     torch.manual_seed(0)
     with torch.no_grad():
         fake = model.generator(torch.randn(4, model.latent_dim))
