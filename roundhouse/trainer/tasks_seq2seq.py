@@ -67,8 +67,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class Seq2SeqTask(Task):
-    """Teacher-forced CE; evaluation adds corpus BLEU of greedy decodes. `export` writes two
-    files: the encoder and one decoder step (`roundhouse/trainer/seq2seq_export.py`)."""
+    """Teacher-forced CE; evaluation adds corpus BLEU of greedy decodes."""
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
@@ -137,7 +136,8 @@ class Seq2SeqTask(Task):
     def export_graphs(
         self, model: nn.Module, info: DataInfo, dtype: torch.dtype
     ) -> list[ExportGraph]:
-        """The encoder and the decoder step, each its own file."""
+        """`export` writes two files: the encoder and one decoder step
+        (`roundhouse/trainer/seq2seq_export.py`)."""
         from roundhouse.trainer.seq2seq_export import seq2seq_graphs
 
         return seq2seq_graphs(unwrap(model).eval(), info)
