@@ -42,7 +42,7 @@ import torch
 from roundhouse.config import ModelConfig
 from roundhouse.config.loading import validate_job
 from roundhouse.export import ExportOptions, export_model
-from roundhouse.export.graph import build_graph
+from roundhouse.export.graph import build_graphs
 from roundhouse.export.onnx_file import export_onnx, quantize_int8, run_session, session
 from roundhouse.parallel.buckets import OverlappedAllReduce
 from roundhouse.trainer import build_local_context, run_worker
@@ -218,7 +218,7 @@ def bench_export(storage: str, teacher: Path | None, epochs: int) -> None:
         job = make_job("teacher", storage, {"name": "resnet"}, data, {"max_epochs": epochs})
         _, teacher = train(job)
     saved = load_saved_model(str(teacher))
-    graph = build_graph(saved.model, "resnet", saved.splits.info, saved.splits.input_dtype)
+    graph = build_graphs(saved)[0]
     folder = Path(storage) / "export"
     folder.mkdir(exist_ok=True)
     fp32, int8 = str(folder / "m.onnx"), str(folder / "m.int8.onnx")

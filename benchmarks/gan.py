@@ -5,11 +5,13 @@
 2. The floor: FID of as many training images as samples against the test images (what real
    digits score). The ceiling: FID of an untrained generator's samples.
 3. Train `configs/gan_digits.yaml`'s task and model (through `run_worker`, `--local`; spectral
-   norm on the discriminator unless `--batch-norm`; both players at `--lr`), draw
-   `--samples` images, and report their FID, the share of the ceiling-to-floor gap they close
-   (target >= 0.8), and the classifier's label distribution over them (each digit 5-15%).
+   norm on the discriminator unless `--batch-norm`; both players at `--lr`; the config's
+   generator weight average, `ema_decay`, is what samples), draw `--samples` images, and
+   report their FID, the share of the ceiling-to-floor gap they close (target >= 0.8), and the
+   classifier's label distribution over them (each digit 5-15%).
 
-    python benchmarks/gan.py [--steps 6000] [--samples 1000] [--image-size 8] [--batch-norm]
+    python benchmarks/gan.py [--steps 12000] [--samples 1000] [--image-size 8] [--batch-norm]
+        [--set model.options.ema_decay=0 ...]   # job overrides of the GAN run
 
 The digits are 8x8 (16x16 with `--image-size 16`, as the config; four times the work). One
 CPU thread: on a shared machine torch's thread pool contends with everyone else.
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from roundhouse.config.loading import read_yaml, validate_job
+from roundhouse.config.loading import apply_overrides, read_yaml, validate_job
 from roundhouse.data import build_splits
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.fid import load_classifier_features, torchmetrics_fid
@@ -57,12 +59,14 @@ def classifier_job(storage: str, size: int) -> dict[str, Any]:
     return common(job, storage, size, 600)
 
 
-def gan_job(storage: str, size: int, steps: int, lr: float, sn: bool) -> dict[str, Any]:
+def gan_job(
+    storage: str, size: int, steps: int, lr: float, sn: bool, overrides: list[str]
+) -> dict[str, Any]:
     job = common(read_yaml(str(CONFIG)), storage, size, steps)
     job["model"]["options"]["spectral_norm"] = sn
     for name in ("discriminator", "generator"):
         job["task"]["optimizers"][name]["optimizer"]["lr"] = lr
-    return job
+    return apply_overrides(job, overrides)
 
 
 def samples_of(run: str, num: int) -> torch.Tensor:
@@ -89,19 +93,23 @@ def result(name: str, ours: float, baseline: float, unit: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument(
         "--batch-norm", action="store_true", help="batch-norm D instead of spectral norm"
     )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="job overrides of the GAN run"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as storage:
         clf = train(classifier_job(storage, args.image_size))
         features = load_classifier_features(clf)
-        job = gan_job(storage, args.image_size, args.steps, args.lr, not args.batch_norm)
+        sn = not args.batch_norm
+        job = gan_job(storage, args.image_size, args.steps, args.lr, sn, args.set)
         splits = build_splits(validate_job(job).data, seed=0)
         test, pool = splits.test.inputs, splits.train.inputs
         real = pool[torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from roundhouse.export.graph import ExportError, ExportGraph, build_graph
+from roundhouse.export.graph import ExportError, ExportGraph, build_graphs
 from roundhouse.export.onnx_file import (
     check_parity,
     export_onnx,
@@ -27,7 +27,6 @@ from roundhouse.export.onnx_file import (
     run_session,
     session,
 )
-from roundhouse.export.seq2seq_graph import seq2seq_graphs
 from roundhouse.weights.lora import merge_lora
 from roundhouse.weights.saved_model import SavedModel
 
@@ -101,16 +100,6 @@ def export_model(saved: SavedModel, options: ExportOptions) -> list[str]:
             with open(final, "rb") as src, fsspec.open(out, "wb") as dst:
                 dst.write(src.read())
     return [*lines, *(f"wrote {out}: {file_size_text(out)}" for _, out in written)]
-
-
-def build_graphs(saved: SavedModel) -> list[ExportGraph]:
-    """The graphs to export: one, or an encoder-decoder's encoder and decoder step."""
-    from roundhouse import models
-
-    if models.get(saved.job.model.name).loss == "seq2seq":
-        return seq2seq_graphs(saved.model.eval(), saved.splits.info)
-    info, dtype = saved.splits.info, saved.splits.input_dtype
-    return [build_graph(saved.model, saved.job.model.name, info, dtype)]
 
 
 def part_url(out: str, part: str | None) -> str:

@@ -113,14 +113,19 @@ def _reported_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def summarize(
-    model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    inputs: tuple[torch.Tensor, ...] | None = None,
 ) -> list[LayerRow]:
     """One row per call of a leaf module (and of a container with its own parameters).
 
     Args:
-        model: Any module taking one tensor of shape `(B, *input_shape)`.
+        model: Any module taking one tensor of shape `(B, *input_shape)` (or `inputs`).
         input_shape: One sample's shape without the batch dimension, e.g. `(C, H, W)`.
         dtype: Input dtype (`torch.long` for token models).
+        inputs: The forward's inputs, batch first (a task's example inputs); None: one zero
+            tensor of `input_shape` and `dtype`.
 
     Returns:
         Rows in call order. Each module's parameters are counted on its first call only, so
@@ -140,9 +145,10 @@ def summarize(
         module.register_forward_hook(lambda m, _i, out, n=name: hook(n, m, out))
         for name, module in _reported_modules(model)
     ]
+    args = inputs if inputs is not None else (_dummy_input(model, input_shape, dtype),)
     try:
         with eval_mode(model), torch.no_grad():
-            model(_dummy_input(model, input_shape, dtype))
+            model(*args)
     finally:
         for handle in handles:
             handle.remove()

@@ -39,6 +39,7 @@ from roundhouse.trainer.optim import (
     trainable_names,
 )
 from roundhouse.trainer.sample_ledger import check_ledger_job
+from roundhouse.trainer.task import build_job_task, task_name
 from roundhouse.trainer.tasks_regression import resolve_job_task
 from roundhouse.weights.finetune import apply_finetune
 from roundhouse.weights.hf_teacher import check_hf_teacher, is_hf_teacher, read_hf_teacher
@@ -207,27 +208,41 @@ def check_task(subject: JobUnderCheck) -> list[str]:
 
 
 def check_shapes(subject: JobUnderCheck) -> list[str]:
-    """A meta batch goes through the model; reports its size and output shape.
+    """A meta batch of the task's `example_inputs` goes through the model; reports the model's
+    size, the inputs' and the output's shapes.
 
     A model whose forward needs real values (`.item()`, data-dependent shapes) cannot run on
     the meta device: its shapes are left unchecked, with a warning, rather than refused.
     """
     job, model, shape = subject.job, subject.model, tuple(subject.info.input_shape)
+    task = build_job_task(job, subject.info)
+    example = task.example_inputs(shape, subject.splits.input_dtype, 2, "meta")
     num_params = sum(p.numel() for p in model.parameters())
-    head = f"model {job.model.name}:{job.model.flavor}: {num_params:,} parameters, input {shape}"
+    head = f"model {job.model.name}:{job.model.flavor}: {num_params:,} parameters, "
+    head += example.describe()
     try:
         with torch.device("meta"):
-            out = model(torch.empty(2, *shape, dtype=subject.splits.input_dtype)).shape
-    except (RuntimeError, ValueError, NotImplementedError) as exc:
+            out = model(*example.args, **example.kwargs)
+    except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "meta" in first.lower() or isinstance(exc, NotImplementedError):
             logger.warning("shapes of %s not checked on the meta device: %s", job.model.name, first)
             return [f"{head} (output shape not checked: the forward needs real values)"]
         raise ModelError(
-            f"model {job.model.name}:{job.model.flavor} cannot take input {shape}: {first}",
-            "set data.image_size larger or pick another model/flavor",
+            f"model {job.model.name}:{job.model.flavor} cannot take {example.describe()}: {first}",
+            "set data.image_size larger, pick another model/flavor, or declare the model's "
+            "inputs in the task's example_inputs",
         ) from None
-    return [f"{head} -> output {tuple(out[1:])}"]
+    return [f"{head} -> output {output_shape(out)}"]
+
+
+def output_shape(out: object) -> tuple[int, ...] | str:
+    """One sample's output shape (of the first tensor of a tuple or dict output)."""
+    if isinstance(out, dict):
+        out = next(iter(out.values()), None)
+    if isinstance(out, (tuple, list)):
+        out = next((o for o in out if isinstance(o, torch.Tensor)), None)
+    return tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
 
 
 def check_finetune(job: JobSpec, model: torch.nn.Module) -> LoadReport | None:
@@ -268,6 +283,7 @@ def check_distill(subject: JobUnderCheck) -> list[str]:
     job, info = subject.job, subject.info
     if job.trainer.distill is None:
         return []
+    check_distill_task(job, info)
     url = job.trainer.distill.teacher
     if is_hf_teacher(url):
         teacher = read_hf_teacher(url)
@@ -278,6 +294,19 @@ def check_distill(subject: JobUnderCheck) -> list[str]:
         teacher_info = build_splits(teacher_job.data, seed=teacher_job.trainer.seed).info
         check_teacher(job, teacher_job, info, teacher_info)
     return [f"distill: teacher {url}"]
+
+
+def check_distill_task(job: JobSpec, info: DataInfo) -> None:
+    """Distillation mixes the teacher's soft targets into the one training loss of the task:
+    a task that steps several optimizers (a GAN) has no such loss, so it is refused."""
+    names = [spec.name for spec in build_job_task(job, info).optimizers()]
+    if len(names) > 1:
+        raise JobFileError(
+            f"trainer.distill cannot train task {task_name(job, info)}: it steps "
+            f"{len(names)} optimizers ({', '.join(names)}), and distillation mixes a teacher's "
+            "soft targets into one training loss",
+            "remove trainer.distill, or distill a task with one optimizer",
+        )
 
 
 # The registered checks, in the order they run. Names are what `preflight(skip=...)` takes.

@@ -30,7 +30,11 @@ from roundhouse.trainer.tasks_text import TextClassificationTask, TokenClassific
 
 
 class ClassificationTask(Task):
-    """Logits (B, K) against integer targets (B,); metrics: loss, top-1 and top-5 accuracy."""
+    """Logits (B, K) against integer targets (B,); metrics: loss, top-1 and top-5 accuracy.
+    `export` writes the model, dynamic in the batch."""
+
+    export_kind = "classifier"
+    export_scored = True
 
     def __init__(self, loss_fn: LossFn) -> None:
         self.loss_fn = loss_fn

@@ -15,6 +15,7 @@ exchange exactly their gradients, and steps that optimizer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,6 +26,7 @@ from roundhouse.errors import RoundhouseError
 
 if TYPE_CHECKING:
     from roundhouse.config import JobSpec
+    from roundhouse.data import DataInfo
 
 
 class TaskError(RoundhouseError):
@@ -47,10 +49,70 @@ class OptimizerSpec:
 
 @dataclass
 class ExampleInputs:
-    """What `--dry-run`, `models summary` and `export` feed the model (shapes, not values)."""
+    """Inputs of a model's (or an exported module's) forward: what `--dry-run`, `models
+    summary` and `export` feed it.
+
+    Attributes:
+        args: The positional inputs, batch first.
+        kwargs: Keyword inputs (the shape check passes them; summaries and export do not).
+        names: One name per positional input (export's ONNX input names; the reports'
+            labels). Empty: `input` for one input, `input`, `input_1`, ... for several.
+        dynamic_axes: Export's `{name: {axis: label}}` for the inputs and `output`. None: the
+            batch axis (0) of every input and of the output.
+    """
 
     args: tuple[Tensor, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    names: tuple[str, ...] = ()
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+
+    def input_names(self) -> list[str]:
+        """`names`, or the default names of the positional inputs."""
+        if self.names:
+            return list(self.names)
+        return ["input", *(f"input_{i}" for i in range(1, len(self.args)))]
+
+    def describe(self) -> str:
+        """`input (1, 8, 8)`, or `inputs src (16,), tgt (15,)`: per-sample shapes, for reports."""
+        shapes = [tuple(t.shape[1:]) for t in self.args]
+        shapes += [tuple(t.shape[1:]) for t in self.kwargs.values() if isinstance(t, Tensor)]
+        if len(shapes) == 1 and not self.names:
+            return f"input {shapes[0]}"
+        names = [*self.input_names(), *self.kwargs]
+        return "inputs " + ", ".join(f"{n} {s}" for n, s in zip(names, shapes, strict=False))
+
+
+@dataclass
+class ExportGraph:
+    """One file `export` writes: a module to trace and how to make its inputs.
+
+    Attributes:
+        module: The module torch.onnx traces (in eval mode).
+        sample: `sample(batch, generator, variant)` -> the module's positional inputs for
+            `batch` rows; `variant` > 0 asks for the other sizes the parity check tries (a
+            language model: a shorter sequence).
+        input_names: One name per input.
+        dynamic_axes: torch.onnx's `{name: {axis: label}}` for the inputs and the output.
+        kind: What was exported, for the report (`classifier`, `generator`, ...).
+        scored: True when the output is logits over the test split's targets (export then
+            reports the int8 file's test accuracy).
+        part: A model exported as several files: this file's name suffix (None: one file).
+    """
+
+    module: nn.Module
+    sample: Callable[..., tuple[Tensor, ...]]
+    input_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    kind: str
+    scored: bool
+    part: str | None = None
+
+
+def random_like(example: Tensor, generator: torch.Generator, high: int) -> Tensor:
+    """Values for an input shaped like `example`: uniform [0, 1) floats, or ints below `high`."""
+    if example.dtype.is_floating_point:
+        return torch.rand(example.shape, generator=generator).to(example.dtype)
+    return torch.randint(0, high, example.shape, generator=generator, dtype=example.dtype)
 
 
 class Task:
@@ -60,11 +122,16 @@ class Task:
         metric: The validation metric (without `val/`) that early stopping and tune select on
             by default, and `metric_mode` its direction.
         can_sample: Whether `roundhouse sample` can draw from models of this task.
+        export_kind: What `export` calls the module it writes (`classifier`, `generator`, ...).
+        export_scored: Whether the exported module's output is logits over the data's targets
+            (then `export --quantize int8` reports the test accuracy before and after).
     """
 
     metric: ClassVar[str] = "loss"
     metric_mode: ClassVar[str] = "min"
     can_sample: ClassVar[bool] = False
+    export_kind: ClassVar[str] = "model"
+    export_scored: ClassVar[bool] = False
 
     @classmethod
     def from_job(cls, job: JobSpec, **options: Any) -> Task:
@@ -110,7 +177,9 @@ class Task:
     def example_inputs(
         self, input_shape: tuple[int, ...], dtype: torch.dtype, batch_size: int, device: Any
     ) -> ExampleInputs:
-        """Inputs of the model's forward for shape checks, summaries and export."""
+        """Inputs of the model's forward for `batch_size` samples of the data's `input_shape`
+        and `dtype`: what the pre-flight `shapes` check (on the meta device) and `models
+        summary` feed the model, and what they report. Values do not matter (zeros)."""
         shape = (batch_size, *input_shape)
         return ExampleInputs((torch.zeros(shape, dtype=dtype, device=device),))
 
@@ -118,9 +187,41 @@ class Task:
         """The module `export` writes (the whole model by default; a GAN writes its generator)."""
         return model
 
-    def export_inputs(self, model: nn.Module, batch_size: int) -> ExampleInputs | None:
-        """Inputs of `export_module` when they differ from the model's (None: the same)."""
-        return None
+    def export_inputs(
+        self,
+        model: nn.Module,
+        info: DataInfo,
+        dtype: torch.dtype,
+        batch_size: int,
+        generator: torch.Generator,
+        variant: int = 0,
+    ) -> ExampleInputs:
+        """Inputs of `export_module(model)` for `batch_size` rows, drawn with `generator`.
+
+        Export traces with them and checks onnxruntime against PyTorch on more of them
+        (`variant` 1, 2, ...: other sizes, where an axis other than the batch is dynamic). By
+        default: `example_inputs`' shapes filled with uniform floats, or token ids below the
+        vocabulary (at most 256) for integer inputs.
+        """
+        example = self.example_inputs(tuple(info.input_shape), dtype, batch_size, "cpu")
+        high = min(info.vocab_size or info.num_classes, 256)
+        args = tuple(random_like(t, generator, high) for t in example.args)
+        return ExampleInputs(args, names=example.names, dynamic_axes=example.dynamic_axes)
+
+    def export_graphs(
+        self, model: nn.Module, info: DataInfo, dtype: torch.dtype
+    ) -> list[ExportGraph]:
+        """What `export --format onnx` writes: `export_module` fed with `export_inputs` (one
+        file). A task that writes several files (an encoder and a decoder step) overrides this."""
+        module = self.export_module(model).eval()
+
+        def sample(batch: int, gen: torch.Generator, variant: int = 0) -> tuple[Tensor, ...]:
+            return self.export_inputs(model, info, dtype, batch, gen, variant).args
+
+        first = self.export_inputs(model, info, dtype, 2, torch.Generator().manual_seed(0))
+        names = first.input_names()
+        axes = first.dynamic_axes or {name: {0: "batch"} for name in [*names, "output"]}
+        return [ExportGraph(module, sample, names, axes, self.export_kind, self.export_scored)]
 
     def sample(self, model: nn.Module, num: int, generator: torch.Generator) -> Tensor:
         """`num` samples from the model (images `(N, C, H, W)` in [0, 1] for image tasks).

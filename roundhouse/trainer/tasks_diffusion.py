@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from roundhouse.data import DataInfo
 from roundhouse.errors import ModelError
 from roundhouse.trainer.fid import FIDStatistics
-from roundhouse.trainer.task_api import Task
+from roundhouse.trainer.task_api import ExampleInputs, Task, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,35 @@ def _find(model: nn.Module, attr: str) -> nn.Module:
     raise ModelError(f"the model has no {attr!r}", "use a model whose task this is")
 
 
+class Denoiser(nn.Module):
+    """A diffusion model's noise predictor as a plain module: `(z_t, t[, cond]) -> eps`."""
+
+    def __init__(self, diffusion: nn.Module) -> None:
+        super().__init__()
+        self.diffusion = diffusion
+
+    def forward(self, z: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The predicted noise of latents `z` at timesteps `t` (under `cond`, if any)."""
+        return self.diffusion.denoise(z, t, cond)
+
+
+class VAEDecoder(nn.Module):
+    """A VAE's decoder: codes `(B, *latent_shape)` -> pixels `(B, C, H, W)` on [0, 1]."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Pixels on [0, 1] decoded from latent codes `z`."""
+        return self.vae.decode(z)
+
+
 class VAETask(Task):
-    """Reconstruction + weighted KL; see the module docstring."""
+    """Reconstruction + weighted KL; see the module docstring. `export` writes the decoder
+    (latent codes in, pixels out)."""
+
+    export_kind = "decoder"
 
     def __init__(self, fid_classifier: str | None = None) -> None:
         self.kl: Tensor | None = None
@@ -104,6 +132,25 @@ class VAETask(Task):
         }
         return FIDStatistics.add_fid(sums, metrics)
 
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """The decoder: latent codes -> pixels."""
+        return VAEDecoder(unwrap(model))
+
+    def export_inputs(
+        self,
+        model: nn.Module,
+        info: DataInfo,
+        dtype: torch.dtype,
+        batch_size: int,
+        generator: torch.Generator,
+        variant: int = 0,
+    ) -> ExampleInputs:
+        """Codes `z ~ N(0, I)` `(B, *latent_shape)`."""
+        latent = tuple(unwrap(model).latent_shape)
+        return ExampleInputs(
+            (torch.randn((batch_size, *latent), generator=generator),), names=("z",)
+        )
+
 
 def eval_generator(images: Tensor) -> torch.Generator:
     """A CPU generator seeded by the batch's pixels (the same batch, the same draws)."""
@@ -116,7 +163,10 @@ class DiffusionTask(Task):
 
     With `fid_classifier`, evaluation also draws as many images as each batch has (DDIM,
     `fid_steps` steps, the batch's labels as the condition) for `fid`, the task's metric then.
+    `export` writes the denoiser `eps(z_t, t[, cond])`.
     """
+
+    export_kind = "denoiser"
 
     def __init__(self, fid_classifier: str | None = None, fid_steps: int = 20) -> None:
         self.noise: Tensor | None = None
@@ -180,3 +230,30 @@ class DiffusionTask(Task):
         """The mean loss (and `fid`) from sums over every rank."""
         loss = float(sums["loss"]) / max(float(sums["count"]), 1.0)
         return FIDStatistics.add_fid(sums, {"loss": loss})
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """The denoiser of the diffusion model inside `model`."""
+        from roundhouse.models.diffusion.model import find_diffusion_model
+
+        return Denoiser(find_diffusion_model(model))
+
+    def export_inputs(
+        self,
+        model: nn.Module,
+        info: DataInfo,
+        dtype: torch.dtype,
+        batch_size: int,
+        generator: torch.Generator,
+        variant: int = 0,
+    ) -> ExampleInputs:
+        """Noisy latents `z`, timesteps `t` and, for a conditional model, a condition `cond`."""
+        from roundhouse.models.diffusion.model import find_diffusion_model
+
+        dm = find_diffusion_model(model)
+        z = torch.randn((batch_size, *dm.latent_shape), generator=generator)
+        t = torch.randint(0, dm.schedule.num_steps, (batch_size,), generator=generator)
+        encoder = dm.cond_encoder
+        if encoder.kind == "none":
+            return ExampleInputs((z, t), names=("z", "t"))
+        labels = torch.randint(0, encoder.num_classes, (batch_size,), generator=generator)
+        return ExampleInputs((z, t, encoder.from_labels(labels)), names=("z", "t", "cond"))

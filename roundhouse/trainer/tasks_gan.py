@@ -6,6 +6,8 @@ update G with the non-saturating loss `softplus(-D(G(z)))` (maximize log D(G(z))
 minimize log(1 - D(G(z))), whose gradient vanishes while D wins easily). Two optimizers,
 `discriminator` then `generator` (`task.order` changes it); each may have its own settings
 under `task.optimizers`. Noise comes from the global torch RNG (seeded, checkpointed).
+`task.options.real_label: 0.9` is one-sided label smoothing (Salimans et al., 2016): D's target
+for real images is 0.9, so it cannot grow overconfident on them; generated ones stay at 0.
 
 Validation: `d_loss`, `g_loss`, `loss` (their sum), `d_real_acc`/`d_fake_acc` (how often D is
 right), on noise drawn from a generator seeded by the batch's pixels (the same at every
@@ -22,16 +24,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from roundhouse.data import DataInfo
 from roundhouse.trainer.fid import FIDStatistics
-from roundhouse.trainer.task_api import ExampleInputs, OptimizerSpec, Task, unwrap
+from roundhouse.trainer.task_api import ExampleInputs, OptimizerSpec, Task, TaskError, unwrap
+
+
+def drawing_generator(net: nn.Module) -> nn.Module:
+    """The generator that samples, evaluations and export use (a model's weight average, when
+    it keeps one: `sampling_generator`)."""
+    pick = getattr(net, "sampling_generator", None)
+    return pick() if callable(pick) else net.generator
 
 
 class GANTask(Task):
     """Non-saturating GAN objective over a model with `generator` and `discriminator`."""
 
     can_sample = True
+    export_kind = "generator"
 
-    def __init__(self, fid_classifier: str | None = None) -> None:
+    def __init__(self, fid_classifier: str | None = None, real_label: float = 1.0) -> None:
+        if not 0.5 < real_label <= 1.0:
+            raise TaskError(
+                f"task.options.real_label={real_label} is outside (0.5, 1]",
+                "use 1.0 (no smoothing) or one-sided label smoothing such as 0.9",
+            )
+        self.real_label = real_label
         self.fid = FIDStatistics(fid_classifier) if fid_classifier else None
         if self.fid is not None:
             self.metric = "fid"  # type: ignore[misc]  # the instance's selection metric
@@ -57,10 +74,15 @@ class GANTask(Task):
         """D's turn: real vs generated cross-entropy. G's turn: the non-saturating loss."""
         net = unwrap(model)
         real = batch["input"]
+        if optimizer == "generator" and net.training and hasattr(net, "update_ema"):
+            net.update_ema()  # towards the weights the last generator step left
         fake = net.generator(self.noise(net, real.shape[0], real.device))
         if optimizer == "discriminator":
-            d_real, d_fake = net.discriminator(real), net.discriminator(fake.detach())
-            return F.softplus(-d_real.float()).mean() + F.softplus(d_fake.float()).mean()
+            d_real, d_fake = net.discriminator(real).float(), net.discriminator(fake.detach())
+            smoothed = self.real_label * F.softplus(-d_real) + (1 - self.real_label) * F.softplus(
+                d_real
+            )
+            return smoothed.mean() + F.softplus(d_fake.float()).mean()
         return F.softplus(-net.discriminator(fake).float()).mean()
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -70,7 +92,7 @@ class GANTask(Task):
         real = batch["input"]
         seed = int((real.double().sum() * 1000).round().item()) % (2**63 - 1)
         z = self.noise(net, real.shape[0], real.device, torch.Generator().manual_seed(seed))
-        self.fake = net.generator(z)
+        self.fake = drawing_generator(net)(z)
         return torch.cat([net.discriminator(real), net.discriminator(self.fake)])
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
@@ -110,13 +132,21 @@ class GANTask(Task):
         net = unwrap(model).eval()
         with torch.no_grad():
             device = next(net.parameters()).device
-            return net.generator(self.noise(net, num, device, generator))
+            return drawing_generator(net)(self.noise(net, num, device, generator))
 
     def export_module(self, model: nn.Module) -> nn.Module:
-        """`export` writes the generator (noise in, images out)."""
-        return unwrap(model).generator
+        """`export` writes the generator (noise in, images out; the averaged one if any)."""
+        return drawing_generator(unwrap(model))
 
-    def export_inputs(self, model: nn.Module, batch_size: int) -> ExampleInputs:
-        """Noise `(B, latent_dim)` for the exported generator."""
+    def export_inputs(
+        self,
+        model: nn.Module,
+        info: DataInfo,
+        dtype: torch.dtype,
+        batch_size: int,
+        generator: torch.Generator,
+        variant: int = 0,
+    ) -> ExampleInputs:
+        """Noise `z` `(B, latent_dim)` for the exported generator (images out)."""
         net = unwrap(model)
-        return ExampleInputs((torch.zeros(batch_size, net.latent_dim),))
+        return ExampleInputs((self.noise(net, batch_size, "cpu", generator),), names=("z",))

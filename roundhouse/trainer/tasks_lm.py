@@ -22,17 +22,20 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from roundhouse.data import DataInfo
 from roundhouse.data.text import MASK_ID, NUM_BYTES, PAD_ID
-from roundhouse.trainer.task_api import Task
+from roundhouse.trainer.task_api import ExampleInputs, ExportGraph, Task, unwrap
 
 logger = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
+EXPORT_SEQ_LEN = 16  # the longest sequence export traces and checks with
 
 
 def collect_aux(model: nn.Module) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -137,6 +140,45 @@ class LanguageModelTask(Task):
             "accuracy": float(sums["correct"]) / n,
         }
         return metrics | finalize_aux(sums)
+
+    def example_inputs(
+        self, input_shape: tuple[int, ...], dtype: torch.dtype, batch_size: int, device: Any
+    ) -> ExampleInputs:
+        """Token ids `(B, T)`, int64 whatever dtype the caller guessed."""
+        shape = (batch_size, *input_shape)
+        return ExampleInputs((torch.zeros(shape, dtype=torch.long, device=device),))
+
+    def export_inputs(
+        self,
+        model: nn.Module,
+        info: DataInfo,
+        dtype: torch.dtype,
+        batch_size: int,
+        generator: torch.Generator,
+        variant: int = 0,
+    ) -> ExampleInputs:
+        """Token ids `(B, T)`: T = 16 (at most the data's), 5 shorter per `variant`."""
+        length = min(EXPORT_SEQ_LEN, int(info.input_shape[0]))
+        fixed = _unrolled(model)
+        size = length if fixed else max(2, length - 5 * variant)
+        ids = torch.randint(0, min(info.num_classes, 256), (batch_size, size), generator=generator)
+        axes: dict[int, str] = {0: "batch"} if fixed else {0: "batch", 1: "sequence"}
+        return ExampleInputs((ids,), dynamic_axes={"input": axes, "output": dict(axes)})
+
+    def export_graphs(
+        self, model: nn.Module, info: DataInfo, dtype: torch.dtype
+    ) -> list[ExportGraph]:
+        """The model as one file; a recurrent one says the length it was traced at."""
+        graphs = super().export_graphs(model, info, dtype)
+        if _unrolled(model):
+            length = min(EXPORT_SEQ_LEN, int(info.input_shape[0]))
+            graphs[0].kind = f"language model (length {length})"
+        return graphs
+
+
+def _unrolled(model: nn.Module) -> bool:
+    """A recurrent model traced as a loop unrolled in time: its sequence length is fixed."""
+    return bool(getattr(unwrap(model), "unrolled_in_time", False))
 
 
 def finalize_aux(sums: dict[str, float]) -> dict[str, float]:

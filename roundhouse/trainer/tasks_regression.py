@@ -35,6 +35,8 @@ def as_values(outputs: Tensor, target: Tensor) -> Tensor:
 class RegressionTask(Task):
     """Float outputs against float targets; metrics: loss, MSE, MAE and R²."""
 
+    export_kind = "regressor"
+
     def __init__(self, loss_fn: LossFn) -> None:
         self.loss_fn = loss_fn
 

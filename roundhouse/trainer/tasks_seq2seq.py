@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from roundhouse.data import DataInfo
 from roundhouse.data.pydoc_corpus import pairs_decoder, pairs_tokenizer
 from roundhouse.data.text import EOS_ID, PAD_ID, decode
-from roundhouse.trainer.task_api import Task
+from roundhouse.trainer.task_api import ExampleInputs, ExportGraph, Task
 
 if TYPE_CHECKING:
     from roundhouse.config import JobSpec
@@ -151,3 +152,19 @@ class Seq2SeqTask(Task):
         if "bleu_sys" in sums:
             metrics["bleu"] = bleu_from_stats(sums)
         return metrics
+
+    def example_inputs(
+        self, input_shape: tuple[int, ...], dtype: torch.dtype, batch_size: int, device: object
+    ) -> ExampleInputs:
+        """Source ids `(B, S)` and a target prefix `(B, S)` (what `forward` feeds the model)."""
+        ids = torch.zeros((batch_size, *input_shape), dtype=torch.long, device=device)
+        return ExampleInputs((ids, ids.clone()), names=("src", "tgt"))
+
+    def export_graphs(
+        self, model: nn.Module, info: DataInfo, dtype: torch.dtype
+    ) -> list[ExportGraph]:
+        """`export` writes two files: the encoder and one decoder step
+        (`roundhouse/trainer/seq2seq_export.py`)."""
+        from roundhouse.trainer.seq2seq_export import seq2seq_graphs
+
+        return seq2seq_graphs(unwrap(model).eval(), info)

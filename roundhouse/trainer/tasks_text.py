@@ -83,6 +83,9 @@ def f1_metrics(sums: dict[str, float], detail: bool = False) -> dict[str, float]
 class TextClassificationTask(Task):
     """Label logits `(B, K)` (or `(B, T, K)` per token) against labels; cross-entropy."""
 
+    export_kind = "classifier"
+    export_scored = True
+
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
 
@@ -130,3 +133,6 @@ class TextClassificationTask(Task):
 
 class TokenClassificationTask(TextClassificationTask):
     """Per-token label logits `(B, T, K)` against `(B, T)` labels (`IGNORE_LABEL`: none)."""
+
+    export_kind = "token classifier"
+    export_scored = False  # export's int8 accuracy counts PAD, not IGNORE_LABEL, as no label

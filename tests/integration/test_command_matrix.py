@@ -69,6 +69,7 @@ CASES = {
         ("--input", "1x16x16"),
         ("--num", "4", "--steps", "2"),
     ),
+    "dcgan": Case({"name": "dcgan"}, IMAGES16, ("--input", "1x16x16"), ("--num", "4")),
 }
 
 
@@ -176,6 +177,15 @@ def test_export_onnx_matches_pytorch(trained: Trained, capsys: pytest.CaptureFix
         with torch.no_grad():
             expected = saved.model(x).numpy()
         np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-4)
+    if trained.case.model["name"] == "dcgan":  # the GAN task exports its generator: z -> image
+        generator = load_saved_model(str(trained.run)).model.generator.eval()
+        z = torch.randn(3, generator.latent_dim, generator=torch.Generator().manual_seed(0))
+        session = ort.InferenceSession(str(out_file), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            expected = generator(z).numpy()
+        images = session.run(None, {"z": z.numpy()})[0]
+        assert images.shape == (3, 1, 16, 16) and "the generator of dcgan" in out
+        np.testing.assert_allclose(images, expected, atol=1e-4)
 
 
 def test_sample_where_generative(trained: Trained, capsys: pytest.CaptureFixture) -> None:

@@ -172,7 +172,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "planner": {"calibration", "trainer", "weights", "parallel", "models", "data"},
     # Measurement: builds trainers on spawned ranks; pure arithmetic stays in planner/.
     "calibration": {"trainer", "weights", "parallel", "models", "data"},
-    "export": {"weights", "models", "data"},
+    "export": {"trainer", "weights", "models", "data"},  # the task says what is exported
     "trainer": {"weights", "parallel", "models", "data"},
     "weights": {"models", "data"},
     "parallel": {"models", "data"},

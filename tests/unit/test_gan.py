@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from roundhouse.config.loading import validate_job
 from roundhouse.errors import ModelError
 from roundhouse.launch.cli import main
 from roundhouse.models import BuildConfig, get
+from roundhouse.models.gan import MinibatchStd
 from roundhouse.trainer import build_local_context, run_worker
 from roundhouse.trainer.fid import (
     ClassifierFeatures,
@@ -21,6 +23,8 @@ from roundhouse.trainer.fid import (
     gaussian_of,
     torchmetrics_fid,
 )
+from roundhouse.trainer.task_api import TaskError
+from roundhouse.trainer.tasks_gan import GANTask
 from roundhouse.weights.run_folder import prepare_run
 from tests.helpers.runs import read_metrics
 
@@ -67,6 +71,63 @@ def test_spectral_norm_bounds_the_discriminators_weights() -> None:
     weight = model.discriminator.head.weight
     assert float(torch.linalg.matrix_norm(weight.detach(), ord=2)) == pytest.approx(1.0, rel=0.05)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.discriminator.modules())
+
+
+def test_minibatch_std_shows_the_discriminator_a_batch_without_diversity() -> None:
+    options = {"spectral_norm": True, "minibatch_std": True}
+    model = get("dcgan").build(BuildConfig(input_shape=(1, 8, 8), options=options)).eval()
+    std = model.discriminator.features[-1]
+    assert isinstance(std, MinibatchStd)
+    same = torch.rand(1, 1, 8, 8).expand(6, 1, 8, 8)
+    varied = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert float(std(same)[:, -1].max()) < 1e-3  # a collapsed batch: no spread at all
+    assert float(std(varied)[:, -1].min()) > 0.2  # uniform pixels: std ~0.29
+    assert model(varied).shape == (6,) and model(varied[:1]).shape == (1,)
+
+
+def test_one_sided_label_smoothing_of_the_real_images() -> None:
+    model = get("dcgan").build(BuildConfig(input_shape=(1, 8, 8), options={"channels": 4}))
+    batch = {"input": torch.rand(4, 1, 8, 8), "target": torch.zeros(4, dtype=torch.long)}
+    losses = {}
+    for label in (1.0, 0.9):
+        torch.manual_seed(0)  # the same generated images
+        task = GANTask(real_label=label)
+        losses[label] = task.step_loss(model.eval(), batch, "discriminator").detach()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        fake = model.generator(torch.randn(4, model.latent_dim))
+        d_real, d_fake = model.discriminator(batch["input"]), model.discriminator(fake)
+        expected = (0.9 * F.softplus(-d_real) + 0.1 * F.softplus(d_real)).mean()
+        expected = expected + F.softplus(d_fake).mean()
+    assert float(losses[0.9]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(losses[0.9]) != pytest.approx(float(losses[1.0]), rel=1e-3)
+    with pytest.raises(TaskError, match="real_label"):
+        GANTask(real_label=0.3)
+
+
+def test_the_averaged_generator_follows_training_and_is_what_samples_draw_from(
+    tmp_path: Path,
+) -> None:
+    options = {"channels": 4, "ema_decay": 0.5}
+    model = get("dcgan").build(BuildConfig(input_shape=(1, 8, 8), options=options)).train()
+    params = dict(model.named_parameters())
+    assert not any(name.startswith("generator_ema") for name in params)  # buffers: no optimizer
+    before = model.generator_ema.to_image.weight.clone()
+    with torch.no_grad():
+        model.generator.to_image.weight.add_(1.0)
+    batch = {"input": torch.rand(4, 1, 8, 8), "target": torch.zeros(4, dtype=torch.long)}
+    GANTask().step_loss(model, batch, "generator")  # the generator's turn moves the average
+    torch.testing.assert_close(model.generator_ema.to_image.weight, before + 0.5)
+    GANTask().step_loss(model, batch, "discriminator")  # D's turn does not
+    torch.testing.assert_close(model.generator_ema.to_image.weight, before + 0.5)
+    z = torch.randn(3, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    drawn = GANTask().sample(model, 3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(drawn, model.generator_ema(z))
+    assert GANTask().export_module(model) is model.generator_ema
+    job = gan_job(tmp_path, "ema")  # trains, checkpoints and samples through the CLI
+    job["model"]["options"]["ema_decay"] = 0.9
+    run = train(job)
+    assert main(["sample", str(run), "--num", "4", "--out", str(tmp_path / "g.png")]) == 0
 
 
 def test_a_size_that_is_not_a_power_of_two_is_refused() -> None:

@@ -1,4 +1,5 @@
-"""ONNX graphs of an encoder-decoder (`seq2seq`): the encoder, and one decoder step.
+"""ONNX graphs of an encoder-decoder (`seq2seq`): the encoder, and one decoder step (what the
+`seq2seq` task's `export_graphs` gives `roundhouse export`).
 
 A runtime decodes with two sessions: `encoder(src) -> memory` once per source, then
 `decoder(tgt, memory, src) -> logits` of the next token for the prefix `tgt` (starting at
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from roundhouse.data import DataInfo
 from roundhouse.data.text import BOS_ID, PAD_ID
-from roundhouse.export.graph import ExportGraph
+from roundhouse.trainer.task_api import ExportGraph
 
 
 class EncoderPart(nn.Module):
