@@ -1,4 +1,5 @@
-"""`roundhouse sample RUN`: images from a diffusion or VAE run, text from a language-model run.
+"""`roundhouse sample RUN`: what the run's task draws (`Task.sample_output`): images from a
+diffusion, VAE or GAN run, text from a language-model or seq2seq run.
 
     roundhouse sample RUN [--sampler ddpm|ddim] [--steps 50] [--eta 0] [--guidance 3.0]
                           [--class 7] [--num 64] [--out grid.png] [--seed 0]
@@ -9,7 +10,9 @@ fsspec URL. The run's `job.yaml` rebuilds the model; the checkpoint is read with
 `torch.load(weights_only=True)` after its sha256 is checked. Image models write a PNG grid
 (`--class` fixes the class of a class-conditional model; otherwise rows cycle through the
 classes). Language models print the prompt and its continuation (temperature 0 is greedy).
-Flags of the other kind of model are an error, not silently ignored.
+The command tests no model family or task name: the task says whether it samples, which flags
+it takes (`Task.sample_options`; any other flag given is an error, not silently ignored) and
+whether its output is images or text (`Task.sample_kind`).
 """
 
 from __future__ import annotations
@@ -24,27 +27,9 @@ import torch
 from torch import Tensor
 
 from roundhouse.errors import CheckpointError, JobFileError
+from roundhouse.trainer.task_api import SampleRequest
 
 logger = logging.getLogger(__name__)
-
-IMAGE_FLAGS = {
-    "sampler": "--sampler",
-    "steps": "--steps",
-    "eta": "--eta",
-    "guidance": "--guidance",
-    "class_label": "--class",
-    "num": "--num",
-}
-TEXT_FLAGS = {
-    "prompt": "--prompt",
-    "max_new_tokens": "--max-new-tokens",
-    "temperature": "--temperature",
-    "top_k": "--top-k",
-}
-BEAM_FLAG = {"beam": "--beam"}  # seq2seq only
-IMAGE_TASKS = ("diffusion", "vae")
-TASK_SAMPLES = "task"  # the job's task samples (`Task.sample`)
-TEXT_TASKS = ("language_model",)
 
 
 def add_sample_parser(
@@ -127,118 +112,42 @@ def load_run(ref: str) -> LoadedRun:
     return LoadedRun(job, saved.model.eval(), models.get(job.model.name).loss, int(saved.step or 0))
 
 
-def reject_flags(args: argparse.Namespace, flags: dict[str, str], kind: str, allow=()) -> None:
-    """A one-line error for flags given that do not apply to this kind of model."""
-    given = [flag for attr, flag in flags.items() if getattr(args, attr) is not None]
-    given = [flag for flag in given if flag not in allow]
-    if given:
-        raise JobFileError(f"{', '.join(given)}: not for {kind}", f"remove {', '.join(given)}")
+def sample_request(args: argparse.Namespace) -> SampleRequest:
+    """The flags given to `roundhouse sample`, as the task sees them."""
+    fields = {k: getattr(args, k) for k in SampleRequest.__dataclass_fields__ if hasattr(args, k)}
+    return SampleRequest(**fields)
 
 
-def check_flags(args: argparse.Namespace) -> str:
-    """Rejects flags of the other kind of model from `job.yaml` alone; returns the task."""
-    from roundhouse.trainer.task import task_name
+def check_request(args: argparse.Namespace) -> tuple[Any, SampleRequest]:
+    """The run's task and the request, refused from `job.yaml` alone (before the weights are
+    read) when the task cannot sample or takes none of a flag given."""
+    from roundhouse.trainer.task import build_job_task
 
     job, _, _ = read_run(args.run)
-    name, task = f"{job.model.name}:{job.model.flavor}", task_name(job)
-    if task in IMAGE_TASKS:
-        text_condition = job.model.options.get("condition", "class") == "text"
-        reject_flags(
-            args, TEXT_FLAGS | BEAM_FLAG, f"image model {name}", ("--prompt",) * text_condition
-        )
-    elif task in TEXT_TASKS:
-        reject_flags(args, IMAGE_FLAGS | BEAM_FLAG, f"language model {name}")
-    elif task == "seq2seq":
-        from roundhouse.launch.seq2seq_sample import reject_other_flags
-
-        reject_other_flags(args, IMAGE_FLAGS | TEXT_FLAGS, name)
-    elif task_can_sample(job):  # any other task that samples images itself (a GAN)
-        flags = {k: v for k, v in IMAGE_FLAGS.items() if k != "num"}
-        reject_flags(args, {**flags, **TEXT_FLAGS}, f"model {name} ({task})")
-        return TASK_SAMPLES
-    else:
-        raise JobFileError(
-            f"model {name} ({task}) cannot sample",
-            "sample from a diffusion (ddpm, ldm, dit), vae or language-model run",
-        )
-    return task
+    task, request = build_job_task(job), sample_request(args)
+    task.check_sample(request, job)
+    if args.score and task.sample_kind != "images":
+        raise JobFileError("--score: only for runs that sample images", "remove --score")
+    return task, request
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Entry point of `roundhouse sample`."""
-    task = check_flags(args)  # before the (slower) model and data loading
+    """Entry point of `roundhouse sample`: asks the run's task (`Task.sample_output`)."""
+    task, request = check_request(args)
     run = load_run(args.run)
-    if task in (*IMAGE_TASKS, TASK_SAMPLES):
+    result = task.sample_output(run.model, request, run.job)
+    if isinstance(result, Tensor):
         path = args.out or "samples.png"
-        images = task_images(run, args) if task == TASK_SAMPLES else sample_images(run.model, args)
-        write_png_grid(images, path)
-        print(f"wrote {images.shape[0]} samples ({tuple(images.shape[1:])}) to {path}")
+        write_png_grid(result, path)
+        print(f"wrote {result.shape[0]} samples ({tuple(result.shape[1:])}) to {path}")
         if args.score:
-            print(f"fid {score_images(run, images, args.score):.4f} (classifier {args.score})")
+            print(f"fid {score_images(run, result, args.score):.4f} (classifier {args.score})")
         return 0
-    if task == "seq2seq":
-        from roundhouse.launch.seq2seq_sample import sample_seq2seq
-
-        options = dict(run.job.data.options)
-        src_len = int(options.get("src_len", 64))
-        text = sample_seq2seq(run.model, args, src_len, options, run.job.data.source)
-    else:
-        text = sample_text(run.model, args)
-    print(text)
+    print(result)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text)
+            handle.write(result)
     return 0
-
-
-def sample_conditions(model: Any, args: argparse.Namespace, num: int) -> Tensor | None:
-    """The condition of each sample: `--class`, `--prompt`, or the classes in turn."""
-    from roundhouse.models.diffusion.conditioning import class_caption, encode_captions
-
-    kind, num_classes = model.condition, model.cond_encoder.num_classes
-    if kind == "none":
-        if args.class_label is not None:
-            raise JobFileError("--class given, but the model is unconditional", "remove --class")
-        return None
-    if args.class_label is not None and not 0 <= args.class_label < num_classes:
-        raise JobFileError(
-            f"--class {args.class_label} is not a class of this model",
-            f"pick 0..{num_classes - 1}",
-        )
-    per_row = math.ceil(math.sqrt(num))
-    labels = [
-        args.class_label if args.class_label is not None else (i // per_row) % num_classes
-        for i in range(num)
-    ]
-    if kind == "class":
-        return torch.tensor(labels, dtype=torch.long)
-    texts = [args.prompt if args.prompt is not None else class_caption(y) for y in labels]
-    return encode_captions(texts, 16)
-
-
-def sample_images(model: torch.nn.Module, args: argparse.Namespace) -> Tensor:
-    """`(N, C, H, W)` images in [0, 1] from a diffusion model or a VAE's decoder."""
-    from roundhouse.models.diffusion import DiffusionModel, SamplerConfig
-
-    num = args.num if args.num is not None else 64
-    if num < 1:
-        raise JobFileError(f"--num {num} must be >= 1", "e.g. --num 64")
-    generator = torch.Generator().manual_seed(args.seed)
-    if not isinstance(model, DiffusionModel):
-        reject_flags(
-            args,
-            {k: IMAGE_FLAGS[k] for k in ("sampler", "steps", "eta", "guidance", "class_label")},
-            "a VAE",
-        )
-        return model.sample(num, generator=generator)
-    config = SamplerConfig(
-        sampler=args.sampler or "ddim",
-        num_steps=args.steps if args.steps is not None else 50,
-        eta=args.eta if args.eta is not None else 0.0,
-        guidance=args.guidance if args.guidance is not None else 3.0,
-    )
-    cond = sample_conditions(model, args, num)
-    return model.sample(num, config, cond, generator)
 
 
 def write_png_grid(images: Tensor, path: str, padding: int = 1) -> None:
@@ -255,54 +164,6 @@ def write_png_grid(images: Tensor, path: str, padding: int = 1) -> None:
     pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
     array = pixels[0].numpy() if c == 1 else pixels.permute(1, 2, 0).numpy()
     Image.fromarray(array, mode=None).save(path, format="PNG")
-
-
-def sample_text(model: torch.nn.Module, args: argparse.Namespace) -> str:
-    """The prompt and its continuation, decoded from bytes."""
-    from roundhouse.data.text import EOS_ID, decode, encode
-    from roundhouse.models.gpt import GPT, pick_next_token
-
-    prompt = args.prompt if args.prompt is not None else ""
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else 200
-    temperature = args.temperature if args.temperature is not None else 0.8
-    if max_new < 0 or temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        raise JobFileError(
-            "--max-new-tokens and --temperature must be >= 0, --top-k >= 1", "fix the flag"
-        )
-    # Training streams separate files with EOS, so EOS + prompt reads as the start of a file.
-    ids = torch.tensor([[EOS_ID, *encode(prompt)]], dtype=torch.long)
-    generator = torch.Generator().manual_seed(args.seed)
-    if isinstance(model, GPT):
-        out = model.generate(
-            ids, max_new, temperature=temperature, top_k=args.top_k, generator=generator
-        )
-    else:  # any (B, T) -> (B, T, V) model: re-run the whole sequence each step
-        out = ids
-        with torch.no_grad():
-            for _ in range(max_new):
-                logits = model(out)[:, -1]
-                out = torch.cat(
-                    [out, pick_next_token(logits, temperature, args.top_k, generator)], dim=1
-                )
-    return decode(out[0])
-
-
-def task_can_sample(job: Any) -> bool:
-    """Whether the job's task draws samples itself (`Task.can_sample`)."""
-    from roundhouse.trainer.task import build_job_task
-
-    return build_job_task(job).can_sample
-
-
-def task_images(run: LoadedRun, args: argparse.Namespace) -> Tensor:
-    """`--num` images from the run's task (`Task.sample`)."""
-    from roundhouse.trainer.task import build_job_task
-
-    num = args.num if args.num is not None else 64
-    if num < 1:
-        raise JobFileError(f"--num {num} must be >= 1", "e.g. --num 64")
-    generator = torch.Generator().manual_seed(args.seed)
-    return build_job_task(run.job).sample(run.model, num, generator)
 
 
 def score_images(run: LoadedRun, images: Tensor, classifier: str) -> float:

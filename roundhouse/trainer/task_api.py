@@ -47,6 +47,41 @@ class OptimizerSpec:
     params: list[str] | None = None
 
 
+# `roundhouse sample`'s flag for each `SampleRequest` field (the others: `--<field-name>`).
+SAMPLE_FLAGS = {"class_label": "--class"}
+
+
+@dataclass
+class SampleRequest:
+    """What `roundhouse sample` asks of a task: its flags, None where not given.
+
+    A task takes the fields in its `sample_options`; `Task.check_sample` refuses the others
+    before the run's weights are read.
+    """
+
+    seed: int = 0
+    num: int | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    eta: float | None = None
+    guidance: float | None = None
+    class_label: int | None = None
+    prompt: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    beam: int | None = None
+
+    def given(self) -> list[str]:
+        """The fields given (not None), seed aside."""
+        return [k for k, v in vars(self).items() if k != "seed" and v is not None]
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The command-line flag of field `name`."""
+        return SAMPLE_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 @dataclass
 class ExampleInputs:
     """Inputs of a model's (or an exported module's) forward: what `--dry-run`, `models
@@ -122,6 +157,8 @@ class Task:
         metric: The validation metric (without `val/`) that early stopping and tune select on
             by default, and `metric_mode` its direction.
         can_sample: Whether `roundhouse sample` can draw from models of this task.
+        sample_kind: What `sample_output` returns: `images` (a PNG grid) or `text` (printed).
+        sample_options: The `SampleRequest` fields (`roundhouse sample` flags) it takes.
         export_kind: What `export` calls the module it writes (`classifier`, `generator`, ...).
         export_scored: Whether the exported module's output is logits over the data's targets
             (then `export --quantize int8` reports the test accuracy before and after).
@@ -130,6 +167,8 @@ class Task:
     metric: ClassVar[str] = "loss"
     metric_mode: ClassVar[str] = "min"
     can_sample: ClassVar[bool] = False
+    sample_kind: ClassVar[str] = "images"
+    sample_options: ClassVar[frozenset[str]] = frozenset({"num"})
     export_kind: ClassVar[str] = "model"
     export_scored: ClassVar[bool] = False
 
@@ -231,8 +270,36 @@ class Task:
         """
         raise TaskError(
             f"task {type(self).__name__} cannot sample",
-            "sample a run of a generative task (gan, diffusion, vae, language_model)",
+            "sample a run of a generative task (gan, diffusion, vae, language_model, seq2seq)",
         )
+
+    def check_sample(self, request: SampleRequest, job: JobSpec) -> None:
+        """Refuse what this task cannot sample, before the run's weights are read.
+
+        Raises:
+            TaskError: The task cannot sample, or a flag given is not among `sample_options`.
+        """
+        if not self.can_sample:
+            self.sample(nn.Identity(), 0, torch.Generator())  # raises its one line
+        extra = [SampleRequest.flag(k) for k in request.given() if k not in self.sample_options]
+        if extra:
+            name = f"{job.model.name}:{job.model.flavor}"
+            raise TaskError(
+                f"{', '.join(extra)}: not for task {type(self).__name__} (model {name})",
+                f"remove {', '.join(extra)}",
+            )
+
+    def sample_output(self, model: nn.Module, request: SampleRequest, job: JobSpec) -> Tensor | str:
+        """What `roundhouse sample` writes: images `(N, C, H, W)` in [0, 1] (`sample_kind`
+        `images`) or text. The default draws `--num` (64) images from `sample`.
+
+        Raises:
+            TaskError: A request value out of range (`--num` below 1).
+        """
+        num = 64 if request.num is None else request.num
+        if num < 1:
+            raise TaskError(f"--num {num} must be >= 1", "e.g. --num 64")
+        return self.sample(model, num, torch.Generator().manual_seed(request.seed))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 from roundhouse.data import DataInfo
 from roundhouse.errors import ModelError
 from roundhouse.trainer.fid import FIDStatistics
-from roundhouse.trainer.task_api import ExampleInputs, Task, unwrap
+from roundhouse.trainer.sampling import DIFFUSION_OPTIONS, diffusion_images, vae_images
+from roundhouse.trainer.task_api import ExampleInputs, SampleRequest, Task, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class VAETask(Task):
     (latent codes in, pixels out)."""
 
     export_kind = "decoder"
+    can_sample = True  # `roundhouse sample`: images decoded from the prior (`--num`)
 
     def __init__(self, fid_classifier: str | None = None) -> None:
         self.kl: Tensor | None = None
@@ -151,6 +154,10 @@ class VAETask(Task):
             (torch.randn((batch_size, *latent), generator=generator),), names=("z",)
         )
 
+    def sample_output(self, model: nn.Module, request: SampleRequest, job: Any) -> Tensor:
+        """`--num` images decoded from latent codes drawn from the prior."""
+        return vae_images(unwrap(model).eval(), request)
+
 
 def eval_generator(images: Tensor) -> torch.Generator:
     """A CPU generator seeded by the batch's pixels (the same batch, the same draws)."""
@@ -167,6 +174,8 @@ class DiffusionTask(Task):
     """
 
     export_kind = "denoiser"
+    can_sample = True
+    sample_options = DIFFUSION_OPTIONS
 
     def __init__(self, fid_classifier: str | None = None, fid_steps: int = 20) -> None:
         self.noise: Tensor | None = None
@@ -257,3 +266,13 @@ class DiffusionTask(Task):
             return ExampleInputs((z, t), names=("z", "t"))
         labels = torch.randint(0, encoder.num_classes, (batch_size,), generator=generator)
         return ExampleInputs((z, t, encoder.from_labels(labels)), names=("z", "t", "cond"))
+
+    def check_sample(self, request: SampleRequest, job: Any) -> None:
+        """The diffusion flags; `--prompt` too for a text-conditioned model (its caption)."""
+        if job.model.options.get("condition", "class") == "text":
+            self.sample_options = DIFFUSION_OPTIONS | {"prompt"}  # type: ignore[misc]
+        super().check_sample(request, job)
+
+    def sample_output(self, model: nn.Module, request: SampleRequest, job: Any) -> Tensor:
+        """`--num` images (DDPM/DDIM, classifier-free guidance) under their conditions."""
+        return diffusion_images(unwrap(model).eval(), request)

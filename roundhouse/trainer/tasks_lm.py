@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from roundhouse.data import DataInfo
 from roundhouse.data.text import MASK_ID, NUM_BYTES, PAD_ID
-from roundhouse.trainer.task_api import ExampleInputs, ExportGraph, Task, unwrap
+from roundhouse.trainer.sampling import LM_OPTIONS, lm_text
+from roundhouse.trainer.task_api import ExampleInputs, ExportGraph, SampleRequest, Task, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,17 @@ class LanguageModelTask(Task):
     token), and for MoE models `aux_loss`, `dropped_frac`, `expert<i>_frac`.
     """
 
+    can_sample = True  # `roundhouse sample --prompt`: the prompt and its continuation
+    sample_kind = "text"
+    sample_options = LM_OPTIONS
+
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
         self.aux = _Aux()
+
+    def sample_output(self, model: nn.Module, request: SampleRequest, job: Any) -> str:
+        """The prompt and its continuation (temperature, top-k; 0 is greedy)."""
+        return lm_text(unwrap(model).eval(), request)
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Next-token logits `(B, T, V)`; the model's auxiliary losses are kept for `loss`."""
@@ -238,7 +247,10 @@ class MaskedLMTask(LanguageModelTask):
     """Masked-token prediction: the loss is CE against the original token at selected positions.
 
     The model sees `batch["input"]` corrupted by `Masking`; `batch["target"]` is not used.
+    It does not sample (a masked LM fills in masks, it does not continue a prompt).
     """
+
+    can_sample = False
 
     def __init__(self, masking: Masking | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__(label_smoothing)

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from roundhouse.data import DataInfo
 from roundhouse.data.pydoc_corpus import pairs_decoder, pairs_tokenizer
 from roundhouse.data.text import EOS_ID, PAD_ID, decode
-from roundhouse.trainer.task_api import ExampleInputs, ExportGraph, Task
+from roundhouse.trainer.sampling import SEQ2SEQ_OPTIONS, seq2seq_text
+from roundhouse.trainer.task_api import ExampleInputs, ExportGraph, SampleRequest, Task, TaskError
 
 if TYPE_CHECKING:
     from roundhouse.config import JobSpec
@@ -81,6 +82,10 @@ class Seq2SeqTask(Task):
         label_smoothing: Of the cross-entropy.
         decoder: Ids -> text, the data's tokenizer (bytes by default); BLEU scores text.
     """
+
+    can_sample = True  # `roundhouse sample --prompt SOURCE [--beam N]`: the decoded target
+    sample_kind = "text"
+    sample_options = SEQ2SEQ_OPTIONS
 
     def __init__(
         self, label_smoothing: float = 0.0, decoder: Callable[[Sequence[int]], str] = decode
@@ -168,3 +173,14 @@ class Seq2SeqTask(Task):
         from roundhouse.trainer.seq2seq_export import seq2seq_graphs
 
         return seq2seq_graphs(unwrap(model).eval(), info)
+
+    def check_sample(self, request: SampleRequest, job: Any) -> None:
+        """The seq2seq flags, and `--prompt` (the source) is required."""
+        super().check_sample(request, job)
+        if not request.prompt:
+            name = f"{job.model.name}:{job.model.flavor}"
+            raise TaskError(f"seq2seq model {name} needs --prompt (the source)", "pass --prompt")
+
+    def sample_output(self, model: nn.Module, request: SampleRequest, job: Any) -> str:
+        """The decoded target of `--prompt`: greedy, or the best of a `--beam` search."""
+        return seq2seq_text(unwrap(model).eval(), request, job)

@@ -51,3 +51,20 @@ class Denoise(UndeclaredDenoise):
         image = torch.zeros((batch_size, *input_shape), dtype=dtype, device=device)
         level = torch.zeros((batch_size, 1), device=device)
         return ExampleInputs((image, level), names=("image", "level"))
+
+
+class DenoiseAndReport(Denoise):
+    """The same task, whose `roundhouse sample` prints how much the model changes an image at
+    the noise level `--prompt` (a user's own sampling, text out, taking only `--prompt`)."""
+
+    can_sample = True
+    sample_kind = "text"
+    sample_options = frozenset({"prompt"})
+
+    def sample_output(self, model: nn.Module, request: Any, job: Any) -> str:
+        """The mean absolute change the model makes to a zero image at the given level."""
+        level = float(request.prompt or 0.0)
+        shape = tuple(job.data.options.get("shape", (1, 8, 8)))
+        with torch.no_grad():
+            clean = model(torch.zeros(1, *shape), torch.full((1, 1), level))
+        return f"level {level}: mean change {clean.abs().mean().item():.6f}"

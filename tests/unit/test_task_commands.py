@@ -121,3 +121,36 @@ def test_distilling_a_task_with_several_optimizers_is_refused(
     assert "(remove trainer.distill" in lines[0]
     assert main(["train", str(write(tmp_path, job)), "--local"]) == 2
     assert not (tmp_path / "runs").exists()
+
+
+def test_sample_asks_the_users_task_what_it_draws_and_which_flags_it_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`sample` tests no model family or task name: a user's task says whether it samples,
+    which flags it takes and what it prints."""
+    job = job_dict(tmp_path, task="DenoiseAndReport")
+    assert main(["train", str(write(tmp_path, job)), "--local"]) == 0
+    run_dir = tmp_path / "runs" / "user" / "r"
+    capsys.readouterr()
+    code, out, err = run(capsys, "sample", run_dir, "--prompt", "0.5")
+    assert code == 0, err
+    model = load_saved_model(str(run_dir)).model.eval()
+    with torch.no_grad():
+        change = model(torch.zeros(1, 1, 8, 8), torch.full((1, 1), 0.5)).abs().mean().item()
+    assert out.strip() == f"level 0.5: mean change {change:.6f}"
+    for flags, message in (
+        (["--beam", "2"], "--beam: not for task DenoiseAndReport"),
+        (["--num", "4"], "--num: not for task"),
+    ):
+        code, out, err = run(capsys, "sample", run_dir, "--prompt", "0.5", *flags)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_sample_refuses_a_task_that_does_not_sample(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["train", str(write(tmp_path, job_dict(tmp_path))), "--local"]) == 0
+    code, _, err = run(
+        capsys, "sample", tmp_path / "runs" / "user" / "r", "--out", tmp_path / "x.png"
+    )
+    assert code == 2 and "cannot sample" in err and not (tmp_path / "x.png").exists()
