@@ -208,7 +208,7 @@ class Task:
 
     def metric_names(self) -> tuple[str, ...]:
         """The metrics `finalize` returns (what `tune --metric` may name, as `val/<name>`);
-        empty: not declared (tune falls back to its table by model family)."""
+        empty: not declared (tune then accepts `val/loss` only)."""
         return ()
 
     # --- what the commands ask --------------------------------------------------------------

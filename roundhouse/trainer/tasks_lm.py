@@ -81,6 +81,10 @@ class LanguageModelTask(Task):
         self.label_smoothing = label_smoothing
         self.aux = _Aux()
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", "perplexity", "bits_per_byte", "accuracy")
+
     def sample_output(self, model: nn.Module, request: SampleRequest, job: Any) -> str:
         """The prompt and its continuation (temperature, top-k; 0 is greedy)."""
         return lm_text(unwrap(model).eval(), request)

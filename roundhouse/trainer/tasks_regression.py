@@ -40,6 +40,10 @@ class RegressionTask(Task):
     def __init__(self, loss_fn: LossFn) -> None:
         self.loss_fn = loss_fn
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", "mse", "mae", "r2")
+
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """The model's outputs `(B, D)` for the batch's inputs."""
         return model(batch["input"])

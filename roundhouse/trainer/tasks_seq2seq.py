@@ -105,6 +105,10 @@ class Seq2SeqTask(Task):
         smoothing = job.trainer.loss.label_smoothing
         return cls(label_smoothing=smoothing, decoder=pairs_decoder(tokenizer), **options)
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", "perplexity", "accuracy", "bleu")
+
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Logits `(B, T, V)` of the shifted-right target; in eval mode also greedy decodes."""
         target = batch["target"]

@@ -89,6 +89,10 @@ class TextClassificationTask(Task):
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `finalize` returns."""
+        return ("loss", "accuracy", "macro_f1")
+
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """The model's label logits for `batch["input"]` `(B, T)` token ids."""
         return model(batch["input"])

@@ -167,3 +167,27 @@ def test_tune_may_select_on_the_metrics_a_task_declares(tmp_path: Path) -> None:
     plain = job_dict(tmp_path, model={"name": "mlp"})
     del plain["task"]
     assert "val/top5_accuracy" in known_metrics(validate_job(plain))
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "metric"),
+    [
+        ({"name": "seq2seq", "flavor": "debug"}, {"source": "builtin:pydoc-pairs"}, "val/bleu"),
+        (
+            {"name": "bert_classifier", "flavor": "debug"},
+            {"source": "builtin:pydoc-cls"},
+            "val/macro_f1",
+        ),
+        ({"name": "gpt", "flavor": "debug"}, {"source": "builtin:pytext"}, "val/perplexity"),
+    ],
+)
+def test_each_built_in_task_declares_the_metrics_tune_may_select_on(
+    tmp_path: Path, model: dict, data: dict, metric: str
+) -> None:
+    """The task, not a table in the sweep code, says what `tune --metric` may name."""
+    from roundhouse.cluster.sweep.space import known_metrics
+
+    job = job_dict(tmp_path, model=model)
+    del job["task"]
+    job["data"] = {**data, "batch_size": 8}
+    assert metric in known_metrics(validate_job(job))

@@ -134,25 +134,14 @@ def grid_size(params: list[SearchParam]) -> int:
     return math.prod(len(p.values) for p in params if p.kind == "grid")
 
 
-# The validation metrics each task logs at every evaluation (see trainer/task*.py).
-TASK_METRICS = {
-    "classification": ("loss", "accuracy", "top5_accuracy"),
-    "regression": ("loss", "mse", "mae", "r2"),
-    "language_model": ("loss", "perplexity", "bits_per_byte", "accuracy"),
-    "masked_lm": ("loss", "perplexity", "bits_per_byte", "accuracy"),
-    "vae": ("loss", "mse", "psnr", "kl"),
-    "diffusion": ("loss",),
-}
-
-
 def known_metrics(job: JobSpec) -> list[str]:
-    """The `val/` metrics the job's task logs at every evaluation (what it declares, else
-    this table's entry for the task)."""
+    """The `val/` metrics the job's task logs at every evaluation (`Task.metric_names`; a
+    task that declares none: `loss`)."""
     from roundhouse.trainer.task import build_named_task
     from roundhouse.trainer.tasks_regression import job_task_kind
 
     kind = job.task.name or job_task_kind(job)
-    names = build_named_task(job, kind).metric_names() or TASK_METRICS.get(kind, ("loss",))
+    names = build_named_task(job, kind).metric_names() or ("loss",)
     return sorted(f"val/{n}" for n in names)
 
 
