@@ -104,10 +104,14 @@ def measure(job: JobSpec, device: str, sizes: tuple[int, int]) -> dict[str, floa
     from roundhouse.weights.checkpoint import Checkpointer
 
     runs = [("small", sizes[0], REFERENCE_SECTION), ("large", sizes[1], REFERENCE_SECTION)]
-    for costs in cost_models():
-        runs += [(name, sizes[0], section) for name, section in costs.engines.items()]
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        for costs in cost_models():
+            runs += [
+                (name, sizes[0], section)
+                for name, section in costs.engines.items()
+                if engine_runs(calibration_job(job, tmp, sizes[0], section))
+            ]
         for name, batch, strategy in runs:
             spec = calibration_job(job, tmp, batch, strategy)
             checkpointer = Checkpointer(run_dir_of(spec), keep_last=1, identity={})
@@ -120,6 +124,20 @@ def measure(job: JobSpec, device: str, sizes: tuple[int, int]) -> dict[str, floa
                 trainer.tracker.close()
             out.update({f"{name}/{k}": v for k, v in pieces.items()})
     return out
+
+
+def engine_runs(spec: JobSpec) -> bool:
+    """Whether the engine's strategy takes the job (DeepSpeed refuses sparse-gradient models);
+    a refused engine is not measured, and `plan` has no row for it either."""
+    from roundhouse.errors import RoundhouseError
+    from roundhouse.parallel.registry import get_strategy_class
+
+    try:
+        get_strategy_class(spec.strategy).check_job(spec, 1)
+    except RoundhouseError as exc:
+        logger.info("not calibrating %s: %s", spec.strategy.kind, exc)
+        return False
+    return True
 
 
 def _measure_rank(rank: int, job_json: dict, device: str, sizes: tuple[int, int]) -> dict:

@@ -216,3 +216,14 @@ def test_a_shard_subset_carries_row_tables_over_its_own_shards() -> None:
     expected[[2, 3]] -= 0.1
     merged = consolidate_states(subset.state_dicts([0, 1]))
     np.testing.assert_allclose(merged["params"][0].numpy(), expected, atol=1e-6)
+
+
+def test_step_calibration_skips_engines_that_refuse_a_sparse_model(tmp_path: Path) -> None:
+    """`plan` on a sparse-gradient model: DeepSpeed refuses it, so its engines are not
+    calibrated (they failed inside DeepSpeed on the sparse gradient, and `plan` crashed)."""
+    from roundhouse.calibration.loop import calibration_job, engine_runs
+    from roundhouse.config.loading import load_job
+
+    job = load_job("configs/fasttext_ps.yaml")
+    assert not engine_runs(calibration_job(job, str(tmp_path), 8, {"kind": "deepspeed"}))
+    assert engine_runs(calibration_job(job, str(tmp_path), 8, {"kind": "single"}))
