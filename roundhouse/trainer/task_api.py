@@ -268,7 +268,11 @@ class Task:
         Raises:
             TaskError: The task cannot sample (`can_sample` is False).
         """
-        raise TaskError(
+        raise self.cannot_sample()
+
+    def cannot_sample(self) -> TaskError:
+        """The one-line error of `roundhouse sample` on a task that does not sample."""
+        return TaskError(
             f"task {type(self).__name__} cannot sample",
             "sample a run of a generative task (gan, diffusion, vae, language_model, seq2seq)",
         )
@@ -280,7 +284,7 @@ class Task:
             TaskError: The task cannot sample, or a flag given is not among `sample_options`.
         """
         if not self.can_sample:
-            self.sample(nn.Identity(), 0, torch.Generator())  # raises its one line
+            raise self.cannot_sample()
         extra = [SampleRequest.flag(k) for k in request.given() if k not in self.sample_options]
         if extra:
             name = f"{job.model.name}:{job.model.flavor}"
