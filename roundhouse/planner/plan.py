@@ -1,8 +1,10 @@
 """`build_plan`: every candidate at every worker count, predicted, ranked, one recommended.
 
-Rows that fit the device's memory rank first, then by samples/s (fastest first), then by
-memory. The recommendation is the first row; its reason is one line. When nothing fits,
-`suggest_fix` names what would: more workers, an offload, or a smaller micro-batch.
+Rows that fit the device's memory rank first, then the rows at the job's own worker count
+(`cluster.num_workers`, when the plan covers it: that is the cluster the job asks for), then
+by samples/s (fastest first), then by memory. The recommendation is the first row; its reason
+is one line, and it names a faster row at another worker count when there is one. When nothing
+fits, `suggest_fix` names what would: more workers, an offload, or a smaller micro-batch.
 """
 
 from __future__ import annotations
@@ -90,11 +92,17 @@ def evaluate_all(
     return rank_rows(rows, shape)
 
 
-def rank_rows(rows: list[Row], shape: JobShape) -> list[Row]:
-    """Rows ordered for recommendation: fitting ones first, then by predicted samples/s."""
+def rank_rows(rows: list[Row], shape: JobShape, prefer_workers: int | None = None) -> list[Row]:
+    """Rows ordered for recommendation: fitting ones first, then those at `prefer_workers`
+    (the job's own worker count), then by predicted samples/s."""
     return sorted(
         rows,
-        key=lambda r: (not r.fits, -r.samples_per_s(shape.global_batch), r.memory.total),
+        key=lambda r: (
+            not r.fits,
+            prefer_workers is not None and r.candidate.workers != prefer_workers,
+            -r.samples_per_s(shape.global_batch),
+            r.memory.total,
+        ),
     )
 
 
@@ -147,6 +155,8 @@ def build_plan(
     target = build_target(jm, profile, device, bandwidth, max(workers), probe)
     shape = job_shape(job)
     rows = evaluate_all(profile, target, shape, workers, kinds, strategy_accepts(job))
+    own = job.cluster.num_workers
+    rows = rank_rows(rows, shape, own if own in workers else None)
     plan = Plan(job, profile, target, shape, rows, "")
     plan.reason = explain(plan)
     return plan
@@ -175,7 +185,25 @@ def explain(plan: Plan) -> str:
             text += f"; ties with {other} in step time and needs {saved:.2f} GB less"
         else:
             text += f"; the next, {other}, takes {ratio:.2f}x as long per step"
-    return text
+    return text + faster_elsewhere(plan, fitting)
+
+
+def faster_elsewhere(plan: Plan, fitting: list[Row]) -> str:
+    """The fastest fitting row at another worker count, when it beats the recommendation
+    (which is held to the job's own worker count); empty otherwise."""
+    best, batch = plan.best, plan.shape.global_batch
+    others = [r for r in fitting if r.candidate.workers != best.candidate.workers]
+    if not others:
+        return ""
+    top = max(others, key=lambda r: r.samples_per_s(batch))
+    gain = top.samples_per_s(batch) / best.samples_per_s(batch)
+    if gain < 1.005:
+        return ""
+    n = top.candidate.workers
+    return (
+        f"; {top.candidate.label} on {n} worker(s) would be {gain:.2f}x faster "
+        f"(set cluster.num_workers={n})"
+    )
 
 
 def suggest_fix(plan: Plan) -> str:

@@ -401,10 +401,27 @@ def test_cli_plan_json_ranks_rows_and_recommends_one(tmp_path: Path, capsys) -> 
     labels = {(r["label"], r["workers"]) for r in plan["rows"]}
     assert {("single", 1), ("ring", 2), ("ps", 4), ("zero3", 4), ("tp4", 4)} <= labels
     assert ("pipeline2", 2) not in labels  # gpt ties its embedding to its head
+    # the job asks for 4 workers: its rows rank first, each group fastest first
+    own = [r["samples_per_s"] for r in plan["rows"] if r["fits"] and r["workers"] == 4]
+    rest = [r["samples_per_s"] for r in plan["rows"] if r["fits"] and r["workers"] != 4]
+    fitting = [r["samples_per_s"] for r in plan["rows"] if r["fits"]]
+    assert fitting == sorted(own, reverse=True) + sorted(rest, reverse=True)
+    assert plan["recommended"] == plan["rows"][0] and plan["recommended"]["workers"] == 4
+    # this tiny model runs fastest on one GPU, and the reason says so
+    assert max(rest) > max(own)
+    assert "would be" in plan["reason"] and "cluster.num_workers=" in plan["reason"]
+    assert plan["link"]["bytes_per_s"] == 25e9
+
+
+def test_without_the_jobs_worker_count_the_fastest_row_of_any_count_is_recommended(
+    tmp_path: Path, capsys
+) -> None:
+    argv = ["plan", str(plan_job(tmp_path)), "--device", "H100-80GB", "--workers", "1,2"]
+    assert main([*argv, "--bandwidth", "25GB/s", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
     speeds = [r["samples_per_s"] for r in plan["rows"] if r["fits"]]
     assert speeds == sorted(speeds, reverse=True)
-    assert plan["recommended"] == plan["rows"][0] and plan["reason"]
-    assert plan["link"]["bytes_per_s"] == 25e9
+    assert plan["recommended"] == plan["rows"][0] and "would be" not in plan["reason"]
 
 
 def test_a_job_nothing_fits_prints_the_table_and_what_would_fit(tmp_path: Path, capsys) -> None:

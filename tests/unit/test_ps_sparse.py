@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,16 @@ def test_step_calibration_skips_engines_that_refuse_a_sparse_model(tmp_path: Pat
     job = load_job("configs/fasttext_ps.yaml")
     assert not engine_runs(calibration_job(job, str(tmp_path), 8, {"kind": "deepspeed"}))
     assert engine_runs(calibration_job(job, str(tmp_path), 8, {"kind": "single"}))
+
+
+def test_plan_recommends_ps_for_the_sparse_model_at_its_worker_count(capsys) -> None:
+    """The acceptance line: `plan configs/fasttext_ps.yaml` recommends ps. The job asks for 2
+    workers; ring must all-reduce the whole 2^21-row table, ps moves the touched rows."""
+    from roundhouse.launch.cli import main
+
+    assert main(["plan", "configs/fasttext_ps.yaml", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["recommended"]["label"] == "ps" and plan["recommended"]["workers"] == 2
+    ring = next(r for r in plan["rows"] if r["label"] == "ring" and r["workers"] == 2)
+    assert ring["samples_per_s"] * 10 < plan["recommended"]["samples_per_s"]
+    assert not any(r["label"].startswith("zero") for r in plan["rows"])  # DeepSpeed refuses it
