@@ -165,7 +165,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         for spec in models.list_models():
             print(f"{spec.name:<12} {', '.join(spec.flavors):<40} {spec.description}")
         return 0
-    for line in summary_lines(args, parse_shape(args.input)):
+    for line in summary_lines(args, parse_shape(args.input) if args.input else None):
         print(line)
     return 0
 

@@ -1,4 +1,7 @@
-"""`roundhouse models summary NAME[:FLAVOR] --input SHAPE [key.sub=value ...]`.
+"""`roundhouse models summary NAME[:FLAVOR] [--input SHAPE] [key.sub=value ...]`.
+
+Without `--input` the model is fed its own example (`ModelSpec.example_input`: an 8x8 digit,
+or 128 tokens of a 256-byte vocabulary for token models).
 
 The overrides are the job file's `model.*` keys (options, `init_from`, `init_skip`) and
 `trainer.freeze` / `trainer.optimizer.param_groups`, so the table shows the model a job with
@@ -27,8 +30,16 @@ logger = logging.getLogger(__name__)
 def add_summary_arguments(summary: argparse.ArgumentParser) -> None:
     """Add `models summary`'s arguments (model, input shape, classes, overrides)."""
     summary.add_argument("model", metavar="NAME[:FLAVOR]")
-    summary.add_argument("--input", default="1x8x8", help="per-sample input shape, e.g. 3x32x32")
-    summary.add_argument("--num-classes", type=int, default=10)
+    summary.add_argument(
+        "--input",
+        help="per-sample input shape, e.g. 3x32x32 or 64 (default: the model's own example, "
+        "1x8x8 for images, 128 tokens for token models)",
+    )
+    summary.add_argument(
+        "--num-classes",
+        type=int,
+        help="classes (a language model's vocabulary; default: the model's example, 10 or 256)",
+    )
     summary.add_argument(
         "overrides",
         nargs="*",
@@ -66,8 +77,9 @@ def summarize_or_explain(model: nn.Module, ref: str, example: ExampleInputs) -> 
         ) from None
 
 
-def summary_lines(args: argparse.Namespace, shape: tuple[int, ...]) -> list[str]:
-    """The summary table and the trainable/frozen lines for the parsed command line."""
+def summary_lines(args: argparse.Namespace, shape: tuple[int, ...] | None) -> list[str]:
+    """The summary table and the trainable/frozen lines for the parsed command line (`shape`
+    None: the model's own example input, `ModelSpec.example_input`)."""
     from roundhouse import models
     from roundhouse.config.loading import apply_overrides, validate_job
     from roundhouse.trainer.adapter_state import apply_adapter_state
@@ -76,11 +88,14 @@ def summary_lines(args: argparse.Namespace, shape: tuple[int, ...]) -> list[str]
     from roundhouse.weights.model_build import build_model_for
 
     name, flavor = models.parse_model_ref(args.model)
+    spec = models.get(name)
+    shape = shape or spec.example_input
+    classes = spec.example_classes if args.num_classes is None else args.num_classes
     data = apply_overrides({"name": "summary", "model": {"name": name, "flavor": flavor}}, [])
     data = apply_overrides(data, list(args.overrides))
     job = validate_job(data, source="models summary")
     with torch.device("meta"):
-        model = build_model_for(job, shape, args.num_classes)
+        model = build_model_for(job, shape, classes)
     task = build_job_task(job)
     example = task.example_inputs(shape, input_dtype(model), 1, "meta")
     rows = summarize_or_explain(model, args.model, example)

@@ -31,6 +31,7 @@ from roundhouse.models.gpt import (
     sequence_length,
 )
 from roundhouse.models.registry import BuildConfig, ModelSpec, register
+from roundhouse.models.spec import BYTE_VOCAB, TOKEN_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -159,5 +160,7 @@ SPEC = register(
         loss="masked_lm",
         pipeline_layers=bert_layers,
         flops_per_sample=bert_flops,
+        example_input=TOKEN_INPUT,
+        example_classes=BYTE_VOCAB,
     )
 )

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from roundhouse.errors import ModelError
 from roundhouse.models.registry import ModelSpec, register
+from roundhouse.models.spec import TOKEN_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -127,5 +128,6 @@ SPEC = register(
         },
         builder=build_fasttext,
         description="fastText: hashed byte n-gram EmbeddingBag + linear head (sparse gradients)",
+        example_input=TOKEN_INPUT,
     )
 )

@@ -32,6 +32,7 @@ from roundhouse.errors import ModelError
 from roundhouse.models.attention import KVCache, MultiHeadAttention
 from roundhouse.models.common import check_dropout
 from roundhouse.models.registry import BuildConfig, ModelSpec, register
+from roundhouse.models.spec import BYTE_VOCAB, TOKEN_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -406,5 +407,7 @@ SPEC = register(
         loss="language_model",
         pipeline_layers=gpt_layers,
         flops_per_sample=gpt_flops,
+        example_input=TOKEN_INPUT,
+        example_classes=BYTE_VOCAB,
     )
 )

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from roundhouse.errors import ModelError
 from roundhouse.models.gpt import MLP, build_gpt, flavor_flops, gpt_layers, sequence_length
 from roundhouse.models.registry import BuildConfig, ModelSpec, register
+from roundhouse.models.spec import BYTE_VOCAB, TOKEN_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,8 @@ SPEC = register(
         description="MoE Transformer LM (router + experts, top-1/2, capacity, aux losses)",
         loss="language_model",
         pipeline_layers=gpt_layers,
+        example_input=TOKEN_INPUT,
+        example_classes=BYTE_VOCAB,
         flops_per_sample=moe_flops,
     )
 )

@@ -33,6 +33,7 @@ from roundhouse.errors import ModelError
 from roundhouse.models.common import check_dropout
 from roundhouse.models.gpt import sequence_length
 from roundhouse.models.registry import ModelSpec, register
+from roundhouse.models.spec import BYTE_VOCAB, TOKEN_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,8 @@ for _cell in NUM_GATES:
             description=f"byte-level {_cell.upper()} language model (own cells, deep)",
             loss="language_model",
             pipeline_layers=rnn_lm_layers,
+            example_input=TOKEN_INPUT,
+            example_classes=BYTE_VOCAB,
         )
     )
 

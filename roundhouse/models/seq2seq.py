@@ -34,6 +34,7 @@ from roundhouse.models.attention import MultiHeadAttention
 from roundhouse.models.common import check_dropout
 from roundhouse.models.gpt import MLP, TransformerBlock, init_transformer, sequence_length
 from roundhouse.models.registry import BuildConfig, ModelSpec, register
+from roundhouse.models.spec import BYTE_VOCAB, TOKEN_INPUT
 
 POSITIONS = ("sinusoidal", "rope")
 
@@ -276,5 +277,7 @@ SPEC = register(
         description="encoder-decoder Transformer (cross-attention, teacher forcing, beam search)",
         loss="seq2seq",
         flops_per_sample=seq2seq_flops,
+        example_input=TOKEN_INPUT,
+        example_classes=BYTE_VOCAB,
     )
 )

@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FLAVOR = "debug"
 TORCHVISION_PREFIX = "torchvision:"
+# The example inputs of a token model (`ModelSpec.example_input`): 128 token ids, 256 of them
+# (the byte vocabulary of the built-in text sources).
+TOKEN_INPUT = (128,)
+BYTE_VOCAB = 256
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class ModelSpec:
             `model.forward` (for pipeline parallelism), or None if the model has none.
         flops_per_sample: Approximate forward FLOPs of one sample (2 x multiply-adds), or None.
         takes_norm: The model takes `options.norm` (see `models/norms.py`): the CNN zoo.
+        example_input: The per-sample input shape `models summary` uses when not given one:
+            an 8x8 digit by default, `TOKEN_INPUT` for token models.
+        example_classes: `num_classes` there (a language model's vocabulary).
     """
 
     name: str
@@ -79,6 +86,8 @@ class ModelSpec:
     pipeline_layers: Callable[[nn.Module], list[nn.Module]] | None = None
     flops_per_sample: Callable[[BuildConfig], int] | None = None
     takes_norm: bool = False
+    example_input: tuple[int, ...] = (1, 8, 8)
+    example_classes: int = 10
 
     def __post_init__(self) -> None:
         if DEFAULT_FLAVOR not in self.flavors:

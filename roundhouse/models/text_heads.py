@@ -35,6 +35,7 @@ from roundhouse.models.bert import build_bert
 from roundhouse.models.common import check_dropout
 from roundhouse.models.gpt import build_gpt, flavor_flops
 from roundhouse.models.registry import BuildConfig, ModelSpec, register
+from roundhouse.models.spec import TOKEN_INPUT
 
 INIT_STD = 0.02  # BERT's and GPT-2's initializer_range
 
@@ -221,5 +222,6 @@ for _name, _builder, _flavors, _task, _base, _text in (
             description=_text,
             loss=_task,
             flops_per_sample=_flops(_name, _base),
+            example_input=TOKEN_INPUT,
         )
     )

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from roundhouse import models
 from roundhouse.models import BuildConfig, build_model
 from roundhouse.models.summary import (
     conv_output_size,
@@ -194,3 +195,21 @@ def test_estimate_flops_is_two_times_multiply_adds() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 8 * 8, 10))
     macs = 8 * 8 * 2 * (1 * 3 * 3) + 128 * 10
     assert estimate_flops(model, (1, 8, 8)) == 2 * macs
+
+
+NEEDS_A_RUN = {"ldm"}  # its latent space is a trained VAE's (model.options.vae_checkpoint)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(s.name for s in models.list_models() if s.name not in NEEDS_A_RUN)
+)
+def test_every_zoo_model_summarizes_on_its_own_example_input(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`models summary NAME` with no --input: token models get 128 token ids, images a digit."""
+    from roundhouse.launch.cli import main
+
+    assert main(["models", "summary", name]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    token = models.get(name).example_input == (128,)
+    assert ("(128,)" in first) == token and ("(1, 8, 8)" in first) != token
