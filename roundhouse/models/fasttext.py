@@ -78,7 +78,16 @@ class FastText(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits `(B, num_classes)` of byte tokens `(B, T)`."""
         features = hash_ngrams(tokens, self.ngrams, self.buckets)  # (B, F)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self.head(self.gathered_mean(features))
         return self.head(self.embed(features))  # (B, dim) -> (B, num_classes)
+
+    def gathered_mean(self, features: Tensor) -> Tensor:
+        """The bag's mean as a gather and a masked sum `(B, dim)`: the same numbers, in ops
+        that ONNX has (its exporter takes no `EmbeddingBag` with a `padding_idx`)."""
+        rows = nn.functional.embedding(features, self.embed.weight)  # (B, F, dim)
+        keep = (features != self.buckets).unsqueeze(-1).to(rows.dtype)
+        return (rows * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
 def build_fasttext(

@@ -99,6 +99,18 @@ def test_generative_models_export_their_decoder_or_denoiser(
     assert kind in out
 
 
+def test_fasttext_exports_to_onnx(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The sparse model's bag (an EmbeddingBag with a padding row) exports as a gather and a
+    masked mean; the export's own onnxruntime check compares it with PyTorch."""
+    job_file = tmp_path / "ft.yaml"
+    job_file.write_text(
+        "name: ft\nmodel: {name: fasttext, flavor: debug}\ndata: {source: builtin:pydoc-cls}\n"
+    )
+    code, out, err = export(capsys, job_file, "--format", "onnx", "--out", tmp_path / "f.onnx")
+    assert code == 0, err
+    assert "the classifier of fasttext:debug" in out
+
+
 def test_unsupported_op_is_one_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -112,3 +112,16 @@ def test_sparse_gradients_need_a_sparse_optimizer_and_no_deepspeed(
     assert main(["train", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: model 'fasttext' makes sparse gradients")
+
+
+def test_the_export_path_computes_the_bags_mean_in_onnx_ops() -> None:
+    """Under tracing or ONNX export the bag is a gather and a masked mean (ONNX has no
+    EmbeddingBag with padding_idx): the same logits, an all-padding text included."""
+    model = models.build_model("fasttext", models.BuildConfig(input_shape=(10,), num_classes=3))
+    tokens = torch.randint(0, 256, (5, 10))
+    tokens[0, 4:] = PAD_TOKEN
+    tokens[1, :] = PAD_TOKEN
+    features = hash_ngrams(tokens, 2, 4096)
+    torch.testing.assert_close(
+        model.gathered_mean(features), model.embed(features), rtol=0, atol=1e-7
+    )
