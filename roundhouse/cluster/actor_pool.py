@@ -38,7 +38,7 @@ from roundhouse.config import JobSpec
 logger = logging.getLogger(__name__)
 
 POOL_NAMESPACE = "roundhouse-pool"
-LEASE_S = 10.0  # a claim not renewed for this long belongs to a dead driver
+LEASE_S = 15.0  # a claim not renewed for this long belongs to a dead driver
 CLAIM_TIMEOUT_S = 5.0
 
 
