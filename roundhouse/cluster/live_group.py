@@ -107,6 +107,8 @@ class LiveWorkers:
         self.active: dict[int, Any] = {}  # member id -> actor
         self.bundles: dict[int, int] = {}  # member id -> bundle
         self.replacements = 0
+        self.joining: set[int] = set()  # replacement members
+        self.finished: list[int] = []
 
     def gather(self) -> None:
         """`num_workers` actors, warm ones first, every one up (or a `ClusterError`)."""
@@ -169,17 +171,16 @@ class LiveWorkers:
         """Start every member and poll until the survivors finish (class docstring)."""
         for member, (actor, bundle) in enumerate(self.ready):
             self.launch(actor, member, bundle, joining=False)
-        finished: list[int] = []
         first_done = 0.0
         while self.active:
-            if finished and time.monotonic() - first_done > self.FINISH_GRACE_S:
+            if self.finished and time.monotonic() - first_done > self.FINISH_GRACE_S:
                 break  # the run is over; what still waits is a replacement never admitted
             time.sleep(self.POLL_S)
             for member in self.poll_all():
                 del self.active[member]
                 first_done = first_done or time.monotonic()
-                finished.append(member)
-        if not finished:
+                self.finished.append(member)
+        if not self.finished:
             raise ClusterError("every worker of the live group was lost")
 
     def poll_all(self) -> list[int]:
@@ -197,7 +198,11 @@ class LiveWorkers:
             except RayActorError:
                 self.replace(member)
             except RayTaskError as exc:
-                raise worker_error(exc) from exc
+                if not (self.finished and member in self.joining):
+                    raise worker_error(exc) from exc
+                # the run ended before this replacement was admitted: it gave up waiting
+                logger.info("replacement worker %d was not needed: the run is over", member)
+                del self.active[member]
         return done
 
     def replace(self, member: int) -> None:
@@ -209,7 +214,9 @@ class LiveWorkers:
             self.replacements += 1
             actor = self.placement.spawn(bundle, self.token)
             self.used.append(actor)
-            self.launch(actor, self.cluster.num_workers - 1 + self.replacements, bundle, True)
+            member = self.cluster.num_workers - 1 + self.replacements
+            self.joining.add(member)
+            self.launch(actor, member, bundle, True)
 
     def close(self, reuse: bool) -> None:
         """Return the actors to the pool after a finished run; end them otherwise."""

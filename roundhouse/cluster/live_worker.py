@@ -24,7 +24,9 @@ from typing import Any
 from roundhouse.cluster.actor_pool import Lease
 from roundhouse.cluster.quiet import configure_worker_logging
 from roundhouse.cluster.services import attach_services
+from roundhouse.cluster.topology import describe_rank, write_rank_record
 from roundhouse.config import JobSpec
+from roundhouse.runs.rundir import run_dir_of
 from roundhouse.trainer import WorkerContext, run_worker
 from roundhouse.trainer.preemption import forward_sigterm_to_loops
 
@@ -129,6 +131,16 @@ def reset_process(base_env: dict[str, str], base_cwd: str) -> None:
         torch.cuda.empty_cache()
 
 
+def record_rank(ctx: WorkerContext, job: JobSpec, resume_step: int | None) -> None:
+    """Where this rank runs (`ranks/rank_<r>.json`, as on Ray Train's workers)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node_ip = ray.util.get_node_ip_address()
+    record = describe_rank(ctx, node_id=node_id, node_ip=node_ip, resume_step=resume_step)
+    write_rank_record(run_dir_of(job), record)
+
+
 def train_member(
     member: int, world: int, store_addr: tuple[str, int], config: dict, joining: bool
 ) -> dict:
@@ -154,6 +166,7 @@ def train_member(
         rank=rank, world_size=size, node_rank=rank, num_nodes=size, rendezvous=group
     )
     ctx = attach_services(ctx, config)  # ps: the shard servers, which outlive any worker
+    record_rank(ctx, job, config["resume_step"] if config["resume"] else None)
     quiet = job.model_copy(deep=True)
     quiet.tracking.console = "off"  # the driver owns the console (RunMonitor)
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from roundhouse.cluster.actor_pool import pooled_names
+from roundhouse.cluster.actor_pool import evict_idle, pooled_names
 from roundhouse.cluster.runtime import ray_runtime
 from roundhouse.config import ClusterConfig
 from roundhouse.launch.cli import main
@@ -74,6 +74,11 @@ def warm_actors(address: str) -> list[str]:
         return pooled_names()
 
 
+def end_warm_actors(address: str) -> None:
+    with ray_runtime(ClusterConfig(), address):
+        evict_idle()
+
+
 def test_a_second_run_reuses_the_warm_actors_and_trains_as_on_fresh_ones(
     cluster: RayCluster, tmp_path: Path
 ) -> None:
@@ -95,6 +100,26 @@ def test_a_second_run_reuses_the_warm_actors_and_trains_as_on_fresh_ones(
             assert actors == first  # the second run ran on the first run's actors
     for seed in (1, 2):
         assert_same_weights(weights["fresh", seed], weights["warm", seed])
+
+
+def test_a_sweeps_trials_reuse_the_actors_of_the_trials_before_them(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """One trial at a time fits (2 CPUs, 1-worker trials); the standby trial claims the actor
+    its predecessor released instead of waiting for a fresh one."""
+    address = cluster.gcs_address
+    end_warm_actors(address)  # those of the tests before
+    job = make_job(tmp_path / "runs", address, recovery="live", keep_warm_s=60, num_workers=1)
+    job["trainer"].update(max_steps=None, max_epochs=1, log_every_steps=5)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(job))
+    search = "trainer.optimizer.lr=choice(0.01,0.03,0.1)"
+    args = ["--search", search, "--searcher", "grid", "--scheduler", "fifo"]
+    assert main(["tune", str(path), "--address", address, *args, "--metric", "val/accuracy"]) == 0
+    ranks = list((tmp_path / "runs" / "warm").glob("tune-*/*/ranks/rank_0.json"))
+    pids = {json.loads(rank.read_text())["pid"] for rank in ranks}
+    assert len(ranks) == 3 and len(pids) == 1, pids  # three trials, one worker process
+    assert len(warm_actors(address)) == 1
 
 
 def test_warm_actors_of_another_kind_make_way_for_a_ray_train_run(
