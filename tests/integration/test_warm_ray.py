@@ -135,15 +135,18 @@ def test_warm_actors_of_another_kind_make_way_for_a_ray_train_run(
     assert warm_actors(address) == []
 
 
-def test_sigterm_to_a_ray_train_worker_checkpoints_and_resumes_bit_for_bit(
-    cluster: RayCluster, tmp_path: Path
+@pytest.mark.parametrize("recovery", ["restart", "live"])
+def test_sigterm_to_a_worker_checkpoints_and_resumes_bit_for_bit(
+    cluster: RayCluster, tmp_path: Path, recovery: str
 ) -> None:
+    """restart: Ray Train's worker, whose loop runs in a thread; live: a warm actor of the own
+    group (its loop runs in a thread too)."""
     address = cluster.gcs_address
     slow = {"name": "tests.helpers.models:slow_mlp", "flavor": "default"}
     slow["options"] = {"delay_s": 0.2}
     jobs = {}
     for name in ("whole", "preempted"):
-        job = make_job(tmp_path / name, address)
+        job = make_job(tmp_path / name, address, recovery=recovery)
         job["model"] = slow
         job["trainer"].update(max_steps=40, log_every_steps=1, checkpoint={"every_epoch": False})
         jobs[name] = tmp_path / f"{name}.yaml"
