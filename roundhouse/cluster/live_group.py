@@ -20,8 +20,12 @@ worker reaches the loop through the main thread's forwarder (`live_worker`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from roundhouse.cluster.actor_pool import CLAIM_TIMEOUT_S, new_token
@@ -72,7 +76,11 @@ def train_live_on_ray(
             "resume_step": prepared.resume_step,
             SERVICES_CONFIG_KEY: services,
         }
-        with RunMonitor(job, prepared.run_dir, time.time()), services_stopped_at_exit(services):
+        with (
+            RunMonitor(job, prepared.run_dir, time.time()),
+            services_stopped_at_exit(services),
+            workers.sigterm_handed_on(),
+        ):
             workers.run()
         finished = True
     finally:
@@ -109,6 +117,8 @@ class LiveWorkers:
         self.replacements = 0
         self.joining: set[int] = set()  # replacement members
         self.finished: list[int] = []
+        self.sigterm = False  # the driver got SIGTERM; `preempt_sent`: the workers know
+        self.preempt_sent = False
 
     def gather(self) -> None:
         """`num_workers` actors, warm ones first, every one up (or a `ClusterError`)."""
@@ -176,12 +186,38 @@ class LiveWorkers:
             if self.finished and time.monotonic() - first_done > self.FINISH_GRACE_S:
                 break  # the run is over; what still waits is a replacement never admitted
             time.sleep(self.POLL_S)
+            if self.sigterm and not self.preempt_sent:
+                self.hand_on_sigterm()
             for member in self.poll_all():
                 del self.active[member]
                 first_done = first_done or time.monotonic()
                 self.finished.append(member)
         if not self.finished:
             raise ClusterError("every worker of the live group was lost")
+
+    @contextlib.contextmanager
+    def sigterm_handed_on(self) -> Iterator[None]:
+        """While the group trains, SIGTERM to the driver preempts the workers (each writes
+        its part of a complete checkpoint and stops, `trainer.preemption`)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # a sweep's trial: its driver runs in a thread
+            return
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True
+
+    def hand_on_sigterm(self) -> None:
+        """Tell every active worker that the driver got SIGTERM (their errors, `Preempted`,
+        come back through the next polls)."""
+        logger.warning("SIGTERM: the workers checkpoint at the next step boundary and stop")
+        self.preempt_sent = True
+        for actor in self.active.values():
+            actor.preempt.remote(self.token)
 
     def poll_all(self) -> list[int]:
         """Poll every active member; return those that finished. A lost one is replaced; a

@@ -28,7 +28,7 @@ from roundhouse.cluster.topology import describe_rank, write_rank_record
 from roundhouse.config import JobSpec
 from roundhouse.runs.rundir import run_dir_of
 from roundhouse.trainer import WorkerContext, run_worker
-from roundhouse.trainer.preemption import forward_sigterm_to_loops
+from roundhouse.trainer.preemption import forward_sigterm_to_loops, notify_loops
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,11 @@ class LiveWorker:
         if "error" in self.outcome:
             raise self.outcome["error"]
         return self.outcome.get(DONE, {})
+
+    def preempt(self, token: str) -> bool:
+        """The driver got SIGTERM: stop at the next step boundary as if this worker had."""
+        self.lease.renew(token)
+        return notify_loops()
 
     def release(self, token: str) -> bool:
         """Idle again, if the run `token` is over here; False (end me) when it is not."""

@@ -154,12 +154,18 @@ def sigterm_forwarded() -> bool:
     return bool(_FORWARDING)
 
 
-def _forward(signum: int, frame: Any) -> None:
+def notify_loops() -> bool:
+    """Tell the loops running in this process's threads that SIGTERM came (a driver's
+    SIGTERM handed on); False when none runs."""
     with _LOCK:
         loops = list(_LOOPS)
-    if loops:
-        for guard in loops:
-            guard.notify()
+    for guard in loops:
+        guard.notify()
+    return bool(loops)
+
+
+def _forward(signum: int, frame: Any) -> None:
+    if notify_loops():
         return
     previous = _FORWARDING[0]
     if callable(previous):

@@ -135,12 +135,14 @@ def test_warm_actors_of_another_kind_make_way_for_a_ray_train_run(
     assert warm_actors(address) == []
 
 
-@pytest.mark.parametrize("recovery", ["restart", "live"])
+@pytest.mark.parametrize(
+    ("recovery", "target"), [("restart", "worker"), ("live", "worker"), ("live", "driver")]
+)
 def test_sigterm_to_a_worker_checkpoints_and_resumes_bit_for_bit(
-    cluster: RayCluster, tmp_path: Path, recovery: str
+    cluster: RayCluster, tmp_path: Path, recovery: str, target: str
 ) -> None:
     """restart: Ray Train's worker, whose loop runs in a thread; live: a warm actor of the own
-    group (its loop runs in a thread too)."""
+    group (its loop runs in a thread too), or the driver, which hands SIGTERM on."""
     address = cluster.gcs_address
     slow = {"name": "tests.helpers.models:slow_mlp", "flavor": "default"}
     slow["options"] = {"delay_s": 0.2}
@@ -158,7 +160,7 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_bit_for_bit(
     try:
         run = wait_for_step(tmp_path / "preempted", 4, proc)
         record = json.loads((run / "ranks" / "rank_1.json").read_text())
-        os.kill(record["pid"], signal.SIGTERM)  # a worker's process, not the driver
+        os.kill(record["pid"] if target == "worker" else proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=240)
     finally:
         proc.kill()
