@@ -4,6 +4,7 @@ live group's actors)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -112,3 +113,18 @@ def test_sigterm_reaches_a_loop_in_another_thread_through_the_forwarder() -> Non
     assert out.returncode == 0, out.stderr
     assert "loop signalled: True previous: []" in out.stdout, out.stdout
     assert "after: ['previous']" in out.stdout, out.stdout
+
+
+def test_only_interchangeable_workers_share_a_pool_key() -> None:
+    from roundhouse.cluster.actor_pool import pool_key
+    from roundhouse.config import JobSpec
+
+    def key(runtime_env: dict | None = None, **cluster: object) -> str:
+        job = JobSpec.model_validate({"name": "k", "model": {"name": "mlp"}, "cluster": cluster})
+        return pool_key(job, runtime_env)
+
+    base = key(num_workers=2)
+    assert key(num_workers=4, keep_warm_s=5) == base  # group size and keep time: same workers
+    assert key(cpus_per_worker=2) != base
+    assert key({"env_vars": {"WANDB_API_KEY": "a"}}) != key({"env_vars": {"WANDB_API_KEY": "b"}})
+    assert re.fullmatch(r"w[0-9a-f]{16}", base)  # a hash: no secret in an actor's name
