@@ -5,8 +5,9 @@ per run. With `cluster.keep_warm_s > 0` the live group's actors (`cluster.recove
 are detached named actors in the `roundhouse-pool` namespace, named `<key>.<id>`:
 
 - the key says what makes two workers interchangeable: their resources, the Ray runtime
-  environment, the secrets they hold (hashed), the Python, Ray and torch versions and a hash
-  of roundhouse's own code (`pool_key`); only actors of the same key are reused;
+  environment, the secrets they hold (hashed), the Python, Ray and torch versions, a hash of
+  roundhouse's own code and of the user modules the job names (`pool_key`); only actors of
+  the same key are reused;
 - a run claims idle actors of its key (`claim_idle`); the actor answers `claim` itself, one
   call at a time, so two runs (a sweep's concurrent trials) never get the same actor;
 - a claimed actor holds a lease that its driver renews on every poll; a driver that dies (a
@@ -23,9 +24,11 @@ a cluster that outlives the run (`--address`) and across the trials of one sweep
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import platform
+import re
 import secrets
 import threading
 import time
@@ -53,6 +56,43 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
+USER_REFERENCE = re.compile(r"^([A-Za-z_][\w.]*):[A-Za-z_]\w*$")  # `package.module:name`
+
+
+def user_code_fingerprint(job: JobSpec) -> str:
+    """A hash of the user modules the job names (`model.name: my.models:build`, a task's
+    `module:Class`): a warm worker has them imported, so a changed file needs fresh workers."""
+    digest = hashlib.sha256()
+    for value in sorted(set(strings_in(job.model_dump(mode="json")))):
+        match = USER_REFERENCE.match(value)
+        origin = module_file(match.group(1)) if match else None
+        if origin is not None:
+            digest.update(value.encode())
+            digest.update(origin.read_bytes())
+    return digest.hexdigest()
+
+
+def strings_in(value: Any) -> list[str]:
+    """Every string inside a JSON-like value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [text for item in value for text in strings_in(item)]
+    return []
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of module `name`, if it is one that can be found without importing it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a parent package that does not import: not a module
+        return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and origin.endswith(".py") and Path(origin).is_file() else None
+
+
 def pool_key(job: JobSpec, runtime_env: dict[str, Any] | None) -> str:
     """The name prefix of the actors that can serve `job` (see the module docstring)."""
     import ray
@@ -67,6 +107,7 @@ def pool_key(job: JobSpec, runtime_env: dict[str, Any] | None) -> str:
         "ray": ray.__version__,
         "torch": torch.__version__,
         "code": code_fingerprint(),
+        "user_code": user_code_fingerprint(job),
     }
     text = json.dumps(identity, sort_keys=True, default=str)
     return "w" + hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -128,3 +128,20 @@ def test_only_interchangeable_workers_share_a_pool_key() -> None:
     assert key(cpus_per_worker=2) != base
     assert key({"env_vars": {"WANDB_API_KEY": "a"}}) != key({"env_vars": {"WANDB_API_KEY": "b"}})
     assert re.fullmatch(r"w[0-9a-f]{16}", base)  # a hash: no secret in an actor's name
+
+
+def test_a_changed_user_model_file_needs_fresh_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm worker has the job's user modules imported: editing one changes the key."""
+    from roundhouse.cluster.actor_pool import user_code_fingerprint
+    from roundhouse.config import JobSpec
+
+    (tmp_path / "my_models_for_pool.py").write_text("def build(): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    job = JobSpec.model_validate({"name": "k", "model": {"name": "my_models_for_pool:build"}})
+    before = user_code_fingerprint(job)
+    (tmp_path / "my_models_for_pool.py").write_text("def build(): return 1\n")
+    assert user_code_fingerprint(job) != before
+    plain = JobSpec.model_validate({"name": "k", "model": {"name": "mlp"}})
+    assert user_code_fingerprint(plain) == user_code_fingerprint(plain.model_copy(deep=True))
