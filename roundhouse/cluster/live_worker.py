@@ -75,7 +75,8 @@ class LiveWorker:
         joining: bool = False,
     ) -> None:
         """Begin training as `member` of `world` (see `train_member`) in a thread."""
-        self.lease.claim(token)
+        if not self.lease.claim(token):
+            raise RuntimeError(f"this worker is claimed by another run than {token}")
         if self.thread is not None and self.thread.is_alive():
             raise RuntimeError("this worker is still running a run")
         reset_process(self.base_env, self.base_cwd)

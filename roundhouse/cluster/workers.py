@@ -281,10 +281,14 @@ def forward_sigterm_from_main_thread(timeout_s: float = 30.0) -> None:
     """
     import ray
 
-    actor = ray.get_runtime_context().current_actor
-    ok = ray.get(actor.__ray_call__.remote(_install_forwarder), timeout=timeout_s)
+    try:
+        actor = ray.get_runtime_context().current_actor
+        ok = ray.get(actor.__ray_call__.remote(_install_forwarder), timeout=timeout_s)
+    except Exception as exc:  # train on; only preemption is lost
+        ok = False
+        logger.debug("no SIGTERM forwarder: %s", exc)
     if not ok:
-        logger.warning("SIGTERM cannot be forwarded on this worker: it ends the worker")
+        logger.warning("SIGTERM to this worker ends it without a checkpoint (no forwarder)")
 
 
 def _install_forwarder(_actor: Any) -> bool:
