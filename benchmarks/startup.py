@@ -16,7 +16,10 @@
 (c) `--warm`: startup on a warm cluster (one `ray start` cluster for every run): ours is
     `roundhouse train` with `cluster.address` and `recovery: live` (roundhouse's own Ray core
     actor group), the baseline the same bare `TorchTrainer` script connecting to that cluster.
-    Both start their workers anew each run (roundhouse does not keep actors between runs).
+    Two figures: `startup_warm`, ours starting fresh actors every run (`keep_warm_s: 0`), and
+    `startup_warm_reused`, ours on the warm actors an earlier run left (`keep_warm_s > 0`; one
+    unmeasured run first leaves them): the second run on a warm cluster. The baseline starts
+    its workers anew every run, as Ray Train does.
 
 Rounds alternate ours/baseline to share the machine's noise; medians are reported.
 
@@ -24,7 +27,9 @@ Rounds alternate ours/baseline to share the machine's noise; medians are reporte
     python benchmarks/startup.py --warm [--rounds 3]
 
 Prints `RESULT startup ours=<s> baseline=<s> ratio=... unit=s` and
-`RESULT ray_step_rate ours=<samples/s> baseline=<samples/s> ratio=... unit=samples/s`.
+`RESULT ray_step_rate ours=<samples/s> baseline=<samples/s> ratio=... unit=samples/s`;
+with `--warm`, `RESULT startup_warm ...` and `RESULT startup_warm_reused ...` (target: ratio
+<= 0.5).
 """
 
 from __future__ import annotations
@@ -125,12 +130,13 @@ def startup_ours() -> float:
         return first["time"] - launched
 
 
-def startup_warm_ours(address: str, env: dict) -> float:
+def startup_warm_ours(address: str, env: dict, keep_warm_s: float = 0.0) -> float:
     """`roundhouse train` on the warm cluster with `recovery: live` (roundhouse's own actor
-    group, no Ray Train): launch to the end of the first step."""
+    group, no Ray Train): launch to the end of the first step. With `keep_warm_s`, the run
+    reuses (and then leaves) warm actors."""
     with tempfile.TemporaryDirectory() as tmp:
         job = make_job(f"{tmp}/runs", steps=1, workers=2, log_every=1)
-        job["cluster"].update(address=address, recovery="live")
+        job["cluster"].update(address=address, recovery="live", keep_warm_s=keep_warm_s)
         launched, rows = run_roundhouse(job, Path(tmp), base_env=env)
         first = next(row for row in rows if row["step"] == 1 and "train/loss" in row)
         return first["time"] - launched
@@ -187,22 +193,34 @@ def main() -> None:
     print(result("ray_step_rate", ray_rate, local_rate, "samples/s"))
 
 
+KEEP_WARM_S = 300.0
+
+
 def warm(rounds: int) -> None:
-    """Startup on a warm cluster: one Ray cluster (`ray start`, 3 CPUs) for every run; ours
-    (`recovery: live`, 2 workers) and bare `TorchTrainer` (2 workers) connect to it in turn."""
+    """Startup on a warm cluster: one Ray cluster (`ray start`, 5 CPUs: the 2 warm actors stay
+    while the others run) for every run; ours (`recovery: live`, 2 workers; fresh actors, then
+    reused ones) and bare `TorchTrainer` (2 workers) connect to it in turn."""
     sys.path.insert(0, str(ROOT))
     from tests.helpers.ray_cluster import start_cluster
 
-    cluster = start_cluster(head_cpus=3, extra_nodes=())
-    ours, base = [], []
+    cluster = start_cluster(head_cpus=5, extra_nodes=())
+    address, env = cluster.gcs_address, cluster.env
+    ours, reused, base = [], [], []
     try:
+        startup_warm_ours(address, env, KEEP_WARM_S)  # leaves 2 warm actors
         for i in range(rounds):
-            ours.append(startup_warm_ours(cluster.gcs_address, cluster.env))
-            base.append(startup_baseline(cluster.gcs_address, cluster.env))
-            print(f"round {i}: warm startup {ours[-1]:.2f}s vs {base[-1]:.2f}s", flush=True)
+            ours.append(startup_warm_ours(address, env))
+            reused.append(startup_warm_ours(address, env, KEEP_WARM_S))
+            base.append(startup_baseline(address, env))
+            print(
+                f"round {i}: warm startup fresh actors {ours[-1]:.2f}s, reused actors "
+                f"{reused[-1]:.2f}s vs Ray Train {base[-1]:.2f}s",
+                flush=True,
+            )
     finally:
         cluster.stop()
     print(result("startup_warm", ours, base, "s"))
+    print(result("startup_warm_reused", reused, base, "s"))
 
 
 if __name__ == "__main__":

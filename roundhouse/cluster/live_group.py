@@ -6,219 +6,275 @@ to keep their processes. So for `recovery: live` the driver:
 1. holds the rendezvous store itself (a `TCPStore` in the driver process, which outlives any
    worker) on this node's address, and starts the strategy's services (the ps shard servers,
    which keep the parameters while workers come and go);
-2. reserves one placement-group bundle per worker (`cluster.placement`) and starts one
-   `LiveWorker` actor in each;
+2. gathers one `LiveWorker` actor per worker: warm ones left by an earlier run when
+   `cluster.keep_warm_s > 0` (`actor_pool`), fresh ones for the rest (`live_placement`);
 3. runs `trainer.run_worker` on every actor with an `ElasticGroup` on that store, so the
    survivors of a lost worker re-form and go on (`roundhouse.trainer.live_recovery`);
-4. waits for the actors: a worker that dies (its actor is gone) is logged and not waited
+4. polls the actors: a worker that dies (its actor is gone) is logged and not waited
    for; a worker that raises ends the run with its error. The run succeeds when every
-   survivor finishes.
+   survivor finishes; its actors then go back to the pool (or end).
 
-Sync actor methods run on the actor process's main thread, so SIGTERM to a worker reaches the
-loop's preemption handler (`trainer.preemption`).
+Each actor trains in a thread and keeps its main thread for the driver's calls; SIGTERM to a
+worker reaches the loop through the main thread's forwarder (`live_worker`).
 """
 
 from __future__ import annotations
 
-import datetime
+import contextlib
 import logging
-import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from roundhouse.cluster.actor_pool import CLAIM_TIMEOUT_S, new_token
 from roundhouse.cluster.capacity import wait_for_capacity, worker_resources
+from roundhouse.cluster.live_placement import Placement, build_placement
 from roundhouse.cluster.progress import RunMonitor
-from roundhouse.cluster.quiet import configure_worker_logging
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.cluster.services import CONFIG_KEY as SERVICES_CONFIG_KEY
-from roundhouse.cluster.services import attach_services, services_stopped_at_exit, start_services
-from roundhouse.config import JobSpec
+from roundhouse.cluster.services import services_stopped_at_exit, start_services
 from roundhouse.errors import RoundhouseError
 from roundhouse.parallel.net import free_port
 from roundhouse.runs.metrics_file import read_final_metrics
-from roundhouse.trainer import WorkerContext, run_worker
 from roundhouse.weights.run_folder import PreparedRun
 
 logger = logging.getLogger(__name__)
 
-PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
-
-
-class LiveWorker:
-    """One worker process of the live group (a Ray actor; see the module docstring)."""
-
-    def run(
-        self,
-        member: int,
-        world: int,
-        store_addr: tuple[str, int],
-        config: dict,
-        joining: bool = False,
-    ) -> dict:
-        """Join generation 0 as `member` of `world` (or, `joining`, the running group at its
-        next step boundary) and train; return the final metrics."""
-        import torch
-        import torch.distributed as dist
-
-        from roundhouse.parallel.rendezvous import ElasticGroup
-
-        os.environ.update(config["env"])
-        configure_worker_logging()
-        job = JobSpec.model_validate(config["job"])
-        torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
-        timeout = datetime.timedelta(seconds=job.cluster.collective_timeout_s)
-        store = dist.TCPStore(*store_addr, is_master=False, timeout=timeout)
-        group = ElasticGroup(
-            store, member, list(range(world)), timeout_s=job.cluster.collective_timeout_s
-        )
-        group.join() if joining else group.init()
-        rank, size = group.rank, group.world_size
-        ctx = WorkerContext(
-            rank=rank, world_size=size, node_rank=rank, num_nodes=size, rendezvous=group
-        )
-        ctx = attach_services(ctx, config)  # ps: the shard servers, which outlive any worker
-        quiet = job.model_copy(deep=True)
-        quiet.tracking.console = "off"  # the driver owns the console (RunMonitor)
-        try:
-            return run_worker(
-                quiet, ctx, resume_step=config["resume_step"], resume=config["resume"]
-            )
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
 
 def train_live_on_ray(
-    prepared: PreparedRun, *, resume: bool, env: dict[str, str]
+    prepared: PreparedRun,
+    *,
+    resume: bool,
+    env: dict[str, str],
+    runtime_env: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Run the job on `cluster.num_workers` live actors; return rank 0's final metrics.
 
-    `env` is set in every worker before anything reads it (`workers.worker_env`).
+    `env` is set in every worker before anything reads it (`workers.worker_env`);
+    `runtime_env` is the actors' Ray runtime environment (`workers.worker_runtime_env`).
     """
     import ray
     import torch.distributed as dist
-    from ray.util.placement_group import placement_group, remove_placement_group
 
     job, cluster = prepared.job, prepared.job.cluster
     wait_for_capacity(cluster)
     host = ray.util.get_node_ip_address()
     port = free_port()
     store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
-    bundles = [worker_resources(cluster) for _ in range(cluster.num_workers)]
-    group = placement_group(bundles, strategy=PLACEMENT[cluster.placement])
-    ready, _ = ray.wait([group.ready()], timeout=cluster.schedule_timeout_s)
-    if not ready:
-        remove_placement_group(group)
-        raise ClusterError(
-            f"the live worker group ({cluster.num_workers} x {bundles[0]}) could not be "
-            f"scheduled within cluster.schedule_timeout_s={cluster.schedule_timeout_s:g} s",
-            "free or add resources, lower the request, or raise cluster.schedule_timeout_s",
-        )
+    placement = build_placement(job, runtime_env)
+    workers = LiveWorkers(placement, cluster, (host, port))
+    finished = False
     try:
+        workers.gather()
         services = start_services(job)  # ps: the shard servers (outlive every worker)
-    except BaseException:
-        remove_placement_group(group)
-        raise
-    config = {
-        "job": job.model_dump(mode="json"),
-        "env": env,
-        "resume": resume,
-        "resume_step": prepared.resume_step,
-        SERVICES_CONFIG_KEY: services,
-    }
-    workers = LiveWorkers(group, cluster, (host, port), config)
-    try:
-        with RunMonitor(job, prepared.run_dir, time.time()), services_stopped_at_exit(services):
+        workers.config = {
+            "job": job.model_dump(mode="json"),
+            "env": env,
+            "resume": resume,
+            "resume_step": prepared.resume_step,
+            SERVICES_CONFIG_KEY: services,
+        }
+        with (
+            RunMonitor(job, prepared.run_dir, time.time()),
+            services_stopped_at_exit(services),
+            workers.sigterm_handed_on(),
+        ):
             workers.run()
+        finished = True
     finally:
-        workers.kill()
-        remove_placement_group(group)
+        workers.close(reuse=finished)
+        placement.close()
         del store
     return read_final_metrics(prepared.run_dir)
 
 
 class LiveWorkers:
-    """The driver's view of the live group: starts, replaces and awaits the actors.
+    """The driver's view of the live group: gathers, starts, polls, replaces and returns the
+    actors.
 
-    A lost actor (its process died) is replaced once per loss, at most `num_workers` times in
-    a run, by a new actor in the freed bundle that joins at the members' next step boundary.
-    Once a worker finishes, the others get `FINISH_GRACE_S` to finish too; a replacement
-    still waiting to join then is stopped.
+    `gather` claims warm actors (`actor_pool`) and starts fresh ones for the rest. `run`
+    starts every member and polls them every `POLL_S` (which renews their claims). A lost
+    actor (its process died) is replaced once per loss, at most `num_workers` times in a
+    run, by a fresh actor that joins at the members' next step boundary. Once a worker
+    finishes, the others get `FINISH_GRACE_S` to finish too; a replacement still waiting to
+    join then is stopped. `close` returns the actors of a finished run to the pool (or ends
+    them).
     """
 
     FINISH_GRACE_S = 60.0
+    POLL_S = 0.2
 
-    def __init__(self, group: Any, cluster: Any, store_addr: tuple[str, int], config: dict) -> None:
-        self.group, self.cluster, self.store_addr, self.config = group, cluster, store_addr, config
-        self.actors: list[Any] = []
-        self.pending: dict[Any, tuple[int, int]] = {}  # task -> (member id, bundle)
+    def __init__(self, placement: Placement, cluster: Any, store_addr: tuple[str, int]) -> None:
+        self.placement, self.cluster, self.store_addr = placement, cluster, store_addr
+        self.config: dict[str, Any] = {}
+        self.token = new_token()
+        self.ready: list[tuple[Any, int]] = []  # (actor, bundle) gathered for the members
+        self.used: list[Any] = []  # every actor this run held
+        self.active: dict[int, Any] = {}  # member id -> actor
+        self.bundles: dict[int, int] = {}  # member id -> bundle
         self.replacements = 0
+        self.joining: set[int] = set()  # replacement members
+        self.finished: list[int] = []
+        self.sigterm = False  # the driver got SIGTERM; `preempt_sent`: the workers know
+        self.preempt_sent = False
 
-    def start(self, member: int, bundle: int, joining: bool) -> None:
-        """One `LiveWorker` actor in `bundle`, running as `member`."""
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        actor = (
-            ray.remote(LiveWorker)
-            .options(
-                num_cpus=self.cluster.cpus_per_worker,
-                num_gpus=self.cluster.gpus_per_worker,
-                max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.group, placement_group_bundle_index=bundle
-                ),
-            )
-            .remote()
-        )
+    def gather(self) -> None:
+        """`num_workers` actors, warm ones first, every one up (or a `ClusterError`)."""
         world = self.cluster.num_workers
-        task = actor.run.remote(member, world, self.store_addr, self.config, joining)
-        self.actors.append(actor)
-        self.pending[task] = (member, bundle)
+        warm = self.placement.claim(world, self.token)
+        fresh = [self.placement.spawn(b, self.token) for b in range(len(warm), world)]
+        self.used += warm + fresh
+        self.ready = [(a, b) for b, a in enumerate(warm)]
+        if warm:
+            logger.info("reusing %d warm worker(s)", len(warm))
+        self.ready += self.wait_ready(fresh, first_bundle=len(warm))
+
+    def wait_ready(self, fresh: list[Any], first_bundle: int) -> list[tuple[Any, int]]:
+        """Wait (at most `schedule_timeout_s`) for `fresh` actors to be up, keeping the warm
+        ones' claims; a warm actor that turns idle meanwhile takes a pending one's place."""
+        import ray
+
+        deadline = time.monotonic() + self.cluster.schedule_timeout_s
+        pending = {actor.ready.remote(): actor for actor in fresh}
+        while True:
+            up, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)
+            if len(up) == len(pending):
+                ray.get(up)
+                break
+            if time.monotonic() > deadline:
+                raise self.unschedulable()
+            for actor, _ in self.ready:
+                ray.get(actor.renew.remote(self.token))  # keep the claim
+            pending = self.swap_pending(pending, up)
+        return [(a, first_bundle + i) for i, a in enumerate(pending.values())]
+
+    def swap_pending(self, pending: dict[Any, Any], up: list[Any]) -> dict[Any, Any]:
+        """Replace actors still waiting for resources by warm ones released since."""
+        import ray
+
+        waiting = [ref for ref in pending if ref not in up]
+        warm = self.placement.claim(len(waiting), self.token)
+        for ref, actor in zip(waiting, warm, strict=False):
+            ray.kill(pending.pop(ref))
+            pending[actor.ready.remote()] = actor
+            self.used.append(actor)
+        return pending
+
+    def unschedulable(self) -> ClusterError:
+        """The error for a group whose actors could not all be placed in time."""
+        per_worker = worker_resources(self.cluster)
+        return ClusterError(
+            f"the live worker group ({self.cluster.num_workers} x {per_worker}) could not be "
+            f"scheduled within cluster.schedule_timeout_s={self.cluster.schedule_timeout_s:g} s",
+            "free or add resources, lower the request, or raise cluster.schedule_timeout_s",
+        )
+
+    def launch(self, actor: Any, member: int, bundle: int, joining: bool) -> None:
+        """Start `actor` training as `member` (`joining` the running group)."""
+        world = self.cluster.num_workers
+        actor.start.remote(self.token, member, world, self.store_addr, self.config, joining)
+        self.active[member], self.bundles[member] = actor, bundle
 
     def run(self) -> None:
-        """Start every worker and wait for the survivors (see the class docstring)."""
-        import ray
-
-        world = self.cluster.num_workers
-        for member in range(world):
-            self.start(member, member, joining=False)
-        finished: list[int] = []
-        while self.pending:
-            timeout = self.FINISH_GRACE_S if finished else None
-            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
-            if not done:
+        """Start every member and poll until the survivors finish (class docstring)."""
+        for member, (actor, bundle) in enumerate(self.ready):
+            self.launch(actor, member, bundle, joining=False)
+        first_done = 0.0
+        while self.active:
+            if self.finished and time.monotonic() - first_done > self.FINISH_GRACE_S:
                 break  # the run is over; what still waits is a replacement never admitted
-            if self.collect(done[0]):
-                finished.append(self.pending.pop(done[0])[0])
-        if not finished:
+            time.sleep(self.POLL_S)
+            if self.sigterm and not self.preempt_sent:
+                self.hand_on_sigterm()
+            for member in self.poll_all():
+                del self.active[member]
+                first_done = first_done or time.monotonic()
+                self.finished.append(member)
+        if not self.finished:
             raise ClusterError("every worker of the live group was lost")
 
-    def collect(self, task: Any) -> bool:
-        """True when `task` finished (still pending); a lost worker is dropped from `pending`
-        and replaced; a failed one raises its error."""
+    @contextlib.contextmanager
+    def sigterm_handed_on(self) -> Iterator[None]:
+        """While the group trains, SIGTERM to the driver preempts the workers (each writes
+        its part of a complete checkpoint and stops, `trainer.preemption`)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # a sweep's trial: its driver runs in a thread
+            return
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True
+
+    def hand_on_sigterm(self) -> None:
+        """Tell every active worker that the driver got SIGTERM (their errors, `Preempted`,
+        come back through the next polls)."""
+        logger.warning("SIGTERM: the workers checkpoint at the next step boundary and stop")
+        self.preempt_sent = True
+        for actor in self.active.values():
+            actor.preempt.remote(self.token)
+
+    def poll_all(self) -> list[int]:
+        """Poll every active member; return those that finished. A lost one is replaced; a
+        failed one raises its error."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        try:
-            ray.get(task)
-            return True
-        except RayActorError:
-            member, bundle = self.pending.pop(task)
-            logger.warning("worker %d was lost; the others go on without it", member)
-            if self.replacements < self.cluster.num_workers:
-                self.replacements += 1
-                self.start(self.cluster.num_workers - 1 + self.replacements, bundle, True)
-            return False
-        except RayTaskError as exc:
-            raise worker_error(exc) from exc
+        calls = {m: actor.poll.remote(self.token) for m, actor in self.active.items()}
+        done = []
+        for member, call in calls.items():
+            try:
+                if ray.get(call) is not None:
+                    done.append(member)
+            except RayActorError:
+                self.replace(member)
+            except RayTaskError as exc:
+                if not (self.finished and member in self.joining):
+                    raise worker_error(exc) from exc
+                # the run ended before this replacement was admitted: it gave up waiting
+                logger.info("replacement worker %d was not needed: the run is over", member)
+                del self.active[member]
+        return done
 
-    def kill(self) -> None:
-        """Stop every actor this group started."""
+    def replace(self, member: int) -> None:
+        """`member` was lost: the others go on; a fresh actor joins in its place."""
+        logger.warning("worker %d was lost; the others go on without it", member)
+        del self.active[member]
+        bundle = self.bundles.pop(member)
+        if self.replacements < self.cluster.num_workers:
+            self.replacements += 1
+            actor = self.placement.spawn(bundle, self.token)
+            self.used.append(actor)
+            member = self.cluster.num_workers - 1 + self.replacements
+            self.joining.add(member)
+            self.launch(actor, member, bundle, True)
+
+    def close(self, reuse: bool) -> None:
+        """Return the actors to the pool after a finished run; end them otherwise."""
         import ray
 
-        for actor in self.actors:
-            ray.kill(actor)
+        kept = 0
+        for actor in self.used:
+            if reuse and self.placement.pooled and self.release(actor):
+                kept += 1
+            else:
+                ray.kill(actor)
+        if kept:
+            logger.info("%d warm worker(s) kept for cluster.keep_warm_s", kept)
+
+    def release(self, actor: Any) -> bool:
+        """Whether `actor` took the release (it is alive and its run is over)."""
+        import ray
+
+        try:
+            return bool(ray.get(actor.release.remote(self.token), timeout=CLAIM_TIMEOUT_S))
+        except Exception:
+            return False
 
 
 def worker_error(exc: Exception) -> Exception:

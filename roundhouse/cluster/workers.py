@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from roundhouse.cluster.actor_pool import evict_idle
 from roundhouse.cluster.capacity import wait_for_capacity, worker_resources
 from roundhouse.cluster.progress import RunMonitor
 from roundhouse.cluster.quiet import configure_worker_logging
@@ -30,6 +31,7 @@ from roundhouse.errors import RoundhouseError
 from roundhouse.runs.metrics_file import read_final_metrics
 from roundhouse.runs.rundir import run_dir_of
 from roundhouse.trainer import WorkerContext, run_worker
+from roundhouse.trainer.preemption import Preempted, forward_sigterm_to_loops
 from roundhouse.weights.checkpoint import Checkpointer
 from roundhouse.weights.run_folder import PreparedRun
 
@@ -122,9 +124,12 @@ def train_on_ray(
     if prepared.job.cluster.recovery == "live":  # roundhouse's own actor group: survivors go on
         from roundhouse.cluster.live_group import train_live_on_ray
 
-        return train_live_on_ray(prepared, resume=resume, env=worker_env(prepared.job))
+        return train_live_on_ray(
+            prepared, resume=resume, env=worker_env(prepared.job), runtime_env=worker_runtime_env()
+        )
     job = prepared.job
     cluster = job.cluster
+    evict_idle()  # warm live-group actors hold resources this group may need
     wait_for_capacity(cluster)
     services = start_services(job)  # the strategy's driver-side services, if it asks for any
     started = time.time()  # checkpoints newer than this come from a failed attempt
@@ -158,9 +163,10 @@ def train_on_ray(
         services_stopped_at_exit(services),
     ):
         try:
-            trainer.fit()
+            result = trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; surface the worker's own message
             raise unwrap_worker_error(exc, cluster) from exc
+    raise_if_preempted(getattr(result, "return_value", None))
     # Rank 0 wrote them to the run folder; no ray.train.report needed (it costs ~1.3 s).
     return read_final_metrics(prepared.run_dir)
 
@@ -230,7 +236,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
             )
 
 
-def worker_main(config: dict[str, Any]) -> None:
+def worker_main(config: dict[str, Any]) -> dict[str, Any] | None:
     """Entry point on every Ray worker (run again by Ray on every restart of the group)."""
     os.environ.update(config["env"])
     configure_worker_logging()  # levels on the lines, for the driver's quiet console
@@ -252,7 +258,48 @@ def worker_main(config: dict[str, Any]) -> None:
         resume_step=step if resume else None,
     )
     write_rank_record(run_dir_of(job), record)
-    run_worker(worker_job(job), ctx, resume_step=step, resume=resume)
+    forward_sigterm_from_main_thread()
+    try:
+        run_worker(worker_job(job), ctx, resume_step=step, resume=resume)
+    except Preempted as exc:  # every rank stops at the same step, its checkpoint complete
+        # A normal return, so that Ray Train does not restart the group (`max_failures`);
+        # the driver raises it again (`raise_if_preempted`).
+        return {PREEMPTED_KEY: [exc.what, exc.fix]}
+    return None
+
+
+PREEMPTED_KEY = "preempted"
+
+
+def forward_sigterm_from_main_thread(timeout_s: float = 30.0) -> None:
+    """Let SIGTERM to this Ray Train worker preempt the loop (`trainer.preemption`).
+
+    Ray Train runs the train function in a thread, where no signal handler can be installed.
+    The worker actor's main thread is free between Ray Train's calls (it polls each worker
+    every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`), so a call on this actor (`__ray_call__`, run
+    on that thread) installs the forwarder there; the handler runs at the next poll.
+    """
+    import ray
+
+    try:
+        actor = ray.get_runtime_context().current_actor
+        ok = ray.get(actor.__ray_call__.remote(_install_forwarder), timeout=timeout_s)
+    except Exception as exc:  # train on; only preemption is lost
+        ok = False
+        logger.debug("no SIGTERM forwarder: %s", exc)
+    if not ok:
+        logger.warning("SIGTERM to this worker ends it without a checkpoint (no forwarder)")
+
+
+def _install_forwarder(_actor: Any) -> bool:
+    return forward_sigterm_to_loops()
+
+
+def raise_if_preempted(returned: Any) -> None:
+    """Raise `Preempted` when rank 0's train function says the run was preempted."""
+    if isinstance(returned, dict) and PREEMPTED_KEY in returned:
+        what, fix = returned[PREEMPTED_KEY]
+        raise Preempted(what, fix)
 
 
 def strategy_for_size(job: JobSpec, by_size: dict[str, Any], world_size: int) -> JobSpec:

@@ -300,6 +300,11 @@ class ClusterConfig(Section):
         description="On SIGTERM, write a checkpoint at the next step boundary within this "
         "many seconds, then exit.",
     )
+    keep_warm_s: Annotated[float, Field(ge=0)] = Field(
+        120.0,
+        description="recovery: live: keep the worker actors this many seconds after a run "
+        "for the next run on the cluster (or sweep trial) to reuse; 0: end them with the run.",
+    )
     schedule_timeout_s: PositiveFloat = 120.0
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     ps_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})

@@ -11,6 +11,12 @@ shell's code for SIGTERM). `--resume latest` continues bit for bit.
 If no step boundary comes within `cluster.preempt_grace_s` of the signal (a step longer than
 the grace period), a watchdog ends the process: checkpoints are atomic, so `latest` stays on
 the previous complete one.
+
+A loop that runs in a thread other than the main one (Ray Train's worker runs the train
+function in a thread; roundhouse's own actors do too) cannot install a Python signal handler.
+There the process's main thread calls `forward_sigterm_to_loops()` once: its handler hands
+SIGTERM to the guards of the loops running in this process, and to the process's previous
+handler when none runs (an idle worker still exits on SIGTERM).
 """
 
 from __future__ import annotations
@@ -52,9 +58,13 @@ class PreemptionGuard:
         self.watchdog: threading.Timer | None = None
 
     def install(self) -> None:
-        """Handle SIGTERM in this process (only possible from the main thread)."""
+        """Handle SIGTERM in this process: directly on the main thread; from another thread
+        through the main thread's forwarder (`forward_sigterm_to_loops`), if it has one."""
         if threading.current_thread() is not threading.main_thread():
-            logger.debug("not the main thread: SIGTERM keeps its default action")
+            with _LOCK:
+                _LOOPS.append(self)
+            if not _FORWARDING:
+                logger.debug("not the main thread, no forwarder: SIGTERM keeps its action")
             return
         self.previous = signal.signal(signal.SIGTERM, self._on_signal)
         self.installed = True
@@ -64,9 +74,16 @@ class PreemptionGuard:
         if self.watchdog is not None:
             self.watchdog.cancel()  # the run stopped in time (or ended): nothing to cut short
             self.watchdog = None
+        with _LOCK:
+            if self in _LOOPS:
+                _LOOPS.remove(self)
         if self.installed:
             signal.signal(signal.SIGTERM, self.previous)
             self.installed = False
+
+    def notify(self) -> None:
+        """This process got SIGTERM: stop at the next step boundary (what the handler does)."""
+        self._on_signal(signal.SIGTERM, None)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signalled_at is None:
@@ -111,3 +128,48 @@ class PreemptionGuard:
             f"preempted at step {step}: checkpoint {checkpoint_url} is complete{took}",
             "continue with --resume latest",
         )
+
+
+# The guards of loops running in threads of this process, and whether the main thread
+# forwards SIGTERM to them (see the module docstring).
+_LOOPS: list[PreemptionGuard] = []
+_LOCK = threading.Lock()
+_FORWARDING: list[Any] = []  # the handler it replaced, once installed
+
+
+def forward_sigterm_to_loops() -> bool:
+    """From the main thread: hand SIGTERM to the loops running in this process's threads.
+
+    Idempotent. Returns False (and changes nothing) when called from another thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if not _FORWARDING:
+        _FORWARDING.append(signal.signal(signal.SIGTERM, _forward))
+    return True
+
+
+def sigterm_forwarded() -> bool:
+    """Whether this process's main thread forwards SIGTERM to its loops."""
+    return bool(_FORWARDING)
+
+
+def notify_loops() -> bool:
+    """Tell the loops running in this process's threads that SIGTERM came (a driver's
+    SIGTERM handed on); False when none runs."""
+    with _LOCK:
+        loops = list(_LOOPS)
+    for guard in loops:
+        guard.notify()
+    return bool(loops)
+
+
+def _forward(signum: int, frame: Any) -> None:
+    if notify_loops():
+        return
+    previous = _FORWARDING[0]
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:  # the default action: end the process as SIGTERM would
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
