@@ -10,20 +10,26 @@ data-dependent number of positions per sample, so the ranks' masked counts diffe
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from roundhouse import models
 from roundhouse.config.loading import validate_job
 from roundhouse.data.sampler import BatchPlan, epoch_order
 from roundhouse.data.splits import build_splits
 from roundhouse.trainer.task import build_job_task
 from roundhouse.trainer.tasks_seq2seq import Seq2SeqTask
+from tests.distributed.test_live_recovery import train as live_train
 from tests.distributed.test_ring_training import assert_close_weights, make_job
 from tests.distributed.test_seq2seq_parity import STRATEGIES, TIMEOUT_S, train
-from tests.helpers.runs import final_weights
+from tests.helpers.runs import final_weights, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * TIMEOUT_S)]
 
@@ -51,10 +57,12 @@ def ragged_s2s_job(storage: Path, run_id: str, strategy: dict[str, Any], **over:
             "batch_size": BATCH,
             "eval_batch_size": 512,
         },
-        trainer__max_steps=3,
-        trainer__optimizer={"name": "adam", "lr": 0.001},
-        task__name="tests.distributed.test_loss_items_parity:TeacherForcedSeq2Seq",
-        **over,
+        **{
+            "trainer__max_steps": 3,
+            "trainer__optimizer": {"name": "adam", "lr": 0.001},
+            "task__name": "tests.distributed.test_loss_items_parity:TeacherForcedSeq2Seq",
+            **over,
+        },
     )
     job["name"] = "s2s_ragged"
     job["strategy"] = strategy
@@ -115,11 +123,14 @@ def test_the_ragged_data_gives_the_ranks_different_token_counts(tmp_path: Path) 
     assert a != b
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+RAGGED_STRATEGIES = {**STRATEGIES, "zero3": {"kind": "deepspeed", "zero_stage": 3}}
+
+
+@pytest.mark.parametrize("name", list(RAGGED_STRATEGIES))
 def test_ragged_seq2seq_on_two_ranks_equals_single(
     tmp_path: Path, name: str, s2s_single: Path
 ) -> None:
-    run, _ = train(ragged_s2s_job(tmp_path, name, STRATEGIES[name]))
+    run, _ = train(ragged_s2s_job(tmp_path, name, RAGGED_STRATEGIES[name]))
     assert_close_weights(final_weights(run), final_weights(s2s_single))
 
 
@@ -138,6 +149,14 @@ def test_ragged_seq2seq_accumulating_two_micro_batches_equals_one(
     job = ragged_s2s_job(tmp_path, f"accum_{name}", strategy, trainer__grad_accum_steps=2)
     run, _ = train(job)
     assert_close_weights(final_weights(run), final_weights(s2s_single))
+    if name == "single":  # the logged loss is the global batch's token mean, as one batch's
+        ours, theirs = (train_losses(r) for r in (run, s2s_single))
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+        assert ours
+
+
+def train_losses(run: Path) -> list[float]:
+    return [m["train/loss"] for m in read_metrics(run) if "train/loss" in m]
 
 
 def test_masked_lm_on_two_ring_ranks_and_accumulating_equals_single(tmp_path: Path) -> None:
@@ -149,3 +168,54 @@ def test_masked_lm_on_two_ring_ranks_and_accumulating_equals_single(tmp_path: Pa
     for job in runs:
         run, _ = train(job)
         assert_close_weights(final_weights(run), final_weights(reference))
+
+
+class KillerSeq2Seq(nn.Module):
+    """`seq2seq:debug` whose worker launched as `kill_rank` SIGKILLs itself at training forward
+    `at_call` (mid-step), for live recovery on ragged targets."""
+
+    def __init__(self, inner: nn.Module, kill_rank: int, at_call: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.member = dist.get_rank() if dist.is_initialized() else 0  # the launch rank
+        self.kill_rank, self.at_call, self.calls = kill_rank, at_call, 0
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        if self.training:
+            self.calls += 1
+            time.sleep(0.05)  # the peers are waiting in the step's collectives when it dies
+            if self.calls == self.at_call and self.member == self.kill_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner(src, tgt)
+
+
+def killer_seq2seq(
+    input_shape: tuple[int, ...], num_classes: int, kill_rank: int = 2, at_call: int = 0
+) -> nn.Module:
+    config = models.BuildConfig(flavor="debug", input_shape=input_shape, num_classes=num_classes)
+    return KillerSeq2Seq(models.build_model("seq2seq", config), kill_rank, at_call)
+
+
+def test_live_recovery_on_ragged_targets_keeps_the_global_token_count(tmp_path: Path) -> None:
+    """3 ring workers, one SIGKILLed in step 3: the 2 survivors redo the step with the same
+    global batch, count its tokens again among themselves, and end on `single`'s weights."""
+    jobs = []
+    for name, at_call, strategy in (
+        ("single", 0, {"kind": "single"}),
+        ("live", 3, {"kind": "ring", "bucket_mb": 0.01}),
+    ):
+        job = ragged_s2s_job(tmp_path / name, name, strategy, trainer__max_steps=5)
+        job["model"] = {
+            "name": "tests.distributed.test_loss_items_parity:killer_seq2seq",
+            "flavor": "default",
+            "options": {"kill_rank": 2, "at_call": at_call},
+        }
+        job["data"]["batch_size"] = 18  # 6 rows a worker, 9 a survivor
+        jobs.append(job)
+    jobs[1]["cluster"] = {"num_workers": 3, "recovery": "live", "collective_timeout_s": 60}
+    jobs[1]["storage"].pop("run_id")
+    reference, _ = train(jobs[0])
+    run, survivors = live_train(jobs[1], {2})
+    assert sorted(survivors) == [0, 1]
+    assert all(world == 2 for _, world, _ in survivors.values())
+    assert_close_weights(final_weights(run), final_weights(reference))
