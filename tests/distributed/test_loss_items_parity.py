@@ -24,11 +24,16 @@ from roundhouse import models
 from roundhouse.config.loading import validate_job
 from roundhouse.data.sampler import BatchPlan, epoch_order
 from roundhouse.data.splits import build_splits
+from roundhouse.parallel.ps.manager import shard_manager
 from roundhouse.trainer.task import build_job_task
 from roundhouse.trainer.tasks_seq2seq import Seq2SeqTask
+from roundhouse.weights.run_folder import prepare_run
 from tests.distributed.test_live_recovery import train as live_train
+from tests.distributed.test_ps_training import global_steps_per_epoch
+from tests.distributed.test_ps_training import train_rank as ps_rank
 from tests.distributed.test_ring_training import assert_close_weights, make_job
 from tests.distributed.test_seq2seq_parity import STRATEGIES, TIMEOUT_S, train
+from tests.helpers.dist import run_distributed
 from tests.helpers.runs import final_weights, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * TIMEOUT_S)]
@@ -219,3 +224,22 @@ def test_live_recovery_on_ragged_targets_keeps_the_global_token_count(tmp_path: 
     assert sorted(survivors) == [0, 1]
     assert all(world == 2 for _, world, _ in survivors.values())
     assert_close_weights(final_weights(run), final_weights(reference))
+
+
+def test_async_ps_on_ragged_targets_exchanges_no_count(tmp_path: Path) -> None:
+    """ps async has no common step: each worker normalises by its own tokens and never waits
+    for the others (a count exchanged per step would hang ranks that take different numbers
+    of steps, as a slowed worker does here)."""
+    strategy = {"kind": "ps", "num_servers": 1, "mode": "async", "node_aggregation": False}
+    strategy["slow_worker"] = {"rank": 1, "factor": 4.0}
+    job = ragged_s2s_job(tmp_path, "async", strategy, trainer__max_steps=None)
+    job["trainer"]["max_epochs"] = 1
+    job["data"]["batch_size"] = 128  # ~25 global steps: ~50 chunks shared by the two workers
+    prepared = prepare_run(validate_job(job))
+    with shard_manager() as address:
+        results = run_distributed(ps_rank, 2, TIMEOUT_S, job, 1, address, False)
+    steps = [int(r["train/steps"]) for r in results]
+    assert sum(steps) == 2 * global_steps_per_epoch(prepared.job)  # every chunk trained once
+    assert steps[0] > steps[1]  # the workers took different numbers of steps
+    weights = final_weights(Path(prepared.run_dir.url))
+    assert all(bool(t.isfinite().all()) for t in weights.values())
