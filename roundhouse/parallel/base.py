@@ -12,7 +12,11 @@ workers and hands to them in `WorkerContext.services`.
 
 Loss scaling contract: the loop passes `loss_scale = micro_samples / step_samples * dp_world`,
 so that when a strategy *averages* gradients over its data-parallel ranks the result equals the
-gradient of the mean loss over the whole global batch, however it was split.
+gradient of the mean loss over the whole global batch, however it was split. A task whose loss
+is a mean over a data-dependent number of items (target tokens, masked positions: its
+`loss_items`) gets `loss_scale = micro_items / step_items * dp_world` instead, `step_items`
+being the whole global batch's count (`sum_over_replicas` of the ranks' counts), so the result
+is the gradient of the global batch's item mean (see trainer/losses.py).
 """
 
 from __future__ import annotations
@@ -241,6 +245,16 @@ class Strategy(ABC):
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
         """Sum each metric over the data-parallel ranks."""
 
+    def sum_over_replicas(self, value: float) -> float | None:
+        """`value` summed over the data-parallel ranks that train this step (each passes its
+        own): the loop's count of the global batch's loss items. None where the ranks take no
+        common step (an asynchronous parameter server), so that each rank normalises by its
+        own count. Default: through `reduce_metrics`; strategies override it with one scalar
+        all-reduce."""
+        return self.reduce_metrics({"value": torch.tensor(float(value), dtype=torch.float64)})[
+            "value"
+        ]
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimizer, scheduler (tensors and plain data)."""
@@ -301,6 +315,14 @@ class Strategy(ABC):
 
     def close(self) -> None:
         """Release resources (process groups, actors)."""
+
+
+def loss_weight(task: StepTask, batch: dict[str, Tensor]) -> int:
+    """What one micro-batch's mean loss weighs against others: the items its loss averages
+    over where the task declares them (`Task.loss_items`), else its samples."""
+    items = getattr(task, "loss_items", None)
+    count = items(batch) if items is not None else None
+    return int(batch["target"].shape[0]) if count is None else int(count)
 
 
 def move_to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -134,6 +134,10 @@ class MultiOptimizerStrategy(Strategy):
         """The first part's agreement over the ranks."""
         return self.first.all_true(flag)
 
+    def sum_over_replicas(self, value: float) -> float | None:
+        """The first part's sum over the data-parallel ranks."""
+        return self.first.sum_over_replicas(value)
+
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
         """The first part's sum over the data-parallel ranks."""
         return self.first.reduce_metrics(sums)

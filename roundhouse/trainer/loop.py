@@ -1,9 +1,11 @@
 """The one training loop. It calls a `Strategy` and never asks which one it has.
 
 Per optimizer step: this rank's micro-batches go through `strategy.forward_backward` (the last
-with `sync=True`), then `strategy.optimizer_step`. Around that: logging every
-`trainer.log_every_steps`, validation every `trainer.eval_every_steps` and at each epoch end,
-checkpoints, early stopping, and a final test evaluation.
+with `sync=True`), then `strategy.optimizer_step`. Each micro-batch's `loss_scale` is its share
+of the global batch: of its samples, or, for a task that declares `loss_items`, of the whole
+global batch's items (counted with one `strategy.sum_over_replicas` per step). Around that:
+logging every `trainer.log_every_steps`, validation every `trainer.eval_every_steps` and at
+each epoch end, checkpoints, early stopping, and a final test evaluation.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from roundhouse.parallel.context import WorkerContext
 from roundhouse.runs.tracking import Tracker
 from roundhouse.trainer.async_checkpoint import build_saver
 from roundhouse.trainer.live_recovery import JoinPending, LiveRecovery
+from roundhouse.trainer.losses import StepWeights, step_weights
 from roundhouse.trainer.preemption import PreemptionGuard
 from roundhouse.trainer.sample_ledger import StepLedger
 from roundhouse.trainer.task import Task
@@ -195,11 +198,12 @@ class Trainer:
         if self.recovery is not None:
             self.recovery.begin_step(self)
         step_size = self.train_loader.last_step_size
+        weights = self.step_weights(micro_batches, step_size)
         need_norm = (self.state.step + 1) % self.cfg.log_every_steps == 0
         turns: list[tuple[str, float, StepStats]] = []
         for phase in self.phases:
             with phase.active():
-                turn = self.run_turn(phase.strategy, micro_batches, step_size, need_norm)
+                turn = self.run_turn(phase.strategy, micro_batches, weights, need_norm)
             if turn is None:
                 return
             turns.append((phase.name, *turn))
@@ -220,30 +224,41 @@ class Trainer:
         if need_norm:
             self.log_train(turns[0][2] if len(turns) == 1 else merge_turn_stats(turns))
 
+    def step_weights(self, micro_batches: list[dict], step_size: int) -> StepWeights:
+        """Each micro-batch's `loss_scale` and weight in the reported loss: by its samples, or,
+        when the task declares `loss_items`, by its items against the whole global batch's
+        count (one scalar all-reduce; none where the task declares none)."""
+        dp = self.strategy.data_parallel_size
+        samples = [int(batch["target"].shape[0]) for batch in micro_batches]
+        items = [self.task.loss_items(batch) for batch in micro_batches]
+        if any(k is None for k in items):
+            return step_weights(samples, None, step_size, dp, None)
+        counts = [int(k) for k in items if k is not None]
+        total = self.strategy.sum_over_replicas(float(sum(counts)))
+        return step_weights(samples, counts, step_size, dp, total)
+
     def run_turn(
-        self, strategy: Strategy, micro_batches: list[dict], step_size: int, need_norm: bool
+        self, strategy: Strategy, micro_batches: list[dict], weights: StepWeights, need_norm: bool
     ) -> tuple[float, StepStats] | None:
         """Forward/backward every micro-batch and step `strategy`'s optimizer: the mean loss
-        and the step's stats, or None when the loss was non-finite (the step skipped)."""
-        dp = self.strategy.data_parallel_size
-        losses: list[tuple[Any, int]] = []
+        (per sample, or per loss item) and the step's stats, or None when the loss was
+        non-finite (the step skipped)."""
+        losses: list[tuple[Any, float]] = []
         for i, batch in enumerate(micro_batches):
-            n = batch["target"].shape[0]
-            scale = n / step_size * dp
             loss = strategy.forward_backward(
-                batch, loss_scale=scale, sync=i == len(micro_batches) - 1
+                batch, loss_scale=weights.scales[i], sync=i == len(micro_batches) - 1
             )
-            losses.append((loss, n))
+            losses.append((loss, weights.counts[i]))
         # Read back only now: on a GPU, reading a loss waits for its kernels, and reading each
         # micro-batch's at once would leave the device idle while the next one is launched.
         loss_sum = sum(float(loss) * n for loss, n in losses)
-        samples = sum(n for _, n in losses)
+        counted = sum(n for _, n in losses)
         hold = self.recovery is not None and self.recovery.join_waiting()
         if not self.preempt.agree(strategy.all_true, math.isfinite(loss_sum), hold):
             self.on_nonfinite_loss(loss_sum, strategy)
             return None
         stats = strategy.optimizer_step(need_grad_norm=need_norm)
-        return loss_sum / max(samples, 1), stats
+        return loss_sum / max(counted, 1), stats
 
     def on_nonfinite_loss(self, loss_sum: float, strategy: Strategy | None = None) -> None:
         """Skip the step, or raise `TrainingError` unless `trainer.skip_nonfinite_steps`."""

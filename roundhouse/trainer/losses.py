@@ -1,14 +1,16 @@
-"""Losses: cross-entropy (with label smoothing), focal, MSE, L1 and Huber.
+"""Losses: cross-entropy (with label smoothing), focal, MSE, L1 and Huber; the step's weights.
 
 Every loss maps (outputs, targets) to a scalar mean over the batch, so the trainer can weight
-micro-batches by their size. Classification passes logits `(B, K)` and integer targets `(B,)`
+micro-batches by their size (`step_weights`: by their loss items, for a task that declares
+them). Classification passes logits `(B, K)` and integer targets `(B,)`
 (MSE, L1 and Huber then compare with one-hot rows); regression (`tasks_regression`) passes
 outputs and float targets of the same shape, compared as they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,4 +82,59 @@ def topk_correct(logits: Tensor, target: Tensor, k: int) -> Tensor:
     return (top == target.unsqueeze(1)).any(dim=1).sum()
 
 
-__all__ = ["LOSSES", "LossFn", "build_loss", "focal_loss", "mixed_loss", "topk_correct", "torch"]
+@dataclass(frozen=True)
+class StepWeights:
+    """How the loop weights the micro-batches of one optimizer step on this rank.
+
+    Attributes:
+        scales: Each micro-batch's `loss_scale` (the contract in `parallel/base.py`).
+        counts: Each micro-batch's weight in the step's reported loss (its samples, or its
+            loss items), so the reported loss is this rank's sample (item) mean.
+    """
+
+    scales: list[float]
+    counts: list[float]
+
+
+def step_weights(
+    samples: Sequence[int],
+    items: Sequence[int] | None,
+    step_size: int,
+    dp: int,
+    global_items: float | None,
+) -> StepWeights:
+    """The `loss_scale` of each micro-batch so that, after the strategy averages gradients
+    over its `dp` ranks, the gradient is that of the global batch's mean loss.
+
+    Args:
+        samples: Each micro-batch's sample count on this rank.
+        items: Each micro-batch's loss items (`Task.loss_items`); None: the loss is a mean
+            per sample and micro-batches weigh `samples / step_size`.
+        step_size: Samples in the whole global batch (every rank).
+        dp: Data-parallel ranks whose gradients the strategy averages.
+        global_items: The loss items of the whole global batch (every micro-batch of every
+            rank); a micro-batch then weighs `items / global_items`, so its loss, a mean over
+            its items, counts each item once, as one device on the whole batch would. None
+            (ranks without a common step: asynchronous ps): this rank keeps its sample share
+            of the step and spreads it over its micro-batches by their items.
+    """
+    if items is None:
+        return StepWeights([n / step_size * dp for n in samples], [float(n) for n in samples])
+    if global_items is None:
+        share = sum(samples) / step_size / max(sum(items), 1)
+        return StepWeights([k * share * dp for k in items], [float(k) for k in items])
+    total = max(global_items, 1.0)
+    return StepWeights([k / total * dp for k in items], [float(k) for k in items])
+
+
+__all__ = [
+    "LOSSES",
+    "LossFn",
+    "StepWeights",
+    "build_loss",
+    "focal_loss",
+    "mixed_loss",
+    "step_weights",
+    "topk_correct",
+    "torch",
+]

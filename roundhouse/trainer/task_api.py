@@ -184,8 +184,20 @@ class Task:
         return model(batch["input"])
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """The scalar training loss of one micro-batch (a mean over its samples)."""
+        """The scalar training loss of one micro-batch: a mean over its samples, or over its
+        `loss_items` where the task declares them."""
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")
+
+    def loss_items(self, batch: dict[str, Tensor]) -> int | None:
+        """How many items `loss` averages over in `batch` (target tokens, masked positions),
+        where that number depends on the data; computed from the batch alone, before forward.
+
+        Declared: the loop weights each micro-batch by its items against the count of the
+        whole global batch (every micro-batch, every rank), so the gradient is the global
+        batch's item mean whatever the split (Hugging Face's `num_items_in_batch`). None (the
+        default): `loss` is a mean per sample, weighted by the micro-batch's sample count.
+        """
+        return None
 
     def optimizers(self) -> list[OptimizerSpec]:
         """The optimizers this task steps, in their default per-step order (one by default)."""

@@ -112,6 +112,11 @@ class LanguageModelTask(Task):
         )
         return loss, (target != PAD_ID).sum()
 
+    def loss_items(self, batch: dict[str, Tensor]) -> int:
+        """The positions that count (targets that are not `PAD`; a masked LM's selected ones):
+        `loss`'s cross-entropy is their mean (an MoE auxiliary loss rides along with it)."""
+        return int((self.targets(batch) != PAD_ID).sum())
+
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Token cross entropy (padding ignored) plus the model's auxiliary losses."""
         total, count = self.token_losses(outputs, batch)

@@ -132,6 +132,10 @@ class Seq2SeqTask(Task):
         )
         return loss, (target != PAD_ID).sum()
 
+    def loss_items(self, batch: dict[str, Tensor]) -> int:
+        """The real (non-`PAD`) target tokens `loss` averages over."""
+        return int((batch["target"][:, 1:] != PAD_ID).sum())
+
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Mean CE per target token."""
         total, count = self.token_losses(outputs, batch)

@@ -108,6 +108,10 @@ class TextClassificationTask(Task):
         check_labels(target, logits.shape[-1])
         return logits, target
 
+    def loss_items(self, batch: dict[str, Tensor]) -> int:
+        """The labelled texts (or tokens: `IGNORE_LABEL` marks none) `loss` averages over."""
+        return int((batch["target"] != IGNORE_LABEL).sum())
+
     def loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Mean cross-entropy over the labelled texts (or tokens)."""
         logits, target = self.flat(outputs, batch)

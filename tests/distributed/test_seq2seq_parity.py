@@ -87,9 +87,8 @@ def test_word_pieces_on_two_ring_ranks_equal_single(tmp_path: Path) -> None:
     for name, strategy in (("single", {"kind": "single"}), ("ring", STRATEGIES["ring"])):
         job = s2s_job(tmp_path / name, name, strategy)
         job["data"]["source"] = "builtin:unicode-pairs"
-        # tgt_len 2: every target row is full (one piece + EOS). The loss is a mean over each
-        # rank's own target tokens, so ranks holding different token counts would weigh them
-        # differently from `single` (see the guide); full rows keep the counts equal.
+        # tgt_len 2: one piece + EOS per row, a short run. Ragged targets (ranks holding
+        # different token counts): tests/distributed/test_loss_items_parity.py.
         job["data"]["options"] = {"src_len": 12, "tgt_len": 2, "tokenizer": "words"}
         runs.append(train(job))
     (run, summary), (reference, reference_summary) = runs[1], runs[0]

@@ -274,6 +274,12 @@ class DeepSpeedStrategy(Strategy):
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
+    def sum_over_replicas(self, value: float) -> float | None:
+        """`value` summed over the data-parallel ranks (one scalar all-reduce)."""
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(total, group=self.dp_group)
+        return float(total.item())
+
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
         # Model-parallel ranks of one replica computed the same sums: add data-parallel only.
         """Sum each metric over the data-parallel ranks."""

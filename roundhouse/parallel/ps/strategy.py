@@ -366,6 +366,10 @@ class ParameterServerStrategy(live.LiveServersMixin, SingleDeviceStrategy):
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
+    def sum_over_replicas(self, value: float) -> float | None:
+        """sync: the sum over the workers; async/ssp: None (no common step to count)."""
+        return super().sum_over_replicas(value) if self.config.mode == "sync" else None
+
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
         """Sum each metric over every rank."""
         if not self.distributed:

@@ -2,7 +2,8 @@
 
 The global batch is cut into V shards whatever the world size (`StepLoader`'s
 `virtual_shards`); each rank takes a contiguous run of them. Per shard the rank keeps the
-gradient of the shard's mean loss (`stash`), flattened, with the shard's sample count. At the
+gradient of the shard's mean loss (`stash`), flattened, with the shard's sample count (or its
+loss items, for a task whose loss is a mean over them: `Task.loss_items`). At the
 synchronising micro-batch every rank all-gathers every shard's gradient and adds them in
 shard order, each weighted by its share of the global batch (`reduce`). The additions happen
 in the same order on the same numbers whatever the number of ranks, so the weights do not

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.models.sparse import sparse_modules
-from roundhouse.parallel.base import StepStats, TrainPlan
+from roundhouse.parallel.base import StepStats, TrainPlan, loss_weight
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
 from roundhouse.parallel.ring.costs import RingCosts
@@ -148,7 +148,7 @@ class RingStrategy(SingleDeviceStrategy):
         # The shard's own mean loss, unscaled: the shards are weighted when they are summed.
         assert self.exact is not None
         loss = super().forward_backward(batch, loss_scale=1.0, sync=sync)
-        self.exact.stash(int(batch["target"].shape[0]))
+        self.exact.stash(loss_weight(self.plan.task, batch))  # samples, or loss items
         if sync:
             self.exact.reduce(self.ctx.rank, self.ctx.world_size)
         return loss
@@ -181,6 +181,15 @@ class RingStrategy(SingleDeviceStrategy):
         with named_collective("all_reduce (finite-loss check)"):
             dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
+
+    def sum_over_replicas(self, value: float) -> float | None:
+        """`value` summed over the ranks (one scalar all-reduce)."""
+        if not self.distributed:
+            return value
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.ctx.device)
+        with named_collective("all_reduce (loss items of the step)"):
+            dist.all_reduce(total)
+        return float(total.item())
 
     def reduce_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
         """Sum each metric over all ranks (ranks without an evaluation share included)."""
