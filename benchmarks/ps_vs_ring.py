@@ -71,7 +71,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def build_job(name: str, variant: dict[str, Any], args: argparse.Namespace, storage: str) -> Any:
     strategy = {k: v for k, v in variant.items() if k != "slow"}
     if strategy["kind"] == "ps":
-        strategy.update(num_servers=1, node_aggregation=False)
+        strategy.update(num_servers=1, node_aggregation=False, server_resources={"CPU": 1})
         if variant.get("slow"):
             strategy["slow_worker"] = {"rank": 1, "factor": args.factor}
     job = {
@@ -86,7 +86,7 @@ def build_job(name: str, variant: dict[str, Any], args: argparse.Namespace, stor
             "checkpoint": {"every_epoch": False},
         },
         "strategy": strategy,
-        "cluster": {"num_workers": 2, "cpus_per_worker": 1, "ps_resources": {"CPU": 1}},
+        "cluster": {"num_workers": 2, "cpus_per_worker": 1},
         "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
         "storage": {"path": storage},
     }

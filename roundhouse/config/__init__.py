@@ -307,7 +307,6 @@ class ClusterConfig(Section):
     )
     schedule_timeout_s: PositiveFloat = 120.0
     runtime_env: dict[str, Any] = Field(default_factory=dict)
-    ps_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
 
     @model_validator(mode="after")
     def _min_le_max(self) -> ClusterConfig:

@@ -23,6 +23,10 @@ Model = TypeVar("Model", bound=BaseModel)
 # The module whose import registers every built-in strategy's section. Imported by name, and
 # only for a strategy kind not yet registered, so that config/ stays below parallel/.
 STRATEGY_REGISTRY = "roundhouse.parallel.registry"
+# Keys a job file may still carry from an older roundhouse -> where they live now.
+MOVED_KEYS = {
+    "cluster.ps_resources": "strategy.server_resources (the parameter server's own section)",
+}
 
 
 def validate_model(root: type[Model], data: dict[str, Any], source: str = "job") -> Model:
@@ -57,6 +61,8 @@ def describe_validation_error(
     key = ".".join(str(p) for p in _strip_tags(loc)) or "<root>"
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     if first["type"] == "extra_forbidden":
+        if key in MOVED_KEYS:
+            return f"{source}: {key!r} has moved{more}", f"write it as {MOVED_KEYS[key]}"
         valid = sorted(section_at(loc[:-1], root).model_fields)
         return f"{source}: unknown key {key!r}{more}", f"valid keys here: {', '.join(valid)}"
     if first["type"] == "missing":

@@ -54,7 +54,8 @@ def test_ps_survivors_go_on_with_the_servers_on_ray(cluster: RayCluster, tmp_pat
     lost worker; the survivors redo its step and a replacement actor joins from the servers."""
     job = make_job(tmp_path / "runs", at_call=5)
     job["strategy"] = {"kind": "ps", "mode": "sync", "num_servers": 1}
-    job["cluster"].update(address=cluster.gcs_address, ps_resources={"CPU": 1})
+    job["strategy"]["server_resources"] = {"CPU": 1}
+    job["cluster"].update(address=cluster.gcs_address)
     job["model"]["options"].update(kill_rank=2, delay_s=0.1, marker=str(tmp_path / "killed"))
     job["trainer"]["max_epochs"] = 6
     path = tmp_path / "live_ps.yaml"

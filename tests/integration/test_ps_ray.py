@@ -51,8 +51,13 @@ def make_job(name: str, storage: Path, address: str, **overrides: Any) -> dict:
             "optimizer": {"name": "sgd", "lr": 0.1},
             "checkpoint": {"every_epoch": False, "keep_last": 10},
         },
-        "strategy": {"kind": "ps", "num_servers": 2, "node_aggregation": False},
-        "cluster": {"address": address, "num_workers": 2, "ps_resources": {"CPU": 1}},
+        "strategy": {
+            "kind": "ps",
+            "num_servers": 2,
+            "node_aggregation": False,
+            "server_resources": {"CPU": 1},
+        },
+        "cluster": {"address": address, "num_workers": 2},
         "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
         "storage": {"path": str(storage)},
     }

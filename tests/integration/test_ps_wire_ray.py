@@ -36,8 +36,13 @@ def ps_job(storage: Path) -> object:
             "name": "wire",
             "model": {"name": "mlp", "flavor": "debug"},
             "data": {"source": "builtin:digits", "batch_size": 30},
-            "strategy": {"kind": "ps", "num_servers": 1, "node_aggregation": False},
-            "cluster": {"num_workers": 1, "ps_resources": {"CPU": 1}},
+            "strategy": {
+                "kind": "ps",
+                "num_servers": 1,
+                "node_aggregation": False,
+                "server_resources": {"CPU": 1},
+            },
+            "cluster": {"num_workers": 1},
             "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
             "storage": {"path": str(storage)},
         }

@@ -3,19 +3,27 @@ reserve and how they restart (cluster/ knows only the strategy's `ServiceSpec`).
 
 from __future__ import annotations
 
+import pytest
+
 from roundhouse.cluster.runtime import embedded_resources
 from roundhouse.cluster.services import actor_options, job_services, service_cpus, service_name
 from roundhouse.config.loading import validate_job
+from roundhouse.errors import JobFileError
 from roundhouse.parallel.ps import ShardServer
 
 
+RESOURCES = {"CPU": 1.5, "GPU": 1, "accel": 2}
+
+
 def job(**strategy) -> object:
+    if strategy["kind"] == "ps":
+        strategy.setdefault("server_resources", RESOURCES)
     return validate_job(
         {
             "name": "j",
             "model": {"name": "mlp"},
             "strategy": strategy,
-            "cluster": {"num_workers": 2, "ps_resources": {"CPU": 1.5, "GPU": 1, "accel": 2}},
+            "cluster": {"num_workers": 2},
             "storage": {"run_id": "r1"},
         }
     )
@@ -38,3 +46,9 @@ def test_embedded_cluster_counts_the_servers_cpus() -> None:
     assert service_cpus(ps) == 3.0 and service_cpus(job(kind="ring")) == 0.0
     assert job_services(job(kind="ring")) == []
     assert embedded_resources(ps.cluster, service_cpus(ps))["num_cpus"] >= 2 + 3
+
+
+def test_the_old_cluster_key_is_one_line_naming_where_it_moved() -> None:
+    with pytest.raises(JobFileError, match="'cluster.ps_resources' has moved") as info:
+        validate_job({"name": "j", "model": {"name": "mlp"}, "cluster": {"ps_resources": {}}})
+    assert "strategy.server_resources" in info.value.fix

@@ -1,7 +1,7 @@
 """The parameter servers as a driver-side service: their `ServiceSpec`, and the store over them.
 
 `server_spec(job)` asks `roundhouse.cluster` for `strategy.num_servers` `ShardServer`
-instances (each reserving `cluster.ps_resources`, many calls at once: a waiting pull holds a
+instances (each reserving `strategy.server_resources`, many calls at once: a waiting pull holds a
 thread, pushes must still get through). Every worker then finds them, started, in
 `WorkerContext.services["ps"]` (a `ServiceGroup`) and wraps them in a `RemoteParameterStore`.
 Dense gradients and parameters travel over one TCP connection per shard (`ps/wire.py`: raw
@@ -46,17 +46,17 @@ MAX_CONCURRENCY = 64  # waiting pulls hold a thread each; pushes must still get 
 
 
 def server_spec(job: JobSpec) -> ServiceSpec:
-    """The job's shard servers: `strategy.num_servers` x `cluster.ps_resources`."""
-    threads = max(1, int(job.cluster.ps_resources.get("CPU", 1.0)))
+    """The job's shard servers: `strategy.num_servers` x `strategy.server_resources`."""
+    threads = max(1, int(job.strategy.server_resources.get("CPU", 1.0)))
     return ServiceSpec(
         name=SERVICE,
         actor_class=ShardServer,
         count=job.strategy.num_servers,
-        resources=dict(job.cluster.ps_resources),
+        resources=dict(job.strategy.server_resources),
         args=(threads,),
         max_concurrency=MAX_CONCURRENCY,
         env={"OMP_NUM_THREADS": "1"},
-        fix="lower strategy.num_servers or cluster.ps_resources, or add resources",
+        fix="lower strategy.num_servers or strategy.server_resources, or add resources",
     )
 
 

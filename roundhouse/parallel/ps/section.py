@@ -32,6 +32,11 @@ class PSStrategyConfig(StrategySection):
     mode: Literal["sync", "async", "ssp"] = "sync"
     staleness: NonNegInt = 2
     node_aggregation: bool = True
+    server_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="What each server shard's Ray actor reserves: CPU (its update threads), "
+        "GPU, custom resources.",
+    )
     slow_worker: SlowWorkerConfig | None = Field(
         None, description="Straggler injection, e.g. {rank: 1, factor: 2.0}."
     )
