@@ -11,7 +11,6 @@ from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.parallel.ps import ShardServer
 
-
 RESOURCES = {"CPU": 1.5, "GPU": 1, "accel": 2}
 
 
@@ -49,6 +48,6 @@ def test_embedded_cluster_counts_the_servers_cpus() -> None:
 
 
 def test_the_old_cluster_key_is_one_line_naming_where_it_moved() -> None:
-    with pytest.raises(JobFileError, match="'cluster.ps_resources' has moved") as info:
+    with pytest.raises(JobFileError, match=r"'cluster\.ps_resources' has moved") as info:
         validate_job({"name": "j", "model": {"name": "mlp"}, "cluster": {"ps_resources": {}}})
     assert "strategy.server_resources" in info.value.fix
