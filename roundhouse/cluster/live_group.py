@@ -140,8 +140,9 @@ def train_live_on_ray(
 class LiveWorkers:
     """The driver's view of the live group: starts, replaces and awaits the actors.
 
-    A lost actor (its process died) is replaced once per loss, at most `num_workers` times in
-    a run, by a new actor in the freed bundle that joins at the members' next step boundary.
+    A lost actor (its process died) is replaced once per loss, at most
+    `max(num_workers, max_failures)` times in a run, by a new actor in the freed bundle that
+    joins at the members' next step boundary.
     Once a worker finishes, the others get `FINISH_GRACE_S` to finish too; a replacement
     still waiting to join then is stopped.
     """
@@ -206,7 +207,7 @@ class LiveWorkers:
         except RayActorError:
             member, bundle = self.pending.pop(task)
             logger.warning("worker %d was lost; the others go on without it", member)
-            if self.replacements < self.cluster.num_workers:
+            if self.replacements < max_replacements(self.cluster):
                 self.replacements += 1
                 self.start(self.cluster.num_workers - 1 + self.replacements, bundle, True)
             return False
@@ -219,6 +220,12 @@ class LiveWorkers:
 
         for actor in self.actors:
             ray.kill(actor)
+
+
+def max_replacements(cluster: Any) -> int:
+    """How many lost actors a live run replaces: `cluster.max_failures`, at least
+    `num_workers` (a long run on spot capacity loses far more workers than it has)."""
+    return max(cluster.num_workers, cluster.max_failures)
 
 
 def worker_error(exc: Exception) -> Exception:

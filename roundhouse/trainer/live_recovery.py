@@ -31,13 +31,14 @@ import dataclasses
 import gc
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 from roundhouse.errors import JobFileError
-from roundhouse.parallel.rendezvous import ElasticGroup
+from roundhouse.parallel.rendezvous import ElasticGroup, LeftBehind
 from roundhouse.parallel.timeouts import CollectiveTimeoutError
 from roundhouse.runs.status import RUNNING, write_status
 from roundhouse.runs.tracking import Tracker
@@ -150,13 +151,15 @@ class LiveRecovery:
         self.failed_world = trainer.strategy.data_parallel_size  # the lost step's world size
         trainer.strategy.close()  # drain the gradient thread: its buckets fail fast now
         trainer.strategy.zero_grad()  # a partial, uncommitted step's gradients
-        # The failed collectives' tracebacks (reference cycles) keep the old process groups,
-        # and so their sockets, alive; collect them so the other survivors' waits on this
-        # worker fail at once instead of at the collective timeout.
-        gc.collect(1)  # young cycles only: a full collection takes ~0.5 s in a big process
-        self.group.reform(settle_s=2 * self.step_s)
-        self.step_started = None  # the step being redone is not a measure of step time
+        old_groups = release_process_groups()  # the others' waits on this worker fail now
         was_main = trainer.ctx.is_main
+        try:
+            self.group.reform(settle_s=2 * self.step_s, arrived=lambda: collect(old_groups))
+        except LeftBehind as exc:  # the others re-formed without this worker: join them
+            logger.warning("%s: joining the survivors as a replacement", exc)
+            self.rejoin(trainer, was_main)
+            return
+        self.step_started = None  # the step being redone is not a measure of step time
         self.rebind(trainer, joining=False)
         position = self.agree(trainer, position)
         self.reload(trainer, position)
@@ -172,6 +175,17 @@ class LiveRecovery:
             position["epoch"],
             position["steps_done"],
         )
+
+    def rejoin(self, trainer: Any, was_main: bool) -> None:
+        """A survivor left behind (it noticed the loss after the others had re-formed, e.g.
+        it waited on a peer that went on without it): it waits to be admitted at the members'
+        next step boundary, like a replacement, and takes their state."""
+        self.group.join()
+        self.step_started = None
+        self.rebind(trainer, joining=True)
+        self.join_running(trainer)
+        if was_main and not trainer.ctx.is_main:
+            demote(trainer)
 
     def rebind(self, trainer: Any, *, joining: bool) -> None:
         """The trainer's context and strategy on the group's current generation."""
@@ -238,6 +252,49 @@ class LiveRecovery:
         trainer.strategy.load_peer_state_dict(state["strategy"])
         trainer.state = type(trainer.state)(**state["trainer"])
         return state["data"]
+
+
+def release_process_groups() -> list[weakref.ref]:
+    """Destroy every process group; weak references to those still alive.
+
+    A peer blocked on this worker (a ring neighbour waiting for its chunk) notices the loss
+    only when this worker's sockets close, which happens when the last reference to the old
+    groups goes. The failed collectives' tracebacks (reference cycles) can keep them alive:
+    young cycles are collected here (fast); `collect` finishes the job once this worker has
+    announced itself to the next generation (a full collection takes ~0.5 s in a big
+    process, and a survivor that late would find the group re-formed without it).
+    """
+    from torch.distributed import distributed_c10d
+
+    groups = [weakref.ref(pg) for pg in distributed_c10d._world.pg_map]
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect(1)
+    return [ref for ref in groups if ref() is not None]
+
+
+def collect(groups: list[weakref.ref]) -> None:
+    """A full collection if some old process group is still alive; log what still holds one."""
+    if not any(ref() is not None for ref in groups):
+        return
+    gc.collect()
+    for ref in groups:
+        pg = ref()
+        if pg is not None:
+            holders = sorted({type(r).__name__ for r in gc.get_referrers(pg)})
+            logger.warning("an old process group is still referenced (by %s)", ", ".join(holders))
+        del pg
+
+
+def demote(trainer: Any) -> None:
+    """This worker wrote the run folder as rank 0 but rejoined at another rank: it stops
+    writing (the rank 0 of the survivors writes from now on)."""
+    old, trainer.tracker = (
+        trainer.tracker,
+        Tracker(trainer.job, trainer.checkpointer.run_dir, is_main=False, resumed=True,
+                resume_step=trainer.state.step, total_steps=trainer.total_steps),
+    )  # fmt: skip
+    old.close()
 
 
 def promote(trainer: Any) -> None:
