@@ -171,8 +171,8 @@ def more(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         if args.exact:
-            differ, exact_s, ring_s = em.exact_figures(tmp / "exact")
-            print(result("exact_tensors_differing_vs_1_process", differ, 1.0, "tensors"))
+            same, total, exact_s, ring_s = em.exact_figures(tmp / "exact")
+            print(result("exact_bit_identical_tensors_vs_1_process", same, total, "tensors"))
             print(result("exact_step_time", exact_s, ring_s, "s"), flush=True)
         if args.async_ckpt:
             ratio, block_s, step_s = em.async_figures(tmp / "async")
@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="the multi-node failure trace")
     parser.add_argument("--minutes", type=float, default=5.0, help="the trace's length")
     parser.add_argument("--rounds", type=int, default=1, help="restart/live trace rounds")
+    parser.add_argument("--modes", default="restart,live", help="the trace's recovery modes")
     parser.add_argument("--exact", action="store_true", help="exact mode: 3 -> 2 -> 3 workers")
     parser.add_argument("--async-ckpt", action="store_true", help="async checkpoints, gpt:small")
     parser.add_argument("--preempt", type=int, default=0, help="this many SIGTERM trials")
@@ -202,7 +203,7 @@ def main() -> None:
     if args.trace:
         from elastic_trace import run_trace
 
-        for line in run_trace(args.minutes, args.rounds):
+        for line in run_trace(args.minutes, args.rounds, tuple(args.modes.split(","))):
             print(line, flush=True)
         return
     with tempfile.TemporaryDirectory() as folder:

@@ -235,11 +235,14 @@ def run_job(job: Any, address: str, cluster: TraceCluster | None, window_s: floa
             killer = None
         code = driver.wait()
     log.close()
-    if code != 0:
+    if code != 0 and killer is None:
         tail = (storage / f"{job.name}.log").read_text().splitlines()[-5:]
         raise RuntimeError(f"{job.name} failed ({code}): {tail}")
-    metrics = read_final_metrics(RunDir(str(run)))
-    return {"run": run, "metrics": metrics, "took": time.time() - started, "killer": killer}
+    if code != 0:  # a traced run that failed: its figures up to the failure still count
+        logger.warning("%s failed (exit %d); see %s.log", job.name, code, storage / job.name)
+    metrics = read_final_metrics(RunDir(str(run))) if code == 0 else {}
+    took = time.time() - started
+    return {"run": run, "metrics": metrics, "took": took, "killer": killer, "ok": code == 0}
 
 
 def committed_steps(run: Path) -> list[tuple[int, float, int]]:
@@ -324,6 +327,7 @@ def traced(tmp: Path, cluster: TraceCluster, mode: str, rnd: int, steps: int, wi
     name = f"{mode}{rnd}"
     out = run_job(trace_job(tmp / name, name, mode, steps), cluster.address, cluster, window)
     killer = out["killer"]
+    (tmp / name / "kills.json").write_text(json.dumps(killer.kills))
     out["stalls"] = stall_per_kill(out["run"], killer.kills)
     out["start"] = killer.start
     logger.warning(
@@ -336,7 +340,9 @@ def traced(tmp: Path, cluster: TraceCluster, mode: str, rnd: int, steps: int, wi
     return out
 
 
-def run_trace(minutes: float, rounds: int) -> list[str]:
+def run_trace(
+    minutes: float, rounds: int, modes: tuple[str, ...] = ("restart", "live")
+) -> list[str]:
     """The whole trace (see the module docstring); the RESULT lines."""
     window = 60.0 * minutes
     tmp = Path(tempfile.mkdtemp(prefix="rh-trace-"))  # kept: the runs' logs and ledgers
@@ -349,9 +355,9 @@ def run_trace(minutes: float, rounds: int) -> list[str]:
         logger.warning("failure-free %.2f steps/s at 3 workers: %d steps", rate, steps)
         rates, ref = reference_runs(tmp, cluster.address, steps)
         logger.warning("failure-free steps/s by world size: %s", rates)
-        figures: dict[str, list] = {"restart": [], "live": []}
+        figures: dict[str, list] = {mode: [] for mode in modes}
         for rnd in range(rounds):
-            for mode in ("restart", "live"):
+            for mode in modes:
                 out = traced(tmp, cluster, mode, rnd, steps, window)
                 figures[mode].append(round_figures(out, window, rates, ref))
                 logger.warning("%s round %d: %s", mode, rnd, figures[mode][-1])
@@ -370,12 +376,18 @@ def round_figures(out: dict, window: float, rates: dict[int, float], ref: dict) 
         "miss": miss,
         "epochs": epochs,
         "acc": accuracy(out["metrics"]),
-        "diff": max_abs_diff(final_model(out["run"]), final_model(ref["run"])),
+        "diff": max_abs_diff(final_model(out["run"]), final_model(ref["run"]))
+        if out["ok"]
+        else float("nan"),
+        "completed": int(out["ok"]),
     }
 
 
 def trace_lines(figures: dict[str, list], ref_acc: float) -> list[str]:
     """The RESULT lines: live as ours, restart as the baseline where both have the figure."""
+
+    for mode in ("restart", "live"):
+        figures.setdefault(mode, [])
 
     def median(mode: str, key: str) -> float:
         values = [v for f in figures[mode] for v in (f[key] if key == "stalls" else [f[key]])]
@@ -384,9 +396,17 @@ def trace_lines(figures: dict[str, list], ref_acc: float) -> list[str]:
     def total(mode: str, key: str) -> int:
         return sum(f[key] for f in figures[mode])
 
-    live_acc = statistics.mean(f["acc"] for f in figures["live"])
-    restart_acc = statistics.mean(f["acc"] for f in figures["restart"])
+    nan = float("nan")
+    live_acc = statistics.mean(f["acc"] for f in figures["live"]) if figures["live"] else nan
+    restart = figures["restart"]
+    restart_acc = statistics.mean(f["acc"] for f in restart) if restart else nan
     return [
+        result(
+            "trace_runs_completed",
+            total("live", "completed"),
+            total("restart", "completed"),
+            "runs",
+        ),
         result("trace_survivor_stall", median("live", "stalls"), median("restart", "stalls"), "s"),
         result("trace_goodput", median("live", "goodput"), median("restart", "goodput"), "ratio"),
         result("trace_ledger_duplicates", total("live", "dup"), total("restart", "dup"), "samples"),

@@ -33,7 +33,6 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -92,17 +91,13 @@ class ElasticGroup:
             timeout=datetime.timedelta(seconds=self.timeout_s),
         )
 
-    def reform(
-        self, settle_s: float | None = None, arrived: Callable[[], None] | None = None
-    ) -> None:
+    def reform(self, settle_s: float | None = None) -> None:
         """Leave the broken group and form the next generation with whoever is alive.
 
         Args:
             settle_s: how long the coordinator waits for the other survivors (default: the
                 group's `settle_s`). A survivor busy in a long step notices the loss only at
                 its next collective, so the caller passes about two steps' time.
-            arrived: called once this worker has announced itself to the new generation
-                (work that must not make it late, like a full garbage collection).
         """
         started = time.perf_counter()
         if dist.is_initialized():
@@ -110,10 +105,7 @@ class ElasticGroup:
         self.generation += 1
         key = f"gen{self.generation}"
         self.store.set(f"{key}/member/{self.member_id}", "1")
-        first = self.store.add(f"{key}/arrived", 1) == 1
-        if arrived is not None:
-            arrived()
-        if first:
+        if self.store.add(f"{key}/arrived", 1) == 1:
             self._coordinate(key, max(self.settle_s, settle_s or 0.0))
         members = json.loads(self.store.get(f"{key}/members"))
         if self.member_id not in members:

@@ -31,7 +31,6 @@ import dataclasses
 import gc
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -151,10 +150,10 @@ class LiveRecovery:
         self.failed_world = trainer.strategy.data_parallel_size  # the lost step's world size
         trainer.strategy.close()  # drain the gradient thread: its buckets fail fast now
         trainer.strategy.zero_grad()  # a partial, uncommitted step's gradients
-        old_groups = release_process_groups()  # the others' waits on this worker fail now
+        release_process_groups()
         was_main = trainer.ctx.is_main
         try:
-            self.group.reform(settle_s=2 * self.step_s, arrived=lambda: collect(old_groups))
+            self.group.reform(settle_s=2 * self.step_s)
         except LeftBehind as exc:  # the others re-formed without this worker: join them
             logger.warning("%s: joining the survivors as a replacement", exc)
             self.rejoin(trainer, was_main)
@@ -254,36 +253,20 @@ class LiveRecovery:
         return state["data"]
 
 
-def release_process_groups() -> list[weakref.ref]:
-    """Destroy every process group; weak references to those still alive.
+def release_process_groups() -> None:
+    """Destroy every process group and collect young reference cycles.
 
     A peer blocked on this worker (a ring neighbour waiting for its chunk) notices the loss
-    only when this worker's sockets close, which happens when the last reference to the old
-    groups goes. The failed collectives' tracebacks (reference cycles) can keep them alive:
-    young cycles are collected here (fast); `collect` finishes the job once this worker has
-    announced itself to the next generation (a full collection takes ~0.5 s in a big
-    process, and a survivor that late would find the group re-formed without it).
+    only when this worker's sockets close, when the last reference to the old groups goes.
+    The failed collectives' tracebacks (reference cycles) keep them alive; young cycles are
+    collected here (a full collection takes ~0.5 s in a big process). Something outside
+    Python's collector can still hold a group (seen in the multi-node trace and in the
+    process-level tests): then the blocked neighbour waits up to `collective_timeout_s`,
+    arrives after the others re-formed, and rejoins as a replacement (`rejoin`).
     """
-    from torch.distributed import distributed_c10d
-
-    groups = [weakref.ref(pg) for pg in distributed_c10d._world.pg_map]
     if dist.is_initialized():
         dist.destroy_process_group()
     gc.collect(1)
-    return [ref for ref in groups if ref() is not None]
-
-
-def collect(groups: list[weakref.ref]) -> None:
-    """A full collection if some old process group is still alive; log what still holds one."""
-    if not any(ref() is not None for ref in groups):
-        return
-    gc.collect()
-    for ref in groups:
-        pg = ref()
-        if pg is not None:
-            holders = sorted({type(r).__name__ for r in gc.get_referrers(pg)})
-            logger.warning("an old process group is still referenced (by %s)", ", ".join(holders))
-        del pg
 
 
 def demote(trainer: Any) -> None:
