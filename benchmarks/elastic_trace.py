@@ -391,7 +391,11 @@ def trace_lines(figures: dict[str, list], ref_acc: float) -> list[str]:
 
     def median(mode: str, key: str) -> float:
         values = [v for f in figures[mode] for v in (f[key] if key == "stalls" else [f[key]])]
+        values = [v for v in values if v == v]  # NaN: a kill after which nothing committed
         return statistics.median(values) if values else float("nan")
+
+    def unrecovered(mode: str) -> int:
+        return sum(1 for f in figures[mode] for v in f["stalls"] if v != v)
 
     def total(mode: str, key: str) -> int:
         return sum(f[key] for f in figures[mode])
@@ -407,6 +411,7 @@ def trace_lines(figures: dict[str, list], ref_acc: float) -> list[str]:
             total("restart", "completed"),
             "runs",
         ),
+        result("trace_kills_never_recovered", unrecovered("live"), unrecovered("restart"), "kills"),
         result("trace_survivor_stall", median("live", "stalls"), median("restart", "stalls"), "s"),
         result("trace_goodput", median("live", "goodput"), median("restart", "goodput"), "ratio"),
         result("trace_ledger_duplicates", total("live", "dup"), total("restart", "dup"), "samples"),
