@@ -18,10 +18,12 @@
     `trainer.checkpoint.async` (the CPU snapshot, into the last snapshot's buffers) against a
     synchronous save; one saver each for 5 saves, as in the loop.
 
-The full issue-34 trace (5 minutes, a multi-node Ray cluster, a kill every 30 s) is not
-implemented here; `--quick` (the default and only mode) runs each figure once or a few times.
+`--trace` runs the full issue-34 trace instead (`benchmarks/elastic_trace.py`: a multi-node
+Ray cluster, a SIGKILL of a random worker every 30 s for `--minutes`, its node back 20 s
+later, `recovery: restart` and `recovery: live` alternated for `--rounds`).
 
     python benchmarks/elastic.py --quick
+    python benchmarks/elastic.py --trace --minutes 5
 
 Prints `RESULT <name> ours=... baseline=... ratio=... unit=...` lines.
 """
@@ -162,11 +164,48 @@ def checkpoint_block(tmp: Path, rounds: int = 5) -> tuple[float, float]:
     return statistics.median(waits["async"]), statistics.median(waits["sync"])
 
 
+def more(args: argparse.Namespace) -> None:
+    """The figures of `elastic_more` asked for on the command line."""
+    import elastic_more as em
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        if args.exact:
+            same, total, exact_s, ring_s = em.exact_figures(tmp / "exact")
+            print(result("exact_bit_identical_tensors_vs_1_process", same, total, "tensors"))
+            print(result("exact_step_time", exact_s, ring_s, "s"), flush=True)
+        if args.async_ckpt:
+            ratio, block_s, step_s = em.async_figures(tmp / "async")
+            print(result("async_ckpt_throughput", ratio, 1.0, "ratio"))
+            print(result("async_ckpt_block_per_save", block_s, step_s, "s"), flush=True)
+        if args.preempt:
+            passed, failures = em.preempt_figures(tmp / "preempt", args.preempt)
+            for failure in failures:
+                print(failure, flush=True)
+            print(result("preempt_complete_and_bit_identical", passed, args.preempt, "trials"))
+
+
 def main() -> None:
     """Run the quick figures and print the RESULT lines."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the quick mode (the default)")
-    parser.parse_args()
+    parser.add_argument("--trace", action="store_true", help="the multi-node failure trace")
+    parser.add_argument("--minutes", type=float, default=5.0, help="the trace's length")
+    parser.add_argument("--rounds", type=int, default=1, help="restart/live trace rounds")
+    parser.add_argument("--modes", default="restart,live", help="the trace's recovery modes")
+    parser.add_argument("--exact", action="store_true", help="exact mode: 3 -> 2 -> 3 workers")
+    parser.add_argument("--async-ckpt", action="store_true", help="async checkpoints, gpt:small")
+    parser.add_argument("--preempt", type=int, default=0, help="this many SIGTERM trials")
+    args = parser.parse_args()
+    if args.exact or args.async_ckpt or args.preempt:
+        more(args)
+        return
+    if args.trace:
+        from elastic_trace import run_trace
+
+        for line in run_trace(args.minutes, args.rounds, tuple(args.modes.split(","))):
+            print(line, flush=True)
+        return
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         ps = {"kind": "ps", "mode": "sync", "num_servers": 2}

@@ -96,10 +96,10 @@ class LiveWorkers:
 
     `gather` claims warm actors (`actor_pool`) and starts fresh ones for the rest. `run`
     starts every member and polls them every `POLL_S` (which renews their claims). A lost
-    actor (its process died) is replaced once per loss, at most `num_workers` times in a
-    run, by a fresh actor that joins at the members' next step boundary. Once a worker
-    finishes, the others get `FINISH_GRACE_S` to finish too; a replacement still waiting to
-    join then is stopped. `close` returns the actors of a finished run to the pool (or ends
+    actor (its process died) is replaced once per loss, at most
+    `max(num_workers, max_failures)` times in a run, by a fresh actor that joins at the
+    members' next step boundary. Once a worker finishes, the others get `FINISH_GRACE_S` to
+    finish too; a replacement still waiting to join then is stopped. `close` returns the actors of a finished run to the pool (or ends
     them).
     """
 
@@ -246,7 +246,7 @@ class LiveWorkers:
         logger.warning("worker %d was lost; the others go on without it", member)
         del self.active[member]
         bundle = self.bundles.pop(member)
-        if self.replacements < self.cluster.num_workers:
+        if self.replacements < max_replacements(self.cluster):
             self.replacements += 1
             actor = self.placement.spawn(bundle, self.token)
             self.used.append(actor)
@@ -275,6 +275,12 @@ class LiveWorkers:
             return bool(ray.get(actor.release.remote(self.token), timeout=CLAIM_TIMEOUT_S))
         except Exception:
             return False
+
+
+def max_replacements(cluster: Any) -> int:
+    """How many lost actors a live run replaces: `cluster.max_failures`, at least
+    `num_workers` (a long run on spot capacity loses far more workers than it has)."""
+    return max(cluster.num_workers, cluster.max_failures)
 
 
 def worker_error(exc: Exception) -> Exception:

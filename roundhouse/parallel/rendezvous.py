@@ -125,7 +125,9 @@ class ElasticGroup:
         )
 
     def join(self) -> None:
-        """As a replacement: wait to be admitted at a step boundary, then join that generation."""
+        """As a replacement (or a survivor left behind): wait to be admitted at a step
+        boundary, then join that generation."""
+        self.store.delete_key(f"join/{self.member_id}/gen")  # from an earlier admission
         slot = self.store.add("join/count", 1)
         self.store.set(f"join/slot/{slot}", str(self.member_id))
         self.generation = int(self.store.get(f"join/{self.member_id}/gen"))

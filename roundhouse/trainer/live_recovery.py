@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from roundhouse.errors import JobFileError
-from roundhouse.parallel.rendezvous import ElasticGroup
+from roundhouse.parallel.rendezvous import ElasticGroup, LeftBehind
 from roundhouse.parallel.timeouts import CollectiveTimeoutError
 from roundhouse.runs.status import RUNNING, write_status
 from roundhouse.runs.tracking import Tracker
@@ -150,13 +150,15 @@ class LiveRecovery:
         self.failed_world = trainer.strategy.data_parallel_size  # the lost step's world size
         trainer.strategy.close()  # drain the gradient thread: its buckets fail fast now
         trainer.strategy.zero_grad()  # a partial, uncommitted step's gradients
-        # The failed collectives' tracebacks (reference cycles) keep the old process groups,
-        # and so their sockets, alive; collect them so the other survivors' waits on this
-        # worker fail at once instead of at the collective timeout.
-        gc.collect(1)  # young cycles only: a full collection takes ~0.5 s in a big process
-        self.group.reform(settle_s=2 * self.step_s)
-        self.step_started = None  # the step being redone is not a measure of step time
+        release_process_groups()
         was_main = trainer.ctx.is_main
+        try:
+            self.group.reform(settle_s=2 * self.step_s)
+        except LeftBehind as exc:  # the others re-formed without this worker: join them
+            logger.warning("%s: joining the survivors as a replacement", exc)
+            self.rejoin(trainer, was_main)
+            return
+        self.step_started = None  # the step being redone is not a measure of step time
         self.rebind(trainer, joining=False)
         position = self.agree(trainer, position)
         self.reload(trainer, position)
@@ -172,6 +174,17 @@ class LiveRecovery:
             position["epoch"],
             position["steps_done"],
         )
+
+    def rejoin(self, trainer: Any, was_main: bool) -> None:
+        """A survivor left behind (it noticed the loss after the others had re-formed, e.g.
+        it waited on a peer that went on without it): it waits to be admitted at the members'
+        next step boundary, like a replacement, and takes their state."""
+        self.group.join()
+        self.step_started = None
+        self.rebind(trainer, joining=True)
+        self.join_running(trainer)
+        if was_main and not trainer.ctx.is_main:
+            demote(trainer)
 
     def rebind(self, trainer: Any, *, joining: bool) -> None:
         """The trainer's context and strategy on the group's current generation."""
@@ -238,6 +251,33 @@ class LiveRecovery:
         trainer.strategy.load_peer_state_dict(state["strategy"])
         trainer.state = type(trainer.state)(**state["trainer"])
         return state["data"]
+
+
+def release_process_groups() -> None:
+    """Destroy every process group and collect young reference cycles.
+
+    A peer blocked on this worker (a ring neighbour waiting for its chunk) notices the loss
+    only when this worker's sockets close, when the last reference to the old groups goes.
+    The failed collectives' tracebacks (reference cycles) keep them alive; young cycles are
+    collected here (a full collection takes ~0.5 s in a big process). Something outside
+    Python's collector can still hold a group (seen in the multi-node trace and in the
+    process-level tests): then the blocked neighbour waits up to `collective_timeout_s`,
+    arrives after the others re-formed, and rejoins as a replacement (`rejoin`).
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect(1)
+
+
+def demote(trainer: Any) -> None:
+    """This worker wrote the run folder as rank 0 but rejoined at another rank: it stops
+    writing (the rank 0 of the survivors writes from now on)."""
+    old, trainer.tracker = (
+        trainer.tracker,
+        Tracker(trainer.job, trainer.checkpointer.run_dir, is_main=False, resumed=True,
+                resume_step=trainer.state.step, total_steps=trainer.total_steps),
+    )  # fmt: skip
+    old.close()
 
 
 def promote(trainer: Any) -> None:

@@ -36,6 +36,7 @@ from tests.helpers.runs import assert_same_weights, final_weights, read_metrics
 
 TIMEOUT_S = 180
 WORLD = 3
+LATE_S = 5.0  # a survivor that notices the loss this late finds the group re-formed
 
 
 class KillerMLP(nn.Module):
@@ -43,7 +44,8 @@ class KillerMLP(nn.Module):
     `at_call` (mid-step: its peers are already waiting for its gradients)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, kill_rank: int,
-                 at_call: int, delay_s: float, marker: str | None) -> None:  # fmt: skip
+                 at_call: int, delay_s: float, marker: str | None,
+                 late_rank: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
@@ -55,11 +57,14 @@ class KillerMLP(nn.Module):
         self.member = dist.get_rank() if dist.is_initialized() else 0
         self.kill_rank, self.at_call, self.delay_s, self.calls = kill_rank, at_call, delay_s, 0
         self.marker = Path(marker) if marker else None  # kill once per run (not a replacement)
+        self.late_rank = late_rank  # this worker notices the kill seconds after the others
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.calls += 1
             time.sleep(self.delay_s)
+            if self.calls == self.at_call and self.member == self.late_rank:
+                time.sleep(LATE_S)
             if self.calls == self.at_call and self.member == self.kill_rank:
                 if self.marker is not None:
                     if self.marker.exists():
@@ -76,8 +81,9 @@ def killer_mlp(
     at_call: int = 0,
     delay_s: float = 0.02,
     marker: str | None = None,
+    late_rank: int | None = None,
 ) -> nn.Module:
-    return KillerMLP(input_shape, num_classes, kill_rank, at_call, delay_s, marker)
+    return KillerMLP(input_shape, num_classes, kill_rank, at_call, delay_s, marker, late_rank)
 
 
 def make_job(storage: Path, at_call: int) -> dict:
@@ -228,6 +234,34 @@ def test_a_replacement_joins_at_a_step_boundary(tmp_path: Path) -> None:
     assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
     worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
     assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
+    ours, theirs = final_weights(run), final_weights(reference)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kill_rank", "late_rank"), [(2, 1), (1, 0)])
+def test_a_survivor_left_behind_rejoins_and_nothing_is_lost(
+    tmp_path: Path, kill_rank: int, late_rank: int
+) -> None:
+    """A survivor notices the loss seconds after the other re-formed without it (found by
+    the benchmark's trace: a ring neighbour blocked on a survivor's still-open sockets): it
+    rejoins at a step boundary like a replacement instead of failing the run. (1, 0): the
+    late one was rank 0, the writer; the other took over and keeps writing."""
+    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("late", 5))]
+    for job in jobs:
+        job["trainer"]["max_epochs"] = 2
+        options = {"delay_s": 0.3, "late_rank": late_rank, "kill_rank": kill_rank}
+        job["model"]["options"].update(options)  # the other survivor goes on alone
+    reference, _ = train(jobs[0], set())
+    run, survivors = train(jobs[1], {kill_rank})
+    assert sorted(survivors) == sorted({0, 1, 2} - {kill_rank})
+    assert [world for _, world, _ in survivors.values()] == [2, 2]
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
+    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
+    assert 1 in worlds and worlds[-1] == 2  # one went on alone until the late one rejoined
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert read_metrics(run)[-1]["step"] == 24
     ours, theirs = final_weights(run), final_weights(reference)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
