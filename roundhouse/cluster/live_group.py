@@ -99,8 +99,8 @@ class LiveWorkers:
     actor (its process died) is replaced once per loss, at most
     `max(num_workers, max_failures)` times in a run, by a fresh actor that joins at the
     members' next step boundary. Once a worker finishes, the others get `FINISH_GRACE_S` to
-    finish too; a replacement still waiting to join then is stopped. `close` returns the actors of a finished run to the pool (or ends
-    them).
+    finish too; a replacement still waiting to join then is stopped. `close` returns the
+    actors of a finished run to the pool (or ends them).
     """
 
     FINISH_GRACE_S = 60.0
