@@ -269,11 +269,11 @@ def parse_args() -> argparse.Namespace:
     )
     add("--pretrain-steps", type=int, default=300)
     add("--pretrain-lr", type=float, default=1e-3)
-    add("--steps", type=int, default=60)
-    add("--lr", type=float, default=3e-4, help="fine-tuning (and scratch) learning rate")
-    add("--batch-size", type=int, default=32)
-    add("--seq-len", type=int, default=64)
-    add("--max-bytes", type=int, default=4_000_000)
+    add("--steps", type=int, default=90)
+    add("--lr", type=float, default=5e-4, help="fine-tuning (and scratch) learning rate")
+    add("--batch-size", type=int, default=16)
+    add("--seq-len", type=int, default=32)
+    add("--max-bytes", type=int, default=1_000_000)
     add("--label-fraction", type=float, default=0.1)
     add("--pooling", choices=("cls", "mean"), default="mean")
     add("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -286,7 +286,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.flavor = "debug"
         args.pretrain_steps, args.steps = min(args.pretrain_steps, 200), min(args.steps, 60)
-        args.max_bytes = min(args.max_bytes, 1_000_000)
+        args.max_bytes = min(args.max_bytes, 500_000)
     return args
 
 
@@ -305,6 +305,7 @@ def main() -> None:
             lm_transfer(args, storage, gpt)
         if args.only != "lm" and args.backbone != "bert":
             cls_transfer(args, storage, "gpt", gpt)
+
 
 if __name__ == "__main__":
     main()
