@@ -1,51 +1,46 @@
-"""Transfer on language: models pretrained on the standard library's source, fine-tuned with
+"""Transfer on language: models pretrained on the standard library's text, fine-tuned with
 little data, against the same models from scratch (replaces the digits transfer figure of
 `benchmarks/finetune.py`, which could not pass: a digits model from scratch is already at 0.97).
 
-Classification (`--only cls`):
+All data uses word pieces by default (`--tokenizer words`: `roundhouse.data.text_tokens`, one
+vocabulary of 5,525 ids learned from the training docstrings, shared by every source), `small`
+flavors (384 wide, 6 layers, 6 heads), fp32, one thread per process.
 
-1. pretrain: `bert` as a masked LM on `builtin:pytext` (the stdlib's `.py` files, bytes) for
-   `--pretrain-steps` steps (`--backbone gpt`: `gpt` as a causal LM instead);
-2. fine-tune: `bert_classifier` (`gpt_classifier`, last-token pooling) with `model.init_from`
-   that run (the pooler and classifier are new heads; no `init_skip`) on `builtin:pydoc-cls`
-   with `label_fraction: 0.1` (191 of 1,978 training docstrings, 20 packages);
-3. scratch: the same job without `init_from`: same model, data, steps, optimizer and seed.
+Classification (`--backbone bert|gpt|both`):
 
-Language model (`--only lm`): `gpt` pretrained as a byte LM on `builtin:pytext`, then trained
-as an LM on 10% of the docstrings (`builtin:pydoc-text`, `fraction: 0.1`, held-out val/test
-docstrings by the fixed hash split), against the same `gpt` from scratch, same steps. The
-pytext files contain docstrings too: the RESULT line counts the val docstrings whose first line
-occurs in the pretraining split's text (`val_docstrings_in_pretraining`).
+1. pretrain: `bert` as a masked LM on the unlabelled training docstrings (`builtin:pydoc-text`;
+   `--mlm-corpus pytext` for the stdlib's `.py` files) for `--pretrain-steps` steps; `gpt` as a
+   causal LM on `builtin:pytext` (`--max-bytes` of `.py` files);
+2. fine-tune: `bert_classifier` (`--pooling mean` by default: a masked LM never trains its
+   first slot as a summary) or `gpt_classifier` (last-token pooling) with `model.init_from`
+   that run (new heads, no `init_skip`) on `builtin:pydoc-cls` with `label_fraction: 0.1` (191
+   of 1,978 training docstrings, 20 packages);
+3. scratch: the same job without `init_from`: same model, data, steps, optimizer, schedule and
+   seed.
+
+Language model (`--only lm`): the `gpt` pretrained above, then trained as an LM on 10% of the
+docstrings (`builtin:pydoc-text`, `fraction: 0.1`, held-out val/test docstrings by the fixed hash
+split), against the same `gpt` from scratch, same steps. The pytext files contain docstrings
+too: the RESULT line counts the val docstrings whose first line occurs in the pretraining text.
 
 Every run goes through the real job path (`train_local`). Fine-tuning evaluates on the
-validation split every `--steps / 10` steps and at each epoch end; "steps to reach" is the first
-evaluation at which the pretrained run reaches the scratch run's final validation accuracy
-(LM: validation loss). Final figures: test accuracy and macro-F1; LM: final validation loss.
+validation split every `--eval-every` steps (default `--steps / 10`) and at each epoch end;
+"steps to reach" is the first evaluation at which the pretrained run reaches the scratch run's
+final validation accuracy (LM: validation loss). Final figures: test accuracy and macro-F1; LM:
+final validation loss. `--cache-dir DIR` keeps each pretraining run under a hash of its job and
+reuses a finished one (the output says so with a `# ... reused from the cache` line); the
+fine-tuning runs behind the RESULT lines always run.
 
-    python benchmarks/transfer.py [--quick] [--only cls|lm] [--backbone bert|gpt]
-        [--flavor debug] [--pretrain-steps 1500] [--steps 300] [--seq-len 128]
+    python benchmarks/transfer.py [--quick] [--only cls|lm] [--backbone bert|gpt|both]
+        [--flavor small] [--pretrain-steps 300] [--steps 90] [--seq-len 32] [--cache-dir DIR]
 
-RESULT lines: `transfer_steps_to_scratch_accuracy` (target ratio <= 0.33),
-`transfer_test_accuracy` (target ratio >= 1.0), `transfer_lm_steps_to_scratch_loss` (target
-ratio <= 0.33) and `transfer_lm_val_loss` (lower is better).
+`--quick` is a smoke test (`debug` flavors, 200 pretraining steps, 60 fine-tuning steps).
 
-Measured 2026-12-06 on the shared 2-core CPU (load average 10-27), `debug` flavors (64 wide, 2
-layers; `small` was not affordable on this machine), seed 0:
+RESULT lines: `transfer_steps_to_scratch_accuracy[_gpt]` (target ratio <= 0.33),
+`transfer_test_accuracy[_gpt]` (target ratio >= 1.0), `transfer_lm_steps_to_scratch_loss`
+(target ratio <= 0.33) and `transfer_lm_val_loss` (lower is better).
 
-- LM (`--quick`: 600 pretraining steps, 200 fine-tuning steps, seq_len 64, 2 MB of pytext):
-  the pretrained gpt reaches scratch's final val loss (2.684 nats/byte) at its first evaluation,
-  step 20 (ratio 0.10, target met) and ends at 2.068 (test 2.056 vs 2.697). 44 of the 403 val
-  docstrings have their first line in the pretraining text.
-- bert (`--only cls --pretrain-steps 1500 --steps 300 --seq-len 128 --max-bytes 4000000`):
-  steps ratio 0.04, test accuracy 0.229 vs 0.202 (ratio 1.13, macro-F1 0.091 vs 0.088): both
-  targets met, but weakly. The MLM ends at 2.87 nats per masked byte (it has learned little
-  beyond byte frequencies), scratch ends at the majority-class rate (tkinter is 0.202 of test),
-  and the pretrained run peaks at 0.31 val accuracy near step 90 and then overfits its 191
-  labels. "Reached at step 12" is the majority-class level. `--quick` (600 pretraining steps,
-  200 steps, seq_len 64) missed "no worse": 0.206 vs 0.218 (ratio 0.95).
-- gpt backbone (`--only cls --backbone gpt --pretrain-steps 600 --steps 300 --seq-len 128`):
-  test accuracy 0.263 vs 0.237 (1.11, macro-F1 0.161 vs 0.140), but the pretrained run never
-  reached scratch's final val accuracy 0.330 (steps ratio inf: NOT met).
+MEASURED
 """
 
 from __future__ import annotations
@@ -129,9 +124,9 @@ def pretrain(args: argparse.Namespace, storage: str, family: str, data: dict) ->
         key = hashlib.sha256(spec.model_dump_json(exclude={"storage"}).encode()).hexdigest()[:12]
         storage = str(Path(args.cache_dir) / key)
         done = Path(storage) / spec.name
-        if done.is_dir() and any(
-            (run / "checkpoints" / "latest").exists() for run in done.iterdir()
-        ):
+        # a finished run only: a stopped one (SIGTERM) leaves an earlier step's checkpoint
+        final = f"checkpoints/step_{steps}"
+        if done.is_dir() and any((run / final).is_dir() for run in done.iterdir()):
             run = only_run(storage, spec.name)
             logger.info("%s: CACHED pretraining run reused: %s", family, run)
             print(f"# {family} pretraining reused from the cache: {run}", flush=True)
@@ -170,7 +165,7 @@ def finetune_cls(
         "source": "builtin:pydoc-cls",
         "options": text_options(args, label_fraction=args.label_fraction),
     }
-    every = max(1, args.steps // 10)
+    every = args.eval_every or max(1, args.steps // 10)
     trainer = {"max_steps": args.steps, "eval_every_steps": every, "lr": args.lr}
     summary = train_local(job(name, model, data, trainer, storage, args))
     return {**summary, "curve": curve(only_run(storage, name), "val/accuracy")}
@@ -185,7 +180,7 @@ def finetune_lm(args: argparse.Namespace, storage: str, name: str, init: str | N
         "source": "builtin:pydoc-text",
         "options": text_options(args, fraction=args.label_fraction),
     }
-    every = max(1, args.steps // 10)
+    every = args.eval_every or max(1, args.steps // 10)
     trainer = {"max_steps": args.steps, "eval_every_steps": every, "lr": args.lr}
     summary = train_local(job(name, model, data, trainer, storage, args))
     return {**summary, "curve": curve(only_run(storage, name), "val/loss")}
@@ -277,6 +272,7 @@ def parse_args() -> argparse.Namespace:
     add("--label-fraction", type=float, default=0.1)
     add("--pooling", choices=("cls", "mean"), default="mean")
     add("--precision", choices=("fp32", "bf16"), default="fp32")
+    add("--eval-every", type=int, help="fine-tuning evaluation cadence (default steps / 10)")
     add("--seed", type=int, default=0)
     add("--threads", type=int, default=1)
     add("--cache-dir", help="reuse pretraining runs kept here (keyed by their job)")

@@ -57,12 +57,8 @@ def test_bad_tokenizer_options_are_one_error() -> None:
 
 
 def classifier(pooling: str) -> torch.nn.Module:
-    job = validate_job(
-        {
-            "name": "cls",
-            "model": {"name": "bert_classifier", "flavor": "debug", "options": {"pooling": pooling}},
-        }
-    )
+    model = {"name": "bert_classifier", "flavor": "debug", "options": {"pooling": pooling}}
+    job = validate_job({"name": "cls", "model": model})
     return build_model_for(job, (16,), 3, vocab_size=VOCAB_SIZE).eval()
 
 
