@@ -1,59 +1,89 @@
-"""Transfer on language: models pretrained on the standard library's source, fine-tuned with
+"""Transfer on language: models pretrained on the standard library's text, fine-tuned with
 little data, against the same models from scratch (replaces the digits transfer figure of
 `benchmarks/finetune.py`, which could not pass: a digits model from scratch is already at 0.97).
 
-Classification (`--only cls`):
+All data uses word pieces by default (`--tokenizer words`: `roundhouse.data.text_tokens`, one
+vocabulary of 5,525 ids learned from the training docstrings, shared by every source), `small`
+flavors (384 wide, 6 layers, 6 heads), fp32, one thread per process.
 
-1. pretrain: `bert` as a masked LM on `builtin:pytext` (the stdlib's `.py` files, bytes) for
-   `--pretrain-steps` steps (`--backbone gpt`: `gpt` as a causal LM instead);
-2. fine-tune: `bert_classifier` (`gpt_classifier`, last-token pooling) with `model.init_from`
-   that run (the pooler and classifier are new heads; no `init_skip`) on `builtin:pydoc-cls`
-   with `label_fraction: 0.1` (191 of 1,978 training docstrings, 20 packages);
-3. scratch: the same job without `init_from`: same model, data, steps, optimizer and seed.
+Classification (`--backbone bert|gpt|both`):
 
-Language model (`--only lm`): `gpt` pretrained as a byte LM on `builtin:pytext`, then trained
-as an LM on 10% of the docstrings (`builtin:pydoc-text`, `fraction: 0.1`, held-out val/test
-docstrings by the fixed hash split), against the same `gpt` from scratch, same steps. The
-pytext files contain docstrings too: the RESULT line counts the val docstrings whose first line
-occurs in the pretraining split's text (`val_docstrings_in_pretraining`).
+1. pretrain: `bert` as a masked LM on the unlabelled training docstrings (`builtin:pydoc-text`;
+   `--mlm-corpus pytext` for the stdlib's `.py` files) for `--pretrain-steps` steps; `gpt` as a
+   causal LM on `builtin:pytext` (`--max-bytes` of `.py` files);
+2. fine-tune: `bert_classifier` (`--pooling mean` by default: a masked LM never trains its
+   first slot as a summary) or `gpt_classifier` (last-token pooling) with `model.init_from`
+   that run (new heads, no `init_skip`) on `builtin:pydoc-cls` with `label_fraction: 0.1` (191
+   of 1,978 training docstrings, 20 packages);
+3. scratch: the same job without `init_from`: same model, data, steps, optimizer, schedule and
+   seed.
+
+Language model (`--only lm`): the `gpt` pretrained above, then trained as an LM on 10% of the
+docstrings (`builtin:pydoc-text`, `fraction: 0.1`, held-out val/test docstrings by the fixed hash
+split), against the same `gpt` from scratch, same steps. The pytext files contain docstrings
+too: the RESULT line counts the val docstrings whose first line occurs in the pretraining text.
 
 Every run goes through the real job path (`train_local`). Fine-tuning evaluates on the
-validation split every `--steps / 10` steps and at each epoch end; "steps to reach" is the first
-evaluation at which the pretrained run reaches the scratch run's final validation accuracy
-(LM: validation loss). Final figures: test accuracy and macro-F1; LM: final validation loss.
+validation split every `--eval-every` steps (default `--steps / 10`) and at each epoch end;
+"steps to reach" is the first evaluation at which the pretrained run reaches the scratch run's
+final validation accuracy (LM: validation loss). Final figures: test accuracy and macro-F1; LM:
+final validation loss. `--cache-dir DIR` keeps each pretraining run under a hash of its job and
+reuses a finished one (the output says so with a `# ... reused from the cache` line); the
+fine-tuning runs behind the RESULT lines always run.
 
-    python benchmarks/transfer.py [--quick] [--only cls|lm] [--backbone bert|gpt]
-        [--flavor debug] [--pretrain-steps 1500] [--steps 300] [--seq-len 128]
+    python benchmarks/transfer.py [--quick] [--only cls|lm] [--backbone bert|gpt|both]
+        [--flavor small] [--pretrain-steps 1000] [--steps 90] [--seq-len 32] [--cache-dir DIR]
 
-RESULT lines: `transfer_steps_to_scratch_accuracy` (target ratio <= 0.33),
-`transfer_test_accuracy` (target ratio >= 1.0), `transfer_lm_steps_to_scratch_loss` (target
-ratio <= 0.33) and `transfer_lm_val_loss` (lower is better).
+`--quick` is a smoke test (`debug` flavors, 200 pretraining steps, 60 fine-tuning steps; 2.5
+minutes at load 2-3): its figures say nothing about transfer (both `bert` runs end at the
+majority class; the LM half passes at ratio 0.10).
 
-Measured 2026-12-06 on the shared 2-core CPU (load average 10-27), `debug` flavors (64 wide, 2
-layers; `small` was not affordable on this machine), seed 0:
+RESULT lines: `transfer_steps_to_scratch_accuracy[_gpt]` (target ratio <= 0.33),
+`transfer_test_accuracy[_gpt]` (target ratio >= 1.0), `transfer_lm_steps_to_scratch_loss`
+(target ratio <= 0.33) and `transfer_lm_val_loss` (lower is better).
 
-- LM (`--quick`: 600 pretraining steps, 200 fine-tuning steps, seq_len 64, 2 MB of pytext):
-  the pretrained gpt reaches scratch's final val loss (2.684 nats/byte) at its first evaluation,
-  step 20 (ratio 0.10, target met) and ends at 2.068 (test 2.056 vs 2.697). 44 of the 403 val
-  docstrings have their first line in the pretraining text.
-- bert (`--only cls --pretrain-steps 1500 --steps 300 --seq-len 128 --max-bytes 4000000`):
-  steps ratio 0.04, test accuracy 0.229 vs 0.202 (ratio 1.13, macro-F1 0.091 vs 0.088): both
-  targets met, but weakly. The MLM ends at 2.87 nats per masked byte (it has learned little
-  beyond byte frequencies), scratch ends at the majority-class rate (tkinter is 0.202 of test),
-  and the pretrained run peaks at 0.31 val accuracy near step 90 and then overfits its 191
-  labels. "Reached at step 12" is the majority-class level. `--quick` (600 pretraining steps,
-  200 steps, seq_len 64) missed "no worse": 0.206 vs 0.218 (ratio 0.95).
-- gpt backbone (`--only cls --backbone gpt --pretrain-steps 600 --steps 300 --seq-len 128`):
-  test accuracy 0.263 vs 0.237 (1.11, macro-F1 0.161 vs 0.140), but the pretrained run never
-  reached scratch's final val accuracy 0.330 (steps ratio inf: NOT met).
+Measured 2026-12-06 on the shared 2-core CPU, `small` flavors, seed 0, the defaults
+(`--seq-len 32 --batch-size 16 --steps 90 --lr 5e-4`) with `--max-bytes 4000000 --cache-dir
+...`; load average 12-21 for the first runs (4-5 helpers' jobs: ~200 word pieces/s for
+`bert:small` training, where an idle machine gives ~1,000 on one thread), 2-6 for the last:
+
+- LM (`--only lm`, the `gpt` pretraining reused from the cache): the pretrained `gpt` (300
+  steps at lr 1e-3 on pytext in 20 minutes, val loss 2.868 nats per word piece on code) is
+  below scratch's final val loss (5.017) at its first evaluation, step 9 (ratio 0.10: met), and
+  ends at 4.688 (test 4.587 vs 4.981, ratio 0.93). 74 of the 403 val docstrings have their
+  first line in the pretraining text. (With `--eval-every 30`: step 30, ratio 0.33.)
+- bert, `--pretrain-steps 1000 --pretrain-lr 5e-4` (the defaults; MLM 16 minutes, val loss
+  4.820, masked accuracy 0.203): ends no worse, NOT fast enough. Test accuracy 0.386 vs 0.370
+  (ratio 1.04; macro-F1 0.264 vs 0.185: met), but the pretrained run reaches scratch's final
+  val accuracy (0.343) only at step 72 of 90 (ratio 0.80; target 0.33). Val curves: pretrained
+  0.226 (steps 9-12), 0.261 (27), 0.339 (36), 0.326 (60), 0.352 (72), 0.365 (90); scratch 0.226
+  (9-18), 0.252 (27), 0.265 (45), 0.330 (54), 0.343 (72-90).
+- bert, `--pretrain-steps 300 --pretrain-lr 1e-3` (19 minutes under load): NOT met. The MLM
+  stays on the unigram plateau (val loss 5.777, masked accuracy 0.053) and its encoder
+  collapses: the mean-pooled states of 128 val docstrings have a mean pairwise cosine of 1.0000
+  (variance 6e-10; random init 0.45, variance 19; after the 1,000-step MLM 0.69, variance 40),
+  so the fine-tuned model stays at the majority class (test 0.202, macro-F1 0.017) while
+  scratch learns (test 0.370): steps ratio inf, accuracy ratio 0.55.
+- gpt backbone (`--backbone gpt`, the 300-step LM above, last-token pooling): NOT met. The
+  pretrained run climbs to 0.291 val accuracy and never reaches scratch's final 0.357 (steps
+  ratio inf); test 0.225 vs 0.389 (ratio 0.58; macro-F1 0.178 vs 0.277).
+- bf16 autocast (`--precision bf16`) made a `bert:small` training step 3.4x slower than fp32 on
+  this CPU (2 threads, batch 32 x 64: 3.4 s vs 1.0 s), so every run above is fp32.
+
+A full default run is eight trainings of `small` models (two pretrainings, six fine-tunes):
+about 25-30 minutes on an idle 2-core machine (the 1,000-step MLM alone took 16 minutes at load
+2-6), over an hour under the load of the first runs. The `gpt` pretraining defaults to 1 MB of
+pytext (`--max-bytes`): at 4 MB its final evaluation of 15,000 chunks took 21 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +95,26 @@ from roundhouse.launch.local import train_local
 logger = logging.getLogger("transfer")
 
 
-def job(name: str, model: dict, data: dict, trainer: dict, storage: str) -> Any:
+def job(name: str, model: dict, data: dict, trainer: dict, storage: str, args: Any) -> Any:
+    """A validated job: AdamW, cosine with linear warmup, clipping; console and W&B off."""
+    lr = trainer.pop("lr")
+    steps = trainer["max_steps"]
     return validate_job(
         {
             "name": name,
             "model": model,
-            "data": {"batch_size": 32, "eval_batch_size": 256, **data},
+            "data": {"batch_size": args.batch_size, "eval_batch_size": 256, **data},
             "trainer": {
                 "max_epochs": 10_000,
-                "log_every_steps": 50,
-                "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
-                "scheduler": {"name": "cosine", "warmup_steps": 30},
+                "log_every_steps": 10,
+                # one checkpoint at the end: a fine-tuning epoch is a few steps, and writing
+                # a small model's optimizer state each time costs more than the steps
+                "checkpoint": {"every_epoch": False, "keep_last": 1},
+                "precision": args.precision,
+                "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 0.01},
+                "scheduler": {"name": "cosine", "warmup_steps": max(1, steps // 10)},
                 "grad_clip_norm": 1.0,
+                "seed": args.seed,
                 **trainer,
             },
             "tracking": {"wandb": {"mode": "disabled"}, "console": "off"},
@@ -90,79 +128,95 @@ def only_run(storage: str, name: str) -> Path:
     return runs[-1]
 
 
-def val_curve(run: Path) -> list[tuple[int, float]]:
-    """`(step, val/accuracy)` of every evaluation of a run."""
+def curve(run: Path, key: str) -> list[tuple[int, float]]:
+    """`(step, key)` of every evaluation of a run (`val/accuracy`, `val/loss`)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(int(r["step"]), r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+    return [(int(r["step"]), r[key]) for r in rows if key in r]
 
 
-def finetune(args: argparse.Namespace, storage: str, name: str, init: str | None) -> dict:
-    head = f"{args.backbone}_classifier"
-    model = {"name": head, "flavor": args.flavor, "options": {"dropout": 0.1}}
+def text_options(args: argparse.Namespace, **options: Any) -> dict:
+    """Data options with the benchmark's tokenizer (`words`: `roundhouse.data.text_tokens`)."""
+    return {"seq_len": args.seq_len, "tokenizer": args.tokenizer, **options}
+
+
+def corpus(args: argparse.Namespace, name: str) -> dict:
+    """Pretraining data: the stdlib's `.py` files, or the training docstrings (unlabelled)."""
+    if name == "pytext":
+        return {"source": "builtin:pytext", "options": text_options(args, max_bytes=args.max_bytes)}
+    return {"source": "builtin:pydoc-text", "options": text_options(args)}
+
+
+def pretrain(args: argparse.Namespace, storage: str, family: str, data: dict) -> str:
+    """A `bert` masked LM or a `gpt` LM trained on `data`; cached under `--cache-dir` by a hash
+    of its job, so a later run of the benchmark with the same settings reuses it."""
+    model = {"name": family, "flavor": args.flavor, "options": {"dropout": 0.1}}
+    steps = args.pretrain_steps
+    trainer = {"max_steps": steps, "eval_every_steps": steps, "lr": args.pretrain_lr}
+    spec = job(f"{family}_pretrain", model, data, trainer, storage, args)
+    if args.cache_dir:
+        key = hashlib.sha256(spec.model_dump_json(exclude={"storage"}).encode()).hexdigest()[:12]
+        storage = str(Path(args.cache_dir) / key)
+        done = Path(storage) / spec.name
+        # a finished run only: a stopped one (SIGTERM) leaves an earlier step's checkpoint
+        final = f"checkpoints/step_{steps}"
+        if done.is_dir() and any((run / final).is_dir() for run in done.iterdir()):
+            run = only_run(storage, spec.name)
+            logger.info("%s: CACHED pretraining run reused: %s", family, run)
+            print(f"# {family} pretraining reused from the cache: {run}", flush=True)
+            return str(run)
+        spec = spec.model_copy(
+            update={"storage": spec.storage.model_copy(update={"path": storage})}
+        )
+    start = time.perf_counter()
+    summary = train_local(spec)
+    seconds = time.perf_counter() - start
+    logger.info("%s pretrained in %.0f s: %s", family, seconds, summary)
+    print(
+        f"# {family} pretraining: {steps} steps in {seconds:.0f} s, val loss "
+        f"{summary['val/loss']:.3f}, data {data['source']}",
+        flush=True,
+    )
+    return str(only_run(storage, spec.name))
+
+
+def finetune_cls(
+    args: argparse.Namespace, storage: str, family: str, name: str, init: str | None
+) -> dict:
+    """`bert_classifier` (mean pooling) or `gpt_classifier` (last token) on `builtin:pydoc-cls`
+    with `--label-fraction` of its training labels, from `init` or from scratch."""
+    options: dict[str, Any] = {"dropout": 0.1}
+    if family == "bert":
+        options["pooling"] = args.pooling
+    model: dict[str, Any] = {
+        "name": f"{family}_classifier",
+        "flavor": args.flavor,
+        "options": options,
+    }
     if init:
         model["init_from"] = init
     data = {
         "source": "builtin:pydoc-cls",
-        "options": {"seq_len": args.seq_len, "label_fraction": args.label_fraction},
+        "options": text_options(args, label_fraction=args.label_fraction),
     }
-    every = max(1, args.steps // 10)
-    trainer = {"max_steps": args.steps, "eval_every_steps": every, "seed": args.seed}
-    summary = train_local(job(name, model, data, trainer, storage))
-    return {**summary, "curve": val_curve(only_run(storage, name))}
+    every = args.eval_every or max(1, args.steps // 10)
+    trainer = {"max_steps": args.steps, "eval_every_steps": every, "lr": args.lr}
+    summary = train_local(job(name, model, data, trainer, storage, args))
+    return {**summary, "curve": curve(only_run(storage, name), "val/accuracy")}
 
 
-def pretrain(args: argparse.Namespace, storage: str) -> str:
-    model = {"name": "bert", "flavor": args.flavor}
-    trainer = {"max_steps": args.pretrain_steps, "eval_every_steps": args.pretrain_steps}
-    summary = train_local(
-        job("mlm", model, pytext_data(args), {**trainer, "seed": args.seed}, storage)
-    )
-    logger.info("pretrained: val loss %.3f, accuracy %.3f", summary["val/loss"],
-                summary["val/accuracy"])  # fmt: skip
-    return str(only_run(storage, "mlm"))
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    return next((step for step, acc in curve if acc >= target), None)
-
-
-def loss_curve(run: Path) -> list[tuple[int, float]]:
-    """`(step, val/loss)` of every evaluation of a run."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(int(r["step"]), r["val/loss"]) for r in rows if "val/loss" in r]
-
-
-def pytext_data(args: argparse.Namespace) -> dict:
-    return {
-        "source": "builtin:pytext",
-        "options": {"seq_len": args.seq_len, "max_bytes": args.max_bytes},
-    }
-
-
-def lm_pretrain(args: argparse.Namespace, storage: str) -> str:
-    """`gpt` trained as a byte LM on the stdlib's source (`builtin:pytext`)."""
-    model = {"name": "gpt", "flavor": args.flavor}
-    trainer = {"max_steps": args.pretrain_steps, "eval_every_steps": args.pretrain_steps}
-    summary = train_local(
-        job("lm", model, pytext_data(args), {**trainer, "seed": args.seed}, storage)
-    )
-    logger.info("LM pretrained: val loss %.3f", summary["val/loss"])
-    return str(only_run(storage, "lm"))
-
-
-def lm_finetune(args: argparse.Namespace, storage: str, name: str, init: str | None) -> dict:
-    """`gpt` as a byte LM on 10% of the docstrings (`builtin:pydoc-text`), from `init`."""
-    model: dict[str, Any] = {"name": "gpt", "flavor": args.flavor}
+def finetune_lm(args: argparse.Namespace, storage: str, name: str, init: str | None) -> dict:
+    """`gpt` as an LM on `--label-fraction` of the training docstrings (`builtin:pydoc-text`)."""
+    model: dict[str, Any] = {"name": "gpt", "flavor": args.flavor, "options": {"dropout": 0.1}}
     if init:
         model["init_from"] = init
     data = {
         "source": "builtin:pydoc-text",
-        "options": {"seq_len": args.seq_len, "fraction": args.label_fraction},
+        "options": text_options(args, fraction=args.label_fraction),
     }
-    every = max(1, args.steps // 10)
-    trainer = {"max_steps": args.steps, "eval_every_steps": every, "seed": args.seed}
-    summary = train_local(job(name, model, data, trainer, storage))
-    return {**summary, "curve": loss_curve(only_run(storage, name))}
+    every = args.eval_every or max(1, args.steps // 10)
+    trainer = {"max_steps": args.steps, "eval_every_steps": every, "lr": args.lr}
+    summary = train_local(job(name, model, data, trainer, storage, args))
+    return {**summary, "curve": curve(only_run(storage, name), "val/loss")}
 
 
 def seen_in_pretraining(args: argparse.Namespace) -> tuple[int, int]:
@@ -177,12 +231,17 @@ def seen_in_pretraining(args: argparse.Namespace) -> tuple[int, int]:
     return sum(doc.splitlines()[0].encode() in train for doc in val), len(val)
 
 
-def lm_transfer(args: argparse.Namespace) -> None:
+def settings(args: argparse.Namespace) -> str:
+    return (
+        f"flavor={args.flavor} tokenizer={args.tokenizer} seq_len={args.seq_len} "
+        f"pretrain_steps={args.pretrain_steps} steps={args.steps} fraction={args.label_fraction}"
+    )
+
+
+def lm_transfer(args: argparse.Namespace, storage: str, gpt: str) -> None:
     """The LM half: RESULT lines for steps to scratch's final val loss and the final loss."""
-    with tempfile.TemporaryDirectory() as storage:
-        pretrained = lm_pretrain(args, storage)
-        ours = lm_finetune(args, storage, "lm_pretrained", pretrained)
-        scratch = lm_finetune(args, storage, "lm_scratch", None)
+    ours = finetune_lm(args, storage, "lm_pretrained", gpt)
+    scratch = finetune_lm(args, storage, "lm_scratch", None)
     logger.info("val loss curves: pretrained %s scratch %s", ours["curve"], scratch["curve"])
     target = scratch["curve"][-1][1]
     reached = next((step for step, loss in ours["curve"] if loss <= target), None)
@@ -190,75 +249,91 @@ def lm_transfer(args: argparse.Namespace) -> None:
     seen, num_val = seen_in_pretraining(args)
     print(
         f"RESULT transfer_lm_steps_to_scratch_loss ours={reached} baseline={args.steps} "
-        f"ratio={fraction:.2f} unit=steps scratch_val_loss={target:.4f} flavor={args.flavor} "
-        f"pretrain_steps={args.pretrain_steps} fraction={args.label_fraction} "
+        f"ratio={fraction:.2f} unit=steps scratch_val_loss={target:.4f} {settings(args)} "
         f"val_docstrings_in_pretraining={seen}/{num_val}",
         flush=True,
     )
     a, b = ours["curve"][-1][1], target
     print(
         f"RESULT transfer_lm_val_loss ours={a:.4f} baseline={b:.4f} ratio={a / b:.2f} "
-        f"unit=nats_per_byte test_loss_ours={ours['test/loss']:.4f} "
+        f"unit=nats_per_token test_loss_ours={ours['test/loss']:.4f} "
         f"test_loss_baseline={scratch['test/loss']:.4f}",
         flush=True,
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU")
-    parser.add_argument("--flavor", default="debug")
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--max-bytes", type=int, default=4_000_000)
-    parser.add_argument("--label-fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=("cls", "lm"), help="run one half (default both)")
-    parser.add_argument(
-        "--backbone",
-        choices=("bert", "gpt"),
-        default="bert",
-        help="classification: bert MLM + [CLS] head, or gpt LM + last-token head",
-    )
-    args = parser.parse_args()
-    if args.quick:
-        args.pretrain_steps, args.steps = min(args.pretrain_steps, 600), min(args.steps, 200)
-        args.seq_len, args.max_bytes = min(args.seq_len, 64), min(args.max_bytes, 2_000_000)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
-    if args.only != "cls":
-        lm_transfer(args)
-    if args.only != "lm":
-        cls_transfer(args)
-
-
-def cls_transfer(args: argparse.Namespace) -> None:
+def cls_transfer(args: argparse.Namespace, storage: str, family: str, backbone: str) -> None:
     """The classification half: RESULT lines for steps to scratch's accuracy and the final."""
-    with tempfile.TemporaryDirectory() as storage:
-        backbone = (
-            pretrain(args, storage) if args.backbone == "bert" else lm_pretrain(args, storage)
-        )
-        ours = finetune(args, storage, "pretrained", backbone)
-        scratch = finetune(args, storage, "scratch", None)
+    ours = finetune_cls(args, storage, family, f"{family}_cls_pretrained", backbone)
+    scratch = finetune_cls(args, storage, family, f"{family}_cls_scratch", None)
     logger.info("val curves: pretrained %s scratch %s", ours["curve"], scratch["curve"])
     target = scratch["curve"][-1][1]
-    reached = steps_to_reach(ours["curve"], target)
+    reached = next((step for step, acc in ours["curve"] if acc >= target), None)
     fraction = (reached if reached is not None else float("inf")) / args.steps
+    suffix = "" if family == "bert" else "_gpt"
     print(
-        f"RESULT transfer_steps_to_scratch_accuracy ours={reached} baseline={args.steps} "
-        f"ratio={fraction:.2f} unit=steps scratch_val_accuracy={target:.4f} flavor={args.flavor} "
-        f"pretrain_steps={args.pretrain_steps} label_fraction={args.label_fraction} "
-        f"backbone={args.backbone}",
+        f"RESULT transfer_steps_to_scratch_accuracy{suffix} ours={reached} baseline={args.steps} "
+        f"ratio={fraction:.2f} unit=steps scratch_val_accuracy={target:.4f} {settings(args)} "
+        f"backbone={family} pooling={args.pooling if family == 'bert' else 'last'}",
         flush=True,
     )
     a, b = ours["test/accuracy"], scratch["test/accuracy"]
     print(
-        f"RESULT transfer_test_accuracy ours={a:.4f} baseline={b:.4f} ratio={a / max(b, 1e-9):.2f} "
-        f"unit=accuracy macro_f1_ours={ours['test/macro_f1']:.4f} "
+        f"RESULT transfer_test_accuracy{suffix} ours={a:.4f} baseline={b:.4f} "
+        f"ratio={a / max(b, 1e-9):.2f} unit=accuracy macro_f1_ours={ours['test/macro_f1']:.4f} "
         f"macro_f1_baseline={scratch['test/macro_f1']:.4f}",
         flush=True,
     )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--quick", action="store_true", help="debug flavors, a few minutes: a smoke test")
+    add("--flavor", default="small")
+    add("--tokenizer", choices=("words", "bytes"), default="words")
+    add(
+        "--mlm-corpus", choices=("pydoc", "pytext"), default="pydoc", help="bert's pretraining text"
+    )
+    add("--pretrain-steps", type=int, default=1000)
+    add("--pretrain-lr", type=float, default=5e-4)
+    add("--steps", type=int, default=90)
+    add("--lr", type=float, default=5e-4, help="fine-tuning (and scratch) learning rate")
+    add("--batch-size", type=int, default=16)
+    add("--seq-len", type=int, default=32)
+    add("--max-bytes", type=int, default=1_000_000)
+    add("--label-fraction", type=float, default=0.1)
+    add("--pooling", choices=("cls", "mean"), default="mean")
+    add("--precision", choices=("fp32", "bf16"), default="fp32")
+    add("--eval-every", type=int, help="fine-tuning evaluation cadence (default steps / 10)")
+    add("--seed", type=int, default=0)
+    add("--threads", type=int, default=1)
+    add("--cache-dir", help="reuse pretraining runs kept here (keyed by their job)")
+    add("--only", choices=("cls", "lm"), help="run one half (default both)")
+    add("--backbone", choices=("bert", "gpt", "both"), default="both", help="classification")
+    args = parser.parse_args()
+    if args.quick:
+        args.flavor = "debug"
+        args.pretrain_steps, args.steps = min(args.pretrain_steps, 200), min(args.steps, 60)
+        args.max_bytes = min(args.max_bytes, 500_000)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as storage:
+        if args.only != "lm" and args.backbone != "gpt":
+            bert = pretrain(args, storage, "bert", corpus(args, args.mlm_corpus))
+            cls_transfer(args, storage, "bert", bert)
+        if args.only == "cls" and args.backbone == "bert":
+            return
+        gpt = pretrain(args, storage, "gpt", corpus(args, "pytext"))
+        if args.only != "cls":
+            lm_transfer(args, storage, gpt)
+        if args.only != "lm" and args.backbone != "bert":
+            cls_transfer(args, storage, "gpt", gpt)
 
 
 if __name__ == "__main__":

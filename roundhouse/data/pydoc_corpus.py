@@ -245,7 +245,7 @@ def _fraction_option(options: dict[str, Any], name: str) -> float:
 
 
 def load_pydoc_classification(
-    options: dict[str, Any],
+    options: dict[str, Any], encoder: Callable[[str], list[int]] = encode
 ) -> tuple[list[tuple[Tensor, Tensor]], list[str]]:
     """`builtin:pydoc-cls`: docstring bytes `(N, seq_len)` labelled by package `(N,)`.
 
@@ -253,6 +253,7 @@ def load_pydoc_classification(
         options: `seq_len` (default 256), `min_per_class` (default 50) and `label_fraction`
             (default 1): keep that fraction of the training docstrings (a fixed hash of each
             function's name picks them; val and test stay whole), for few-label fine-tuning.
+        encoder: Text -> ids (default bytes; `data.text_tokens` for word pieces).
 
     Returns:
         `[(inputs, targets)]` for train, val and test (the fixed hash split), and the class
@@ -285,7 +286,7 @@ def load_pydoc_classification(
     parts[0] = [r for r in parts[0] if _unit_hash(f"labelled:{r.key}") < fraction]
     splits = [
         (
-            encode_padded([r.docstring for r in part], seq_len),
+            encode_padded([r.docstring for r in part], seq_len, encoder),
             torch.tensor([label[r.package] for r in part], dtype=torch.int64),
         )
         for part in parts
@@ -432,7 +433,9 @@ def load_pydoc_pairs(
 PYDOC_TEXT_OPTIONS = ("seq_len", "fraction")
 
 
-def load_pydoc_text(options: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+def load_pydoc_text(
+    options: dict[str, Any], encoder: Callable[[bytes], list[int]] | None = None
+) -> list[tuple[Tensor, Tensor]]:
     """`builtin:pydoc-text`: the docstrings as a byte language-model corpus.
 
     Every docstring of the corpus goes to train/val/test by the fixed hash of `module.qualname`
@@ -460,7 +463,7 @@ def load_pydoc_text(options: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
         if part or _unit_hash(f"text:{record.key}") < fraction:
             parts[part].append(record.docstring.encode("utf-8"))
     logger.info("pydoc-text: docstrings per split %s", [len(p) for p in parts])
-    return [pack_documents(part, seq_len) for part in parts]
+    return [pack_documents(part, seq_len, encoder) for part in parts]
 
 
 __all__ = [

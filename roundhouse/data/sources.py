@@ -28,7 +28,8 @@ from .folds import rotate_fold
 from .loader import build_eval_loader
 from .pydoc_corpus import load_pydoc_classification, load_pydoc_pairs, load_pydoc_text
 from .sampler import SPLIT_STREAM, SYNTHETIC_STREAM, seeded_generator
-from .text import VOCAB_SIZE, load_pytext_splits
+from .text import encode, load_pytext_splits
+from .text_tokens import split_tokenizer_options
 from .types import ArrayDataset, DataInfo
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,8 @@ def _load_synthetic(options: dict[str, Any]) -> _Loaded:
 
 
 def _load_pytext(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
-    parts, vocab_size = load_pytext_splits(options, split, seed)
+    options, encoder, vocab_size = split_tokenizer_options(options, "builtin:pytext")
+    parts, _ = load_pytext_splits(options, split, seed, encoder)
     sizes = tuple(inputs.shape[0] for inputs, _ in parts)
     inputs = torch.cat([inputs for inputs, _ in parts])
     targets = torch.cat([targets for _, targets in parts])
@@ -212,7 +214,8 @@ _load_pytext.splits_itself = True  # type: ignore[attr-defined]
 def _load_pydoc_cls(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
     # The split is fixed by a hash of each function's name (see pydoc_corpus), not by `seed`.
     del split, seed
-    parts, names = load_pydoc_classification(options)
+    options, encoder, vocab_size = split_tokenizer_options(options, "builtin:pydoc-cls")
+    parts, names = load_pydoc_classification(options, encoder or encode)
     sizes = tuple(inputs.shape[0] for inputs, _ in parts)
     inputs = torch.cat([inputs for inputs, _ in parts])
     targets = torch.cat([targets for _, targets in parts])
@@ -221,7 +224,7 @@ def _load_pydoc_cls(options: dict[str, Any], split: Sequence[float], seed: int) 
         targets,
         len(names),
         split_sizes=sizes,
-        vocab_size=VOCAB_SIZE,  # type: ignore[arg-type]
+        vocab_size=vocab_size,  # type: ignore[arg-type]
     )
 
 
@@ -257,11 +260,12 @@ _load_unicode_pairs.splits_itself = True  # type: ignore[attr-defined]
 
 def _load_pydoc_text(options: dict[str, Any], split: Sequence[float], seed: int) -> _Loaded:
     del split, seed  # the fixed hash split of pydoc_corpus
-    parts = load_pydoc_text(options)
+    options, encoder, vocab_size = split_tokenizer_options(options, "builtin:pydoc-text")
+    parts = load_pydoc_text(options, encoder)
     sizes = tuple(inputs.shape[0] for inputs, _ in parts)
     inputs = torch.cat([inputs for inputs, _ in parts])
     targets = torch.cat([targets for _, targets in parts])
-    return _Loaded(inputs, targets, VOCAB_SIZE, split_sizes=sizes, vocab_size=VOCAB_SIZE)  # type: ignore[arg-type]
+    return _Loaded(inputs, targets, vocab_size, split_sizes=sizes, vocab_size=vocab_size)  # type: ignore[arg-type]
 
 
 _load_pydoc_text.splits_itself = True  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +99,23 @@ def split_by_bytes(
     return docs[:train_end], docs[train_end:val_end], docs[val_end:]
 
 
-def pack_documents(docs: list[bytes], seq_len: int) -> tuple[Tensor, Tensor]:
-    """Concatenates `docs` with `EOS` after each and cuts chunks of `seq_len + 1` tokens.
+def _doc_ids(doc: bytes, encoder: Callable[[bytes], list[int]] | None) -> Tensor:
+    if encoder is None:
+        return torch.frombuffer(bytearray(doc), dtype=torch.uint8)
+    return torch.tensor(encoder(doc), dtype=torch.int64)
+
+
+def pack_documents(
+    docs: Sequence[bytes], seq_len: int, encoder: Callable[[bytes], list[int]] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Concatenates `docs` (bytes, or the ids of `encoder`) with `EOS` after each and cuts
+    chunks of `seq_len + 1` tokens.
 
     Returns:
         `(inputs, targets)`, each `(N, seq_len)` int64, with `targets` shifted left by one.
     """
     eos = torch.tensor([EOS_ID])
-    pieces = [t for doc in docs for t in (torch.frombuffer(bytearray(doc), dtype=torch.uint8), eos)]
+    pieces = [t for doc in docs for t in (_doc_ids(doc, encoder), eos)]
     stream = torch.cat([piece.long() for piece in pieces])  # (L,)
     num_chunks = (stream.numel() - 1) // (seq_len + 1)
     if num_chunks < 1:
@@ -134,7 +143,10 @@ def positive_int_option(options: dict[str, Any], name: str, default: int) -> int
 
 
 def load_pytext_splits(
-    options: dict[str, Any], split: Sequence[float], seed: int
+    options: dict[str, Any],
+    split: Sequence[float],
+    seed: int,
+    encoder: Callable[[bytes], list[int]] | None = None,
 ) -> tuple[list[tuple[Tensor, Tensor]], int]:
     """Reads, splits by file and packs the stdlib corpus.
 
@@ -142,6 +154,7 @@ def load_pytext_splits(
         options: `seq_len` (default 128) and `max_bytes` (default 8 MB, a cap on the corpus).
         split: Train/val/test fractions, applied to bytes at file boundaries.
         seed: The run seed, which picks and orders the files.
+        encoder: Bytes -> ids (default: the bytes themselves; see `data.text_tokens`).
 
     Returns:
         `[(inputs, targets)]` for train, val and test, and the vocabulary size.
@@ -159,7 +172,7 @@ def load_pytext_splits(
     max_bytes = positive_int_option(options, "max_bytes", DEFAULT_MAX_BYTES)
     chosen = select_files(stdlib_files(), max_bytes, seed)
     docs = split_by_bytes([data for _, data in chosen], split)
-    packed = [pack_documents(part, seq_len) for part in docs]
+    packed = [pack_documents(part, seq_len, encoder) for part in docs]
     logger.info(
         "pytext: %d files, %d bytes, chunks %s",
         len(chosen),

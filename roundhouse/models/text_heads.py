@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from roundhouse.data.text import PAD_ID, VOCAB_SIZE
+from roundhouse.errors import ModelError
 from roundhouse.models.bert import build_bert
 from roundhouse.models.common import check_dropout
 from roundhouse.models.gpt import build_gpt, flavor_flops
@@ -48,16 +49,25 @@ def _linear(dim_in: int, dim_out: int, bias: bool = True) -> nn.Linear:
     return layer
 
 
-class Pooler(nn.Module):
-    """BERT's pooler: the first position's state through `Linear(C, C) -> tanh`."""
+POOLINGS = ("cls", "mean")
 
-    def __init__(self, dim: int) -> None:
+
+class Pooler(nn.Module):
+    """BERT's pooler: the first position's state (`pooling: cls`, Hugging Face's) or the mean
+    of the non-padding states (`pooling: mean`) through `Linear(C, C) -> tanh`."""
+
+    def __init__(self, dim: int, pooling: str = "cls") -> None:
         super().__init__()
         self.dense = _linear(dim, dim)
+        self.pooling = pooling
 
-    def forward(self, states: Tensor) -> Tensor:
-        """`(B, C)` pooled vectors from encoder states `(B, T, C)`."""
-        return torch.tanh(self.dense(states[:, 0]))
+    def forward(self, states: Tensor, padding: Tensor) -> Tensor:
+        """`(B, C)` pooled vectors from encoder states `(B, T, C)` and padding `(B, T)`."""
+        if self.pooling == "cls":
+            return torch.tanh(self.dense(states[:, 0]))
+        keep = (~padding).unsqueeze(-1).to(states.dtype)  # (B, T, 1)
+        mean = (states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)  # (B, C)
+        return torch.tanh(self.dense(mean))
 
 
 class _Encoder(nn.Module):
@@ -80,17 +90,20 @@ class BertClassifier(_Encoder):
     ignored_weights = ("head.",)  # the MLM head of a pretraining run / BertForMaskedLM
     new_heads = ("pooler.", "classifier.")
 
-    def __init__(self, bert: nn.Module, num_labels: int, dropout: float) -> None:
+    def __init__(
+        self, bert: nn.Module, num_labels: int, dropout: float, pooling: str = "cls"
+    ) -> None:
         super().__init__()
         self.embed, self.blocks, self.norm = bert.embed, bert.blocks, bert.norm
         dim = bert.embed.tok.embedding_dim
-        self.pooler = Pooler(dim)
+        self.pooler = Pooler(dim, pooling)
         self.drop = nn.Dropout(dropout)
         self.classifier = _linear(dim, num_labels)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Label logits `(B, K)`."""
-        return self.classifier(self.drop(self.pooler(self.encode(tokens))))
+        pooled = self.pooler(self.encode(tokens), tokens == self.pad_id)
+        return self.classifier(self.drop(pooled))
 
 
 class BertTagger(_Encoder):
@@ -153,14 +166,25 @@ def build_bert_classifier(
     num_classes: int,
     vocab_size: int = VOCAB_SIZE,
     classifier_dropout: float | None = None,
+    pooling: str = "cls",
     **options: Any,
 ) -> BertClassifier:
     """A BERT encoder (`build_bert`'s `options`) with a `[CLS]` classifier of `num_classes`.
 
-    `classifier_dropout` defaults to the encoder's `dropout`.
+    `classifier_dropout` defaults to the encoder's `dropout`. `pooling: mean` pools the mean
+    of the non-padding states instead of position 0 (a masked-LM run never trains its first
+    slot as a summary; Hugging Face's `BertForSequenceClassification` pools `cls`).
+
+    Raises:
+        ModelError: An unknown `pooling`.
     """
+    if pooling not in POOLINGS:
+        raise ModelError(
+            f"model.options.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}",
+            "set model.options.pooling to cls or mean",
+        )
     bert = build_bert(input_shape, vocab_size, **options)
-    return BertClassifier(bert, num_classes, _dropout(classifier_dropout, options))
+    return BertClassifier(bert, num_classes, _dropout(classifier_dropout, options), pooling)
 
 
 def build_bert_tagger(
