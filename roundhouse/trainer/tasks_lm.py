@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from roundhouse.data import DataInfo
-from roundhouse.data.text import MASK_ID, NUM_BYTES, PAD_ID
+from roundhouse.data.text import MASK_ID, PAD_ID
 from roundhouse.trainer.sampling import LM_OPTIONS, lm_text
 from roundhouse.trainer.task_api import ExampleInputs, ExportGraph, SampleRequest, Task, unwrap
 
@@ -232,7 +232,12 @@ def hashed_uniform(tokens: Tensor, seed: int, stream: int) -> Tensor:
 @dataclass(frozen=True)
 class Masking:
     """BERT's corruption (SEEDS A16): of the selected tokens, `mask_frac` become `[MASK]`,
-    `random_frac` a random byte, the rest stay (the original paper's 80/10/10)."""
+    `random_frac` a random token, the rest stay (the original paper's 80/10/10).
+
+    The random token is the token at a random position of the same sample: drawn from the
+    data's own distribution, whatever the vocabulary (bytes or word pieces), and, like every
+    choice here, a function of the sample alone, so each rank corrupts its share of a batch
+    as one device would the whole batch."""
 
     select_frac: float = 0.15
     mask_frac: float = 0.8
@@ -246,10 +251,17 @@ class Masking:
         to_mask = selected & (choice < self.mask_frac)
         to_random = selected & (choice >= self.mask_frac)
         to_random &= choice < self.mask_frac + self.random_frac
-        random_bytes = (hashed_uniform(tokens, self.seed, 2) * NUM_BYTES).long()
         corrupted = torch.where(to_mask, torch.full_like(tokens, MASK_ID), tokens)
-        corrupted = torch.where(to_random, random_bytes, corrupted)
+        corrupted = torch.where(to_random, self.random_tokens(tokens), corrupted)
         return corrupted, selected
+
+    def random_tokens(self, tokens: Tensor) -> Tensor:
+        """For each position, the token at a hashed random position of its sample `(B, T)`; a
+        draw that lands on padding keeps the position's own token."""
+        length = tokens.shape[1]
+        picks = (hashed_uniform(tokens, self.seed, 2) * length).long().clamp_max(length - 1)
+        drawn = tokens.gather(1, picks)
+        return torch.where(drawn == PAD_ID, tokens, drawn)
 
 
 class MaskedLMTask(LanguageModelTask):

@@ -112,14 +112,28 @@ def test_bert_masking_proportions_and_replacement_rules() -> None:
     masked = (corrupted == MASK_ID) & selected
     changed = (corrupted != tokens) & selected & ~masked
     assert masked.sum().item() / n == pytest.approx(0.8, abs=0.03)
-    # 10% random (a few land on the same byte), 10% unchanged.
-    assert changed.sum().item() / n == pytest.approx(0.1 * 255 / 256, abs=0.03)
+    # 10% random (a few draw their own token), 10% unchanged.
+    assert changed.sum().item() / n == pytest.approx(0.1, abs=0.03)
     assert torch.equal(corrupted[~selected], tokens[~selected])  # the rest is untouched
     assert corrupted.max().item() <= MASK_ID and (corrupted[changed] < 256).all()
     again, _ = masking.apply(tokens)
     assert torch.equal(again, corrupted)  # deterministic
     other, _ = Masking(seed=1).apply(tokens)
     assert not torch.equal(other, corrupted)
+
+
+def test_a_random_replacement_is_a_token_of_the_same_sample() -> None:
+    """Word pieces or bytes alike: a random replacement comes from the sample's own tokens
+    (never an id the vocabulary lacks), and a sample's corruption ignores its batch-mates."""
+    tokens = torch.randint(300, 5000, (16, 64))  # word-piece ids beyond the bytes
+    tokens[3, 40:] = PAD_ID
+    corrupted, selected = Masking().apply(tokens)
+    changed = (corrupted != tokens) & selected & (corrupted != MASK_ID)
+    assert changed.any()
+    for row, col in changed.nonzero().tolist():
+        assert corrupted[row, col] in tokens[row] and corrupted[row, col] != PAD_ID
+    alone, _ = Masking().apply(tokens[5:6])
+    assert torch.equal(alone, corrupted[5:6])
 
 
 def test_masked_lm_loss_covers_only_selected_positions() -> None:
