@@ -78,9 +78,10 @@ def evaluate_all(
     workers: list[int],
     kinds: tuple[str, ...] | None = None,
     runs: Callable[[Candidate], bool] = lambda c: True,
+    prefer_workers: int | None = None,
 ) -> list[Row]:
     """Every candidate row for every worker count (those the batch cannot be split for, and
-    those `runs` refuses, skipped)."""
+    those `runs` refuses, skipped), ranked (`rank_rows`)."""
     rows = []
     for n in workers:
         for candidate in enumerate_candidates(n, profile, shape, kinds):
@@ -89,7 +90,7 @@ def evaluate_all(
             if not runs(candidate):
                 continue
             rows.append(evaluate(candidate, profile, target, shape))
-    return rank_rows(rows, shape)
+    return rank_rows(rows, shape, prefer_workers)
 
 
 def rank_rows(rows: list[Row], shape: JobShape, prefer_workers: int | None = None) -> list[Row]:
@@ -154,9 +155,9 @@ def build_plan(
     probe = (lambda threads: _local_residuals(job, threads)) if residuals else None
     target = build_target(jm, profile, device, bandwidth, max(workers), probe)
     shape = job_shape(job)
-    rows = evaluate_all(profile, target, shape, workers, kinds, strategy_accepts(job))
     own = job.cluster.num_workers
-    rows = rank_rows(rows, shape, own if own in workers else None)
+    prefer = own if own in workers else None
+    rows = evaluate_all(profile, target, shape, workers, kinds, strategy_accepts(job), prefer)
     plan = Plan(job, profile, target, shape, rows, "")
     plan.reason = explain(plan)
     return plan
