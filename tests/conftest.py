@@ -7,6 +7,9 @@ import secrets
 from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
+
+from tests.helpers.dist import PRELOAD
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -18,6 +21,8 @@ os.environ.pop("WANDB_MODE", None)
 # (embedded ones and tests/helpers/ray_cluster.py's) uses this one, so a later cluster can be
 # joined after an earlier one.
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# Before anything starts the fork server (tests/helpers/dist.py's ranks, the ps shard manager).
+mp.set_forkserver_preload(PRELOAD)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -25,7 +25,16 @@ import torch.multiprocessing as mp
 
 from roundhouse.parallel.net import free_port
 
-PRELOAD = ["torch", "torch.distributed", "roundhouse.trainer", "tests.helpers.dist"]
+# What the fork server imports before its first fork. The first user of the `forkserver`
+# context starts it; tests/conftest.py sets this list at import so that every user (these
+# ranks, `parallel/ps/manager.py`'s shard manager) forks from a server that has it.
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "roundhouse.trainer",
+    "roundhouse.parallel.ps.manager",
+    "tests.helpers.dist",
+]
 
 
 class DistributedTestError(AssertionError):

@@ -67,9 +67,12 @@ def shard_manager() -> Iterator[Address]:
     authkey = b"roundhouse-ps-test"
     folder = tempfile.mkdtemp(prefix="rhps", dir="/tmp")
     address = os.path.join(folder, "shards.sock")
-    # Spawned, not forked: a forked child that runs torch's intra-op pool after the parent
-    # used it fails with "Invalid thread pool" (the sparse row updates hit it).
-    manager = ShardManager(address=address, authkey=authkey, ctx=mp.get_context("spawn"))
+    # A child of the fork server, not a fork of this process: a fork that runs torch's intra-op
+    # pool after the parent used it fails with "Invalid thread pool" (the sparse row updates
+    # hit it). Nor spawned: a fresh interpreter takes ~1 s to import torch and ~1 s to exit.
+    # The fork server imports what `multiprocessing.set_forkserver_preload` names (the tests
+    # preload torch and this module, tests/conftest.py) before its first fork.
+    manager = ShardManager(address=address, authkey=authkey, ctx=mp.get_context("forkserver"))
     manager.start()
     try:
         yield manager.address, authkey
