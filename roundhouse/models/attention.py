@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from roundhouse.errors import ModelError
+from roundhouse.models.common import is_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +87,7 @@ def is_graph_capture() -> bool:
     These take the real-arithmetic pairs form without the autograd.Function wrapper, which the
     exporters would otherwise have to inline.
     """
-    return (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-    )
+    return torch.compiler.is_compiling() or is_tracing() or torch.jit.is_scripting()
 
 
 def complex_rotate(x: Tensor, rot: Tensor) -> Tensor:
@@ -148,7 +144,7 @@ class RotatePairs(torch.autograd.Function):
 def rotate_pairs_of(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The pairs rotation: through `RotatePairs` when training, plainly under a trace or export
     (an out-of-place multiply-add, which every exporter writes as ONNX Mul/Add)."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if is_tracing():
         swapped = x.reshape(*x.shape[:-1], -1, 2).flip(-1).flatten(-2)
         return x * cos + swapped * sin
     return RotatePairs.apply(x, cos, sin)
@@ -181,7 +177,7 @@ class RopeTables:
         if use_complex(x):
             rot = self.rotation(length, offset, x.device, COMPLEX_OF[x.dtype])  # (T, D/2)
             return RotateComplex.apply(x, rot[:, None])
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if is_tracing():
             # Fresh tables, so the exported graph computes them for its input's length.
             cos, sin = expand_angles(
                 *rope_angles(length, self.head_dim, offset=offset, base=self.base, device=x.device)

@@ -1,4 +1,4 @@
-"""Pieces every CNN family shares: input checks, shape probing, pipeline layers, FLOPs.
+"""Pieces the families share: input checks, shape probing, pipeline layers, FLOPs, tracing.
 
 Input-size policy: a family builds the same architecture for every input (a flavor never
 changes with the image size) and ends in adaptive pooling where the architecture allows, so one
@@ -31,6 +31,12 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
     "elu": nn.ELU,
 }
+
+
+def is_tracing() -> bool:
+    """Whether the model runs under `torch.jit.trace` or `torch.onnx.export`: sizes and
+    data-dependent branches must then stay in the graph, not become constants."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def image_shape(model_name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from roundhouse.errors import ModelError
+from roundhouse.models.common import is_tracing
 from roundhouse.models.registry import ModelSpec, register
 from roundhouse.models.spec import TOKEN_INPUT
 
@@ -78,7 +79,7 @@ class FastText(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits `(B, num_classes)` of byte tokens `(B, T)`."""
         features = hash_ngrams(tokens, self.ngrams, self.buckets)  # (B, F)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if is_tracing():
             return self.head(self.gathered_mean(features))
         return self.head(self.embed(features))  # (B, dim) -> (B, num_classes)
 

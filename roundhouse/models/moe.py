@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from roundhouse.errors import ModelError
+from roundhouse.models.common import is_tracing
 from roundhouse.models.gpt import MLP, build_gpt, flavor_flops, gpt_layers, sequence_length
 from roundhouse.models.registry import BuildConfig, ModelSpec, register
 from roundhouse.models.spec import BYTE_VOCAB, TOKEN_INPUT
@@ -55,12 +56,6 @@ class Router(nn.Module):
 def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
     """Slots per expert: `ceil(factor * k * N / E)`."""
     return max(1, math.ceil(factor * top_k * num_tokens / num_experts))
-
-
-def is_tracing() -> bool:
-    """Whether the layer runs under `torch.jit.trace` or `torch.onnx.export`: sizes and
-    data-dependent branches must then stay in the graph, not become constants."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def traced_capacity(tokens: Tensor, num_experts: int, top_k: int, factor: float) -> Tensor:
