@@ -65,7 +65,8 @@ class ExactShardSum:
             with named_collective("all_gather (exact shard gradients)"):
                 dist.all_gather(gathered, local)
         shards = [gathered[r][i] for r in range(world_size) for i in range(counts[r])]
-        total_samples = sum(float(s[-1]) for s in shards)
+        # A global batch with no loss items (nothing masked, only padding) has a zero gradient.
+        total_samples = max(sum(float(s[-1]) for s in shards), 1.0)
         total = shards[0][:-1] * (float(shards[0][-1]) / total_samples)
         for shard in shards[1:]:
             total += shard[:-1] * (float(shard[-1]) / total_samples)
