@@ -150,7 +150,10 @@ class MoELayer(nn.Module):
             return out
         for e, expert in enumerate(self.experts):
             rows, choice = torch.nonzero((experts == e) & kept, as_tuple=True)
-            if rows.numel() == 0 and not is_tracing():  # a trace keeps every expert's branch
+            # Training runs an expert with no tokens too: its zero gradient keeps every rank's
+            # set of gradients the same (ZeRO-2's buckets; DeepSpeed's own MoE pads every
+            # expert to capacity), and a trace keeps every expert's branch.
+            if rows.numel() == 0 and not (torch.is_grad_enabled() or is_tracing()):
                 continue
             result = expert(tokens[rows]) * weights[rows, choice].unsqueeze(-1)  # (n_e, C)
             out.index_add_(0, rows, result)

@@ -23,7 +23,7 @@ from roundhouse.parallel.deepspeed.moe import (
 )
 from roundhouse.trainer.preflight import preflight
 from tests.distributed.test_deepspeed_zero import checkpoint_copy, losses, train
-from tests.distributed.test_ring_training import initial_weights, make_job
+from tests.distributed.test_ring_training import assert_close_weights, initial_weights, make_job
 from tests.helpers.dist import run_distributed
 from tests.helpers.runs import final_weights, read_metrics
 
@@ -218,3 +218,24 @@ def test_deepspeed_layer_matches_native_layer(top_k: int) -> None:
     tight = run_distributed(layer_parity, 1, 120, top_k, 0.5)[0]  # half the tokens dropped
     assert tight["native_dropped"] > 0 and tight["dropped"] == 0 and tight["counts"] == 0
     assert tight["aux_loss"] < 1e-6 and tight["replica"] < 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_native_moe_under_zero2_equals_single(tmp_path: Path) -> None:
+    """The zoo's MoE layer under plain ZeRO-2 (no expert parallel): every rank must hand
+    DeepSpeed the same set of gradients, so an expert that got no token on a rank still runs
+    (a zero gradient); gloo failed on the mismatched buckets before. No balance loss (a
+    per-rank balance is not the global batch's) and no drops, so the ranks add up to one
+    device on the global batch."""
+    options = {"capacity_factor": 4.0, "balance_coef": 0.0}
+    model = {"name": "moe", "flavor": "debug", "options": options}
+    settings = {"model": model, "trainer__max_steps": 6, "trainer__checkpoint": {"every_steps": 6}}
+    single = train(with_strategy(moe_job(tmp_path, "single", **settings), {"kind": "single"}), 1)
+    zero2 = moe_job(tmp_path, "zero2", **settings)
+    run = train(with_strategy(zero2, {"kind": "deepspeed", "zero_stage": 2}), 2)
+    expected = final_weights(single)
+    initial = initial_weights(
+        with_strategy(moe_job(tmp_path, "init", **settings), {"kind": "single"})
+    )
+    assert max(float((expected[k] - initial[k]).abs().max()) for k in expected) > 1e-2
+    assert_close_weights(final_weights(run), expected)
