@@ -6,9 +6,9 @@ the job as a worker would (data loader, model, task, strategy, optimizer, schedu
 step's pieces are timed as `Trainer.train_step` runs them:
 
 - the one-device reference strategy at two micro-batch sizes: the next batch from the loader
-  plus the finite-loss check (`loop_s`), `forward_backward` with the loss read back
-  (`fwd_bwd(B) = overhead_s + per_sample_s x B`), and `optimizer_step` with the gradient
-  norm (`optimizer_s`: norm, clip, optimizer, scheduler, zero_grad);
+  plus the finite-loss check and the loss items' count (`loop_s`), `forward_backward` with the
+  loss read back (`fwd_bwd(B) = overhead_s + per_sample_s x B`), and `optimizer_step` with the
+  gradient norm (`optimizer_s`: norm, clip, optimizer, scheduler, zero_grad);
 - every engine a registered cost model names (`CostModel.engines`: DeepSpeed's ZeRO-2 and
   ZeRO-3) on one rank at the smaller size: what the engine adds to `forward_backward` (its
   gradient hooks) and its `optimizer_step`. At one rank the exchange is empty, so these are
@@ -79,6 +79,8 @@ def time_pieces(
     pieces: dict[str, list[float]] = {"loop_s": [], "fwd_bwd_s": [], "optimizer_s": []}
     started = last = time.perf_counter()
     for i, micro_batches in enumerate(loader):
+        # As the loop does: a task with loss items counts the global batch's (one all-reduce).
+        trainer.step_weights(micro_batches, loader.last_step_size)
         t0 = time.perf_counter()
         loss = strategy.forward_backward(micro_batches[0], loss_scale=1.0, sync=True)
         strategy.all_true(bool(torch.isfinite(loss)))
