@@ -18,6 +18,13 @@ Classification (`--backbone bert|gpt|both`):
 3. scratch: the same job without `init_from`: same model, data, steps, optimizer, schedule and
    seed.
 
+Each arm (pretrained, scratch) is fine-tuned at every peak lr of `--lr-grid` (default 1e-4,
+2e-4, 5e-4, 1e-3; `--workers N` runs the grid on N processes) and keeps the lr with the best
+*final validation* accuracy (ties: the earlier lr). A pretrained encoder wants a smaller lr than
+a model from scratch, so one shared lr favours one arm; choosing each arm's lr the same way, on
+the validation split only, is the fair comparison. The `# grid` lines print every lr's
+validation curve (never the test split), and the RESULT lines name the chosen lrs.
+
 Language model (`--only lm`): the `gpt` pretrained above, then trained as an LM on 10% of the
 docstrings (`builtin:pydoc-text`, `fraction: 0.1`, held-out val/test docstrings by the fixed hash
 split), against the same `gpt` from scratch, same steps. The pytext files contain docstrings
@@ -25,14 +32,16 @@ too: the RESULT line counts the val docstrings whose first line occurs in the pr
 
 Every run goes through the real job path (`train_local`). Fine-tuning evaluates on the
 validation split every `--eval-every` steps (default `--steps / 10`) and at each epoch end;
-"steps to reach" is the first evaluation at which the pretrained run reaches the scratch run's
-final validation accuracy (LM: validation loss). Final figures: test accuracy and macro-F1; LM:
-final validation loss. `--cache-dir DIR` keeps each pretraining run under a hash of its job and
-reuses a finished one (the output says so with a `# ... reused from the cache` line); the
-fine-tuning runs behind the RESULT lines always run.
+"steps to reach" is the first evaluation at which the chosen pretrained run reaches the chosen
+scratch run's final validation accuracy (LM: validation loss). Final figures: test accuracy and
+macro-F1 of the chosen runs; LM: final validation loss. `--cache-dir DIR` keeps each pretraining
+run under a hash of its job and of the family's `CACHE_VERSION` entry (bumped when a code change
+alters what the pretraining computes) and reuses a finished one (the output says so with a
+`# ... reused from the cache` line); the fine-tuning runs behind the RESULT lines always run.
 
     python benchmarks/transfer.py [--quick] [--only cls|lm] [--backbone bert|gpt|both]
         [--flavor small] [--pretrain-steps 1000] [--steps 90] [--seq-len 32] [--cache-dir DIR]
+        [--lr-grid 1e-4,2e-4,5e-4,1e-3] [--workers 2]
 
 `--quick` is a smoke test (`debug` flavors, 200 pretraining steps, 60 fine-tuning steps; 2.5
 minutes at load 2-3): its figures say nothing about transfer (both `bert` runs end at the
@@ -82,8 +91,11 @@ import argparse
 import hashlib
 import json
 import logging
+import multiprocessing
+import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +106,15 @@ from roundhouse.launch.local import train_local
 
 logger = logging.getLogger("transfer")
 
+# Part of a pretraining run's cache key: bump a family's entry when a code change alters what its
+# pretraining computes (bert: the masked LM's random token is drawn from the same sample since
+# main 54d7f65; runs cached before have no entry and are not reused).
+CACHE_VERSION = {"bert": "mlm-random-v2"}
 
-def job(name: str, model: dict, data: dict, trainer: dict, storage: str, args: Any) -> Any:
+
+def job(
+    name: str, model: dict, data: dict, trainer: dict, storage: str, args: Any, batch: int = 0
+) -> Any:
     """A validated job: AdamW, cosine with linear warmup, clipping; console and W&B off."""
     lr = trainer.pop("lr")
     steps = trainer["max_steps"]
@@ -103,7 +122,7 @@ def job(name: str, model: dict, data: dict, trainer: dict, storage: str, args: A
         {
             "name": name,
             "model": model,
-            "data": {"batch_size": args.batch_size, "eval_batch_size": 256, **data},
+            "data": {"batch_size": batch or args.batch_size, "eval_batch_size": 256, **data},
             "trainer": {
                 "max_epochs": 10_000,
                 "log_every_steps": 10,
@@ -146,16 +165,23 @@ def corpus(args: argparse.Namespace, name: str) -> dict:
     return {"source": "builtin:pydoc-text", "options": text_options(args)}
 
 
+def cache_key(family: str, spec: Any) -> str:
+    """The cache folder of a pretraining job: a hash of the job (its storage left out) and the
+    family's `CACHE_VERSION` entry."""
+    text = CACHE_VERSION.get(family, "") + spec.model_dump_json(exclude={"storage"})
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def pretrain(args: argparse.Namespace, storage: str, family: str, data: dict) -> str:
     """A `bert` masked LM or a `gpt` LM trained on `data`; cached under `--cache-dir` by a hash
     of its job, so a later run of the benchmark with the same settings reuses it."""
     model = {"name": family, "flavor": args.flavor, "options": {"dropout": 0.1}}
     steps = args.pretrain_steps
     trainer = {"max_steps": steps, "eval_every_steps": steps, "lr": args.pretrain_lr}
-    spec = job(f"{family}_pretrain", model, data, trainer, storage, args)
+    batch = args.pretrain_batch_size
+    spec = job(f"{family}_pretrain", model, data, trainer, storage, args, batch)
     if args.cache_dir:
-        key = hashlib.sha256(spec.model_dump_json(exclude={"storage"}).encode()).hexdigest()[:12]
-        storage = str(Path(args.cache_dir) / key)
+        storage = str(Path(args.cache_dir) / cache_key(family, spec))
         done = Path(storage) / spec.name
         # a finished run only: a stopped one (SIGTERM) leaves an earlier step's checkpoint
         final = f"checkpoints/step_{steps}"
@@ -173,17 +199,18 @@ def pretrain(args: argparse.Namespace, storage: str, family: str, data: dict) ->
     logger.info("%s pretrained in %.0f s: %s", family, seconds, summary)
     print(
         f"# {family} pretraining: {steps} steps in {seconds:.0f} s, val loss "
-        f"{summary['val/loss']:.3f}, data {data['source']}",
+        f"{summary['val/loss']:.3f}, val accuracy {summary['val/accuracy']:.3f}, data "
+        f"{data['source']}",
         flush=True,
     )
     return str(only_run(storage, spec.name))
 
 
 def finetune_cls(
-    args: argparse.Namespace, storage: str, family: str, name: str, init: str | None
+    args: argparse.Namespace, storage: str, family: str, name: str, init: str | None, lr: float
 ) -> dict:
     """`bert_classifier` (mean pooling) or `gpt_classifier` (last token) on `builtin:pydoc-cls`
-    with `--label-fraction` of its training labels, from `init` or from scratch."""
+    with `--label-fraction` of its training labels at peak lr `lr`, from `init` or scratch."""
     options: dict[str, Any] = {"dropout": 0.1}
     if family == "bert":
         options["pooling"] = args.pooling
@@ -199,9 +226,48 @@ def finetune_cls(
         "options": text_options(args, label_fraction=args.label_fraction),
     }
     every = args.eval_every or max(1, args.steps // 10)
-    trainer = {"max_steps": args.steps, "eval_every_steps": every, "lr": args.lr}
+    trainer = {"max_steps": args.steps, "eval_every_steps": every, "lr": lr}
     summary = train_local(job(name, model, data, trainer, storage, args))
-    return {**summary, "curve": curve(only_run(storage, name), "val/accuracy")}
+    run = only_run(storage, name)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # a grid keeps 8 runs: disk
+    return {**summary, "lr": lr, "curve": curve(run, "val/accuracy")}
+
+
+def grid_runs(
+    args: argparse.Namespace, storage: str, family: str, arms: dict[str, str | None]
+) -> dict[str, list[dict]]:
+    """Every arm's fine-tunes at every lr of `--lr-grid` (`arms`: name -> `init_from` or None),
+    on `--workers` processes of `--threads` threads each; by arm, in grid order."""
+    tasks = [(arm, init, lr) for arm, init in arms.items() for lr in args.lr_grid]
+    calls = [
+        (args, storage, family, f"{family}_cls_{arm}_lr{lr:g}", init, lr) for arm, init, lr in tasks
+    ]
+    if args.workers <= 1:
+        done = [finetune_cls(*call) for call in calls]
+    else:
+        spawn = multiprocessing.get_context("spawn")
+        threads = (args.threads,)
+        with ProcessPoolExecutor(
+            args.workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=threads
+        ) as pool:
+            done = list(pool.map(finetune_cls, *zip(*calls, strict=True)))
+    by_arm = {arm: [] for arm in arms}
+    for (arm, _, _), run in zip(tasks, done, strict=True):
+        by_arm[arm].append(run)
+    return by_arm
+
+
+def best_on_val(family: str, arm: str, runs: list[dict]) -> dict:
+    """The run with the best final validation accuracy (ties: the earlier lr in the grid);
+    prints each lr's validation figures (never the test split's)."""
+    for run in runs:
+        val = ", ".join(f"{step}:{acc:.3f}" for step, acc in run["curve"])
+        print(
+            f"# grid {family} {arm} lr={run['lr']:g} "
+            f"final_val_accuracy={run['curve'][-1][1]:.4f} val_curve={val}",
+            flush=True,
+        )
+    return max(runs, key=lambda run: run["curve"][-1][1])  # max keeps the first of ties
 
 
 def finetune_lm(args: argparse.Namespace, storage: str, name: str, init: str | None) -> dict:
@@ -263,18 +329,22 @@ def lm_transfer(args: argparse.Namespace, storage: str, gpt: str) -> None:
 
 
 def cls_transfer(args: argparse.Namespace, storage: str, family: str, backbone: str) -> None:
-    """The classification half: RESULT lines for steps to scratch's accuracy and the final."""
-    ours = finetune_cls(args, storage, family, f"{family}_cls_pretrained", backbone)
-    scratch = finetune_cls(args, storage, family, f"{family}_cls_scratch", None)
+    """The classification half: each arm at its own best lr of `--lr-grid` (by validation
+    accuracy); RESULT lines for steps to scratch's final val accuracy and the test figures."""
+    runs = grid_runs(args, storage, family, {"pretrained": backbone, "scratch": None})
+    ours = best_on_val(family, "pretrained", runs["pretrained"])
+    scratch = best_on_val(family, "scratch", runs["scratch"])
     logger.info("val curves: pretrained %s scratch %s", ours["curve"], scratch["curve"])
     target = scratch["curve"][-1][1]
     reached = next((step for step, acc in ours["curve"] if acc >= target), None)
     fraction = (reached if reached is not None else float("inf")) / args.steps
     suffix = "" if family == "bert" else "_gpt"
+    grid = ",".join(f"{lr:g}" for lr in args.lr_grid)
     print(
         f"RESULT transfer_steps_to_scratch_accuracy{suffix} ours={reached} baseline={args.steps} "
         f"ratio={fraction:.2f} unit=steps scratch_val_accuracy={target:.4f} {settings(args)} "
-        f"backbone={family} pooling={args.pooling if family == 'bert' else 'last'}",
+        f"backbone={family} pooling={args.pooling if family == 'bert' else 'last'} "
+        f"lr_grid={grid} lr_ours={ours['lr']:g} lr_baseline={scratch['lr']:g}",
         flush=True,
     )
     a, b = ours["test/accuracy"], scratch["test/accuracy"]
@@ -284,6 +354,11 @@ def cls_transfer(args: argparse.Namespace, storage: str, family: str, backbone: 
         f"macro_f1_baseline={scratch['test/macro_f1']:.4f}",
         flush=True,
     )
+
+
+def lr_list(text: str) -> list[float]:
+    """`--lr-grid`'s comma-separated learning rates."""
+    return [float(part) for part in text.split(",") if part.strip()]
 
 
 def parse_args() -> argparse.Namespace:
@@ -297,8 +372,15 @@ def parse_args() -> argparse.Namespace:
     )
     add("--pretrain-steps", type=int, default=1000)
     add("--pretrain-lr", type=float, default=5e-4)
+    add("--pretrain-batch-size", type=int, default=16)
     add("--steps", type=int, default=90)
-    add("--lr", type=float, default=5e-4, help="fine-tuning (and scratch) learning rate")
+    add("--lr", type=float, default=5e-4, help="the LM half's learning rate (both arms)")
+    add(
+        "--lr-grid",
+        type=lr_list,
+        default=lr_list("1e-4,2e-4,5e-4,1e-3"),
+        help="classification: each arm runs every lr and keeps its best by final val accuracy",
+    )
     add("--batch-size", type=int, default=16)
     add("--seq-len", type=int, default=32)
     add("--max-bytes", type=int, default=1_000_000)
@@ -308,6 +390,7 @@ def parse_args() -> argparse.Namespace:
     add("--eval-every", type=int, help="fine-tuning evaluation cadence (default steps / 10)")
     add("--seed", type=int, default=0)
     add("--threads", type=int, default=1)
+    add("--workers", type=int, default=1, help="processes for the fine-tuning lr grid")
     add("--cache-dir", help="reuse pretraining runs kept here (keyed by their job)")
     add("--only", choices=("cls", "lm"), help="run one half (default both)")
     add("--backbone", choices=("bert", "gpt", "both"), default="both", help="classification")
