@@ -44,9 +44,9 @@ alters what the pretraining computes) and reuses a finished one (the output says
         [--flavor small] [--pretrain-steps 1000] [--steps 90] [--seq-len 32] [--cache-dir DIR]
         [--lr-grid 1e-4,2e-4,5e-4,1e-3] [--workers 2]
 
-`--quick` is a smoke test (`debug` flavors, 200 pretraining steps, 60 fine-tuning steps; 2.5
-minutes at load 2-3): its figures say nothing about transfer (both `bert` runs end at the
-majority class; the LM half passes at ratio 0.10).
+`--quick` is a smoke test (`debug` flavors, 200 pretraining steps, 60 fine-tuning steps, the
+full lr grids; 2 minutes with `--workers 2` at load 3-5): its figures say nothing about transfer
+(every `bert` run ends at the majority class; the LM half passes at ratio 0.10).
 
 RESULT lines: `transfer_steps_to_scratch_accuracy[_gpt]` (target ratio <= 0.33),
 `transfer_test_accuracy[_gpt]` (target ratio >= 1.0), `transfer_lm_steps_to_scratch_loss`
