@@ -18,6 +18,14 @@ Classification (`--backbone bert|gpt|both`):
 3. scratch: the same job without `init_from`: same model, data, steps, optimizer, schedule and
    seed.
 
+Each arm (pretrained, scratch) is fine-tuned at every peak lr of `--lr-grid` (default 1e-4,
+2e-4, 5e-4, 1e-3; `--workers N` runs the grid on N processes) and keeps the lr with the best
+*final validation* accuracy (ties: the earlier lr). A pretrained encoder is usually fine-tuned at
+a smaller lr than a model from scratch wants, so one shared lr may favour one arm; choosing each
+arm's lr the same way, on the validation split only, is the fair comparison. The `# grid` lines
+print every lr's validation curve (never the test split), and the RESULT lines name the chosen
+lrs. The LM half trains both arms at `--lr` (it meets its target at the shared lr).
+
 Language model (`--only lm`): the `gpt` pretrained above, then trained as an LM on 10% of the
 docstrings (`builtin:pydoc-text`, `fraction: 0.1`, held-out val/test docstrings by the fixed hash
 split), against the same `gpt` from scratch, same steps. The pytext files contain docstrings
@@ -25,55 +33,79 @@ too: the RESULT line counts the val docstrings whose first line occurs in the pr
 
 Every run goes through the real job path (`train_local`). Fine-tuning evaluates on the
 validation split every `--eval-every` steps (default `--steps / 10`) and at each epoch end;
-"steps to reach" is the first evaluation at which the pretrained run reaches the scratch run's
-final validation accuracy (LM: validation loss). Final figures: test accuracy and macro-F1; LM:
-final validation loss. `--cache-dir DIR` keeps each pretraining run under a hash of its job and
-reuses a finished one (the output says so with a `# ... reused from the cache` line); the
-fine-tuning runs behind the RESULT lines always run.
+"steps to reach" is the first evaluation at which the chosen pretrained run reaches the chosen
+scratch run's final validation accuracy (LM: validation loss). Final figures: test accuracy and
+macro-F1 of the chosen runs; LM: final validation loss. `--cache-dir DIR` keeps each pretraining
+run under a hash of its job and of the family's `CACHE_VERSION` entry (bumped when a code change
+alters what the pretraining computes) and reuses a finished one (the output says so with a
+`# ... reused from the cache` line); the fine-tuning runs behind the RESULT lines always run.
 
     python benchmarks/transfer.py [--quick] [--only cls|lm] [--backbone bert|gpt|both]
         [--flavor small] [--pretrain-steps 1000] [--steps 90] [--seq-len 32] [--cache-dir DIR]
+        [--lr-grid 1e-4,2e-4,5e-4,1e-3] [--workers 2]
 
-`--quick` is a smoke test (`debug` flavors, 200 pretraining steps, 60 fine-tuning steps; 2.5
-minutes at load 2-3): its figures say nothing about transfer (both `bert` runs end at the
-majority class; the LM half passes at ratio 0.10).
+`--quick` is a smoke test (`debug` flavors, 200 pretraining steps, 60 fine-tuning steps, the
+full lr grids; 2 minutes with `--workers 2` at load 3-5): its figures say nothing about transfer
+(every `bert` run ends at the majority class; the LM half passes at ratio 0.10).
 
 RESULT lines: `transfer_steps_to_scratch_accuracy[_gpt]` (target ratio <= 0.33),
 `transfer_test_accuracy[_gpt]` (target ratio >= 1.0), `transfer_lm_steps_to_scratch_loss`
 (target ratio <= 0.33) and `transfer_lm_val_loss` (lower is better).
 
-Measured 2026-12-06 on the shared 2-core CPU, `small` flavors, seed 0, the defaults
-(`--seq-len 32 --batch-size 16 --steps 90 --lr 5e-4`) with `--max-bytes 4000000 --cache-dir
-...`; load average 12-21 for the first runs (4-5 helpers' jobs: ~200 word pieces/s for
-`bert:small` training, where an idle machine gives ~1,000 on one thread), 2-6 for the last:
+Measured 2026-12-06 on the shared 2-core CPU (load average 4-7: 3-4 helpers' jobs), `small`
+flavors, seed 0, `--seq-len 32 --batch-size 16 --steps 90`, after main's masked-LM fix (54d7f65:
+the 10% random replacement is a token of the same sample, where it was a random byte id, which
+under word pieces is only the byte-fallback ids), with the lr grid above:
 
-- LM (`--only lm`, the `gpt` pretraining reused from the cache): the pretrained `gpt` (300
-  steps at lr 1e-3 on pytext in 20 minutes, val loss 2.868 nats per word piece on code) is
-  below scratch's final val loss (5.017) at its first evaluation, step 9 (ratio 0.10: met), and
-  ends at 4.688 (test 4.587 vs 4.981, ratio 0.93). 74 of the 403 val docstrings have their
-  first line in the pretraining text. (With `--eval-every 30`: step 30, ratio 0.33.)
-- bert, `--pretrain-steps 1000 --pretrain-lr 5e-4` (the defaults; MLM 16 minutes, val loss
-  4.820, masked accuracy 0.203): ends no worse, NOT fast enough. Test accuracy 0.386 vs 0.370
-  (ratio 1.04; macro-F1 0.264 vs 0.185: met), but the pretrained run reaches scratch's final
-  val accuracy (0.343) only at step 72 of 90 (ratio 0.80; target 0.33). Val curves: pretrained
-  0.226 (steps 9-12), 0.261 (27), 0.339 (36), 0.326 (60), 0.352 (72), 0.365 (90); scratch 0.226
-  (9-18), 0.252 (27), 0.265 (45), 0.330 (54), 0.343 (72-90).
-- bert, `--pretrain-steps 300 --pretrain-lr 1e-3` (19 minutes under load): NOT met. The MLM
-  stays on the unigram plateau (val loss 5.777, masked accuracy 0.053) and its encoder
-  collapses: the mean-pooled states of 128 val docstrings have a mean pairwise cosine of 1.0000
-  (variance 6e-10; random init 0.45, variance 19; after the 1,000-step MLM 0.69, variance 40),
-  so the fine-tuned model stays at the majority class (test 0.202, macro-F1 0.017) while
-  scratch learns (test 0.370): steps ratio inf, accuracy ratio 0.55.
-- gpt backbone (`--backbone gpt`, the 300-step LM above, last-token pooling): NOT met. The
-  pretrained run climbs to 0.291 val accuracy and never reaches scratch's final 0.357 (steps
-  ratio inf); test 0.225 vs 0.389 (ratio 0.58; macro-F1 0.178 vs 0.277).
-- bf16 autocast (`--precision bf16`) made a `bert:small` training step 3.4x slower than fp32 on
-  this CPU (2 threads, batch 32 x 64: 3.4 s vs 1.0 s), so every run above is fp32.
+- bert (`--only cls --backbone bert --pretrain-steps 2000 --workers 2`; MLM at peak lr 5e-4,
+  200 warmup steps then cosine, 35 minutes: val loss 4.472, masked accuracy 0.251, test 0.251;
+  the val masked accuracy per epoch of 348 steps: 0.124, 0.157, 0.212, 0.238, 0.249, 0.251, so
+  more steps on these 5,562 chunks with static masks would add little): ends better, NOT fast
+  enough.
 
-A full default run is eight trainings of `small` models (two pretrainings, six fine-tunes):
-about 25-30 minutes on an idle 2-core machine (the 1,000-step MLM alone took 16 minutes at load
-2-6), over an hour under the load of the first runs. The `gpt` pretraining defaults to 1 MB of
-pytext (`--max-bytes`): at 4 MB its final evaluation of 15,000 chunks took 21 minutes.
+      RESULT transfer_steps_to_scratch_accuracy ours=54 baseline=90 ratio=0.60 unit=steps
+        scratch_val_accuracy=0.3435 ... pretrain_steps=2000 ... lr_ours=0.0005 lr_baseline=0.0005
+      RESULT transfer_test_accuracy ours=0.4198 baseline=0.3702 ratio=1.13 unit=accuracy
+        macro_f1_ours=0.2876 macro_f1_baseline=0.1848
+
+  Final val accuracy by lr (1e-4, 2e-4, 5e-4, 1e-3): pretrained 0.261, 0.335, 0.387, 0.309;
+  scratch 0.243, 0.278, 0.343, 0.343 (a tie: the earlier lr, 5e-4, is kept). The smaller lrs
+  that suit a pretrained encoder elsewhere are too slow for 90 steps from a new head: at 2e-4 the
+  pretrained run is at 0.304 by step 27, at 5e-4 at 0.291 (0.322 at 36, 0.383 at 54), and no lr
+  reaches scratch's 0.343 by step 30. The MLM's frozen mean-pooled features are no better for a
+  linear probe on the 191 labels than a random init's (val 0.34-0.38 vs 0.37-0.39, L2 1e-3 to
+  1e-1): the pretraining speeds fine-tuning up and lifts its end point, not enough for 1/3.
+  (Mean pairwise cosine of the standardised pooled states 0.036, random init 0.033: no
+  collapse.)
+- gpt backbone (`--only cls --backbone gpt --pretrain-steps 300 --pretrain-lr 1e-3 --max-bytes
+  4000000 --workers 2`; last session's LM run, copied into the new cache under the current job
+  hash: its job differed only in cluster fields that have moved since): NOT met, and the grid
+  helps scratch more than the pretrained run.
+
+      RESULT transfer_steps_to_scratch_accuracy_gpt ours=None baseline=90 ratio=inf unit=steps
+        scratch_val_accuracy=0.3870 ... lr_ours=0.001 lr_baseline=0.0001
+      RESULT transfer_test_accuracy_gpt ours=0.2137 baseline=0.3626 ratio=0.59 unit=accuracy
+        macro_f1_ours=0.1539 macro_f1_baseline=0.3036
+
+  Final val accuracy by lr (1e-4, 2e-4, 5e-4, 1e-3): pretrained 0.265, 0.265, 0.291, 0.317;
+  scratch 0.387, 0.383, 0.357, 0.361. (Not measured why; a guess: an LM of code makes the last
+  token a poor summary of a docstring.)
+- LM (`--only lm`, last session, the `gpt` pretrained 300 steps at lr 1e-3 on 4 MB of pytext,
+  val loss 2.868): below scratch's final val loss (5.017) at its first evaluation, step 9
+  (ratio 0.10: met), and ends at 4.688 (test 4.587 vs 4.981, ratio 0.93). 74 of the 403 val
+  docstrings have their first line in the pretraining text. (`--eval-every 30`: ratio 0.33.)
+
+Earlier the same day, before the masked-LM fix and with one lr (5e-4) for both arms: a 1,000-step
+MLM (masked accuracy 0.203) reached scratch's 0.343 at step 72 (ratio 0.80), test 0.386 vs 0.370;
+a 300-step MLM at lr 1e-3 stayed on the unigram plateau with a collapsed encoder (pairwise
+cosine of the pooled states 1.0000) and fine-tuned to the majority class (test 0.202). bf16
+autocast made a `bert:small` step 3.4x slower than fp32 on this CPU, so every run is fp32.
+
+A full default run is 22 trainings of `small` models (two pretrainings, two lr grids of eight
+fine-tunes, two LM runs). Fine-tunes take 1-3 minutes each at this load (`--workers 2` halves
+the grids' wall time on two cores); the 2,000-step MLM took 35 minutes on one thread, the default
+1,000 steps 16 minutes. The `gpt` pretraining defaults to 1 MB of pytext (`--max-bytes`): at
+4 MB its final evaluation of 15,000 chunks took 21 minutes.
 """
 
 from __future__ import annotations
@@ -82,8 +114,11 @@ import argparse
 import hashlib
 import json
 import logging
+import multiprocessing
+import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +129,15 @@ from roundhouse.launch.local import train_local
 
 logger = logging.getLogger("transfer")
 
+# Part of a pretraining run's cache key: bump a family's entry when a code change alters what its
+# pretraining computes (bert: the masked LM's random token is drawn from the same sample since
+# main 54d7f65; runs cached before have no entry and are not reused).
+CACHE_VERSION = {"bert": "mlm-random-v2"}
 
-def job(name: str, model: dict, data: dict, trainer: dict, storage: str, args: Any) -> Any:
+
+def job(
+    name: str, model: dict, data: dict, trainer: dict, storage: str, args: Any, batch: int = 0
+) -> Any:
     """A validated job: AdamW, cosine with linear warmup, clipping; console and W&B off."""
     lr = trainer.pop("lr")
     steps = trainer["max_steps"]
@@ -103,7 +145,7 @@ def job(name: str, model: dict, data: dict, trainer: dict, storage: str, args: A
         {
             "name": name,
             "model": model,
-            "data": {"batch_size": args.batch_size, "eval_batch_size": 256, **data},
+            "data": {"batch_size": batch or args.batch_size, "eval_batch_size": 256, **data},
             "trainer": {
                 "max_epochs": 10_000,
                 "log_every_steps": 10,
@@ -146,16 +188,23 @@ def corpus(args: argparse.Namespace, name: str) -> dict:
     return {"source": "builtin:pydoc-text", "options": text_options(args)}
 
 
+def cache_key(family: str, spec: Any) -> str:
+    """The cache folder of a pretraining job: a hash of the job (its storage left out) and the
+    family's `CACHE_VERSION` entry."""
+    text = CACHE_VERSION.get(family, "") + spec.model_dump_json(exclude={"storage"})
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def pretrain(args: argparse.Namespace, storage: str, family: str, data: dict) -> str:
     """A `bert` masked LM or a `gpt` LM trained on `data`; cached under `--cache-dir` by a hash
     of its job, so a later run of the benchmark with the same settings reuses it."""
     model = {"name": family, "flavor": args.flavor, "options": {"dropout": 0.1}}
     steps = args.pretrain_steps
     trainer = {"max_steps": steps, "eval_every_steps": steps, "lr": args.pretrain_lr}
-    spec = job(f"{family}_pretrain", model, data, trainer, storage, args)
+    batch = args.pretrain_batch_size
+    spec = job(f"{family}_pretrain", model, data, trainer, storage, args, batch)
     if args.cache_dir:
-        key = hashlib.sha256(spec.model_dump_json(exclude={"storage"}).encode()).hexdigest()[:12]
-        storage = str(Path(args.cache_dir) / key)
+        storage = str(Path(args.cache_dir) / cache_key(family, spec))
         done = Path(storage) / spec.name
         # a finished run only: a stopped one (SIGTERM) leaves an earlier step's checkpoint
         final = f"checkpoints/step_{steps}"
@@ -173,17 +222,18 @@ def pretrain(args: argparse.Namespace, storage: str, family: str, data: dict) ->
     logger.info("%s pretrained in %.0f s: %s", family, seconds, summary)
     print(
         f"# {family} pretraining: {steps} steps in {seconds:.0f} s, val loss "
-        f"{summary['val/loss']:.3f}, data {data['source']}",
+        f"{summary['val/loss']:.3f}, val accuracy {summary['val/accuracy']:.3f}, data "
+        f"{data['source']}",
         flush=True,
     )
     return str(only_run(storage, spec.name))
 
 
 def finetune_cls(
-    args: argparse.Namespace, storage: str, family: str, name: str, init: str | None
+    args: argparse.Namespace, storage: str, family: str, name: str, init: str | None, lr: float
 ) -> dict:
     """`bert_classifier` (mean pooling) or `gpt_classifier` (last token) on `builtin:pydoc-cls`
-    with `--label-fraction` of its training labels, from `init` or from scratch."""
+    with `--label-fraction` of its training labels at peak lr `lr`, from `init` or scratch."""
     options: dict[str, Any] = {"dropout": 0.1}
     if family == "bert":
         options["pooling"] = args.pooling
@@ -199,9 +249,48 @@ def finetune_cls(
         "options": text_options(args, label_fraction=args.label_fraction),
     }
     every = args.eval_every or max(1, args.steps // 10)
-    trainer = {"max_steps": args.steps, "eval_every_steps": every, "lr": args.lr}
+    trainer = {"max_steps": args.steps, "eval_every_steps": every, "lr": lr}
     summary = train_local(job(name, model, data, trainer, storage, args))
-    return {**summary, "curve": curve(only_run(storage, name), "val/accuracy")}
+    run = only_run(storage, name)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # a grid keeps 8 runs: disk
+    return {**summary, "lr": lr, "curve": curve(run, "val/accuracy")}
+
+
+def grid_runs(
+    args: argparse.Namespace, storage: str, family: str, arms: dict[str, str | None]
+) -> dict[str, list[dict]]:
+    """Every arm's fine-tunes at every lr of `--lr-grid` (`arms`: name -> `init_from` or None),
+    on `--workers` processes of `--threads` threads each; by arm, in grid order."""
+    tasks = [(arm, init, lr) for arm, init in arms.items() for lr in args.lr_grid]
+    calls = [
+        (args, storage, family, f"{family}_cls_{arm}_lr{lr:g}", init, lr) for arm, init, lr in tasks
+    ]
+    if args.workers <= 1:
+        done = [finetune_cls(*call) for call in calls]
+    else:
+        spawn = multiprocessing.get_context("spawn")
+        threads = (args.threads,)
+        with ProcessPoolExecutor(
+            args.workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=threads
+        ) as pool:
+            done = list(pool.map(finetune_cls, *zip(*calls, strict=True)))
+    by_arm = {arm: [] for arm in arms}
+    for (arm, _, _), run in zip(tasks, done, strict=True):
+        by_arm[arm].append(run)
+    return by_arm
+
+
+def best_on_val(family: str, arm: str, runs: list[dict]) -> dict:
+    """The run with the best final validation accuracy (ties: the earlier lr in the grid);
+    prints each lr's validation figures (never the test split's)."""
+    for run in runs:
+        val = ", ".join(f"{step}:{acc:.3f}" for step, acc in run["curve"])
+        print(
+            f"# grid {family} {arm} lr={run['lr']:g} "
+            f"final_val_accuracy={run['curve'][-1][1]:.4f} val_curve={val}",
+            flush=True,
+        )
+    return max(runs, key=lambda run: run["curve"][-1][1])  # max keeps the first of ties
 
 
 def finetune_lm(args: argparse.Namespace, storage: str, name: str, init: str | None) -> dict:
@@ -263,18 +352,22 @@ def lm_transfer(args: argparse.Namespace, storage: str, gpt: str) -> None:
 
 
 def cls_transfer(args: argparse.Namespace, storage: str, family: str, backbone: str) -> None:
-    """The classification half: RESULT lines for steps to scratch's accuracy and the final."""
-    ours = finetune_cls(args, storage, family, f"{family}_cls_pretrained", backbone)
-    scratch = finetune_cls(args, storage, family, f"{family}_cls_scratch", None)
+    """The classification half: each arm at its own best lr of `--lr-grid` (by validation
+    accuracy); RESULT lines for steps to scratch's final val accuracy and the test figures."""
+    runs = grid_runs(args, storage, family, {"pretrained": backbone, "scratch": None})
+    ours = best_on_val(family, "pretrained", runs["pretrained"])
+    scratch = best_on_val(family, "scratch", runs["scratch"])
     logger.info("val curves: pretrained %s scratch %s", ours["curve"], scratch["curve"])
     target = scratch["curve"][-1][1]
     reached = next((step for step, acc in ours["curve"] if acc >= target), None)
     fraction = (reached if reached is not None else float("inf")) / args.steps
     suffix = "" if family == "bert" else "_gpt"
+    grid = ",".join(f"{lr:g}" for lr in args.lr_grid)
     print(
         f"RESULT transfer_steps_to_scratch_accuracy{suffix} ours={reached} baseline={args.steps} "
         f"ratio={fraction:.2f} unit=steps scratch_val_accuracy={target:.4f} {settings(args)} "
-        f"backbone={family} pooling={args.pooling if family == 'bert' else 'last'}",
+        f"backbone={family} pooling={args.pooling if family == 'bert' else 'last'} "
+        f"lr_grid={grid} lr_ours={ours['lr']:g} lr_baseline={scratch['lr']:g}",
         flush=True,
     )
     a, b = ours["test/accuracy"], scratch["test/accuracy"]
@@ -284,6 +377,11 @@ def cls_transfer(args: argparse.Namespace, storage: str, family: str, backbone: 
         f"macro_f1_baseline={scratch['test/macro_f1']:.4f}",
         flush=True,
     )
+
+
+def lr_list(text: str) -> list[float]:
+    """`--lr-grid`'s comma-separated learning rates."""
+    return [float(part) for part in text.split(",") if part.strip()]
 
 
 def parse_args() -> argparse.Namespace:
@@ -297,8 +395,15 @@ def parse_args() -> argparse.Namespace:
     )
     add("--pretrain-steps", type=int, default=1000)
     add("--pretrain-lr", type=float, default=5e-4)
+    add("--pretrain-batch-size", type=int, default=16)
     add("--steps", type=int, default=90)
-    add("--lr", type=float, default=5e-4, help="fine-tuning (and scratch) learning rate")
+    add("--lr", type=float, default=5e-4, help="the LM half's learning rate (both arms)")
+    add(
+        "--lr-grid",
+        type=lr_list,
+        default=lr_list("1e-4,2e-4,5e-4,1e-3"),
+        help="classification: each arm runs every lr and keeps its best by final val accuracy",
+    )
     add("--batch-size", type=int, default=16)
     add("--seq-len", type=int, default=32)
     add("--max-bytes", type=int, default=1_000_000)
@@ -308,6 +413,7 @@ def parse_args() -> argparse.Namespace:
     add("--eval-every", type=int, help="fine-tuning evaluation cadence (default steps / 10)")
     add("--seed", type=int, default=0)
     add("--threads", type=int, default=1)
+    add("--workers", type=int, default=1, help="processes for the fine-tuning lr grid")
     add("--cache-dir", help="reuse pretraining runs kept here (keyed by their job)")
     add("--only", choices=("cls", "lm"), help="run one half (default both)")
     add("--backbone", choices=("bert", "gpt", "both"), default="both", help="classification")
