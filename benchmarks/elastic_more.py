@@ -4,8 +4,10 @@
   the process-level live group of `tests/distributed/test_live_recovery.py`) against an
   uninterrupted 1-process run: how many weight tensors differ (0 is bit-identical); and the
   exact ring's median step time against the default ring's, both uninterrupted on 3 ranks.
-- async checkpoint: gpt:small (`--local`) with an async checkpoint every 10 steps against the
-  same run with no checkpoint: throughput ratio (steps/s after the first step), and in the
+- async checkpoint: gpt:small (`--local`, by default at the gpt configs' batch of 32 x 128
+  tokens; `--batch`, `--seq-len`) with an async checkpoint every 10 steps against the same
+  run with no checkpoint: throughput ratio (steps/s after the first step, the gaps that hold
+  an evaluation left out: small data has an epoch end every ~14 steps), and in the
   same run the loop's median block per save (`Trainer.save_checkpoint`, timed around the call)
   over the median step time. The two runs alternate, `rounds` times; medians.
 - preemption: `count` times, `roundhouse train --local` on a slow MLP gets SIGTERM at a
@@ -89,8 +91,14 @@ def exact_figures(tmp: Path) -> tuple[int, int, float, float]:
     return len(reference) - differ, len(reference), step[True], step[False]
 
 
-def gpt_job(folder: Path, name: str, every: int | None, steps: int) -> dict:
-    """gpt:small on builtin:pytext, `--local`, a checkpoint every `every` steps (or none)."""
+GPT_BATCH = (32, 128)  # the gpt configs' batch: configs/gpt_pytext.yaml, gpt_deepspeed.yaml
+
+
+def gpt_job(
+    folder: Path, name: str, every: int | None, steps: int, batch: tuple[int, int] = GPT_BATCH
+) -> dict:
+    """gpt:small on builtin:pytext, `--local`, a checkpoint every `every` steps (or none);
+    `batch`: (sequences, tokens per sequence)."""
     checkpoint = {"every_epoch": False, "keep_last": 2}
     if every:
         checkpoint.update(every_steps=every, **{"async": True})
@@ -99,8 +107,8 @@ def gpt_job(folder: Path, name: str, every: int | None, steps: int) -> dict:
         "model": {"name": "gpt", "flavor": "small"},
         "data": {
             "source": "builtin:pytext",
-            "options": {"seq_len": 64, "max_bytes": 200_000},  # a short evaluation
-            "batch_size": 2,
+            "options": {"seq_len": batch[1], "max_bytes": 200_000},  # a short evaluation
+            "batch_size": batch[0],
         },
         "trainer": {
             "max_steps": steps,
@@ -115,7 +123,9 @@ def gpt_job(folder: Path, name: str, every: int | None, steps: int) -> dict:
     }
 
 
-def timed_gpt_run(folder: Path, name: str, every: int | None, steps: int) -> dict:
+def timed_gpt_run(
+    folder: Path, name: str, every: int | None, steps: int, batch: tuple[int, int] = GPT_BATCH
+) -> dict:
     """One `--local` gpt:small run: steps/s, median step s, the loop's block per save."""
     from roundhouse.trainer import loop
 
@@ -129,26 +139,42 @@ def timed_gpt_run(folder: Path, name: str, every: int | None, steps: int) -> dic
 
     loop.Trainer.save_checkpoint = timed  # type: ignore[method-assign]
     try:
-        prepared = prepare_run(validate_job(gpt_job(folder, name, every, steps)))
+        prepared = prepare_run(validate_job(gpt_job(folder, name, every, steps, batch)))
         run_worker(prepared.job, build_local_context("cpu"))
     finally:
         loop.Trainer.save_checkpoint = original  # type: ignore[method-assign]
-    times = [row["time"] for row in read_metrics(Path(prepared.run_dir.url)) if "train/loss" in row]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
+    gaps = training_gaps(read_metrics(Path(prepared.run_dir.url)))
     periodic = blocks[:-1] if every else []  # the last save is the run's end, not a step's
     return {
-        "rate": (len(times) - 1) / (times[-1] - times[0]),
+        "rate": len(gaps) / sum(gaps),
         "step_s": statistics.median(gaps),
         "block_s": statistics.median(periodic) if periodic else 0.0,
     }
 
 
-def async_figures(tmp: Path, rounds: int = 2, steps: int = 31) -> tuple[float, float, float]:
+def training_gaps(rows: list[dict]) -> list[float]:
+    """Seconds between consecutive logged training steps, leaving out the gaps that hold an
+    evaluation (the epoch ends of both runs; a save's block stays in its step's gap)."""
+    gaps, last = [], None
+    for row in rows:
+        if "train/loss" not in row:
+            last = None  # an evaluation row: the next gap is not a training step's
+        elif last is None:
+            last = row["time"]
+        else:
+            gaps.append(row["time"] - last)
+            last = row["time"]
+    return gaps
+
+
+def async_figures(
+    tmp: Path, rounds: int = 2, steps: int = 31, batch: tuple[int, int] = GPT_BATCH
+) -> tuple[float, float, float]:
     """(throughput ratio, median block per save, median step s of the checkpointed runs)."""
     with_ckpt, without = [], []
     for rnd in range(rounds):
-        without.append(timed_gpt_run(tmp / f"none{rnd}", "none", None, steps))
-        with_ckpt.append(timed_gpt_run(tmp / f"async{rnd}", "async", 10, steps))
+        without.append(timed_gpt_run(tmp / f"none{rnd}", "none", None, steps, batch))
+        with_ckpt.append(timed_gpt_run(tmp / f"async{rnd}", "async", 10, steps, batch))
     pairs = zip(with_ckpt, without, strict=True)
     ratio = statistics.median(w["rate"] / n["rate"] for w, n in pairs)
     block = statistics.median(r["block_s"] for r in with_ckpt)
