@@ -62,7 +62,11 @@ def start_relay() -> Any:
 
     if threading.current_thread() is not threading.main_thread():
         return None
-    return ray.remote(num_cpus=0)(PreemptRelay).remote()
+    try:
+        return ray.remote(num_cpus=0)(PreemptRelay).remote()
+    except Exception as exc:  # train on; only the driver's SIGTERM is not handed on
+        logger.warning("SIGTERM to this driver ends it without a checkpoint (no relay: %s)", exc)
+        return None
 
 
 def register_worker(config: dict[str, Any], rank: int) -> None:
