@@ -7,7 +7,8 @@
 - async checkpoint: gpt:small (`--local`, by default at the gpt configs' batch of 32 x 128
   tokens; `--batch`, `--seq-len`) with an async checkpoint every 10 steps against the same
   run with no checkpoint: throughput ratio (steps/s after the first step, the gaps that hold
-  an evaluation left out: small data has an epoch end every ~14 steps), and in the
+  an evaluation left out: small data has an epoch end every ~14 steps; `within`: the mean
+  step without a save over the mean step, in the checkpointed runs alone), and in the
   same run the loop's median block per save (`Trainer.save_checkpoint`, timed around the call)
   over the median step time. The two runs alternate, `rounds` times; medians.
 - preemption: `count` times, `roundhouse train --local` on a slow MLP gets SIGTERM at a
@@ -146,31 +147,40 @@ def timed_gpt_run(
     gaps = training_gaps(read_metrics(Path(prepared.run_dir.url)))
     periodic = blocks[:-1] if every else []  # the last save is the run's end, not a step's
     return {
-        "rate": len(gaps) / sum(gaps),
-        "step_s": statistics.median(gaps),
+        "rate": len(gaps) / sum(gaps.values()),
+        "within": within_run_ratio(gaps, every) if every else 1.0,
+        "step_s": statistics.median(gaps.values()),
         "block_s": statistics.median(periodic) if periodic else 0.0,
     }
 
 
-def training_gaps(rows: list[dict]) -> list[float]:
-    """Seconds between consecutive logged training steps, leaving out the gaps that hold an
-    evaluation (the epoch ends of both runs; a save's block stays in its step's gap)."""
-    gaps, last = [], None
+def training_gaps(rows: list[dict]) -> dict[int, float]:
+    """Seconds from each logged training step to the next (keyed by the earlier step),
+    leaving out the gaps that hold an evaluation (the epoch ends of both runs; a save's block
+    stays in the gap after its step)."""
+    gaps, last = {}, None
     for row in rows:
         if "train/loss" not in row:
             last = None  # an evaluation row: the next gap is not a training step's
-        elif last is None:
-            last = row["time"]
-        else:
-            gaps.append(row["time"] - last)
-            last = row["time"]
+            continue
+        if last is not None:
+            gaps[last[0]] = row["time"] - last[1]
+        last = (row["step"], row["time"])
     return gaps
+
+
+def within_run_ratio(gaps: dict[int, float], every: int) -> float:
+    """A checkpointed run's throughput over the same run's without its saves: the mean step
+    without a save over the mean of all steps (robust to load that moves between runs)."""
+    plain = [g for step, g in gaps.items() if step % every]
+    return statistics.mean(plain) / statistics.mean(gaps.values())
 
 
 def async_figures(
     tmp: Path, rounds: int = 2, steps: int = 31, batch: tuple[int, int] = GPT_BATCH
 ) -> tuple[float, float, float]:
-    """(throughput ratio, median block per save, median step s of the checkpointed runs)."""
+    """(throughput ratio, the same within the checkpointed runs, median block per save,
+    median step s of the checkpointed runs)."""
     with_ckpt, without = [], []
     for rnd in range(rounds):
         without.append(timed_gpt_run(tmp / f"none{rnd}", "none", None, steps, batch))
@@ -179,7 +189,8 @@ def async_figures(
     ratio = statistics.median(w["rate"] / n["rate"] for w, n in pairs)
     block = statistics.median(r["block_s"] for r in with_ckpt)
     step = statistics.median(r["step_s"] for r in with_ckpt)
-    return ratio, block, step
+    within = statistics.median(r["within"] for r in with_ckpt)
+    return ratio, within, block, step
 
 
 def preempt_job(folder: Path, steps: int = 30) -> Path:
