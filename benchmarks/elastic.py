@@ -24,6 +24,7 @@ later, `recovery: restart` and `recovery: live` alternated for `--rounds`).
 
     python benchmarks/elastic.py --quick
     python benchmarks/elastic.py --trace --minutes 5
+    python benchmarks/elastic.py --async-ckpt [--batch 32 --seq-len 128]  # gpt:small
 
 Prints `RESULT <name> ours=... baseline=... ratio=... unit=...` lines.
 """
@@ -175,8 +176,12 @@ def more(args: argparse.Namespace) -> None:
             print(result("exact_bit_identical_tensors_vs_1_process", same, total, "tensors"))
             print(result("exact_step_time", exact_s, ring_s, "s"), flush=True)
         if args.async_ckpt:
-            ratio, block_s, step_s = em.async_figures(tmp / "async")
+            batch = (args.batch, args.seq_len)
+            ratio, within, block_s, step_s = em.async_figures(
+                tmp / "async", args.ckpt_rounds, args.ckpt_steps, batch
+            )
             print(result("async_ckpt_throughput", ratio, 1.0, "ratio"))
+            print(result("async_ckpt_throughput_within_run", within, 1.0, "ratio"))
             print(result("async_ckpt_block_per_save", block_s, step_s, "s"), flush=True)
         if args.preempt:
             passed, failures = em.preempt_figures(tmp / "preempt", args.preempt)
@@ -195,6 +200,10 @@ def main() -> None:
     parser.add_argument("--modes", default="restart,live", help="the trace's recovery modes")
     parser.add_argument("--exact", action="store_true", help="exact mode: 3 -> 2 -> 3 workers")
     parser.add_argument("--async-ckpt", action="store_true", help="async checkpoints, gpt:small")
+    parser.add_argument("--batch", type=int, default=32, help="--async-ckpt: sequences a step")
+    parser.add_argument("--seq-len", type=int, default=128, help="--async-ckpt: tokens a sequence")
+    parser.add_argument("--ckpt-steps", type=int, default=31, help="--async-ckpt: steps a run")
+    parser.add_argument("--ckpt-rounds", type=int, default=2, help="--async-ckpt: run pairs")
     parser.add_argument("--preempt", type=int, default=0, help="this many SIGTERM trials")
     args = parser.parse_args()
     if args.exact or args.async_ckpt or args.preempt:

@@ -4,8 +4,11 @@
   the process-level live group of `tests/distributed/test_live_recovery.py`) against an
   uninterrupted 1-process run: how many weight tensors differ (0 is bit-identical); and the
   exact ring's median step time against the default ring's, both uninterrupted on 3 ranks.
-- async checkpoint: gpt:small (`--local`) with an async checkpoint every 10 steps against the
-  same run with no checkpoint: throughput ratio (steps/s after the first step), and in the
+- async checkpoint: gpt:small (`--local`, by default at the gpt configs' batch of 32 x 128
+  tokens; `--batch`, `--seq-len`) with an async checkpoint every 10 steps against the same
+  run with no checkpoint: throughput ratio (steps/s after the first step, the gaps that hold
+  an evaluation left out: small data has an epoch end every ~14 steps; `within`: the mean
+  step without a save over the mean step, in the checkpointed runs alone), and in the
   same run the loop's median block per save (`Trainer.save_checkpoint`, timed around the call)
   over the median step time. The two runs alternate, `rounds` times; medians.
 - preemption: `count` times, `roundhouse train --local` on a slow MLP gets SIGTERM at a
@@ -89,8 +92,14 @@ def exact_figures(tmp: Path) -> tuple[int, int, float, float]:
     return len(reference) - differ, len(reference), step[True], step[False]
 
 
-def gpt_job(folder: Path, name: str, every: int | None, steps: int) -> dict:
-    """gpt:small on builtin:pytext, `--local`, a checkpoint every `every` steps (or none)."""
+GPT_BATCH = (32, 128)  # the gpt configs' batch: configs/gpt_pytext.yaml, gpt_deepspeed.yaml
+
+
+def gpt_job(
+    folder: Path, name: str, every: int | None, steps: int, batch: tuple[int, int] = GPT_BATCH
+) -> dict:
+    """gpt:small on builtin:pytext, `--local`, a checkpoint every `every` steps (or none);
+    `batch`: (sequences, tokens per sequence)."""
     checkpoint = {"every_epoch": False, "keep_last": 2}
     if every:
         checkpoint.update(every_steps=every, **{"async": True})
@@ -99,8 +108,8 @@ def gpt_job(folder: Path, name: str, every: int | None, steps: int) -> dict:
         "model": {"name": "gpt", "flavor": "small"},
         "data": {
             "source": "builtin:pytext",
-            "options": {"seq_len": 64, "max_bytes": 200_000},  # a short evaluation
-            "batch_size": 2,
+            "options": {"seq_len": batch[1], "max_bytes": 200_000},  # a short evaluation
+            "batch_size": batch[0],
         },
         "trainer": {
             "max_steps": steps,
@@ -115,7 +124,9 @@ def gpt_job(folder: Path, name: str, every: int | None, steps: int) -> dict:
     }
 
 
-def timed_gpt_run(folder: Path, name: str, every: int | None, steps: int) -> dict:
+def timed_gpt_run(
+    folder: Path, name: str, every: int | None, steps: int, batch: tuple[int, int] = GPT_BATCH
+) -> dict:
     """One `--local` gpt:small run: steps/s, median step s, the loop's block per save."""
     from roundhouse.trainer import loop
 
@@ -129,31 +140,57 @@ def timed_gpt_run(folder: Path, name: str, every: int | None, steps: int) -> dic
 
     loop.Trainer.save_checkpoint = timed  # type: ignore[method-assign]
     try:
-        prepared = prepare_run(validate_job(gpt_job(folder, name, every, steps)))
+        prepared = prepare_run(validate_job(gpt_job(folder, name, every, steps, batch)))
         run_worker(prepared.job, build_local_context("cpu"))
     finally:
         loop.Trainer.save_checkpoint = original  # type: ignore[method-assign]
-    times = [row["time"] for row in read_metrics(Path(prepared.run_dir.url)) if "train/loss" in row]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
+    gaps = training_gaps(read_metrics(Path(prepared.run_dir.url)))
     periodic = blocks[:-1] if every else []  # the last save is the run's end, not a step's
     return {
-        "rate": (len(times) - 1) / (times[-1] - times[0]),
-        "step_s": statistics.median(gaps),
+        "rate": len(gaps) / sum(gaps.values()),
+        "within": within_run_ratio(gaps, every) if every else 1.0,
+        "step_s": statistics.median(gaps.values()),
         "block_s": statistics.median(periodic) if periodic else 0.0,
     }
 
 
-def async_figures(tmp: Path, rounds: int = 2, steps: int = 31) -> tuple[float, float, float]:
-    """(throughput ratio, median block per save, median step s of the checkpointed runs)."""
+def training_gaps(rows: list[dict]) -> dict[int, float]:
+    """Seconds from each logged training step to the next (keyed by the earlier step),
+    leaving out the gaps that hold an evaluation (the epoch ends of both runs; a save's block
+    stays in the gap after its step)."""
+    gaps, last = {}, None
+    for row in rows:
+        if "train/loss" not in row:
+            last = None  # an evaluation row: the next gap is not a training step's
+            continue
+        if last is not None:
+            gaps[last[0]] = row["time"] - last[1]
+        last = (row["step"], row["time"])
+    return gaps
+
+
+def within_run_ratio(gaps: dict[int, float], every: int) -> float:
+    """A checkpointed run's throughput over the same run's without its saves: the mean step
+    without a save over the mean of all steps (robust to load that moves between runs)."""
+    plain = [g for step, g in gaps.items() if step % every]
+    return statistics.mean(plain) / statistics.mean(gaps.values())
+
+
+def async_figures(
+    tmp: Path, rounds: int = 2, steps: int = 31, batch: tuple[int, int] = GPT_BATCH
+) -> tuple[float, float, float]:
+    """(throughput ratio, the same within the checkpointed runs, median block per save,
+    median step s of the checkpointed runs)."""
     with_ckpt, without = [], []
     for rnd in range(rounds):
-        without.append(timed_gpt_run(tmp / f"none{rnd}", "none", None, steps))
-        with_ckpt.append(timed_gpt_run(tmp / f"async{rnd}", "async", 10, steps))
+        without.append(timed_gpt_run(tmp / f"none{rnd}", "none", None, steps, batch))
+        with_ckpt.append(timed_gpt_run(tmp / f"async{rnd}", "async", 10, steps, batch))
     pairs = zip(with_ckpt, without, strict=True)
     ratio = statistics.median(w["rate"] / n["rate"] for w, n in pairs)
     block = statistics.median(r["block_s"] for r in with_ckpt)
     step = statistics.median(r["step_s"] for r in with_ckpt)
-    return ratio, block, step
+    within = statistics.median(r["within"] for r in with_ckpt)
+    return ratio, within, block, step
 
 
 def preempt_job(folder: Path, steps: int = 30) -> Path:

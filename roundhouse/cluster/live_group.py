@@ -35,9 +35,12 @@ from roundhouse.cluster.progress import RunMonitor
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.cluster.services import CONFIG_KEY as SERVICES_CONFIG_KEY
 from roundhouse.cluster.services import services_stopped_at_exit, start_services
+from roundhouse.config import JobSpec
 from roundhouse.errors import RoundhouseError
 from roundhouse.parallel.net import free_port
+from roundhouse.runs.ledger import LEDGER, mark_resume
 from roundhouse.runs.metrics_file import read_final_metrics
+from roundhouse.weights.checkpoint import Checkpointer
 from roundhouse.weights.run_folder import PreparedRun
 
 logger = logging.getLogger(__name__)
@@ -54,40 +57,91 @@ def train_live_on_ray(
 
     `env` is set in every worker before anything reads it (`workers.worker_env`);
     `runtime_env` is the actors' Ray runtime environment (`workers.worker_runtime_env`).
+    If the group loses every worker that holds the run's state (`GroupLost`), it starts again
+    from the newest checkpoint, as `recovery: restart` would, while the failure budget lasts.
+    """
+    job, cluster = prepared.job, prepared.job.cluster
+    wait_for_capacity(cluster)
+    placement = build_placement(job, runtime_env)
+    config = {"job": job.model_dump(mode="json"), "env": env, "resume": resume,
+              "resume_step": prepared.resume_step}  # fmt: skip
+    failures = 0
+    try:
+        with RunMonitor(job, prepared.run_dir, time.time()):
+            while True:
+                try:
+                    run_group(job, placement, config, failures)
+                    break
+                except GroupLost as exc:
+                    failures = exc.failures
+                    config.update(restart_point(prepared, exc))
+    finally:
+        placement.close()
+    return read_final_metrics(prepared.run_dir)
+
+
+def run_group(job: JobSpec, placement: Placement, config: dict[str, Any], failures: int) -> None:
+    """One attempt: a store, the actors and the strategy's services; train until done.
+
+    Raises:
+        GroupLost: every worker that held the run's state was lost (`LiveWorkers.run`).
     """
     import ray
     import torch.distributed as dist
 
-    job, cluster = prepared.job, prepared.job.cluster
-    wait_for_capacity(cluster)
     host = ray.util.get_node_ip_address()
     port = free_port()
     store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
-    placement = build_placement(job, runtime_env)
-    workers = LiveWorkers(placement, cluster, (host, port))
+    workers = LiveWorkers(placement, job.cluster, (host, port), store=store)
+    workers.replacements = failures
     finished = False
     try:
         workers.gather()
         services = start_services(job)  # ps: the shard servers (outlive every worker)
-        workers.config = {
-            "job": job.model_dump(mode="json"),
-            "env": env,
-            "resume": resume,
-            "resume_step": prepared.resume_step,
-            SERVICES_CONFIG_KEY: services,
-        }
-        with (
-            RunMonitor(job, prepared.run_dir, time.time()),
-            services_stopped_at_exit(services),
-            workers.sigterm_handed_on(),
-        ):
+        workers.config = {**config, SERVICES_CONFIG_KEY: services}
+        with services_stopped_at_exit(services), workers.sigterm_handed_on():
             workers.run()
         finished = True
     finally:
         workers.close(reuse=finished)
-        placement.close()
         del store
-    return read_final_metrics(prepared.run_dir)
+
+
+class GroupLost(ClusterError):
+    """Every worker that held the run's state is gone; the ones left wait to join, fresh.
+
+    Args:
+        failures: the failure budget spent so far (losses and restarts).
+    """
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(
+            "every worker holding the live group's training state was lost",
+            "raise cluster.max_failures to let the group restart from the newest checkpoint",
+        )
+        self.failures = failures
+
+
+def restart_point(prepared: PreparedRun, exc: GroupLost) -> dict[str, Any]:
+    """The next attempt's resume settings: the newest checkpoint, or the job's own start."""
+    latest = Checkpointer(prepared.run_dir, keep_last=1, identity={}).latest_step()
+    where = f"checkpoint step {latest}" if latest is not None else "the start (no checkpoint)"
+    logger.warning(
+        "live recovery: no worker holding the training state is left (failure %d); "
+        "restarting the group from %s, as recovery: restart would",
+        exc.failures,
+        where,
+    )
+    if latest is not None:
+        return {"resume": True, "resume_step": latest}
+    mark_ledger_restart(prepared)
+    return {}
+
+
+def mark_ledger_restart(prepared: PreparedRun) -> None:
+    """A restart from the job's start: the lost attempt's ledger lines are void."""
+    if prepared.job.trainer.ledger and prepared.run_dir.exists(LEDGER):
+        mark_resume(prepared.run_dir, prepared.resume_step or 0)
 
 
 class LiveWorkers:
@@ -106,15 +160,23 @@ class LiveWorkers:
     FINISH_GRACE_S = 60.0
     POLL_S = 0.2
 
-    def __init__(self, placement: Placement, cluster: Any, store_addr: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        placement: Placement,
+        cluster: Any,
+        store_addr: tuple[str, int],
+        store: Any = None,
+    ) -> None:
         self.placement, self.cluster, self.store_addr = placement, cluster, store_addr
+        self.store = store  # the rendezvous store (the driver's), for `rescue`
         self.config: dict[str, Any] = {}
         self.token = new_token()
         self.ready: list[tuple[Any, int]] = []  # (actor, bundle) gathered for the members
         self.used: list[Any] = []  # every actor this run held
         self.active: dict[int, Any] = {}  # member id -> actor
         self.bundles: dict[int, int] = {}  # member id -> bundle
-        self.replacements = 0
+        self.replacements = 0  # the failure budget spent (losses; restarts before this group)
+        self.lost = False  # a worker was lost: every poll looks for stranded joiners
         self.joining: set[int] = set()  # replacement members
         self.finished: list[int] = []
         self.sigterm = False  # the driver got SIGTERM; `preempt_sent`: the workers know
@@ -192,6 +254,8 @@ class LiveWorkers:
                 del self.active[member]
                 first_done = first_done or time.monotonic()
                 self.finished.append(member)
+            if self.lost and not self.finished:
+                self.rescue()
         if not self.finished:
             raise ClusterError("every worker of the live group was lost")
 
@@ -241,9 +305,29 @@ class LiveWorkers:
                 del self.active[member]
         return done
 
+    def rescue(self) -> None:
+        """If every worker still alive waits to join (the last one training was lost), form
+        a group of them led by one that holds the state (`rescue_stranded`).
+
+        Raises:
+            GroupLost: none of them holds the state: the run restarts from a checkpoint.
+        """
+        from roundhouse.parallel.rendezvous import rescue_stranded
+
+        if self.store is None or rescue_stranded(self.store, sorted(self.active)) != []:
+            return
+        if self.replacements >= max_replacements(self.cluster):
+            raise ClusterError(
+                f"the live group lost every worker holding its state after {self.replacements} "
+                f"failures (cluster.max_failures={self.cluster.max_failures})",
+                "raise cluster.max_failures, or resume the run: --resume latest",
+            )
+        raise GroupLost(self.replacements + 1)
+
     def replace(self, member: int) -> None:
         """`member` was lost: the others go on; a fresh actor joins in its place."""
         logger.warning("worker %d was lost; the others go on without it", member)
+        self.lost = True
         del self.active[member]
         bundle = self.bundles.pop(member)
         if self.replacements < max_replacements(self.cluster):

@@ -19,6 +19,8 @@ from typing import Any
 
 from roundhouse.cluster.actor_pool import evict_idle
 from roundhouse.cluster.capacity import wait_for_capacity, worker_resources
+from roundhouse.cluster.preempt_relay import CONFIG_KEY as RELAY_CONFIG_KEY
+from roundhouse.cluster.preempt_relay import register_worker, sigterm_relayed, start_relay
 from roundhouse.cluster.progress import RunMonitor
 from roundhouse.cluster.quiet import configure_worker_logging
 from roundhouse.cluster.runtime import ClusterError
@@ -133,6 +135,7 @@ def train_on_ray(
     wait_for_capacity(cluster)
     services = start_services(job)  # the strategy's driver-side services, if it asks for any
     started = time.time()  # checkpoints newer than this come from a failed attempt
+    relay = start_relay()  # SIGTERM to this driver reaches the workers through it
     trainer = TorchTrainer(
         train_loop_per_worker=worker_main,
         train_loop_config={
@@ -142,6 +145,7 @@ def train_on_ray(
             "started": started,
             "env": worker_env(job),
             SERVICES_CONFIG_KEY: services,
+            RELAY_CONFIG_KEY: relay,
             # strategy.kind=auto on an elastic group: the planned strategy per world size
             "strategy_by_size": {str(k): v for k, v in (strategy_by_size or {}).items()},
         },
@@ -161,6 +165,7 @@ def train_on_ray(
         controller_env(queue_timeout_s or cluster.schedule_timeout_s),
         RunMonitor(job, prepared.run_dir, started),
         services_stopped_at_exit(services),
+        sigterm_relayed(relay, cluster.preempt_grace_s),
     ):
         try:
             result = trainer.fit()
@@ -259,6 +264,7 @@ def worker_main(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     write_rank_record(run_dir_of(job), record)
     forward_sigterm_from_main_thread()
+    register_worker(config, ctx.rank)  # SIGTERM to the driver comes through the relay
     try:
         run_worker(worker_job(job), ctx, resume_step=step, resume=resume)
     except Preempted as exc:  # every rank stops at the same step, its checkpoint complete

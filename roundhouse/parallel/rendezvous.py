@@ -25,6 +25,12 @@ Joining: a replacement worker calls `join()`: it takes a slot (`join/count`, the
 knows them); at a step boundary the members agree to admit them and call `advance()`:
 rank 0 writes the next generation's members (the current ones, then the joiners) and tells
 each joiner its generation in `join/<id>/gen`; everyone then forms that generation.
+
+Stranded joiners: if the last training member dies while others wait to join, nobody is left
+to admit them. The driver, which knows which workers are alive, calls `rescue_stranded`: a
+waiting worker that holds a committed state (a survivor left behind; each joiner tells the
+step it holds in `join/<id>/holds`) leads a new generation of the waiting workers; when all
+of them are fresh replacements the driver restarts from the newest checkpoint instead.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 SETTLE_S = 0.2  # the least time a coordinator waits for survivors beyond the first
 POLL_S = 0.005
+JOIN_WAIT_POLL_S = 0.05  # how often a waiting joiner looks for its admission
 
 
 class LeftBehind(TrainingError):
@@ -69,6 +76,7 @@ class ElasticGroup:
     generation: int = 0
     reform_s: list[float] = field(default_factory=list)  # how long each re-forming took
     joined_late: bool = False  # this worker joined a running group (it needs the state)
+    rescued: bool = False  # its last join formed a group of waiting workers (`rescue_stranded`)
 
     @property
     def rank(self) -> int:
@@ -124,19 +132,50 @@ class ElasticGroup:
             self.reform_s[-1],
         )
 
-    def join(self) -> None:
+    def join(self, holds_step: int = -1) -> None:
         """As a replacement (or a survivor left behind): wait to be admitted at a step
-        boundary, then join that generation."""
+        boundary, then join that generation.
+
+        Args:
+            holds_step: the committed step whose state this worker holds (a survivor left
+                behind), or -1 (a fresh replacement). If every worker still alive ends up
+                waiting here, the driver forms a group of them (`rescue_stranded`) led by the
+                one holding the newest state; `rescued` then says so.
+        """
         self.store.delete_key(f"join/{self.member_id}/gen")  # from an earlier admission
+        self.store.set(f"join/{self.member_id}/holds", str(holds_step))
         slot = self.store.add("join/count", 1)
         self.store.set(f"join/slot/{slot}", str(self.member_id))
-        self.generation = int(self.store.get(f"join/{self.member_id}/gen"))
+        self.store.set(f"join/{self.member_id}/waiting", "1")
+        self.generation = self._admission()
+        self.store.delete_key(f"join/{self.member_id}/waiting")
         self.members = json.loads(self.store.get(f"gen{self.generation}/members"))
+        self.rescued = self.store.check([f"gen{self.generation}/rescue"])
         self.joined_late = True
         self.init()
         logger.warning(
-            "joined generation %d as rank %d of %d", self.generation, self.rank, self.world_size
+            "joined generation %d as rank %d of %d%s",
+            self.generation,
+            self.rank,
+            self.world_size,
+            " (a group of waiting workers: no member was left to admit them)"
+            if self.rescued
+            else "",
         )
+
+    def _admission(self) -> int:
+        """Wait (at most the collective timeout) for this worker's admission; its generation."""
+        key = f"join/{self.member_id}/gen"
+        deadline = time.monotonic() + self.timeout_s
+        while not self.store.check([key]):
+            if time.monotonic() > deadline:
+                raise TrainingError(
+                    f"worker {self.member_id} waited {self.timeout_s:g} s to join the running "
+                    "group and was not admitted",
+                    "raise cluster.collective_timeout_s if the members' steps are that long",
+                )
+            time.sleep(JOIN_WAIT_POLL_S)
+        return int(self.store.get(key))
 
     def waiting_joiners(self) -> list[int]:
         """Rank 0: the ids of replacements waiting to join (cheap: one store round trip)."""
@@ -171,3 +210,51 @@ class ElasticGroup:
             time.sleep(POLL_S)
         arrived = [m for m in self.members if self.store.check([f"{key}/member/{m}"])]
         self.store.set(f"{key}/members", json.dumps(arrived))
+
+
+def rescue_stranded(store: dist.Store, alive: list[int]) -> list[int] | None:
+    """The driver's side of a loss: if every worker still `alive` waits to join, nobody is
+    left to admit them; form a group of them.
+
+    A waiting worker that holds a committed state (a survivor left behind) leads it: the
+    members are ordered by the step they hold, newest first, so rank 0 hands its state to the
+    rest (`LiveRecovery.join_running`). The group takes the first unused generation.
+
+    Args:
+        store: the shared store.
+        alive: the member ids of every worker still alive (the driver knows them).
+
+    Returns:
+        None when some alive worker is still training (or none is alive): nothing to do.
+        [] when the waiting workers are all fresh replacements: nobody holds the run's state,
+        so the caller restarts from the newest checkpoint. Otherwise the new group's members.
+    """
+    if not alive or not all(waits_unadmitted(store, m) for m in alive):
+        return None
+    holds = {m: int(store.get(f"join/{m}/holds")) for m in alive}
+    if max(holds.values()) < 0:
+        return []
+    members = sorted(alive, key=lambda m: (-holds[m], m))
+    generation = 1
+    while store.check([f"gen{generation}/members"]):
+        generation += 1
+    key = f"gen{generation}"
+    store.set(f"{key}/rescue", "1")
+    store.set(f"{key}/members", json.dumps(members))
+    store.add("join/admitted", store.add("join/count", 0) - store.add("join/admitted", 0))
+    for member in members:
+        store.set(f"join/{member}/gen", str(generation))
+    logger.warning(
+        "no training worker is left: workers %s (waiting to join) form generation %d from "
+        "worker %d's state (step %d)",
+        members,
+        generation,
+        members[0],
+        holds[members[0]],
+    )
+    return members
+
+
+def waits_unadmitted(store: dist.Store, member: int) -> bool:
+    """Whether `member` waits in `join` and no generation has admitted it yet."""
+    return store.check([f"join/{member}/waiting"]) and not store.check([f"join/{member}/gen"])

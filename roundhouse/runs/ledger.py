@@ -87,13 +87,7 @@ class LedgerWriter:
 
     def mark_resume(self, step: int) -> None:
         """Training continues from global step `step`: later lines written before now are void."""
-        line = json.dumps({"step": step, "t": time.time()}) + "\n"
-        if self.run_dir.is_local:
-            with open(self.run_dir.join(LEDGER, RESUMES), "a", encoding="utf-8") as f:
-                f.write(line)
-            return
-        name = f"{LEDGER}/resume_{time.time_ns()}.jsonl"
-        self.run_dir.write_text(name, line)
+        mark_resume(self.run_dir, step)
 
     def flush(self) -> None:
         """Write buffered lines (object stores: as the next part file)."""
@@ -110,6 +104,16 @@ class LedgerWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def mark_resume(run_dir: RunDir, step: int) -> None:
+    """Record that training continues from global step `step` (see the module docstring)."""
+    line = json.dumps({"step": step, "t": time.time()}) + "\n"
+    if run_dir.is_local:
+        with open(run_dir.join(LEDGER, RESUMES), "a", encoding="utf-8") as f:
+            f.write(line)
+        return
+    run_dir.write_text(f"{LEDGER}/resume_{time.time_ns()}.jsonl", line)
 
 
 def drop_cut_line(path: str) -> None:

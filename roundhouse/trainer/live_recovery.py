@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from roundhouse.errors import JobFileError
+from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.parallel.rendezvous import ElasticGroup, LeftBehind
 from roundhouse.parallel.timeouts import CollectiveTimeoutError
 from roundhouse.runs.status import RUNNING, write_status
@@ -137,9 +137,24 @@ class LiveRecovery:
         self.send_state(trainer, 0, position)
         self.reload(trainer, position)
 
-    def join_running(self, trainer: Any) -> None:
-        """A replacement, once built in its new generation: take the members' state."""
-        self.reload(trainer, self.send_state(trainer, 0, None))
+    def join_running(self, trainer: Any, position: dict[str, int] | None = None) -> None:
+        """A replacement, once built in its new generation: take the members' state.
+
+        In a group of stranded joiners (`ElasticGroup.rescued`: the last training member died
+        while they waited), rank 0 holds the newest committed state (a survivor left behind,
+        which passes its `position`) and hands it to the others; the run goes on from its
+        step and the ledger voids what the lost members trained after it.
+        """
+        rescued = self.group.rescued
+        source = position if rescued and self.group.rank == 0 else None
+        if rescued and self.group.rank == 0 and source is None:
+            raise TrainingError(
+                "a group of waiting workers formed without one that holds the run's state",
+                "resume the run from its latest checkpoint (--resume latest)",
+            )
+        self.reload(trainer, self.send_state(trainer, 0, source))
+        if rescued and trainer.ledger is not None:
+            trainer.ledger.resumed(trainer.state.step)
         logger.warning("joined at step %d", trainer.state.step)
 
     def recover(self, trainer: Any, reason: str) -> None:
@@ -156,7 +171,7 @@ class LiveRecovery:
             self.group.reform(settle_s=2 * self.step_s)
         except LeftBehind as exc:  # the others re-formed without this worker: join them
             logger.warning("%s: joining the survivors as a replacement", exc)
-            self.rejoin(trainer, was_main)
+            self.rejoin(trainer, was_main, position)
             return
         self.step_started = None  # the step being redone is not a measure of step time
         self.rebind(trainer, joining=False)
@@ -175,16 +190,19 @@ class LiveRecovery:
             position["steps_done"],
         )
 
-    def rejoin(self, trainer: Any, was_main: bool) -> None:
+    def rejoin(self, trainer: Any, was_main: bool, position: dict[str, int]) -> None:
         """A survivor left behind (it noticed the loss after the others had re-formed, e.g.
         it waited on a peer that went on without it): it waits to be admitted at the members'
-        next step boundary, like a replacement, and takes their state."""
-        self.group.join()
+        next step boundary, like a replacement, and takes their state. If the members are
+        all lost meanwhile, it leads the waiting workers from its own state (`join_running`)."""
+        self.group.join(holds_step=trainer.state.step)
         self.step_started = None
         self.rebind(trainer, joining=True)
-        self.join_running(trainer)
+        self.join_running(trainer, position)
         if was_main and not trainer.ctx.is_main:
             demote(trainer)
+        elif trainer.ctx.is_main and not was_main:
+            promote(trainer)
 
     def rebind(self, trainer: Any, *, joining: bool) -> None:
         """The trainer's context and strategy on the group's current generation."""

@@ -25,7 +25,7 @@ from roundhouse.config.loading import validate_job
 from roundhouse.errors import JobFileError
 from roundhouse.parallel.net import free_port
 from roundhouse.parallel.ps.manager import connect_store, shard_manager
-from roundhouse.parallel.rendezvous import ElasticGroup
+from roundhouse.parallel.rendezvous import ElasticGroup, rescue_stranded
 from roundhouse.runs.ledger import verify_ledger
 from roundhouse.runs.rundir import RunDir
 from roundhouse.trainer import WorkerContext, build_local_context, run_worker
@@ -45,7 +45,8 @@ class KillerMLP(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, kill_rank: int,
                  at_call: int, delay_s: float, marker: str | None,
-                 late_rank: int | None = None) -> None:  # fmt: skip
+                 late_rank: int | None = None, alone_rank: int | None = None,
+                 alone_call: int = 2) -> None:  # fmt: skip
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
@@ -58,6 +59,8 @@ class KillerMLP(nn.Module):
         self.kill_rank, self.at_call, self.delay_s, self.calls = kill_rank, at_call, delay_s, 0
         self.marker = Path(marker) if marker else None  # kill once per run (not a replacement)
         self.late_rank = late_rank  # this worker notices the kill seconds after the others
+        # This worker SIGKILLs itself at its `alone_call`-th forward as the only one training.
+        self.alone_rank, self.alone_call, self.alone_calls = alone_rank, alone_call, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -65,6 +68,11 @@ class KillerMLP(nn.Module):
             time.sleep(self.delay_s)
             if self.calls == self.at_call and self.member == self.late_rank:
                 time.sleep(LATE_S)
+            alone = dist.is_initialized() and dist.get_world_size() == 1
+            if self.member == self.alone_rank and alone:
+                self.alone_calls += 1
+                if self.alone_calls == self.alone_call:
+                    os.kill(os.getpid(), signal.SIGKILL)
             if self.calls == self.at_call and self.member == self.kill_rank:
                 if self.marker is not None:
                     if self.marker.exists():
@@ -82,8 +90,11 @@ def killer_mlp(
     delay_s: float = 0.02,
     marker: str | None = None,
     late_rank: int | None = None,
+    alone_rank: int | None = None,
+    alone_call: int = 2,
 ) -> nn.Module:
-    return KillerMLP(input_shape, num_classes, kill_rank, at_call, delay_s, marker, late_rank)
+    return KillerMLP(input_shape, num_classes, kill_rank, at_call, delay_s, marker, late_rank,
+                     alone_rank, alone_call)  # fmt: skip
 
 
 def make_job(storage: Path, at_call: int) -> dict:
@@ -148,12 +159,19 @@ def member_main(
 
 
 def run_members(
-    job: dict, world: int, expect_dead: set[int], replace: bool = False, servers: Any = None
+    job: dict,
+    world: int,
+    expect_dead: set[int],
+    replace: bool = False,
+    servers: Any = None,
+    replace_after: int = 1,
 ) -> dict[int, Any]:
     """Run `world` members on a store held here; return the survivors' results.
 
-    `replace`: once a member died, start member `world` as its replacement (it joins).
-    `servers`: the address of ps shards (`shard_manager`) for every member."""
+    `replace`: once `replace_after` members died, start member `world` as a replacement (it
+    joins). `servers`: the address of ps shards (`shard_manager`) for every member. Like the
+    live group's driver, this loop forms a group of the waiting workers when nobody training
+    is left to admit them (`rescue_stranded`)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     port = free_port()
@@ -172,10 +190,13 @@ def run_members(
     expected = world - len(expect_dead) + (1 if replace else 0)
     try:
         while len(got) < expected:
-            if replace and len(procs) == world and any(p.exitcode is not None for p in procs):
+            dead = sum(p.exitcode is not None for p in procs)
+            if replace and len(procs) == world and dead >= replace_after:
                 joiner = (world, world, port, job, results, True, servers)
                 procs.append(ctx.Process(target=member_main, args=joiner, daemon=True))
                 procs[-1].start()
+            alive = [m for m, p in enumerate(procs) if p.exitcode is None and m not in got]
+            rescue_stranded(store, alive)
             try:
                 member, ok, value = results.get(timeout=0.2)
             except queue.Empty:
@@ -194,11 +215,14 @@ def run_members(
     return got
 
 
-def train(job: dict, expect_dead: set[int], replace: bool = False) -> tuple[Path, dict[int, Any]]:
+def train(
+    job: dict, expect_dead: set[int], replace: bool = False, replace_after: int = 1
+) -> tuple[Path, dict[int, Any]]:
     prepared = prepare_run(validate_job(job))
     job = prepared.job.model_dump(mode="json")
     if job["strategy"]["kind"] != "ps":
-        return Path(prepared.run_dir.url), run_members(job, WORLD, expect_dead, replace)
+        got = run_members(job, WORLD, expect_dead, replace, replace_after=replace_after)
+        return Path(prepared.run_dir.url), got
     with shard_manager() as servers:
         got = run_members(job, WORLD, expect_dead, replace, servers)
     return Path(prepared.run_dir.url), got
@@ -260,6 +284,32 @@ def test_a_survivor_left_behind_rejoins_and_nothing_is_lost(
     assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
     worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
     assert 1 in worlds and worlds[-1] == 2  # one went on alone until the late one rejoined
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert read_metrics(run)[-1]["step"] == 24
+    ours, theirs = final_weights(run), final_weights(reference)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+def test_losing_the_last_training_worker_while_others_wait_to_join(tmp_path: Path) -> None:
+    """Worker 2 dies; worker 1 notices late and waits to rejoin; worker 0, training alone,
+    commits a step and dies too; a fresh replacement (3) waits as well. Nobody trains, so
+    the driver (here the test) forms a group of the waiting ones, led by worker 1, which
+    holds the newest committed state: the run finishes with every sample trained once (the
+    lost worker's lone step is voided) and with the uninterrupted run's weights."""
+    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("x", 5))]
+    for job in jobs:
+        job["trainer"]["max_epochs"] = 2
+        job["model"]["options"].update(delay_s=0.3, late_rank=1, alone_rank=0, alone_call=2)
+    reference, _ = train(jobs[0], set())
+    run, members = train(jobs[1], {0, 2}, replace=True, replace_after=2)
+    assert sorted(members) == [1, 3]
+    assert [world for _, world, _ in members.values()] == [2, 2]
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
+    assert report.ignored_lines >= 1  # worker 0's step alone, undone
+    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
+    assert 1 in worlds and worlds[-1] == 2
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
     assert read_metrics(run)[-1]["step"] == 24
     ours, theirs = final_weights(run), final_weights(reference)

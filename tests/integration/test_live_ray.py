@@ -90,3 +90,28 @@ def test_losing_rank_0_on_ray_hands_the_run_folder_to_a_survivor(
     rows = read_metrics(run)
     assert rows[-1]["step"] == 36 and "test/accuracy" in rows[-1], rows[-1]
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def test_losing_every_worker_that_holds_the_state_restarts_from_the_checkpoint(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """2 workers: worker 1 dies, worker 0 trains alone and dies too, while the fresh
+    replacements wait to join. Nobody holds the state, so the driver restarts the group from
+    the newest checkpoint (as `recovery: restart` would) instead of failing or hanging."""
+    job = make_job(tmp_path / "runs", at_call=5)
+    job["cluster"].update(address=cluster.gcs_address, num_workers=2, max_failures=4)
+    job["model"]["options"].update(kill_rank=1, delay_s=0.1, marker=str(tmp_path / "killed"),
+                                   alone_rank=0, alone_call=2)  # fmt: skip
+    job["trainer"]["max_epochs"] = 3
+    job["trainer"]["checkpoint"] = {"every_epoch": False, "every_steps": 4}
+    path = tmp_path / "live_lost.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path)]) == 0
+    run = only_run(tmp_path / "runs", "live")
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12] * 3, report.as_dict()
+    lines = (run / "ledger" / "resumes.jsonl").read_text().splitlines()
+    resumes = [json.loads(line)["step"] for line in lines]
+    assert 4 in resumes, resumes  # the restart went on from the checkpoint of step 4
+    assert read_metrics(run)[-1]["step"] == 36
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"

@@ -136,13 +136,15 @@ def test_warm_actors_of_another_kind_make_way_for_a_ray_train_run(
 
 
 @pytest.mark.parametrize(
-    ("recovery", "target"), [("restart", "worker"), ("live", "worker"), ("live", "driver")]
+    ("recovery", "target"),
+    [("restart", "worker"), ("restart", "driver"), ("live", "worker"), ("live", "driver")],
 )
 def test_sigterm_to_a_worker_checkpoints_and_resumes_bit_for_bit(
     cluster: RayCluster, tmp_path: Path, recovery: str, target: str
 ) -> None:
-    """restart: Ray Train's worker, whose loop runs in a thread; live: a warm actor of the own
-    group (its loop runs in a thread too), or the driver, which hands SIGTERM on."""
+    """restart: Ray Train's worker, whose loop runs in a thread, or the driver, which hands
+    SIGTERM on through its relay actor; live: a warm actor of the own group (its loop runs in
+    a thread too), or the driver, which hands SIGTERM on."""
     address = cluster.gcs_address
     slow = {"name": "tests.helpers.models:slow_mlp", "flavor": "default"}
     slow["options"] = {"delay_s": 0.2}
