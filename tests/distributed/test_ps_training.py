@@ -121,7 +121,10 @@ def test_async_and_ssp_learn_and_ssp_bounds_staleness(tmp_path: Path, mode: str)
     job["strategy"]["slow_worker"] = {"rank": 1, "factor": 20.0 if mode == "async" else 6.0}
     run, results = train_ranks(job, 2)
     rows = read_metrics(run)
-    assert rows[-1]["test/accuracy"] >= 0.95
+    # Which pushes a pull sees depends on the ranks' timing, so the end point moves from run to
+    # run: 0.944-0.978 test accuracy over 13 runs (chance is 0.1). A margin below that range,
+    # not a coin flip at 0.95.
+    assert rows[-1]["test/accuracy"] >= 0.9
     worst = max(r["train/ps_staleness_max"] for r in rows if "train/ps_staleness_max" in r)
     # Dynamic data assignment (the default here): the ranks shared each epoch's chunks, every
     # chunk trained once; under async the fast rank took most of them.
