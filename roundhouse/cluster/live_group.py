@@ -194,8 +194,10 @@ class LiveWorkers:
         self.ready += self.wait_ready(fresh, first_bundle=len(warm))
 
     def wait_ready(self, fresh: list[Any], first_bundle: int) -> list[tuple[Any, int]]:
-        """Wait (at most `schedule_timeout_s`) for `fresh` actors to be up, keeping the warm
-        ones' claims; a warm actor that turns idle meanwhile takes a pending one's place."""
+        """Wait (at most `schedule_timeout_s`) for `fresh` actors to be up, keeping the claims
+        of the warm ones and of the fresh ones already up (an actor whose claim goes
+        unrenewed for `LEASE_S` ends itself, and one node may come up minutes before
+        another); a warm actor that turns idle meanwhile takes a pending one's place."""
         import ray
 
         deadline = time.monotonic() + self.cluster.schedule_timeout_s
@@ -207,8 +209,8 @@ class LiveWorkers:
                 break
             if time.monotonic() > deadline:
                 raise self.unschedulable()
-            for actor, _ in self.ready:
-                ray.get(actor.renew.remote(self.token))  # keep the claim
+            waiting_up = [actor for actor, _ in self.ready] + [pending[ref] for ref in up]
+            ray.get([actor.renew.remote(self.token) for actor in waiting_up])  # keep the claims
             pending = self.swap_pending(pending, up)
         return [(a, first_bundle + i) for i, a in enumerate(pending.values())]
 

@@ -17,11 +17,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from roundhouse.cluster.actor_pool import evict_idle, pooled_names
+from roundhouse.cluster import actor_pool
+from roundhouse.cluster.actor_pool import Lease, evict_idle, pooled_names
+from roundhouse.cluster.live_group import LiveWorkers
+from roundhouse.cluster.live_placement import Placement
 from roundhouse.cluster.runtime import ray_runtime
 from roundhouse.config import ClusterConfig
 from roundhouse.launch.cli import main
@@ -120,6 +124,51 @@ def test_a_sweeps_trials_reuse_the_actors_of_the_trials_before_them(
     pids = {json.loads(rank.read_text())["pid"] for rank in ranks}
     assert len(ranks) == 3 and len(pids) == 1, pids  # three trials, one worker process
     assert len(warm_actors(address)) == 1
+
+
+class SlowToStart:
+    """A stand-in for a pooled `LiveWorker`: up after `delay_s` (a node that comes up late),
+    then it ends its process when its claim goes unrenewed for `LEASE_S` (3 s here)."""
+
+    def __init__(self, delay_s: float, token: str) -> None:
+        time.sleep(delay_s)
+        actor_pool.LEASE_S = 3.0
+        self.lease = Lease(keep_warm_s=600, token=token)
+        self.lease.watch(lambda reason: os._exit(0), period_s=0.2)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def renew(self, token: str) -> None:
+        self.lease.renew(token)
+
+
+class StaggeredPlacement(Placement):
+    """Fresh actors that come up `delays` s after they are asked for."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.cluster, self.runtime_env, self.delays = ClusterConfig(), None, delays
+
+    def spawn(self, bundle: int, token: str) -> Any:
+        import ray
+
+        return ray.remote(num_cpus=0)(SlowToStart).remote(self.delays[bundle], token)
+
+
+def test_actors_up_early_keep_their_claim_while_the_others_start(cluster: RayCluster) -> None:
+    """One actor is up at once, the other 8 s later: the driver renews the early one's claim
+    while it waits (before, its 3-s lease ran out and it ended itself)."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with ray_runtime(ClusterConfig(), cluster.gcs_address):
+        config = ClusterConfig(num_workers=2, schedule_timeout_s=60)
+        group = LiveWorkers(StaggeredPlacement([0.0, 8.0]), config, ("127.0.0.1", 0))
+        group.gather()
+        pids = ray.get([actor.ready.remote() for actor, _ in group.ready], timeout=30)
+        assert len(set(pids)) == 2
+        for actor in group.used:
+            ray.kill(actor)
 
 
 def test_warm_actors_of_another_kind_make_way_for_a_ray_train_run(
