@@ -130,9 +130,10 @@ from roundhouse.launch.local import train_local
 logger = logging.getLogger("transfer")
 
 # Part of a pretraining run's cache key: bump a family's entry when a code change alters what its
-# pretraining computes (bert: the masked LM's random token is drawn from the same sample since
-# main 54d7f65; runs cached before have no entry and are not reused).
-CACHE_VERSION = {"bert": "mlm-random-v2"}
+# pretraining computes (bert: "mlm-random-v2" since the masked LM's random token is drawn from
+# the same sample, main 54d7f65; "mlm-dynamic-v3" since training masks are drawn afresh each
+# epoch, the default `task.options.masking: dynamic`; runs cached before are not reused).
+CACHE_VERSION = {"bert": "mlm-dynamic-v3"}
 
 
 def job(

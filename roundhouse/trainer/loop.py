@@ -167,6 +167,7 @@ class Trainer:
     def run_epoch(self) -> bool:
         """One pass over this rank's share of the training data; True means stop training."""
         self.strategy.train_mode(True)
+        self.task.set_epoch(self.state.epoch)
         stop = False
         for micro_batches in self.train_loader:
             self.train_step(micro_batches)
@@ -342,12 +343,16 @@ class Trainer:
             world_size=self.strategy.data_parallel_size,
         )
         self.strategy.train_mode(False)
+        self.task.set_epoch(None)
         sums: dict[str, Any] = {}
-        for batch in loader:
-            batch = move_to(batch, self.ctx.device)  # the task's sums read the targets too
-            outputs = self.strategy.forward(batch)
-            for key, value in self.task.eval_sums(outputs, batch).items():
-                sums[key] = sums.get(key, 0) + value.detach().cpu()
+        try:
+            for batch in loader:
+                batch = move_to(batch, self.ctx.device)  # the task's sums read the targets too
+                outputs = self.strategy.forward(batch)
+                for key, value in self.task.eval_sums(outputs, batch).items():
+                    sums[key] = sums.get(key, 0) + value.detach().cpu()
+        finally:
+            self.task.set_epoch(self.state.epoch)
         totals = self.strategy.reduce_metrics(sums)
         return {f"{split}/{k}": v for k, v in self.task.finalize(totals).items()}
 

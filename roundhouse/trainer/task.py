@@ -83,8 +83,24 @@ def _language_model(job: JobSpec, options: dict[str, Any]) -> Task:
     return LanguageModelTask(label_smoothing=job.trainer.loss.label_smoothing)
 
 
+MASKINGS = ("dynamic", "static")
+
+
 def _masked_lm(job: JobSpec, options: dict[str, Any]) -> Task:
-    return MaskedLMTask(label_smoothing=job.trainer.loss.label_smoothing)
+    unknown = sorted(set(options) - {"masking"})
+    if unknown:
+        raise TaskError(
+            f"unknown option {unknown[0]!r} for task masked_lm", "valid options: masking"
+        )
+    masking = options.get("masking", "dynamic")
+    if masking not in MASKINGS:
+        raise TaskError(
+            f"task.options.masking must be dynamic or static, got {masking!r}",
+            "set task.options.masking to dynamic (a fresh mask each epoch) or static",
+        )
+    return MaskedLMTask(
+        label_smoothing=job.trainer.loss.label_smoothing, dynamic=masking == "dynamic"
+    )
 
 
 def _gan(job: JobSpec, options: dict[str, Any]) -> Task:

@@ -199,6 +199,15 @@ class Task:
         """
         return None
 
+    def set_epoch(self, epoch: int | None) -> None:
+        """The training epoch whose batches come next, or None while evaluating.
+
+        The loop calls it as each training epoch begins (a resumed run: the epoch it resumes
+        in) and around every evaluation, on every rank alike. A task whose training objective
+        draws afresh each epoch (the masked LM's dynamic masks) keys its draws on `epoch`, so
+        they stay a function of the data and the epoch: the same on any world size, and after
+        a resume. Default: nothing."""
+
     def optimizers(self) -> list[OptimizerSpec]:
         """The optimizers this task steps, in their default per-step order (one by default)."""
         return [OptimizerSpec("main")]

@@ -13,8 +13,13 @@ the trainer logs as `val/...` like any other metric.
 
 Masking for `masked_lm` is a pure function of the sample's tokens and a seed (a counter-based
 hash, no global RNG), so `loss` recomputes exactly the mask `forward` used, evaluation masks are
-identical on every run, and a resumed run masks like an uninterrupted one. A sample keeps its
-mask across epochs (static masking, as the original BERT's pre-generated data).
+identical on every run, and a resumed run masks like an uninterrupted one.
+
+Training masks are dynamic by default (RoBERTa's): the training epoch (`Task.set_epoch`) salts
+the hash, so a sample is masked afresh each epoch, still the same on every rank and world size
+and after a resume. Evaluation keeps one fixed mask per sample, so validation losses compare
+across epochs and runs. `task.options.masking: static` keeps the training mask of epoch 0 for
+every epoch (the original BERT's pre-generated data).
 """
 
 from __future__ import annotations
@@ -244,22 +249,27 @@ class Masking:
     random_frac: float = 0.1
     seed: int = 0
 
-    def apply(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns the corrupted input and the bool `(B, T)` selection (where the loss is)."""
-        selected = (hashed_uniform(tokens, self.seed, 0) < self.select_frac) & (tokens != PAD_ID)
-        choice = hashed_uniform(tokens, self.seed, 1)
+    def apply(self, tokens: Tensor, salt: int = 0) -> tuple[Tensor, Tensor]:
+        """Returns the corrupted input and the bool `(B, T)` selection (where the loss is).
+
+        `salt` picks an independent draw (the training epoch under dynamic masking; 0 is the
+        evaluation mask); each draw is a function of the sample, the seed and the salt."""
+        streams = 3 * salt  # three hash streams per draw: selection, choice, random position
+        selected = hashed_uniform(tokens, self.seed, streams) < self.select_frac
+        selected &= tokens != PAD_ID
+        choice = hashed_uniform(tokens, self.seed, streams + 1)
         to_mask = selected & (choice < self.mask_frac)
         to_random = selected & (choice >= self.mask_frac)
         to_random &= choice < self.mask_frac + self.random_frac
         corrupted = torch.where(to_mask, torch.full_like(tokens, MASK_ID), tokens)
-        corrupted = torch.where(to_random, self.random_tokens(tokens), corrupted)
+        corrupted = torch.where(to_random, self.random_tokens(tokens, streams + 2), corrupted)
         return corrupted, selected
 
-    def random_tokens(self, tokens: Tensor) -> Tensor:
+    def random_tokens(self, tokens: Tensor, stream: int = 2) -> Tensor:
         """For each position, the token at a hashed random position of its sample `(B, T)`; a
         draw that lands on padding keeps the position's own token."""
         length = tokens.shape[1]
-        picks = (hashed_uniform(tokens, self.seed, 2) * length).long().clamp_max(length - 1)
+        picks = (hashed_uniform(tokens, self.seed, stream) * length).long().clamp_max(length - 1)
         drawn = tokens.gather(1, picks)
         return torch.where(drawn == PAD_ID, tokens, drawn)
 
@@ -273,13 +283,25 @@ class MaskedLMTask(LanguageModelTask):
 
     can_sample = False
 
-    def __init__(self, masking: Masking | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        masking: Masking | None = None,
+        label_smoothing: float = 0.0,
+        dynamic: bool = True,
+    ) -> None:
         super().__init__(label_smoothing)
         self.masking = masking or Masking()
+        self.dynamic = dynamic
+        self.salt = 0  # the draw in use: the training epoch (dynamic), else 0
+
+    def set_epoch(self, epoch: int | None) -> None:
+        """Dynamic masking: training batches of epoch `epoch` get that epoch's masks;
+        evaluation (None), and every epoch under static masking, the fixed draw 0."""
+        self.salt = epoch if self.dynamic and epoch is not None else 0
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Logits `(B, T, V)` of the masked input; the auxiliary losses are kept for `loss`."""
-        corrupted, _ = self.masking.apply(batch["input"])
+        corrupted, _ = self.masking.apply(batch["input"], self.salt)
         logits = model(corrupted)  # (B, T, V)
         self.aux = _Aux(*collect_aux(model))
         return logits
@@ -287,5 +309,5 @@ class MaskedLMTask(LanguageModelTask):
     def targets(self, batch: dict[str, Tensor]) -> Tensor:
         """The masked positions' original tokens; every other position is padding (ignored)."""
         tokens = batch["input"]
-        _, selected = self.masking.apply(tokens)
+        _, selected = self.masking.apply(tokens, self.salt)
         return torch.where(selected, tokens, torch.full_like(tokens, PAD_ID))

@@ -86,9 +86,7 @@ def mlm_job(storage: Path, run_id: str, strategy: dict[str, Any], **over: Any) -
             "batch_size": BATCH,
             "eval_batch_size": 256,
         },
-        trainer__max_steps=3,
-        trainer__optimizer={"name": "adam", "lr": 0.001},
-        **over,
+        **{"trainer__max_steps": 3, "trainer__optimizer": {"name": "adam", "lr": 0.001}, **over},
     )
     job["name"] = "mlm_ragged"
     job["strategy"] = strategy
@@ -165,10 +163,20 @@ def train_losses(run: Path) -> list[float]:
 
 
 def test_masked_lm_on_two_ring_ranks_and_accumulating_equals_single(tmp_path: Path) -> None:
-    reference, _ = train(mlm_job(tmp_path / "single", "single", {"kind": "single"}))
+    """8 steps of 128 chunks over 643: the run crosses into epoch 1, where dynamic masking
+    draws every sample's mask afresh (on each rank, from the sample and the epoch alone)."""
+    over = {
+        "data__batch_size": 128,
+        "data__options": {"seq_len": 32, "max_bytes": 30_000},
+        "trainer__max_steps": 8,
+    }
+    reference, _ = train(mlm_job(tmp_path / "single", "single", {"kind": "single"}, **over))
+    assert {m.get("epoch") for m in read_metrics(reference)} >= {0, 1}
     runs = [
-        mlm_job(tmp_path / "ring", "ring", STRATEGIES["ring"]),
-        mlm_job(tmp_path / "accum", "accum", {"kind": "single"}, trainer__grad_accum_steps=2),
+        mlm_job(tmp_path / "ring", "ring", STRATEGIES["ring"], **over),
+        mlm_job(
+            tmp_path / "accum", "accum", {"kind": "single"}, trainer__grad_accum_steps=2, **over
+        ),
     ]
     for job in runs:
         run, _ = train(job)
