@@ -272,19 +272,20 @@ class LiveRecovery:
 
 
 def release_process_groups() -> None:
-    """Destroy every process group and collect young reference cycles.
+    """Destroy every process group and collect every reference cycle.
 
     A peer blocked on this worker (a ring neighbour waiting for its chunk) notices the loss
-    only when this worker's sockets close, when the last reference to the old groups goes.
-    The failed collectives' tracebacks (reference cycles) keep them alive; young cycles are
-    collected here (a full collection takes ~0.5 s in a big process). Something outside
-    Python's collector can still hold a group (seen in the multi-node trace and in the
-    process-level tests): then the blocked neighbour waits up to `collective_timeout_s`,
-    arrives after the others re-formed, and rejoins as a replacement (`rejoin`).
+    only when this worker's sockets close, when the last reference to the old groups goes
+    (gloo's `abort()`/`shutdown()` close nothing). The failed collectives' tracebacks and the
+    gradient thread's objects (reference cycles, some old enough for the oldest generation)
+    keep them alive, so the collection is a full one (a few hundred ms in a big process):
+    with only the young generations collected, the multi-node trace left a survivor blocked
+    until `collective_timeout_s` (60 s), after which it rejoined as a replacement. Should
+    something outside Python's collector still hold a group, that is what happens (`rejoin`).
     """
     if dist.is_initialized():
         dist.destroy_process_group()
-    gc.collect(1)
+    gc.collect()
 
 
 def demote(trainer: Any) -> None:
