@@ -178,6 +178,7 @@ class LiveWorkers:
         self.replacements = 0  # the failure budget spent (losses; restarts before this group)
         self.lost = False  # a worker was lost: every poll looks for stranded joiners
         self.joining: set[int] = set()  # replacement members
+        self.polls: dict[int, Any] = {}  # member -> its poll call in flight
         self.finished: list[int] = []
         self.sigterm = False  # the driver got SIGTERM; `preempt_sent`: the workers know
         self.preempt_sent = False
@@ -286,14 +287,25 @@ class LiveWorkers:
             actor.preempt.remote(self.token)
 
     def poll_all(self) -> list[int]:
-        """Poll every active member; return those that finished. A lost one is replaced; a
-        failed one raises its error."""
+        """Poll every active member (waiting at most `POLL_S` for the answers); return those
+        that finished. A lost one is replaced; a failed one raises its error; one that has
+        not answered yet (an actor still being placed) is asked again once it answers."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        calls = {m: actor.poll.remote(self.token) for m, actor in self.active.items()}
+        for member, actor in self.active.items():
+            if member not in self.polls:  # one poll in flight per member
+                self.polls[member] = actor.poll.remote(self.token)
+        calls = {m: call for m, call in self.polls.items() if m in self.active}
+        answered, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=self.POLL_S)
         done = []
         for member, call in calls.items():
+            if call not in answered:
+                # A replacement whose node is not up yet (its actor is not created, so its
+                # call waits): waiting on it would stop the others' polls, and with them the
+                # renewals of their claims (`LEASE_S`). Its poll is collected when it answers.
+                continue
+            del self.polls[member]
             try:
                 if ray.get(call) is not None:
                     done.append(member)
