@@ -229,6 +229,13 @@ class StepLoader:
             yield micro_batches
         self._steps_done = self.plan.num_steps
 
+    def step_samples(self, epoch: int, step: int) -> list[int]:
+        """Every sample of global step `step` of `epoch` (all ranks' shares; no mixup
+        partners): what the step trains at any world size."""
+        order = epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        first, end = self.plan.step_bounds(step)
+        return order[first:end].tolist()
+
     def _plans(self, epoch: int, start: int) -> Iterator[_StepPlan]:
         order = epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
         if self.claim is None:

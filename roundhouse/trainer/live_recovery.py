@@ -180,6 +180,14 @@ class LiveRecovery:
         if trainer.ctx.is_main and not was_main:
             promote(trainer)
         if trainer.ledger is not None:
+            if trainer.ctx.is_main:  # a share the lost worker exchanged but never recorded
+                filled = trainer.ledger.record_unrecorded(trainer.state.step)
+                if filled:
+                    logger.warning(
+                        "ledger: recorded %d samples of step %d for the lost worker",
+                        filled,
+                        trainer.state.step,
+                    )
             trainer.ledger.resumed(trainer.state.step)
         self.stalls_s.append(time.perf_counter() - started)
         logger.warning(

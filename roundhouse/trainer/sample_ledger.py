@@ -12,7 +12,7 @@ from typing import Any
 
 from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError
-from roundhouse.runs.ledger import EpochPlan, LedgerWriter
+from roundhouse.runs.ledger import EpochPlan, LedgerWriter, live_lines, read_ledger
 from roundhouse.runs.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,37 @@ class StepLedger:
             "i": list(self.loader.last_indices),
         }
         self.writer.record(entry)
+
+    def record_unrecorded(self, global_step: int) -> int:
+        """After a worker was lost: record, as this rank, the samples of the committed step
+        `global_step` that no rank recorded; how many.
+
+        A worker killed after its step's gradient exchange but before its ledger line leaves
+        its share trained (the survivors applied the summed gradient) and unrecorded. The
+        step's samples are a function of the epoch and the step (`StepLoader.step_samples`),
+        so the survivors' rank 0 records the rest. Local run folders only (an object store's
+        lines are buffered per rank, so the others' recent lines cannot be read back), and
+        not under dynamic data assignment (async ps), whose steps commit rank by rank, nor for
+        streamed data.
+        """
+        samples_of = getattr(self.loader, "step_samples", None)  # a streamed loader has none
+        if samples_of is None or getattr(self.loader, "claim", None) is not None:
+            return 0
+        if not self.writer.run_dir.is_local:
+            return 0
+        self.writer.flush()
+        _, lines, resumes = read_ledger(self.writer.run_dir)
+        kept, _ = live_lines(lines, resumes)
+        step_lines = [line for line in kept if line["gs"] == global_step]
+        if not step_lines:
+            return 0
+        first = step_lines[0]
+        recorded = {i for line in step_lines for i in line["i"]}
+        unrecorded = [i for i in samples_of(first["e"], first["s"]) if i not in recorded]
+        if unrecorded:
+            entry = {k: first[k] for k in ("e", "s", "gs", "n", "w")}
+            self.writer.record({**entry, "i": unrecorded})
+        return len(unrecorded)
 
     def resumed(self, global_step: int) -> None:
         """Training goes on from `global_step` (rank 0 only records it)."""

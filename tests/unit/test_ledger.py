@@ -134,3 +134,44 @@ def test_a_line_cut_by_a_kill_is_dropped_before_another_process_appends(tmp_path
     cut.write_bytes(b"x" * 70000)  # no newline at all: nothing of it was committed
     drop_cut_line(str(cut))
     assert cut.read_bytes() == b""
+
+
+def test_a_lost_workers_unrecorded_share_of_a_committed_step_is_recorded_once(
+    tmp_path: Path,
+) -> None:
+    """A worker killed after a step's gradient exchange but before its ledger line: the
+    survivors' rank 0 records the rest of that step (`StepLedger.record_unrecorded`), from the
+    step's samples at any world size; a second call records nothing."""
+    from roundhouse.data.loader import StepLoader
+    from roundhouse.data.splits import build_splits
+    from roundhouse.trainer.sample_ledger import StepLedger
+
+    job = validate_job(make_job(tmp_path))
+    run = train(make_job(tmp_path))
+    path = run / "ledger" / "rank_0.jsonl"
+    lines = [json.loads(text) for text in path.read_text().splitlines()]
+    damaged = next(line for line in lines if line["e"] == 1 and line["s"] == 3)
+    lost = damaged["i"][60:]  # as if a second rank trained these and died unrecorded
+    damaged["i"] = damaged["i"][:60]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert verify_ledger(RunDir(str(run))).missing == len(lost) == 40
+
+    splits = build_splits(job.data, job.trainer.seed)
+    loader = StepLoader(
+        splits.train,
+        global_batch_size=100,
+        rank=0,
+        world_size=1,
+        grad_accum_steps=1,
+        seed=job.trainer.seed,
+        shuffle=job.data.shuffle,
+        drop_last=job.data.drop_last,
+    )
+    ledger = StepLedger(RunDir(str(run)), 0, loader)
+    assert ledger.record_unrecorded(damaged["gs"]) == 40
+    assert ledger.record_unrecorded(damaged["gs"]) == 0
+    ledger.close()
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok, report.as_dict()
+    filled = json.loads(path.read_text().splitlines()[-1])
+    assert sorted(filled["i"]) == sorted(lost) and filled["gs"] == damaged["gs"]
