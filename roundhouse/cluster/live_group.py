@@ -210,7 +210,9 @@ class LiveWorkers:
                 break
             if time.monotonic() > deadline:
                 raise self.unschedulable()
-            waiting_up = [actor for actor, _ in self.ready] + [pending[ref] for ref in up]
+            waiting_up = [actor for actor, _ in self.ready]
+            if self.placement.pooled:  # a fresh pooled actor holds a lease from its start
+                waiting_up += [pending[ref] for ref in up]
             ray.get([actor.renew.remote(self.token) for actor in waiting_up])  # keep the claims
             pending = self.swap_pending(pending, up)
         return [(a, first_bundle + i) for i, a in enumerate(pending.values())]

@@ -144,7 +144,10 @@ class SlowToStart:
 
 
 class StaggeredPlacement(Placement):
-    """Fresh actors that come up `delays` s after they are asked for."""
+    """Fresh pooled actors (claimed from their start) that come up `delays` s after they are
+    asked for."""
+
+    pooled = True
 
     def __init__(self, delays: list[float]) -> None:
         self.cluster, self.runtime_env, self.delays = ClusterConfig(), None, delays
