@@ -69,6 +69,14 @@ def test_keys_and_values_are_checked_against_the_schema() -> None:
         check_params(job, [parse_search("trainer.optimizer.lr=choice(0.1,-1)")])
 
 
+def test_searched_task_options_are_checked_by_the_task() -> None:
+    """Task options are a free-form dict: the task itself checks each searched value."""
+    job = JobSpec.model_validate({**JOB, "model": {"name": "bert", "flavor": "debug"}})
+    check_params(job, [parse_search("task.options.masking=choice('dynamic','static')")])
+    with pytest.raises(SearchError, match="masking must be dynamic or static, got 'sometimes'"):
+        check_params(job, [parse_search("task.options.masking=choice('dynamic','sometimes')")])
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

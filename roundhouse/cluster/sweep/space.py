@@ -16,7 +16,7 @@ from typing import Any
 
 from roundhouse.config import JobSpec
 from roundhouse.config.loading import validate_job
-from roundhouse.errors import JobFileError, RoundhouseError
+from roundhouse.errors import RoundhouseError
 
 KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None, "grid": None}
 EXPRESSION = re.compile(r"^\s*([a-z]+)\s*\((.*)\)\s*$", re.DOTALL)
@@ -106,8 +106,10 @@ def check_params(job: JobSpec, params: list[SearchParam]) -> None:
         seen.add(param.key)
         for value in param.examples():
             try:
-                apply_params(job, {param.key: value})
-            except JobFileError as exc:
+                searched = apply_params(job, {param.key: value})
+                if param.key.startswith("task."):  # free-form options: the task checks them
+                    build_task_of(searched)
+            except RoundhouseError as exc:
                 raise SearchError(
                     f"--search {param.key}: {exc.what.removeprefix('sweep: ')}",
                     "search keys of the job schema (`roundhouse schema`) with valid values",
@@ -134,14 +136,18 @@ def grid_size(params: list[SearchParam]) -> int:
     return math.prod(len(p.values) for p in params if p.kind == "grid")
 
 
-def known_metrics(job: JobSpec) -> list[str]:
-    """The `val/` metrics the job's task logs at every evaluation (`Task.metric_names`; a
-    task that declares none: `loss`)."""
+def build_task_of(job: JobSpec) -> Any:
+    """The job's `Task`, as its workers build it (its options checked on the way)."""
     from roundhouse.trainer.task import build_named_task
     from roundhouse.trainer.tasks_regression import job_task_kind
 
-    kind = job.task.name or job_task_kind(job)
-    names = build_named_task(job, kind).metric_names() or ("loss",)
+    return build_named_task(job, job.task.name or job_task_kind(job))
+
+
+def known_metrics(job: JobSpec) -> list[str]:
+    """The `val/` metrics the job's task logs at every evaluation (`Task.metric_names`; a
+    task that declares none: `loss`)."""
+    names = build_task_of(job).metric_names() or ("loss",)
     return sorted(f"val/{n}" for n in names)
 
 
