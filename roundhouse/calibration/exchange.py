@@ -13,12 +13,15 @@ alone). Two probes measure them, once per machine, through `measure_families`:
    job through roundhouse's loop pieces (`loop.time_pieces`) under every registered cost
    model's probe families (`CostModel.probes`: ring; ps, sync, its server shards hosted by
    `Strategy.local_services` in a manager process; ZeRO-2, ZeRO-3 and 2 pipeline stages),
-   each built `ROUNDS` times: the median seconds per step;
+   each built `ROUNDS` times: the median of each build's median whole step (a step's
+   pieces are skewed: their medians add up to less);
 2. the plan of the same probe at 2 workers, without residuals, predicts each row;
 3. `measured - predicted` is the family's residual at 2 ranks.
 
 `job_residuals` probes the job itself (one step of its batch over the 2 ranks, its ps shards
-and ring buckets) when its predicted probe steps fit `JOB_PROBE_BUDGET_S`: `<family>/step`,
+and ring buckets; up to `JOB_MAX_STEPS` steps in each of `JOB_ROUNDS` builds where they fit,
+as a millisecond step's median moves 15-25% between builds) when its predicted probe steps
+fit `JOB_PROBE_BUDGET_S`: `<family>/step`,
 kept only where positive (`CostModel.probed_step_s`). `local_residuals`, for a job too slow
 for that, probes MLPs on digits with 1 and with 8 hidden layers of 64 (ps also one of 2 x 2048, 4.3M
 parameters), 8 samples per rank, and fits each family's residual as `fixed + per_module x
@@ -66,6 +69,11 @@ PROBE_MODELS: dict[str, list[int]] = {"shallow": [64], "deep": [64] * 8, "wide":
 # The job itself is the probe when its probe steps are predicted to take at most this long.
 JOB_PROBE_BUDGET_S = 40.0
 JOB_MIN_STEPS = 3  # measured steps per round of the job's own probe, at least
+# ... and at most, in more builds where the budget has room for them: a millisecond step's
+# median moves 15-25% from one build to the next
+JOB_MAX_STEPS, JOB_ROUNDS = 40, 7
+# What a probe measures: a new value re-probes (2: the median whole step, not summed pieces)
+MEASURE_VERSION = 2
 
 
 def families() -> dict[str, tuple[str, dict[str, Any]]]:
@@ -114,6 +122,7 @@ class Probe:
         strategies: By family, the strategy section it runs under.
         steps: Measured steps per round (after `loop.WARMUP_STEPS`).
         batch: Global batch of a step (each rank takes half).
+        rounds: Builds per family; the median of their step medians is kept.
     """
 
     name: str
@@ -121,6 +130,7 @@ class Probe:
     strategies: dict[str, dict[str, Any]]
     steps: int
     batch: int
+    rounds: int = ROUNDS
 
 
 def mlp_probes(threads: int) -> list[Probe]:
@@ -139,7 +149,7 @@ def mlp_probes(threads: int) -> list[Probe]:
 
 def measure_rank(rank: int, hosts: dict[type, Any], probes: list[Probe]) -> dict[str, float]:
     """In rank `rank` of the probes' group: seconds per step of each probe under each of its
-    families (median of `ROUNDS` builds), keyed `"<probe>/<family>"`; `hosts` holds, by
+    families (median of `probe.rounds` builds), keyed `"<probe>/<family>"`; `hosts` holds, by
     strategy class, the address of its local services (`Strategy.local_services`)."""
     from roundhouse.calibration.loop import time_pieces
     from roundhouse.parallel.context import WorkerContext
@@ -159,7 +169,7 @@ def measure_rank(rank: int, hosts: dict[type, Any], probes: list[Probe]) -> dict
                     validate_job(probe.job, source="exchange probe"),
                     probe.strategies[family],
                 )
-                for _ in range(ROUNDS):
+                for _ in range(probe.rounds):
                     spec = calibration_job(job, tmp, probe.batch, strategy, WORKERS)
                     runs = get_strategy_class(spec.strategy)
                     ctx = runs.attach_local_services(base, hosts.get(runs), spec.strategy)
@@ -171,7 +181,7 @@ def measure_rank(rank: int, hosts: dict[type, Any], probes: list[Probe]) -> dict
                     finally:
                         trainer.strategy.close()
                         trainer.tracker.close()
-                    samples.setdefault(f"{probe.name}/{family}", []).append(sum(pieces.values()))
+                    samples.setdefault(f"{probe.name}/{family}", []).append(pieces["step_s"])
     return {key: statistics.median(times) for key, times in samples.items()}
 
 
@@ -227,7 +237,7 @@ def local_residuals(threads: int, plan_probe: Callable[[JobSpec, int], Any]) -> 
     """This machine's residuals at `threads` threads per rank (measured once, then cached);
     none, with a warning, where the probe fails (DeepSpeed missing, no loopback port, ...)."""
     probes = "+".join(f"{f}:{','.join(probes_of(f))}" for f in families())  # new probes: re-probe
-    key = f"cpu/threads{threads}/exchange{WORKERS}/{probes}"
+    key = f"cpu/threads{threads}/exchange{WORKERS}/v{MEASURE_VERSION}/{probes}"
     try:
         return cached(key, lambda: measure_residuals(threads, plan_probe))
     except RuntimeError as exc:  # a refinement: plan on the link model alone (not cached)
@@ -247,14 +257,20 @@ def job_probe(job: JobSpec, plan_probe: Callable[[JobSpec, int], Any]) -> tuple[
     spec = calibration_job(job, ".", batch, REFERENCE_SECTION, WORKERS)
     rows = {r.candidate.label: r.step_s for r in plan_probe(spec, WORKERS).rows}
     predicted = {f: rows[label] for f, (label, _) in families().items() if label in rows}
-    steps = int(JOB_PROBE_BUDGET_S / (ROUNDS * sum(predicted.values()))) - WARMUP_STEPS
-    if not predicted or steps < JOB_MIN_STEPS:
+    if not predicted:
+        raise ValueError("no probed family has a row for it at 2 workers")
+    for rounds in (JOB_ROUNDS, ROUNDS):  # more builds where all of them fit the budget
+        steps = int(JOB_PROBE_BUDGET_S / (rounds * sum(predicted.values()))) - WARMUP_STEPS
+        if steps >= JOB_MAX_STEPS:
+            break
+    if steps < JOB_MIN_STEPS:
         raise ValueError(f"its probe would take over {JOB_PROBE_BUDGET_S:.0f} s")
     # the job's own settings (its ps shards, its ring buckets), where its section has them
     shape = JobShape(batch, 1, 0, settings=job.strategy.model_dump(mode="json"))
     sections = {f: s for costs in cost_models() for f, s in costs.probe_sections(shape).items()}
     strategies = {f: sections[f] for f in predicted}
-    probe = Probe("job", spec.model_dump(mode="json"), strategies, min(steps, MAX_STEPS), batch)
+    steps = min(steps, JOB_MAX_STEPS)
+    probe = Probe("job", spec.model_dump(mode="json"), strategies, steps, batch, rounds)
     return probe, predicted
 
 
@@ -271,7 +287,10 @@ def job_residuals(
         logger.info("exchange probe on the MLPs, not the job: %s", exc)
         return {}
     strategies = ",".join(f"{f}:{sorted(s.items())}" for f, s in probe.strategies.items())
-    key = f"cpu/threads{threads}/jobexchange{WORKERS}/{job_key(job)}/{probe.batch}/{strategies}"
+    key = (
+        f"cpu/threads{threads}/jobexchange{WORKERS}/v{MEASURE_VERSION}/{job_key(job)}/"
+        f"{probe.batch}/{strategies}"
+    )
 
     def measure() -> dict[str, float]:
         measured = measure_families(threads, [probe])

@@ -24,6 +24,7 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -70,15 +71,23 @@ def calibration_job(
 def time_pieces(
     trainer: Any, budget_s: float = BUDGET_S, max_steps: int = MAX_STEPS
 ) -> dict[str, float]:
-    """Median seconds of a step's pieces (data + finite check, forward+backward, optimizer),
-    over at most `budget_s` seconds and `max_steps` steps after the warm-up (ranks of one group
-    pass `math.inf`: they must all stop at the same step)."""
+    """Median seconds of a step's pieces (`loop_s`: data + finite check, `fwd_bwd_s`:
+    forward+backward, `optimizer_s`) and of whole steps (`step_s`, as a run's logged step
+    times are: a step's pieces are skewed, so their medians sum to less than a step's median),
+    over at most `budget_s` seconds and `max_steps` steps after the warm-up, through as many
+    epochs as that takes (ranks of one group pass `math.inf`: they must all stop at the same
+    step)."""
     strategy, loader = trainer.strategy, trainer.train_loader
     strategy.train_mode(True)
-    steps = min(len(loader), max_steps + WARMUP_STEPS)
-    pieces: dict[str, list[float]] = {"loop_s": [], "fwd_bwd_s": [], "optimizer_s": []}
+    steps = max_steps + WARMUP_STEPS
+    pieces: dict[str, list[float]] = {
+        "loop_s": [],
+        "fwd_bwd_s": [],
+        "optimizer_s": [],
+        "step_s": [],
+    }
     started = last = time.perf_counter()
-    for i, micro_batches in enumerate(loader):
+    for i, micro_batches in enumerate(epochs(loader, trainer.state.epoch)):
         # As the loop does: a task with loss items counts the global batch's (one all-reduce).
         trainer.step_weights(micro_batches, loader.last_step_size)
         t0 = time.perf_counter()
@@ -91,11 +100,21 @@ def time_pieces(
             pieces["fwd_bwd_s"].append(t1 - t0)
             pieces["optimizer_s"].append(t2 - t1)
             pieces["loop_s"].append(t0 - last)
+            pieces["step_s"].append(t2 - last)
         last = t2
         measured = len(pieces["fwd_bwd_s"])
         if i + 1 >= steps or (measured >= MIN_STEPS and t2 - started > budget_s):
             break
     return {k: statistics.median(v) for k, v in pieces.items() if v}
+
+
+def epochs(loader: Any, epoch: int) -> Iterator[list[dict]]:
+    """The loader's steps from epoch `epoch` on, moving to the next epoch as the loop's
+    `end_epoch` does (none for an empty loader)."""
+    while len(loader):
+        yield from loader
+        epoch += 1
+        loader.load_state_dict({"epoch": epoch, "steps_done": 0})
 
 
 def measure(job: JobSpec, device: str, sizes: tuple[int, int]) -> dict[str, float]:

@@ -254,7 +254,16 @@ def test_the_job_is_its_own_exchange_probe_when_its_steps_are_cheap() -> None:
     probe, predicted = exchangecal.job_probe(job, plan_probe)
     assert asked == [(32, 1, 2)]  # one step of the job: 64 samples in 2 micro-batches
     assert predicted == {"ring": 0.02, "ps": 0.03, "zero": 0.02, "zero3": 0.05}  # no pipeline2
-    assert probe.batch == 32 and probe.steps == exchangecal.MAX_STEPS
+    # cheap steps: the most steps and builds (a millisecond step's median is noisy)
+    assert probe.batch == 32 and probe.steps == exchangecal.JOB_MAX_STEPS
+    assert probe.rounds == exchangecal.JOB_ROUNDS
+
+    def dearer(spec, workers: int) -> FakePlan:  # 7 builds of 40 steps would not fit
+        return FakePlan({"ring": 0.1, "zero3": 0.1})
+
+    dear, _ = exchangecal.job_probe(job, dearer)
+    assert dear.rounds == exchangecal.ROUNDS
+    assert dear.steps == min(exchangecal.JOB_MAX_STEPS, int(40.0 / (3 * 0.2)) - 2)
     assert probe.strategies["ps"] == {"kind": "ps", "mode": "sync", "num_servers": 2}
     assert probe.strategies["ring"]["bucket_mb"] == 25.0
 
