@@ -23,7 +23,7 @@ Ray cluster, a SIGKILL of a random worker every 30 s for `--minutes`, its node b
 later, `recovery: restart` and `recovery: live` alternated for `--rounds`).
 
     python benchmarks/elastic.py --quick
-    python benchmarks/elastic.py --trace --minutes 5
+    python benchmarks/elastic.py --trace --minutes 5 [--model gpt_small] [--modes live]
     python benchmarks/elastic.py --async-ckpt [--batch 32 --seq-len 128]  # gpt:small
 
 Prints `RESULT <name> ours=... baseline=... ratio=... unit=...` lines.
@@ -198,6 +198,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="the trace's length")
     parser.add_argument("--rounds", type=int, default=1, help="restart/live trace rounds")
     parser.add_argument("--modes", default="restart,live", help="the trace's recovery modes")
+    parser.add_argument(
+        "--model", default="cnn", choices=("cnn", "gpt_small"), help="the trace's job"
+    )
     parser.add_argument("--exact", action="store_true", help="exact mode: 3 -> 2 -> 3 workers")
     parser.add_argument("--async-ckpt", action="store_true", help="async checkpoints, gpt:small")
     parser.add_argument("--batch", type=int, default=32, help="--async-ckpt: sequences a step")
@@ -212,7 +215,8 @@ def main() -> None:
     if args.trace:
         from elastic_trace import run_trace
 
-        for line in run_trace(args.minutes, args.rounds, tuple(args.modes.split(","))):
+        modes = tuple(args.modes.split(","))
+        for line in run_trace(args.minutes, args.rounds, modes, args.model):
             print(line, flush=True)
         return
     with tempfile.TemporaryDirectory() as folder:

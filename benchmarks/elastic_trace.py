@@ -2,8 +2,10 @@
 
 One `ray.cluster_utils.Cluster`: a head without CPUs (the driver, Ray Train's controller) and
 one 1-CPU node per worker (3), so each worker has a node of its own. The quickstart CNN
-(`configs/quickstart.yaml`'s model and data, `trainer.ledger: true`, a checkpoint every
-`CKPT_EVERY` steps) trains on the 3 workers, sized to take about `--minutes` failure-free.
+(`configs/quickstart.yaml`'s model and data), or with `--model gpt_small` gpt:small on 1 MB of
+the standard library's source (`configs/gpt_pytext.yaml`, 32 x 128 bytes a step), trains on
+the 3 workers (`trainer.ledger: true`, a checkpoint every `CKPT_EVERY` steps), sized to take
+about `--minutes` failure-free.
 
 The trace: from the first committed step on, every `KILL_EVERY_S` s for `--minutes` a
 random worker process is SIGKILLed and its node removed (its raylet killed: the machine is
@@ -59,21 +61,59 @@ WORLD = 3
 KILL_EVERY_S = 30.0
 NODE_BACK_S = 20.0
 CKPT_EVERY = 20  # steps: about 5 s of training on this machine
-STEPS_PER_EPOCH = 23  # digits' training split (1438 samples) at a global batch of 64
 WORKER_NAMES = ("LiveWorker", "RayTrainWorker")  # the actor process titles to kill
 
 
-def trace_job(storage: Path, name: str, recovery: str, steps: int, world: int = WORLD) -> Any:
-    """The quickstart CNN job for `steps` steps (whole epochs) on `world` workers."""
-    raw = yaml.safe_load((Path(__file__).parents[1] / "configs/quickstart.yaml").read_text())
+@dataclass(frozen=True)
+class TraceModel:
+    """One of the trace's jobs: a job file, what changes in it, and how its length is set."""
+
+    config: str  # the job file under configs/
+    overrides: dict[str, Any]  # sections merged over the file's
+    calibration_steps: int  # steps of the failure-free run that sizes the trace
+    steps_per_epoch: int | None  # the run ends on whole epochs of this many steps; None: max_steps
+
+
+MODELS = {
+    # digits' training split (1438 samples) at the quickstart's global batch of 64
+    "cnn": TraceModel("quickstart.yaml", {}, 46, 23),
+    # gpt:small (~10M parameters) on 32 x 128 bytes of the standard library's source a step;
+    # 1 MB of it keeps the final validation and test passes short (one epoch > the trace)
+    "gpt_small": TraceModel(
+        "gpt_pytext.yaml",
+        {
+            "model": {"name": "gpt", "flavor": "small"},
+            "data": {
+                "source": "builtin:pytext",
+                "options": {"seq_len": 128, "max_bytes": 1_000_000},
+                "batch_size": 32,
+                "eval_batch_size": 64,
+            },
+            "strategy": {"kind": "ring"},
+        },
+        12,
+        None,
+    ),
+}
+
+
+def trace_job(
+    storage: Path, name: str, recovery: str, steps: int, world: int = WORLD, model: str = "cnn"
+) -> Any:
+    """`model`'s job (`MODELS`) for about `steps` steps on `world` workers."""
+    spec = MODELS[model]
+    raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / spec.config).read_text())
+    raw.update(spec.overrides)
     raw["name"] = name
-    epochs = max(1, -(-steps // STEPS_PER_EPOCH))
     raw["trainer"].update(
-        max_epochs=epochs,
         ledger=True,
         log_every_steps=10,
         checkpoint={"every_steps": CKPT_EVERY, "every_epoch": False, "keep_last": 2},
     )
+    if spec.steps_per_epoch is not None:  # whole epochs
+        raw["trainer"].update(max_epochs=max(1, -(-steps // spec.steps_per_epoch)))
+    else:
+        raw["trainer"].update(max_steps=steps, max_epochs=None, eval_every_steps=None)
     raw["cluster"] = {
         "num_workers": world,
         "cpus_per_worker": 1,
@@ -311,21 +351,28 @@ def result(name: str, ours: float, baseline: float, unit: str) -> str:
     return f"RESULT {name} ours={ours:.4g} baseline={baseline:.4g} ratio={ratio:.3f} unit={unit}"
 
 
-def reference_runs(tmp: Path, address: str, steps: int) -> tuple[dict[int, float], dict]:
+def reference_runs(
+    tmp: Path, address: str, steps: int, model: str
+) -> tuple[dict[int, float], dict]:
     """Uninterrupted live-group runs: 1 and 2 workers (rates), 3 workers (rate + reference)."""
     runs = {}
+    short = max(MODELS[model].calibration_steps, steps // 4)
     for world in (1, 2):
-        job = trace_job(tmp / f"ref{world}", f"ref{world}", "live", max(46, steps // 4), world)
+        job = trace_job(tmp / f"ref{world}", f"ref{world}", "live", short, world, model)
         runs[world] = run_job(job, address, None, 0.0)["run"]
-    reference = run_job(trace_job(tmp / "ref3", "ref3", "live", steps), address, None, 0.0)
+    job = trace_job(tmp / "ref3", "ref3", "live", steps, WORLD, model)
+    reference = run_job(job, address, None, 0.0)
     runs[WORLD] = reference["run"]
     return step_rates(runs), reference
 
 
-def traced(tmp: Path, cluster: TraceCluster, mode: str, rnd: int, steps: int, window: float):
+def traced(
+    tmp: Path, cluster: TraceCluster, mode: str, rnd: int, steps: int, window: float, model: str
+) -> dict:
     """One mode's run under the trace, and its figures."""
     name = f"{mode}{rnd}"
-    out = run_job(trace_job(tmp / name, name, mode, steps), cluster.address, cluster, window)
+    job = trace_job(tmp / name, name, mode, steps, WORLD, model)
+    out = run_job(job, cluster.address, cluster, window)
     killer = out["killer"]
     (tmp / name / "kills.json").write_text(json.dumps(killer.kills))
     out["stalls"] = stall_per_kill(out["run"], killer.kills)
@@ -341,24 +388,27 @@ def traced(tmp: Path, cluster: TraceCluster, mode: str, rnd: int, steps: int, wi
 
 
 def run_trace(
-    minutes: float, rounds: int, modes: tuple[str, ...] = ("restart", "live")
+    minutes: float, rounds: int, modes: tuple[str, ...] = ("restart", "live"), model: str = "cnn"
 ) -> list[str]:
-    """The whole trace (see the module docstring); the RESULT lines."""
+    """The whole trace of `model` (`MODELS`; see the module docstring); the RESULT lines."""
     window = 60.0 * minutes
     tmp = Path(tempfile.mkdtemp(prefix="rh-trace-"))  # kept: the runs' logs and ledgers
     logger.warning("trace runs in %s", tmp)
     cluster = TraceCluster()
     try:
-        calib = run_job(trace_job(tmp / "calib", "calib", "live", 46), cluster.address, None, 0)
+        calib_job = trace_job(
+            tmp / "calib", "calib", "live", MODELS[model].calibration_steps, WORLD, model
+        )
+        calib = run_job(calib_job, cluster.address, None, 0)
         rate = step_rates({WORLD: calib["run"]})[WORLD]
         steps = int(rate * window * 1.05)
         logger.warning("failure-free %.2f steps/s at 3 workers: %d steps", rate, steps)
-        rates, ref = reference_runs(tmp, cluster.address, steps)
+        rates, ref = reference_runs(tmp, cluster.address, steps, model)
         logger.warning("failure-free steps/s by world size: %s", rates)
         figures: dict[str, list] = {mode: [] for mode in modes}
         for rnd in range(rounds):
             for mode in modes:
-                out = traced(tmp, cluster, mode, rnd, steps, window)
+                out = traced(tmp, cluster, mode, rnd, steps, window, model)
                 figures[mode].append(round_figures(out, window, rates, ref))
                 logger.warning("%s round %d: %s", mode, rnd, figures[mode][-1])
     finally:
