@@ -27,9 +27,11 @@ run folder (`promote`): the store lives outside every worker.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 JOIN_POLL_S = 1.0  # how often rank 0 looks for a waiting replacement
+STEP_TIMES = 8  # the step time survivors wait on is the median of this many recent steps
 
 
 class JoinPending(Exception):
@@ -87,7 +90,9 @@ class LiveRecovery:
         self.build_loader = build_loader
         self.mark: tuple[int, int] | None = None  # (committed steps, epoch step) at step start
         self.step_started: float | None = None
-        self.step_s = 0.0  # the last step's wall time: survivors wait ~2 steps for each other
+        # Recent steps' wall times (a step interrupted by a recovery or an admission is not
+        # one): survivors wait about two steps for each other (`step_s`).
+        self.step_times: collections.deque[float] = collections.deque(maxlen=STEP_TIMES)
         self.joiners: list[int] = []  # rank 0: replacements found waiting at the last poll
         self.next_poll = 0.0
         self.stalls_s: list[float] = []  # failure noticed -> group re-formed and state agreed
@@ -97,23 +102,41 @@ class LiveRecovery:
         """Note where the step about to run starts (the loader has just yielded it)."""
         now = time.perf_counter()
         if self.step_started is not None:
-            self.step_s = now - self.step_started
+            self.step_times.append(now - self.step_started)
         self.mark, self.step_started = (trainer.state.step, trainer.train_loader.last_step), now
 
+    @property
+    def step_s(self) -> float:
+        """The typical step's wall time here (0 before any was measured): the median of the
+        recent ones, so one step that also saved a checkpoint or validated does not count."""
+        return statistics.median(self.step_times) if self.step_times else 0.0
+
     def guard(self, trainer: Any, fn: Callable[[], T]) -> T:
-        """Run `fn`; after each peer loss, recover and run it again from where it stopped."""
+        """Run `fn`; after each peer loss, recover and run it again from where it stopped.
+
+        An admission or a recovery can itself lose a peer (a worker killed while the state
+        is on its way to a replacement, or while the survivors agree): that is recovered from
+        the same way, never the end of the run.
+        """
+        admit, reason = False, None
         while True:
             try:
+                if admit:
+                    admit = False
+                    self.admit(trainer)
+                elif reason is not None:
+                    self.recover(trainer, reason)
+                reason = None
                 return fn()
             except JoinPending:
-                self.admit(trainer)
+                admit = True
                 continue
             except Exception as exc:
                 if not is_peer_loss(exc):
                     raise
                 reason = str(exc).splitlines()[0][:200]
-            # Outside the `except`: the error's frames hold the broken groups (see `recover`).
-            self.recover(trainer, reason)
+            # The recovery runs at the top of the loop, outside this `except`: the error's
+            # frames hold the broken groups (see `recover`).
 
     def join_waiting(self) -> bool:
         """Rank 0, at most every `JOIN_POLL_S`: whether a replacement waits to join."""
@@ -133,9 +156,26 @@ class LiveRecovery:
         trainer.strategy.close()
         self.group.advance(self.joiners)
         self.joiners = []
+        self.step_started = None  # the next step waits for the admission: not a step time
         self.rebind(trainer, joining=True)
         self.send_state(trainer, 0, position)
         self.reload(trainer, position)
+
+    def join_fresh(self, trainer: Any) -> None:
+        """A replacement's first join (`join_running`). If a member is lost while the state
+        is on its way, this worker, which holds nothing yet, waits to be admitted again."""
+        while True:
+            try:
+                self.join_running(trainer)
+                return
+            except Exception as exc:
+                if not is_peer_loss(exc) or self.group.rescued:
+                    raise
+                reason = str(exc).splitlines()[0][:200]
+            logger.warning("lost a peer while joining (%s): waiting to join again", reason)
+            release_process_groups()
+            self.group.join()
+            self.rebind(trainer, joining=True)
 
     def join_running(self, trainer: Any, position: dict[str, int] | None = None) -> None:
         """A replacement, once built in its new generation: take the members' state.
@@ -167,8 +207,12 @@ class LiveRecovery:
         trainer.strategy.zero_grad()  # a partial, uncommitted step's gradients
         release_process_groups()
         was_main = trainer.ctx.is_main
+        # The others wait about two steps for each other (one deep in a step notices the loss
+        # only at its next collective), and at least twice what this worker took to drain and
+        # collect its groups (a full collection: a few hundred ms), which they take too.
+        prepared_s = time.perf_counter() - started
         try:
-            self.group.reform(settle_s=2 * self.step_s)
+            self.group.reform(settle_s=2 * max(self.step_s, prepared_s))
         except LeftBehind as exc:  # the others re-formed without this worker: join them
             logger.warning("%s: joining the survivors as a replacement", exc)
             self.rejoin(trainer, was_main, position)
@@ -267,6 +311,7 @@ class LiveRecovery:
                 "strategy": trainer.strategy.peer_state_dict(),
                 "trainer": dataclasses.asdict(trainer.state),
                 "data": position,
+                "step_s": self.step_s,
             }
             payload = [serialize(state)]
         dist.broadcast_object_list(payload, src=src)
@@ -276,6 +321,11 @@ class LiveRecovery:
         state = deserialize(payload[0])
         trainer.strategy.load_peer_state_dict(state["strategy"])
         trainer.state = type(trainer.state)(**state["trainer"])
+        if not self.step_times and state["step_s"] > 0:
+            # a replacement measured no step yet: until it has, it waits on the sender's
+            # (with none, it would wait only `SETTLE_S` for survivors in a long step, and
+            # re-form without them)
+            self.step_times.append(state["step_s"])
         return state["data"]
 
 

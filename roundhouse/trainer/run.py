@@ -91,7 +91,7 @@ def run_worker(
         if resume:
             trainer.restore(resume_step)
         if trainer.recovery is not None and ctx.rendezvous.joined_late:
-            trainer.recovery.join_running(trainer)  # a replacement: the members' state
+            trainer.recovery.join_fresh(trainer)  # a replacement: the members' state
         metrics = trainer.fit()
         trainer.saver.close()  # the run ends once its last checkpoint is committed
     except BaseException as exc:

@@ -46,7 +46,7 @@ class KillerMLP(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, kill_rank: int,
                  at_call: int, delay_s: float, marker: str | None,
                  late_rank: int | None = None, alone_rank: int | None = None,
-                 alone_call: int = 2) -> None:  # fmt: skip
+                 alone_call: int = 2, sender_rank: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
@@ -61,6 +61,16 @@ class KillerMLP(nn.Module):
         self.late_rank = late_rank  # this worker notices the kill seconds after the others
         # This worker SIGKILLs itself at its `alone_call`-th forward as the only one training.
         self.alone_rank, self.alone_call, self.alone_calls = alone_rank, alone_call, 0
+        # This worker SIGKILLs itself as it hands its state to a replacement (3 workers again,
+        # after the first kill, which wrote `marker`): the state never reaches the others.
+        self.sender_rank = sender_rank
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        killed = self.marker is not None and self.marker.exists()  # the first kill happened
+        joining = killed and dist.is_initialized() and dist.get_world_size() == WORLD
+        if self.member == self.sender_rank and joining:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -92,9 +102,10 @@ def killer_mlp(
     late_rank: int | None = None,
     alone_rank: int | None = None,
     alone_call: int = 2,
+    sender_rank: int | None = None,
 ) -> nn.Module:
     return KillerMLP(input_shape, num_classes, kill_rank, at_call, delay_s, marker, late_rank,
-                     alone_rank, alone_call)  # fmt: skip
+                     alone_rank, alone_call, sender_rank)  # fmt: skip
 
 
 def make_job(storage: Path, at_call: int) -> dict:
@@ -258,6 +269,31 @@ def test_a_replacement_joins_at_a_step_boundary(tmp_path: Path) -> None:
     assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
     worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
     assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
+    ours, theirs = final_weights(run), final_weights(reference)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+def test_a_member_lost_while_a_replacement_takes_the_state_is_recovered_from(
+    tmp_path: Path,
+) -> None:
+    """Found by the trace on gpt:small, whose 130 MB state takes a while to hand over: worker
+    2 dies, a replacement (3) is admitted, and worker 0 dies as it sends the state. That loss
+    is recovered from like any other: worker 1 goes on alone, the replacement waits to be
+    admitted again and gets the state from worker 1; the run finishes, every sample once."""
+    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("s", 5))]
+    for job in jobs:
+        job["trainer"]["max_epochs"] = 2
+        options = {"delay_s": 0.05, "marker": str(tmp_path / "killed"), "sender_rank": 0}
+        job["model"]["options"].update(options)
+    reference, _ = train(jobs[0], set())
+    run, members = train(jobs[1], {0, 2}, replace=True)
+    assert sorted(members) == [1, 3]
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
+    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
+    assert 1 in worlds and worlds[-1] == 2  # alone after the second loss, then rejoined
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
     ours, theirs = final_weights(run), final_weights(reference)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
