@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 TIMEOUT_S = 300
 BUDGET_S = 2.5  # measured seconds per configuration (at least MIN_STEPS steps)
 WARMUP_STEPS, MIN_STEPS, MAX_STEPS = 2, 3, 12
+# The job's own step on one rank: up to this many steps within `BUDGET_S` (a step of a few
+# milliseconds: 12 of them left the single-worker row 20-30% off from one plan to the next)
+LOOP_MAX_STEPS = 60
 
 
 def job_key(job: JobSpec) -> str:
@@ -139,7 +142,7 @@ def measure(job: JobSpec, device: str, sizes: tuple[int, int]) -> dict[str, floa
             torch.manual_seed(spec.trainer.seed)
             trainer = build_trainer(spec, build_local_context(device), checkpointer, None)
             try:
-                pieces = time_pieces(trainer)
+                pieces = time_pieces(trainer, max_steps=LOOP_MAX_STEPS)
             finally:
                 trainer.strategy.close()
                 trainer.tracker.close()
