@@ -5,9 +5,9 @@
    on pytext), each of single (1 worker), ring, ps (sync), DeepSpeed ZeRO-2, ZeRO-3 and 2
    pipeline stages (2 workers) that the plan lists for the model trains a few steps through
    the real `run_worker` on gloo processes (1 thread each, as a `cpus_per_worker: 1` Ray
-   worker), and the median time between logged steps (the first two dropped; for the MLP and
-   the CNN, whose steps take milliseconds, the median over 5 and 3 runs) is compared with the
-   plan's `step s` for that row.
+   worker), and the median time between logged steps (the first two dropped; for the MLP, the
+   CNN and the MoE, whose steps take milliseconds, the median over 5, 3 and 3 runs) is
+   compared with the plan's `step s` for that row.
    `RESULT step_<model>_<strategy> ours=<predicted s> baseline=<measured s>`.
    With `--ray`, the 2-worker ring, ps and ZeRO-2 rows also train under `roundhouse train` on
    the embedded Ray cluster, and the plan's samples/s is compared with the run's logged
@@ -66,10 +66,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
 # Steps per measured run: enough gaps for a stable median. The MLP's 2-rank steps take 2-20 ms
 # (median 4-10), so 40 of them left its median 15-25% apart between two runs.
-DEFAULT_STEPS = {"mlp": 200, "cnn": 60, "rnn": 12, "gpt_small": 8, "moe": 12}
+DEFAULT_STEPS = {"mlp": 200, "cnn": 60, "rnn": 12, "gpt_small": 8, "moe": 60}
 # Runs per measured row (fresh processes; the median is kept): a millisecond step's median
 # also moves 15-25% from one pair of processes to the next.
-RUNS = {"mlp": 5, "cnn": 3, "rnn": 1, "gpt_small": 1, "moe": 1}
+RUNS = {"mlp": 5, "cnn": 3, "rnn": 1, "gpt_small": 1, "moe": 3}
 RAY_ROWS = ("ring", "ps", "zero2")  # the 2-worker rows also run under `roundhouse train`
 
 
