@@ -77,6 +77,11 @@ def is_peer_loss(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in text for m in PEER_LOSS_MARKERS)
 
 
+def loss_reason(exc: BaseException) -> str:
+    """A peer-loss error's first line, for the log."""
+    return str(exc).splitlines()[0][:200]
+
+
 class LiveRecovery:
     """The loop's side of live recovery (see the module docstring).
 
@@ -134,7 +139,7 @@ class LiveRecovery:
             except Exception as exc:
                 if not is_peer_loss(exc):
                     raise
-                reason = str(exc).splitlines()[0][:200]
+                reason = loss_reason(exc)
             # The recovery runs at the top of the loop, outside this `except`: the error's
             # frames hold the broken groups (see `recover`).
 
@@ -171,7 +176,7 @@ class LiveRecovery:
             except Exception as exc:
                 if not is_peer_loss(exc) or self.group.rescued:
                     raise
-                reason = str(exc).splitlines()[0][:200]
+                reason = loss_reason(exc)
             logger.warning("lost a peer while joining (%s): waiting to join again", reason)
             release_process_groups()
             self.group.join()
