@@ -343,6 +343,10 @@ class LiveWorkers:
     def replace(self, member: int) -> None:
         """`member` was lost: the others go on; a fresh actor joins in its place."""
         logger.warning("worker %d was lost; the others go on without it", member)
+        if self.store is not None:  # the survivors' coordinator stops waiting for it
+            from roundhouse.parallel.rendezvous import mark_lost
+
+            mark_lost(self.store, member)
         self.lost = True
         del self.active[member]
         bundle = self.bundles.pop(member)

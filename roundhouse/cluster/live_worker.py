@@ -178,5 +178,6 @@ def train_member(
     try:
         return run_worker(quiet, ctx, resume_step=config["resume_step"], resume=config["resume"])
     finally:
+        group.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -7,11 +7,14 @@ When a collective fails because a peer died, each survivor destroys its process 
 
 1. it announces itself under `gen<n+1>/member/<id>` (`id` is its rank at launch, a stable
    name) and counts itself in `gen<n+1>/arrived`;
-2. the first to arrive coordinates: it waits until every member of the old generation arrived
-   or the settle time passed since it arrived (at least `settle_s`; the loop passes about two
-   steps' time, as a survivor deep in a step notices the loss only at its next collective),
-   then writes the sorted list of arrived ids to
-   `gen<n+1>/members`;
+2. the first to arrive coordinates (`settle`): it waits until every member of the old
+   generation arrived or is known lost, or the settle time passed since it arrived (at least
+   `settle_s`; the loop passes about two steps' time, as a survivor deep in a step notices the
+   loss only at its next collective), then writes the sorted list of arrived ids to
+   `gen<n+1>/members`. A member is known lost when the driver says so (`mark_lost`: its actor
+   died) or when its heartbeat stopped: every member's `Heartbeat` thread counts
+   `beat/<id>` up every `BEAT_S`, and a count that stands still for `STALE_S` is a dead (or
+   frozen) process. So the survivors wait for each other, not for the dead;
 3. everyone reads that list (a blocking `get`), takes its index as its new rank, and joins
    `init_process_group` on `PrefixStore("gen<n+1>", store)` at the new world size.
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +54,8 @@ logger = logging.getLogger(__name__)
 SETTLE_S = 0.2  # the least time a coordinator waits for survivors beyond the first
 POLL_S = 0.005
 JOIN_WAIT_POLL_S = 0.05  # how often a waiting joiner looks for its admission
+BEAT_S = 0.1  # how often a member's heartbeat counts in the store
+STALE_S = 1.0  # a member whose heartbeat stood still this long is lost (a GC pause is shorter)
 
 
 class LeftBehind(TrainingError):
@@ -77,6 +83,7 @@ class ElasticGroup:
     reform_s: list[float] = field(default_factory=list)  # how long each re-forming took
     joined_late: bool = False  # this worker joined a running group (it needs the state)
     rescued: bool = False  # its last join formed a group of waiting workers (`rescue_stranded`)
+    heartbeat: Heartbeat | None = field(default=None, repr=False)
 
     @property
     def rank(self) -> int:
@@ -90,6 +97,8 @@ class ElasticGroup:
 
     def init(self) -> None:
         """Join the current generation's default process group (gloo)."""
+        if self.heartbeat is None:
+            self.heartbeat = Heartbeat(self.store, self.member_id)
         prefixed = dist.PrefixStore(f"gen{self.generation}", self.store)
         dist.init_process_group(
             "gloo",
@@ -203,13 +212,91 @@ class ElasticGroup:
         self.reform_s.append(time.perf_counter() - started)
         logger.warning("generation %d: %d workers after a join", self.generation, self.world_size)
 
+    def close(self) -> None:
+        """Stop this worker's heartbeat (the run is over for it)."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+
     def _coordinate(self, key: str, settle_s: float) -> None:
-        expected = len(self.members)
-        deadline = time.monotonic() + settle_s
-        while self.store.add(f"{key}/arrived", 0) < expected and time.monotonic() < deadline:
-            time.sleep(POLL_S)
-        arrived = [m for m in self.members if self.store.check([f"{key}/member/{m}"])]
-        self.store.set(f"{key}/members", json.dumps(arrived))
+        members = settle(self.store, key, self.members, settle_s)
+        self.store.set(f"{key}/members", json.dumps(members))
+
+
+def settle(store: dist.Store, key: str, members: list[int], settle_s: float) -> list[int]:
+    """The coordinator's wait: the old `members` that arrived in generation `key`, once each
+    of the others is known lost (`Vitals`) or `settle_s` passed."""
+    vitals = Vitals(store)
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        if store.add(f"{key}/arrived", 0) >= len(members):
+            break
+        missing = [m for m in members if not store.check([f"{key}/member/{m}"])]
+        if all([vitals.lost(m) for m in missing]):  # a list: every one's count is read
+            break
+        time.sleep(POLL_S)
+    return [m for m in members if store.check([f"{key}/member/{m}"])]
+
+
+def mark_lost(store: dist.Store, member: int) -> None:
+    """The driver's word that `member`'s process is gone (its actor died): a coordinator
+    stops waiting for it at once."""
+    store.set(f"lost/{member}", "1")
+
+
+class Vitals:
+    """A coordinator's view of the members it waits for: lost once the driver marked them
+    (`mark_lost`) or their heartbeat count stood still for `STALE_S`."""
+
+    def __init__(self, store: dist.Store) -> None:
+        self.store = store
+        self.seen: dict[int, tuple[int, float]] = {}  # member -> (count, when it last moved)
+
+    def lost(self, member: int) -> bool:
+        """Whether `member` is gone, as far as the store tells."""
+        if self.store.check([f"lost/{member}"]):
+            return True
+        count, now = self.store.add(f"beat/{member}", 0), time.monotonic()
+        last = self.seen.get(member)
+        if last is None or last[0] != count:
+            self.seen[member] = (count, now)
+            return False
+        return now - last[1] >= STALE_S
+
+
+class Heartbeat:
+    """A member's pulse: a daemon thread adds 1 to `beat/<id>` every `BEAT_S` until `stop`.
+
+    It talks to the store over a connection of its own: a client's blocking `get` (a member
+    waiting for its generation's list) holds that client's lock, and would stop the pulse.
+    """
+
+    def __init__(self, store: dist.Store, member: int) -> None:
+        self.store = own_client(store)
+        self.key = f"beat/{member}"
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="roundhouse-heartbeat", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        try:
+            while True:
+                self.store.add(self.key, 1)
+                if self.stopped.wait(BEAT_S):
+                    return
+        except Exception:  # the store is gone with its run: nobody listens any more
+            return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=1.0)
+
+
+def own_client(store: dist.Store) -> dist.Store:
+    """A second client of `store` where it is a TCP store (an in-process store is shared)."""
+    if isinstance(store, dist.TCPStore):
+        return dist.TCPStore(store.host, store.port, is_master=False, timeout=store.timeout)
+    return store
 
 
 def rescue_stranded(store: dist.Store, alive: list[int]) -> list[int] | None:

@@ -148,6 +148,7 @@ def member_main(
     os.environ.update(OMP_NUM_THREADS="1")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     torch.set_num_threads(1)
+    group = None
     try:
         store = dist.TCPStore(
             "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60)
@@ -165,6 +166,8 @@ def member_main(
     except BaseException as exc:
         results.put((member, False, f"{type(exc).__name__}: {exc}"))
     finally:
+        if group is not None:
+            group.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,0 +1,84 @@
+"""`settle`: a re-forming group's coordinator waits for the survivors, not for the dead. A
+member is known lost when the driver marks it (`mark_lost`) or its `Heartbeat` stops; a
+member that still beats is waited for until the settle time (a store only; the process-level
+recovery is in `tests/distributed/test_live_recovery.py`)."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import torch.distributed as dist
+
+from roundhouse.parallel.rendezvous import STALE_S, Heartbeat, mark_lost, settle
+
+
+def arrive(store: dist.Store, key: str, *members: int) -> None:
+    """What `ElasticGroup.reform` writes for each survivor that reached generation `key`."""
+    for member in members:
+        store.set(f"{key}/member/{member}", "1")
+        store.add(f"{key}/arrived", 1)
+
+
+def timed(store: dist.Store, settle_s: float) -> tuple[list[int], float]:
+    started = time.monotonic()
+    members = settle(store, "gen1", [0, 1, 2], settle_s)
+    return members, time.monotonic() - started
+
+
+def test_a_member_the_driver_marked_lost_is_not_waited_for() -> None:
+    store = dist.HashStore()
+    arrive(store, "gen1", 0, 1)
+    mark_lost(store, 2)
+    members, took = timed(store, settle_s=30.0)
+    assert members == [0, 1] and took < 0.5
+
+
+def test_a_member_whose_heartbeat_stopped_is_lost_after_the_stale_time() -> None:
+    store = dist.HashStore()
+    beats = [Heartbeat(store, m) for m in (0, 1, 2)]
+    time.sleep(0.3)
+    beats[2].stop()  # worker 2's process died: its count stands still from now on
+    arrive(store, "gen1", 0, 1)
+    members, took = timed(store, settle_s=30.0)
+    for beat in beats[:2]:
+        beat.stop()
+    assert members == [0, 1]
+    assert STALE_S <= took < STALE_S + 1.0
+
+
+def test_a_member_that_still_beats_is_waited_for_until_it_arrives() -> None:
+    store = dist.HashStore()
+    late = Heartbeat(store, 2)  # alive, deep in a long step: it notices the loss later
+    arrive(store, "gen1", 0)
+    mark_lost(store, 1)
+    try:
+        members, took = timed(store, settle_s=2.0 * STALE_S + 0.5)
+        assert members == [0] and took >= 2.0 * STALE_S  # it waited the whole settle time
+        arrive(store, "gen2", 0, 2)
+        started = time.monotonic()
+        assert settle(store, "gen2", [0, 1, 2], 30.0) == [0, 2]  # 1 is lost, 2 came
+        assert time.monotonic() - started < 0.5
+    finally:
+        late.stop()
+
+
+def test_the_heartbeat_counts_on_its_own_connection_while_the_group_blocks() -> None:
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    client = dist.TCPStore(
+        server.host, server.port, is_master=False, timeout=datetime.timedelta(seconds=2)
+    )
+    beat = Heartbeat(client, 7)
+    try:
+        started = time.monotonic()
+        try:  # a member blocked in a `get` (waiting for its generation's list)
+            client.get("gen1/members")
+        except dist.DistStoreError:
+            pass
+        assert time.monotonic() - started >= 1.5
+        assert server.add("beat/7", 0) >= 10  # it kept counting meanwhile
+    finally:
+        beat.stop()
+    count = server.add("beat/7", 0)
+    time.sleep(0.3)
+    assert server.add("beat/7", 0) == count  # stopped
