@@ -5,9 +5,11 @@
    on pytext), each of single (1 worker), ring, ps (sync), DeepSpeed ZeRO-2, ZeRO-3 and 2
    pipeline stages (2 workers) that the plan lists for the model trains a few steps through
    the real `run_worker` on gloo processes (1 thread each, as a `cpus_per_worker: 1` Ray
-   worker), and the median time between logged steps (the first two dropped; for the MLP, the
-   CNN and the MoE, whose steps take milliseconds, the median over 5, 3 and 3 runs) is
-   compared with the plan's `step s` for that row.
+   worker), and the median time between logged steps (the first two dropped) is compared with
+   the plan's `step s` for that row. For the MLP, the CNN and the MoE, whose steps take
+   milliseconds, 5, 3 and 5 rounds each calibrate the model afresh and measure one run of
+   every row, and each side's median over the rounds is compared (the machine's speed drifts
+   from minute to minute: both sides sample the same minutes).
    `RESULT step_<model>_<strategy> ours=<predicted s> baseline=<measured s>`.
    With `--ray`, the 2-worker ring, ps and ZeRO-2 rows also train under `roundhouse train` on
    the embedded Ray cluster, and the plan's samples/s is compared with the run's logged
@@ -27,7 +29,8 @@
 
 The machine is shared: step times move with other load; both sides of a ratio come from the
 same minutes: each run calibrates afresh into a temporary `ROUNDHOUSE_CACHE_DIR` (the model's
-step, the link and the exchange probe), unless that variable is set. The ps runs host the
+step, the link and the exchange probe), unless that variable is set, and each round above
+measures the model's step and exchange probe again. The ps runs host the
 job's `num_servers` shards in a `multiprocessing` manager (`parallel/ps/manager.py`), the
 transport of the plan's ps probe; a job on Ray calls actors instead.
 """
@@ -67,9 +70,9 @@ TIMEOUT_S = 900
 # Steps per measured run: enough gaps for a stable median. The MLP's 2-rank steps take 2-20 ms
 # (median 4-10), so 40 of them left its median 15-25% apart between two runs.
 DEFAULT_STEPS = {"mlp": 200, "cnn": 60, "rnn": 12, "gpt_small": 8, "moe": 60}
-# Runs per measured row (fresh processes; the median is kept): a millisecond step's median
-# also moves 15-25% from one pair of processes to the next.
-RUNS = {"mlp": 5, "cnn": 3, "rnn": 1, "gpt_small": 1, "moe": 3}
+# Rounds of a fresh calibration and one run per row (fresh processes; each side's median is
+# kept): a millisecond step's median also moves 15-25% from one pair of processes to the next.
+RUNS = {"mlp": 5, "cnn": 3, "rnn": 1, "gpt_small": 1, "moe": 5}
 RAY_ROWS = ("ring", "ps", "zero2")  # the 2-worker rows also run under `roundhouse train`
 
 
@@ -141,15 +144,8 @@ def train_rank(rank: int, world_size: int, job: dict, address: Any) -> None:
     run_worker(spec, ctx)
 
 
-def measure_step(job: dict[str, Any], workers: int, runs: int = 1) -> float:
-    """Median seconds between logged steps of a real run (first two steps dropped); the median
-    of `runs` such runs."""
-    if runs > 1:
-        run_id = job["storage"]["run_id"]
-        return statistics.median(
-            measure_step({**job, "storage": {**job["storage"], "run_id": f"{run_id}-{k}"}}, workers)
-            for k in range(runs)
-        )
+def measure_step(job: dict[str, Any], workers: int) -> float:
+    """Median seconds between logged steps of a real run (first two steps dropped)."""
     prepared = prepare_run(validate_job(job))
     dumped = prepared.job.model_dump(mode="json")
     with get_strategy_class(prepared.job.strategy).local_services() as address:
@@ -201,11 +197,13 @@ def result(name: str, ours: float, baseline: float, unit: str) -> None:
 
 
 def forget_step_calibration() -> None:
-    """Drop the cached model-step calibrations (the link's stays): the next plan re-measures."""
+    """Drop the cached step calibrations, the model's step and the job's exchange probe (the
+    link's stays): the next plan measures them again."""
     path = cache_path()
     if path.exists():
         table = json.loads(path.read_text())
-        path.write_text(json.dumps({k: v for k, v in table.items() if "/loop/" not in k}))
+        kept = {k: v for k, v in table.items() if "/loop/" not in k and "/jobexchange" not in k}
+        path.write_text(json.dumps(kept))
 
 
 def predicted_rows(job: dict[str, Any]) -> dict[tuple[str, int], Any]:
@@ -216,25 +214,41 @@ def predicted_rows(job: dict[str, Any]) -> dict[tuple[str, int], Any]:
 def step_results(
     model: str, steps: int, storage: Path, labels: tuple[str, ...] | None, on_ray: bool
 ) -> None:
-    """Each strategy's predicted step time, from one calibration of the model's step made right
-    before its runs are measured (the shared machine's load changes from minute to minute)."""
+    """Each strategy's predicted step time against its measured one, over `RUNS[model]`
+    rounds: each round calibrates the model afresh (its step and its exchange probe) and then
+    measures one run of every row, and each side's median over the rounds is compared. The
+    shared machine's speed drifts from minute to minute, so both sides sample the same
+    minutes."""
     job = model_job(model, storage, steps)
-    forget_step_calibration()
-    rows = predicted_rows(job)
-    single = rows[("single", 1)]
-    result(f"peak_mem_{model}", single.memory.total / 1e6, measured_peak(job) / 1e6, "MB")
+    predicted: dict[str, list[float]] = {}
+    measured: dict[str, list[float]] = {}
+    rows: dict[tuple[str, int], Any] = {}
+    for round_ in range(RUNS[model]):
+        forget_step_calibration()
+        rows = predicted_rows(job)
+        if round_ == 0:
+            single = rows[("single", 1)]
+            peak = measured_peak(job)
+            result(f"peak_mem_{model}", single.memory.total / 1e6, peak / 1e6, "MB")
+        for label, workers, strategy in STRATEGIES:
+            if labels and label not in labels:
+                continue
+            if (label, workers) not in rows:
+                if round_ == 0:
+                    print(f"# {model}: the plan has no {label} row on {workers}", file=sys.stderr)
+                continue
+            run_id = f"{label}-{round_}"
+            run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": run_id}}
+            predicted.setdefault(label, []).append(rows[(label, workers)].step_s)
+            measured.setdefault(label, []).append(measure_step(run, workers))
     for label, workers, strategy in STRATEGIES:
-        if labels and label not in labels:
+        if label not in predicted:
             continue
-        if (label, workers) not in rows:
-            print(f"# {model}: the plan has no {label} row on {workers} worker(s)", file=sys.stderr)
-            continue
-        predicted = rows[(label, workers)].step_s
-        run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": label}}
-        measured = measure_step(run, workers, RUNS[model])
-        result(f"step_{model}_{label}", predicted, measured, "s")
+        ours, theirs = statistics.median(predicted[label]), statistics.median(measured[label])
+        result(f"step_{model}_{label}", ours, theirs, "s")
         if on_ray and label in RAY_ROWS:
             speed = rows[(label, workers)].samples_per_s(job["data"]["batch_size"])
+            run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": label}}
             result(f"ray_{model}_{label}", speed, ray_samples_per_s(run, storage), "samples/s")
 
 

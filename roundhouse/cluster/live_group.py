@@ -153,7 +153,8 @@ class LiveWorkers:
     actor (its process died) is replaced once per loss, at most
     `max(num_workers, max_failures)` times in a run, by a fresh actor that joins at the
     members' next step boundary. Once a worker finishes, the others get `FINISH_GRACE_S` to
-    finish too; a replacement still waiting to join then is stopped. `close` returns the
+    finish too; a replacement still waiting to join is stopped then, or at once when only
+    such replacements are left (no member admits one after the last step). `close` returns the
     actors of a finished run to the pool (or ends them).
     """
 
@@ -250,8 +251,12 @@ class LiveWorkers:
             self.launch(actor, member, bundle, joining=False)
         first_done = 0.0
         while self.active:
-            if self.finished and time.monotonic() - first_done > self.FINISH_GRACE_S:
-                break  # the run is over; what still waits is a replacement never admitted
+            if self.finished and (
+                self.only_unadmitted_left() or time.monotonic() - first_done > self.FINISH_GRACE_S
+            ):
+                # the run is over; what still waits is a replacement never admitted
+                logger.info("replacements %s not needed: the run is over", list(self.active))
+                break
             time.sleep(self.POLL_S)
             if self.sigterm and not self.preempt_sent:
                 self.hand_on_sigterm()
@@ -263,6 +268,16 @@ class LiveWorkers:
                 self.rescue()
         if not self.finished:
             raise ClusterError("every worker of the live group was lost")
+
+    def only_unadmitted_left(self) -> bool:
+        """Whether every worker still active is a replacement no generation admitted. Once a
+        member finished, the others finish at the same step and admit nobody after it, so
+        such a replacement is not needed (without the store, `FINISH_GRACE_S` decides)."""
+        if self.store is None:
+            return False
+        from roundhouse.parallel.rendezvous import admitted
+
+        return all(m in self.joining and not admitted(self.store, m) for m in self.active)
 
     @contextlib.contextmanager
     def sigterm_handed_on(self) -> Iterator[None]:

@@ -344,4 +344,9 @@ def rescue_stranded(store: dist.Store, alive: list[int]) -> list[int] | None:
 
 def waits_unadmitted(store: dist.Store, member: int) -> bool:
     """Whether `member` waits in `join` and no generation has admitted it yet."""
-    return store.check([f"join/{member}/waiting"]) and not store.check([f"join/{member}/gen"])
+    return store.check([f"join/{member}/waiting"]) and not admitted(store, member)
+
+
+def admitted(store: dist.Store, member: int) -> bool:
+    """Whether a generation admitted the replacement `member` (or formed with it)."""
+    return store.check([f"join/{member}/gen"])
