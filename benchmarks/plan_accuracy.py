@@ -6,10 +6,10 @@
    pipeline stages (2 workers) that the plan lists for the model trains a few steps through
    the real `run_worker` on gloo processes (1 thread each, as a `cpus_per_worker: 1` Ray
    worker), and the median time between logged steps (the first two dropped) is compared with
-   the plan's `step s` for that row. For the MLP, the CNN and the MoE, whose steps take
-   milliseconds, 5, 3 and 5 rounds each calibrate the model afresh and measure one run of
-   every row, and each side's median over the rounds is compared (the machine's speed drifts
-   from minute to minute: both sides sample the same minutes).
+   the plan's `step s` for that row. For the MLP, the CNN, the LSTM and the MoE (steps of
+   milliseconds, or 12 steps a run) 5, 3, 3 and 5 rounds each calibrate the model afresh and
+   measure one run of every row, and each side's median over the rounds is compared (the
+   machine's speed drifts from minute to minute: both sides sample the same minutes).
    `RESULT step_<model>_<strategy> ours=<predicted s> baseline=<measured s>`.
    With `--ray`, the 2-worker ring, ps and ZeRO-2 rows also train under `roundhouse train` on
    the embedded Ray cluster, and the plan's samples/s is compared with the run's logged
@@ -72,7 +72,7 @@ TIMEOUT_S = 900
 DEFAULT_STEPS = {"mlp": 200, "cnn": 60, "rnn": 12, "gpt_small": 8, "moe": 60}
 # Rounds of a fresh calibration and one run per row (fresh processes; each side's median is
 # kept): a millisecond step's median also moves 15-25% from one pair of processes to the next.
-RUNS = {"mlp": 5, "cnn": 3, "rnn": 1, "gpt_small": 1, "moe": 5}
+RUNS = {"mlp": 5, "cnn": 3, "rnn": 3, "gpt_small": 1, "moe": 5}
 RAY_ROWS = ("ring", "ps", "zero2")  # the 2-worker rows also run under `roundhouse train`
 
 
