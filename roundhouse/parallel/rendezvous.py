@@ -279,6 +279,7 @@ class Heartbeat:
         self.thread.start()
 
     def run(self) -> None:
+        """The thread's loop: count, then sleep `BEAT_S`, until stopped or the store is gone."""
         try:
             while True:
                 self.store.add(self.key, 1)
@@ -288,6 +289,7 @@ class Heartbeat:
             return
 
     def stop(self) -> None:
+        """End the pulse (waiting at most 1 s for the thread)."""
         self.stopped.set()
         self.thread.join(timeout=1.0)
 
