@@ -29,6 +29,7 @@ from roundhouse.config import JobSpec
 from roundhouse.runs.rundir import run_dir_of
 from roundhouse.trainer import WorkerContext, run_worker
 from roundhouse.trainer.preemption import forward_sigterm_to_loops, notify_loops
+from roundhouse.weights.model_build import build_model_with_data
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,10 @@ def train_member(
     member: int, world: int, store_addr: tuple[str, int], config: dict, joining: bool
 ) -> dict:
     """Join generation 0 as `member` of `world` (or, `joining`, the running group at its
-    next step boundary) and train; return the final metrics."""
+    next step boundary) and train; return the final metrics.
+
+    A replacement builds its data and model before it asks to be admitted: the members wait
+    at the admission only for what needs the group (the weights and state they send it)."""
     import torch
     import torch.distributed as dist
 
@@ -166,6 +170,9 @@ def train_member(
     group = ElasticGroup(
         store, member, list(range(world)), timeout_s=job.cluster.collective_timeout_s
     )
+    quiet = job.model_copy(deep=True)
+    quiet.tracking.console = "off"  # the driver owns the console (RunMonitor)
+    prebuilt = build_model_with_data(quiet) if joining else None
     group.join() if joining else group.init()
     rank, size = group.rank, group.world_size
     ctx = WorkerContext(
@@ -173,10 +180,14 @@ def train_member(
     )
     ctx = attach_services(ctx, config)  # ps: the shard servers, which outlive any worker
     record_rank(ctx, job, config["resume_step"] if config["resume"] else None)
-    quiet = job.model_copy(deep=True)
-    quiet.tracking.console = "off"  # the driver owns the console (RunMonitor)
     try:
-        return run_worker(quiet, ctx, resume_step=config["resume_step"], resume=config["resume"])
+        return run_worker(
+            quiet,
+            ctx,
+            resume_step=config["resume_step"],
+            resume=config["resume"],
+            prebuilt=prebuilt,
+        )
     finally:
         group.close()
         if dist.is_initialized():

@@ -205,6 +205,7 @@ class LiveRecovery:
     def recover(self, trainer: Any, reason: str) -> None:
         """Re-form with the survivors and set the trainer up to redo the uncommitted step."""
         started = time.perf_counter()
+        self.group.observe()  # a dead member's heartbeat stands still from here on
         logger.warning("lost a peer (%s): re-forming", reason)
         position = self.position(trainer)
         self.failed_world = trainer.strategy.data_parallel_size  # the lost step's world size

@@ -70,12 +70,19 @@ def build_plan(
 
 
 def run_worker(
-    job: JobSpec, ctx: WorkerContext, resume_step: int | None = None, resume: bool = False
+    job: JobSpec,
+    ctx: WorkerContext,
+    resume_step: int | None = None,
+    resume: bool = False,
+    prebuilt: tuple[torch.nn.Module, Any] | None = None,
 ) -> dict[str, float]:
     """Train `job` as worker `ctx`; return the final metrics (the same on every rank).
 
     `job.storage.run_id` must be set (see `prepare_run`). With `resume`, the checkpoint
-    `resume_step` (None: latest) of that run is restored first.
+    `resume_step` (None: latest) of that run is restored first. `prebuilt`: the model and data
+    splits `build_model_with_data(job)` returned, built before this worker had its group (a
+    live replacement builds them before it asks to be admitted, so the members do not wait
+    for its data; its weights come from them).
     """
     seed_everything(job.trainer.seed, job.trainer.deterministic, ctx.device)
     run_dir = run_dir_of(job)
@@ -85,7 +92,7 @@ def run_worker(
     )
     if resume and resume_step is None:
         resume_step = checkpointer.latest_step()
-    trainer = build_trainer(job, ctx, checkpointer, resume_step if resume else None)
+    trainer = build_trainer(job, ctx, checkpointer, resume_step if resume else None, prebuilt)
     status = RunStatus(run_dir, enabled=ctx.is_main, world_size=ctx.world_size)
     try:
         if resume:
@@ -119,16 +126,22 @@ def close_quietly(saver: SyncSaver) -> None:
 
 
 def build_trainer(
-    job: JobSpec, ctx: WorkerContext, checkpointer: Checkpointer, resume_step: int | None
+    job: JobSpec,
+    ctx: WorkerContext,
+    checkpointer: Checkpointer,
+    resume_step: int | None,
+    prebuilt: tuple[torch.nn.Module, Any] | None = None,
 ) -> Trainer:
-    """Data, model, task, strategy, loader and tracker for this worker, wired into a `Trainer`.
+    """Data, model, task, strategy, loader and tracker for this worker, wired into a `Trainer`
+    (the model and data: `prebuilt`, where `run_worker` was given them).
 
     The job's layout (`Topology`) is built here, once per worker, into `ctx` (where `ctx` does
     not carry one yet): the strategy and the data sampler read it from there.
     """
     if ctx.topology is None:
         ctx = ctx.with_topology(Topology.of_job(job, ctx.world_size))
-    model, splits = build_model_with_data(job)  # the data fits the task, the model the data
+    # the data fits the task, the model the data
+    model, splits = prebuilt if prebuilt is not None else build_model_with_data(job)
     apply_finetune(model, job)  # init_from weights, frozen parameters
     lora = apply_lora(model, job)  # freezes the base: only adapters train (None without lora)
     apply_sync_batch_norm(model, job.model.options.get("norm"), ctx)  # global batch statistics

@@ -11,7 +11,7 @@ import time
 
 import torch.distributed as dist
 
-from roundhouse.parallel.rendezvous import STALE_S, Heartbeat, mark_lost, settle
+from roundhouse.parallel.rendezvous import STALE_S, ElasticGroup, Heartbeat, mark_lost, settle
 
 
 def arrive(store: dist.Store, key: str, *members: int) -> None:
@@ -81,3 +81,24 @@ def test_the_heartbeat_counts_on_its_own_connection_while_the_group_blocks() -> 
     count = server.add("beat/7", 0)
     time.sleep(0.3)
     assert server.add("beat/7", 0) == count  # stopped
+
+
+def test_watching_from_the_loss_counts_the_drain_toward_the_stale_time() -> None:
+    """`ElasticGroup.observe` starts the coordinator's watch when it noticed the loss: a
+    member dead since then is lost `STALE_S` after that, not after the re-form began."""
+    store = dist.HashStore()
+    beats = [Heartbeat(store, m) for m in (1, 2)]
+    group = ElasticGroup(store, 0, [0, 1, 2])
+    try:
+        time.sleep(0.3)
+        beats[1].stop()  # worker 2 died
+        group.observe()  # worker 0 notices the loss at its next collective
+        time.sleep(0.6 * STALE_S)  # ... and drains its step
+        arrive(store, "gen1", 0, 1)
+        started = time.monotonic()
+        members = settle(store, "gen1", [0, 1, 2], 30.0, group.vitals)
+        took = time.monotonic() - started
+    finally:
+        beats[0].stop()
+    assert members == [0, 1]
+    assert 0.3 * STALE_S <= took < 0.6 * STALE_S  # the rest of the stale time only
