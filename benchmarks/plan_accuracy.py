@@ -13,7 +13,8 @@
    `RESULT step_<model>_<strategy> ours=<predicted s> baseline=<measured s>`.
    With `--ray`, the 2-worker ring, ps and ZeRO-2 rows also train under `roundhouse train` on
    the embedded Ray cluster, and the plan's samples/s is compared with the run's logged
-   `train/samples_per_s` (median, the first two dropped).
+   `train/samples_per_s` (median, the first two dropped), in the first `RAY_RUNS` (3) of
+   those rounds, right after that round's run of the row; each side's median is compared.
    `RESULT ray_<model>_<strategy> ours=<predicted samples/s> baseline=<measured samples/s>`.
 2. Peak memory: one process trains two steps of each model under torch.profiler's memory
    accounting; the peak of live CPU memory (parameters built before, plus the profiler's
@@ -74,6 +75,7 @@ DEFAULT_STEPS = {"mlp": 200, "cnn": 60, "rnn": 12, "gpt_small": 8, "moe": 60}
 # kept): a millisecond step's median also moves 15-25% from one pair of processes to the next.
 RUNS = {"mlp": 5, "cnn": 3, "rnn": 3, "gpt_small": 1, "moe": 5}
 RAY_ROWS = ("ring", "ps", "zero2")  # the 2-worker rows also run under `roundhouse train`
+RAY_RUNS = 3  # rounds with a Ray run of each of those rows, at most (each about 40 s)
 
 
 def pytext(batch: int, seq_len: int = 64) -> dict[str, Any]:
@@ -218,10 +220,13 @@ def step_results(
     rounds: each round calibrates the model afresh (its step and its exchange probe) and then
     measures one run of every row, and each side's median over the rounds is compared. The
     shared machine's speed drifts from minute to minute, so both sides sample the same
-    minutes."""
+    minutes. With `on_ray`, the first `RAY_RUNS` rounds also run the `RAY_ROWS` under
+    `roundhouse train` (samples/s, the same way)."""
     job = model_job(model, storage, steps)
     predicted: dict[str, list[float]] = {}
     measured: dict[str, list[float]] = {}
+    ray_predicted: dict[str, list[float]] = {}  # samples/s, `--ray`
+    ray_measured: dict[str, list[float]] = {}
     rows: dict[tuple[str, int], Any] = {}
     for round_ in range(RUNS[model]):
         forget_step_calibration()
@@ -241,15 +246,21 @@ def step_results(
             run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": run_id}}
             predicted.setdefault(label, []).append(rows[(label, workers)].step_s)
             measured.setdefault(label, []).append(measure_step(run, workers))
-    for label, workers, strategy in STRATEGIES:
+            if on_ray and label in RAY_ROWS and round_ < RAY_RUNS:
+                speed = rows[(label, workers)].samples_per_s(job["data"]["batch_size"])
+                ray_predicted.setdefault(label, []).append(speed)
+                ray_measured.setdefault(label, []).append(ray_samples_per_s(run, storage))
+    for label, _, _ in STRATEGIES:
         if label not in predicted:
             continue
         ours, theirs = statistics.median(predicted[label]), statistics.median(measured[label])
         result(f"step_{model}_{label}", ours, theirs, "s")
-        if on_ray and label in RAY_ROWS:
-            speed = rows[(label, workers)].samples_per_s(job["data"]["batch_size"])
-            run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": label}}
-            result(f"ray_{model}_{label}", speed, ray_samples_per_s(run, storage), "samples/s")
+        if label in ray_predicted:
+            ours, theirs = (
+                statistics.median(ray_predicted[label]),
+                statistics.median(ray_measured[label]),
+            )
+            result(f"ray_{model}_{label}", ours, theirs, "samples/s")
 
 
 def ray_samples_per_s(job: dict[str, Any], storage: Path) -> float:

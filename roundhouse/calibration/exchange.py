@@ -21,7 +21,8 @@ alone). Two probes measure them, once per machine, through `measure_families`:
 `job_residuals` probes the job itself (one step of its batch over the 2 ranks, its ps shards
 and ring buckets; up to `JOB_MAX_STEPS` steps in each of `JOB_ROUNDS` builds where they fit,
 as a millisecond step's median moves 15-25% between builds) when its predicted probe steps
-fit `JOB_PROBE_BUDGET_S`: `<family>/step`,
+fit `JOB_PROBE_BUDGET_S` (each build also stops once it measured its share of that budget:
+a family's real step can be several times its predicted one): `<family>/step`,
 kept only where positive (`CostModel.probed_step_s`). `local_residuals`, for a job too slow
 for that, probes MLPs on digits with 1 and with 8 hidden layers of 64 (ps also one of 2 x 2048, 4.3M
 parameters), 8 samples per rank, and fits each family's residual as `fixed + per_module x
@@ -123,6 +124,8 @@ class Probe:
         steps: Measured steps per round (after `loop.WARMUP_STEPS`).
         batch: Global batch of a step (each rank takes half).
         rounds: Builds per family; the median of their step medians is kept.
+        budget_s: Measured seconds per build at most (at least `loop.MIN_STEPS` steps): the
+            job's own probe is sized by its predicted steps, which can be far too short.
     """
 
     name: str
@@ -131,6 +134,7 @@ class Probe:
     steps: int
     batch: int
     rounds: int = ROUNDS
+    budget_s: float = math.inf
 
 
 def mlp_probes(threads: int) -> list[Probe]:
@@ -177,7 +181,7 @@ def measure_rank(rank: int, hosts: dict[type, Any], probes: list[Probe]) -> dict
                     torch.manual_seed(spec.trainer.seed)
                     trainer = build_trainer(spec, ctx, checkpointer, None)
                     try:
-                        pieces = time_pieces(trainer, math.inf, max_steps=probe.steps)
+                        pieces = time_pieces(trainer, probe.budget_s, max_steps=probe.steps)
                     finally:
                         trainer.strategy.close()
                         trainer.tracker.close()
@@ -270,7 +274,10 @@ def job_probe(job: JobSpec, plan_probe: Callable[[JobSpec, int], Any]) -> tuple[
     sections = {f: s for costs in cost_models() for f, s in costs.probe_sections(shape).items()}
     strategies = {f: sections[f] for f in predicted}
     steps = min(steps, JOB_MAX_STEPS)
-    probe = Probe("job", spec.model_dump(mode="json"), strategies, steps, batch, rounds)
+    # Each build measures for its share of the budget at most: a family's real step can be
+    # several times the predicted one (its residual is what the probe measures).
+    budget_s = JOB_PROBE_BUDGET_S / (rounds * len(strategies))
+    probe = Probe("job", spec.model_dump(mode="json"), strategies, steps, batch, rounds, budget_s)
     return probe, predicted
 
 

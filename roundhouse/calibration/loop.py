@@ -78,8 +78,9 @@ def time_pieces(
     forward+backward, `optimizer_s`) and of whole steps (`step_s`, as a run's logged step
     times are: a step's pieces are skewed, so their medians sum to less than a step's median),
     over at most `budget_s` seconds and `max_steps` steps after the warm-up, through as many
-    epochs as that takes (ranks of one group pass `math.inf`: they must all stop at the same
-    step)."""
+    epochs as that takes. The ranks of a group stop at the same step: the step's finite-loss
+    vote (`Strategy.all_true`, which the loop casts too) carries whether each is within the
+    budget."""
     strategy, loader = trainer.strategy, trainer.train_loader
     strategy.train_mode(True)
     steps = max_steps + WARMUP_STEPS
@@ -95,7 +96,9 @@ def time_pieces(
         trainer.step_weights(micro_batches, loader.last_step_size)
         t0 = time.perf_counter()
         loss = strategy.forward_backward(micro_batches[0], loss_scale=1.0, sync=True)
-        strategy.all_true(bool(torch.isfinite(loss)))
+        bool(torch.isfinite(loss))  # read back, as the loop reads it for its vote
+        over = i - WARMUP_STEPS >= MIN_STEPS and last - started > budget_s
+        go_on = strategy.all_true(not over)
         t1 = time.perf_counter()
         strategy.optimizer_step(need_grad_norm=True)
         t2 = time.perf_counter()
@@ -105,8 +108,7 @@ def time_pieces(
             pieces["loop_s"].append(t0 - last)
             pieces["step_s"].append(t2 - last)
         last = t2
-        measured = len(pieces["fwd_bwd_s"])
-        if i + 1 >= steps or (measured >= MIN_STEPS and t2 - started > budget_s):
+        if i + 1 >= steps or not go_on:
             break
     return {k: statistics.median(v) for k, v in pieces.items() if v}
 
