@@ -216,8 +216,23 @@ class OverlappedAllReduce:
         self.scheduler.begin()
 
     def _launch(self, index: int) -> None:
+        self.raise_failed()
         bucket = self.buckets[index]
         bucket.future = self.scheduler.submit(self._reduce_bucket, bucket)
+
+    def raise_failed(self) -> None:
+        """Re-raise the error of a bucket whose exchange already failed (a peer is lost).
+
+        Called at each launch, from inside backward: the backward stops there instead of
+        computing gradients that can no longer be exchanged, and live recovery starts a
+        backward's worth sooner (a worker killed during the others' forward is noticed at
+        their first bucket)."""
+        for bucket in self.buckets:
+            future = bucket.future
+            if future is None or not future.done() or future.cancelled():
+                continue
+            if future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
 
     def flush(self) -> None:
         """Backward has returned: launch every bucket still waiting for a gradient."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from roundhouse.config.loading import validate_job
 from roundhouse.trainer import build_local_context, run_worker
@@ -69,3 +73,59 @@ def test_resume_at_another_world_size(tmp_path: Path, before: int, after: int) -
     train_rows = [r for r in read_metrics(run) if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
+
+
+class SlowBackward(torch.autograd.Function):
+    """Identity whose backward sleeps: time for a failed bucket's error to come back."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.5)
+        return grad
+
+
+def backward_after_a_peer_is_gone(rank: int, world_size: int) -> dict[str, object]:
+    """Rank 1 leaves (its process exits); rank 0 then runs a backward whose first bucket's
+    all-reduce fails: the backward stops at the next bucket (the middle layer's), before the
+    first layer."""
+    from roundhouse.parallel.ring import OverlappedAllReduce
+    from roundhouse.trainer.live_recovery import is_peer_loss
+
+    torch.manual_seed(0)
+    first, middle, last = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+    params = [p for layer in (first, middle, last) for p in layer.parameters()]
+
+    def average(buffer: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(buffer)
+        return buffer.div_(world_size)
+
+    comm = OverlappedAllReduce(params, average, bucket_mb=1e-6)  # a bucket per parameter
+    dist.barrier()
+    if rank == 1:  # exit once this result is on its way back (as a killed worker would)
+        threading.Timer(0.3, os._exit, args=(0,)).start()
+        return {}
+    time.sleep(1.5)
+    comm.begin()
+    try:
+        last(SlowBackward.apply(middle(first(torch.randn(4, 8))))).sum().backward()
+        comm.flush()
+        comm.wait()
+        error: BaseException | None = None
+    except Exception as exc:
+        error = exc
+    comm.close()
+    return {
+        "peer_loss": error is not None and is_peer_loss(error),
+        "first_layer_grad": any(p.grad is not None for p in first.parameters()),
+    }
+
+
+def test_a_backward_stops_at_the_first_bucket_launched_after_a_peer_is_lost() -> None:
+    """Live recovery starts a backward's worth sooner: a peer lost during the others' forward
+    is noticed at their first bucket, and the rest of the backward is not computed."""
+    result = run_distributed(backward_after_a_peer_is_gone, 2, 120)[0]
+    assert result == {"peer_loss": True, "first_layer_grad": False}
