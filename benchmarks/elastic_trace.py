@@ -135,7 +135,11 @@ class TraceCluster:
     """The multi-node cluster: a 0-CPU head and one 1-CPU node per worker."""
 
     def __init__(self, world: int = WORLD) -> None:
+        from ray._common.utils import get_default_ray_temp_dir
         from ray.cluster_utils import Cluster
+
+        # `Cluster` writes its address into Ray's default temp folder, which a fresh machine lacks
+        os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
 
         self.temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short socket paths
         self.cluster = Cluster(

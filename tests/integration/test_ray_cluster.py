@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -31,7 +32,11 @@ ACCURACY_TARGET = 0.9
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator:
+    from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
+
+    # `Cluster` writes its address into Ray's default temp folder, which a fresh machine lacks
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
 
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # unix socket paths must stay short
     cluster = Cluster(
