@@ -29,7 +29,13 @@ Joining: a replacement worker calls `join()`: it takes a slot (`join/count`, the
 (`waiting_joiners`; the admitted ones are counted in the store, so whichever worker is rank 0
 knows them); at a step boundary the members agree to admit them and call `advance()`:
 rank 0 writes the next generation's members (the current ones, then the joiners) and tells
-each joiner its generation in `join/<id>/gen`; everyone then forms that generation.
+each joiner its generation in `join/<id>/gen`; everyone then forms that generation. Before
+`init_process_group` (which would wait the whole collective timeout for a worker that never
+connects), each says it is there and waits for the others (`await_generation`); a worker
+known lost meanwhile (a replacement killed during its admission: the driver's mark, or its
+heartbeat, which a waiting replacement runs too) raises `GenerationLost`: the members re-form
+without it (a replacement back in the queue is not waited for) and a surviving replacement
+waits to be admitted again.
 
 Stranded joiners: if the last training member dies while others wait to join, nobody is left
 to admit them. The driver, which knows which workers are alive, calls `rescue_stranded`: a
@@ -62,6 +68,11 @@ STALE_S = 1.0  # a member whose heartbeat stood still this long is lost (a GC pa
 
 class LeftBehind(TrainingError):
     """This worker reached a new generation after it had formed without it."""
+
+
+class GenerationLost(RuntimeError):
+    """A worker of a join generation was lost before the generation formed (its process died
+    between its admission and its connection): the others re-form without it."""
 
 
 @dataclass
@@ -164,15 +175,24 @@ class ElasticGroup:
                 waiting here, the driver forms a group of them (`rescue_stranded`) led by the
                 one holding the newest state; `rescued` then says so.
         """
-        self.store.delete_key(f"join/{self.member_id}/gen")  # from an earlier admission
-        self.store.set(f"join/{self.member_id}/holds", str(holds_step))
-        slot = self.store.add("join/count", 1)
-        self.store.set(f"join/slot/{slot}", str(self.member_id))
-        self.store.set(f"join/{self.member_id}/waiting", "1")
-        self.generation = self._admission()
-        self.store.delete_key(f"join/{self.member_id}/waiting")
-        self.members = json.loads(self.store.get(f"gen{self.generation}/members"))
-        self.rescued = self.store.check([f"gen{self.generation}/rescue"])
+        if self.heartbeat is None:  # a waiting worker beats too: the members can tell it died
+            self.heartbeat = Heartbeat(self.store, self.member_id)
+        while True:
+            self.store.delete_key(f"join/{self.member_id}/gen")  # from an earlier admission
+            self.store.set(f"join/{self.member_id}/holds", str(holds_step))
+            slot = self.store.add("join/count", 1)
+            self.store.set(f"join/slot/{slot}", str(self.member_id))
+            self.store.set(f"join/{self.member_id}/waiting", "1")
+            self.generation = self._admission()
+            self.store.delete_key(f"join/{self.member_id}/waiting")
+            self.members = json.loads(self.store.get(f"gen{self.generation}/members"))
+            self.rescued = self.store.check([f"gen{self.generation}/rescue"])
+            try:
+                await_generation(self.store, f"gen{self.generation}", self.members,
+                                 self.member_id, self.timeout_s)  # fmt: skip
+                break
+            except GenerationLost as exc:  # another worker admitted with it died: wait again
+                logger.warning("%s: waiting to be admitted again", exc)
         self.joined_late = True
         self.init()
         logger.warning(
@@ -221,6 +241,7 @@ class ElasticGroup:
             for joiner in joiners:
                 self.store.set(f"join/{joiner}/gen", str(self.generation))
         self.members = json.loads(self.store.get(f"{key}/members"))
+        await_generation(self.store, key, self.members, self.member_id, self.timeout_s)
         self.init()
         self.reform_s.append(time.perf_counter() - started)
         logger.warning("generation %d: %d workers after a join", self.generation, self.world_size)
@@ -252,10 +273,40 @@ def settle(
         if store.add(f"{key}/arrived", 0) >= len(members):
             break
         missing = [m for m in members if not store.check([f"{key}/member/{m}"])]
-        if all([vitals.lost(m) for m in missing]):  # a list: every one's count is read
+        # a replacement whose generation did not form waits to be admitted again: not coming
+        gone = [vitals.lost(m) or waits_unadmitted(store, m) for m in missing]
+        if all(gone):  # a list: every one's count is read
             break
         time.sleep(POLL_S)
     return [m for m in members if store.check([f"{key}/member/{m}"])]
+
+
+def await_generation(
+    store: dist.Store, key: str, members: list[int], me: int, timeout_s: float
+) -> None:
+    """Before a join generation's `init_process_group`: say this worker is here, and wait
+    until every one of `members` is.
+
+    `init_process_group` would wait the whole collective timeout for a worker that died
+    between its admission and its connection (a replacement killed while it is admitted).
+    Here a worker known lost (`Vitals`: the driver's mark or a heartbeat that stopped; a
+    waiting replacement beats too) ends the wait at once.
+
+    Raises:
+        GenerationLost: a member of the generation is lost, or not all came in `timeout_s`.
+    """
+    store.set(f"{key}/ready/{me}", "1")
+    vitals = Vitals(store)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [m for m in members if not store.check([f"{key}/ready/{m}"])]
+        if not missing:
+            return
+        lost = [m for m in missing if vitals.lost(m)]
+        if lost or time.monotonic() > deadline:
+            what = f"worker {lost[0]} was lost" if lost else f"workers {missing} did not come"
+            raise GenerationLost(f"{what} before generation {key} formed")
+        time.sleep(POLL_S)
 
 
 def mark_lost(store: dist.Store, member: int) -> None:

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from roundhouse.errors import JobFileError, TrainingError
-from roundhouse.parallel.rendezvous import ElasticGroup, LeftBehind
+from roundhouse.parallel.rendezvous import ElasticGroup, GenerationLost, LeftBehind
 from roundhouse.parallel.timeouts import CollectiveTimeoutError
 from roundhouse.runs.status import RUNNING, write_status
 from roundhouse.runs.tracking import Tracker
@@ -71,8 +71,10 @@ PEER_LOSS_MARKERS = (
 
 def is_peer_loss(exc: BaseException) -> bool:
     """Whether `exc` is a collective failing because another worker is gone or stalled."""
-    if isinstance(exc, CollectiveTimeoutError | TimeoutError):
-        return True  # TimeoutError: a ps pull waited the collective timeout (`ps/live.py`)
+    if isinstance(exc, CollectiveTimeoutError | TimeoutError | GenerationLost):
+        # TimeoutError: a ps pull waited the collective timeout (`ps/live.py`); GenerationLost:
+        # a replacement died as it was admitted (`rendezvous.await_generation`)
+        return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(m in text for m in PEER_LOSS_MARKERS)
 

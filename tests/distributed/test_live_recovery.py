@@ -150,10 +150,11 @@ def member_main(
     torch.set_num_threads(1)
     group = None
     try:
+        timeout_s = job["cluster"]["collective_timeout_s"]
         store = dist.TCPStore(
-            "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60)
+            "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
         )
-        group = ElasticGroup(store, member, list(range(world)), timeout_s=60)
+        group = ElasticGroup(store, member, list(range(world)), timeout_s=timeout_s)
         group.join() if joining else group.init()
         rank, size = group.rank, group.world_size
         ctx = WorkerContext(rank=rank, world_size=size, node_rank=rank, num_nodes=size,
@@ -172,6 +173,18 @@ def member_main(
             dist.destroy_process_group()
 
 
+def doomed_member_main(*args: Any) -> None:
+    """`member_main` as a replacement whose process dies the moment it is admitted, before it
+    says it is there (`rendezvous.await_generation`): a worker killed during its admission."""
+    from roundhouse.parallel import rendezvous
+
+    def die(*_: Any, **__: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    rendezvous.await_generation = die  # type: ignore[assignment]
+    member_main(*args)
+
+
 def run_members(
     job: dict,
     world: int,
@@ -179,13 +192,15 @@ def run_members(
     replace: bool = False,
     servers: Any = None,
     replace_after: int = 1,
+    doomed: bool = False,
 ) -> dict[int, Any]:
     """Run `world` members on a store held here; return the survivors' results.
 
     `replace`: once `replace_after` members died, start member `world` as a replacement (it
-    joins). `servers`: the address of ps shards (`shard_manager`) for every member. Like the
-    live group's driver, this loop forms a group of the waiting workers when nobody training
-    is left to admit them (`rescue_stranded`)."""
+    joins); `doomed`: with it, member `world + 1`, a replacement that dies as it is admitted
+    (`doomed_member_main`). `servers`: the address of ps shards (`shard_manager`) for every
+    member. Like the live group's driver, this loop forms a group of the waiting workers when
+    nobody training is left to admit them (`rescue_stranded`)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     port = free_port()
@@ -201,7 +216,7 @@ def run_members(
         proc.start()
     got: dict[int, Any] = {}
     deadline = time.monotonic() + TIMEOUT_S
-    expected = world - len(expect_dead) + (1 if replace else 0)
+    expected = world - len(expect_dead & set(range(world))) + (1 if replace else 0)
     try:
         while len(got) < expected:
             dead = sum(p.exitcode is not None for p in procs)
@@ -209,6 +224,10 @@ def run_members(
                 joiner = (world, world, port, job, results, True, servers)
                 procs.append(ctx.Process(target=member_main, args=joiner, daemon=True))
                 procs[-1].start()
+                if doomed:
+                    joiner = (world + 1, world, port, job, results, True, servers)
+                    procs.append(ctx.Process(target=doomed_member_main, args=joiner, daemon=True))
+                    procs[-1].start()
             alive = [m for m, p in enumerate(procs) if p.exitcode is None and m not in got]
             rescue_stranded(store, alive)
             try:
@@ -230,12 +249,18 @@ def run_members(
 
 
 def train(
-    job: dict, expect_dead: set[int], replace: bool = False, replace_after: int = 1
+    job: dict,
+    expect_dead: set[int],
+    replace: bool = False,
+    replace_after: int = 1,
+    doomed: bool = False,
 ) -> tuple[Path, dict[int, Any]]:
     prepared = prepare_run(validate_job(job))
     job = prepared.job.model_dump(mode="json")
     if job["strategy"]["kind"] != "ps":
-        got = run_members(job, WORLD, expect_dead, replace, replace_after=replace_after)
+        got = run_members(
+            job, WORLD, expect_dead, replace, replace_after=replace_after, doomed=doomed
+        )
         return Path(prepared.run_dir.url), got
     with shard_manager() as servers:
         got = run_members(job, WORLD, expect_dead, replace, servers)
@@ -300,6 +325,28 @@ def test_a_member_lost_while_a_replacement_takes_the_state_is_recovered_from(
     ours, theirs = final_weights(run), final_weights(reference)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+def test_a_replacement_lost_as_it_is_admitted_costs_no_collective_timeout(
+    tmp_path: Path,
+) -> None:
+    """Found by the gpt:small trace: a replacement killed while it was admitted left the
+    others waiting the collective timeout (60 s) in `init_process_group`, and failed the run
+    when a second replacement of the same generation waited too. Worker 2 dies; replacements
+    3 and 4 start, and 4 dies as it is admitted. The others learn it at once
+    (`await_generation`), re-form without it, replacement 3 waits to be admitted again if it
+    was admitted with 4, and the run finishes with every sample once."""
+    job = make_job(tmp_path / "d", at_call=5)
+    job["trainer"]["max_epochs"] = 2
+    job["model"]["options"].update(delay_s=0.05, marker=str(tmp_path / "killed"))
+    job["cluster"]["collective_timeout_s"] = 2 * TIMEOUT_S  # waiting it out reads as a hang
+    run, members = train(job, {2, 4}, replace=True, doomed=True)
+    assert sorted(members) == [0, 1, 3]
+    assert max(max(m[2], default=0.0) for m in members.values()) < 10  # re-forms and joins
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
+    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
+    assert worlds[0] == 3 and worlds[-1] == 3
 
 
 @pytest.mark.parametrize(("kill_rank", "late_rank"), [(2, 1), (1, 0)])

@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import threading
 import time
 
+import pytest
 import torch.distributed as dist
 
-from roundhouse.parallel.rendezvous import STALE_S, ElasticGroup, Heartbeat, mark_lost, settle
+from roundhouse.parallel.rendezvous import (
+    STALE_S,
+    ElasticGroup,
+    GenerationLost,
+    Heartbeat,
+    await_generation,
+    mark_lost,
+    settle,
+)
 
 
 def arrive(store: dist.Store, key: str, *members: int) -> None:
@@ -102,3 +112,58 @@ def test_watching_from_the_loss_counts_the_drain_toward_the_stale_time() -> None
         beats[0].stop()
     assert members == [0, 1]
     assert 0.3 * STALE_S <= took < 0.6 * STALE_S  # the rest of the stale time only
+
+
+def test_a_join_generation_forms_once_every_member_is_ready() -> None:
+    """`await_generation`: each worker of a join generation says it is here, then waits for
+    the others (the threads stand for the members and the replacement)."""
+    store = dist.HashStore()
+    errors: list[BaseException] = []
+
+    def ready(member: int) -> None:
+        try:
+            await_generation(store, "gen3", [0, 1, 5], member, timeout_s=10.0)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ready, args=(m,)) for m in (0, 1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10.0)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_a_replacement_lost_as_it_is_admitted_ends_the_wait_at_once() -> None:
+    """A replacement killed between its admission and its connection: the others learn it at
+    once from the driver's mark (or its stopped heartbeat), not after the collective timeout
+    `init_process_group` would wait, and re-form without it."""
+    store = dist.HashStore()
+    store.set("gen3/ready/1", "1")  # the other member is here; replacement 5 never comes
+    mark_lost(store, 5)
+    started = time.monotonic()
+    with pytest.raises(GenerationLost, match="worker 5 was lost"):
+        await_generation(store, "gen3", [0, 1, 5], 0, timeout_s=60.0)
+    assert time.monotonic() - started < 0.5
+    beat = Heartbeat(store, 6)  # a replacement that died after its heartbeat started
+    time.sleep(0.3)
+    beat.stop()
+    started = time.monotonic()
+    with pytest.raises(GenerationLost, match="worker 6 was lost"):
+        await_generation(store, "gen4", [0, 6], 0, timeout_s=60.0)
+    assert STALE_S <= time.monotonic() - started < STALE_S + 1.0
+
+
+def test_a_replacement_waiting_to_be_admitted_again_is_not_waited_for() -> None:
+    """The members re-form after a join generation failed; its surviving replacement waits to
+    be admitted again (`ElasticGroup.join`), so the coordinator does not wait for it."""
+    store = dist.HashStore()
+    beat = Heartbeat(store, 5)  # alive, beating, back in the queue
+    try:
+        store.set("join/5/waiting", "1")
+        arrive(store, "gen4", 0, 1)
+        started = time.monotonic()
+        assert settle(store, "gen4", [0, 1, 5], 30.0) == [0, 1]
+        assert time.monotonic() - started < 0.5
+    finally:
+        beat.stop()
