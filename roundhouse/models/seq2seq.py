@@ -191,12 +191,28 @@ class Seq2Seq(nn.Module):
                     finished.append((score / (len(ids) - 1) ** length_penalty, ids))
                 elif len(alive) < beam:
                     alive.append((score, ids))
-            if not alive or len(finished) >= beam:
+            if not alive or (
+                len(finished) >= beam and best_so_far(finished, alive, length_penalty)
+            ):
                 break
         if not finished:  # nothing ended within max_len: the best unfinished prefix
             finished = [(s / (len(ids) - 1) ** length_penalty, ids) for s, ids in alive]
         best = max(finished, key=lambda h: h[0])[1]
         return torch.tensor(best[1:], dtype=torch.long)
+
+
+def best_so_far(
+    finished: list[tuple[float, list[int]]],
+    alive: list[tuple[float, list[int]]],
+    length_penalty: float,
+) -> bool:
+    """Whether the best finished hypothesis scores at least what every live one scores at its
+    current length (Hugging Face's beam-search stopping heuristic; a live one only loses
+    log-probability as it grows, though its length penalty can still lift it). Stopping as
+    soon as `beam` hypotheses had finished returned a short one while the greedy, better one
+    was still growing (seen on an AMD EPYC host, where the toy model's numbers differ)."""
+    done = max(score for score, _ in finished)
+    return all(done >= score / (len(ids) - 1) ** length_penalty for score, ids in alive)
 
 
 def build_seq2seq(
