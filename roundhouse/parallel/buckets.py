@@ -231,8 +231,9 @@ class OverlappedAllReduce:
             future = bucket.future
             if future is None or not future.done() or future.cancelled():
                 continue
-            if future.exception() is not None:
-                raise future.exception()  # type: ignore[misc]
+            error = future.exception()
+            if error is not None:
+                raise error
 
     def flush(self) -> None:
         """Backward has returned: launch every bucket still waiting for a gradient."""
