@@ -50,19 +50,34 @@ def free_port_range(size: int = 40) -> tuple[int, int]:
     raise RuntimeError("no free port range found")
 
 
-def node_ports() -> list[str]:
-    """`ray start` options giving one node its own free ports."""
-    low, high = free_port_range()
-    return [
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--min-worker-port={low}",
-        f"--max-worker-port={high}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-    ]
+class Ports:
+    """Free ports, each handed out once: the kernel may offer a just-closed port again, and
+    Ray refuses to start when two of its components are given the same port."""
+
+    def __init__(self) -> None:
+        self.given: set[int] = set()
+
+    def __call__(self) -> int:
+        for _ in range(100):
+            port = free_port()
+            if port not in self.given:
+                self.given.add(port)
+                return port
+        raise RuntimeError("no distinct free port found")
+
+    def node(self) -> list[str]:
+        """`ray start` options giving one node its own free ports."""
+        low, high = free_port_range()
+        return [
+            f"--node-manager-port={self()}",
+            f"--object-manager-port={self()}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={high}",
+            f"--dashboard-agent-listen-port={self()}",
+            f"--dashboard-agent-grpc-port={self()}",
+            f"--runtime-env-agent-port={self()}",
+            f"--metrics-export-port={self()}",
+        ]
 
 
 @dataclass
@@ -192,18 +207,19 @@ def start_cluster(head_cpus: int = 2, extra_nodes: tuple[int, ...] = (1,)) -> Ra
     }
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(key, None)
-    cluster = RayCluster(temp_dir, free_port(), free_port(), env)
+    ports = Ports()
+    cluster = RayCluster(temp_dir, ports(), ports(), env)
     try:
         cluster.ray_start(
             "--head",
             f"--port={cluster.gcs_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={cluster.dashboard_port}",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={ports()}",
             f"--num-cpus={head_cpus}",
             "--num-gpus=0",
             f"--temp-dir={temp_dir}",
-            *node_ports(),
+            *ports.node(),
             single_machine=not extra_nodes,
         )
         for cpus in extra_nodes:
@@ -211,7 +227,7 @@ def start_cluster(head_cpus: int = 2, extra_nodes: tuple[int, ...] = (1,)) -> Ra
                 f"--address={cluster.gcs_address}",
                 f"--num-cpus={cpus}",
                 "--num-gpus=0",
-                *node_ports(),
+                *ports.node(),
             )
         cluster.wait_ready(1 + len(extra_nodes))
     except BaseException:
