@@ -46,6 +46,13 @@ def cluster() -> Iterator[RayCluster]:
         ray_cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def uninterrupted() -> dict[str, dict[str, Any]]:
+    """The final weights of an uninterrupted run, per recovery mode (the first test of a mode
+    trains it; the mode's other tests compare against the same weights)."""
+    return {}
+
+
 def make_job(storage: Path, address: str, **cluster: object) -> dict:
     return {
         "name": "warm",
@@ -192,22 +199,19 @@ def test_warm_actors_of_another_kind_make_way_for_a_ray_train_run(
     [("restart", "worker"), ("restart", "driver"), ("live", "worker"), ("live", "driver")],
 )
 def test_sigterm_to_a_worker_checkpoints_and_resumes_bit_for_bit(
-    cluster: RayCluster, tmp_path: Path, recovery: str, target: str
+    cluster: RayCluster,
+    uninterrupted: dict[str, dict[str, Any]],
+    tmp_path: Path,
+    recovery: str,
+    target: str,
 ) -> None:
     """restart: Ray Train's worker, whose loop runs in a thread, or the driver, which hands
     SIGTERM on through its relay actor; live: a warm actor of the own group (its loop runs in
     a thread too), or the driver, which hands SIGTERM on."""
-    address = cluster.gcs_address
-    slow = {"name": "tests.helpers.models:slow_mlp", "flavor": "default"}
-    slow["options"] = {"delay_s": 0.2}
-    jobs = {}
-    for name in ("whole", "preempted"):
-        job = make_job(tmp_path / name, address, recovery=recovery)
-        job["model"] = slow
-        job["trainer"].update(max_steps=40, log_every_steps=1, checkpoint={"every_epoch": False})
-        jobs[name] = tmp_path / f"{name}.yaml"
-        jobs[name].write_text(yaml.safe_dump(job))
-    assert main(["train", str(jobs["whole"])]) == 0
+    jobs = {name: slow_job(cluster, tmp_path, name, recovery) for name in ("whole", "preempted")}
+    if recovery not in uninterrupted:  # one uninterrupted run per recovery mode
+        assert main(["train", str(jobs["whole"])]) == 0
+        uninterrupted[recovery] = final_weights(only_run(tmp_path / "whole", "warm"))
     env = {**os.environ, **cluster.env, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "roundhouse.launch.cli", "train", str(jobs["preempted"])]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
@@ -225,7 +229,18 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_bit_for_bit(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"preempted at step {step}: checkpoint" in lines[0], err
     assert main(["train", str(jobs["preempted"]), "--resume", "latest"]) == 0
-    assert_same_weights(final_weights(only_run(tmp_path / "whole", "warm")), final_weights(run))
+    assert_same_weights(uninterrupted[recovery], final_weights(run))
+
+
+def slow_job(cluster: RayCluster, tmp_path: Path, name: str, recovery: str) -> Path:
+    """A 40-step job file whose steps take at least 0.2 s (a SIGTERM lands mid-run)."""
+    job = make_job(tmp_path / name, cluster.gcs_address, recovery=recovery)
+    job["model"] = {"name": "tests.helpers.models:slow_mlp", "flavor": "default"}
+    job["model"]["options"] = {"delay_s": 0.2}
+    job["trainer"].update(max_steps=40, log_every_steps=1, checkpoint={"every_epoch": False})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
 
 
 def wait_for_step(storage: Path, step: int, proc: subprocess.Popen) -> Path:
