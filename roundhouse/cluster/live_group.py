@@ -15,7 +15,9 @@ to keep their processes. So for `recovery: live` the driver:
    survivor finishes; its actors then go back to the pool (or end).
 
 Each actor trains in a thread and keeps its main thread for the driver's calls; SIGTERM to a
-worker reaches the loop through the main thread's forwarder (`live_worker`).
+worker reaches the loop through the main thread's forwarder (`live_worker`). SIGTERM to the
+driver is handed on to every worker; a driver in a thread (a sweep's trial) hands it on
+after `preempt_relay.preempt_drivers()`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from roundhouse.cluster.actor_pool import CLAIM_TIMEOUT_S, new_token
 from roundhouse.cluster.capacity import wait_for_capacity, worker_resources
 from roundhouse.cluster.live_placement import Placement, build_placement
+from roundhouse.cluster.preempt_relay import drivers_preempted
 from roundhouse.cluster.progress import RunMonitor
 from roundhouse.cluster.runtime import ClusterError
 from roundhouse.cluster.services import CONFIG_KEY as SERVICES_CONFIG_KEY
@@ -258,7 +261,7 @@ class LiveWorkers:
                 logger.info("replacements %s not needed: the run is over", list(self.active))
                 break
             time.sleep(self.POLL_S)
-            if self.sigterm and not self.preempt_sent:
+            if (self.sigterm or drivers_preempted()) and not self.preempt_sent:
                 self.hand_on_sigterm()
             for member in self.poll_all():
                 del self.active[member]
@@ -284,7 +287,7 @@ class LiveWorkers:
         """While the group trains, SIGTERM to the driver preempts the workers (each writes
         its part of a complete checkpoint and stops, `trainer.preemption`)."""
         if threading.current_thread() is not threading.main_thread():
-            yield  # a sweep's trial: its driver runs in a thread
+            yield  # a sweep's trial: its driver runs in a thread (`drivers_preempted`)
             return
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:

@@ -13,6 +13,11 @@ The driver repeats the notice every `RESEND_S` until `fit()` returns: a worker t
 starting (its loop not yet running) is told once its loop runs. If the workers have not
 stopped `cluster.preempt_grace_s` plus `DRIVER_MARGIN_S` after the signal, the driver exits
 with 143 itself: checkpoints are atomic, so `latest` stays on the last complete one.
+
+A driver that runs in a thread (a sweep's trial, `cluster/sweep/tuner.py`) cannot handle a
+signal. There the one who got SIGTERM calls `preempt_drivers()`, and every driver running in
+this process's threads (this relay's, and the live group's, `cluster/live_group.py`) hands
+it on as if it had got the signal itself.
 """
 
 from __future__ import annotations
@@ -55,13 +60,25 @@ def _notify(_actor: Any) -> bool:
     return notify_loops()
 
 
+# Set once this process's drivers running in threads are to preempt their workers.
+_DRIVERS_PREEMPTED = threading.Event()
+WATCH_S = 0.5  # how often a driver in a thread looks at `drivers_preempted`
+
+
+def preempt_drivers() -> None:
+    """Hand a SIGTERM on to the run drivers in this process's threads (module docstring)."""
+    _DRIVERS_PREEMPTED.set()
+
+
+def drivers_preempted() -> bool:
+    """Whether `preempt_drivers` was called in this process."""
+    return _DRIVERS_PREEMPTED.is_set()
+
+
 def start_relay() -> Any:
-    """A relay actor for this run, or None off the main thread (a sweep's trial runs its
-    driver in a thread, where no signal handler can be installed)."""
+    """A relay actor for this run (None if Ray cannot start one)."""
     import ray
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
     try:
         return ray.remote(num_cpus=0)(PreemptRelay).remote()
     except Exception as exc:  # train on; only the driver's SIGTERM is not handed on
@@ -80,7 +97,8 @@ def register_worker(config: dict[str, Any], rank: int) -> None:
 
 @contextlib.contextmanager
 def sigterm_relayed(relay: Any, grace_s: float) -> Iterator[None]:
-    """While `fit()` runs: SIGTERM to this driver preempts the workers (module docstring)."""
+    """While `fit()` runs: SIGTERM to this driver, or `preempt_drivers()` where the driver
+    runs in a thread, preempts the workers (module docstring)."""
     if relay is None:
         yield
         return
@@ -96,12 +114,21 @@ def sigterm_relayed(relay: Any, grace_s: float) -> Iterator[None]:
         started.append(threading.Thread(target=hand_on, args=(relay, done, grace_s), daemon=True))
         started[0].start()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    def watch() -> None:
+        while not done.wait(WATCH_S):
+            if drivers_preempted():
+                on_sigterm(signal.SIGTERM, None)
+                return
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if on_main else None
+    threading.Thread(target=watch, name="roundhouse-preempt-watch", daemon=True).start()
     try:
         yield
     finally:
         done.set()
-        signal.signal(signal.SIGTERM, previous)
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
         with contextlib.suppress(Exception):
             ray.kill(relay)
 

@@ -1,4 +1,5 @@
-"""`roundhouse tune` on a real Ray cluster: a 3-trial sweep, and a killed driver resumed.
+"""`roundhouse tune` on a real Ray cluster: a 3-trial sweep, and a killed or preempted
+(SIGTERM) driver resumed.
 
 One module-scoped `ray start` cluster (3 CPUs: two 1-worker trials at a time, the third
 queues); the sweeps run as `roundhouse tune ... --address` subprocesses, as a user runs them.
@@ -22,7 +23,7 @@ from tests.helpers.ray_cluster import RayCluster, start_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROUNDHOUSE = str(Path(sys.executable).with_name("roundhouse"))
+ROOT = Path(__file__).resolve().parents[2]
 SWEEP_TIMEOUT_S = 300
 JOB = {
     "name": "sweep",
@@ -50,17 +51,19 @@ def cluster() -> Iterator[RayCluster]:
         cluster.stop()
 
 
-def write_job(folder: Path) -> Path:
-    job = {**JOB, "storage": {"path": str(folder / "runs")}}
+def write_job(folder: Path, **changes: object) -> Path:
+    job = {**JOB, **changes, "storage": {"path": str(folder / "runs")}}
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
 
 
 def start_tune(cluster: RayCluster, job: Path, *args: str) -> subprocess.Popen:
+    # Run from the repository, whose folder Ray puts on the workers' path: the tests' models
+    command = [sys.executable, "-m", "roundhouse.launch.cli", "tune", str(job), *args]
     return subprocess.Popen(
-        [ROUNDHOUSE, "tune", str(job), *args, "--address", cluster.gcs_address],
-        cwd=job.parent,
+        [*command, "--address", cluster.gcs_address],
+        cwd=ROOT,
         env=cluster.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -135,22 +138,51 @@ def test_three_trial_sweep_writes_table_best_job_and_trial_runs(cluster, tmp_pat
     assert "Configuration for experiment" not in out + err and "Trial status" not in out + err
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(cluster, tmp_path) -> None:
-    job = write_job(tmp_path)
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_stopped_sweep_resumes_without_rerunning_finished_trials(
+    cluster, tmp_path, signum: int
+) -> None:
+    """SIGKILL once a trial finished: the interrupted trials resume from their last epoch's
+    checkpoint. SIGTERM while a trial trains (steps of at least 0.1 s): each trial that
+    trains checkpoints where it is first, and the sweep exits 143."""
+    if signum == signal.SIGKILL:
+        job = write_job(tmp_path)
+    else:
+        slow = {"name": "tests.helpers.models:slow_mlp", "options": {"delay_s": 0.1}}
+        job = write_job(tmp_path, model=slow)
     args = [*SEARCH, "--searcher", "grid", "--scheduler", "fifo", "--metric", "val/accuracy"]
     proc = start_tune(cluster, job, *args)
     deadline = time.monotonic() + SWEEP_TIMEOUT_S
-    finished: dict[str, dict] = {}
-    while not finished and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(1)
+    ready = False
+    while not ready and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
         sweeps = list((tmp_path / "runs" / "sweep").glob("tune-*"))
-        status = trial_status(sweeps[0]) if sweeps else {}
-        finished = {t: s for t, s in status.items() if s["status"] == "finished"}
-    assert finished and proc.poll() is None, "no trial finished while the sweep ran"
-    time.sleep(4)  # Tune saves its experiment state every few seconds
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+        if signum == signal.SIGKILL:  # a trial finished
+            status = trial_status(sweeps[0]) if sweeps else {}
+            ready = any(s["status"] == "finished" for s in status.values())
+        else:  # a trial has logged step 10
+            ready = bool(sweeps) and any(
+                '"step": 10,' in m.read_text() for m in sweeps[0].glob("*/metrics.jsonl")
+            )
+    assert ready and proc.poll() is None, f"the sweep ended before the signal: {finish(proc)}"
+    if signum == signal.SIGKILL:
+        time.sleep(4)  # Tune saves its experiment state every few seconds
+    os.kill(proc.pid, signum)
+    code, _, err = finish(proc)
     sweep = next((tmp_path / "runs" / "sweep").glob("tune-*"))
+    if signum == signal.SIGTERM:
+        assert code == 143, err[-3000:]
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "preempted" in lines[0], err[-3000:]
+        assert "Traceback" not in err, err[-3000:]  # no preempted trial's traceback
+        notes = {p.name: p.read_text() for p in (sweep / "preempt").iterdir()}
+        assert notes and set(notes.values()) == {"stopped"}, notes
+        assert f"{len(notes)} training trial(s) checkpointed" in lines[0]
+        for trial in notes:  # checkpointed at the step it stopped: after every logged step
+            rows = (sweep / trial / "metrics.jsonl").read_text().splitlines()
+            logged = max(json.loads(r)["step"] for r in rows)
+            latest = (sweep / trial / "checkpoints" / "latest").read_text().strip()
+            assert int(latest.removeprefix("step_")) >= logged
     done_before = {t: s for t, s in trial_status(sweep).items() if s["status"] == "finished"}
 
     code, _, err = finish(start_tune(cluster, job, *args, "--resume"))

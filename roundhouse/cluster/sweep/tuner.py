@@ -10,6 +10,7 @@ worker group with it (they share fate with their owner).
 Layout: `<storage>/<name>/tune-<id>/` holds Tune's state (`ray/`), `best.yaml`,
 `results.tsv`, and one run folder per trial, `<trial id>/`. A restarted trial (after
 `--resume`) continues from its run folder's latest checkpoint instead of from scratch.
+SIGTERM to the sweep makes every training trial checkpoint first (`preempt`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 from roundhouse.cluster.progress import MetricsTail
 from roundhouse.cluster.runtime import ClusterError, scoped_env
+from roundhouse.cluster.sweep.preempt import SweepPreemption, TrialPreemption
 from roundhouse.cluster.sweep.space import apply_params
 from roundhouse.config import JobSpec
 from roundhouse.config.loading import validate_job
@@ -202,16 +204,25 @@ def trial_settings(plan: SweepPlan) -> dict[str, Any]:
     return {
         "job": plan.job.model_dump(mode="json"),
         "sweep_id": plan.sweep_id,
+        "sweep_url": plan.sweep_url,
         "metric": plan.metric,
     }
 
 
 def run_sweep(plan: SweepPlan, resume: bool = False) -> Any:
-    """Run (or resume) the sweep on the connected Ray cluster; return Tune's `ResultGrid`."""
+    """Run (or resume) the sweep on the connected Ray cluster; return Tune's `ResultGrid`.
+
+    Raises:
+        Preempted: the sweep got SIGTERM; its training trials checkpointed (`preempt`).
+    """
     with scoped_env(tune_console_env(plan.verbose)):
         tuner = build_tuner(plan, resume)
-        with SweepMonitor(plan):
-            return tuner.fit()
+        grace_s = plan.job.cluster.preempt_grace_s
+        with SweepMonitor(plan), SweepPreemption(plan.sweep_url, grace_s) as preemption:
+            results = tuner.fit()
+    if preemption.signalled:
+        raise preemption.error(plan.sweep_id)
+    return results
 
 
 def tune_console_env(verbose: bool) -> dict[str, str]:
@@ -301,10 +312,13 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     from roundhouse.cluster.workers import train_on_ray
 
     configure_worker_logging()
-    job = trial_job(plan, config, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    job = trial_job(plan, config, trial_id)
     if already_finished(job):  # a resumed sweep whose state missed this trial's end
         report_evaluations(MetricsTail(run_dir_of(job)), plan["metric"], lambda: False)
         return
+    preemption = TrialPreemption(plan["sweep_url"], trial_id, run_dir_of(job))
+    preemption.check_before_start()
     prepared, resume = prepare_trial(job)
     if resume:
         logger.warning("trial %s resumes from its latest checkpoint", job.storage.run_id)
@@ -320,7 +334,14 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
 
     thread = threading.Thread(target=train, name="roundhouse-trial", daemon=True)
     thread.start()
-    report_evaluations(MetricsTail(prepared.run_dir), plan["metric"], thread.is_alive)
+
+    def running() -> bool:  # the sweep's SIGTERM is handed on here (`preempt`)
+        return thread.is_alive() and not preemption.poll()
+
+    report_evaluations(MetricsTail(prepared.run_dir), plan["metric"], running)
+    preemption.stopped()
+    if thread.is_alive():  # preempted while its workers were still queued
+        raise preemption.error("while it waited for its workers")
     if "error" in outcome:
         raise outcome["error"]
 
