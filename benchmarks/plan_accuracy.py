@@ -10,7 +10,8 @@
    milliseconds, or 12 steps a run) 5, 3, 3 and 5 rounds each calibrate the model afresh and
    measure one run of every row, and each side's median over the rounds is compared (the
    machine's speed drifts from minute to minute: both sides sample the same minutes).
-   `RESULT step_<model>_<strategy> ours=<predicted s> baseline=<measured s>`.
+   `RESULT step_<model>_<strategy> ours=<predicted s> baseline=<measured s>`; each round's pair
+   goes to stderr as a `# <model> round <n>: ...` line.
    With `--ray`, the 2-worker ring, ps and ZeRO-2 rows also train under `roundhouse train` on
    the embedded Ray cluster, and the plan's samples/s is compared with the run's logged
    `train/samples_per_s` (median, the first two dropped), in the first `RAY_RUNS` (3) of
@@ -246,10 +247,14 @@ def step_results(
             run = {**job, "strategy": strategy, "storage": {"path": str(storage), "run_id": run_id}}
             predicted.setdefault(label, []).append(rows[(label, workers)].step_s)
             measured.setdefault(label, []).append(measure_step(run, workers))
+            said = f"# {model} round {round_}: {label} step planned {predicted[label][-1]:.4g} s"
+            said += f", measured {measured[label][-1]:.4g} s"
             if on_ray and label in RAY_ROWS and round_ < RAY_RUNS:
                 speed = rows[(label, workers)].samples_per_s(job["data"]["batch_size"])
                 ray_predicted.setdefault(label, []).append(speed)
                 ray_measured.setdefault(label, []).append(ray_samples_per_s(run, storage))
+                said += f"; Ray samples/s {speed:.4g} vs {ray_measured[label][-1]:.4g}"
+            print(said, file=sys.stderr)  # each round's pair: which side moved between rounds
     for label, _, _ in STRATEGIES:
         if label not in predicted:
             continue
