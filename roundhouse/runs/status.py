@@ -1,6 +1,7 @@
 """`status.json` in a run folder: whether the run is running, finished or failed.
 
-Rank 0 writes `running` when training starts and `finished` or `failed` when it ends. A run
+Rank 0 writes `running` when training starts and `finished`, `failed` or `preempted` (stopped
+by SIGTERM after a complete checkpoint: `--resume latest` continues it) when it ends. A run
 whose process died without saying so (killed, machine lost, a sweep's early stop) keeps
 `running`; readers call it `killed` when its process is gone (see `effective_status`).
 """
@@ -17,6 +18,7 @@ STATUS_FILE = "status.json"
 RUNNING, FINISHED, FAILED, KILLED = "running", "finished", "failed", "killed"
 UNKNOWN = "unknown"
 STOPPED = "stopped"  # ended early by a sweep's scheduler (written by the sweep driver)
+PREEMPTED = "preempted"  # SIGTERM: a complete checkpoint, then the run stopped
 
 
 class Writable(Protocol):
@@ -78,11 +80,14 @@ class RunStatus:
         if enabled:
             write_status(run_dir, RUNNING, **self.extra)
 
-    def end(self, error: BaseException | None = None) -> None:
-        """`finished` without `error`; `killed` on Ctrl-C; `failed` otherwise."""
+    def end(self, error: BaseException | None = None, *, preempted: bool = False) -> None:
+        """`finished` without `error`; `killed` on Ctrl-C; `preempted` when `error` is the
+        stop after a preemption's checkpoint; `failed` otherwise."""
         if not self.enabled:
             return
         status = FINISHED if error is None else FAILED
         if isinstance(error, KeyboardInterrupt):
             status = KILLED
+        elif error is not None and preempted:
+            status = PREEMPTED
         write_status(self.run_dir, status, **self.extra)

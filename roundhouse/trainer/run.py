@@ -32,6 +32,7 @@ from roundhouse.trainer.optim import (
     build_scheduler,
     group_counts,
 )
+from roundhouse.trainer.preemption import Preempted
 from roundhouse.trainer.sample_ledger import build_step_ledger
 from roundhouse.trainer.task import Task, build_job_task
 from roundhouse.weights.checkpoint import Checkpointer
@@ -105,7 +106,7 @@ def run_worker(
         close_quietly(trainer.saver)  # an earlier save in flight still commits
         trainer.tracker.close(failed=True)
         status.enabled = trainer.ctx.is_main  # live recovery may have made this rank 0
-        status.end(exc)
+        status.end(exc, preempted=isinstance(exc, Preempted))
         raise
     finally:
         trainer.strategy.close()

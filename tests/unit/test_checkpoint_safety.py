@@ -3,6 +3,7 @@ written on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -183,5 +184,6 @@ def test_sigterm_writes_a_checkpoint_and_the_resumed_run_is_bit_identical(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"preempted at step {step}: checkpoint" in lines[0], err
     assert "--resume latest" in lines[0]
+    assert json.loads((run / "status.json").read_text())["status"] == "preempted"
     run_main("train", str(job), "--local", "--resume", "latest")
     assert_same_weights(final_weights(only_run(tmp_path / "whole")), final_weights(run))
