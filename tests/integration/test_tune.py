@@ -145,12 +145,14 @@ def test_stopped_sweep_resumes_without_rerunning_finished_trials(
     """SIGKILL once a trial finished: the interrupted trials resume from their last epoch's
     checkpoint. SIGTERM while a trial trains (steps of at least 0.1 s): each trial that
     trains checkpoints where it is first, and the sweep exits 143."""
+    search = SEARCH
     if signum == signal.SIGKILL:
         job = write_job(tmp_path)
-    else:
+    else:  # 2 trials of 2 epochs: both train at once, and the resumed sweep is short
         slow = {"name": "tests.helpers.models:slow_mlp", "options": {"delay_s": 0.1}}
-        job = write_job(tmp_path, model=slow)
-    args = [*SEARCH, "--searcher", "grid", "--scheduler", "fifo", "--metric", "val/accuracy"]
+        job = write_job(tmp_path, model=slow, trainer={**JOB["trainer"], "max_epochs": 2})
+        search = ["--search", "trainer.optimizer.lr=choice(0.003,0.03)"]
+    args = [*search, "--searcher", "grid", "--scheduler", "fifo", "--metric", "val/accuracy"]
     proc = start_tune(cluster, job, *args)
     deadline = time.monotonic() + SWEEP_TIMEOUT_S
     ready = False
@@ -188,7 +190,8 @@ def test_stopped_sweep_resumes_without_rerunning_finished_trials(
     code, _, err = finish(start_tune(cluster, job, *args, "--resume"))
     assert code == 0, err[-3000:]
     after = trial_status(sweep)
-    assert len(after) == 3 and {s["status"] for s in after.values()} == {"finished"}
+    trials = len(search[1].split(","))
+    assert len(after) == trials and {s["status"] for s in after.values()} == {"finished"}
     for trial, status in done_before.items():  # not rerun: its status file is untouched
         assert after[trial]["started"] == status["started"]
     for trial in set(after) - set(done_before):  # interrupted ones resume from a checkpoint
