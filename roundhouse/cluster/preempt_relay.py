@@ -121,8 +121,10 @@ def sigterm_relayed(relay: Any, grace_s: float) -> Iterator[None]:
                 return
 
     on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if on_main else None
-    threading.Thread(target=watch, name="roundhouse-preempt-watch", daemon=True).start()
+    if on_main:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    else:  # no handler here: `preempt_drivers()` is how a SIGTERM arrives
+        threading.Thread(target=watch, name="roundhouse-preempt-watch", daemon=True).start()
     try:
         yield
     finally:

@@ -40,6 +40,15 @@ def write_status(run_dir: Writable, status: str, **extra: Any) -> None:
     run_dir.write_text(STATUS_FILE, json.dumps(record) + "\n")
 
 
+def recorded_status(run_dir: Any) -> str | None:
+    """The status `status.json` of the run folder `run_dir` (a `RunDir`) records, as written
+    (no `killed` inferred); None without a readable one."""
+    try:
+        return json.loads(run_dir.read_text(STATUS_FILE)).get("status")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id exists on this machine."""
     try:

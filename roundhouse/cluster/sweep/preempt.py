@@ -30,6 +30,7 @@ from typing import Any
 
 from roundhouse.cluster.preempt_relay import preempt_drivers
 from roundhouse.runs.rundir import RunDir
+from roundhouse.runs.status import RUNNING, recorded_status
 from roundhouse.trainer.preemption import Preempted
 
 logger = logging.getLogger(__name__)
@@ -185,15 +186,7 @@ class TrialPreemption:
 
     def training(self) -> bool:
         """Whether this trial's workers train (rank 0 wrote `running` in the run folder)."""
-        import json
-
-        from roundhouse.runs.status import RUNNING, STATUS_FILE
-
-        try:
-            record = json.loads(self.run_dir.read_text(STATUS_FILE))
-        except (FileNotFoundError, ValueError):
-            return False
-        return record.get("status") == RUNNING
+        return recorded_status(self.run_dir) == RUNNING
 
     def stopped(self) -> None:
         """The run driver returned: note it, if the trial had handed the preemption on."""

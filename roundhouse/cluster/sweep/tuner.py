@@ -348,14 +348,9 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
 
 def already_finished(job: JobSpec) -> bool:
     """Whether the trial's run folder says it trained to the end."""
-    import json
+    from roundhouse.runs.status import FINISHED, recorded_status
 
-    from roundhouse.runs.status import FINISHED, STATUS_FILE
-
-    run_dir = run_dir_of(job)
-    if not run_dir.exists(STATUS_FILE):
-        return False
-    return json.loads(run_dir.read_text(STATUS_FILE)).get("status") == FINISHED
+    return recorded_status(run_dir_of(job)) == FINISHED
 
 
 def report_evaluations(tail: MetricsTail, metric: str, running: Callable[[], bool]) -> None:
