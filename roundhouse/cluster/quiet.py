@@ -38,7 +38,7 @@ CONTINUATION = re.compile(r"^(\s|Traceback\b|[\w.]+(Error|Exception)\b)")
 # Worker-side format: the level first, so that the driver can tell warnings from chatter.
 WORKER_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
-_state: dict[str, Any] = {"verbose": False, "held": [], "path": None}
+_state: dict[str, Any] = {"verbose": False, "held": [], "path": None, "expected": set()}
 _lock = threading.Lock()
 
 
@@ -80,6 +80,16 @@ def shown_lines(lines: list[str]) -> list[str]:
     return shown
 
 
+def expect_errors_from(*actors: str) -> None:
+    """From now on, every line of these Ray actors (by class name) goes to the log file.
+
+    For errors that roundhouse itself causes and reports in its own line: a preempted sweep
+    ends the trials still waiting for their workers, and each one's Ray Train controller then
+    logs its worker group's startup failure with a traceback (`cluster.sweep.preempt`).
+    """
+    _state["expected"].update(actors)
+
+
 def write_hidden(lines: list[str]) -> None:
     """Append lines to the hidden-lines log file (when known; held until the next session's
     file is known when that file's session folder is gone)."""
@@ -105,8 +115,9 @@ def _filtered(handler: Callable[[dict], None]) -> Callable[[dict], None]:
             handler(data)
             return
         lines = data.get("lines", [])
-        shown = shown_lines(lines)
-        prefix = f"({data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')})"
+        source = data.get("actor_name") or data.get("task_name") or ""
+        shown = [] if source in _state["expected"] else shown_lines(lines)
+        prefix = f"({source} pid={data.get('pid')})"
         write_hidden([f"{prefix} {line}" for line in lines if line not in shown])
         if shown:
             handler({**data, "lines": shown})

@@ -104,7 +104,9 @@ def checkpoint_copy(run: Path, step: int, dest: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# Stage 1 writes the same checkpoint layout as stage 2 (optimizer state in per-rank
+# partitions; gradients are not saved), so stage 2 covers it.
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_resume_at_other_world_sizes(tmp_path: Path, stage: int) -> None:
     """2 ranks for steps 1-3, 1 rank for steps 4-5, 2 ranks for 6-8 == uninterrupted runs.
 

@@ -65,3 +65,27 @@ def test_a_line_hidden_after_its_session_folder_is_gone_is_held_for_the_next(tmp
     finally:
         quiet._state.clear()
         quiet._state.update(saved)
+
+
+def test_an_expected_actors_errors_go_to_the_log_file_not_the_console(tmp_path) -> None:
+    """A preempted sweep ends trials still starting their workers: their controllers'
+    tracebacks are expected, so they go to the log file; other actors' errors still show."""
+    from roundhouse.cluster import quiet
+
+    saved = {**quiet._state, "expected": set(quiet._state["expected"])}
+    shown: list[dict] = []
+    emit = quiet._filtered(shown.append)
+    error = ["Error in control loop iteration", "Traceback (most recent call last):"]
+    try:
+        quiet._state.update(path=str(tmp_path / quiet.LOG_NAME), held=[])
+        emit({"pid": 7, "actor_name": "TrainController", "lines": error})
+        quiet.expect_errors_from("TrainController")
+        emit({"pid": 7, "actor_name": "TrainController", "lines": error})
+        emit({"pid": 8, "actor_name": "RayTrainWorker", "lines": error[1:]})
+        assert [d["lines"] for d in shown] == [error, error[1:]]
+        assert [d["actor_name"] for d in shown] == ["TrainController", "RayTrainWorker"]
+        logged = (tmp_path / quiet.LOG_NAME).read_text().splitlines()
+        assert logged[-2:] == [f"(TrainController pid=7) {line}" for line in error]
+    finally:
+        quiet._state.clear()
+        quiet._state.update(saved)

@@ -13,9 +13,12 @@ signal reaches them. SIGTERM to the `roundhouse tune` process (`SweepPreemption`
 2. waits until every trial that noted `stopping` has `stopped`, or `cluster.preempt_grace_s`
    plus `MARGIN_S` has passed, then stops Tune as Ctrl-C would (SIGUSR1, to which Tune
    answers by saving its experiment state and ending `fit()`);
-3. `roundhouse tune` then ends with one line and exit 143. `roundhouse tune JOB --resume`
-   restarts the trials that had not finished, and each continues from its latest checkpoint
-   (`tuner.prepare_trial`), bit for bit where the preemption wrote it.
+3. `roundhouse tune` then ends with one line and exit 143. Tune's tracebacks of the
+   preempted trials stay in each trial's error file, off the console; what Ray Train's
+   controllers log about the trial groups that the preemption ended goes to Ray's console
+   log file (`cluster.quiet`). `roundhouse tune JOB --resume` restarts the trials that had
+   not finished, and each continues from its latest checkpoint (`tuner.prepare_trial`), bit
+   for bit where the preemption wrote it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from roundhouse.cluster import quiet
 from roundhouse.cluster.preempt_relay import preempt_drivers
 from roundhouse.runs.rundir import RunDir
 from roundhouse.runs.status import RUNNING, recorded_status
@@ -43,6 +47,8 @@ NOTE_WAIT_S = 3.0  # every training trial polls (each `POLL_S`) and notes itself
 POLL_S = 0.5
 # Where Tune logs a trial's error and the trials that did not complete.
 TUNE_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.tune")
+# The Ray actors that log a queued trial's end as their worker group's startup failure.
+TRAIN_CONTROLLERS = ("TrainController",)
 
 
 class SweepPreemption:
@@ -99,6 +105,7 @@ class SweepPreemption:
         if self.signalled_at is not None:
             return
         self.signalled_at = time.monotonic()
+        quiet.expect_errors_from(*TRAIN_CONTROLLERS)
         logger.warning("SIGTERM: every training trial checkpoints at its next step boundary")
         threading.Thread(target=self.stop_tune, name="roundhouse-sweep-stop", daemon=True).start()
 
