@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ RUNNING, FINISHED, FAILED, KILLED = "running", "finished", "failed", "killed"
 UNKNOWN = "unknown"
 STOPPED = "stopped"  # ended early by a sweep's scheduler (written by the sweep driver)
 PREEMPTED = "preempted"  # SIGTERM: a complete checkpoint, then the run stopped
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # the exit code of a preempted run (and W&B's)
 
 
 class Writable(Protocol):

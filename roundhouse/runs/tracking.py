@@ -30,6 +30,7 @@ from roundhouse.config import JobSpec, WandbConfig
 from roundhouse.runs.console import NullProgress, Progress, build_progress, format_metrics
 from roundhouse.runs.metrics_file import MetricsFile
 from roundhouse.runs.rundir import RunDir
+from roundhouse.runs.status import EXIT_PREEMPTED
 
 logger = logging.getLogger(__name__)
 
@@ -265,9 +266,12 @@ class WandbRun:
         """Set final values in the run summary."""
         self.run.summary.update(values)
 
-    def finish(self, *, failed: bool) -> None:
-        """Finish the run; offline, copy a staged run to the run folder and log `wandb sync`."""
-        self.run.finish(exit_code=1 if failed else 0)
+    def finish(self, *, failed: bool, preempted: bool = False) -> None:
+        """Finish the run (a preempted one as W&B's `preempted`: marked preempting, exit code
+        143); offline, copy a staged run to the run folder and log `wandb sync`."""
+        if preempted:
+            self.run.mark_preempting()
+        self.run.finish(exit_code=EXIT_PREEMPTED if preempted else 1 if failed else 0)
         if self.plan.mode != "offline":
             return
         if not wait_for_wandb_log(self.sync_file):
@@ -414,15 +418,16 @@ class Tracker:
         if self._metrics is not None:
             self._metrics.flush()
 
-    def close(self, *, failed: bool = False) -> None:
-        """Stop the progress bar, finish W&B (exit code 1 if `failed`), flush. Idempotent."""
+    def close(self, *, failed: bool = False, preempted: bool = False) -> None:
+        """Stop the progress bar, finish W&B (exit code 1 if `failed`; a `preempted` run, one
+        stopped by SIGTERM after its checkpoint, as W&B's preempted), flush. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._progress.close()
         try:
             if self._wandb is not None:
-                self._wandb.finish(failed=failed)
+                self._wandb.finish(failed=failed or preempted, preempted=preempted)
         finally:
             if self._metrics is not None:
                 self._metrics.close()

@@ -29,10 +29,9 @@ import time
 from typing import Any
 
 from roundhouse.errors import TrainingError
+from roundhouse.runs.status import EXIT_PREEMPTED
 
 logger = logging.getLogger(__name__)
-
-EXIT_PREEMPTED = 128 + signal.SIGTERM
 
 
 class Preempted(TrainingError):

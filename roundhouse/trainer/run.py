@@ -104,9 +104,10 @@ def run_worker(
         trainer.saver.close()  # the run ends once its last checkpoint is committed
     except BaseException as exc:
         close_quietly(trainer.saver)  # an earlier save in flight still commits
-        trainer.tracker.close(failed=True)
+        preempted = isinstance(exc, Preempted)
+        trainer.tracker.close(failed=True, preempted=preempted)
         status.enabled = trainer.ctx.is_main  # live recovery may have made this rank 0
-        status.end(exc, preempted=isinstance(exc, Preempted))
+        status.end(exc, preempted=preempted)
         raise
     finally:
         trainer.strategy.close()

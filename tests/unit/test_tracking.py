@@ -31,6 +31,7 @@ from tests.helpers.wandb_reader import (
     read_config,
     read_exit_code,
     read_history,
+    read_records,
     read_run,
     read_summary,
 )
@@ -207,6 +208,16 @@ def test_failure_marks_wandb_exit_code_and_close_is_idempotent(tmp_path: Path) -
     tr.log({"train/loss": 1.0}, step=9, epoch=0)  # after close: ignored
     assert read_exit_code(find_wandb_file(tmp_path)) == 1
     assert [r["step"] for r in read_jsonl(tmp_path)] == [1, 2]
+
+
+def test_a_preempted_run_is_marked_preempting_with_exit_code_143(tmp_path: Path) -> None:
+    """SIGTERM after a complete checkpoint: W&B shows the run as preempted, not failed."""
+    tracker = Tracker(make_job(), RunDir(str(tmp_path)), is_main=True)
+    log_steps(tracker, range(1, 3))
+    tracker.close(failed=True, preempted=True)
+    records = [r.WhichOneof("record_type") for r in read_records(find_wandb_file(tmp_path))]
+    assert "preempting" in records and records.index("preempting") < records.index("exit")
+    assert read_exit_code(find_wandb_file(tmp_path)) == 143
 
 
 def test_remote_run_folder_uploads_metrics_and_offline_run(
