@@ -427,7 +427,7 @@ class Tracker:
         self._progress.close()
         try:
             if self._wandb is not None:
-                self._wandb.finish(failed=failed or preempted, preempted=preempted)
+                self._wandb.finish(failed=failed, preempted=preempted)
         finally:
             if self._metrics is not None:
                 self._metrics.close()
