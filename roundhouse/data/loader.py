@@ -8,6 +8,7 @@ step: its position is `{"epoch", "steps_done"}`, and the order of an epoch depen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from roundhouse.config import AugmentConfig
 from roundhouse.config.topology import Topology
 from roundhouse.errors import DataError
 
-from .sampler import BatchPlan, epoch_order, eval_share
+from .sampler import BatchPlan, chunk_bounds, epoch_order, eval_share
 from .transforms import apply_mixup, build_augmentation, draw_mixup
 from .types import ArrayDataset
 
@@ -46,13 +47,17 @@ class _StepPlan:
     micro_indices: list[list[int]]
     lam: float | None
     chunk: int  # step * world_size + rank: which rank's share of the step this is
+    # A step taken over after live recovery (`StepLoader.take_over`): the samples this rank
+    # trained in the attempt that failed, whose gradients it kept.
+    kept: tuple[int, ...] = ()
 
     @property
     def own_indices(self) -> list[int]:
-        """The samples this share trains (without mixup partners), in micro-batch order."""
+        """The samples this share trains (without mixup partners), in micro-batch order,
+        after those kept from a failed attempt of the step."""
         if self.lam is None:
-            return [i for micro in self.micro_indices for i in micro]
-        return [i for micro in self.micro_indices for i in micro[: len(micro) // 2]]
+            return [*self.kept, *(i for micro in self.micro_indices for i in micro)]
+        return [*self.kept, *(i for micro in self.micro_indices for i in micro[: len(micro) // 2])]
 
 
 def _identity(batch: Batch) -> Batch:
@@ -148,6 +153,7 @@ class StepLoader:
         self.last_indices: list[int] = []  # the samples of the step just yielded (the ledger)
         self.last_step = -1  # its step number in the epoch
         self._epoch, self._steps_done, self._resume_at = 0, 0, 0
+        self._taken_over: tuple[int, int, list[list[int]], tuple[int, ...]] | None = None
 
     @classmethod
     def of_topology(
@@ -236,8 +242,34 @@ class StepLoader:
         first, end = self.plan.step_bounds(step)
         return order[first:end].tolist()
 
+    def take_over(self, step: int, lost: list[int], world_size: int, kept: list[int]) -> bool:
+        """Live recovery: make the next step yielded, step `step` of the current epoch (this
+        loader's position), only this rank's part of what the `lost` ranks of the failed
+        attempt at `world_size` ranks had to train; this rank keeps its own share's gradients
+        (`kept`: its samples). The lost shares, in rank order, are cut into one contiguous
+        part per rank of this loader, and each part into micro-batches no larger than the
+        failed attempt's. False (the whole step is redone) under dynamic assignment or exact
+        mode, or when the lost shares hold fewer samples than there are ranks now."""
+        if self.claim is not None or self.plan.virtual_shards is not None:
+            return False
+        old = dataclasses.replace(self.plan, world_size=world_size)
+        bounds = [b for rank in sorted(lost) for b in old.micro_bounds(step, rank)]
+        positions = [p for lo, hi in bounds for p in range(lo, hi)]
+        if not bounds or len(positions) < self.world_size:
+            return False
+        lo, hi = chunk_bounds(len(positions), self.world_size)[self.rank]
+        mine = positions[lo:hi]
+        largest = max(b - a for a, b in bounds)
+        micro = [mine[a:b] for a, b in chunk_bounds(len(mine), -(-len(mine) // largest))]
+        self._taken_over = (self._epoch, step, micro, tuple(kept))
+        return True
+
     def _plans(self, epoch: int, start: int) -> Iterator[_StepPlan]:
         order = epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        taken, self._taken_over = self._taken_over, None
+        if taken is not None and taken[:2] == (epoch, start):
+            yield self._plan_positions(order, epoch, start, taken[2], start, kept=taken[3])
+            start += 1
         if self.claim is None:
             for step in range(start, self.plan.num_steps):
                 yield self._plan_step(order, epoch, step, self.rank)
@@ -247,17 +279,29 @@ class StepLoader:
             yield self._plan_step(order, epoch, *divmod(chunk, width))
 
     def _plan_step(self, order: Tensor, epoch: int, step: int, rank: int) -> _StepPlan:
+        positions = [list(range(lo, hi)) for lo, hi in self.plan.micro_bounds(step, rank)]
+        return self._plan_positions(order, epoch, step, positions, step * self.world_size + rank)
+
+    def _plan_positions(
+        self,
+        order: Tensor,
+        epoch: int,
+        step: int,
+        positions: list[list[int]],
+        chunk: int,
+        kept: tuple[int, ...] = (),
+    ) -> _StepPlan:
+        """The plan of micro-batches at `positions` (per micro-batch, in the epoch order) of
+        global step `step`; with mixup, each sample's partner is drawn over the whole step."""
         first, end = self.plan.step_bounds(step)
-        bounds = self.plan.micro_bounds(step, rank)
-        micro = [order[lo:hi].tolist() for lo, hi in bounds]
-        chunk = step * self.world_size + rank
+        micro = [order[p].tolist() for p in positions]
         if self.mixup_alpha == 0:
-            return _StepPlan(step, end - first, micro, None, chunk)
+            return _StepPlan(step, end - first, micro, None, chunk, kept)
         draw = draw_mixup(self.mixup_alpha, end - first, seed=self.seed, epoch=epoch, step=step)
         partners = order[first + draw.partners]
-        for own, (lo, hi) in zip(micro, bounds, strict=True):
-            own.extend(partners[lo - first : hi - first].tolist())
-        return _StepPlan(step, end - first, micro, draw.lam, chunk)
+        for own, at in zip(micro, positions, strict=True):
+            own.extend(partners[[p - first for p in at]].tolist())
+        return _StepPlan(step, end - first, micro, draw.lam, chunk, kept)
 
     def _fetch(self, index_lists: Iterator[list[int]]) -> Iterator[Batch]:
         """Raw micro-batches in order, fetched here or by DataLoader workers."""

@@ -308,6 +308,18 @@ class Strategy(ABC):
         """Take what a live peer's `peer_state_dict` returned."""
         self.load_state_dict(state)
 
+    def hold_gradient(self) -> Any | None:
+        """Live recovery, as a lost peer is noticed: this rank's own gradients of the step
+        that failed, as they were before any exchange (opaque to the caller), or None where
+        the strategy does not keep them. With them, the survivors redo only the lost peer's
+        share of the step (`restore_gradient`); without, they redo the whole step."""
+        return None
+
+    def restore_gradient(self, held: Any, scale: float) -> None:
+        """After `regroup`: set the gradients to `scale` times what `hold_gradient` returned
+        (the ratio of the new world size to the old: each share's loss scale holds it)."""
+        raise NotImplementedError(f"strategy.kind={self.kind} holds no gradient")
+
     def live_lag(self) -> int:
         """After `regroup`: steps that the state held outside the workers (ps servers) has
         committed beyond this worker's own count; 0 where the workers hold the state."""

@@ -188,6 +188,10 @@ class OverlappedAllReduce:
         reduce: averages a flat buffer over all ranks, in place (runs on the background thread).
         bucket_mb: target bucket size in MiB.
         accumulate_dtype: the flat buffers' dtype (fp32: gradients are summed in fp32).
+        keep_local: keep a copy of each bucket's own gradients, as packed before the exchange,
+            until the step is applied (`held`). Live recovery then redoes only a lost peer's
+            share of the step (`RingStrategy.hold_gradient`). Once one bucket's exchange
+            fails, the rest are only copied, and backward runs to its end.
     """
 
     def __init__(
@@ -197,13 +201,17 @@ class OverlappedAllReduce:
         *,
         bucket_mb: float,
         accumulate_dtype: torch.dtype = torch.float32,
+        keep_local: bool = False,
     ) -> None:
         self.reduce = reduce
         self.dtype = accumulate_dtype
+        self.keep_local = keep_local
+        self.failed: BaseException | None = None  # the step's first failed exchange
         self.scheduler = BucketScheduler(
             params, bucket_mb, self._launch, thread_name="roundhouse-comm"
         )
         self.buckets = self.scheduler.buckets
+        self.local: list[Tensor | None] = [None] * len(self.buckets)  # `keep_local` copies
         logger.info(
             "%d gradient buckets: %s elements",
             len(self.buckets),
@@ -213,12 +221,14 @@ class OverlappedAllReduce:
     def begin(self) -> None:
         """The next backward is the synchronising one: count its gradients."""
         self.wait()
+        self.forget()
         self.scheduler.begin()
 
     def _launch(self, index: int) -> None:
-        self.raise_failed()
+        if not self.keep_local:  # else backward goes on: its gradients are this rank's share
+            self.raise_failed()
         bucket = self.buckets[index]
-        bucket.future = self.scheduler.submit(self._reduce_bucket, bucket)
+        bucket.future = self.scheduler.submit(self._reduce_bucket, index)
 
     def raise_failed(self) -> None:
         """Re-raise the error of a bucket whose exchange already failed (a peer is lost).
@@ -239,9 +249,31 @@ class OverlappedAllReduce:
         """Backward has returned: launch every bucket still waiting for a gradient."""
         self.scheduler.flush()
 
-    def _reduce_bucket(self, bucket: Bucket) -> None:
+    def _reduce_bucket(self, index: int) -> None:
+        bucket = self.buckets[index]
         buffer = bucket.pack(self.dtype)
-        bucket.unpack(self.reduce(buffer))
+        if self.keep_local:
+            self.local[index] = buffer.clone()
+            if self.failed is not None:  # the group is broken: only keep the copy
+                raise self.failed
+        try:
+            bucket.unpack(self.reduce(buffer))
+        except BaseException as exc:
+            self.failed = exc
+            raise
+
+    def held(self) -> list[tuple[list[nn.Parameter], Tensor]] | None:
+        """With `keep_local`, after `close()`: each bucket's parameters and this rank's own
+        gradients of the step (as `Bucket.pack` lays them out), or None unless every bucket
+        of the step was copied."""
+        if not self.keep_local or any(copy is None for copy in self.local):
+            return None
+        return [(b.params, copy) for b, copy in zip(self.buckets, self.local, strict=True)]  # type: ignore[misc]
+
+    def forget(self) -> None:
+        """Drop the copies (the step they belong to was applied, or a new one begins)."""
+        self.local = [None] * len(self.buckets)
+        self.failed = None
 
     def wait(self) -> None:
         """Block until every launched bucket is reduced; re-raise a communication error."""
@@ -251,5 +283,12 @@ class OverlappedAllReduce:
                 future.result()
 
     def close(self) -> None:
-        """Remove the hooks and stop the background thread."""
+        """Remove the hooks and stop the background thread (queued buckets run first)."""
         self.scheduler.close(wait=True)
+
+
+def restore_held(held: list[tuple[list[nn.Parameter], Tensor]], scale: float) -> None:
+    """Set each parameter's gradient to `scale` times its held copy (`OverlappedAllReduce.held`;
+    None where this rank had none)."""
+    for params, copy in held:
+        Bucket(params).unpack(copy.mul_(scale))

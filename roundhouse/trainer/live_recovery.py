@@ -4,8 +4,9 @@ The loop runs each epoch (and its end) inside `LiveRecovery.guard`. When a colle
 because a peer is gone (gloo raises at once on a closed connection; a stalled peer raises
 after `cluster.collective_timeout_s`), every survivor:
 
-1. drains its gradient thread and drops the step's partial gradients (the optimizer has not
-   stepped: the step is uncommitted);
+1. keeps its own share's gradients of the step if its strategy copied them before the
+   exchange (`Strategy.hold_gradient`), then drains its gradient thread and drops the step's
+   partial gradients (the optimizer has not stepped: the step is uncommitted);
 2. re-forms the process group with the other survivors (`ElasticGroup.reform`: a new
    generation of the shared store, a new world size, new ranks);
 3. rebinds the strategy to the new group (`Strategy.regroup`);
@@ -15,9 +16,11 @@ after `cluster.collective_timeout_s`), every survivor:
 5. rebuilds its training loader for its new rank and world size at that step.
 
 Training then goes on with the uncommitted step: the same global batch (the epoch order and
-the batch arithmetic depend only on the seed, the epoch and the global batch size), now cut
-into one share per survivor. So data order, global batch and learning-rate schedule are
-unchanged and no sample is dropped or repeated; the ledger (`trainer.ledger`) shows it.
+the batch arithmetic depend only on the seed, the epoch and the global batch size). If every
+survivor kept its share (`take_over`), each restores those gradients and trains only its part
+of the lost ranks' shares (`StepLoader.take_over`); else the whole batch is cut into one share
+per survivor and redone. So data order, global batch and learning-rate schedule are unchanged
+and no sample is dropped or repeated; the ledger (`trainer.ledger`) shows it.
 
 Under `ps` the state lives on the servers: peers hand each other only the step counter
 (`Strategy.peer_state_dict`) and the servers are resized (`roundhouse.parallel.ps.live`). If
@@ -84,6 +87,17 @@ def loss_reason(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200]
 
 
+@dataclasses.dataclass
+class HeldShare:
+    """What a survivor keeps of the step that failed: its own share's gradients
+    (`Strategy.hold_gradient`), samples and loss items, and its rank in the failed step."""
+
+    gradient: Any
+    samples: list[int]
+    items: float
+    rank: int
+
+
 class LiveRecovery:
     """The loop's side of live recovery (see the module docstring).
 
@@ -104,6 +118,7 @@ class LiveRecovery:
         self.next_poll = 0.0
         self.stalls_s: list[float] = []  # failure noticed -> group re-formed and state agreed
         self.failed_world = group.world_size  # the world size of the step that failed
+        self.taken_over: int | None = None  # the step whose lost shares are being redone
 
     def begin_step(self, trainer: Any) -> None:
         """Note where the step about to run starts (the loader has just yielded it)."""
@@ -211,6 +226,7 @@ class LiveRecovery:
         logger.warning("lost a peer (%s): re-forming", reason)
         position = self.position(trainer)
         self.failed_world = trainer.strategy.data_parallel_size  # the lost step's world size
+        held = self.hold(trainer)
         trainer.strategy.close()  # drain the gradient thread: its buckets fail fast now
         trainer.strategy.zero_grad()  # a partial, uncommitted step's gradients
         release_process_groups()
@@ -227,8 +243,10 @@ class LiveRecovery:
             return
         self.step_started = None  # the step being redone is not a measure of step time
         self.rebind(trainer, joining=False)
-        position = self.agree(trainer, position)
+        position, lost = self.agree(trainer, position, held)
         self.reload(trainer, position)
+        if held is not None and lost:
+            self.take_over(trainer, held, lost, position)
         if trainer.ctx.is_main and not was_main:
             promote(trainer)
         if trainer.ledger is not None:
@@ -284,8 +302,47 @@ class LiveRecovery:
             done = self.mark[1]  # the step that failed was yielded but never applied
         return {"epoch": trainer.state.epoch, "steps_done": done}
 
-    def agree(self, trainer: Any, position: dict[str, int]) -> dict[str, int]:
-        """Make every survivor hold the most advanced committed state; return its position.
+    def hold(self, trainer: Any) -> HeldShare | None:
+        """As a loss is noticed: this rank's share of the uncommitted step, if its strategy
+        kept the share's gradients (`Strategy.hold_gradient`). Not when the step that failed
+        was itself a redo of lost shares (`take_over`): its gradients are not one share's."""
+        trainer.held_items = 0.0
+        step = trainer.state.step
+        if self.mark is None or self.mark[0] != step or self.taken_over == step:
+            return None
+        gradient = trainer.strategy.hold_gradient()
+        if gradient is None:
+            return None
+        samples = list(trainer.train_loader.last_indices)
+        rank = trainer.strategy.data_parallel_rank
+        return HeldShare(gradient, samples, trainer.step_items, rank)
+
+    def take_over(
+        self, trainer: Any, held: HeldShare, lost: list[int], position: dict[str, int]
+    ) -> None:
+        """Redo only the `lost` ranks' shares of the step: each survivor keeps its own share's
+        gradients and trains its part of the rest (`StepLoader.take_over`)."""
+        take_over = getattr(trainer.train_loader, "take_over", None)  # a streamed one has none
+        step = position["steps_done"]
+        if take_over is None or not take_over(step, lost, self.failed_world, held.samples):
+            return  # the same answer on every survivor: each redoes the whole step
+        trainer.strategy.restore_gradient(
+            held.gradient, trainer.strategy.data_parallel_size / self.failed_world
+        )
+        trainer.held_items = held.items
+        self.taken_over = trainer.state.step
+        logger.warning(
+            "keeping this worker's share of step %d: redoing only the share of rank(s) %s",
+            trainer.state.step + 1,
+            lost,
+        )
+
+    def agree(
+        self, trainer: Any, position: dict[str, int], held: HeldShare | None = None
+    ) -> tuple[dict[str, int], list[int]]:
+        """Make every survivor hold the most advanced committed state; return its position,
+        and the ranks of the failed step that are lost if every survivor holds its share of
+        that step (`hold`; else an empty list: the whole step is redone).
 
         A survivor one step behind (its vote on the step failed, but the step was applied: by
         the others, or by the ps servers, `Strategy.live_lag`) had its share in that update,
@@ -295,10 +352,12 @@ class LiveRecovery:
         lag = trainer.strategy.live_lag()
         mine = (trainer.state.step, position["epoch"], position["steps_done"], lag)
         views: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(views, mine)
+        dist.all_gather_object(views, (*mine, None if held is None else held.rank))
         target = max(v[0] + v[3] for v in views)
-        if all(tuple(v) == mine for v in views) and lag == 0:
-            return position
+        if all(tuple(v[:4]) == mine for v in views) and lag == 0:
+            kept = {v[4] for v in views}
+            whole = None not in kept  # every survivor holds its share of the step
+            return position, sorted(set(range(self.failed_world)) - kept) if whole else []
         if trainer.state.step < target and trainer.ledger is not None:
             trainer.ledger.committed(
                 epoch=trainer.state.epoch, global_step=target, world=self.failed_world
@@ -307,9 +366,9 @@ class LiveRecovery:
         if not sources:  # only the servers hold the step: every survivor counts it itself
             logger.warning("the servers had applied step %d: going on after it", target)
             trainer.state.step, trainer.state.step_epoch = target, trainer.state.epoch
-            return {**position, "steps_done": position["steps_done"] + 1}
+            return {**position, "steps_done": position["steps_done"] + 1}, []
         logger.warning("taking step %d from rank %d (it had committed it)", target, sources[0])
-        return self.send_state(trainer, sources[0], position)
+        return self.send_state(trainer, sources[0], position), []
 
     def send_state(self, trainer: Any, src: int, position: dict[str, int] | None) -> dict[str, int]:
         """Broadcast rank `src`'s strategy state, loop state and data position; return it."""

@@ -101,6 +101,9 @@ class Trainer:
         self.preempt = PreemptionGuard(job.cluster.preempt_grace_s)  # SIGTERM: save and stop
         self.recovery = recovery  # cluster.recovery: live (None: a lost peer ends the run)
         self.phases = strategy.phases()  # one per optimizer, in the task's order
+        # Loss items (`Task.loss_items`) of this rank's share of the last step; live recovery
+        # sets `held_items` to those of a failed step's share whose gradients it kept.
+        self.step_items, self.held_items = 0.0, 0.0
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -235,7 +238,8 @@ class Trainer:
         if any(k is None for k in items):
             return step_weights(samples, None, step_size, dp, None)
         counts = [int(k) for k in items if k is not None]
-        total = self.strategy.sum_over_replicas(float(sum(counts)))
+        self.step_items, self.held_items = float(sum(counts)) + self.held_items, 0.0
+        total = self.strategy.sum_over_replicas(self.step_items)
         return step_weights(samples, counts, step_size, dp, total)
 
     def run_turn(

@@ -277,9 +277,27 @@ def test_survivors_redo_the_step_and_lose_no_sample(tmp_path: Path) -> None:
     report = verify_ledger(RunDir(str(run)))
     assert report.ok, report.as_dict()
     assert report.epochs[0].steps == 12
+    # Each survivor kept its own share of the step it lost (its gradients were copied before
+    # the exchange) and trained only its half of the lost worker's share.
+    whole, redone = ledger_lines(reference), ledger_lines(run)
+    step = min(gs for (gs, _), line in redone.items() if line["w"] == 2)
+    lost = whole[step, 2]["i"]
+    assert redone[step, 0]["i"] == whole[step, 0]["i"] + lost[:20]
+    assert redone[step, 1]["i"] == whole[step, 1]["i"] + lost[20:]
     ours, theirs = final_weights(run), final_weights(reference)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+def ledger_lines(run: Path) -> dict[tuple[int, int], dict]:
+    """Each rank's ledger line by (global step, rank)."""
+    lines = {}
+    for path in (run / "ledger").glob("rank_*.jsonl"):
+        rank = int(path.stem.removeprefix("rank_"))
+        for text in path.read_text().split():
+            line = json.loads(text)
+            lines[line["gs"], rank] = line
+    return lines
 
 
 def test_a_replacement_joins_at_a_step_boundary(tmp_path: Path) -> None:
@@ -386,7 +404,9 @@ def test_losing_the_last_training_worker_while_others_wait_to_join(tmp_path: Pat
     jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("x", 5))]
     for job in jobs:
         job["trainer"]["max_epochs"] = 2
-        job["model"]["options"].update(delay_s=0.3, late_rank=1, alone_rank=0, alone_call=2)
+        # alone, worker 0 redoes the lost shares of its step in 2 micro-batches (2 forwards),
+        # commits it, and dies in the next step's forward
+        job["model"]["options"].update(delay_s=0.3, late_rank=1, alone_rank=0, alone_call=3)
     reference, _ = train(jobs[0], set())
     run, members = train(jobs[1], {0, 2}, replace=True, replace_after=2)
     assert sorted(members) == [1, 3]

@@ -88,10 +88,13 @@ class SlowBackward(torch.autograd.Function):
         return grad
 
 
-def backward_after_a_peer_is_gone(rank: int, world_size: int) -> dict[str, object]:
+def backward_after_a_peer_is_gone(
+    rank: int, world_size: int, keep_local: bool = False
+) -> dict[str, object]:
     """Rank 1 leaves (its process exits); rank 0 then runs a backward whose first bucket's
     all-reduce fails: the backward stops at the next bucket (the middle layer's), before the
-    first layer."""
+    first layer; with `keep_local` it runs to its end and keeps every bucket's gradients."""
+    from roundhouse.parallel.buckets import restore_held
     from roundhouse.parallel.ring import OverlappedAllReduce
     from roundhouse.trainer.live_recovery import is_peer_loss
 
@@ -103,25 +106,39 @@ def backward_after_a_peer_is_gone(rank: int, world_size: int) -> dict[str, objec
         dist.all_reduce(buffer)
         return buffer.div_(world_size)
 
-    comm = OverlappedAllReduce(params, average, bucket_mb=1e-6)  # a bucket per parameter
+    # a bucket per parameter
+    comm = OverlappedAllReduce(params, average, bucket_mb=1e-6, keep_local=keep_local)
     dist.barrier()
     if rank == 1:  # exit once this result is on its way back (as a killed worker would)
         threading.Timer(0.3, os._exit, args=(0,)).start()
         return {}
     time.sleep(1.5)
     comm.begin()
+    x = torch.randn(4, 8)
     try:
-        last(SlowBackward.apply(middle(first(torch.randn(4, 8))))).sum().backward()
+        last(SlowBackward.apply(middle(first(x)))).sum().backward()
         comm.flush()
         comm.wait()
         error: BaseException | None = None
     except Exception as exc:
         error = exc
     comm.close()
-    return {
+    result = {
         "peer_loss": error is not None and is_peer_loss(error),
         "first_layer_grad": any(p.grad is not None for p in first.parameters()),
     }
+    if keep_local:  # the held copies are this rank's own gradients, at any scale
+        held = comm.held()
+        assert held is not None
+        for p in params:
+            p.grad = None
+        last(middle(first(x))).sum().backward()
+        own = [p.grad.clone() for p in params]
+        restore_held(held, 0.5)
+        result["held_is_own"] = all(
+            torch.equal(p.grad, g * 0.5) for p, g in zip(params, own, strict=True)
+        )
+    return result
 
 
 def test_a_backward_stops_at_the_first_bucket_launched_after_a_peer_is_lost() -> None:
@@ -129,3 +146,11 @@ def test_a_backward_stops_at_the_first_bucket_launched_after_a_peer_is_lost() ->
     is noticed at their first bucket, and the rest of the backward is not computed."""
     result = run_distributed(backward_after_a_peer_is_gone, 2, 120)[0]
     assert result == {"peer_loss": True, "first_layer_grad": False}
+
+
+def test_a_backward_keeping_its_gradients_runs_on_after_a_peer_is_lost() -> None:
+    """Under live recovery the ring keeps each bucket's own gradients: the backward runs to
+    its end, and the copies are this rank's whole gradient (the survivors then redo only the
+    lost peer's share)."""
+    result = run_distributed(backward_after_a_peer_is_gone, 2, 120, True)[0]
+    assert result == {"peer_loss": True, "first_layer_grad": True, "held_is_own": True}

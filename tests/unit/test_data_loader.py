@@ -270,3 +270,47 @@ def test_dynamic_assignment_resumes_at_the_saved_step():
     steps = list(loader)
     order = epoch_order(64, seed=7, epoch=0, shuffle=True).tolist()
     assert [t for step in steps for t in step[0]["target"].tolist()] == order[48:]
+
+
+@pytest.mark.parametrize("mixup_alpha", [0.0, 0.4])
+def test_taking_over_lost_shares_splits_them_among_the_survivors(mixup_alpha):
+    """Live recovery: ranks 1 and 3 of 4 are lost at step 2. The 2 survivors' next step is
+    each one's part of the lost shares (mixup partners as drawn for the whole step), cut into
+    micro-batches no larger than before; then the steps go on at 2 ranks."""
+    dataset, options = indexed_dataset(60), {"batch": 12, "mixup_alpha": mixup_alpha}
+    before = rank_steps(dataset, 4, 2, **options)  # per step, per rank: 2 micro-batches of 1-2
+    lost = [micro for rank in (1, 3) for micro in before[2][rank]]
+    taken = []
+    for rank in range(2):
+        loader = make_loader(dataset, 2, rank, 2, **options)
+        loader.load_state_dict({"epoch": 0, "steps_done": 2})
+        kept = [t for micro in before[2][rank * 2] for t in micro["target"].tolist()]
+        assert loader.take_over(2, [3, 1], 4, kept)
+        steps = list(loader)
+        assert loader.last_step == len(loader) - 1
+        taken.append(steps[0])
+        first = make_loader(dataset, 2, rank, 2, **options)
+        first.load_state_dict({"epoch": 0, "steps_done": 3})
+        assert [m["target"].tolist() for s in steps[1:] for m in s] == [
+            m["target"].tolist() for s in first for m in s
+        ]
+    for key in ("input", "target", *(("target_b",) if mixup_alpha else ())):
+        joined = torch.cat([micro[key] for rank in taken for micro in rank])
+        assert torch.equal(joined, torch.cat([micro[key] for micro in lost]))
+    assert max(len(m["target"]) for rank in taken for m in rank) <= 2
+    loader = make_loader(dataset, 2, 0, 2, **options)
+    loader.load_state_dict({"epoch": 0, "steps_done": 2})
+    kept = before[2][0][0]["target"].tolist() + before[2][0][1]["target"].tolist()
+    assert loader.take_over(2, [1, 3], 4, kept)
+    next(iter(loader))
+    assert loader.last_indices[: len(kept)] == kept  # the ledger records the kept share too
+
+
+def test_taking_over_needs_static_shares_and_a_sample_per_survivor():
+    dataset = indexed_dataset(60)
+    assert not make_loader(dataset, 2, 0, 1, batch=12, virtual_shards=4).take_over(0, [1], 3, [])
+    claims = make_loader(dataset, 2, 0, 1, batch=12, claim=lambda epoch, first, limit: -1)
+    assert not claims.take_over(0, [1], 3, [])
+    # a global batch of 4 at 3 ranks: shares of 2, 1 and 1 samples
+    assert not make_loader(dataset, 2, 0, 1, batch=4).take_over(0, [2], 3, [])
+    assert make_loader(dataset, 2, 0, 1, batch=4).take_over(0, [0], 3, [])

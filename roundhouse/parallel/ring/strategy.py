@@ -23,6 +23,7 @@ from roundhouse.config import JobSpec
 from roundhouse.errors import JobFileError, TrainingError
 from roundhouse.models.sparse import sparse_modules
 from roundhouse.parallel.base import StepStats, TrainPlan, loss_weight
+from roundhouse.parallel.buckets import restore_held
 from roundhouse.parallel.context import WorkerContext
 from roundhouse.parallel.ring import GradientReducer, OverlappedAllReduce, build_node_groups
 from roundhouse.parallel.ring.costs import RingCosts
@@ -109,7 +110,12 @@ class RingStrategy(SingleDeviceStrategy):
             return None
         reducer = build_reducer(self.config, self.ctx)
         reduced = [p for p in self.params if all(p is not t for t in self.gathered)]
-        return OverlappedAllReduce(reduced, reducer, bucket_mb=self.config.bucket_mb)
+        # cluster.recovery: live keeps each step's own gradients until it is applied, so
+        # survivors of a lost peer redo only its share (`hold_gradient`)
+        live = self.ctx.rendezvous is not None
+        return OverlappedAllReduce(
+            reduced, reducer, bucket_mb=self.config.bucket_mb, keep_local=live
+        )
 
     def virtual_shards(self) -> int | None:
         """`strategy.virtual_shards` in exact mode."""
@@ -156,6 +162,8 @@ class RingStrategy(SingleDeviceStrategy):
     def optimizer_step(self, *, need_grad_norm: bool) -> StepStats:
         """Wait for the averaged gradients, then step as `single` (identical on every rank)."""
         self._wait()
+        if self.comm is not None:
+            self.comm.forget()  # the step is applied: its own gradients are no longer needed
         if self.gathered:
             self.gathered_bytes += gather_sparse_grads(self.gathered, self.ctx.world_size)
         return super().optimizer_step(need_grad_norm=need_grad_norm)
@@ -211,6 +219,20 @@ class RingStrategy(SingleDeviceStrategy):
         """Wait for buckets in flight, then restore as `single`."""
         self._wait()
         super().load_state_dict(state)
+
+    def hold_gradient(self) -> Any | None:
+        """This rank's own gradients of the uncommitted step, as packed before the exchange
+        (`OverlappedAllReduce(keep_local=True)`, under `cluster.recovery: live`); None unless
+        every bucket of the step was copied. Stops the communication thread."""
+        if self.comm is None or self.gathered:  # gathered rows are exchanged at the step
+            return None
+        self.comm.close()  # queued buckets copy their gradients before the thread stops
+        held, self.comm = self.comm.held(), None
+        return held
+
+    def restore_gradient(self, held: Any, scale: float) -> None:
+        """Set the gradients to `scale` times what `hold_gradient` returned."""
+        restore_held(held, scale)
 
     def close(self) -> None:
         """Remove the bucket hooks and stop the communication thread."""
