@@ -68,6 +68,7 @@ def job_shape(job: JobSpec) -> JobShape:
         optimizer_moments=optimizer_moments(opt.name, opt.momentum),
         remainder=job.data.remainder_policy,
         settings=job.strategy.model_dump(mode="json"),
+        live_recovery=job.cluster.recovery == "live",
     )
 
 

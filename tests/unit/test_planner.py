@@ -84,6 +84,15 @@ def test_ring_moves_2_n_minus_1_over_n_of_the_gradients(workers: int) -> None:
     assert seconds == pytest.approx(2 * (workers - 1) / workers * 4 * p.num_params / 1e9)
 
 
+def test_a_live_ring_keeps_a_copy_of_its_gradients() -> None:
+    """`cluster.recovery: live` keeps each step's own fp32 gradients until it is applied."""
+    p, t = profile(), target()
+    live = JobShape(64, 1, 2, settings={"bucket_mb": 1e6}, live_recovery=True)
+    ring = row_of("ring", 2, {"kind": "ring"})
+    plain, kept = (ring.costs.memory(ring, p, t, shape).buffers for shape in (SHAPE, live))
+    assert kept - plain == 4 * p.num_params
+
+
 def test_zero3_moves_one_and_a_half_times_a_ring_and_ps_scales_with_workers() -> None:
     p, t = profile(), target()
     ring = sum(comm_time(row_of("ring", 4, {"kind": "ring"}), p, t, SHAPE))

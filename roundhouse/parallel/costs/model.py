@@ -141,6 +141,8 @@ class JobShape:
         settings: The job's own `strategy` section as a dict: a cost model reads the settings
             it shares with the job (its bucket size, its server count) from here, falling back
             to its section's defaults.
+        live_recovery: `cluster.recovery: live` (a strategy may keep more for it: the ring's
+            copy of each step's own gradients).
     """
 
     global_batch: int
@@ -148,6 +150,7 @@ class JobShape:
     optimizer_moments: int
     remainder: str = "drop"
     settings: dict[str, Any] = field(default_factory=dict)
+    live_recovery: bool = False
 
     def topology(self, section: Any, workers: int) -> Topology:
         """The batch layout of `section` on `workers` workers at this job's batch."""

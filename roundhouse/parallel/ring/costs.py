@@ -43,8 +43,10 @@ class RingCosts(CostModel):
         return self.setting("bucket_mb", shape, RingStrategyConfig) * 2**20
 
     def buffers(self, c: Candidate, shape: JobShape, n_local: float) -> float:
-        """A bucket in flight and one filling."""
-        return 2 * self.bucket_bytes(shape)
+        """A bucket in flight and one filling; under live recovery, a copy of the step's own
+        fp32 gradients as well (see `OverlappedAllReduce(keep_local=True)`)."""
+        kept = 4 * n_local if shape.live_recovery else 0.0
+        return 2 * self.bucket_bytes(shape) + kept
 
     def exchange_s(
         self, c: Candidate, p: ModelProfile, t: Target, shape: JobShape
