@@ -14,9 +14,11 @@ When a collective fails because a peer died, each survivor destroys its process 
    `gen<n+1>/members`. A member is known lost when the driver says so (`mark_lost`: its actor
    died) or when its heartbeat stopped: every member's `Heartbeat` thread counts
    `beat/<id>` up every `BEAT_S`, and a count that stands still for `STALE_S` is a dead (or
-   frozen) process. Each survivor starts reading the counts when it notices the loss
-   (`observe`), before it drains its step, so the drain counts toward that time. So the
-   survivors wait for each other, not for the dead;
+   frozen) process. Each member's heartbeat thread also reads the others' counts as it beats
+   (`Heartbeat.watch`), so when a survivor notices the loss (`observe`), it already knows
+   how long a dead member's count has stood still: one killed during the others' step is
+   known lost at once, not `STALE_S` after the loss was noticed. So the survivors wait for
+   each other, not for the dead;
 3. everyone reads that list (a blocking `get`), takes its index as its new rank, and joins
    `init_process_group` on `PrefixStore("gen<n+1>", store)` at the new world size.
 
@@ -51,6 +53,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -64,6 +67,7 @@ POLL_S = 0.005
 JOIN_WAIT_POLL_S = 0.05  # how often a waiting joiner looks for its admission
 BEAT_S = 0.1  # how often a member's heartbeat counts in the store
 STALE_S = 1.0  # a member whose heartbeat stood still this long is lost (a GC pause is shorter)
+WATCH_PER_BEAT = 4  # the most other members a heartbeat reads per beat (in turn, beyond that)
 
 
 class LeftBehind(TrainingError):
@@ -112,7 +116,7 @@ class ElasticGroup:
     def init(self) -> None:
         """Join the current generation's default process group (gloo)."""
         if self.heartbeat is None:
-            self.heartbeat = Heartbeat(self.store, self.member_id)
+            self.heartbeat = Heartbeat(self.store, self.member_id, watch=self.others)
         prefixed = dist.PrefixStore(f"gen{self.generation}", self.store)
         dist.init_process_group(
             "gloo",
@@ -122,14 +126,19 @@ class ElasticGroup:
             timeout=datetime.timedelta(seconds=self.timeout_s),
         )
 
+    def others(self) -> list[int]:
+        """The current generation's members other than this worker."""
+        return [m for m in self.members if m != self.member_id]
+
     def observe(self) -> None:
-        """Start watching the other members' heartbeats now, the moment this worker noticed
-        a loss: if it coordinates the re-form, a dead member's count has then already stood
-        still for the time it took to drain, and the wait for it ends that much sooner."""
-        self.vitals = Vitals(self.store)
-        for member in self.members:
-            if member != self.member_id:
-                self.vitals.lost(member)
+        """Watch the other members' heartbeats from now, the moment this worker noticed a
+        loss, starting from what its heartbeat thread saw of them (`Heartbeat.watch`): if it
+        coordinates the re-form, a member dead since before the loss was noticed is known
+        lost as soon as its count has stood still `STALE_S` in all, drain included."""
+        seen = self.heartbeat.seen() if self.heartbeat is not None else {}
+        self.vitals = Vitals(self.store, seen)
+        for member in self.others():
+            self.vitals.lost(member)
 
     def reform(self, settle_s: float | None = None) -> None:
         """Leave the broken group and form the next generation with whoever is alive.
@@ -176,7 +185,7 @@ class ElasticGroup:
                 one holding the newest state; `rescued` then says so.
         """
         if self.heartbeat is None:  # a waiting worker beats too: the members can tell it died
-            self.heartbeat = Heartbeat(self.store, self.member_id)
+            self.heartbeat = Heartbeat(self.store, self.member_id, watch=self.others)
         while True:
             self.store.delete_key(f"join/{self.member_id}/gen")  # from an earlier admission
             self.store.set(f"join/{self.member_id}/holds", str(holds_step))
@@ -319,32 +328,45 @@ class Vitals:
     """A coordinator's view of the members it waits for: lost once the driver marked them
     (`mark_lost`) or their heartbeat count stood still for `STALE_S`."""
 
-    def __init__(self, store: dist.Store) -> None:
+    def __init__(self, store: dist.Store, seen: dict[int, tuple[int, float]] | None = None):
         self.store = store
-        self.seen: dict[int, tuple[int, float]] = {}  # member -> (count, when it last moved)
+        # member -> (count, when it was first read at that count); `seen`: an earlier watch's
+        self.seen: dict[int, tuple[int, float]] = dict(seen or {})
 
     def lost(self, member: int) -> bool:
         """Whether `member` is gone, as far as the store tells."""
         if self.store.check([f"lost/{member}"]):
             return True
+        return self.still_s(member) >= STALE_S
+
+    def still_s(self, member: int) -> float:
+        """How long `member`'s count has stood still as far as this watch knows (0 when it
+        moved since the last read, or at the first)."""
         count, now = self.store.add(f"beat/{member}", 0), time.monotonic()
         last = self.seen.get(member)
         if last is None or last[0] != count:
             self.seen[member] = (count, now)
-            return False
-        return now - last[1] >= STALE_S
+            return 0.0
+        return now - last[1]
 
 
 class Heartbeat:
     """A member's pulse: a daemon thread adds 1 to `beat/<id>` every `BEAT_S` until `stop`.
 
-    It talks to the store over a connection of its own: a client's blocking `get` (a member
+    With `watch` (the other members, as a call), each beat also reads some of their counts
+    (`watch`), so a re-form knows how long a dead member has been silent (`seen`). It talks
+    to the store over a connection of its own: a client's blocking `get` (a member
     waiting for its generation's list) holds that client's lock, and would stop the pulse.
     """
 
-    def __init__(self, store: dist.Store, member: int) -> None:
+    def __init__(
+        self, store: dist.Store, member: int, watch: Callable[[], list[int]] | None = None
+    ) -> None:
         self.store = own_client(store)
         self.key = f"beat/{member}"
+        self.watched = watch  # the other members, whose counts each beat reads
+        self.vitals = Vitals(self.store)
+        self.turn = 0
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="roundhouse-heartbeat", daemon=True)
         self.thread.start()
@@ -354,10 +376,26 @@ class Heartbeat:
         try:
             while True:
                 self.store.add(self.key, 1)
+                try:
+                    self.watch()
+                except Exception as exc:  # a failed read must not stop the pulse
+                    logger.debug("heartbeat watch failed: %s", exc)
                 if self.stopped.wait(BEAT_S):
                     return
         except Exception:  # the store is gone with its run: nobody listens any more
             return
+
+    def watch(self) -> None:
+        """Read up to `WATCH_PER_BEAT` other members' counts (in turn, when there are more),
+        so `seen` knows since when each one stood still."""
+        others = self.watched() if self.watched is not None else []
+        for k in range(min(WATCH_PER_BEAT, len(others))):
+            self.vitals.still_s(others[(self.turn + k) % len(others)])
+        self.turn += WATCH_PER_BEAT
+
+    def seen(self) -> dict[int, tuple[int, float]]:
+        """A copy of what `watch` saw: member -> (count, when it was first read at it)."""
+        return dict(self.vitals.seen)
 
     def stop(self) -> None:
         """End the pulse (waiting at most 1 s for the thread)."""

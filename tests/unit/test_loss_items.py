@@ -70,7 +70,7 @@ def test_a_global_batch_without_items_gives_zero_scales() -> None:
 
 def test_the_trainer_exchanges_no_count_for_a_task_without_items() -> None:
     strategy = CountingSingle()
-    trainer = SimpleNamespace(strategy=strategy, task=MeanPerSample())
+    trainer = SimpleNamespace(strategy=strategy, task=MeanPerSample(), held_items=0.0)
     batches = [{"input": torch.zeros(3, 2), "target": torch.zeros(3)} for _ in range(2)]
     weights = Trainer.step_weights(trainer, batches, 12)  # type: ignore[arg-type]
     assert strategy.exchanges == 0
@@ -79,7 +79,9 @@ def test_the_trainer_exchanges_no_count_for_a_task_without_items() -> None:
 
 def test_the_trainer_counts_a_seq2seq_steps_tokens_once_over_the_replicas() -> None:
     strategy = CountingSingle()
-    trainer = SimpleNamespace(strategy=strategy, task=build_task("seq2seq", LossConfig()))
+    trainer = SimpleNamespace(
+        strategy=strategy, task=build_task("seq2seq", LossConfig()), held_items=0.0
+    )
     target = torch.tensor([[1, 5, 6, 2, PAD_ID], [1, 7, 2, PAD_ID, PAD_ID]])  # 3 + 2 tokens
     batches = [{"input": target, "target": target}, {"input": target[:1], "target": target[:1]}]
     weights = Trainer.step_weights(trainer, batches, 6)  # type: ignore[arg-type]

@@ -114,6 +114,29 @@ def test_watching_from_the_loss_counts_the_drain_toward_the_stale_time() -> None
     assert 0.3 * STALE_S <= took < 0.6 * STALE_S  # the rest of the stale time only
 
 
+def test_a_member_silent_since_before_the_loss_was_noticed_is_known_lost_at_once() -> None:
+    """Each member's heartbeat reads the others' counts as it beats: a worker killed during
+    the others' step, `STALE_S` before they notice, is not waited for at all."""
+    store = dist.HashStore()
+    beats = [Heartbeat(store, m) for m in (1, 2)]
+    group = ElasticGroup(store, 0, [0, 1, 2])
+    group.heartbeat = Heartbeat(store, 0, watch=group.others)
+    try:
+        time.sleep(0.3)
+        beats[1].stop()  # worker 2 died
+        time.sleep(STALE_S + 0.2)  # worker 0 is deep in its step
+        group.observe()  # and notices the loss only now
+        arrive(store, "gen1", 0, 1)
+        started = time.monotonic()
+        members = settle(store, "gen1", [0, 1, 2], 30.0, group.vitals)
+        took = time.monotonic() - started
+        assert not group.vitals.lost(1)  # worker 1 still beats
+    finally:
+        for beat in (beats[0], group.heartbeat):
+            beat.stop()
+    assert members == [0, 1] and took < 0.2
+
+
 def test_a_join_generation_forms_once_every_member_is_ready() -> None:
     """`await_generation`: each worker of a join generation says it is here, then waits for
     the others (the threads stand for the members and the replacement)."""
