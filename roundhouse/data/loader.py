@@ -153,7 +153,9 @@ class StepLoader:
         self.last_indices: list[int] = []  # the samples of the step just yielded (the ledger)
         self.last_step = -1  # its step number in the epoch
         self._epoch, self._steps_done, self._resume_at = 0, 0, 0
-        self._taken_over: tuple[int, int, list[list[int]], tuple[int, ...]] | None = None
+        # live recovery's next step: (epoch, step, its micro-batches' position runs, kept)
+        self._taken_over: tuple[int, int, list[list[tuple[int, int]]], tuple[int, ...]] | None
+        self._taken_over = None
 
     @classmethod
     def of_topology(
@@ -260,7 +262,8 @@ class StepLoader:
         lo, hi = chunk_bounds(len(positions), self.world_size)[self.rank]
         mine = positions[lo:hi]
         largest = max(b - a for a, b in bounds)
-        micro = [mine[a:b] for a, b in chunk_bounds(len(mine), -(-len(mine) // largest))]
+        parts = chunk_bounds(len(mine), -(-len(mine) // largest))
+        micro = [contiguous_runs(mine[a:b]) for a, b in parts]
         self._taken_over = (self._epoch, step, micro, tuple(kept))
         return True
 
@@ -279,28 +282,29 @@ class StepLoader:
             yield self._plan_step(order, epoch, *divmod(chunk, width))
 
     def _plan_step(self, order: Tensor, epoch: int, step: int, rank: int) -> _StepPlan:
-        positions = [list(range(lo, hi)) for lo, hi in self.plan.micro_bounds(step, rank)]
-        return self._plan_positions(order, epoch, step, positions, step * self.world_size + rank)
+        runs = [[bounds] for bounds in self.plan.micro_bounds(step, rank)]
+        return self._plan_positions(order, epoch, step, runs, step * self.world_size + rank)
 
     def _plan_positions(
         self,
         order: Tensor,
         epoch: int,
         step: int,
-        positions: list[list[int]],
+        runs: list[list[tuple[int, int]]],
         chunk: int,
         kept: tuple[int, ...] = (),
     ) -> _StepPlan:
-        """The plan of micro-batches at `positions` (per micro-batch, in the epoch order) of
-        global step `step`; with mixup, each sample's partner is drawn over the whole step."""
+        """The plan of micro-batches at `runs` (per micro-batch, `[lo, hi)` position runs in
+        the epoch order) of global step `step`; with mixup, each sample's partner is drawn
+        over the whole step."""
         first, end = self.plan.step_bounds(step)
-        micro = [order[p].tolist() for p in positions]
+        micro = [[i for lo, hi in at for i in order[lo:hi].tolist()] for at in runs]
         if self.mixup_alpha == 0:
             return _StepPlan(step, end - first, micro, None, chunk, kept)
         draw = draw_mixup(self.mixup_alpha, end - first, seed=self.seed, epoch=epoch, step=step)
         partners = order[first + draw.partners]
-        for own, at in zip(micro, positions, strict=True):
-            own.extend(partners[[p - first for p in at]].tolist())
+        for own, at in zip(micro, runs, strict=True):
+            own.extend(i for lo, hi in at for i in partners[lo - first : hi - first].tolist())
         return _StepPlan(step, end - first, micro, draw.lam, chunk, kept)
 
     def _fetch(self, index_lists: Iterator[list[int]]) -> Iterator[Batch]:
@@ -325,6 +329,17 @@ class StepLoader:
         own = {key: value[:half] for key, value in batch.items()}
         partner = {key: value[half:] for key, value in batch.items()}
         return apply_mixup(own, partner, plan.lam)
+
+
+def contiguous_runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Ascending `positions` as `[lo, hi)` runs of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
 
 
 class EvalLoader:
