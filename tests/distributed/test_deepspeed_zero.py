@@ -129,3 +129,31 @@ def test_resume_at_other_world_sizes(tmp_path: Path, stage: int) -> None:
 def train_resume(job: dict, run: Path, world_size: int) -> dict[int, float]:
     train(job, world_size, resume=True)
     return losses(run)
+
+
+def shared_memory_op_rank(rank: int, world_size: int, extensions: str) -> dict[str, Any]:
+    import os
+
+    import torch
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions  # where a JIT build would go
+    from roundhouse.parallel.deepspeed.strategy import init_deepspeed_dist
+    from tests.distributed.test_ring_training import node_context
+
+    init_deepspeed_dist(node_context(rank, world_size, world_size))
+    from deepspeed.comm import comm
+
+    tensor = torch.full((3,), float(rank + 1))
+    comm.inference_all_reduce(tensor)  # what AutoTP's layers call in inference mode
+    return {"op": comm.cdb.shm_comm_op, "sum": tensor.tolist()}
+
+
+def test_deepspeed_on_cpu_builds_no_shared_memory_op(tmp_path: Path) -> None:
+    """`init_distributed` on CPU no longer JIT-builds `deepspeed_shm_comm` (~45 s, g++); the
+    inference all-reduce that was its only user still sums over the gloo group."""
+    extensions = tmp_path / "extensions"
+    extensions.mkdir()
+    results = run_distributed(shared_memory_op_rank, 2, 120, str(extensions))
+    assert [r["op"] for r in results] == [None, None]
+    assert [r["sum"] for r in results] == [[3.0, 3.0, 3.0]] * 2
+    assert list(extensions.iterdir()) == []

@@ -452,9 +452,26 @@ def init_deepspeed_dist(ctx: WorkerContext) -> bool:
         os.environ[key] = str(value)  # DeepSpeed reads them; the launcher may not set them
     import deepspeed
 
+    if ctx.device.type == "cpu":
+        skip_shared_memory_op()
     backend = "nccl" if ctx.device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
     return created
+
+
+def skip_shared_memory_op() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-building its shared-memory all-reduce op.
+
+    `init_distributed` on the CPU accelerator compiles `deepspeed_shm_comm` (about 45 s, and
+    it needs g++) on first use. Only `inference_all_reduce` calls it: DeepSpeed's inference
+    kernels and AutoTP's layers in inference mode. Training all-reduces through
+    `torch.distributed` (gloo) either way, and without the op `inference_all_reduce` falls
+    back to the same gloo all-reduce. DeepSpeed keeps the probed table of compatible ops in
+    one dict that stays edited (deepspeed/ops/__init__.py), which is the switch used here.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 __all__ = ["DeepSpeedStrategy", "init_deepspeed_dist"]
