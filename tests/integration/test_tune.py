@@ -1,5 +1,5 @@
-"""`roundhouse tune` on a real Ray cluster: a 3-trial sweep, and a killed or preempted
-(SIGTERM) driver resumed.
+"""`roundhouse tune` on a real Ray cluster: a 3-trial sweep whose driver is killed and resumed,
+and a preempted (SIGTERM) sweep resumed.
 
 One module-scoped `ray start` cluster (3 CPUs: two 1-worker trials at a time, the third
 queues); the sweeps run as `roundhouse tune ... --address` subprocesses, as a user runs them.
@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -90,27 +90,46 @@ def trial_status(sweep: Path) -> dict[str, dict]:
     return found
 
 
-def test_three_trial_sweep_writes_table_best_job_and_trial_runs(cluster, tmp_path) -> None:
+def stop_when(proc: subprocess.Popen, ready: Callable[[], bool]) -> None:
+    """Wait (while the sweep runs) until `ready()`."""
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if ready():
+            return
+    raise AssertionError(f"the sweep ended before the signal: {finish(proc)}")
+
+
+def sweeps_of(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "runs" / "sweep").glob("tune-*"))
+
+
+def test_killed_sweep_resumes_and_writes_table_best_job_and_trial_runs(cluster, tmp_path) -> None:
+    """A 3-trial grid sweep, SIGKILLed once a trial finished, then `--resume`d: the finished
+    trial is not rerun, the interrupted ones resume from their last epoch's checkpoint, and the
+    resumed sweep prints the table of all 3 and writes the best job."""
     job = write_job(tmp_path)
-    code, out, err = finish(
-        start_tune(
-            cluster,
-            job,
-            *SEARCH,
-            "--searcher",
-            "grid",
-            "--scheduler",
-            "fifo",
-            "--metric",
-            "val/accuracy",
-        )
-    )
+    args = [*SEARCH, "--searcher", "grid", "--scheduler", "fifo", "--metric", "val/accuracy"]
+    proc = start_tune(cluster, job, *args)
+
+    def a_trial_finished() -> bool:
+        sweeps = sweeps_of(tmp_path)
+        statuses = trial_status(sweeps[0]) if sweeps else {}
+        return any(s["status"] == "finished" for s in statuses.values())
+
+    stop_when(proc, a_trial_finished)
+    time.sleep(4)  # Tune saves its experiment state every few seconds
+    os.kill(proc.pid, signal.SIGKILL)
+    finish(proc)
+    sweep = sweeps_of(tmp_path)[0]
+    done_before = {t: s for t, s in trial_status(sweep).items() if s["status"] == "finished"}
+
+    code, out, err = finish(start_tune(cluster, job, *args, "--resume"))
     assert code == 0, err[-3000:]
-    sweeps = list((tmp_path / "runs" / "sweep").glob("tune-*"))
-    assert len(sweeps) == 1
-    sweep = sweeps[0]
+    assert len(sweeps_of(tmp_path)) == 1
     statuses = trial_status(sweep)
     assert len(statuses) == 3 and {s["status"] for s in statuses.values()} == {"finished"}
+    assert_resumed_not_rerun(sweep, done_before, statuses)
     lrs = set()
     for trial in statuses:
         resolved = yaml.safe_load((sweep / trial / "job.yaml").read_text())
@@ -138,63 +157,53 @@ def test_three_trial_sweep_writes_table_best_job_and_trial_runs(cluster, tmp_pat
     assert "Configuration for experiment" not in out + err and "Trial status" not in out + err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
-def test_stopped_sweep_resumes_without_rerunning_finished_trials(
-    cluster, tmp_path, signum: int
-) -> None:
-    """SIGKILL once a trial finished: the interrupted trials resume from their last epoch's
-    checkpoint. SIGTERM while a trial trains (steps of at least 0.1 s): each trial that
-    trains checkpoints where it is first, and the sweep exits 143."""
-    search = SEARCH
-    if signum == signal.SIGKILL:
-        job = write_job(tmp_path)
-    else:  # 2 trials of 2 epochs: both train at once, and the resumed sweep is short
-        slow = {"name": "tests.helpers.models:slow_mlp", "options": {"delay_s": 0.1}}
-        job = write_job(tmp_path, model=slow, trainer={**JOB["trainer"], "max_epochs": 2})
-        search = ["--search", "trainer.optimizer.lr=choice(0.003,0.03)"]
+def assert_resumed_not_rerun(sweep: Path, done_before: dict, after: dict) -> None:
+    """Trials finished before the stop keep their status file; the others resumed from a
+    checkpoint (no step logged twice)."""
+    for trial, status in done_before.items():
+        assert after[trial]["started"] == status["started"]
+    for trial in set(after) - set(done_before):
+        rows = [json.loads(r) for r in (sweep / trial / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows if "train/loss" in r]
+        assert steps == sorted(set(steps)), "a step was logged twice: the trial restarted"
+
+
+def test_preempted_sweep_checkpoints_its_training_trials_and_resumes(cluster, tmp_path) -> None:
+    """SIGTERM while a trial trains (steps of at least 0.1 s): each trial that trains
+    checkpoints where it is first, and the sweep exits 143; `--resume` finishes them."""
+    slow = {"name": "tests.helpers.models:slow_mlp", "options": {"delay_s": 0.1}}
+    # 2 trials of 2 epochs: both train at once, and the resumed sweep is short
+    job = write_job(tmp_path, model=slow, trainer={**JOB["trainer"], "max_epochs": 2})
+    search = ["--search", "trainer.optimizer.lr=choice(0.003,0.03)"]
     args = [*search, "--searcher", "grid", "--scheduler", "fifo", "--metric", "val/accuracy"]
     proc = start_tune(cluster, job, *args)
-    deadline = time.monotonic() + SWEEP_TIMEOUT_S
-    ready = False
-    while not ready and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        sweeps = list((tmp_path / "runs" / "sweep").glob("tune-*"))
-        if signum == signal.SIGKILL:  # a trial finished
-            status = trial_status(sweeps[0]) if sweeps else {}
-            ready = any(s["status"] == "finished" for s in status.values())
-        else:  # a trial has logged step 10
-            ready = bool(sweeps) and any(
-                '"step": 10,' in m.read_text() for m in sweeps[0].glob("*/metrics.jsonl")
-            )
-    assert ready and proc.poll() is None, f"the sweep ended before the signal: {finish(proc)}"
-    if signum == signal.SIGKILL:
-        time.sleep(4)  # Tune saves its experiment state every few seconds
-    os.kill(proc.pid, signum)
+
+    def a_trial_logged_step_10() -> bool:
+        sweeps = sweeps_of(tmp_path)
+        return bool(sweeps) and any(
+            '"step": 10,' in m.read_text() for m in sweeps[0].glob("*/metrics.jsonl")
+        )
+
+    stop_when(proc, a_trial_logged_step_10)
+    os.kill(proc.pid, signal.SIGTERM)
     code, _, err = finish(proc)
-    sweep = next((tmp_path / "runs" / "sweep").glob("tune-*"))
-    if signum == signal.SIGTERM:
-        assert code == 143, err[-3000:]
-        lines = [line for line in err.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and "preempted" in lines[0], err[-3000:]
-        assert "Traceback" not in err, err[-3000:]  # no preempted trial's traceback
-        notes = {p.name: p.read_text() for p in (sweep / "preempt").iterdir()}
-        assert notes and set(notes.values()) == {"stopped"}, notes
-        assert f"{len(notes)} training trial(s) checkpointed" in lines[0]
-        for trial in notes:  # checkpointed at the step it stopped: after every logged step
-            rows = (sweep / trial / "metrics.jsonl").read_text().splitlines()
-            logged = max(json.loads(r)["step"] for r in rows)
-            latest = (sweep / trial / "checkpoints" / "latest").read_text().strip()
-            assert int(latest.removeprefix("step_")) >= logged
+    sweep = sweeps_of(tmp_path)[0]
+    assert code == 143, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "preempted" in lines[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]  # no preempted trial's traceback
+    notes = {p.name: p.read_text() for p in (sweep / "preempt").iterdir()}
+    assert notes and set(notes.values()) == {"stopped"}, notes
+    assert f"{len(notes)} training trial(s) checkpointed" in lines[0]
+    for trial in notes:  # checkpointed at the step it stopped: after every logged step
+        rows = (sweep / trial / "metrics.jsonl").read_text().splitlines()
+        logged = max(json.loads(r)["step"] for r in rows)
+        latest = (sweep / trial / "checkpoints" / "latest").read_text().strip()
+        assert int(latest.removeprefix("step_")) >= logged
     done_before = {t: s for t, s in trial_status(sweep).items() if s["status"] == "finished"}
 
     code, _, err = finish(start_tune(cluster, job, *args, "--resume"))
     assert code == 0, err[-3000:]
     after = trial_status(sweep)
-    trials = len(search[1].split(","))
-    assert len(after) == trials and {s["status"] for s in after.values()} == {"finished"}
-    for trial, status in done_before.items():  # not rerun: its status file is untouched
-        assert after[trial]["started"] == status["started"]
-    for trial in set(after) - set(done_before):  # interrupted ones resume from a checkpoint
-        rows = [json.loads(r) for r in (sweep / trial / "metrics.jsonl").read_text().splitlines()]
-        steps = [r["step"] for r in rows if "train/loss" in r]
-        assert steps == sorted(set(steps)), "a step was logged twice: the trial restarted"
+    assert len(after) == 2 and {s["status"] for s in after.values()} == {"finished"}
+    assert_resumed_not_rerun(sweep, done_before, after)
