@@ -12,6 +12,7 @@ import os
 import queue
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,8 +268,35 @@ def train(
     return Path(prepared.run_dir.url), got
 
 
-def test_survivors_redo_the_step_and_lose_no_sample(tmp_path: Path) -> None:
-    reference, _ = train(make_job(tmp_path / "whole", at_call=0), set())
+def assert_close_weights(run: Path, reference: Path) -> None:
+    """The run ends with the reference run's weights (to 1e-5: the survivors add the same
+    gradients in other groupings)."""
+    ours, theirs = final_weights(run), final_weights(reference)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """`uninterrupted(epochs)`: the run folder of an uninterrupted 3-worker run of `epochs`
+    epochs, trained once per module. No worker dies there and nothing paces it: the tests'
+    fault options (a kill, a late or lone worker, a pacing delay) change no arithmetic."""
+    runs: dict[int, Path] = {}
+
+    def reference(epochs: int) -> Path:
+        if epochs not in runs:
+            job = make_job(tmp_path_factory.mktemp(f"whole{epochs}"), at_call=0)
+            job["trainer"]["max_epochs"] = epochs
+            runs[epochs], _ = train(job, set())
+        return runs[epochs]
+
+    return reference
+
+
+def test_survivors_redo_the_step_and_lose_no_sample(
+    tmp_path: Path, uninterrupted: Callable[[int], Path]
+) -> None:
+    reference = uninterrupted(1)
     run, survivors = train(make_job(tmp_path / "killed", at_call=5), {2})
     assert sorted(survivors) == [0, 1]
     for generation, world, reform_s in survivors.values():
@@ -284,9 +312,7 @@ def test_survivors_redo_the_step_and_lose_no_sample(tmp_path: Path) -> None:
     lost = whole[step, 2]["i"]
     assert redone[step, 0]["i"] == whole[step, 0]["i"] + lost[:20]
     assert redone[step, 1]["i"] == whole[step, 1]["i"] + lost[20:]
-    ours, theirs = final_weights(run), final_weights(reference)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+    assert_close_weights(run, reference)
 
 
 def ledger_lines(run: Path) -> dict[tuple[int, int], dict]:
@@ -300,49 +326,45 @@ def ledger_lines(run: Path) -> dict[tuple[int, int], dict]:
     return lines
 
 
-def test_a_replacement_joins_at_a_step_boundary(tmp_path: Path) -> None:
+def test_a_replacement_joins_at_a_step_boundary(
+    tmp_path: Path, uninterrupted: Callable[[int], Path]
+) -> None:
     """3 -> 2 -> 3 workers: the replacement gets the members' state by broadcast and the
     run ends with the uninterrupted run's weights; the ledger shows every sample once."""
     options = {"delay_s": 0.05, "marker": str(tmp_path / "killed")}
-    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("j", 5))]
-    for job in jobs:
-        job["trainer"]["max_epochs"] = 2
-        job["model"]["options"].update(options)
-    reference, _ = train(jobs[0], set())
-    run, members = train(jobs[1], {2}, replace=True)
+    job = make_job(tmp_path / "j", at_call=5)
+    job["trainer"]["max_epochs"] = 2
+    job["model"]["options"].update(options)
+    reference = uninterrupted(2)
+    run, members = train(job, {2}, replace=True)
     assert sorted(members) == [0, 1, 3]
     report = verify_ledger(RunDir(str(run)))
     assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
     worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
     assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
-    ours, theirs = final_weights(run), final_weights(reference)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+    assert_close_weights(run, reference)
 
 
 def test_a_member_lost_while_a_replacement_takes_the_state_is_recovered_from(
-    tmp_path: Path,
+    tmp_path: Path, uninterrupted: Callable[[int], Path]
 ) -> None:
     """Found by the trace on gpt:small, whose 130 MB state takes a while to hand over: worker
     2 dies, a replacement (3) is admitted, and worker 0 dies as it sends the state. That loss
     is recovered from like any other: worker 1 goes on alone, the replacement waits to be
     admitted again and gets the state from worker 1; the run finishes, every sample once."""
-    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("s", 5))]
-    for job in jobs:
-        job["trainer"]["max_epochs"] = 2
-        options = {"delay_s": 0.05, "marker": str(tmp_path / "killed"), "sender_rank": 0}
-        job["model"]["options"].update(options)
-    reference, _ = train(jobs[0], set())
-    run, members = train(jobs[1], {0, 2}, replace=True)
+    job = make_job(tmp_path / "s", at_call=5)
+    job["trainer"]["max_epochs"] = 2
+    options = {"delay_s": 0.05, "marker": str(tmp_path / "killed"), "sender_rank": 0}
+    job["model"]["options"].update(options)
+    reference = uninterrupted(2)
+    run, members = train(job, {0, 2}, replace=True)
     assert sorted(members) == [1, 3]
     report = verify_ledger(RunDir(str(run)))
     assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
     worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
     assert 1 in worlds and worlds[-1] == 2  # alone after the second loss, then rejoined
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
-    ours, theirs = final_weights(run), final_weights(reference)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+    assert_close_weights(run, reference)
 
 
 def test_a_replacement_lost_as_it_is_admitted_costs_no_collective_timeout(
@@ -369,19 +391,18 @@ def test_a_replacement_lost_as_it_is_admitted_costs_no_collective_timeout(
 
 @pytest.mark.parametrize(("kill_rank", "late_rank"), [(2, 1), (1, 0)])
 def test_a_survivor_left_behind_rejoins_and_nothing_is_lost(
-    tmp_path: Path, kill_rank: int, late_rank: int
+    tmp_path: Path, uninterrupted: Callable[[int], Path], kill_rank: int, late_rank: int
 ) -> None:
     """A survivor notices the loss seconds after the other re-formed without it (found by
     the benchmark's trace: a ring neighbour blocked on a survivor's still-open sockets): it
     rejoins at a step boundary like a replacement instead of failing the run. (1, 0): the
     late one was rank 0, the writer; the other took over and keeps writing."""
-    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("late", 5))]
-    for job in jobs:
-        job["trainer"]["max_epochs"] = 2
-        options = {"delay_s": 0.3, "late_rank": late_rank, "kill_rank": kill_rank}
-        job["model"]["options"].update(options)  # the other survivor goes on alone
-    reference, _ = train(jobs[0], set())
-    run, survivors = train(jobs[1], {kill_rank})
+    job = make_job(tmp_path / "late", at_call=5)
+    job["trainer"]["max_epochs"] = 2
+    options = {"delay_s": 0.3, "late_rank": late_rank, "kill_rank": kill_rank}
+    job["model"]["options"].update(options)  # the other survivor goes on alone
+    reference = uninterrupted(2)
+    run, survivors = train(job, {kill_rank})
     assert sorted(survivors) == sorted({0, 1, 2} - {kill_rank})
     assert [world for _, world, _ in survivors.values()] == [2, 2]
     report = verify_ledger(RunDir(str(run)))
@@ -390,25 +411,24 @@ def test_a_survivor_left_behind_rejoins_and_nothing_is_lost(
     assert 1 in worlds and worlds[-1] == 2  # one went on alone until the late one rejoined
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
     assert read_metrics(run)[-1]["step"] == 24
-    ours, theirs = final_weights(run), final_weights(reference)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+    assert_close_weights(run, reference)
 
 
-def test_losing_the_last_training_worker_while_others_wait_to_join(tmp_path: Path) -> None:
+def test_losing_the_last_training_worker_while_others_wait_to_join(
+    tmp_path: Path, uninterrupted: Callable[[int], Path]
+) -> None:
     """Worker 2 dies; worker 1 notices late and waits to rejoin; worker 0, training alone,
     commits a step and dies too; a fresh replacement (3) waits as well. Nobody trains, so
     the driver (here the test) forms a group of the waiting ones, led by worker 1, which
     holds the newest committed state: the run finishes with every sample trained once (the
     lost worker's lone step is voided) and with the uninterrupted run's weights."""
-    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("x", 5))]
-    for job in jobs:
-        job["trainer"]["max_epochs"] = 2
-        # alone, worker 0 redoes the lost shares of its step in 2 micro-batches (2 forwards),
-        # commits it, and dies in the next step's forward
-        job["model"]["options"].update(delay_s=0.3, late_rank=1, alone_rank=0, alone_call=3)
-    reference, _ = train(jobs[0], set())
-    run, members = train(jobs[1], {0, 2}, replace=True, replace_after=2)
+    job = make_job(tmp_path / "x", at_call=5)
+    job["trainer"]["max_epochs"] = 2
+    # alone, worker 0 redoes the lost shares of its step in 2 micro-batches (2 forwards),
+    # commits it, and dies in the next step's forward
+    job["model"]["options"].update(delay_s=0.3, late_rank=1, alone_rank=0, alone_call=3)
+    reference = uninterrupted(2)
+    run, members = train(job, {0, 2}, replace=True, replace_after=2)
     assert sorted(members) == [1, 3]
     assert [world for _, world, _ in members.values()] == [2, 2]
     report = verify_ledger(RunDir(str(run)))
@@ -418,9 +438,7 @@ def test_losing_the_last_training_worker_while_others_wait_to_join(tmp_path: Pat
     assert 1 in worlds and worlds[-1] == 2
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
     assert read_metrics(run)[-1]["step"] == 24
-    ours, theirs = final_weights(run), final_weights(reference)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+    assert_close_weights(run, reference)
 
 
 def test_exact_mode_through_3_2_3_workers_is_bit_identical_to_one_process(
@@ -461,11 +479,13 @@ def test_live_recovery_with_a_strategy_that_cannot_is_refused_before_launch(
         preflight(validate_job(job))
 
 
-def test_losing_rank_0_makes_the_lowest_survivor_the_writer(tmp_path: Path) -> None:
+def test_losing_rank_0_makes_the_lowest_survivor_the_writer(
+    tmp_path: Path, uninterrupted: Callable[[int], Path]
+) -> None:
     """The worker launched as rank 0 dies mid-step: the store lives outside it (here, in the
     test; under Ray, in the driver), so the survivors re-form, member 1 becomes rank 0 and
     writes the metrics, the checkpoints and the status; nothing is lost or repeated."""
-    reference, _ = train(make_job(tmp_path / "whole", at_call=0), set())
+    reference = uninterrupted(1)
     job = make_job(tmp_path / "killed", at_call=5)
     job["model"]["options"]["kill_rank"] = 0
     run, survivors = train(job, {0})
@@ -475,9 +495,7 @@ def test_losing_rank_0_makes_the_lowest_survivor_the_writer(tmp_path: Path) -> N
     rows = read_metrics(run)
     assert rows[-1]["step"] == 12 and "test/accuracy" in rows[-1], rows[-1]
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
-    ours, theirs = final_weights(run), final_weights(reference)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+    assert_close_weights(run, reference)
 
 
 def test_live_recovery_with_several_optimizers_is_refused_before_launch(tmp_path: Path) -> None:

@@ -22,20 +22,13 @@ from roundhouse.runs.ledger import verify_ledger
 from roundhouse.runs.rundir import RunDir
 from roundhouse.trainer.live_recovery import is_peer_loss
 from roundhouse.trainer.preflight import preflight
-from tests.distributed.test_live_recovery import make_job, train
-from tests.helpers.runs import final_weights
+from tests.distributed.test_live_recovery import assert_close_weights, make_job, train
 
 
 def ps_job(storage: Path, at_call: int, **strategy: object) -> dict:
     job = make_job(storage, at_call)
     job["strategy"] = {"kind": "ps", "mode": "sync", "num_servers": 2, **strategy}
     return job
-
-
-def assert_close_weights(run: Path, reference: Path) -> None:
-    ours, theirs = final_weights(run), final_weights(reference)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
 
 
 def test_ps_survivors_redo_the_step_on_the_servers_and_lose_no_sample(tmp_path: Path) -> None:

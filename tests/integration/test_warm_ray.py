@@ -34,6 +34,7 @@ from tests.helpers.runs import assert_same_weights, final_weights, only_run, rea
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = 24  # of the SIGTERM tests' job
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,13 @@ def cluster() -> Iterator[RayCluster]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted() -> dict[str, dict[str, Any]]:
-    """The final weights of an uninterrupted run, per recovery mode (the first test of a mode
-    trains it; the mode's other tests compare against the same weights)."""
-    return {}
+def uninterrupted(cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The final weights of an uninterrupted run of `slow_job`. Both recovery modes run the
+    same ring on the same 2 ranks, so one run (on the live group, the quicker to start) is
+    every SIGTERM test's reference."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    assert main(["train", str(slow_job(cluster, tmp_path, "whole", "live"))]) == 0
+    return final_weights(only_run(tmp_path / "whole", "warm"))
 
 
 def make_job(storage: Path, address: str, **cluster: object) -> dict:
@@ -200,7 +204,7 @@ def test_warm_actors_of_another_kind_make_way_for_a_ray_train_run(
 )
 def test_sigterm_to_a_worker_checkpoints_and_resumes_bit_for_bit(
     cluster: RayCluster,
-    uninterrupted: dict[str, dict[str, Any]],
+    uninterrupted: dict[str, Any],
     tmp_path: Path,
     recovery: str,
     target: str,
@@ -208,12 +212,9 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_bit_for_bit(
     """restart: Ray Train's worker, whose loop runs in a thread, or the driver, which hands
     SIGTERM on through its relay actor; live: a warm actor of the own group (its loop runs in
     a thread too), or the driver, which hands SIGTERM on."""
-    jobs = {name: slow_job(cluster, tmp_path, name, recovery) for name in ("whole", "preempted")}
-    if recovery not in uninterrupted:  # one uninterrupted run per recovery mode
-        assert main(["train", str(jobs["whole"])]) == 0
-        uninterrupted[recovery] = final_weights(only_run(tmp_path / "whole", "warm"))
+    job = slow_job(cluster, tmp_path, "preempted", recovery)
     env = {**os.environ, **cluster.env, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "roundhouse.launch.cli", "train", str(jobs["preempted"])]
+    cmd = [sys.executable, "-m", "roundhouse.launch.cli", "train", str(job)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         run = wait_for_step(tmp_path / "preempted", 4, proc)
@@ -225,19 +226,19 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes_bit_for_bit(
     assert proc.returncode == 143, err
     latest = (run / "checkpoints" / "latest").read_text().strip()
     step = int(latest.removeprefix("step_"))
-    assert 4 <= step < 40
+    assert 4 <= step < STEPS
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"preempted at step {step}: checkpoint" in lines[0], err
-    assert main(["train", str(jobs["preempted"]), "--resume", "latest"]) == 0
-    assert_same_weights(uninterrupted[recovery], final_weights(run))
+    assert main(["train", str(job), "--resume", "latest"]) == 0
+    assert_same_weights(uninterrupted, final_weights(run))
 
 
 def slow_job(cluster: RayCluster, tmp_path: Path, name: str, recovery: str) -> Path:
-    """A 40-step job file whose steps take at least 0.2 s (a SIGTERM lands mid-run)."""
+    """A `STEPS`-step job file whose steps take at least 0.2 s (a SIGTERM lands mid-run)."""
     job = make_job(tmp_path / name, cluster.gcs_address, recovery=recovery)
     job["model"] = {"name": "tests.helpers.models:slow_mlp", "flavor": "default"}
     job["model"]["options"] = {"delay_s": 0.2}
-    job["trainer"].update(max_steps=40, log_every_steps=1, checkpoint={"every_epoch": False})
+    job["trainer"].update(max_steps=STEPS, log_every_steps=1, checkpoint={"every_epoch": False})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
