@@ -31,6 +31,8 @@ from roundhouse.parallel.net import free_port
 PRELOAD = [
     "torch",
     "torch.distributed",
+    # torch.optim imports dynamo as the first optimizer is built: ~1.7 s in every rank otherwise
+    "torch._dynamo",
     "roundhouse.trainer",
     "roundhouse.parallel.ps.manager",
     "tests.helpers.dist",
