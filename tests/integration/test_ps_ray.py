@@ -122,8 +122,8 @@ def test_server_death_recovers_from_checkpoint_with_exact_weights(
         "kill",
         storage,
         cluster.gcs_address,
-        trainer__max_steps=40,
-        trainer__checkpoint__every_steps=10,
+        trainer__max_steps=20,
+        trainer__checkpoint__every_steps=5,
         trainer__optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9},
         cluster__max_failures=1,
         # Both workers share the one node: one pusher per step, through the node group.
@@ -137,10 +137,10 @@ def test_server_death_recovers_from_checkpoint_with_exact_weights(
         run = train_on_ray(job, tmp_path)
     finally:
         killer.stop.set()
-    assert killer.killed_at is not None and killer.killed_at != "step_40"
+    assert killer.killed_at is not None and killer.killed_at != "step_20"
     rank0 = json.loads((run / "ranks" / "rank_0.json").read_text())
     assert rank0["resume_step"] is not None  # the group restarted from a checkpoint
-    state = torch.load(run / "checkpoints" / "step_40" / "state.pt", weights_only=True)
+    state = torch.load(run / "checkpoints" / "step_20" / "state.pt", weights_only=True)
     assert state["strategy"]["ps"]["num_pushers"] == pushers
     # The restarted servers were refilled from the checkpoint: no step lost or repeated.
     assert_close(final_weights(run), final_weights(train_single(job)))
