@@ -107,8 +107,11 @@ def sweeps_of(tmp_path: Path) -> list[Path]:
 def test_killed_sweep_resumes_and_writes_table_best_job_and_trial_runs(cluster, tmp_path) -> None:
     """A 3-trial grid sweep, SIGKILLed once a trial finished, then `--resume`d: the finished
     trial is not rerun, the interrupted ones resume from their last epoch's checkpoint, and the
-    resumed sweep prints the table of all 3 and writes the best job."""
-    job = write_job(tmp_path)
+    resumed sweep prints the table of all 3 and writes the best job. Its trials run on the
+    live group (trials reuse the actors of the trials before them; the preemption test below
+    runs Ray Train's, the default)."""
+    live = {"recovery": "live", "keep_warm_s": 10}  # gone before the next test needs the CPUs
+    job = write_job(tmp_path, cluster={**JOB["cluster"], **live})
     args = [*SEARCH, "--searcher", "grid", "--scheduler", "fifo", "--metric", "val/accuracy"]
     proc = start_tune(cluster, job, *args)
 
