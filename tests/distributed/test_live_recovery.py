@@ -305,14 +305,19 @@ def test_survivors_redo_the_step_and_lose_no_sample(
     report = verify_ledger(RunDir(str(run)))
     assert report.ok, report.as_dict()
     assert report.epochs[0].steps == 12
-    # Each survivor kept its own share of the step it lost (its gradients were copied before
-    # the exchange) and trained only its half of the lost worker's share.
+    assert_only_the_lost_share_was_redone(run, reference)
+    assert_close_weights(run, reference)
+
+
+def assert_only_the_lost_share_was_redone(run: Path, reference: Path) -> None:
+    """Worker 2 of 3 died: each survivor kept its own share of the step it lost (its
+    gradients were copied before the exchange) and trained only its half of worker 2's
+    share (40 samples each at a batch of 120)."""
     whole, redone = ledger_lines(reference), ledger_lines(run)
     step = min(gs for (gs, _), line in redone.items() if line["w"] == 2)
     lost = whole[step, 2]["i"]
     assert redone[step, 0]["i"] == whole[step, 0]["i"] + lost[:20]
     assert redone[step, 1]["i"] == whole[step, 1]["i"] + lost[20:]
-    assert_close_weights(run, reference)
 
 
 def ledger_lines(run: Path) -> dict[tuple[int, int], dict]:
@@ -342,6 +347,38 @@ def test_a_replacement_joins_at_a_step_boundary(
     assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
     worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
     assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
+    assert_close_weights(run, reference)
+
+
+@pytest.mark.parametrize(
+    "adapt",
+    [
+        {"trainer": {"freeze": ["net.1.*"]}},
+        {"model": {"lora": {"rank": 4, "targets": ["net.1", "net.3"]}}},
+    ],
+    ids=["freeze", "lora"],
+)
+def test_a_frozen_or_adapted_model_redoes_the_lost_share_and_takes_a_replacement(
+    tmp_path: Path, adapt: dict[str, dict]
+) -> None:
+    """The take-over keeps and restores the gradients of the trainable parameters only (a
+    frozen weight, or a LoRA base weight, is in no bucket); a replacement gets the trained
+    state by broadcast. Both end with an uninterrupted run's weights."""
+    options = {"delay_s": 0.05, "marker": str(tmp_path / "killed")}
+    jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("a", 5))]
+    for job in jobs:
+        job["trainer"]["max_epochs"] = 2
+        job["model"]["options"].update(options)
+        for section, values in adapt.items():
+            job[section].update(values)
+    reference, _ = train(jobs[0], set())
+    run, members = train(jobs[1], {2}, replace=True)
+    assert sorted(members) == [0, 1, 3]
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
+    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
+    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
+    assert_only_the_lost_share_was_redone(run, reference)
     assert_close_weights(run, reference)
 
 
