@@ -268,6 +268,15 @@ def train(
     return Path(prepared.run_dir.url), got
 
 
+def assert_went_3_2_3(run: Path) -> None:
+    """The run went from 3 workers to 2 and back to 3, and trained each sample once in each
+    of its 2 epochs."""
+    report = verify_ledger(RunDir(str(run)))
+    assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
+    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
+    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
+
+
 def assert_close_weights(run: Path, reference: Path) -> None:
     """The run ends with the reference run's weights (to 1e-5: the survivors add the same
     gradients in other groupings)."""
@@ -343,10 +352,7 @@ def test_a_replacement_joins_at_a_step_boundary(
     reference = uninterrupted(2)
     run, members = train(job, {2}, replace=True)
     assert sorted(members) == [0, 1, 3]
-    report = verify_ledger(RunDir(str(run)))
-    assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
-    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
-    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
+    assert_went_3_2_3(run)
     assert_close_weights(run, reference)
 
 
@@ -374,10 +380,7 @@ def test_a_frozen_or_adapted_model_redoes_the_lost_share_and_takes_a_replacement
     reference, _ = train(jobs[0], set())
     run, members = train(jobs[1], {2}, replace=True)
     assert sorted(members) == [0, 1, 3]
-    report = verify_ledger(RunDir(str(run)))
-    assert report.ok and [e.steps for e in report.epochs] == [12, 12], report.as_dict()
-    worlds = [json.loads(line)["w"] for line in (run / "ledger/rank_0.jsonl").read_text().split()]
-    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3
+    assert_went_3_2_3(run)
     assert_only_the_lost_share_was_redone(run, reference)
     assert_close_weights(run, reference)
 
