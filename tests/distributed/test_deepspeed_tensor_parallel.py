@@ -77,8 +77,10 @@ def layer_rank(rank: int, world_size: int, name: str) -> dict[str, Any]:
     import deepspeed
 
     from roundhouse import models
+    from roundhouse.parallel.deepspeed.strategy import skip_shared_memory_op
     from roundhouse.parallel.deepspeed.tensor_parallel import autotp_section, find_splits
 
+    skip_shared_memory_op()  # as init_deepspeed_dist does: no JIT build of an unused op
     deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
     torch.manual_seed(0)
     build = models.get(name).builder
