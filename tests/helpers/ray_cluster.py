@@ -167,7 +167,7 @@ class RayCluster:
                     return
             except (requests.RequestException, KeyError, ValueError):
                 pass
-            time.sleep(1)
+            time.sleep(0.2)
         raise TimeoutError(f"Ray cluster not ready: {alive} of {num_nodes} nodes alive")
 
     def stop(self) -> None:
