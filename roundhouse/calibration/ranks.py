@@ -1,7 +1,6 @@
 """The one spawned-rank helper every calibration runs its measurements through.
 
-`run_ranks(work, args, world_size=N, ...)` starts N processes, forked from a fork server that
-imported torch and roundhouse once (`PRELOAD`). Each sets its thread count,
+`run_ranks(work, args, world_size=N, ...)` spawns N processes. Each sets its thread count,
 quiets the engines' banners, joins a fresh process group on loopback (its own, so the caller's
 process group and thread count stay untouched; DeepSpeed keeps the first group it sees, so
 every engine in a rank shares this one), calls `work(rank, *args)` and leaves the group. Rank
@@ -22,11 +21,6 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-
-# What the fork server imports once, before its first fork: a fresh process would import torch
-# again, and dynamo as its first optimizer is built (torch.optim imports it), ~4 s per rank on
-# a busy 2-core machine. The calibrations' own modules come in with the pickled `work`.
-PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "roundhouse.trainer"]
 
 
 def _rank_main(
@@ -100,8 +94,7 @@ def run_spawned(
     process crashes (or all end) without a reply, or after `timeout_s`; every process is ended
     either way.
     """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's server has started
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=target, args=(*a, queue)) for a in args]
     for proc in procs:
