@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -298,13 +299,13 @@ class StepLoader:
         the epoch order) of global step `step`; with mixup, each sample's partner is drawn
         over the whole step."""
         first, end = self.plan.step_bounds(step)
-        micro = [[i for lo, hi in at for i in order[lo:hi].tolist()] for at in runs]
+        micro = [_at_runs(order, at) for at in runs]
         if self.mixup_alpha == 0:
             return _StepPlan(step, end - first, micro, None, chunk, kept)
         draw = draw_mixup(self.mixup_alpha, end - first, seed=self.seed, epoch=epoch, step=step)
         partners = order[first + draw.partners]
         for own, at in zip(micro, runs, strict=True):
-            own.extend(i for lo, hi in at for i in partners[lo - first : hi - first].tolist())
+            own.extend(_at_runs(partners, at, first))
         return _StepPlan(step, end - first, micro, draw.lam, chunk, kept)
 
     def _fetch(self, index_lists: Iterator[list[int]]) -> Iterator[Batch]:
@@ -329,6 +330,13 @@ class StepLoader:
         own = {key: value[:half] for key, value in batch.items()}
         partner = {key: value[half:] for key, value in batch.items()}
         return apply_mixup(own, partner, plan.lam)
+
+
+def _at_runs(values: Tensor, runs: list[tuple[int, int]], offset: int = 0) -> list[int]:
+    """`values` at the `[lo, hi)` position runs (positions counted from `offset`), in order."""
+    if not runs:
+        return []
+    return torch.cat([values[lo - offset : hi - offset] for lo, hi in runs]).tolist()
 
 
 def contiguous_runs(positions: list[int]) -> list[tuple[int, int]]:
