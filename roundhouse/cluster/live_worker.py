@@ -156,6 +156,7 @@ def train_member(
 
     A replacement builds its data and model before it asks to be admitted: the members wait
     at the admission only for what needs the group (the weights and state they send it)."""
+    import ray
     import torch
     import torch.distributed as dist
 
@@ -168,7 +169,11 @@ def train_member(
     timeout = datetime.timedelta(seconds=job.cluster.collective_timeout_s)
     store = dist.TCPStore(*store_addr, is_master=False, timeout=timeout)
     group = ElasticGroup(
-        store, member, list(range(world)), timeout_s=job.cluster.collective_timeout_s
+        store,
+        member,
+        list(range(world)),
+        timeout_s=job.cluster.collective_timeout_s,
+        host=ray.util.get_node_ip_address(),  # where its heartbeat's pulse port listens
     )
     quiet = job.model_copy(deep=True)
     quiet.tracking.console = "off"  # the driver owns the console (RunMonitor)

@@ -17,8 +17,12 @@ When a collective fails because a peer died, each survivor destroys its process 
    frozen) process. Each member's heartbeat thread also reads the others' counts as it beats
    (`Heartbeat.watch`), so when a survivor notices the loss (`observe`), it already knows
    how long a dead member's count has stood still: one killed during the others' step is
-   known lost at once, not `STALE_S` after the loss was noticed. So the survivors wait for
-   each other, not for the dead;
+   known lost at once, not `STALE_S` after the loss was noticed. Sooner still, a member
+   whose count has not moved is probed: its heartbeat listens on a TCP port (`pulse/<id>` in
+   the store), and a refused connection means its process is gone (the kernel closed the
+   socket when it died), while its host is up. A frozen process, or a host that is gone,
+   does not refuse, and is known by its count alone. So the survivors wait for each other,
+   not for the dead;
 3. everyone reads that list (a blocking `get`), takes its index as its new rank, and joins
    `init_process_group` on `PrefixStore("gen<n+1>", store)` at the new world size.
 
@@ -51,6 +55,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +73,8 @@ JOIN_WAIT_POLL_S = 0.05  # how often a waiting joiner looks for its admission
 BEAT_S = 0.1  # how often a member's heartbeat counts in the store
 STALE_S = 1.0  # a member whose heartbeat stood still this long is lost (a GC pause is shorter)
 WATCH_PER_BEAT = 4  # the most other members a heartbeat reads per beat (in turn, beyond that)
+PROBE_EVERY_S = 0.05  # the least time between two probes of one member's pulse port
+PROBE_TIMEOUT_S = 0.05  # a probe that neither connects nor is refused by then proves nothing
 
 
 class LeftBehind(TrainingError):
@@ -89,6 +96,8 @@ class ElasticGroup:
         members: the ids of generation 0, in rank order.
         timeout_s: the process groups' collective timeout.
         settle_s: how long a coordinator waits for late survivors.
+        host: the address the other workers reach this one at (its heartbeat's pulse port
+            listens there).
     """
 
     store: dist.Store
@@ -96,6 +105,7 @@ class ElasticGroup:
     members: list[int]
     timeout_s: float = 600.0
     settle_s: float = SETTLE_S
+    host: str = "127.0.0.1"
     generation: int = 0
     reform_s: list[float] = field(default_factory=list)  # how long each re-forming took
     joined_late: bool = False  # this worker joined a running group (it needs the state)
@@ -116,7 +126,9 @@ class ElasticGroup:
     def init(self) -> None:
         """Join the current generation's default process group (gloo)."""
         if self.heartbeat is None:
-            self.heartbeat = Heartbeat(self.store, self.member_id, watch=self.others)
+            self.heartbeat = Heartbeat(
+                self.store, self.member_id, watch=self.others, host=self.host
+            )
         prefixed = dist.PrefixStore(f"gen{self.generation}", self.store)
         dist.init_process_group(
             "gloo",
@@ -185,7 +197,9 @@ class ElasticGroup:
                 one holding the newest state; `rescued` then says so.
         """
         if self.heartbeat is None:  # a waiting worker beats too: the members can tell it died
-            self.heartbeat = Heartbeat(self.store, self.member_id, watch=self.others)
+            self.heartbeat = Heartbeat(
+                self.store, self.member_id, watch=self.others, host=self.host
+            )
         while True:
             self.store.delete_key(f"join/{self.member_id}/gen")  # from an earlier admission
             self.store.set(f"join/{self.member_id}/holds", str(holds_step))
@@ -326,18 +340,22 @@ def mark_lost(store: dist.Store, member: int) -> None:
 
 class Vitals:
     """A coordinator's view of the members it waits for: lost once the driver marked them
-    (`mark_lost`) or their heartbeat count stood still for `STALE_S`."""
+    (`mark_lost`), their heartbeat count stood still for `STALE_S`, or, as soon as the count
+    has not moved, their pulse port refuses a connection (the process is gone)."""
 
     def __init__(self, store: dist.Store, seen: dict[int, tuple[int, float]] | None = None):
         self.store = store
         # member -> (count, when it was first read at that count); `seen`: an earlier watch's
         self.seen: dict[int, tuple[int, float]] = dict(seen or {})
+        self.probed: dict[int, float] = {}  # member -> when its pulse port was last probed
+        self.gone: set[int] = set()  # members whose pulse port refused: dead for good
 
     def lost(self, member: int) -> bool:
-        """Whether `member` is gone, as far as the store tells."""
-        if self.store.check([f"lost/{member}"]):
+        """Whether `member` is gone, as far as the store and its pulse port tell."""
+        if member in self.gone or self.store.check([f"lost/{member}"]):
             return True
-        return self.still_s(member) >= STALE_S
+        still = self.still_s(member)
+        return still >= STALE_S or (still > 0 and self.refused(member))
 
     def still_s(self, member: int) -> float:
         """How long `member`'s count has stood still as far as this watch knows (0 when it
@@ -349,6 +367,26 @@ class Vitals:
             return 0.0
         return now - last[1]
 
+    def refused(self, member: int) -> bool:
+        """Whether `member`'s pulse port refuses a connection (at most one probe every
+        `PROBE_EVERY_S`). A connection, a timeout (its host may be gone) or no port on
+        record prove nothing."""
+        now = time.monotonic()
+        if now - self.probed.get(member, -PROBE_EVERY_S) < PROBE_EVERY_S:
+            return False
+        self.probed[member] = now
+        if not self.store.check([f"pulse/{member}"]):
+            return False
+        host, port = self.store.get(f"pulse/{member}").decode().rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+                return False
+        except ConnectionRefusedError:
+            self.gone.add(member)
+            return True
+        except OSError:
+            return False
+
 
 class Heartbeat:
     """A member's pulse: a daemon thread adds 1 to `beat/<id>` every `BEAT_S` until `stop`.
@@ -357,16 +395,30 @@ class Heartbeat:
     (`watch`), so a re-form knows how long a dead member has been silent (`seen`). It talks
     to the store over a connection of its own: a client's blocking `get` (a member
     waiting for its generation's list) holds that client's lock, and would stop the pulse.
+
+    With `host`, it also listens on a TCP port there (`pulse/<id>` in the store) for as long
+    as the process lives: the kernel accepts a probe's connection while the process lives,
+    even frozen, and refuses it once the process is gone (`Vitals.refused`). Each beat
+    closes the connections accepted since the last.
     """
 
     def __init__(
-        self, store: dist.Store, member: int, watch: Callable[[], list[int]] | None = None
+        self,
+        store: dist.Store,
+        member: int,
+        watch: Callable[[], list[int]] | None = None,
+        host: str | None = None,
     ) -> None:
         self.store = own_client(store)
         self.key = f"beat/{member}"
         self.watched = watch  # the other members, whose counts each beat reads
         self.vitals = Vitals(self.store)
         self.turn = 0
+        self.pulse: socket.socket | None = None
+        if host is not None:
+            self.pulse = socket.create_server((host, 0), backlog=64)
+            self.pulse.setblocking(False)
+            self.store.set(f"pulse/{member}", f"{host}:{self.pulse.getsockname()[1]}")
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="roundhouse-heartbeat", daemon=True)
         self.thread.start()
@@ -380,10 +432,20 @@ class Heartbeat:
                     self.watch()
                 except Exception as exc:  # a failed read must not stop the pulse
                     logger.debug("heartbeat watch failed: %s", exc)
+                self.close_probes()
                 if self.stopped.wait(BEAT_S):
                     return
         except Exception:  # the store is gone with its run: nobody listens any more
             return
+
+    def close_probes(self) -> None:
+        """Close the probes' connections the pulse port accepted since the last beat."""
+        while self.pulse is not None:
+            try:
+                connection, _ = self.pulse.accept()
+            except OSError:  # none waiting (or the port is closed)
+                return
+            connection.close()
 
     def watch(self) -> None:
         """Read up to `WATCH_PER_BEAT` other members' counts (in turn, when there are more),
@@ -398,9 +460,11 @@ class Heartbeat:
         return dict(self.vitals.seen)
 
     def stop(self) -> None:
-        """End the pulse (waiting at most 1 s for the thread)."""
+        """End the pulse (waiting at most 1 s for the thread) and close its port."""
         self.stopped.set()
         self.thread.join(timeout=1.0)
+        if self.pulse is not None:
+            self.pulse.close()
 
 
 def own_client(store: dist.Store) -> dist.Store:

@@ -1,14 +1,19 @@
 """`settle`: a re-forming group's coordinator waits for the survivors, not for the dead. A
-member is known lost when the driver marks it (`mark_lost`) or its `Heartbeat` stops; a
-member that still beats is waited for until the settle time (a store only; the process-level
-recovery is in `tests/distributed/test_live_recovery.py`)."""
+member is known lost when the driver marks it (`mark_lost`), its `Heartbeat` stops, or its
+pulse port refuses a probe (its process is gone: a real process, killed here); a member that
+still beats is waited for until the settle time (a store only; the process-level recovery is
+in `tests/distributed/test_live_recovery.py`)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch.distributed as dist
@@ -18,6 +23,7 @@ from roundhouse.parallel.rendezvous import (
     ElasticGroup,
     GenerationLost,
     Heartbeat,
+    Vitals,
     await_generation,
     mark_lost,
     settle,
@@ -190,3 +196,68 @@ def test_a_replacement_waiting_to_be_admitted_again_is_not_waited_for() -> None:
         assert time.monotonic() - started < 0.5
     finally:
         beat.stop()
+
+
+BEATING_MEMBER = """
+import sys, time
+import torch.distributed as dist
+from roundhouse.parallel.rendezvous import Heartbeat
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=False)
+Heartbeat(store, 2, host="127.0.0.1")
+print("beating", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def beating_member() -> Iterator[tuple[dist.TCPStore, subprocess.Popen]]:
+    """A store on loopback and a separate process whose heartbeat (with its pulse port)
+    counts as worker 2."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    member = subprocess.Popen(
+        [sys.executable, "-c", BEATING_MEMBER, str(store.port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert member.stdout.readline().strip() == "beating"
+        yield store, member
+    finally:
+        member.kill()
+        member.wait(timeout=10)
+
+
+def until_lost(vitals: Vitals, member: int, limit_s: float) -> float:
+    """Seconds until `vitals` says `member` is lost (polled as `settle` does), or `limit_s`."""
+    started = time.monotonic()
+    while not vitals.lost(member) and time.monotonic() - started < limit_s:
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_member_is_known_lost_by_its_refused_pulse_port_long_before_the_stale_time():
+    with beating_member() as (store, member):
+        vitals = Vitals(store)
+        time.sleep(0.3)
+        assert not vitals.lost(2)  # alive: its count moves and its port accepts
+        assert until_lost(vitals, 2, 0.5) >= 0.5
+        member.kill()
+        member.wait(timeout=10)
+        took = until_lost(vitals, 2, 2 * STALE_S)
+    assert took < 0.25 * STALE_S  # its count alone would take STALE_S
+
+
+@pytest.mark.timeout(60)
+def test_a_frozen_member_accepts_its_probes_and_is_lost_only_by_the_stale_time() -> None:
+    """A frozen process (a long GC pause, a stopped debugger) may come back: its port still
+    accepts, so only its count standing still for `STALE_S` makes it lost."""
+    with beating_member() as (store, member):
+        vitals = Vitals(store)
+        time.sleep(0.3)
+        vitals.lost(2)
+        member.send_signal(signal.SIGSTOP)
+        try:
+            took = until_lost(vitals, 2, 3 * STALE_S)
+        finally:
+            member.send_signal(signal.SIGCONT)
+    assert STALE_S - 0.15 <= took < STALE_S + 0.5
+    assert not vitals.gone  # never refused
