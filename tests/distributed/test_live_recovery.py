@@ -361,15 +361,22 @@ def test_a_replacement_joins_at_a_step_boundary(
     [
         {"trainer": {"freeze": ["net.1.*"]}},
         {"model": {"lora": {"rank": 4, "targets": ["net.1", "net.3"]}}},
+        {"model": {"init_from": "<tmp>/init.pt"}},
     ],
-    ids=["freeze", "lora"],
+    ids=["freeze", "lora", "init_from"],
 )
 def test_a_frozen_or_adapted_model_redoes_the_lost_share_and_takes_a_replacement(
     tmp_path: Path, adapt: dict[str, dict]
 ) -> None:
     """The take-over keeps and restores the gradients of the trainable parameters only (a
     frozen weight, or a LoRA base weight, is in no bucket); a replacement gets the trained
-    state by broadcast. Both end with an uninterrupted run's weights."""
+    state by broadcast, not the job's starting weights (`init_from`, which its build
+    loads). Each ends with an uninterrupted run's weights."""
+    if "init_from" in adapt.get("model", {}):  # other starting weights than the seed's
+        torch.manual_seed(7)
+        start = KillerMLP((64,), 10, kill_rank=2, at_call=0, delay_s=0.0, marker=None)
+        torch.save(start.state_dict(), tmp_path / "init.pt")
+        adapt = {"model": {"init_from": str(tmp_path / "init.pt")}}
     options = {"delay_s": 0.05, "marker": str(tmp_path / "killed")}
     jobs = [make_job(tmp_path / name, at_call=call) for name, call in (("whole", 0), ("a", 5))]
     for job in jobs:
