@@ -414,10 +414,8 @@ class Heartbeat:
         self.watched = watch  # the other members, whose counts each beat reads
         self.vitals = Vitals(self.store)
         self.turn = 0
-        self.pulse: socket.socket | None = None
-        if host is not None:
-            self.pulse = socket.create_server((host, 0), backlog=64)
-            self.pulse.setblocking(False)
+        self.pulse = pulse_port(host) if host is not None else None
+        if self.pulse is not None:
             self.store.set(f"pulse/{member}", f"{host}:{self.pulse.getsockname()[1]}")
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="roundhouse-heartbeat", daemon=True)
@@ -465,6 +463,21 @@ class Heartbeat:
         self.thread.join(timeout=1.0)
         if self.pulse is not None:
             self.pulse.close()
+
+
+def pulse_port(host: str) -> socket.socket | None:
+    """A listening, non-blocking TCP socket on a free port of `host` (IPv4 or IPv6), or None
+    where none can be opened there: the heartbeat's count alone then tells a death."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.create_server((host, 0), family=family, backlog=64)
+    except OSError as exc:
+        logger.warning(
+            "no pulse port on %s (%s): a lost worker is known by its heartbeat", host, exc
+        )
+        return None
+    listener.setblocking(False)
+    return listener
 
 
 def own_client(store: dist.Store) -> dist.Store:

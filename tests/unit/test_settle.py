@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from roundhouse.parallel.rendezvous import (
     Vitals,
     await_generation,
     mark_lost,
+    pulse_port,
     settle,
 )
 
@@ -261,3 +263,26 @@ def test_a_frozen_member_accepts_its_probes_and_is_lost_only_by_the_stale_time()
             member.send_signal(signal.SIGCONT)
     assert STALE_S - 0.15 <= took < STALE_S + 0.5
     assert not vitals.gone  # never refused
+
+
+def test_a_pulse_port_opens_on_ipv4_or_ipv6_and_is_left_out_where_it_cannot() -> None:
+    """The port listens on the worker's node address, IPv4 or IPv6. Where it cannot open (an
+    address not on this machine: 192.0.2.1 is reserved for documentation), the heartbeat
+    goes without it and the count alone tells a death."""
+    v4 = pulse_port("127.0.0.1")
+    assert v4 is not None and v4.getsockname()[0] == "127.0.0.1"
+    v4.close()
+    if socket.has_ipv6:
+        with contextlib.suppress(OSError):  # a machine without IPv6 loopback
+            socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+            v6 = pulse_port("::1")
+            assert v6 is not None and v6.family == socket.AF_INET6
+            v6.close()
+    store = dist.HashStore()
+    beat = Heartbeat(store, 4, host="192.0.2.1")
+    try:
+        assert beat.pulse is None and not store.check(["pulse/4"])
+        time.sleep(0.3)
+        assert store.add("beat/4", 0) >= 2  # it counts all the same
+    finally:
+        beat.stop()
