@@ -362,7 +362,7 @@ class LiveWorkers:
         """`member` was lost: the others go on; a fresh actor joins in its place."""
         logger.warning("worker %d was lost; the others go on without it", member)
         if self.store is not None:  # the survivors' coordinator stops waiting for it
-            from roundhouse.parallel.rendezvous import mark_lost
+            from roundhouse.parallel.liveness import mark_lost
 
             mark_lost(self.store, member)
         self.lost = True

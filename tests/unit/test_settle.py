@@ -19,17 +19,8 @@ from collections.abc import Iterator
 import pytest
 import torch.distributed as dist
 
-from roundhouse.parallel.rendezvous import (
-    STALE_S,
-    ElasticGroup,
-    GenerationLost,
-    Heartbeat,
-    Vitals,
-    await_generation,
-    mark_lost,
-    pulse_port,
-    settle,
-)
+from roundhouse.parallel.liveness import STALE_S, Heartbeat, Vitals, mark_lost, pulse_port
+from roundhouse.parallel.rendezvous import ElasticGroup, GenerationLost, await_generation, settle
 
 
 def arrive(store: dist.Store, key: str, *members: int) -> None:
@@ -203,7 +194,7 @@ def test_a_replacement_waiting_to_be_admitted_again_is_not_waited_for() -> None:
 BEATING_MEMBER = """
 import sys, time
 import torch.distributed as dist
-from roundhouse.parallel.rendezvous import Heartbeat
+from roundhouse.parallel.liveness import Heartbeat
 store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=False)
 Heartbeat(store, 2, host="127.0.0.1")
 print("beating", flush=True)
