@@ -425,7 +425,9 @@ def test_a_replacement_lost_as_it_is_admitted_costs_no_collective_timeout(
     was admitted with 4, and the run finishes with every sample once."""
     job = make_job(tmp_path / "d", at_call=5)
     job["trainer"]["max_epochs"] = 2
-    job["model"]["options"].update(delay_s=0.05, marker=str(tmp_path / "killed"))
+    # Paced so that the run outlasts two admissions (rank 0 looks for joiners once a second):
+    # at 0.05 s a step, replacement 3 could still wait to be admitted again when the run ended.
+    job["model"]["options"].update(delay_s=0.2, marker=str(tmp_path / "killed"))
     job["cluster"]["collective_timeout_s"] = 2 * TIMEOUT_S  # waiting it out reads as a hang
     run, members = train(job, {2, 4}, replace=True, doomed=True)
     assert sorted(members) == [0, 1, 3]
