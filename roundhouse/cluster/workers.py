@@ -93,16 +93,20 @@ def build_scaling_config(cluster: ClusterConfig) -> Any:
 def build_failure_config(cluster: ClusterConfig) -> Any:
     """Restart budget: `max_failures` worker-group failures.
 
-    A worker group that cannot be scheduled within `schedule_timeout_s` is a controller
-    failure. A fixed-size group fails then (Ray's default would retry forever). An elastic
-    group retries: after losing a node, Ray's view of the cluster is refreshed only every
-    ~20 s, so its first restart may ask for the old size and time out before it shrinks.
+    Ray Train counts a failure while a group starts (a worker lost before training begins,
+    or a group that cannot be scheduled within `schedule_timeout_s`) as a controller failure,
+    under a budget of its own. A fixed-size group gets `max_failures` of those too: a kill
+    that lands while the group after the last kill is starting is one more failure, not the
+    end of the run; with the default 0 a group that cannot be scheduled still fails at once
+    (Ray's default would retry forever). An elastic group retries without limit: after
+    losing a node, Ray's view of the cluster is refreshed only every ~20 s, so its first
+    restart may ask for the old size and time out before it shrinks.
     """
     from ray.train import FailureConfig
 
     return FailureConfig(
         max_failures=cluster.max_failures,
-        controller_failure_limit=-1 if is_elastic(cluster) else 0,
+        controller_failure_limit=-1 if is_elastic(cluster) else cluster.max_failures,
     )
 
 

@@ -274,6 +274,37 @@ def test_capacity_arithmetic() -> None:
     assert max_workers(nodes, {"CPU": 2.0}, "spread") == 2
 
 
+@pytest.mark.parametrize("min_workers", [None, 1], ids=["fixed", "elastic"])
+def test_a_worker_lost_while_the_group_starts_is_one_more_failure_not_the_end(
+    min_workers: int | None,
+) -> None:
+    """Ray Train's own failure policy, given roundhouse's failure config: a kill that lands
+    while the restarted group starts (a controller failure to Ray) is retried within
+    `max_failures`, as a kill during training is. A fixed group used to allow none, so the
+    restart trace ended at its second kill; an elastic group retries without limit."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError
+    from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    from ray.train.v2.api.exceptions import ControllerError
+
+    from roundhouse.cluster.workers import build_failure_config
+    from roundhouse.config.loading import validate_job
+
+    def decisions(max_failures: int, failures: int) -> list[FailureDecision]:
+        cluster = {"num_workers": 3, "max_failures": max_failures, "min_workers": min_workers}
+        job = validate_job({"name": "f", "model": {"name": "mlp"}, "cluster": cluster})
+        policy = DefaultFailurePolicy(build_failure_config(job.cluster))
+        lost = ControllerError(WorkerGroupStartupFailedError("a worker died during startup"))
+        return [policy.make_decision(lost) for _ in range(failures)]
+
+    retry, stop = FailureDecision.RETRY, FailureDecision.RAISE
+    if min_workers is None:
+        assert decisions(2, 3) == [retry, retry, stop]
+        assert decisions(0, 1) == [stop]  # the default still fails at once
+    else:
+        assert decisions(0, 5) == [retry] * 5
+
+
 def test_restart_is_counted_from_rank_0_records(tmp_path: Path) -> None:
     """The driver's monitor: a second rank-0 record after the job started is one restart."""
     from roundhouse.cluster.progress import RunMonitor
