@@ -287,7 +287,12 @@ class ClusterConfig(Section):
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
     placement: Literal["pack", "spread", "strict_spread"] = "pack"
-    max_failures: NonNegInt = 0
+    max_failures: NonNegInt = Field(
+        0,
+        description="restart: times Ray may restart the worker group after a lost worker or "
+        "node (and, counted apart, times a group's start may fail); live: lost actors that "
+        "may be replaced (at least num_workers).",
+    )
     min_workers: PositiveInt | None = Field(None, description="Elastic lower bound.")
     collective_timeout_s: PositiveFloat = 600.0
     recovery: Literal["restart", "live"] = Field(
