@@ -262,8 +262,8 @@ def step_results(
             if on_ray and label in RAY_ROWS and round_ < RAY_RUNS:
                 speed = rows[(label, workers)].samples_per_s(job["data"]["batch_size"])
                 ray_predicted.setdefault(label, []).append(speed)
-                settle = math.ceil((RAY_SETTLE_S + RAY_MEASURED_S) / rows[(label, workers)].step_s)
-                ray_run = {**run, "trainer": {**run["trainer"], "max_steps": steps + settle}}
+                extra = math.ceil((RAY_SETTLE_S + RAY_MEASURED_S) / rows[(label, workers)].step_s)
+                ray_run = {**run, "trainer": {**run["trainer"], "max_steps": steps + extra}}
                 ray_measured.setdefault(label, []).append(ray_samples_per_s(ray_run, storage))
                 said += f"; Ray samples/s {speed:.4g} vs {ray_measured[label][-1]:.4g}"
             print(said, file=sys.stderr)  # each round's pair: which side moved between rounds
